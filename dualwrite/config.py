@@ -1,0 +1,412 @@
+"""Settings: a TOML file (``--config`` or ``DUALWRITE_CONFIG``) overlaid by ``DUALWRITE_*`` variables.
+
+This is the one module that reads the environment. Nested keys use ``__`` in variable names
+(``DUALWRITE_REDIS__URL`` sets ``[redis] url``). The Stripe key comes only from ``STRIPE_API_KEY``:
+a config file that holds one is refused, so that keys never land in a repository.
+
+Every validation failure becomes a ``ConfigError`` naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dualwrite.exceptions import ConfigError
+from dualwrite.models import Action, Stage
+
+__all__ = [
+    "DEFAULT_LEGACY_API_VERSION",
+    "DEFAULT_REDIS_URL",
+    "FieldSource",
+    "FlagSettings",
+    "ItemMapping",
+    "LedgerSettings",
+    "MeterMapping",
+    "OutboxSettings",
+    "RedisSettings",
+    "Settings",
+    "SetPolicy",
+    "StripeSettings",
+    "UsageRoute",
+]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: The last Stripe API version before ``2025-03-31.basil`` removed usage records.
+DEFAULT_LEGACY_API_VERSION = "2025-02-24.acacia"
+ENV_PREFIX = "DUALWRITE_"
+
+SetPolicy = Literal["translate", "refuse"]
+"""How a legacy ``action=set`` reaches a ``sum`` meter: as the difference from the last value set
+at that timestamp (``translate``, logged as divergence), or not at all (``refuse``: HTTP 400)."""
+
+SourceKind = Literal["path", "query", "json", "form", "header", "const"]
+_SOURCE_RE = re.compile(r"^(path|query|json|form|header|const):(.+)$")
+_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RedisSettings(_Frozen):
+    """Where shared state lives."""
+
+    url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+    key_prefix: str = Field(default="dualwrite", min_length=1, max_length=64)
+    shards: int = Field(default=1, ge=1, le=1024)
+    socket_timeout: float = Field(default=1.0, gt=0, le=60)
+    connect_timeout: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            msg = "must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-.]+", value):
+            msg = "use letters, digits, '_', '-' or '.' only (braces would break Redis Cluster hash tags)"
+            raise ValueError(msg)
+        return value
+
+
+class StripeSettings(_Frozen):
+    """How dualwrite reaches Stripe (or the local stand-in)."""
+
+    api_base: str = "https://api.stripe.com"
+    meter_events_base: str | None = None
+    """Base address of the v2 meter event stream; defaults to ``https://meter-events.stripe.com``
+    for Stripe and to ``api_base`` for anything else (the stand-in serves both)."""
+    legacy_api_version: str = DEFAULT_LEGACY_API_VERSION
+    timeout: float = Field(default=20.0, gt=0, le=300)
+    max_connections: int = Field(default=200, ge=1, le=10_000)
+
+    @field_validator("api_base", "meter_events_base")
+    @classmethod
+    def _http_base(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            msg = "must be an http:// or https:// base address, e.g. https://api.stripe.com"
+            raise ValueError(msg)
+        return value.rstrip("/") if value else value
+
+    @field_validator("legacy_api_version")
+    @classmethod
+    def _pre_basil(cls, value: str) -> str:
+        if not _VERSION_RE.fullmatch(value):
+            msg = "must look like 2025-02-24.acacia"
+            raise ValueError(msg)
+        if value[:10] >= "2025-03-31":
+            msg = "usage records were removed in 2025-03-31.basil; use 2025-02-24.acacia or older"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def stream_base(self) -> str:
+        """The base address used for the v2 meter event stream."""
+        if self.meter_events_base:
+            return self.meter_events_base
+        if self.api_base == "https://api.stripe.com":
+            return "https://meter-events.stripe.com"
+        return self.api_base
+
+
+class FlagSettings(_Frozen):
+    """Stage resolution."""
+
+    safe_stage: Stage = Stage.LEGACY
+    """Stage used when Redis cannot be reached."""
+    cache_ttl: float = Field(default=5.0, ge=0, le=3600)
+    """Seconds a resolution is kept locally; pub/sub drops it sooner on any change."""
+    rollout_salt: str = Field(default="dualwrite-rollout-v1", min_length=1)
+    """Mixed into the rollout hash; changing it reshuffles which customers are in a percentage."""
+
+
+class OutboxSettings(_Frozen):
+    """Shadow-write delivery."""
+
+    run_in_process: bool = True
+    """Start a worker inside the ASGI lifespan (the middleware and ``dualwrite serve``)."""
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    concurrency: int = Field(default=16, ge=1, le=1_000)
+    block_ms: int = Field(default=500, ge=1, le=60_000)
+    claim_idle_seconds: float = Field(default=30.0, gt=0)
+    backoff_base: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=60.0, gt=0)
+    max_age_seconds: float = Field(default=3 * 86400, gt=0)
+    """An entry still failing after this long is dead-lettered."""
+    stream_maxlen: int = Field(default=1_000_000, ge=1000)
+
+
+class LedgerSettings(_Frozen):
+    """Totals and the divergence log."""
+
+    divergence_maxlen: int = Field(default=100_000, ge=100)
+    """Approximate cap of the divergence stream per shard (older entries are trimmed; counts stay)."""
+    idempotency_ttl_seconds: int = Field(default=48 * 3600, ge=60)
+    inflight_lease_seconds: int = Field(default=60, ge=1)
+
+
+class FieldSource(_Frozen):
+    """Where one ``UsageEvent`` field comes from in a request: ``kind:name`` in the config file."""
+
+    kind: SourceKind
+    name: str
+
+    @classmethod
+    def parse(cls, spec: str) -> FieldSource:
+        """Parse ``"json:usage.quantity"``, ``"header:Idempotency-Key"``, ``"const:api_calls"`` …"""
+        match = _SOURCE_RE.fullmatch(spec.strip())
+        if not match:
+            msg = (
+                f"{spec!r} is not a field source; write kind:name with kind one of "
+                "path, query, json, form, header, const (e.g. 'json:quantity')"
+            )
+            raise ValueError(msg)
+        return cls(kind=match.group(1), name=match.group(2))  # type: ignore[arg-type]
+
+
+_ROUTE_FIELDS = (
+    "customer",
+    "event_name",
+    "subscription_item",
+    "quantity",
+    "timestamp",
+    "action",
+    "identifier",
+)
+
+
+class UsageRoute(_Frozen):
+    """A request of the user's app that reports usage, and where each event field lives in it."""
+
+    method: str = "POST"
+    path: str
+    customer: FieldSource | None = None
+    event_name: FieldSource | None = None
+    subscription_item: FieldSource | None = None
+    quantity: FieldSource
+    timestamp: FieldSource | None = None
+    action: FieldSource | None = None
+    identifier: FieldSource | None = None
+    default_action: Action = "increment"
+    max_body_bytes: int = Field(default=64 * 1024, ge=1, le=16 * 1024 * 1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_sources(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in _ROUTE_FIELDS:
+                if isinstance(data.get(name), str):
+                    data[name] = FieldSource.parse(data[name])
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"POST", "PUT", "PATCH", "GET", "DELETE"}:
+            msg = "must be an HTTP method such as POST"
+            raise ValueError(msg)
+        return upper
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            msg = "must start with '/', e.g. /api/usage/{customer}"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UsageRoute:
+        params = set(re.findall(r"{([^}:]+)(?::[^}]*)?}", self.path))
+        for name in _ROUTE_FIELDS:
+            source = getattr(self, name)
+            if isinstance(source, FieldSource) and source.kind == "path":
+                if source.name not in params:
+                    msg = f"{name} reads path parameter {source.name!r}, which {self.path!r} lacks"
+                    raise ValueError(msg)
+        if self.customer is None and self.subscription_item is None:
+            msg = "set customer (or subscription_item, with an [items] mapping)"
+            raise ValueError(msg)
+        return self
+
+
+class MeterMapping(_Frozen):
+    """A Billing Meter and how legacy usage maps onto it."""
+
+    event_name: str = Field(min_length=1, max_length=100)
+    customer_payload_key: str = "stripe_customer_id"
+    value_payload_key: str = "value"
+    set_policy: SetPolicy = "translate"
+    legacy_prices: tuple[str, ...] = ()
+    """Legacy metered price ids whose usage records belong to this meter (used by the proxy)."""
+    lookup_keys: tuple[str, ...] = ()
+    """Price lookup keys whose usage records belong to this meter (used by the proxy)."""
+
+
+class ItemMapping(_Frozen):
+    """A subscription item known in advance: its customer and meter event name."""
+
+    customer: str
+    event_name: str
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Feeds the parsed config file in below the environment variables."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+_FIXES = {
+    "redis.url": "set DUALWRITE_REDIS__URL or [redis] url to redis://host:6379/0",
+    "stripe.legacy_api_version": "use 2025-02-24.acacia (the last version with usage records)",
+    "flags.safe_stage": "use one of legacy, shadow, primary, meter",
+}
+
+
+class Settings(BaseSettings):
+    """Everything dualwrite needs, read once and shared by the CLI, proxy, middleware and workers."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    _file_data: ClassVar[dict[str, Any]] = {}
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    stripe: StripeSettings = Field(default_factory=StripeSettings)
+    flags: FlagSettings = Field(default_factory=FlagSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    routes: tuple[UsageRoute, ...] = ()
+    meters: tuple[MeterMapping, ...] = ()
+    items: dict[str, ItemMapping] = Field(default_factory=dict)
+    stripe_api_key: SecretStr | None = Field(default=None, validation_alias="STRIPE_API_KEY")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file_data = getattr(settings_cls, "_file_data", {})
+        return (init_settings, env_settings, _FileSource(settings_cls, file_data))
+
+    @model_validator(mode="after")
+    def _unique_meters(self) -> Settings:
+        names = [meter.event_name for meter in self.meters]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            msg = f"event_name {duplicates[0]!r} appears in more than one [[meters]] table"
+            raise ValueError(msg)
+        return self
+
+    @classmethod
+    def load(cls, config_path: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read the config file (argument, else ``DUALWRITE_CONFIG``, else none) and the environment.
+
+        Raises:
+            ConfigError: the file is missing or malformed, or a value is invalid.
+        """
+        path = config_path or os.environ.get("DUALWRITE_CONFIG")
+        data = _read_config_file(Path(path)) if path else {}
+        bound = type(cls.__name__, (cls,), {"_file_data": data})
+        try:
+            return bound(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source=str(path) if path else None)) from None
+
+    def meter(self, event_name: str) -> MeterMapping:
+        """The mapping for ``event_name`` (defaults when the meter is not configured)."""
+        for meter in self.meters:
+            if meter.event_name == event_name:
+                return meter
+        return MeterMapping(event_name=event_name)
+
+    def api_key(self) -> str | None:
+        """The Stripe secret key from ``STRIPE_API_KEY``, if set."""
+        return self.stripe_api_key.get_secret_value() if self.stripe_api_key else None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"config file {str(path)!r} cannot be read ({exc.strerror}); fix the --config path or DUALWRITE_CONFIG"
+        raise ConfigError(msg) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"config file {str(path)!r} is not valid TOML: {exc}"
+        raise ConfigError(msg) from None
+    for key in ("stripe_api_key", "STRIPE_API_KEY", "api_key"):
+        if key in data or key in data.get("stripe", {}):
+            msg = (
+                f"config file {str(path)!r} holds a Stripe key ({key}); remove it and set the "
+                "STRIPE_API_KEY environment variable instead (keys never belong in files)"
+            )
+            raise ConfigError(msg)
+    return data
+
+
+def _describe(exc: ValidationError, *, source: str | None) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        value = error.get("input")
+        shown = "<secret>" if "api_key" in key.lower() else _short(value)
+        reason = error["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(key, _generic_fix(key))
+        lines.append(f"{key} = {shown}: {reason}; fix: {fix}")
+    where = f" in {source} or the environment" if source else " in the environment"
+    return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
+
+
+def _generic_fix(key: str) -> str:
+    top = key.split(".")[0]
+    env = ENV_PREFIX + "__".join(part.upper() for part in key.split(".") if not part.isdigit())
+    if top in {"routes", "meters", "items"}:
+        return f"correct [{top}] in the config file (see config/dualwrite.toml)"
+    return f"correct it in the config file or set {env} (see config/dualwrite.toml)"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

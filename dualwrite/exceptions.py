@@ -1,0 +1,64 @@
+"""Every error dualwrite raises, in one place to avoid import loops.
+
+The tree::
+
+    DualwriteError
+    ├── ConfigError            a setting or config file is wrong (names the key, the value and the fix)
+    ├── UsageInputError        a usage request cannot become a UsageEvent (names the field)
+    ├── IdempotencyError       an identifier was reused with different parameters
+    ├── ConflictError          the same identifier is being recorded right now by another request
+    ├── StoreUnavailableError  Redis cannot be reached or answered with an error
+    └── StripeStandinError     the local Stripe stand-in was misused (test set-up errors)
+
+Stripe's own refusals are not exceptions here: writers return them as ``WriteResult`` values
+(``dualwrite.models``), so that the engine can record them and hand them back to the caller.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConflictError",
+    "DualwriteError",
+    "IdempotencyError",
+    "StoreUnavailableError",
+    "StripeStandinError",
+    "UsageInputError",
+]
+
+
+class DualwriteError(Exception):
+    """Root of every error raised by dualwrite."""
+
+
+class ConfigError(DualwriteError):
+    """A setting is invalid; the message names the key, the value and how to fix it."""
+
+
+class UsageInputError(DualwriteError):
+    """A usage request is malformed; ``param`` names the offending field, as Stripe does."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "parameter_invalid"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class IdempotencyError(UsageInputError):
+    """An identifier (Idempotency-Key) was reused for a different usage event."""
+
+    def __init__(self, message: str):
+        super().__init__(message, param=None, code="idempotency_key_reused")
+
+
+class ConflictError(DualwriteError):
+    """Another request with the same identifier is still being recorded; retry later."""
+
+
+class StoreUnavailableError(DualwriteError):
+    """Redis could not be reached, or refused a command."""
+
+
+class StripeStandinError(DualwriteError):
+    """The local Stripe stand-in was configured or driven incorrectly."""

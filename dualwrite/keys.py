@@ -1,0 +1,134 @@
+"""The Redis key layout, in one place.
+
+Every key is ``<prefix>:{<tag>}:<name>``. The part in braces is a Redis Cluster hash tag: whatever one
+transaction or script touches together shares a tag, so it lives in one slot.
+
+======================================  =================  ===============================================
+key                                     type               what
+======================================  =================  ===============================================
+``P:{flags}:config``                    hash               default stage, kill switch, rollout percentages
+``P:{flags}:override``                  hash               customer → stage
+``P:{flags}:schedule``                  hash               customer → JSON list of ``[at, stage]``
+``P:{flags}:audit``                     stream (capped)    every flag change: who, when, old, new, reason
+``P:flags:changed``                     pub/sub channel    customer id or ``*`` after every change
+``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
+``P:{sN}:retry``                        sorted set         outbox entries waiting out a backoff (score = due)
+``P:{sN}:dead``                         stream (capped)    entries refused for good or too old
+``P:{sN}:divergence``                   stream (capped)    events whose legs disagree
+``P:{sN}:ledger:<period>:<cus>:<ev>``   hash               per customer, event name and period: counters
+``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
+``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
+``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
+======================================  =================  ===============================================
+
+``N`` is the customer's shard: ``crc32(customer) % shards``. Everything about one customer lives in
+its shard, so an outbox entry, its ledger update and its divergence entry are one atomic step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["KeySpace", "ShardKeys"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardKeys:
+    """The keys of one shard (one hash slot)."""
+
+    prefix: str
+    shard: int
+
+    @property
+    def tag(self) -> str:
+        """This shard's hash-tagged prefix."""
+        return f"{self.prefix}:{{s{self.shard}}}"
+
+    @property
+    def outbox(self) -> str:
+        """The outbox stream."""
+        return f"{self.tag}:outbox"
+
+    @property
+    def retry(self) -> str:
+        """The backoff schedule (sorted set scored by due time)."""
+        return f"{self.tag}:retry"
+
+    @property
+    def dead(self) -> str:
+        """The dead-letter stream."""
+        return f"{self.tag}:dead"
+
+    @property
+    def divergence(self) -> str:
+        """The divergence stream."""
+        return f"{self.tag}:divergence"
+
+    @property
+    def ledger_index(self) -> str:
+        """Sorted set of this shard's ledger hashes."""
+        return f"{self.tag}:ledger-index"
+
+    def ledger(self, period: str, customer: str, event_name: str) -> str:
+        """The counters of one customer, event name and period."""
+        return f"{self.tag}:ledger:{period}:{customer}:{event_name}"
+
+    def idempotency(self, identifier: str) -> str:
+        """The record of one identifier (hashed: identifiers are caller-chosen and unbounded)."""
+        digest = hashlib.sha256(identifier.encode()).hexdigest()[:32]
+        return f"{self.tag}:idem:{digest}"
+
+    def set_value(self, subscription_item: str, timestamp: int) -> str:
+        """The last quantity ``set`` on an item at one timestamp (for ``set`` translation)."""
+        return f"{self.tag}:set:{subscription_item}:{timestamp}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """All of dualwrite's keys under one prefix."""
+
+    prefix: str
+    shards: int = 1
+
+    def shard_of(self, customer: str) -> int:
+        """The shard a customer's keys live in (stable: crc32 of the customer id)."""
+        return zlib.crc32(customer.encode()) % self.shards
+
+    def for_customer(self, customer: str) -> ShardKeys:
+        """The keys of the shard holding ``customer``."""
+        return ShardKeys(self.prefix, self.shard_of(customer))
+
+    def shard(self, index: int) -> ShardKeys:
+        """The keys of shard ``index``."""
+        return ShardKeys(self.prefix, index)
+
+    def all_shards(self) -> list[ShardKeys]:
+        """Every shard, in order."""
+        return [ShardKeys(self.prefix, index) for index in range(self.shards)]
+
+    @property
+    def flags_config(self) -> str:
+        """Global flag settings."""
+        return f"{self.prefix}:{{flags}}:config"
+
+    @property
+    def flags_override(self) -> str:
+        """Per-customer overrides."""
+        return f"{self.prefix}:{{flags}}:override"
+
+    @property
+    def flags_schedule(self) -> str:
+        """Per-customer scheduled stages."""
+        return f"{self.prefix}:{{flags}}:schedule"
+
+    @property
+    def flags_audit(self) -> str:
+        """The audit stream of flag changes."""
+        return f"{self.prefix}:{{flags}}:audit"
+
+    @property
+    def flags_channel(self) -> str:
+        """The pub/sub channel announcing flag changes."""
+        return f"{self.prefix}:flags:changed"

@@ -1,0 +1,210 @@
+"""The values that cross dualwrite's boundaries: stages, usage events and write outcomes.
+
+A ``UsageEvent`` is fixed once, at intercept time (identifier minted, ``now`` resolved), and every later
+write of either leg reuses it, so retries and the outbox always carry the same instant and the same keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "MAX_METER_VALUE",
+    "Action",
+    "IdentifierSource",
+    "Leg",
+    "RecordOutcome",
+    "ShadowStatus",
+    "Stage",
+    "StagePlan",
+    "StripeFailure",
+    "UsageEvent",
+    "WriteResult",
+    "mint_identifier",
+    "plan_for",
+    "utc_day",
+]
+
+#: Stripe refuses meter values with more than 15 significant digits (API 2026-04-22.dahlia).
+MAX_METER_VALUE = 10**15 - 1
+
+Action = Literal["increment", "set"]
+"""Legacy usage-record action: ``increment`` adds to the usage at a timestamp, ``set`` overwrites it."""
+
+IdentifierSource = Literal["idempotency_key", "field", "minted"]
+"""Where an event's identifier came from: the caller's Idempotency-Key, a configured field, or minted."""
+
+ShadowStatus = Literal["enqueued", "not_applicable", "skipped", "enqueue_failed"]
+"""What happened to the shadow leg: queued in the outbox, no shadow at this stage, skipped because
+the authoritative write failed (or had nothing to write), or the outbox could not be reached."""
+
+
+class Stage(StrEnum):
+    """A customer's migration stage; it decides which leg is authoritative and which is a shadow."""
+
+    LEGACY = "legacy"
+    SHADOW = "shadow"
+    PRIMARY = "primary"
+    METER = "meter"
+
+    @property
+    def rank(self) -> int:
+        """Position in the migration order (legacy=0 … meter=3)."""
+        return _STAGE_ORDER.index(self)
+
+
+_STAGE_ORDER = (Stage.LEGACY, Stage.SHADOW, Stage.PRIMARY, Stage.METER)
+
+
+class Leg(StrEnum):
+    """One of the two write paths to Stripe."""
+
+    LEGACY = "legacy"
+    METER = "meter"
+
+
+class StagePlan(BaseModel):
+    """The legs a stage writes: the authoritative one synchronously, the shadow through the outbox."""
+
+    model_config = ConfigDict(frozen=True)
+
+    authoritative: Leg
+    shadow: Leg | None
+
+
+_PLANS = {
+    Stage.LEGACY: StagePlan(authoritative=Leg.LEGACY, shadow=None),
+    Stage.SHADOW: StagePlan(authoritative=Leg.LEGACY, shadow=Leg.METER),
+    Stage.PRIMARY: StagePlan(authoritative=Leg.METER, shadow=Leg.LEGACY),
+    Stage.METER: StagePlan(authoritative=Leg.METER, shadow=None),
+}
+
+
+def plan_for(stage: Stage) -> StagePlan:
+    """Return which leg is authoritative and which (if any) is the shadow at ``stage``."""
+    return _PLANS[stage]
+
+
+def mint_identifier() -> str:
+    """A fresh identifier for an event whose caller sent no Idempotency-Key."""
+    return f"dwev_{uuid.uuid4().hex}"
+
+
+def utc_day(timestamp: int) -> str:
+    """The UTC calendar day (``YYYY-MM-DD``) a Unix timestamp falls in: the ledger's default period."""
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
+
+
+class UsageEvent(BaseModel):
+    """One unit of reported usage, fixed at intercept and shared by both legs and every retry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    identifier: str = Field(min_length=1, max_length=255)
+    customer: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_\-]+$")
+    event_name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_\-.:]+$")
+    subscription_item: str | None = Field(
+        default=None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_\-]+$"
+    )
+    quantity: int = Field(ge=0, le=MAX_METER_VALUE)
+    timestamp: int = Field(gt=0, lt=2**40)
+    action: Action = "increment"
+    identifier_source: IdentifierSource = "minted"
+
+    @field_validator("identifier")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():
+            msg = "identifier must contain printable characters only"
+            raise ValueError(msg)
+        return value
+
+    def idempotency_key(self, leg: Leg) -> str:
+        """The Stripe ``Idempotency-Key`` for one leg: deterministic, and never shared between legs,
+        because Stripe refuses a key reused on a different endpoint."""
+        return f"dw-{leg.value}-{_digest(leg.value, self.identifier)}"
+
+    @property
+    def meter_identifier(self) -> str:
+        """The meter event's ``identifier`` (Stripe dedupes on it for at least 24 hours)."""
+        return f"dw-{_digest('meter-identifier', self.identifier)}"
+
+    @property
+    def period(self) -> str:
+        """The ledger period the event belongs to (its UTC day)."""
+        return utc_day(self.timestamp)
+
+    def fingerprint(self) -> str:
+        """A digest of everything but the identifier: a reused identifier must carry the same usage."""
+        data = self.model_dump(exclude={"identifier", "identifier_source"})
+        return _digest(json.dumps(data, sort_keys=True))
+
+
+class StripeFailure(BaseModel):
+    """Why Stripe (or the network on the way) refused a write, kept with Stripe's own code."""
+
+    model_config = ConfigDict(frozen=True)
+
+    http_status: int | None = None
+    type: str = "api_error"
+    code: str | None = None
+    message: str = ""
+    param: str | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    request_id: str | None = None
+
+    def error_body(self) -> dict[str, Any]:
+        """Stripe's error shape (``{"error": {...}}``), for handing the refusal back to a caller."""
+        error: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.code:
+            error["code"] = self.code
+        if self.param:
+            error["param"] = self.param
+        return {"error": error}
+
+
+class WriteResult(BaseModel):
+    """The result of one leg's write to Stripe."""
+
+    model_config = ConfigDict(frozen=True)
+
+    leg: Leg
+    accepted: bool
+    stripe_id: str | None = None
+    http_status: int | None = None
+    response: dict[str, Any] | None = None
+    failure: StripeFailure | None = None
+    value: int | None = None
+    """The quantity this leg carried (a translated ``set`` may differ from the event's quantity)."""
+
+
+class RecordOutcome(BaseModel):
+    """What ``engine.record()`` did with one event; the middleware puts it on ``request.state``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: UsageEvent
+    stage: Stage
+    authoritative: WriteResult
+    shadow_leg: Leg | None
+    shadow_status: ShadowStatus
+    replayed: bool = False
+    translated: bool = False
+    """True when a legacy ``set`` was turned into a different meter value."""
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the authoritative write succeeded (what the caller should be told)."""
+        return self.authoritative.accepted
