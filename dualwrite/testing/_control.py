@@ -1,0 +1,114 @@
+"""The ``/_standin/*`` control endpoints: JSON, no API key, for demos and other processes.
+
+* ``GET /_standin/state``: the clock, object counts, per-customer meter totals, per-item legacy totals.
+* ``POST /_standin/clock/advance`` ``{"seconds": N}`` and ``POST /_standin/clock/set``
+  ``{"timestamp": T}``.
+* ``POST /_standin/faults`` with ``FaultInjector.configure``'s options; ``POST /_standin/faults/clear``.
+* ``POST /_standin/requests/reset``: empty the request log.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from dualwrite.exceptions import StripeStandinError
+
+if TYPE_CHECKING:
+    from dualwrite.testing._standin import StripeStandin
+
+__all__ = ["control_routes"]
+
+_FAULT_OPTIONS = frozenset({"rate", "kinds", "paths", "seed", "timeout_seconds"})
+
+
+def _refuse(message: str) -> Response:
+    return JSONResponse({"error": {"type": "invalid_request_error", "message": message}}, 400)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object body (an empty body counts as ``{}``)."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        msg = f"the body must be a JSON object: {exc}"
+        raise StripeStandinError(msg) from exc
+    if not isinstance(data, dict):
+        msg = "the body must be a JSON object"
+        raise StripeStandinError(msg)
+    return data
+
+
+def _integer(data: dict[str, Any], name: str) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"`{name}` must be an integer, got {value!r}"
+        raise StripeStandinError(msg)
+    return value
+
+
+def control_routes(standin: StripeStandin) -> list[Route]:
+    """The control routes, bound to ``standin``."""
+
+    async def state(request: Request) -> Response:
+        """GET /_standin/state."""
+        return JSONResponse(standin.state())
+
+    async def advance(request: Request) -> Response:
+        """POST /_standin/clock/advance ``{"seconds": N}``."""
+        try:
+            seconds = _integer(await _json_object(request), "seconds")
+            now = standin.clock.advance(seconds)
+        except StripeStandinError as exc:
+            return _refuse(str(exc))
+        return JSONResponse({"clock": now})
+
+    async def set_clock(request: Request) -> Response:
+        """POST /_standin/clock/set ``{"timestamp": T}``."""
+        try:
+            standin.clock.set(_integer(await _json_object(request), "timestamp"))
+        except StripeStandinError as exc:
+            return _refuse(str(exc))
+        return JSONResponse({"clock": standin.clock.now()})
+
+    async def faults(request: Request) -> Response:
+        """POST /_standin/faults with ``FaultInjector.configure``'s options."""
+        try:
+            data = await _json_object(request)
+            unknown = sorted(set(data) - _FAULT_OPTIONS)
+            if unknown:
+                msg = f"unknown fault options {unknown}; known: {sorted(_FAULT_OPTIONS)}"
+                raise StripeStandinError(msg)
+            if "rate" not in data:
+                msg = "`rate` is required"
+                raise StripeStandinError(msg)
+            standin.faults.configure(**data)
+        except (StripeStandinError, TypeError) as exc:
+            return _refuse(str(exc))
+        return JSONResponse({"faults": standin.faults.describe()})
+
+    async def clear_faults(request: Request) -> Response:
+        """POST /_standin/faults/clear."""
+        standin.faults.clear()
+        return JSONResponse({"faults": standin.faults.describe()})
+
+    async def reset_requests(request: Request) -> Response:
+        """POST /_standin/requests/reset."""
+        standin.reset_requests()
+        return JSONResponse({"requests": 0})
+
+    return [
+        Route("/_standin/state", state, methods=["GET"]),
+        Route("/_standin/clock/advance", advance, methods=["POST"]),
+        Route("/_standin/clock/set", set_clock, methods=["POST"]),
+        Route("/_standin/faults", faults, methods=["POST"]),
+        Route("/_standin/faults/clear", clear_faults, methods=["POST"]),
+        Route("/_standin/requests/reset", reset_requests, methods=["POST"]),
+    ]

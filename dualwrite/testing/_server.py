@@ -1,0 +1,106 @@
+"""Serving the stand-in on a real socket: in a background thread for tests, or blocking for the CLI."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dualwrite.exceptions import StripeStandinError
+from dualwrite.testing._standin import StripeStandin
+
+__all__ = ["RunningStandin", "run_standin", "serve_standin"]
+
+STARTUP_TIMEOUT = 10.0
+"""Seconds ``serve_standin`` waits for the server to listen."""
+GRACEFUL_SHUTDOWN = 2
+"""Seconds uvicorn waits for in-flight replies when stopping."""
+_ANY_ADDRESS = {"", "0.0.0.0", "::"}
+
+
+class RunningStandin:
+    """A stand-in listening on a socket; ``swap`` puts another stand-in behind the same server."""
+
+    __slots__ = ("_standin", "host", "port")
+
+    def __init__(self, standin: StripeStandin, host: str, port: int = 0) -> None:
+        self._standin = standin
+        self.host = host
+        self.port = port
+
+    @property
+    def standin(self) -> StripeStandin:
+        """The stand-in now being served."""
+        return self._standin
+
+    @property
+    def url(self) -> str:
+        """The base URL to give a Stripe SDK (``http://127.0.0.1:PORT``)."""
+        host = "127.0.0.1" if self.host in _ANY_ADDRESS else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def swap(self, standin: StripeStandin) -> None:
+        """Serve ``standin`` from now on (fresh state without restarting the server, e.g. one
+        server per test session); replies the previous one was holding back are released."""
+        previous, self._standin = self._standin, standin
+        standin._wakeup.reopen()
+        if previous is not standin:
+            previous._wakeup.close()
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._standin.app(scope, receive, send)
+
+
+def _config(app: ASGIApp, host: str, port: int, *, quiet: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        interface="asgi3",
+        host=host,
+        port=port,
+        http="h11",
+        ws="none",
+        lifespan="off",
+        access_log=not quiet,
+        log_level="warning" if quiet else "info",
+        # Tests must not have uvicorn reconfigure the process's logging.
+        log_config=None if quiet else uvicorn.config.LOGGING_CONFIG,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+    )
+
+
+@contextmanager
+def serve_standin(
+    standin: StripeStandin, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[RunningStandin]:
+    """Run ``standin`` with uvicorn in a background thread; ``port=0`` picks a free port."""
+    running = RunningStandin(standin, host)
+    server = uvicorn.Server(_config(running._asgi, host, port, quiet=True))
+    standin._wakeup.reopen()
+    thread = threading.Thread(target=server.run, name="stripe-standin", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=STARTUP_TIMEOUT)
+            msg = f"the Stripe stand-in could not start listening on {host}:{port}"
+            raise StripeStandinError(msg)
+        time.sleep(0.005)
+    running.port = int(server.servers[0].sockets[0].getsockname()[1])
+    try:
+        yield running
+    finally:
+        running.standin._wakeup.close()
+        server.should_exit = True
+        thread.join(timeout=STARTUP_TIMEOUT + GRACEFUL_SHUTDOWN)
+
+
+def run_standin(standin: StripeStandin, host: str = "127.0.0.1", port: int = 12111) -> None:
+    """Serve ``standin`` in the foreground until interrupted (``dualwrite stripe-standin``)."""
+    uvicorn.Server(_config(standin.app, host, port, quiet=False)).run()
