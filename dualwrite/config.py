@@ -40,8 +40,8 @@ __all__ = [
     "MeterMapping",
     "OutboxSettings",
     "RedisSettings",
-    "Settings",
     "SetPolicy",
+    "Settings",
     "StripeSettings",
     "UsageRoute",
 ]
@@ -100,6 +100,11 @@ class StripeSettings(_Frozen):
     legacy_api_version: str = DEFAULT_LEGACY_API_VERSION
     timeout: float = Field(default=20.0, gt=0, le=300)
     max_connections: int = Field(default=200, ge=1, le=10_000)
+    request_retries: int = Field(default=2, ge=0, le=10)
+    """How often a retryable failure of the authoritative write (network, 409, 429, 5xx) is retried
+    within the request, with the same idempotency key, before the caller gets the error."""
+    request_retry_wait: float = Field(default=0.2, ge=0, le=10)
+    """First wait between those retries, doubled each time; a longer ``Retry-After`` ends them."""
 
     @field_validator("api_base", "meter_events_base")
     @classmethod
@@ -182,7 +187,7 @@ class FieldSource(_Frozen):
                 "path, query, json, form, header, const (e.g. 'json:quantity')"
             )
             raise ValueError(msg)
-        return cls(kind=match.group(1), name=match.group(2))  # type: ignore[arg-type]
+        return cls(kind=match.group(1), name=match.group(2))
 
 
 _ROUTE_FIELDS = (
@@ -243,10 +248,10 @@ class UsageRoute(_Frozen):
         params = set(re.findall(r"{([^}:]+)(?::[^}]*)?}", self.path))
         for name in _ROUTE_FIELDS:
             source = getattr(self, name)
-            if isinstance(source, FieldSource) and source.kind == "path":
-                if source.name not in params:
-                    msg = f"{name} reads path parameter {source.name!r}, which {self.path!r} lacks"
-                    raise ValueError(msg)
+            is_path = isinstance(source, FieldSource) and source.kind == "path"
+            if is_path and source.name not in params:
+                msg = f"{name} reads path parameter {source.name!r}, which {self.path!r} lacks"
+                raise ValueError(msg)
         if self.customer is None and self.subscription_item is None:
             msg = "set customer (or subscription_item, with an [items] mapping)"
             raise ValueError(msg)
@@ -269,8 +274,8 @@ class MeterMapping(_Frozen):
 class ItemMapping(_Frozen):
     """A subscription item known in advance: its customer and meter event name."""
 
-    customer: str
-    event_name: str
+    customer: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", max_length=255)
+    event_name: str = Field(pattern=r"^[A-Za-z0-9_\-.:]+$", max_length=100)
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -347,7 +352,7 @@ class Settings(BaseSettings):
         """
         path = config_path or os.environ.get("DUALWRITE_CONFIG")
         data = _read_config_file(Path(path)) if path else {}
-        bound = type(cls.__name__, (cls,), {"_file_data": data})
+        bound: type[Settings] = type(cls.__name__, (cls,), {"_file_data": data})
         try:
             return bound(**overrides)
         except ValidationError as exc:
@@ -369,7 +374,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        msg = f"config file {str(path)!r} cannot be read ({exc.strerror}); fix the --config path or DUALWRITE_CONFIG"
+        msg = (
+            f"config file {str(path)!r} cannot be read ({exc.strerror}); "
+            "fix the --config path or DUALWRITE_CONFIG"
+        )
         raise ConfigError(msg) from None
     try:
         data = tomllib.loads(text)

@@ -25,6 +25,7 @@ __all__ = [
     "Stage",
     "StagePlan",
     "StripeFailure",
+    "TimestampSource",
     "UsageEvent",
     "WriteResult",
     "mint_identifier",
@@ -37,6 +38,9 @@ MAX_METER_VALUE = 10**15 - 1
 
 Action = Literal["increment", "set"]
 """Legacy usage-record action: ``increment`` adds to the usage at a timestamp, ``set`` overwrites it."""
+
+TimestampSource = Literal["request", "intercept"]
+"""Whether the caller gave the timestamp, or it is the instant of the first intercept ("now")."""
 
 IdentifierSource = Literal["idempotency_key", "field", "minted"]
 """Where an event's identifier came from: the caller's Idempotency-Key, a configured field, or minted."""
@@ -121,6 +125,7 @@ class UsageEvent(BaseModel):
     timestamp: int = Field(gt=0, lt=2**40)
     action: Action = "increment"
     identifier_source: IdentifierSource = "minted"
+    timestamp_source: TimestampSource = "request"
 
     @field_validator("identifier")
     @classmethod
@@ -146,9 +151,15 @@ class UsageEvent(BaseModel):
         return utc_day(self.timestamp)
 
     def fingerprint(self) -> str:
-        """A digest of everything but the identifier: a reused identifier must carry the same usage."""
-        data = self.model_dump(exclude={"identifier", "identifier_source"})
-        return _digest(json.dumps(data, sort_keys=True))
+        """A digest of the usage itself: a reused identifier must carry the same usage.
+
+        A timestamp fixed at intercept ("now") is left out: a caller's retry arrives later, and must
+        be recognised as the same usage (it is then written with the first attempt's instant).
+        """
+        exclude = {"identifier", "identifier_source", "timestamp_source"}
+        if self.timestamp_source == "intercept":
+            exclude.add("timestamp")
+        return _digest(json.dumps(self.model_dump(exclude=exclude), sort_keys=True))
 
 
 class StripeFailure(BaseModel):

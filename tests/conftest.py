@@ -11,6 +11,7 @@ import redis
 import redis.asyncio as aioredis
 
 from dualwrite.config import DEFAULT_REDIS_URL
+from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
 
 REDIS_URL = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
 START_REDIS_HINT = (
@@ -59,3 +60,29 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+# ------------------------------------------------------------------------------ Stripe stand-in
+
+STRIPE_KEY = "sk_test_dualwriteTests0000000000000001"
+
+
+@pytest.fixture(scope="session")
+def standin_server() -> Iterator[RunningStandin]:
+    """One stand-in server (a real socket) for the session; each test swaps in a fresh state."""
+    with serve_standin(StripeStandin(api_keys=[STRIPE_KEY])) as running:
+        yield running
+
+
+@pytest.fixture
+def standin(standin_server: RunningStandin) -> StripeStandin:
+    """A fresh stand-in (empty state, no faults) served at ``standin_url``."""
+    fresh = StripeStandin(api_keys=[STRIPE_KEY])
+    standin_server.swap(fresh)
+    return fresh
+
+
+@pytest.fixture
+def standin_url(standin_server: RunningStandin, standin: StripeStandin) -> str:
+    """The base URL of the stand-in."""
+    return standin_server.url

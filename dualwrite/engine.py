@@ -1,0 +1,318 @@
+"""``record(event)``: resolve the customer's stage, make the authoritative write, enqueue the shadow.
+
+The authoritative write is synchronous and its result is what the caller sees. The shadow write is
+enqueued only when the authoritative one succeeded (so both legs hold the same usage), in one Redis
+transaction with the ledger update and the idempotency record, and delivered by an ``OutboxWorker``.
+Nothing about the shadow leg can fail the request: if Redis is down after Stripe accepted the
+authoritative write, the caller still gets its success and the loss is logged loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from dualwrite.config import Settings
+from dualwrite.exceptions import (
+    ConflictError,
+    IdempotencyError,
+    StoreUnavailableError,
+    UsageInputError,
+)
+from dualwrite.flags import StageResolver
+from dualwrite.idempotency import Claim, IdempotencyStore
+from dualwrite.keys import KeySpace, ShardKeys
+from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields
+from dualwrite.models import (
+    Leg,
+    RecordOutcome,
+    Stage,
+    StagePlan,
+    UsageEvent,
+    WriteResult,
+    plan_for,
+)
+from dualwrite.outbox import Outbox, OutboxEntry, OutboxWorker
+from dualwrite.redis_client import open_redis, store_errors
+from dualwrite.stripe_io import StripeWriter
+
+__all__ = ["DualWriteEngine", "StageSource"]
+
+log = logging.getLogger(__name__)
+
+
+class StageSource(Protocol):
+    """Anything that tells a customer's stage (``StageResolver`` in production)."""
+
+    async def resolve(self, customer: str) -> Stage:
+        """The customer's stage; never raises."""
+        ...
+
+
+class DualWriteEngine:
+    """The dual-write engine shared by the middleware, the proxy and the workers.
+
+    Build it with ``DualWriteEngine.from_settings(settings)`` and use it as an async context manager
+    (or call ``start()`` and ``aclose()``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis: aioredis.Redis,
+        resolver: StageSource,
+        writer: StripeWriter,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.redis = redis
+        self.resolver = resolver
+        self.writer = writer
+        self.keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+        self.ledger = Ledger(redis, self.keys, divergence_maxlen=settings.ledger.divergence_maxlen)
+        self.outbox = Outbox(redis, self.keys, settings.outbox, self.ledger)
+        self.idempotency = IdempotencyStore(
+            redis,
+            ttl_seconds=settings.ledger.idempotency_ttl_seconds,
+            lease_seconds=settings.ledger.inflight_lease_seconds,
+        )
+        self.worker: OutboxWorker | None = None
+        self._clock = clock
+        self._owns_resources = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Callable[[], float] = time.time
+    ) -> DualWriteEngine:
+        """Open Redis, the stage resolver and the Stripe writer described by ``settings``."""
+        redis = open_redis(settings.redis)
+        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+        resolver = StageResolver(redis, keys, settings.flags, clock=clock)
+        writer = StripeWriter(settings.stripe, api_key=settings.api_key(), meters=settings.meter)
+        engine = cls(settings, redis=redis, resolver=resolver, writer=writer, clock=clock)
+        engine._owns_resources = True
+        return engine
+
+    async def start(self, *, worker: bool | None = None) -> None:
+        """Subscribe to flag changes and, unless ``worker`` is False, start the in-process worker.
+
+        Redis being down at start is not fatal: the resolver falls back to the safe stage and the
+        worker retries until Redis answers.
+        """
+        if isinstance(self.resolver, StageResolver):
+            await self.resolver.start()
+        run_worker = self.settings.outbox.run_in_process if worker is None else worker
+        if run_worker and self.worker is None:
+            self.worker = OutboxWorker(self.outbox, self.writer, clock=self._clock)
+            try:
+                await self.worker.start()
+            except StoreUnavailableError:
+                log.warning("outbox worker could not create its consumer group yet; it will retry")
+                self.worker = None
+
+    async def aclose(self) -> None:
+        """Stop the worker (its unfinished entries stay pending for another) and close what it opened."""
+        if self.worker is not None:
+            await self.worker.aclose()
+            self.worker = None
+        if isinstance(self.resolver, StageResolver):
+            await self.resolver.aclose()
+        if self._owns_resources:
+            await self.writer.aclose()
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> DualWriteEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def record(self, event: UsageEvent, *, api_key: str | None = None) -> RecordOutcome:
+        """Record one usage event at the customer's stage.
+
+        Args:
+            event: the usage, fixed at intercept.
+            api_key: a Stripe key to write with instead of ``STRIPE_API_KEY`` (the proxy's caller's).
+
+        Returns:
+            The outcome; ``outcome.accepted`` is False when Stripe refused the authoritative write
+            (its error is in ``outcome.authoritative.failure``).
+
+        Raises:
+            UsageInputError: the event cannot be written at this stage (e.g. no subscription item
+                for a legacy write, or a ``set`` on a meter whose policy refuses it).
+            IdempotencyError: the identifier was used before for different usage.
+            ConflictError: the identifier is being recorded by another request right now.
+        """
+        stage = await self.resolver.resolve(event.customer)
+        plan = plan_for(stage)
+        self._check_writable(event, stage, plan)
+        shard = self.keys.for_customer(event.customer)
+        claim = await self._claim(shard, event)
+        if claim.state == "done" and claim.outcome is not None:
+            return claim.outcome.model_copy(update={"replayed": True})
+        if claim.state == "busy":
+            msg = f"usage with identifier {event.identifier!r} is being recorded by another request; retry"
+            raise ConflictError(msg)
+        if claim.state == "mismatch":
+            msg = (
+                f"identifier {event.identifier!r} was already used for different usage; "
+                "use a new Idempotency-Key for new usage"
+            )
+            raise IdempotencyError(msg)
+
+        if claim.event is not None:
+            event = claim.event  # a retry writes the event as first intercepted (same "now")
+        effective = event.quantity - claim.previous_set if event.action == "set" else event.quantity
+        translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
+        result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
+        if not result.accepted:
+            await self._note_refusal(shard, event, plan.authoritative)
+            return RecordOutcome(
+                event=event,
+                stage=stage,
+                authoritative=result,
+                shadow_leg=plan.shadow,
+                shadow_status="skipped" if plan.shadow else "not_applicable",
+                translated=translated,
+            )
+        outcome = RecordOutcome(
+            event=event,
+            stage=stage,
+            authoritative=result,
+            shadow_leg=plan.shadow,
+            shadow_status="enqueued" if plan.shadow else "not_applicable",
+            translated=translated,
+        )
+        try:
+            await self._commit(shard, outcome, plan, effective)
+        except StoreUnavailableError:
+            log.error(
+                "usage %s was accepted on the %s leg but Redis is unavailable: ledger not updated%s",
+                event.identifier,
+                plan.authoritative.value,
+                " and the shadow write is lost" if plan.shadow else "",
+            )
+            if plan.shadow:
+                outcome = outcome.model_copy(update={"shadow_status": "enqueue_failed"})
+        return outcome
+
+    async def _write_authoritative(
+        self, leg: Leg, event: UsageEvent, value: int, api_key: str | None
+    ) -> WriteResult:
+        """Write the authoritative leg, retrying retryable failures a few times within the request.
+
+        Every attempt carries the same idempotency key, so an attempt that reached Stripe but whose
+        answer was lost (a timeout) is replayed by Stripe rather than counted again.
+        """
+        retries, wait = (
+            self.settings.stripe.request_retries,
+            self.settings.stripe.request_retry_wait,
+        )
+        for attempt in range(retries + 1):
+            result = await self.writer.write(leg, event, value=value, api_key=api_key)
+            failure = result.failure
+            if result.accepted or failure is None or not failure.retryable or attempt == retries:
+                return result
+            delay = wait * 2**attempt
+            if failure.retry_after is not None and failure.retry_after > 4 * delay:
+                return result  # Stripe asks for a longer pause than a request should hold
+            await asyncio.sleep(max(delay, failure.retry_after or 0.0))
+        return result
+
+    def _check_writable(self, event: UsageEvent, stage: Stage, plan: StagePlan) -> None:
+        legs = {plan.authoritative, plan.shadow}
+        if Leg.LEGACY in legs and event.subscription_item is None:
+            msg = (
+                f"subscription_item is required: customer {event.customer} is at stage "
+                f"{stage.value}, which writes usage records"
+            )
+            raise UsageInputError(msg, param="subscription_item", code="parameter_missing")
+        if event.action == "set" and Leg.METER in legs:
+            if self.settings.meter(event.event_name).set_policy == "refuse":
+                msg = (
+                    f"action=set has no meter equivalent and meter {event.event_name!r} refuses it "
+                    '(set_policy = "refuse"); send increments instead'
+                )
+                raise UsageInputError(msg, param="action", code="parameter_invalid")
+            if event.subscription_item is None:
+                msg = "action=set needs subscription_item (the value is set per item and timestamp)"
+                raise UsageInputError(msg, param="subscription_item", code="parameter_missing")
+
+    async def _claim(self, shard: ShardKeys, event: UsageEvent) -> Claim:
+        try:
+            return await self.idempotency.claim(shard, event, now=self._clock())
+        except StoreUnavailableError:
+            # Stripe's own idempotency on the per-leg keys still stops a retried write counting twice.
+            log.warning(
+                "Redis unavailable: recording %s without an idempotency record", event.identifier
+            )
+            return Claim("untracked")
+
+    async def _note_refusal(self, shard: ShardKeys, event: UsageEvent, leg: Leg) -> None:
+        try:
+            await self.idempotency.release(shard, event)
+            update = LedgerUpdate(shard, event).refused(leg)
+            async with store_errors("counting a refusal"):
+                pipe = self.redis.pipeline(transaction=True)
+                update.queue(pipe)
+                await pipe.execute()
+        except StoreUnavailableError:
+            log.warning("Redis unavailable: refusal of %s not counted", event.identifier)
+
+    async def _commit(
+        self, shard: ShardKeys, outcome: RecordOutcome, plan: StagePlan, effective: int
+    ) -> None:
+        event, now = outcome.event, self._clock()
+        update = LedgerUpdate(shard, event).recorded(
+            outcome.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
+        )
+        async with store_errors("committing a recorded event"):
+            pipe = self.redis.pipeline(transaction=True)
+            update.queue(pipe)
+            if plan.shadow is not None:
+                entry = OutboxEntry(
+                    event=event,
+                    leg=plan.shadow,
+                    value=effective,
+                    stage=outcome.stage,
+                    authoritative_id=outcome.authoritative.stripe_id,
+                    enqueued_at=now,
+                )
+                Outbox.queue_add(pipe, shard, entry)
+            if outcome.translated:
+                self.ledger.queue_divergence(
+                    pipe, shard, self._translation(outcome, effective, now)
+                )
+            self.idempotency.queue_complete(pipe, shard, outcome)
+            await pipe.execute()
+
+    @staticmethod
+    def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str, str]:
+        auth = LegView.of(outcome.authoritative)
+        pending = LegView(status="pending") if outcome.shadow_leg else LegView(status="not_written")
+        legacy, meter = (
+            (auth, pending) if outcome.authoritative.leg is Leg.LEGACY else (pending, auth)
+        )
+        return divergence_fields(
+            outcome.event,
+            kind="translated",
+            stage=outcome.stage,
+            legacy=legacy,
+            meter=meter,
+            note=f"set {outcome.event.quantity} sent to the meter as {effective:+d}",
+            at=now,
+        )

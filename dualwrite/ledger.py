@@ -1,0 +1,343 @@
+"""The ledger (per customer, meter event name and UTC day: what each leg was meant to hold and what
+it holds) and the divergence log (every event whose two legs disagree).
+
+Updates are built here as plain values (``LedgerUpdate``) and applied by whoever owns the atomic step:
+the engine queues them in the transaction that enqueues the shadow write, the outbox worker applies
+them in the script that acknowledges the entry. So a ledger change never happens without the state
+change it describes, and never twice.
+
+Counter fields of one ledger hash (``<leg>`` is ``legacy`` or ``meter``):
+
+==============================  ===========================================================================
+``events`` / ``quantity``       usage recorded: the authoritative write succeeded (the caller was told so)
+``<leg>_expected_*``            what the leg should hold: the authoritative leg, plus the shadow once enqueued
+``<leg>_accepted_*``            what Stripe accepted on the leg
+``<leg>_failed_*``              shadow writes refused for good or expired (dead letters): divergence
+``<leg>_retired_*``             legacy shadow writes refused because the item left the legacy system
+``<leg>_refused_events``        authoritative refusals handed back to callers (not divergence)
+``translated_events``           legacy ``set`` events sent to the meter as a difference
+``divergent_events``            events written to the divergence log
+``stage_<stage>_events``        events recorded while the customer was at that stage
+==============================  ===========================================================================
+
+Quantities are *effective*: what the event adds to the period's total. For ``increment`` that is the
+quantity; for a translated ``set`` it is the difference from the value set before at that timestamp,
+which is also what Stripe's legacy total moves by.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Literal
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict
+
+from dualwrite.keys import KeySpace, ShardKeys
+from dualwrite.models import Leg, Stage, StripeFailure, UsageEvent, WriteResult
+from dualwrite.redis_client import as_int, as_str_list, store_errors, stream_entries
+
+__all__ = [
+    "COUNTER_FIELDS",
+    "DivergenceKind",
+    "DivergenceRecord",
+    "Ledger",
+    "LedgerRow",
+    "LedgerUpdate",
+    "LegView",
+    "divergence_fields",
+    "period_score",
+]
+
+DivergenceKind = Literal["shadow_refused", "shadow_expired", "translated", "late_refusal"]
+"""Why an event's legs disagree: the shadow was refused for good, it expired in the outbox, a ``set``
+was translated, or Stripe refused a meter event after accepting it."""
+
+COUNTER_FIELDS = (
+    "events",
+    "quantity",
+    *(
+        f"{leg}_{what}_{unit}"
+        for leg in ("legacy", "meter")
+        for what in ("expected", "accepted", "failed", "retired")
+        for unit in ("events", "qty")
+    ),
+    "legacy_refused_events",
+    "meter_refused_events",
+    "translated_events",
+    "divergent_events",
+    *(f"stage_{stage.value}_events" for stage in Stage),
+)
+
+_EPOCH = date(1970, 1, 1)
+
+
+def period_score(period: str) -> int:
+    """The sort score of a ``YYYY-MM-DD`` period: days since 1970-01-01."""
+    return (date.fromisoformat(period) - _EPOCH).days
+
+
+@dataclass(slots=True)
+class LedgerUpdate:
+    """Counter increments for one ledger hash, ready to be applied atomically with their cause."""
+
+    keys: ShardKeys
+    event: UsageEvent
+    increments: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The ledger hash this update applies to."""
+        return self.keys.ledger(self.event.period, self.event.customer, self.event.event_name)
+
+    @property
+    def index_member(self) -> str:
+        """The ledger index entry naming the hash."""
+        return f"{self.event.period}|{self.event.customer}|{self.event.event_name}"
+
+    @property
+    def index_score(self) -> int:
+        """The ledger index score (the period's day number)."""
+        return period_score(self.event.period)
+
+    def add(self, name: str, amount: int = 1) -> LedgerUpdate:
+        """Add ``amount`` to counter ``name``."""
+        self.increments[name] = self.increments.get(name, 0) + amount
+        return self
+
+    def recorded(
+        self,
+        stage: Stage,
+        authoritative: Leg,
+        shadow: Leg | None,
+        quantity: int,
+        *,
+        translated: bool,
+    ) -> LedgerUpdate:
+        """The authoritative write succeeded and the shadow (if any) is enqueued."""
+        self.add("events").add("quantity", quantity).add(f"stage_{stage.value}_events")
+        self._leg(authoritative, "expected", quantity)._leg(authoritative, "accepted", quantity)
+        if shadow is not None:
+            self._leg(shadow, "expected", quantity)
+        if translated:
+            self.add("translated_events")
+        return self
+
+    def refused(self, leg: Leg) -> LedgerUpdate:
+        """The authoritative write was refused; the caller gets Stripe's error."""
+        return self.add(f"{leg.value}_refused_events")
+
+    def shadow_accepted(self, leg: Leg, quantity: int) -> LedgerUpdate:
+        """A shadow write was accepted by Stripe."""
+        return self._leg(leg, "accepted", quantity)
+
+    def shadow_failed(self, leg: Leg, quantity: int, *, retired: bool) -> LedgerUpdate:
+        """A shadow write was refused for good or expired; ``retired`` ones are not divergence."""
+        if retired:
+            return self._leg(leg, "retired", quantity)
+        return self._leg(leg, "failed", quantity).add("divergent_events")
+
+    def _leg(self, leg: Leg, what: str, quantity: int) -> LedgerUpdate:
+        self.add(f"{leg.value}_{what}_events")
+        return self.add(f"{leg.value}_{what}_qty", quantity)
+
+    def queue(self, pipe: aioredis.client.Pipeline) -> None:
+        """Queue the increments (and the index entry) on a transaction pipeline."""
+        for name, amount in self.increments.items():
+            pipe.hincrby(self.key, name, amount)
+        pipe.zadd(self.keys.ledger_index, {self.index_member: self.index_score})
+
+    def script_args(self) -> list[str | int]:
+        """The increments flattened for a Lua script: count, then name/amount pairs."""
+        flat: list[str | int] = [len(self.increments)]
+        for name, amount in self.increments.items():
+            flat += [name, amount]
+        return flat
+
+
+class LegView(BaseModel):
+    """One leg's side of a divergent event."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: Literal["accepted", "refused", "expired", "not_written", "pending"]
+    stripe_id: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, result: WriteResult) -> LegView:
+        """The view of a completed write."""
+        if result.accepted:
+            return cls(status="accepted", stripe_id=result.stripe_id)
+        return cls(status="refused", error=describe_failure(result.failure))
+
+
+def describe_failure(failure: StripeFailure | None) -> str | None:
+    """``status code: message`` for logs and the divergence log."""
+    if failure is None:
+        return None
+    code = failure.code or failure.type
+    return f"{failure.http_status or 'network'} {code}: {failure.message}"
+
+
+def divergence_fields(
+    event: UsageEvent,
+    *,
+    kind: DivergenceKind,
+    stage: Stage,
+    legacy: LegView,
+    meter: LegView,
+    note: str = "",
+    at: float | None = None,
+) -> dict[str, str]:
+    """The stream fields of one divergence entry, both legs' Stripe ids and errors included."""
+    return {
+        "at": f"{at if at is not None else time.time():.3f}",
+        "kind": kind,
+        "identifier": event.identifier,
+        "customer": event.customer,
+        "event_name": event.event_name,
+        "period": event.period,
+        "stage": stage.value,
+        "quantity": str(event.quantity),
+        "action": event.action,
+        "subscription_item": event.subscription_item or "",
+        "legacy": legacy.model_dump_json(),
+        "meter": meter.model_dump_json(),
+        "note": note,
+    }
+
+
+class LedgerRow(BaseModel):
+    """One ledger hash: a customer's usage of one meter event name in one period."""
+
+    model_config = ConfigDict(frozen=True)
+
+    period: str
+    customer: str
+    event_name: str
+    counters: dict[str, int]
+
+    def __getitem__(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
+
+class DivergenceRecord(BaseModel):
+    """One entry of the divergence log."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    at: float
+    kind: str
+    identifier: str
+    customer: str
+    event_name: str
+    period: str
+    stage: str
+    quantity: int
+    action: str
+    subscription_item: str | None
+    legacy: LegView
+    meter: LegView
+    note: str
+
+    @classmethod
+    def from_stream(cls, entry_id: str, fields: dict[str, str]) -> DivergenceRecord:
+        """Parse one stream entry."""
+        return cls(
+            id=entry_id,
+            at=float(fields.get("at", 0)),
+            kind=fields.get("kind", ""),
+            identifier=fields.get("identifier", ""),
+            customer=fields.get("customer", ""),
+            event_name=fields.get("event_name", ""),
+            period=fields.get("period", ""),
+            stage=fields.get("stage", ""),
+            quantity=int(fields.get("quantity", 0)),
+            action=fields.get("action", ""),
+            subscription_item=fields.get("subscription_item") or None,
+            legacy=LegView.model_validate(json.loads(fields.get("legacy", "{}") or "{}")),
+            meter=LegView.model_validate(json.loads(fields.get("meter", "{}") or "{}")),
+            note=fields.get("note", ""),
+        )
+
+
+class Ledger:
+    """Reads the ledger and the divergence log back (writes happen with their causes, see above)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, *, divergence_maxlen: int = 100_000):
+        self._redis = redis
+        self._keys = keys
+        self.divergence_maxlen = divergence_maxlen
+
+    def queue_divergence(
+        self, pipe: aioredis.client.Pipeline, shard: ShardKeys, fields: dict[str, str]
+    ) -> None:
+        """Queue a divergence entry on a transaction pipeline (the stream is capped, approximately)."""
+        pipe.xadd(shard.divergence, fields, maxlen=self.divergence_maxlen, approximate=True)  # type: ignore[arg-type]
+
+    async def rows(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        customer: str | None = None,
+    ) -> list[LedgerRow]:
+        """Every ledger hash with a period in ``[since, until]`` (inclusive ``YYYY-MM-DD``)."""
+        low: int | str = period_score(since) if since else "-inf"
+        high: int | str = period_score(until) if until else "+inf"
+        shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
+        rows: list[LedgerRow] = []
+        async with store_errors("reading the ledger"):
+            for shard in shards:
+                members = as_str_list(
+                    await self._redis.zrangebyscore(shard.ledger_index, low, high)
+                )
+                wanted = [m for m in members if customer is None or m.split("|")[1] == customer]
+                for start in range(0, len(wanted), 1000):
+                    chunk = wanted[start : start + 1000]
+                    pipe = self._redis.pipeline(transaction=False)
+                    for member in chunk:
+                        period, cus, event_name = member.split("|", 2)
+                        pipe.hgetall(shard.ledger(period, cus, event_name))
+                    for member, data in zip(chunk, await pipe.execute(), strict=True):
+                        period, cus, event_name = member.split("|", 2)
+                        counters = {name: as_int(value) for name, value in data.items()}
+                        rows.append(
+                            LedgerRow(
+                                period=period,
+                                customer=cus,
+                                event_name=event_name,
+                                counters=counters,
+                            )
+                        )
+        return rows
+
+    async def divergences(
+        self, *, limit: int = 100, customer: str | None = None
+    ) -> list[DivergenceRecord]:
+        """The newest divergence entries (across shards), newest first."""
+        shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
+        records: list[DivergenceRecord] = []
+        async with store_errors("reading the divergence log"):
+            for shard in shards:
+                batch = limit if customer is None else max(limit * 20, 1000)
+                entries = stream_entries(await self._redis.xrevrange(shard.divergence, count=batch))
+                for entry_id, fields in entries:
+                    record = DivergenceRecord.from_stream(entry_id, fields)
+                    if customer is None or record.customer == customer:
+                        records.append(record)
+        records.sort(key=lambda record: record.at, reverse=True)
+        return records[:limit]
+
+    async def divergence_count(self) -> int:
+        """How many entries the divergence log holds now (after capping)."""
+        total = 0
+        async with store_errors("reading the divergence log"):
+            for shard in self._keys.all_shards():
+                total += as_int(await self._redis.xlen(shard.divergence))
+        return total
