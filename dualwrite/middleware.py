@@ -1,0 +1,219 @@
+"""``DualWriteMiddleware``: pure ASGI, wraps the user's app and dual-writes its usage routes.
+
+A request matching a configured usage route is turned into a ``UsageEvent`` and recorded by the engine
+*before* the app runs; the app then sees the outcome on ``request.state.dualwrite`` (its own usage-record
+call is deleted: the middleware made the writes). A malformed usage request gets HTTP 400 with a
+Stripe-style error body naming the field, and nothing is written. An authoritative write that Stripe
+refuses returns Stripe's status and error to the caller, and the app is not called. Every other
+request, streaming responses and websockets included, goes straight to the app untouched.
+
+The middleware also handles the lifespan scope, so the engine's worker starts and stops with the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dualwrite.config import Settings
+from dualwrite.engine import DualWriteEngine
+from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
+from dualwrite.models import RecordOutcome
+from dualwrite.routes import RouteMatch, RouteTable, build_event
+
+__all__ = ["STATE_KEY", "DualWriteMiddleware", "stripe_error"]
+
+log = logging.getLogger(__name__)
+
+#: The key under ``request.state`` (``scope["state"]``) where the app finds the ``RecordOutcome``.
+STATE_KEY = "dualwrite"
+
+
+def stripe_error(
+    status: int,
+    message: str,
+    *,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """A response with Stripe's error shape: ``{"error": {"type", "message", "code", "param"}}``."""
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if code:
+        error["code"] = code
+    if param:
+        error["param"] = param
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+class DualWriteMiddleware:
+    """Dual-writes the usage routes of the wrapped ASGI app.
+
+    Args:
+        app: the user's ASGI app (Starlette, FastAPI, anything ASGI).
+        config: settings (default: ``Settings.load()``, i.e. ``DUALWRITE_CONFIG`` and the environment).
+        engine: an engine to share; whoever built it starts and closes it. By default the middleware
+            builds one from ``config``, starts it with the app's lifespan (or at the first usage
+            request when the server runs no lifespan) and closes it at shutdown.
+        clock: where "now" comes from (tests).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: Settings | None = None,
+        engine: DualWriteEngine | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.app = app
+        self.settings = config or (engine.settings if engine else Settings.load())
+        self.engine = engine or DualWriteEngine.from_settings(self.settings, clock=clock)
+        self.routes = RouteTable(self.settings.routes)
+        self._owns_engine = engine is None
+        self._clock = clock
+        self._started = not self._owns_engine
+        self._start_lock = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            match = self.routes.match(scope["method"], _route_path(scope))
+            if match is not None:
+                await self._usage(match, scope, receive, send)
+                return
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self._ensure_started()
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.aclose()
+            await send(message)
+
+        await self.app(scope, lifespan_receive, lifespan_send)
+
+    async def _ensure_started(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.engine.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        """Stop the engine's worker and close the engine if the middleware built it."""
+        if self._owns_engine:
+            await self.engine.aclose()
+            self._started = False
+
+    async def _usage(self, match: RouteMatch, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._ensure_started()
+        limit = match.route.max_body_bytes
+        body = await _read_body(receive, limit)
+        if body is None:
+            response = stripe_error(
+                413,
+                f"The request body is larger than {limit} bytes.",
+                code="request_too_large",
+            )
+            await response(scope, receive, send)
+            return
+        try:
+            event = build_event(
+                match,
+                query_string=scope.get("query_string", b""),
+                headers=scope.get("headers", []),
+                body=body,
+                now=int(self._clock()),
+                items=self.settings.items,
+            )
+            outcome = await self.engine.record(event)
+        except IdempotencyError as exc:
+            await stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)(
+                scope, receive, send
+            )
+            return
+        except UsageInputError as exc:
+            await stripe_error(400, exc.message, code=exc.code, param=exc.param)(
+                scope, receive, send
+            )
+            return
+        except ConflictError as exc:
+            await stripe_error(409, str(exc), code="idempotency_key_in_use")(scope, receive, send)
+            return
+        if not outcome.accepted:
+            await _refusal(outcome)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[STATE_KEY] = outcome
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the app's router sees it: without the ``root_path`` the app is mounted under."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the already-read body to the app, then defers to the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _refusal(outcome: RecordOutcome) -> JSONResponse:
+    """Stripe's own status and error, for an authoritative write Stripe refused."""
+    failure = outcome.authoritative.failure
+    if failure is None:  # pragma: no cover - a refused write always carries its failure
+        return stripe_error(502, "Stripe refused the usage.", error_type="api_error")
+    headers = {}
+    if failure.request_id:
+        headers["Request-Id"] = failure.request_id
+    if failure.retry_after is not None:
+        headers["Retry-After"] = f"{failure.retry_after:g}"
+    headers["Stripe-Should-Retry"] = "true" if failure.retryable else "false"
+    status = failure.http_status or 502  # no status: the network failed on the way to Stripe
+    return JSONResponse(failure.error_body(), status_code=status, headers=headers)
