@@ -1,0 +1,245 @@
+"""The divergence report: per customer, what each leg holds against what it should hold.
+
+``build_report()`` reads the ledger, the divergence log and the outbox into a ``Report`` (a pydantic
+model, so ``--json`` is its JSON); ``render_table()`` draws it for a terminal with rich.
+
+A customer's status:
+
+* ``parity``: every leg holds exactly what it should (for ``shadow`` and ``primary`` customers that
+  means equal totals on both legs);
+* ``pending``: shadow writes are still in the outbox (waiting or retrying);
+* ``diverged``: a shadow write was refused for good or expired, so the legs disagree; the divergence
+  log says which events and why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from dualwrite.engine import StageSource
+from dualwrite.ledger import DivergenceRecord, Ledger, LedgerRow
+from dualwrite.models import Stage
+from dualwrite.outbox import Outbox, OutboxDepth
+
+__all__ = ["CustomerReport", "LegTotals", "Report", "build_report", "render_table"]
+
+CustomerStatus = Literal["parity", "pending", "diverged"]
+
+
+class LegTotals(BaseModel):
+    """One leg's totals for a customer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    expected_events: int = 0
+    expected_qty: int = 0
+    accepted_events: int = 0
+    accepted_qty: int = 0
+    failed_events: int = 0
+    failed_qty: int = 0
+    retired_events: int = 0
+    retired_qty: int = 0
+    refused_events: int = 0
+    """Authoritative refusals returned to callers (not divergence)."""
+
+    @property
+    def pending_qty(self) -> int:
+        """Quantity expected on this leg and not settled yet."""
+        return self.expected_qty - self.accepted_qty - self.failed_qty - self.retired_qty
+
+    @property
+    def pending_events(self) -> int:
+        """Events expected on this leg and not settled yet."""
+        return (
+            self.expected_events - self.accepted_events - self.failed_events - self.retired_events
+        )
+
+    @classmethod
+    def from_rows(cls, leg: str, rows: Iterable[LedgerRow]) -> LegTotals:
+        """Sum one leg's counters over ledger rows."""
+        sums = dict.fromkeys(cls.model_fields, 0)
+        for row in rows:
+            for name in sums:
+                sums[name] += row[f"{leg}_{name}"]
+        return cls(**sums)
+
+
+class CustomerReport(BaseModel):
+    """One customer's line in the report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    customer: str
+    stage: Stage
+    event_names: list[str]
+    periods: list[str]
+    events: int
+    quantity: int
+    legacy: LegTotals
+    meter: LegTotals
+    translated_events: int
+    divergent_events: int
+    status: CustomerStatus
+
+    @property
+    def difference(self) -> int:
+        """Legacy total minus meter total (accepted quantities)."""
+        return self.legacy.accepted_qty - self.meter.accepted_qty
+
+
+class Report(BaseModel):
+    """The whole report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    generated_at: float
+    since: str | None
+    until: str | None
+    customers: list[CustomerReport]
+    divergences: list[DivergenceRecord]
+    outbox: OutboxDepth | None
+
+    @property
+    def divergent_customers(self) -> int:
+        """Customers with at least one divergent event."""
+        return sum(1 for customer in self.customers if customer.status == "diverged")
+
+
+def _status(legacy: LegTotals, meter: LegTotals, divergent: int) -> CustomerStatus:
+    if divergent or legacy.failed_events or meter.failed_events:
+        return "diverged"
+    if legacy.pending_events or meter.pending_events:
+        return "pending"
+    return "parity"
+
+
+async def build_report(
+    ledger: Ledger,
+    resolver: StageSource,
+    *,
+    outbox: Outbox | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    customer: str | None = None,
+    stage: Stage | None = None,
+    only_divergent: bool = False,
+    divergence_limit: int = 20,
+) -> Report:
+    """Read the ledger into a per-customer report (periods are ``YYYY-MM-DD``, inclusive)."""
+    rows = await ledger.rows(since=since, until=until, customer=customer)
+    by_customer: dict[str, list[LedgerRow]] = {}
+    for row in rows:
+        by_customer.setdefault(row.customer, []).append(row)
+    customers: list[CustomerReport] = []
+    for name in sorted(by_customer):
+        mine = by_customer[name]
+        current = await resolver.resolve(name)
+        if stage is not None and current is not stage:
+            continue
+        legacy = LegTotals.from_rows("legacy", mine)
+        meter = LegTotals.from_rows("meter", mine)
+        divergent = sum(row["divergent_events"] for row in mine)
+        status = _status(legacy, meter, divergent)
+        if only_divergent and status != "diverged":
+            continue
+        customers.append(
+            CustomerReport(
+                customer=name,
+                stage=current,
+                event_names=sorted({row.event_name for row in mine}),
+                periods=sorted({row.period for row in mine}),
+                events=sum(row["events"] for row in mine),
+                quantity=sum(row["quantity"] for row in mine),
+                legacy=legacy,
+                meter=meter,
+                translated_events=sum(row["translated_events"] for row in mine),
+                divergent_events=divergent,
+                status=status,
+            )
+        )
+    divergences = await ledger.divergences(limit=divergence_limit, customer=customer)
+    if stage is not None or only_divergent:
+        shown = {c.customer for c in customers}
+        divergences = [record for record in divergences if record.customer in shown]
+    return Report(
+        generated_at=time.time(),
+        since=since,
+        until=until,
+        customers=customers,
+        divergences=divergences,
+        outbox=await outbox.depth() if outbox is not None else None,
+    )
+
+
+_STATUS_STYLE = {"parity": "green", "pending": "yellow", "diverged": "bold red"}
+
+
+def render_table(report: Report) -> Group:
+    """The report as rich renderables: the customer table, then the latest divergent events."""
+    table = Table(title="dualwrite: usage per customer, legacy vs meter", title_justify="left")
+    for column, justify in (
+        ("customer", "left"),
+        ("stage", "left"),
+        ("events", "right"),
+        ("quantity", "right"),
+        ("legacy", "right"),
+        ("meter", "right"),
+        ("difference", "right"),
+        ("pending", "right"),
+        ("failed (legacy/meter)", "right"),
+        ("divergent", "right"),
+        ("status", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in report.customers:
+        pending = row.legacy.pending_qty + row.meter.pending_qty
+        table.add_row(
+            row.customer,
+            row.stage.value,
+            f"{row.events:,}",
+            f"{row.quantity:,}",
+            f"{row.legacy.accepted_qty:,}",
+            f"{row.meter.accepted_qty:,}",
+            f"{row.difference:+,}" if row.difference else "0",
+            f"{pending:,}" if pending else "",
+            f"{row.legacy.failed_events}/{row.meter.failed_events}",
+            str(row.divergent_events) if row.divergent_events else "",
+            Text(row.status, style=_STATUS_STYLE[row.status]),
+        )
+    parts: list[Table | Text] = [table]
+    if report.outbox is not None:
+        depth = report.outbox
+        parts.append(
+            Text(
+                f"outbox: {depth.ready} queued, {depth.scheduled} waiting to retry, "
+                f"{depth.dead} dead letters"
+            )
+        )
+    if report.divergences:
+        log = Table(title="latest divergent events", title_justify="left")
+        for column in ("customer", "kind", "identifier", "quantity", "legacy", "meter", "note"):
+            log.add_column(column)
+        for record in report.divergences:
+            log.add_row(
+                record.customer,
+                record.kind,
+                record.identifier,
+                str(record.quantity),
+                _leg_cell(record.legacy.status, record.legacy.stripe_id, record.legacy.error),
+                _leg_cell(record.meter.status, record.meter.stripe_id, record.meter.error),
+                record.note,
+            )
+        parts.append(log)
+    return Group(*parts)
+
+
+def _leg_cell(status: str, stripe_id: str | None, error: str | None) -> str:
+    detail = stripe_id or error or ""
+    return f"{status} {detail}".strip()
