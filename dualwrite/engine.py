@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -42,9 +42,13 @@ from dualwrite.outbox import Outbox, OutboxEntry, OutboxWorker
 from dualwrite.redis_client import open_redis, store_errors
 from dualwrite.stripe_io import StripeWriter
 
-__all__ = ["DualWriteEngine", "StageSource"]
+__all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
 log = logging.getLogger(__name__)
+
+
+LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
+"""Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
 
 
 class StageSource(Protocol):
@@ -140,12 +144,20 @@ class DualWriteEngine:
     ) -> None:
         await self.aclose()
 
-    async def record(self, event: UsageEvent, *, api_key: str | None = None) -> RecordOutcome:
+    async def record(
+        self,
+        event: UsageEvent,
+        *,
+        api_key: str | None = None,
+        legacy_write: LegacyWrite | None = None,
+    ) -> RecordOutcome:
         """Record one usage event at the customer's stage.
 
         Args:
             event: the usage, fixed at intercept.
             api_key: a Stripe key to write with instead of ``STRIPE_API_KEY`` (the proxy's caller's).
+            legacy_write: makes the authoritative legacy write instead of the engine's own writer,
+                once, without in-request retries (the proxy forwards its caller's request as is).
 
         Returns:
             The outcome; ``outcome.accepted`` is False when Stripe refused the authoritative write
@@ -178,7 +190,10 @@ class DualWriteEngine:
             event = claim.event  # a retry writes the event as first intercepted (same "now")
         effective = event.quantity - claim.previous_set if event.action == "set" else event.quantity
         translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
-        result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
+        if legacy_write is not None and plan.authoritative is Leg.LEGACY:
+            result = await legacy_write(event)
+        else:
+            result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
         if not result.accepted:
             await self._note_refusal(shard, event, plan.authoritative)
             return RecordOutcome(
