@@ -10,7 +10,9 @@ import pytest
 
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
+from dualwrite.flags import RedisFlagStore
 from dualwrite.models import Leg, Stage
+from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, ScenarioBuilder, make_settings, set_stage, usage
@@ -42,8 +44,6 @@ async def engine(
 
 async def drain(engine: DualWriteEngine) -> None:
     """Deliver every shadow write (retries included)."""
-    from dualwrite.outbox import OutboxWorker
-
     worker = OutboxWorker(engine.outbox, engine.writer)
     with anyio.fail_after(20):
         await worker.drain()
@@ -375,3 +375,31 @@ class TestRedisDown:
             outcome = await engine.record(usage(scenario, 5, identifier="while-down"))
         assert outcome.stage is Stage.LEGACY and outcome.accepted
         assert standin.legacy_total(scenario.item) == 5
+
+
+class TestFlagChanges:
+    """A flag change reaches every engine instance within milliseconds, not after the cache TTL."""
+
+    async def test_second_engine_sees_a_change_through_pubsub(
+        self, redis_url, key_prefix, standin_url, builder, standin
+    ):
+        """Engine B caches legacy; a change made through engine A applies to B's next record."""
+        settings = make_settings(
+            redis_url=redis_url,
+            prefix=key_prefix,
+            api_base=standin_url,
+            api_key=STRIPE_KEY,
+            flags={"cache_ttl": 600},
+        )
+        scenario = await builder.customer()
+        async with (
+            DualWriteEngine.from_settings(settings) as first,
+            DualWriteEngine.from_settings(settings) as second,
+        ):
+            assert (await second.record(usage(scenario, 1))).stage is Stage.LEGACY
+            store = RedisFlagStore(first.redis, first.keys)
+            await store.set_override(scenario.customer, Stage.SHADOW, actor="tests")
+            with anyio.fail_after(2):
+                while await second.resolver.resolve(scenario.customer) is not Stage.SHADOW:
+                    await anyio.sleep(0.001)
+            assert (await second.record(usage(scenario, 1))).stage is Stage.SHADOW
