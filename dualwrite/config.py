@@ -25,10 +25,16 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from dualwrite.exceptions import ConfigError
 from dualwrite.models import Action, Stage
+from dualwrite.redaction import redact
 
 __all__ = [
     "DEFAULT_LEGACY_API_VERSION",
@@ -37,6 +43,7 @@ __all__ = [
     "FlagSettings",
     "ItemMapping",
     "LedgerSettings",
+    "LimitSettings",
     "MeterMapping",
     "OutboxSettings",
     "RedisSettings",
@@ -171,6 +178,27 @@ class LedgerSettings(_Frozen):
     inflight_lease_seconds: int = Field(default=60, ge=1)
 
 
+class LimitSettings(_Frozen):
+    """Stripe's rate limits, shared by every process through Redis (0 turns a limit off)."""
+
+    legacy_per_second: float = Field(default=100.0, ge=0)
+    """Usage-record writes per second for the whole account (Stripe: about 100/s)."""
+    meter_per_second: float = Field(default=1000.0, ge=0)
+    """v1 meter event writes per second (Stripe: 1,000/s in live mode)."""
+    stream_events_per_second: float = Field(default=10000.0, ge=0)
+    """Events per second through the v2 meter event stream (Stripe: 10,000/s)."""
+    burst_seconds: float = Field(default=0.1, gt=0, le=10)
+    """How much of a second's allowance may go out at once."""
+    one_meter_call_per_customer: bool = True
+    """At most one meter call in flight per customer and meter, as Stripe's v1 path requires."""
+    turn_lease_seconds: float = Field(default=30.0, gt=0)
+    """A held meter turn expires after this (a dead process cannot block a customer for longer)."""
+    request_max_wait: float = Field(default=2.0, ge=0)
+    """The longest an authoritative write waits for its turn before the caller gets a 429."""
+    worker_max_wait: float = Field(default=30.0, ge=0)
+    """The longest a shadow write waits for its turn before it is rescheduled."""
+
+
 class FieldSource(_Frozen):
     """Where one ``UsageEvent`` field comes from in a request: ``kind:name`` in the config file."""
 
@@ -216,15 +244,11 @@ class UsageRoute(_Frozen):
     default_action: Action = "increment"
     max_body_bytes: int = Field(default=64 * 1024, ge=1, le=16 * 1024 * 1024)
 
-    @model_validator(mode="before")
+    @field_validator(*_ROUTE_FIELDS, mode="before")
     @classmethod
-    def _parse_sources(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            for name in _ROUTE_FIELDS:
-                if isinstance(data.get(name), str):
-                    data[name] = FieldSource.parse(data[name])
-        return data
+    def _parse_source(cls, value: Any) -> Any:
+        # Per field (not per route), so that an error is located at routes.N.<field>.
+        return FieldSource.parse(value) if isinstance(value, str) else value
 
     @field_validator("method")
     @classmethod
@@ -250,7 +274,10 @@ class UsageRoute(_Frozen):
             source = getattr(self, name)
             is_path = isinstance(source, FieldSource) and source.kind == "path"
             if is_path and source.name not in params:
-                msg = f"{name} reads path parameter {source.name!r}, which {self.path!r} lacks"
+                msg = (
+                    f"{name} reads path parameter {source.name!r}, which {self.path!r} lacks; "
+                    f"add {{{source.name}}} to the path or read {name} from elsewhere"
+                )
                 raise ValueError(msg)
         if self.customer is None and self.subscription_item is None:
             msg = "set customer (or subscription_item, with an [items] mapping)"
@@ -296,6 +323,7 @@ _FIXES = {
     "redis.url": "set DUALWRITE_REDIS__URL or [redis] url to redis://host:6379/0",
     "stripe.legacy_api_version": "use 2025-02-24.acacia (the last version with usage records)",
     "flags.safe_stage": "use one of legacy, shadow, primary, meter",
+    "meters": "give each [[meters]] table its own event_name",
 }
 
 
@@ -317,6 +345,7 @@ class Settings(BaseSettings):
     flags: FlagSettings = Field(default_factory=FlagSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     routes: tuple[UsageRoute, ...] = ()
     meters: tuple[MeterMapping, ...] = ()
     items: dict[str, ItemMapping] = Field(default_factory=dict)
@@ -334,14 +363,17 @@ class Settings(BaseSettings):
         file_data = getattr(settings_cls, "_file_data", {})
         return (init_settings, env_settings, _FileSource(settings_cls, file_data))
 
-    @model_validator(mode="after")
-    def _unique_meters(self) -> Settings:
-        names = [meter.event_name for meter in self.meters]
+    @field_validator("meters")
+    @classmethod
+    def _unique_meters(cls, meters: tuple[MeterMapping, ...]) -> tuple[MeterMapping, ...]:
+        # A field validator, not a model one: the error then shows the meters, not every setting
+        # (a model-level error's input holds them all, the Stripe key included).
+        names = [meter.event_name for meter in meters]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             msg = f"event_name {duplicates[0]!r} appears in more than one [[meters]] table"
             raise ValueError(msg)
-        return self
+        return meters
 
     @classmethod
     def load(cls, config_path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -357,6 +389,14 @@ class Settings(BaseSettings):
             return bound(**overrides)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, source=str(path) if path else None)) from None
+        except SettingsError as exc:
+            # A section variable (DUALWRITE_REDIS=...) is parsed as JSON, and was not JSON.
+            msg = (
+                f"invalid configuration in the environment: {exc}; fix: a DUALWRITE_<SECTION> "
+                "variable must hold a JSON object, or set one key at a time with "
+                "DUALWRITE_<SECTION>__<KEY> (e.g. DUALWRITE_REDIS__URL)"
+            )
+            raise ConfigError(msg) from None
 
     def meter(self, event_name: str) -> MeterMapping:
         """The mapping for ``event_name`` (defaults when the meter is not configured)."""
@@ -384,8 +424,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         msg = f"config file {str(path)!r} is not valid TOML: {exc}"
         raise ConfigError(msg) from None
+    section = data.get("stripe")
+    stripe_section = section if isinstance(section, dict) else {}
     for key in ("stripe_api_key", "STRIPE_API_KEY", "api_key"):
-        if key in data or key in data.get("stripe", {}):
+        if key in data or key in stripe_section:
             msg = (
                 f"config file {str(path)!r} holds a Stripe key ({key}); remove it and set the "
                 "STRIPE_API_KEY environment variable instead (keys never belong in files)"
@@ -401,7 +443,12 @@ def _describe(exc: ValidationError, *, source: str | None) -> str:
         value = error.get("input")
         shown = "<secret>" if "api_key" in key.lower() else _short(value)
         reason = error["msg"].removeprefix("Value error, ")
-        fix = _FIXES.get(key, _generic_fix(key))
+        if "api_key" in key.lower():
+            fix = "set the Stripe key in the STRIPE_API_KEY environment variable only"
+        elif error["type"] == "extra_forbidden":
+            fix = "remove it or correct its spelling (config/dualwrite.toml lists every key)"
+        else:
+            fix = _FIXES.get(key, _generic_fix(key))
         lines.append(f"{key} = {shown}: {reason}; fix: {fix}")
     where = f" in {source} or the environment" if source else " in the environment"
     return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
@@ -415,6 +462,10 @@ def _generic_fix(key: str) -> str:
     return f"correct it in the config file or set {env} (see config/dualwrite.toml)"
 
 
+_URL_PASSWORD_RE = re.compile(r"(://[^/:@\s]*:)[^@/\s]+@")
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A value for an error message: Stripe keys and URL passwords masked, long values cut."""
+    text = _URL_PASSWORD_RE.sub(r"\1****@", redact(repr(value)))
     return text if len(text) <= 80 else text[:77] + "..."

@@ -40,7 +40,6 @@ from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
-from dualwrite.outbox import OutboxWorker
 from dualwrite.report import Report, build_report, render_table
 from dualwrite.testing import StripeStandin, serve_standin
 
@@ -366,7 +365,7 @@ async def _wait_for_outbox(engine: DualWriteEngine, console: Console) -> None:
     """Deliver what the outbox still holds (the in-process worker keeps going alongside)."""
     with console.status("delivering shadow writes (retries included)..."):
         async with asyncio.timeout(120):
-            await OutboxWorker(engine.outbox, engine.writer).drain()
+            await engine.new_worker().drain()
 
 
 def _print(console: Console, result: DemoResult) -> None:

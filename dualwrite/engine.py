@@ -29,6 +29,7 @@ from dualwrite.flags import StageResolver
 from dualwrite.idempotency import Claim, IdempotencyStore
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields
+from dualwrite.limits import WriteLimits
 from dualwrite.models import (
     Leg,
     RecordOutcome,
@@ -99,7 +100,12 @@ class DualWriteEngine:
         redis = open_redis(settings.redis)
         keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
         resolver = StageResolver(redis, keys, settings.flags, clock=clock)
-        writer = StripeWriter(settings.stripe, api_key=settings.api_key(), meters=settings.meter)
+        writer = StripeWriter(
+            settings.stripe,
+            api_key=settings.api_key(),
+            meters=settings.meter,
+            limits=WriteLimits(redis, keys, settings.limits),
+        )
         engine = cls(settings, redis=redis, resolver=resolver, writer=writer, clock=clock)
         engine._owns_resources = True
         return engine
@@ -114,12 +120,22 @@ class DualWriteEngine:
             await self.resolver.start()
         run_worker = self.settings.outbox.run_in_process if worker is None else worker
         if run_worker and self.worker is None:
-            self.worker = OutboxWorker(self.outbox, self.writer, clock=self._clock)
+            self.worker = self.new_worker()
             try:
                 await self.worker.start()
             except StoreUnavailableError:
                 log.warning("outbox worker could not create its consumer group yet; it will retry")
                 self.worker = None
+
+    def new_worker(self, *, consumer: str | None = None) -> OutboxWorker:
+        """An outbox worker on this engine's outbox and writer (not started)."""
+        return OutboxWorker(
+            self.outbox,
+            self.writer,
+            consumer=consumer,
+            clock=self._clock,
+            max_wait=self.settings.limits.worker_max_wait,
+        )
 
     async def aclose(self) -> None:
         """Stop the worker (its unfinished entries stay pending for another) and close what it opened."""

@@ -19,6 +19,8 @@ key                                     type               what
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
 ``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
 ``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
+``P:{sN}:turn:<cus>:<ev>``              string (lease)     the one meter call in flight for a customer/meter
+``P:{rl}:<path>``                       string (TTL)       one Stripe rate limit (GCRA): legacy, meter, stream
 ======================================  =================  ===============================================
 
 ``N`` is the customer's shard: ``crc32(customer) % shards``. Everything about one customer lives in
@@ -80,6 +82,10 @@ class ShardKeys:
         digest = hashlib.sha256(identifier.encode()).hexdigest()[:32]
         return f"{self.tag}:idem:{digest}"
 
+    def meter_turn(self, customer: str, event_name: str) -> str:
+        """The lease on the one meter call allowed in flight for a customer and meter."""
+        return f"{self.tag}:turn:{customer}:{event_name}"
+
     def set_value(self, subscription_item: str, timestamp: int) -> str:
         """The last quantity ``set`` on an item at one timestamp (for ``set`` translation)."""
         return f"{self.tag}:set:{subscription_item}:{timestamp}"
@@ -107,6 +113,10 @@ class KeySpace:
     def all_shards(self) -> list[ShardKeys]:
         """Every shard, in order."""
         return [ShardKeys(self.prefix, index) for index in range(self.shards)]
+
+    def rate_limit(self, path: str) -> str:
+        """The shared state of one Stripe rate limit."""
+        return f"{self.prefix}:{{rl}}:{path}"
 
     @property
     def flags_config(self) -> str:

@@ -296,8 +296,10 @@ class OutboxWorker:
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        max_wait: float = 30.0,
     ):
         self.outbox = outbox
+        self.max_wait = max_wait
         self.writer = writer
         self.settings = outbox.settings
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -397,7 +399,9 @@ class OutboxWorker:
         except ValueError:
             log.error("outbox entry %s is unreadable; dead-lettering it", entry_id)
             return await self._dead_unreadable(shard, entry_id, payload)
-        result = await self.writer.write(entry.leg, entry.event, value=entry.value)
+        result = await self.writer.write(
+            entry.leg, entry.event, value=entry.value, max_wait=self.max_wait
+        )
         update = LedgerUpdate(shard, entry.event)
         if result.accepted:
             update.shadow_accepted(entry.leg, entry.value)

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
 import stripe
 
 from dualwrite.config import MeterMapping, StripeSettings
+from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.limits import RateLimitedError, WriteLimits
 from dualwrite.models import Leg, StripeFailure, UsageEvent, WriteResult
 from dualwrite.redaction import redact
 
@@ -80,6 +83,7 @@ class StripeWriter:
         api_key: the account's secret key (``STRIPE_API_KEY``); a per-call key overrides it
             (the proxy passes its caller's own).
         meters: maps a meter event name to its payload keys.
+        limits: the shared rate limits every write waits for (none: unlimited).
     """
 
     def __init__(
@@ -88,10 +92,12 @@ class StripeWriter:
         *,
         api_key: str | None,
         meters: Callable[[str], MeterMapping],
+        limits: WriteLimits | None = None,
     ):
         self._settings = settings
         self._api_key = api_key
         self._meters = meters
+        self.limits = limits
         self._http = _PooledHTTPXClient(
             timeout=settings.timeout,
             max_connections=settings.max_connections,
@@ -115,12 +121,58 @@ class StripeWriter:
         await self._http.close_async()
 
     async def write(
-        self, leg: Leg, event: UsageEvent, *, value: int | None = None, api_key: str | None = None
+        self,
+        leg: Leg,
+        event: UsageEvent,
+        *,
+        value: int | None = None,
+        api_key: str | None = None,
+        max_wait: float | None = None,
     ) -> WriteResult:
-        """Write ``event`` to ``leg``; ``value`` overrides the meter value (a translated ``set``)."""
-        if leg is Leg.LEGACY:
-            return await self.write_legacy(event, api_key=api_key)
-        return await self.write_meter(event, value=value, api_key=api_key)
+        """Write ``event`` to ``leg`` within the shared rate limits.
+
+        ``value`` overrides the meter value (a translated ``set``); ``max_wait`` bounds the wait for
+        a rate-limit turn (default: the request path's), after which the write is refused with a
+        retryable local 429.
+        """
+        try:
+            async with self._turn(leg, event, max_wait):
+                if leg is Leg.LEGACY:
+                    return await self.write_legacy(event, api_key=api_key)
+                return await self.write_meter(event, value=value, api_key=api_key)
+        except RateLimitedError as exc:
+            failure = StripeFailure(
+                http_status=429,
+                type="invalid_request_error",
+                code="rate_limit",
+                message=f"dualwrite held this write back: {exc}",
+                retryable=True,
+                retry_after=exc.retry_after,
+            )
+            return WriteResult(leg=leg, accepted=False, http_status=429, failure=failure)
+
+    @asynccontextmanager
+    async def _turn(
+        self, leg: Leg, event: UsageEvent, max_wait: float | None
+    ) -> AsyncIterator[None]:
+        limits = self.limits
+        if limits is None:
+            yield
+            return
+        wait = limits.settings.request_max_wait if max_wait is None else max_wait
+        async with AsyncExitStack() as stack:
+            try:
+                if leg is Leg.LEGACY:
+                    await limits.take("legacy", max_wait=wait)
+                else:
+                    await stack.enter_async_context(
+                        limits.meter_turn(event.customer, event.event_name, max_wait=wait)
+                    )
+                    await limits.take("meter", max_wait=wait)
+            except StoreUnavailableError:
+                # Limits are a courtesy to Stripe; losing Redis must not stop the write itself.
+                log.warning("rate limits unavailable (Redis); writing without them")
+            yield
 
     async def write_legacy(self, event: UsageEvent, *, api_key: str | None = None) -> WriteResult:
         """Create a usage record on the event's subscription item."""

@@ -1,0 +1,134 @@
+"""Shared rate limits and per-customer meter turns, on real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from dualwrite.config import LimitSettings
+from dualwrite.keys import KeySpace
+from dualwrite.limits import RateLimitedError, WriteLimits
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def clients(redis_url: str) -> AsyncIterator[list[aioredis.Redis]]:
+    """Two separate connections, standing for two processes."""
+    made = [aioredis.Redis.from_url(redis_url, decode_responses=True) for _ in range(2)]
+    yield made
+    for client in made:
+        await client.aclose()
+
+
+def limits_for(client: aioredis.Redis, prefix: str, **settings: float | bool) -> WriteLimits:
+    """WriteLimits with the given settings under the test's prefix."""
+    return WriteLimits(client, KeySpace(prefix), LimitSettings.model_validate(settings))
+
+
+class TestRates:
+    """The GCRA rate is shared by every process."""
+
+    async def test_two_processes_share_one_rate(self, clients, key_prefix):
+        """60 units at 100/s with a 0.1 s burst take at least 0.5 s, split over two limiters."""
+        first, second = (
+            limits_for(client, key_prefix, legacy_per_second=100, burst_seconds=0.1)
+            for client in clients
+        )
+        started = time.monotonic()
+
+        async def take(limits: WriteLimits) -> None:
+            await limits.take("legacy", max_wait=10)
+
+        async with anyio.create_task_group() as group:
+            for limits in (first, second):
+                for _ in range(30):
+                    group.start_soon(take, limits)
+        assert time.monotonic() - started >= 0.45  # a lower bound holds however slow the machine is
+        assert sum(limits.stats.waits.get("legacy", 0) for limits in (first, second)) > 0
+
+    async def test_no_room_within_max_wait_is_refused(self, clients, key_prefix):
+        """Beyond the burst, a zero wait budget is refused with the time to wait."""
+        limits = limits_for(clients[0], key_prefix, meter_per_second=10, burst_seconds=0.1)
+        await limits.take("meter", max_wait=0)
+        with pytest.raises(RateLimitedError) as info:
+            for _ in range(5):
+                await limits.take("meter", max_wait=0)
+        assert 0 < info.value.retry_after <= 0.2
+        assert limits.stats.refused == 1
+
+    async def test_zero_rate_means_unlimited(self, clients, key_prefix):
+        """A rate of 0 turns the limit off."""
+        limits = limits_for(clients[0], key_prefix, stream_events_per_second=0)
+        for _ in range(100):
+            await limits.take("stream", cost=100, max_wait=0)
+
+    async def test_a_batch_costs_its_size(self, clients, key_prefix):
+        """A cost larger than the burst still passes once, and uses up the allowance."""
+        limits = limits_for(
+            clients[0], key_prefix, stream_events_per_second=1000, burst_seconds=0.01
+        )
+        await limits.take("stream", cost=100, max_wait=0)
+        with pytest.raises(RateLimitedError):
+            await limits.take("stream", cost=100, max_wait=0)
+
+
+class TestMeterTurns:
+    """One meter call in flight per customer and meter."""
+
+    async def test_same_customer_waits_its_turn(self, clients, key_prefix):
+        """Two holders for one customer never overlap."""
+        limits = [limits_for(client, key_prefix) for client in clients]
+        inside: list[int] = []
+        overlaps = 0
+
+        async def hold(which: WriteLimits) -> None:
+            nonlocal overlaps
+            async with which.meter_turn("cus_1", "api", max_wait=5):
+                inside.append(1)
+                overlaps = max(overlaps, len(inside))
+                await anyio.sleep(0.05)
+                inside.pop()
+
+        async with anyio.create_task_group() as group:
+            for which in limits * 3:
+                group.start_soon(hold, which)
+        assert overlaps == 1
+
+    async def test_other_customers_do_not_wait(self, clients, key_prefix):
+        """A held turn for one customer leaves another customer free."""
+        limits = limits_for(clients[0], key_prefix)
+        async with (
+            limits.meter_turn("cus_1", "api", max_wait=0),
+            limits.meter_turn("cus_2", "api", max_wait=0),
+        ):
+            pass
+
+    async def test_busy_turn_refused_after_max_wait(self, clients, key_prefix):
+        """A turn held longer than max_wait refuses the second caller."""
+        first, second = (limits_for(client, key_prefix) for client in clients)
+        async with first.meter_turn("cus_1", "api", max_wait=0):
+            with pytest.raises(RateLimitedError):
+                async with second.meter_turn("cus_1", "api", max_wait=0.05):
+                    pass
+
+    async def test_dead_holders_lease_expires(self, clients, key_prefix):
+        """A turn never released (its process died) frees itself after the lease."""
+        limits = limits_for(clients[0], key_prefix, turn_lease_seconds=0.2)
+        key = KeySpace(key_prefix).for_customer("cus_9").meter_turn("cus_9", "api")
+        await clients[0].set(key, "dead-process", px=200)
+        async with limits.meter_turn("cus_9", "api", max_wait=2):
+            pass
+
+    async def test_turns_can_be_switched_off(self, clients, key_prefix):
+        """With one_meter_call_per_customer off, turns never block."""
+        limits = limits_for(clients[0], key_prefix, one_meter_call_per_customer=False)
+        async with (
+            limits.meter_turn("cus_1", "api", max_wait=0),
+            limits.meter_turn("cus_1", "api", max_wait=0),
+        ):
+            pass
