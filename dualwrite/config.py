@@ -166,7 +166,11 @@ class OutboxSettings(_Frozen):
     backoff_max: float = Field(default=60.0, gt=0)
     max_age_seconds: float = Field(default=3 * 86400, gt=0)
     """An entry still failing after this long is dead-lettered."""
-    stream_maxlen: int = Field(default=1_000_000, ge=1000)
+    spool: bool = True
+    """Keep commits locally (fsynced) while Redis is unreachable, and replay them when it returns."""
+    spool_dir: Path | None = None
+    """Where (default: ``$XDG_STATE_HOME/dualwrite/spool``, else ``~/.local/state/dualwrite/spool``)."""
+    spool_replay_seconds: float = Field(default=2.0, gt=0)
 
 
 class LedgerSettings(_Frozen):

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from dualwrite.commit import Commit, CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
     ConflictError,
@@ -26,7 +27,7 @@ from dualwrite.exceptions import (
     UsageInputError,
 )
 from dualwrite.flags import StageResolver
-from dualwrite.idempotency import Claim, IdempotencyStore
+from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, Claim, IdempotencyStore
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields
 from dualwrite.limits import WriteLimits
@@ -41,6 +42,7 @@ from dualwrite.models import (
 )
 from dualwrite.outbox import Outbox, OutboxEntry, OutboxWorker
 from dualwrite.redis_client import open_redis, store_errors
+from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import StripeWriter
 
 __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
@@ -88,9 +90,14 @@ class DualWriteEngine:
             ttl_seconds=settings.ledger.idempotency_ttl_seconds,
             lease_seconds=settings.ledger.inflight_lease_seconds,
         )
+        self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
+        self.spool: Spool | None = None
+        if settings.outbox.spool:
+            self.spool = Spool(settings.outbox.spool_dir or default_spool_dir())
         self.worker: OutboxWorker | None = None
         self._clock = clock
         self._owns_resources = False
+        self._replayer: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(
@@ -118,6 +125,10 @@ class DualWriteEngine:
         """
         if isinstance(self.resolver, StageResolver):
             await self.resolver.start()
+        if self.spool is not None and self._replayer is None:
+            self._replayer = asyncio.create_task(
+                self._replay_spool(self.spool), name="dualwrite-spool"
+            )
         run_worker = self.settings.outbox.run_in_process if worker is None else worker
         if run_worker and self.worker is None:
             self.worker = self.new_worker()
@@ -137,8 +148,22 @@ class DualWriteEngine:
             max_wait=self.settings.limits.worker_max_wait,
         )
 
+    async def _replay_spool(self, spool: Spool) -> None:
+        """Replay spooled commits whenever there are some and Redis answers."""
+        while True:
+            try:
+                if spool.pending():
+                    await spool.replay(self.commits)
+            except Exception:
+                log.exception("replaying the spool failed; will retry")
+            await asyncio.sleep(self.settings.outbox.spool_replay_seconds)
+
     async def aclose(self) -> None:
         """Stop the worker (its unfinished entries stay pending for another) and close what it opened."""
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.gather(self._replayer, return_exceptions=True)
+            self._replayer = None
         if self.worker is not None:
             await self.worker.aclose()
             self.worker = None
@@ -228,18 +253,7 @@ class DualWriteEngine:
             shadow_status="enqueued" if plan.shadow else "not_applicable",
             translated=translated,
         )
-        try:
-            await self._commit(shard, outcome, plan, effective)
-        except StoreUnavailableError:
-            log.error(
-                "usage %s was accepted on the %s leg but Redis is unavailable: ledger not updated%s",
-                event.identifier,
-                plan.authoritative.value,
-                " and the shadow write is lost" if plan.shadow else "",
-            )
-            if plan.shadow:
-                outcome = outcome.model_copy(update={"shadow_status": "enqueue_failed"})
-        return outcome
+        return await self._commit(self._build_commit(shard, outcome, plan, effective), outcome)
 
     async def _write_authoritative(
         self, leg: Leg, event: UsageEvent, value: int, api_key: str | None
@@ -304,32 +318,77 @@ class DualWriteEngine:
         except StoreUnavailableError:
             log.warning("Redis unavailable: refusal of %s not counted", event.identifier)
 
-    async def _commit(
+    def _build_commit(
         self, shard: ShardKeys, outcome: RecordOutcome, plan: StagePlan, effective: int
-    ) -> None:
+    ) -> Commit:
+        """The ledger update, shadow entry, translation log and idempotency record, as one value."""
         event, now = outcome.event, self._clock()
         update = LedgerUpdate(shard, event).recorded(
             outcome.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
         )
-        async with store_errors("committing a recorded event"):
-            pipe = self.redis.pipeline(transaction=True)
-            update.queue(pipe)
-            if plan.shadow is not None:
-                entry = OutboxEntry(
-                    event=event,
-                    leg=plan.shadow,
-                    value=effective,
-                    stage=outcome.stage,
-                    authoritative_id=outcome.authoritative.stripe_id,
-                    enqueued_at=now,
-                )
-                Outbox.queue_add(pipe, shard, entry)
-            if outcome.translated:
-                self.ledger.queue_divergence(
-                    pipe, shard, self._translation(outcome, effective, now)
-                )
-            self.idempotency.queue_complete(pipe, shard, outcome)
-            await pipe.execute()
+        entry = None
+        if plan.shadow is not None:
+            entry = OutboxEntry(
+                event=event,
+                leg=plan.shadow,
+                value=effective,
+                stage=outcome.stage,
+                authoritative_id=outcome.authoritative.stripe_id,
+                enqueued_at=now,
+            )
+        tracked = event.identifier_source != "minted"
+        is_set = event.action == "set" and event.subscription_item is not None
+        return Commit(
+            prefix=shard.prefix,
+            shard=shard.shard,
+            ledger_key=update.key,
+            index_member=update.index_member,
+            index_score=update.index_score,
+            increments=update.increments,
+            outbox_payload=entry.payload() if entry else None,
+            divergence=self._translation(outcome, effective, now) if outcome.translated else None,
+            idempotency_key=shard.idempotency(event.identifier) if tracked else None,
+            outcome_json=outcome.model_dump_json() if tracked else None,
+            idempotency_ttl=self.idempotency.ttl_seconds,
+            set_key=shard.set_value(event.subscription_item or "", event.timestamp)
+            if is_set
+            else None,
+            set_value=event.quantity if is_set else None,
+            set_ttl=SET_VALUE_TTL_SECONDS,
+        )
+
+    async def _commit(self, commit: Commit, outcome: RecordOutcome) -> RecordOutcome:
+        """Apply the commit; if Redis is down, spool it (fsynced) so the shadow is delayed, not lost."""
+        try:
+            await self.commits.apply(commit)
+            return outcome
+        except StoreUnavailableError:
+            pass
+        event = outcome.event
+        if self.spool is None:
+            log.error(
+                "usage %s was accepted on the %s leg but Redis is unavailable and no spool is "
+                "configured: ledger not updated%s",
+                event.identifier,
+                outcome.authoritative.leg.value,
+                " and the shadow write is lost" if outcome.shadow_leg else "",
+            )
+            return outcome.model_copy(
+                update={"shadow_status": "enqueue_failed"} if outcome.shadow_leg else {}
+            )
+        try:
+            await self.spool.append(commit)
+        except OSError:
+            log.exception(
+                "usage %s: Redis is down and the spool cannot be written", event.identifier
+            )
+            return outcome.model_copy(
+                update={"shadow_status": "enqueue_failed"} if outcome.shadow_leg else {}
+            )
+        log.warning(
+            "Redis unavailable: usage %s spooled locally until it returns", event.identifier
+        )
+        return outcome.model_copy(update={"shadow_status": "spooled"} if outcome.shadow_leg else {})
 
     @staticmethod
     def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str, str]:

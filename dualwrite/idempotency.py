@@ -128,20 +128,3 @@ class IdempotencyStore:
             return
         async with store_errors("releasing an identifier"):
             await self._release(keys=[shard.idempotency(event.identifier)])
-
-    def queue_complete(
-        self, pipe: aioredis.client.Pipeline, shard: ShardKeys, outcome: RecordOutcome
-    ) -> None:
-        """Queue, on the engine's transaction, the outcome a retry will replay and the new ``set``."""
-        event = outcome.event
-        if event.action == "set" and event.subscription_item is not None:
-            pipe.set(
-                shard.set_value(event.subscription_item, event.timestamp),
-                event.quantity,
-                ex=SET_VALUE_TTL_SECONDS,
-            )
-        if event.identifier_source == "minted":
-            return
-        key = shard.idempotency(event.identifier)
-        pipe.hset(key, mapping={"state": "done", "outcome": outcome.model_dump_json()})
-        pipe.expire(key, self.ttl_seconds)

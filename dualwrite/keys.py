@@ -19,6 +19,9 @@ key                                     type               what
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
 ``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
 ``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
+``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
+``P:{items}:unmapped``                  hash               proxy: item → usage requests forwarded unmapped
+``P:{sN}:spooled:<id>``                 string (TTL)       a spooled commit already replayed (exactly once)
 ``P:{sN}:turn:<cus>:<ev>``              string (lease)     the one meter call in flight for a customer/meter
 ``P:{rl}:<path>``                       string (TTL)       one Stripe rate limit (GCRA): legacy, meter, stream
 ======================================  =================  ===============================================
@@ -142,3 +145,12 @@ class KeySpace:
     def flags_channel(self) -> str:
         """The pub/sub channel announcing flag changes."""
         return f"{self.prefix}:flags:changed"
+
+    def item_mapping(self, subscription_item: str) -> str:
+        """The proxy's cached mapping of one subscription item (never a key or a secret)."""
+        return f"{self.prefix}:{{items}}:map:{subscription_item}"
+
+    @property
+    def items_unmapped(self) -> str:
+        """The proxy's count of usage requests it forwarded without a mapping, per item."""
+        return f"{self.prefix}:{{items}}:unmapped"

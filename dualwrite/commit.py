@@ -1,0 +1,133 @@
+"""The Redis side of recording one accepted event, as a value: applied atomically, or spooled.
+
+After Stripe accepted the authoritative write, the engine must, together: update the ledger, enqueue
+the shadow write, log a translation as divergence, store the outcome under the caller's identifier,
+and remember a ``set`` value. A ``Commit`` holds all of that; ``CommitWriter.apply`` runs it as one
+Lua script in the customer's shard. When Redis cannot be reached, the same value goes to the local
+spool (``dualwrite.spool``) and is applied later, exactly once thanks to a marker key.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+
+from dualwrite.keys import ShardKeys
+from dualwrite.redis_client import as_int, store_errors
+
+__all__ = ["SPOOL_MARKER_TTL", "Commit", "CommitWriter"]
+
+#: How long a replayed spool commit is remembered, so that a replay interrupted and run again cannot
+#: apply it twice.
+SPOOL_MARKER_TTL = 30 * 86400
+
+# KEYS: ledger hash, ledger index, outbox, divergence, idempotency record, set value, marker
+# ARGV: marker ttl (0: none), index member, index score, divergence maxlen, idempotency ttl,
+#       set value ('' none), set ttl, outcome JSON ('' none), outbox payload ('' none),
+#       then a count and name/amount pairs (ledger), then a count and name/value pairs (divergence)
+_APPLY = """
+if ARGV[1] ~= '0' then
+  if not redis.call('SET', KEYS[7], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+end
+local i = 10
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+if n > 0 then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+local d = tonumber(ARGV[i]); i = i + 1
+if d > 0 then
+  local fields = {}
+  for _ = 1, d do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1]; i = i + 2 end
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+end
+if ARGV[9] ~= '' then redis.call('XADD', KEYS[3], '*', 'entry', ARGV[9]) end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6], 'EX', ARGV[7]) end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[5], 'state', 'done', 'outcome', ARGV[8])
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
+end
+return 1
+"""
+
+
+class Commit(BaseModel):
+    """Everything Redis must record, atomically, once Stripe accepted an authoritative write."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    prefix: str
+    shard: int
+    ledger_key: str
+    index_member: str
+    index_score: int
+    increments: dict[str, int]
+    outbox_payload: str | None = None
+    divergence: dict[str, str] | None = None
+    idempotency_key: str | None = None
+    outcome_json: str | None = None
+    idempotency_ttl: int = 0
+    set_key: str | None = None
+    set_value: int | None = None
+    set_ttl: int = 0
+
+    @property
+    def keys(self) -> ShardKeys:
+        """The shard the commit lives in."""
+        return ShardKeys(self.prefix, self.shard)
+
+    def with_increments(self, extra: dict[str, int]) -> Commit:
+        """The same commit, counting ``extra`` as well (a replay marks itself as delayed)."""
+        merged = dict(self.increments)
+        for name, amount in extra.items():
+            merged[name] = merged.get(name, 0) + amount
+        return self.model_copy(update={"increments": merged})
+
+
+class CommitWriter:
+    """Applies commits to Redis."""
+
+    def __init__(self, redis: aioredis.Redis, *, divergence_maxlen: int):
+        self._redis = redis
+        self._divergence_maxlen = divergence_maxlen
+        self._apply = redis.register_script(_APPLY)
+
+    async def apply(self, commit: Commit, *, once: bool = False) -> bool:
+        """Apply ``commit`` in one script; with ``once``, only if it was never applied before.
+
+        Returns False when ``once`` found it already applied.
+
+        Raises:
+            StoreUnavailableError: Redis could not be reached (nothing was applied).
+        """
+        shard = commit.keys
+        keys = [
+            commit.ledger_key,
+            shard.ledger_index,
+            shard.outbox,
+            shard.divergence,
+            commit.idempotency_key or shard.idempotency(commit.id),
+            commit.set_key or shard.set_value("-", 0),
+            f"{shard.tag}:spooled:{commit.id}",
+        ]
+        args: list[str | int] = [
+            SPOOL_MARKER_TTL if once else 0,
+            commit.index_member,
+            commit.index_score,
+            self._divergence_maxlen,
+            commit.idempotency_ttl,
+            "" if commit.set_value is None else commit.set_value,
+            commit.set_ttl,
+            commit.outcome_json or "",
+            commit.outbox_payload or "",
+            len(commit.increments),
+        ]
+        for name, amount in commit.increments.items():
+            args += [name, amount]
+        divergence = commit.divergence or {}
+        args.append(len(divergence))
+        for name, value in divergence.items():
+            args += [name, value]
+        async with store_errors("committing a recorded event"):
+            return as_int(await self._apply(keys=keys, args=args)) == 1

@@ -1,0 +1,148 @@
+"""The local spool: where a recorded event's commit waits while Redis is unreachable.
+
+Stripe accepted the authoritative write; Redis, which should now hold the ledger update and the
+shadow write, does not answer. Rather than lose the shadow, the engine appends the commit as one JSON
+line to a file in the spool directory and fsyncs it before answering the caller. When Redis answers
+again, ``replay()`` applies every spooled commit exactly once (a marker key per commit makes a replay
+interrupted by a crash harmless to run again) and counts each as ``delayed_events`` in the ledger.
+
+Any process sharing the directory may replay any file: a file is claimed by renaming it, so two
+processes never replay the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from dualwrite.commit import Commit, CommitWriter
+from dualwrite.exceptions import StoreUnavailableError
+
+__all__ = ["Spool", "default_spool_dir"]
+
+log = logging.getLogger(__name__)
+
+_ACTIVE_SUFFIX = ".jsonl"
+_CLAIMED_SUFFIX = ".replaying"
+
+
+def default_spool_dir() -> Path:
+    """``$XDG_STATE_HOME/dualwrite/spool``, else ``~/.local/state/dualwrite/spool``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "dualwrite" / "spool"
+
+
+class Spool:
+    """An append-only, fsynced file of commits per process, in a shared directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._name = f"spool-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._lock = threading.Lock()
+        self._replaying = asyncio.Lock()
+
+    @property
+    def _path(self) -> Path:
+        return self.directory / f"{self._name}{_ACTIVE_SUFFIX}"
+
+    async def append(self, commit: Commit) -> None:
+        """Write one commit durably (fsynced) before returning."""
+        await asyncio.to_thread(self._append, commit.model_dump_json())
+
+    def _append(self, line: str) -> None:
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            while True:
+                with self._path.open("a", encoding="utf-8") as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    # A replayer may have claimed (renamed) the file between open and lock: then
+                    # this handle points at a file being replayed; write to a fresh one instead.
+                    if not self._is_current(handle.fileno()):
+                        continue
+                    handle.write(line + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    return
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.stat(self._path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def pending(self) -> int:
+        """How many commits wait in the directory (all processes' files)."""
+        total = 0
+        for path in self._files():
+            with path.open(encoding="utf-8") as handle:
+                total += sum(1 for line in handle if line.strip())
+        return total
+
+    def _files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            path
+            for path in self.directory.iterdir()
+            if path.suffix in (_ACTIVE_SUFFIX, _CLAIMED_SUFFIX)
+        )
+
+    async def replay(self, writer: CommitWriter) -> int:
+        """Apply every spooled commit (each once) and remove the files; returns how many applied.
+
+        Stops at the first Redis failure, keeping what is left for the next replay.
+        """
+        applied = 0
+        async with self._replaying:
+            for path in self._files():
+                claimed = await asyncio.to_thread(self._claim, path)
+                if claimed is None:
+                    continue
+                try:
+                    applied += await self._replay_file(claimed, writer)
+                except StoreUnavailableError:
+                    log.warning("Redis unavailable again while replaying the spool; will retry")
+                    break
+                await asyncio.to_thread(claimed.unlink, missing_ok=True)
+        if applied:
+            log.warning("replayed %d commit(s) spooled while Redis was unavailable", applied)
+        return applied
+
+    def _claim(self, path: Path) -> Path | None:
+        if path.suffix == _CLAIMED_SUFFIX:
+            return path  # a replay that stopped half-way (or crashed): markers make it safe to redo
+        target = path.with_suffix(_CLAIMED_SUFFIX)
+        try:
+            handle = path.open("a", encoding="utf-8")
+        except FileNotFoundError:
+            return None  # another process claimed it first
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # waits for an append in progress to finish
+            try:
+                path.rename(target)
+            except FileNotFoundError:
+                return None
+        return target
+
+    async def _replay_file(self, path: Path, writer: CommitWriter) -> int:
+        applied = 0
+        lines = await asyncio.to_thread(path.read_text, "utf-8")
+        for number, line in enumerate(lines.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                commit = Commit.model_validate_json(line)
+            except ValidationError:
+                log.error("spool file %s line %d is unreadable; skipped", path.name, number)
+                continue
+            if await writer.apply(commit.with_increments({"delayed_events": 1}), once=True):
+                applied += 1
+        return applied
