@@ -1,0 +1,170 @@
+"""Dead letters: shadow writes Stripe refused for good, or that expired, kept for a person to read,
+replay or drop (``dualwrite dead list|show|retry|drop``).
+
+A dead letter's id is ``<shard>:<stream id>``. Retrying moves it back into its outbox stream as a
+fresh entry and takes its failure out of the ledger (the write is pending again), in one script;
+dropping deletes it and leaves the ledger saying the write failed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict
+
+from dualwrite.exceptions import DualwriteError
+from dualwrite.keys import KeySpace, ShardKeys
+from dualwrite.ledger import LedgerUpdate
+from dualwrite.outbox import OutboxEntry
+from dualwrite.redis_client import as_int, store_errors, stream_entries
+
+__all__ = ["DeadLetter", "DeadLetterNotFoundError", "DeadLetters"]
+
+# KEYS: dead stream, outbox stream, ledger hash; ARGV: dead id, new payload, n, name/amount pairs
+_RETRY = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'entry', ARGV[2])
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do
+  redis.call('HINCRBY', KEYS[3], ARGV[4 + 2 * i], ARGV[5 + 2 * i])
+end
+return 1
+"""
+
+
+class DeadLetterNotFoundError(DualwriteError):
+    """No dead letter has that id (it was retried or dropped, or never existed)."""
+
+
+class DeadLetter(BaseModel):
+    """One dead letter, as the CLI shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    at: float
+    reason: str
+    """``refused`` (a permanent Stripe error), ``expired``, ``retired`` or ``unreadable``."""
+    error: str
+    entry: OutboxEntry | None
+    """The outbox entry (None when it could not be parsed)."""
+    raw: str
+
+
+def _parse_id(dead_id: str) -> tuple[int, str]:
+    shard, _, stream_id = dead_id.partition(":")
+    if not shard.isdigit() or not stream_id:
+        msg = f"{dead_id!r} is not a dead letter id; ids look like 0:1732550000000-0 (see `dead list`)"
+        raise DeadLetterNotFoundError(msg)
+    return int(shard), stream_id
+
+
+class DeadLetters:
+    """Read, replay and drop dead letters across shards."""
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: KeySpace, *, clock: Callable[[], float] = time.time
+    ):
+        self._redis = redis
+        self._keys = keys
+        self._clock = clock
+        self._retry = redis.register_script(_RETRY)
+
+    async def find(
+        self, *, limit: int = 50, customer: str | None = None, reason: str | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally for one customer or reason."""
+        found: list[DeadLetter] = []
+        shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
+        async with store_errors("reading dead letters"):
+            for shard in shards:
+                entries = stream_entries(await self._redis.xrevrange(shard.dead, count=10_000))
+                for stream_id, fields in entries:
+                    letter = self._letter(shard, stream_id, fields)
+                    if customer and (
+                        letter.entry is None or letter.entry.event.customer != customer
+                    ):
+                        continue
+                    if reason and letter.reason != reason:
+                        continue
+                    found.append(letter)
+        found.sort(key=lambda letter: letter.at, reverse=True)
+        return found[:limit]
+
+    async def show(self, dead_id: str) -> DeadLetter:
+        """One dead letter by id.
+
+        Raises:
+            DeadLetterNotFoundError: no such dead letter.
+        """
+        index, stream_id = _parse_id(dead_id)
+        shard = self._keys.shard(index)
+        async with store_errors("reading a dead letter"):
+            entries = stream_entries(await self._redis.xrange(shard.dead, stream_id, stream_id))
+        if not entries:
+            msg = f"no dead letter {dead_id} (already retried or dropped?)"
+            raise DeadLetterNotFoundError(msg)
+        return self._letter(shard, *entries[0])
+
+    async def retry(self, dead_ids: list[str], *, dry_run: bool = False) -> list[DeadLetter]:
+        """Put dead letters back in the outbox as fresh entries; returns those (to be) retried.
+
+        Unreadable letters cannot be retried and are left alone.
+        """
+        retried: list[DeadLetter] = []
+        for dead_id in dead_ids:
+            letter = await self.show(dead_id)
+            if letter.entry is None:
+                continue
+            if not dry_run:
+                await self._requeue(letter, letter.entry)
+            retried.append(letter)
+        return retried
+
+    async def drop(self, dead_ids: list[str], *, dry_run: bool = False) -> list[DeadLetter]:
+        """Delete dead letters for good (the ledger keeps counting them as failed)."""
+        dropped: list[DeadLetter] = []
+        for dead_id in dead_ids:
+            letter = await self.show(dead_id)
+            if not dry_run:
+                index, stream_id = _parse_id(dead_id)
+                async with store_errors("dropping a dead letter"):
+                    await self._redis.xdel(self._keys.shard(index).dead, stream_id)
+            dropped.append(letter)
+        return dropped
+
+    async def _requeue(self, letter: DeadLetter, entry: OutboxEntry) -> None:
+        index, stream_id = _parse_id(letter.id)
+        shard = self._keys.shard(index)
+        fresh = entry.model_copy(
+            update={"attempt": 0, "enqueued_at": self._clock(), "last_error": None}
+        )
+        undo = LedgerUpdate(shard, entry.event).shadow_failed(
+            entry.leg, entry.value, retired=letter.reason == "retired"
+        )
+        args: list[str | int] = [stream_id, fresh.payload(), len(undo.increments)]
+        for name, amount in undo.increments.items():
+            args += [name, -amount]
+        async with store_errors("retrying a dead letter"):
+            done = await self._retry(keys=[shard.dead, shard.outbox, undo.key], args=args)
+        if as_int(done) != 1:
+            msg = f"no dead letter {letter.id} (retried or dropped meanwhile)"
+            raise DeadLetterNotFoundError(msg)
+
+    @staticmethod
+    def _letter(shard: ShardKeys, stream_id: str, fields: dict[str, str]) -> DeadLetter:
+        raw = fields.get("entry", "")
+        try:
+            entry: OutboxEntry | None = OutboxEntry.parse(raw)
+        except ValueError:
+            entry = None
+        return DeadLetter(
+            id=f"{shard.shard}:{stream_id}",
+            at=float(fields.get("at", 0) or 0),
+            reason=fields.get("reason", ""),
+            error=fields.get("error", ""),
+            entry=entry,
+            raw=raw,
+        )
