@@ -2,9 +2,11 @@
 
 ``StripeStandin`` is a Starlette app that speaks Stripe's wire format for what dualwrite needs:
 customers, products, prices, subscriptions and their items, legacy usage records (with their
-per-period summaries) and Billing Meters (meters, meter events, cancellations, event summaries). It
-keeps Stripe's idempotency rules, refuses unknown and missing parameters with Stripe's error codes,
-runs on a movable clock, and can inject faults::
+per-period summaries) and Billing Meters (meters, meter events, cancellations, event summaries,
+and API v2's meter event sessions and stream). It keeps Stripe's idempotency rules, refuses
+unknown and missing parameters with Stripe's error codes, runs on a movable clock, can inject
+faults, and reports late refusals of meter events as Stripe does: signed thin events
+(``v1.billing.meter.error_report_triggered``) POSTed to event destinations::
 
     from dualwrite.testing import StripeStandin, serve_standin
 
@@ -15,6 +17,9 @@ runs on a movable clock, and can inject faults::
         )
         ...
         assert standin.meter_total("cus_…", "api_calls") == 42
+        with serve_app(my_webhook_receiver) as receiver_url:  # any ASGI app, in a thread
+            standin.add_event_destination(f"{receiver_url}/hook", "whsec_…")
+            standin.report_meter_errors()  # thin events for what was refused since last time
 
 Control it from another process over HTTP under ``/_standin/`` (see ``GET /_standin/state``).
 """
@@ -24,10 +29,12 @@ from __future__ import annotations
 from dualwrite.testing._app import RequestLogEntry
 from dualwrite.testing._clock import StandinClock
 from dualwrite.testing._faults import FAULT_KINDS, FaultInjector
-from dualwrite.testing._server import RunningStandin, run_standin, serve_standin
+from dualwrite.testing._meters import ASYNC_ERROR_CODES
+from dualwrite.testing._server import RunningStandin, run_standin, serve_app, serve_standin
 from dualwrite.testing._standin import StripeStandin
 
 __all__ = [
+    "ASYNC_ERROR_CODES",
     "FAULT_KINDS",
     "FaultInjector",
     "RequestLogEntry",
@@ -35,5 +42,6 @@ __all__ = [
     "StandinClock",
     "StripeStandin",
     "run_standin",
+    "serve_app",
     "serve_standin",
 ]

@@ -1,9 +1,11 @@
 """The ASGI app: Stripe's request pipeline for ``/v1`` and ``/v2``, plus the ``/_standin`` controls.
 
-Each API call goes: authenticate → parse the form → find the endpoint → maybe inject a fault →
-idempotency (replay, or reserve the key) → latency → refusal rules and parameter validation
-(failures here release the key: nothing began executing) → execute under the account lock → save
-the reply under the key → reply (held back for ``timeout_seconds`` on a ``timeout`` fault).
+Each API call goes: find the endpoint → authenticate (an API key, or for the meter event stream a
+meter event session's token) → parse the form (``/v1``) or the JSON body (``/v2``) → maybe inject
+a fault → idempotency (replay, or reserve the key) → latency → refusal rules and parameter
+validation (failures here release the key: nothing began executing) → execute under the account
+lock → save the reply under the key → reply (held back for ``timeout_seconds`` on a ``timeout``
+fault). ``/v2`` errors take API v2's shape.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import json
 import secrets
 import threading
 import weakref
@@ -26,10 +29,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dualwrite.testing._control import control_routes
-from dualwrite.testing._endpoints import Endpoint, match_endpoint
+from dualwrite.testing._endpoints import Auth, Endpoint, match_endpoint
 from dualwrite.testing._errors import StripeApiError
 from dualwrite.testing._faults import fault_error
-from dualwrite.testing._params import decode_form, flatten, validate
+from dualwrite.testing._params import decode_form, flatten, json_type, validate
 from dualwrite.testing._state import Call, parse_version
 
 if TYPE_CHECKING:
@@ -43,8 +46,11 @@ NO_KEY = (
     "https://stripe.com/docs/api#authentication for details, or we can help at "
     "https://support.stripe.com/."
 )
+SESSION_EXPIRED = "The temporary session token has expired."
+"""Stripe's description of ``billing_meter_event_session_expired`` (its API reference)."""
 _KEY_PREFIXES = ("sk_test_", "rk_test_", "sk_live_", "rk_live_", "pk_test_", "pk_live_")
 _METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH"]
+_STREAM = "/v2/billing/meter_event_stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,8 @@ class RequestLogEntry:
     executed: bool = False
     time: int = 0
     flat_params: dict[str, str] = field(default_factory=dict)
+    event_count: int | None = None
+    """How many events a meter event stream call carried (None for other calls)."""
 
 
 def mask_key(key: str) -> str:
@@ -136,6 +144,24 @@ class _Request:
     request_id: str
     version: str
     idempotency_key: str | None
+    v2: bool = False
+
+
+async def _json_params(request: Request) -> dict[str, Any]:
+    """An API v2 body: a JSON object (an empty body counts as ``{}``), plus any query string."""
+    raw: dict[str, Any] = decode_form(parse_qsl(request.url.query, keep_blank_values=True))
+    body = await request.body()
+    if not body.strip():
+        return raw
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        msg = f"The request body is not valid JSON: {exc}."  # UNVERIFIED wording and code.
+        raise StripeApiError(400, msg, code="invalid_fields") from exc
+    if not isinstance(data, dict):
+        msg = f"The request body must be a JSON object, not {json_type(data)}."
+        raise StripeApiError(400, msg, code="invalid_fields")
+    return {**raw, **data}
 
 
 class _StripeApi:
@@ -144,8 +170,8 @@ class _StripeApi:
     def __init__(self, standin: StripeStandin) -> None:
         self._s = standin
 
-    def _authenticate(self, header: str | None) -> str:
-        """The caller's key scope (a digest of the key), or Stripe's 401."""
+    def _authenticate(self, header: str | None, auth: Auth) -> str:
+        """The caller's scope (a digest of the key or token), or Stripe's 401."""
         scheme, _, value = (header or "").strip().partition(" ")
         key = ""
         if scheme.lower() == "bearer":
@@ -155,9 +181,30 @@ class _StripeApi:
                 key = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
         if not key:
             raise StripeApiError(401, NO_KEY, headers={"WWW-Authenticate": 'Basic realm="Stripe"'})
+        if auth == "meter_session":
+            return self._session_scope(key)
         if not self._s.accepts_key(key):
             raise StripeApiError(401, f"Invalid API Key provided: {mask_key(key)}")
         return hashlib.sha256(key.encode()).hexdigest()
+
+    def _session_scope(self, token: str) -> str:
+        """The meter event stream takes a live session token; an API key is refused outright."""
+        if token.startswith(_KEY_PREFIXES):
+            # UNVERIFIED: Stripe's reply to an API key on the stream (code and wording).
+            msg = (
+                "The meter event stream is authenticated with a meter event session's "
+                "authentication_token, not an API key: create one with "
+                "POST /v2/billing/meter_event_session."
+            )
+            raise StripeApiError(401, msg, code="unauthorized")
+        if self._s._store.session_state(token, self._s.clock.now()) != "valid":
+            raise StripeApiError(
+                401,
+                SESSION_EXPIRED,
+                type="temporary_session_expired",
+                code="billing_meter_event_session_expired",
+            )
+        return "session:" + hashlib.sha256(token.encode()).hexdigest()
 
     async def handle(self, request: Request) -> Response:
         """Answer one API call."""
@@ -170,27 +217,33 @@ class _StripeApi:
         if idem_key is not None:
             out.headers["Idempotency-Key"] = idem_key
         raw: dict[str, Any] = {}
+        v2 = path.startswith("/v2/")
         try:
-            scope = self._authenticate(request.headers.get("authorization"))
-            parse_version(version)
             matched = match_endpoint(method, path)
+            auth: Auth = matched[0].auth if matched is not None else "secret_key"
+            scope = self._authenticate(request.headers.get("authorization"), auth)
+            parse_version(version)
             if matched is None:
                 msg = (
                     f"Unrecognized request URL ({method}: {path}). Please see "
                     "https://stripe.com/docs or we can help at https://support.stripe.com/."
                 )
                 raise StripeApiError(404, msg)
-            pairs = parse_qsl(request.url.query, keep_blank_values=True)
-            body = await request.body()
-            if body:
-                pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-            raw = decode_form(pairs)
             endpoint, path_args = matched
-            call = _Request(path, path_args, scope, raw, request_id, version, idem_key)
+            if endpoint.json:
+                raw = await _json_params(request)
+            else:
+                pairs = parse_qsl(request.url.query, keep_blank_values=True)
+                body = await request.body()
+                if body:
+                    pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+                raw = decode_form(pairs)
+            call = _Request(path, path_args, scope, raw, request_id, version, idem_key, v2)
             await self._run(out, endpoint, call)
         except StripeApiError as exc:
-            out.status, out.body = exc.status, exc.body()
+            out.status, out.body = exc.status, exc.body(v2=v2)
             out.headers.update(exc.headers)
+        events = raw.get("events") if path == _STREAM else None
         s._record(
             RequestLogEntry(
                 method=method,
@@ -205,6 +258,7 @@ class _StripeApi:
                 executed=out.executed,
                 time=s.clock.now(),
                 flat_params=flatten(raw),
+                event_count=len(events) if isinstance(events, list) else None,
             )
         )
         if out.fault == "timeout":
@@ -242,7 +296,7 @@ class _StripeApi:
             out.delayed = True
             await s._wakeup.sleep(s.latency_seconds)
             s.faults.check_refusals(req.path, flatten(req.raw))
-            params = validate(endpoint.params, req.raw)
+            params = _validate(endpoint, req.raw)
             extra_headers: dict[str, str] = {}
             with s._store.lock:
                 call = Call(s.clock.now(), req.version, req.path, req.path_args, params)
@@ -250,7 +304,8 @@ class _StripeApi:
                 try:
                     out.body = endpoint.handler(s._store, call)
                 except StripeApiError as exc:
-                    out.status, out.body, extra_headers = exc.status, exc.body(), exc.headers
+                    out.status, out.body = exc.status, exc.body(v2=req.v2)
+                    extra_headers = exc.headers
                     out.headers.update(exc.headers)
             if key is not None:
                 s._idempotency.finish(req.scope, key, out.status, out.body, extra_headers)
@@ -259,6 +314,17 @@ class _StripeApi:
             # Nothing began executing (or the handler crashed): free the key for a retry.
             if key is not None and not finished:
                 s._idempotency.release(req.scope, key)
+
+
+def _validate(endpoint: Endpoint, raw: dict[str, Any]) -> dict[str, Any]:
+    """The parameter table's checks; API v2 reports every refusal as ``invalid_fields``."""
+    try:
+        return validate(endpoint.params, raw)
+    except StripeApiError as exc:
+        if not endpoint.json:
+            raise
+        # stripe-node's generateV2Error: v2 flags bad or missing fields with code invalid_fields.
+        raise StripeApiError(exc.status, exc.message, code="invalid_fields") from exc
 
 
 def build_app(standin: StripeStandin) -> Starlette:

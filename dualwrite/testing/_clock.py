@@ -17,7 +17,14 @@ from typing import Literal
 
 from dualwrite.exceptions import StripeStandinError
 
-__all__ = ["Interval", "StandinClock", "add_interval", "period_containing"]
+__all__ = [
+    "Interval",
+    "StandinClock",
+    "add_interval",
+    "format_iso",
+    "parse_iso",
+    "period_containing",
+]
 
 Interval = Literal["day", "week", "month", "year"]
 """A recurring price's billing interval."""
@@ -54,6 +61,22 @@ class StandinClock:
         with self._lock:
             self._base = int(ts)
             self._started = time.monotonic()
+
+
+def format_iso(ts: int) -> str:
+    """A Unix time as API v2 writes it: ``2024-06-01T12:00:00.000Z`` (Stripe's docs examples)."""
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def parse_iso(text: str) -> int | None:
+    """An RFC 3339 date-time (``Z`` or an offset, fractions allowed) as Unix seconds, else None."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return int(moment.timestamp())
 
 
 def add_interval(anchor: int, interval: Interval, count: int) -> int:

@@ -5,6 +5,11 @@
   ``{"timestamp": T}``.
 * ``POST /_standin/faults`` with ``FaultInjector.configure``'s options; ``POST /_standin/faults/clear``.
 * ``POST /_standin/requests/reset``: empty the request log.
+* ``POST /_standin/meter_sessions/expire``: end every meter event session now.
+* ``POST /_standin/event_destinations`` ``{"url": U, "secret": S}``: receive later error reports.
+* ``POST /_standin/meter_errors/refuse`` ``{"identifier": I, "code"?: C, "message"?: M}``: refuse
+  an accepted meter event late.
+* ``POST /_standin/meter_errors/report``: send the error reports (``{"events": [...]}``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -52,6 +58,18 @@ def _integer(data: dict[str, Any], name: str) -> int:
         msg = f"`{name}` must be an integer, got {value!r}"
         raise StripeStandinError(msg)
     return value
+
+
+def _text(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        msg = f"`{name}` must be a string, got {value!r}"
+        raise StripeStandinError(msg)
+    return value
+
+
+def _optional_text(data: dict[str, Any], name: str) -> str | None:
+    return None if data.get(name) is None else _text(data, name)
 
 
 def control_routes(standin: StripeStandin) -> list[Route]:
@@ -104,8 +122,44 @@ def control_routes(standin: StripeStandin) -> list[Route]:
         standin.reset_requests()
         return JSONResponse({"requests": 0})
 
+    async def expire_sessions(request: Request) -> Response:
+        """POST /_standin/meter_sessions/expire."""
+        return JSONResponse({"expired": standin.expire_meter_sessions()})
+
+    async def add_destination(request: Request) -> Response:
+        """POST /_standin/event_destinations ``{"url": U, "secret": S}``."""
+        try:
+            data = await _json_object(request)
+            url = _text(data, "url")
+            destination = standin.add_event_destination(url, _text(data, "secret"))
+        except StripeStandinError as exc:
+            return _refuse(str(exc))
+        return JSONResponse({"id": destination, "url": url})
+
+    async def refuse_later(request: Request) -> Response:
+        """POST /_standin/meter_errors/refuse ``{"identifier": I, "code"?: C, "message"?: M}``."""
+        try:
+            data = await _json_object(request)
+            code = _optional_text(data, "code") or "meter_event_customer_not_found"
+            error = standin.refuse_later(
+                _text(data, "identifier"), code=code, message=_optional_text(data, "message")
+            )
+        except StripeStandinError as exc:
+            return _refuse(str(exc))
+        return JSONResponse({"error": error})
+
+    async def report(request: Request) -> Response:
+        """POST /_standin/meter_errors/report: deliveries run on a worker thread, so this server
+        stays free to answer the receivers that fetch the events meanwhile."""
+        events = await anyio.to_thread.run_sync(standin.report_meter_errors)
+        return JSONResponse({"events": events})
+
     return [
         Route("/_standin/state", state, methods=["GET"]),
+        Route("/_standin/meter_sessions/expire", expire_sessions, methods=["POST"]),
+        Route("/_standin/event_destinations", add_destination, methods=["POST"]),
+        Route("/_standin/meter_errors/refuse", refuse_later, methods=["POST"]),
+        Route("/_standin/meter_errors/report", report, methods=["POST"]),
         Route("/_standin/clock/advance", advance, methods=["POST"]),
         Route("/_standin/clock/set", set_clock, methods=["POST"]),
         Route("/_standin/faults", faults, methods=["POST"]),

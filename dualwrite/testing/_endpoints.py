@@ -3,7 +3,8 @@
 ``ENDPOINTS`` maps ``(method, path template)`` to an ``Endpoint``. The parameter specs here are the
 only place that says which parameters an endpoint accepts and which it requires; the conformance
 test reads them and compares them with Stripe's OpenAPI excerpts. Path templates name their one
-variable ``{id}``.
+variable ``{id}``. ``/v2`` endpoints take JSON bodies and say how they are authenticated: with the
+secret key, or (the meter event stream) with a meter event session's token.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from dualwrite.testing import _catalog as catalog, _meters as meters, _usage as usage
+from dualwrite.testing import (
+    _catalog as catalog,
+    _meters as meters,
+    _notifications as notifications,
+    _streams as streams,
+    _usage as usage,
+)
 from dualwrite.testing._params import (
     Param,
     boolean,
+    date_time,
     decimal,
     expand,
     integer,
@@ -29,10 +37,13 @@ from dualwrite.testing._params import (
 )
 from dualwrite.testing._state import Call, Store
 
-__all__ = ["ENDPOINTS", "Endpoint", "Handler", "match_endpoint"]
+__all__ = ["ENDPOINTS", "Auth", "Endpoint", "Handler", "match_endpoint"]
 
 Handler = Callable[[Store, Call], dict[str, Any]]
 """Turns a validated call into the JSON body of a 200 reply (or raises ``StripeApiError``)."""
+
+Auth = Literal["secret_key", "meter_session"]
+"""What authenticates a call: an API key, or a meter event session's ``authentication_token``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,12 @@ class Endpoint:
     path: str
     params: Mapping[str, Param]
     handler: Handler
+    auth: Auth = "secret_key"
+
+    @property
+    def json(self) -> bool:
+        """Whether the endpoint is API v2's, with JSON bodies and v2's error shape."""
+        return self.path.startswith("/v2/")
 
 
 _EXPAND: dict[str, Param] = {"expand": expand()}
@@ -266,9 +283,42 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
     ),
 )
 
+_V2_TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler, Auth], ...] = (
+    ("POST", "/v2/billing/meter_event_session", {}, streams.create_meter_session, "secret_key"),
+    (
+        "POST",
+        "/v2/billing/meter_event_stream",
+        {
+            "events": lst(
+                obj(
+                    {
+                        # No length limits here: the v2 spec states none (v1's say 100).
+                        "event_name": string(required=True),
+                        "payload": string_map(required=True),
+                        "identifier": string(),
+                        "timestamp": date_time(),
+                    }
+                ),
+                required=True,
+                min_items=1,
+                max_items=100,
+            )
+        },
+        streams.stream_meter_events,
+        "meter_session",
+    ),
+    ("GET", "/v2/core/events/{id}", {}, notifications.retrieve_event, "secret_key"),
+)
+
 ENDPOINTS: Mapping[tuple[str, str], Endpoint] = {
-    (method, path): Endpoint(method, path, params, handler)
-    for method, path, params, handler in _TABLE
+    **{
+        (method, path): Endpoint(method, path, params, handler)
+        for method, path, params, handler in _TABLE
+    },
+    **{
+        (method, path): Endpoint(method, path, params, handler, auth)
+        for method, path, params, handler, auth in _V2_TABLE
+    },
 }
 """Every implemented endpoint by ``(method, path template)``."""
 

@@ -1,7 +1,9 @@
 """Stripe's error replies, raised inside the stand-in and turned into ``{"error": {...}}`` bodies.
 
 Every refusal the stand-in makes goes through ``StripeApiError`` so that the status, the
-``type``/``code``/``param`` triple and the message are shaped exactly as Stripe shapes them.
+``type``/``code``/``param`` triple and the message are shaped exactly as Stripe shapes them. API v2
+replies use v2's shape (schema ``v2.error`` in stripe/openapi): ``code`` and ``message`` are
+required, ``type`` and ``doc_url`` optional, and there is no ``param``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,21 @@ class StripeApiError(Exception):
         self.param = param
         self.headers = dict(headers or {})
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body Stripe sends with this error."""
+    def body(self, *, v2: bool = False) -> dict[str, Any]:
+        """The JSON body Stripe sends with this error (``v2``: API v2's shape)."""
+        if v2:
+            # v2 requires a code; where the stand-in has none (injected 5xx faults), it repeats the
+            # type (UNVERIFIED: what Stripe's v2 sends there).
+            code = self.code or self.type
+            doc_url = f"https://docs.stripe.com/error-codes/{code.replace('_', '-')}"
+            return {
+                "error": {
+                    "type": self.type,
+                    "code": code,
+                    "message": self.message,
+                    "doc_url": doc_url,
+                }
+            }
         error: dict[str, Any] = {"type": self.type, "message": self.message}
         if self.code is not None:
             error["code"] = self.code

@@ -1,14 +1,16 @@
 """Billing meters, meter events, cancellations and event summaries.
 
-Meter events are checked synchronously for what Stripe refuses at once (timestamp window, value
+v1 meter events are checked synchronously for what Stripe refuses at once (timestamp window, value
 format, a duplicate identifier) and otherwise accepted. What Stripe only finds later (no meter, no
 customer key, unknown customer) is accepted too, not counted, and kept in ``Store.async_errors``,
-where the error report a webhook would carry can be read.
+from which ``_notifications`` builds the error reports Stripe sends to event destinations. The v2
+stream (``_streams``) reuses the same checks, all of them asynchronous there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -23,6 +25,9 @@ from dualwrite.testing._objects import (
 from dualwrite.testing._state import Call, Meter, MeterEvent, Store
 
 __all__ = [
+    "ASYNC_ERROR_CODES",
+    "IDENTIFIER_WINDOW",
+    "Refusal",
     "aggregate",
     "create_adjustment",
     "create_meter",
@@ -32,7 +37,11 @@ __all__ = [
     "list_event_summaries",
     "list_meters",
     "reactivate_meter",
+    "read_value",
+    "record_async_error",
+    "resolve",
     "retrieve_meter",
+    "timestamp_refusal",
 ]
 
 DAY = 86_400
@@ -47,6 +56,28 @@ MAX_DIGITS = 15
 MAX_WINDOWS = 10_000
 """The stand-in's cap on the windows one summaries request may cover."""
 _WINDOW_SECONDS = {"hour": 3_600, "day": DAY}
+
+ASYNC_ERROR_CODES = (
+    "archived_meter",
+    "meter_event_customer_not_found",
+    "meter_event_invalid_value",
+    "meter_event_no_customer_defined",
+    "meter_event_value_too_many_digits",
+    "no_meter",
+    "timestamp_in_future",
+    "timestamp_too_far_in_past",
+)
+"""The codes of Stripe's asynchronous meter event errors that the stand-in produces (stripe-python
+16.1 ``V1BillingMeterErrorReportTriggeredEvent`` also lists ``meter_event_dimension_count_too_high``
+and ``missing_dimension_payload_keys``, for dimensions the stand-in does not model)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a meter event is refused: an async error ``code`` and a ``message``."""
+
+    code: str
+    message: str
 
 
 def find_meter(store: Store, event_name: str) -> Meter | None:
@@ -118,34 +149,57 @@ def reactivate_meter(store: Store, call: Call) -> dict[str, Any]:
     return render_meter(meter)
 
 
-def _check_value(raw: str, key: str) -> Decimal:
-    """Refuse, synchronously, a value that is not a whole number or has over 15 digits."""
-    param = f"payload[{key}]"
+def read_value(raw: str, key: str) -> Decimal | Refusal:
+    """The event's value, or why it is refused: not a whole number, or over 15 digits."""
     try:
         value = Decimal(raw)
     except InvalidOperation:
         value = Decimal("NaN")
     # UNVERIFIED wording: Stripe's docs say values must be whole numbers, not what it answers.
     if not value.is_finite() or value != value.to_integral_value():
-        raise invalid(f"Invalid {param}: meter event values must be whole numbers.", param=param)
+        msg = f"Invalid payload[{key}]: meter event values must be whole numbers."
+        return Refusal("meter_event_invalid_value", msg)
     if len(str(abs(int(value))).lstrip("0")) > MAX_DIGITS:
         # Stripe's wording (changelog: dahlia/2026-04-22/billing-meter-event-values-validation).
         # Stripe applies it from that API version on; the stand-in applies it to every version.
         msg = (
             f"The value in the event payload can have at most {MAX_DIGITS} digits. Received {raw}."
         )
-        raise invalid(msg, param=param)
+        return Refusal("meter_event_value_too_many_digits", msg)
     return value
 
 
-def _async_error(store: Store, event: MeterEvent, code: str, message: str) -> None:
+def timestamp_refusal(ts: int, now: int) -> Refusal | None:
+    """Why ``ts`` is outside the window (35 days back, 5 minutes ahead), or None."""
+    if ts < now - PAST_WINDOW:
+        # Stripe's wording (the-answerai/theanswer#624).
+        msg = (
+            "The event timestamp cannot be more than 35 days in past. Expected a timestamp "
+            f"greater than or equal to {now - PAST_WINDOW}."
+        )
+        return Refusal("timestamp_too_far_in_past", msg)
+    if ts > now + FUTURE_WINDOW:
+        # UNVERIFIED wording, modelled on the 35-day message above.
+        msg = (
+            "The event timestamp cannot be more than 5 minutes in the future. Expected a "
+            f"timestamp less than or equal to {now + FUTURE_WINDOW}."
+        )
+        return Refusal("timestamp_in_future", msg)
+    return None
+
+
+def record_async_error(
+    store: Store, event: MeterEvent, refusal: Refusal, *, at: int | None = None
+) -> None:
+    """Keep a refusal for the next error report (``at``: when it was found; default: ingestion)."""
     store.async_errors.append(
         {
-            "code": code,
+            "code": refusal.code,
             "identifier": event.identifier,
             "event_name": event.event_name,
-            "message": message,
-            "created": event.created,
+            "meter": event.meter,
+            "message": refusal.message,
+            "created": event.created if at is None else at,
         }
     )
 
@@ -155,27 +209,19 @@ def create_meter_event(store: Store, call: Call) -> dict[str, Any]:
     p = call.params
     now = call.now
     ts: int = p.get("timestamp", now)
-    if ts < now - PAST_WINDOW:
-        # Stripe's wording (the-answerai/theanswer#624).
-        msg = (
-            "The event timestamp cannot be more than 35 days in past. Expected a timestamp "
-            f"greater than or equal to {now - PAST_WINDOW}."
-        )
-        raise invalid(msg, param="timestamp")
-    if ts > now + FUTURE_WINDOW:
-        # UNVERIFIED wording, modelled on the 35-day message above.
-        msg = (
-            "The event timestamp cannot be more than 5 minutes in the future. Expected a "
-            f"timestamp less than or equal to {now + FUTURE_WINDOW}."
-        )
-        raise invalid(msg, param="timestamp")
+    late = timestamp_refusal(ts, now)
+    if late is not None:
+        raise invalid(late.message, param="timestamp")
     event_name: str = p["event_name"]
     payload: dict[str, str] = p["payload"]
     meter = find_meter(store, event_name)
     value_key = meter.value_key if meter is not None else "value"
     value = None
     if value_key in payload and (meter is None or meter.formula != "count"):
-        value = _check_value(payload[value_key], value_key)
+        read = read_value(payload[value_key], value_key)
+        if isinstance(read, Refusal):
+            raise invalid(read.message, param=f"payload[{value_key}]")
+        value = read
     identifier = p.get("identifier") or store.new_uuid()
     previous = store.events_by_identifier.get(identifier)
     if previous is not None and previous.created > now - IDENTIFIER_WINDOW:
@@ -186,35 +232,51 @@ def create_meter_event(store: Store, call: Call) -> dict[str, Any]:
             headers={"Stripe-Should-Retry": "false"},
         )
     event = MeterEvent(identifier, event_name, dict(payload), ts, now, len(store.events))
-    _resolve(store, event, meter, value)
+    resolve(store, event, meter, value)
     store.events.append(event)
     store.events_by_identifier[identifier] = event
     return render_meter_event(event)
 
 
-def _resolve(store: Store, event: MeterEvent, meter: Meter | None, value: Decimal | None) -> None:
-    """Stripe's asynchronous checks, done at once: count the event or record why not."""
+def resolve(
+    store: Store,
+    event: MeterEvent,
+    meter: Meter | None,
+    value: Decimal | None,
+    problem: Refusal | None = None,
+) -> None:
+    """Stripe's asynchronous checks, done at once: count the event or record why not.
+
+    ``problem`` is a refusal found before (the v2 stream checks timestamps and values late too).
+    """
     if meter is None:
+        # UNVERIFIED wording.
         msg = f"No meter was found for event name `{event.event_name}`."
-        _async_error(store, event, "no_meter", msg)
+        record_async_error(store, event, Refusal("no_meter", msg))
         return
     event.meter = meter.id
     if meter.status != "active":
-        _async_error(store, event, "archived_meter", f"Meter {meter.id} is deactivated.")
+        msg = f"Meter {meter.id} is deactivated."  # UNVERIFIED wording.
+        record_async_error(store, event, Refusal("archived_meter", msg))
+        return
+    if problem is not None:
+        record_async_error(store, event, problem)
         return
     customer = event.payload.get(meter.customer_key)
     if not customer:
-        msg = f"The payload has no customer under `{meter.customer_key}`."
-        _async_error(store, event, "meter_event_no_customer_defined", msg)
+        # Stripe's wording (the sample error in docs.stripe.com/api/v2/core/events/object).
+        msg = f"Customer mapping key {meter.customer_key} not found in payload."
+        record_async_error(store, event, Refusal("meter_event_no_customer_defined", msg))
         return
     event.customer = customer
     if customer not in store.customers:
-        msg = f"No customer found with id `{customer}`."
-        _async_error(store, event, "meter_event_customer_not_found", msg)
+        msg = f"No customer found with id `{customer}`."  # UNVERIFIED wording.
+        record_async_error(store, event, Refusal("meter_event_customer_not_found", msg))
         return
     if value is None and meter.formula != "count":
-        msg = f"The payload has no value under `{meter.value_key}`."
-        _async_error(store, event, "meter_event_invalid_value", msg)
+        # UNVERIFIED wording.
+        msg = f"Value mapping key {meter.value_key} not found in payload."
+        record_async_error(store, event, Refusal("meter_event_invalid_value", msg))
         return
     event.value = value
     event.counted = True

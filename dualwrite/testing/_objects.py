@@ -11,11 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from dualwrite.testing._clock import format_iso
 from dualwrite.testing._errors import no_such
 from dualwrite.testing._state import (
     Customer,
     Meter,
     MeterEvent,
+    MeterSession,
     Price,
     Product,
     Store,
@@ -36,11 +38,14 @@ __all__ = [
     "render_meter",
     "render_meter_event",
     "render_meter_event_adjustment",
+    "render_meter_event_session",
     "render_price",
     "render_product",
     "render_subscription",
+    "render_thin_event",
     "render_usage_record",
     "render_usage_summary",
+    "render_v2_event",
 ]
 
 
@@ -298,6 +303,52 @@ def render_event_summary(
     }
 
 
+def render_meter_event_session(session: MeterSession) -> dict[str, Any]:
+    """A ``v2.billing.meter_event_session`` (API v2: times are ISO 8601 strings)."""
+    return {
+        "id": session.id,
+        "object": "v2.billing.meter_event_session",
+        "authentication_token": session.authentication_token,
+        "created": format_iso(session.created),
+        "expires_at": format_iso(session.expires_at),
+        "livemode": False,
+    }
+
+
+def render_v2_event(
+    event_id: str,
+    event_type: str,
+    created: int,
+    data: dict[str, Any],
+    meter_id: str | None = None,
+) -> dict[str, Any]:
+    """A ``v2.core.event`` as ``GET /v2/core/events/{id}`` returns it (docs.stripe.com/api/v2/core/
+    events/object); meter error reports relate to their meter, ``no_meter_found`` ones to none."""
+    event: dict[str, Any] = {
+        "id": event_id,
+        "object": "v2.core.event",
+        "changes": None,
+        "context": None,
+        "created": format_iso(created),
+        "data": data,
+        "livemode": False,
+        "reason": None,
+        "type": event_type,
+    }
+    if meter_id is not None:
+        event["related_object"] = {
+            "id": meter_id,
+            "type": "billing.meter",
+            "url": f"/v1/billing/meters/{meter_id}",
+        }
+    return event
+
+
+def render_thin_event(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The thin payload an event destination receives: the event without ``data``/``changes``."""
+    return {key: value for key, value in event.items() if key not in ("data", "changes")}
+
+
 OBJECT_RENDERERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "billing.meter": render_meter,
     "billing.meter_event": render_meter_event,
@@ -310,6 +361,8 @@ OBJECT_RENDERERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "subscription_item": render_item,
     "usage_record": render_usage_record,
     "usage_record_summary": render_usage_summary,
+    "v2.billing.meter_event_session": render_meter_event_session,
+    "v2.core.event": render_v2_event,
 }
 """Every object type the stand-in can return, by its ``object`` value."""
 

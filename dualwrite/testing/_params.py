@@ -4,6 +4,7 @@
 declarative spec (a mapping of parameter name to ``Param``) and refuses, with Stripe's error codes,
 unknown parameters (``parameter_unknown``), missing ones (``parameter_missing``), empty strings
 (``parameter_invalid_empty``), bad integers (``parameter_invalid_integer``) and bad enum values.
+API v2's JSON bodies are validated by the same specs (the app gives their refusals v2's shape).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+from dualwrite.testing._clock import parse_iso
 from dualwrite.testing._errors import StripeApiError, invalid, missing_param, unknown_param
 
 __all__ = [
     "Param",
     "ParamKind",
     "boolean",
+    "date_time",
     "decimal",
     "decode_form",
     "expand",
     "flatten",
     "integer",
+    "json_type",
     "lst",
     "metadata",
     "obj",
@@ -40,6 +44,7 @@ ParamKind = Literal[
     "decimal",
     "boolean",
     "timestamp",
+    "datetime",
     "metadata",
     "map",
     "object",
@@ -66,6 +71,8 @@ class Param:
     fields: Mapping[str, Param] = field(default_factory=dict)
     item: Param | None = None
     allow_now: bool = False
+    min_items: int | None = None
+    max_items: int | None = None
 
 
 def string(
@@ -85,6 +92,11 @@ def integer(
 def timestamp(*, required: bool = False, allow_now: bool = False) -> Param:
     """A Unix timestamp (or the literal ``now`` where Stripe allows it)."""
     return Param("timestamp", required=required, minimum=0, allow_now=allow_now)
+
+
+def date_time(*, required: bool = False) -> Param:
+    """An API v2 RFC 3339 date-time string (``2024-06-01T12:00:00.000Z``), read as Unix seconds."""
+    return Param("datetime", required=required)
 
 
 def decimal(*, required: bool = False) -> Param:
@@ -112,9 +124,15 @@ def obj(fields: Mapping[str, Param], *, required: bool = False) -> Param:
     return Param("object", required=required, fields=fields)
 
 
-def lst(item: Param, *, required: bool = False) -> Param:
-    """An array (``items[0][price]`` or ``lookup_keys[]``)."""
-    return Param("list", required=required, item=item)
+def lst(
+    item: Param,
+    *,
+    required: bool = False,
+    min_items: int | None = None,
+    max_items: int | None = None,
+) -> Param:
+    """An array (``items[0][price]``, ``lookup_keys[]``, or a JSON array in API v2)."""
+    return Param("list", required=required, item=item, min_items=min_items, max_items=max_items)
 
 
 def expand() -> Param:
@@ -207,16 +225,34 @@ def _empty(name: str) -> StripeApiError:
 
 def _scalar(value: Any, name: str, what: str) -> str:
     if not isinstance(value, str):
-        raise invalid(f"Invalid {what}: {name} must be a {what}, not a hash or array", param=name)
+        shape = "a hash or array" if isinstance(value, dict | list) else f"{json_type(value)}"
+        raise invalid(f"Invalid {what}: {name} must be a {what}, not {shape}", param=name)
     if value == "":
         raise _empty(name)
     return value
+
+
+def json_type(value: Any) -> str:
+    """How JSON names the type of a decoded value (for refusals of API v2 bodies)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number" if isinstance(value, int | float) else "a string"
 
 
 def _coerce(param: Param, value: Any, name: str) -> Any:
     kind = param.kind
     if kind == "string":
         return _coerce_string(param, value, name)
+    if kind == "datetime":
+        text = _scalar(value, name, "date-time")
+        moment = parse_iso(text)
+        if moment is None:
+            # UNVERIFIED wording; the format is the spec's (``format: date-time``).
+            msg = f"Invalid {name}: must be an RFC 3339 date-time such as 2024-06-01T12:00:00.000Z"
+            raise invalid(msg, param=name)
+        return moment
     if kind in ("integer", "timestamp"):
         return _coerce_integer(param, value, name)
     if kind == "decimal":
@@ -242,6 +278,7 @@ def _coerce(param: Param, value: Any, name: str) -> Any:
             raise invalid(f"Invalid hash: {name} must be an object", param=name)
         return validate(param.fields, value, name)
     items = _as_list(value, name)
+    _check_size(param, items, name)
     if kind == "expand":
         return [_scalar(entry, f"{name}[{i}]", "string") for i, entry in enumerate(items)]
     item = param.item if param.item is not None else string()
@@ -303,6 +340,16 @@ def _coerce_map(param: Param, value: Any, name: str) -> dict[str, str]:
             )
         result[key] = entry
     return result
+
+
+def _check_size(param: Param, items: list[Any], name: str) -> None:
+    """Refuse an array shorter than ``min_items`` or longer than ``max_items`` (wording UNVERIFIED)."""
+    if param.min_items is not None and len(items) < param.min_items:
+        msg = f"Invalid {name}: must contain at least {param.min_items} item(s), got {len(items)}"
+        raise invalid(msg, param=name)
+    if param.max_items is not None and len(items) > param.max_items:
+        msg = f"Invalid {name}: must contain at most {param.max_items} items, got {len(items)}"
+        raise invalid(msg, param=name)
 
 
 def _as_list(value: Any, name: str) -> list[Any]:

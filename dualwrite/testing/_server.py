@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dualwrite.exceptions import StripeStandinError
 from dualwrite.testing._standin import StripeStandin
 
-__all__ = ["RunningStandin", "run_standin", "serve_standin"]
+__all__ = ["RunningStandin", "run_standin", "serve_app", "serve_standin"]
 
 STARTUP_TIMEOUT = 10.0
 """Seconds ``serve_standin`` waits for the server to listen."""
@@ -40,10 +40,7 @@ class RunningStandin:
     @property
     def url(self) -> str:
         """The base URL to give a Stripe SDK (``http://127.0.0.1:PORT``)."""
-        host = "127.0.0.1" if self.host in _ANY_ADDRESS else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return _base_url(self.host, self.port)
 
     def swap(self, standin: StripeStandin) -> None:
         """Serve ``standin`` from now on (fresh state without restarting the server, e.g. one
@@ -63,7 +60,7 @@ def _config(app: ASGIApp, host: str, port: int, *, quiet: bool) -> uvicorn.Confi
         interface="asgi3",
         host=host,
         port=port,
-        http="h11",
+        http="auto",  # httptools when installed (much less CPU than h11)
         ws="none",
         lifespan="off",
         access_log=not quiet,
@@ -74,14 +71,19 @@ def _config(app: ASGIApp, host: str, port: int, *, quiet: bool) -> uvicorn.Confi
     )
 
 
+def _base_url(host: str, port: int) -> str:
+    host = "127.0.0.1" if host in _ANY_ADDRESS else host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 @contextmanager
-def serve_standin(
-    standin: StripeStandin, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[RunningStandin]:
-    """Run ``standin`` with uvicorn in a background thread; ``port=0`` picks a free port."""
-    running = RunningStandin(standin, host)
-    server = uvicorn.Server(_config(running._asgi, host, port, quiet=True))
-    standin._wakeup.reopen()
+def _serving(
+    app: ASGIApp, host: str, port: int, *, what: str, on_stop: Callable[[], None]
+) -> Iterator[int]:
+    """Run ``app`` with uvicorn in a background thread; yield the port it listens on."""
+    server = uvicorn.Server(_config(app, host, port, quiet=True))
     thread = threading.Thread(target=server.run, name="stripe-standin", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -89,16 +91,40 @@ def serve_standin(
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             thread.join(timeout=STARTUP_TIMEOUT)
-            msg = f"the Stripe stand-in could not start listening on {host}:{port}"
+            msg = f"{what} could not start listening on {host}:{port}"
             raise StripeStandinError(msg)
         time.sleep(0.005)
-    running.port = int(server.servers[0].sockets[0].getsockname()[1])
     try:
-        yield running
+        yield int(server.servers[0].sockets[0].getsockname()[1])
     finally:
-        running.standin._wakeup.close()
+        on_stop()
         server.should_exit = True
         thread.join(timeout=STARTUP_TIMEOUT + GRACEFUL_SHUTDOWN)
+
+
+@contextmanager
+def serve_standin(
+    standin: StripeStandin, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[RunningStandin]:
+    """Run ``standin`` with uvicorn in a background thread; ``port=0`` picks a free port."""
+    running = RunningStandin(standin, host)
+    standin._wakeup.reopen()
+
+    # The stand-in served at the end (``swap`` may have changed it) releases its held replies.
+    def stop() -> None:
+        running.standin._wakeup.close()
+
+    with _serving(running._asgi, host, port, what="the Stripe stand-in", on_stop=stop) as bound:
+        running.port = bound
+        yield running
+
+
+@contextmanager
+def serve_app(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run any ASGI app (a webhook receiver for the stand-in's event destinations, say) with
+    uvicorn in a background thread, as ``serve_standin`` does; yield its base URL."""
+    with _serving(app, host, port, what="the app", on_stop=lambda: None) as bound:
+        yield _base_url(host, bound)
 
 
 def run_standin(standin: StripeStandin, host: str = "127.0.0.1", port: int = 12111) -> None:

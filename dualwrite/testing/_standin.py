@@ -16,7 +16,15 @@ from dualwrite.testing._errors import StripeApiError
 from dualwrite.testing._faults import FaultInjector
 from dualwrite.testing._idempotency import IdempotencyStore
 from dualwrite.testing._meters import aggregate, find_meter
+from dualwrite.testing._notifications import (
+    DELIVERY_TIMEOUT,
+    add_destination,
+    build_reports,
+    deliver,
+    refuse_accepted,
+)
 from dualwrite.testing._state import Store, SubscriptionItem, parse_version
+from dualwrite.testing._streams import expire_sessions
 from dualwrite.testing._usage import item_total
 
 __all__ = ["StripeStandin"]
@@ -27,7 +35,9 @@ _TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")
 
 class StripeStandin:
     """A local Stripe speaking Stripe's wire format: customers, prices, subscriptions, legacy usage
-    records and Billing Meters, with a movable clock, injectable faults and Stripe's idempotency.
+    records and Billing Meters (v1 meter events and API v2's session-authenticated meter event
+    stream), with a movable clock, injectable faults, Stripe's idempotency, and the thin events
+    Stripe sends to event destinations when it refuses meter events late.
 
     ``api_keys=None`` accepts any key starting with ``sk_test_`` or ``rk_test_``; otherwise only the
     keys given. Requests without a ``Stripe-Version`` header use ``default_api_version``.
@@ -171,9 +181,58 @@ class StripeStandin:
 
     @property
     def async_errors(self) -> list[dict[str, Any]]:
-        """Meter events accepted but refused by Stripe's asynchronous checks (for error reports)."""
+        """Meter events accepted but refused by Stripe's asynchronous checks, oldest first, each
+        with ``code``, ``identifier``, ``event_name``, ``meter``, ``message`` and ``created``."""
         with self._store.lock:
             return [dict(error) for error in self._store.async_errors]
+
+    def expire_meter_sessions(self) -> int:
+        """End every meter event session now (to test renewal mid-stream); return how many."""
+        return expire_sessions(self._store, self.clock.now())
+
+    def add_event_destination(self, url: str, secret: str) -> str:
+        """Send the thin events of later error reports to ``url``, signed with ``secret``
+        (a ``whsec_…`` string); return the destination's id."""
+        return add_destination(self._store, url, secret).id
+
+    @property
+    def event_destinations(self) -> list[dict[str, str]]:
+        """The registered destinations: ``id``, ``url`` and ``secret``."""
+        with self._store.lock:
+            return [
+                {"id": d.id, "url": d.url, "secret": d.secret} for d in self._store.destinations
+            ]
+
+    @property
+    def event_deliveries(self) -> list[dict[str, Any]]:
+        """Every delivery attempt, oldest first: ``event``, ``type``, ``destination``, ``url``,
+        ``status`` (None when no reply came) and ``error``."""
+        with self._store.lock:
+            return [dict(delivery) for delivery in self._store.deliveries]
+
+    def refuse_later(
+        self,
+        identifier: str,
+        *,
+        code: str = "meter_event_customer_not_found",
+        message: str | None = None,
+    ) -> dict[str, Any]:
+        """Refuse an accepted, counted meter event after the fact: it stops counting and its
+        error (returned) goes into the next ``report_meter_errors``."""
+        return refuse_accepted(self._store, identifier, code, message, self.clock.now())
+
+    def report_meter_errors(self, *, timeout: float = DELIVERY_TIMEOUT) -> list[dict[str, Any]]:
+        """Report the async errors collected since the last report, as Stripe does: one
+        ``v1.billing.meter.error_report_triggered`` event per meter (``…no_meter_found`` for
+        events naming no meter), retrievable at ``GET /v2/core/events/{id}``, each thin payload
+        POSTed, signed, to every event destination. Returns the full events, oldest first.
+
+        Blocks until every destination answered (or ``timeout`` passed): from async code whose
+        event loop serves a destination, call it through ``anyio.to_thread.run_sync``.
+        """
+        events = build_reports(self._store, self.clock.now())
+        deliver(self._store, events, timeout=timeout)
+        return events
 
     def state(self) -> dict[str, Any]:
         """A JSON summary: clock, counts, meter totals per customer and legacy totals per item."""
@@ -198,6 +257,10 @@ class StripeStandin:
                 "meters": len(st.meters),
                 "meter_events": len(st.events),
                 "async_errors": len(st.async_errors),
+                "unreported_async_errors": len(st.async_errors) - st.reported_errors,
+                "meter_sessions": len(st.meter_sessions),
+                "v2_events": len(st.v2_events),
+                "event_destinations": len(st.destinations),
                 "requests": len(self._log),
             }
         return {

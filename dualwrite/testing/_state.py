@@ -24,8 +24,10 @@ __all__ = [
     "BASIL",
     "Call",
     "Customer",
+    "EventDestination",
     "Meter",
     "MeterEvent",
+    "MeterSession",
     "Price",
     "Product",
     "Store",
@@ -185,6 +187,25 @@ class MeterEvent:
     cancelled: bool = False
 
 
+@dataclass(slots=True)
+class MeterSession:
+    """An API v2 meter event session: its token authenticates the meter event stream."""
+
+    id: str
+    authentication_token: str
+    created: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventDestination:
+    """A webhook endpoint that receives thin events, signed with its ``secret``."""
+
+    id: str
+    url: str
+    secret: str
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """What a handler needs about one request: the time, the API version, ids and parameters."""
@@ -213,6 +234,11 @@ class Store:
     events: list[MeterEvent] = field(default_factory=list)
     events_by_identifier: dict[str, MeterEvent] = field(default_factory=dict)
     async_errors: list[dict[str, Any]] = field(default_factory=list)
+    reported_errors: int = 0
+    meter_sessions: dict[str, MeterSession] = field(default_factory=dict)
+    v2_events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    destinations: list[EventDestination] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -222,6 +248,14 @@ class Store:
         with self.lock:
             suffix = "".join(self._rng.choice(_ALPHABET) for _ in range(length))
         return f"{prefix}_{suffix}"
+
+    def session_state(self, token: str, now: int) -> str:
+        """``"valid"``, ``"expired"`` or ``"unknown"`` for a meter event session token."""
+        with self.lock:
+            session = self.meter_sessions.get(token)
+        if session is None:
+            return "unknown"
+        return "valid" if now < session.expires_at else "expired"
 
     def new_uuid(self) -> str:
         """A UUID-4-shaped identifier from the seeded generator (for generated meter identifiers)."""

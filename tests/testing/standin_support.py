@@ -115,3 +115,38 @@ async def usage_record(
         **options,
     )
     return client.deserialize(response, api_mode="V1")
+
+
+def v2_event(
+    scenario: Scenario,
+    value: str = "1",
+    *,
+    identifier: str | None = None,
+    customer: str | None = None,
+    event_name: str | None = None,
+    timestamp: str | None = None,
+) -> dict[str, Any]:
+    """One meter event as the v2 stream takes it (``timestamp`` is an ISO 8601 string there)."""
+    event: dict[str, Any] = {
+        "event_name": event_name or scenario.event_name,
+        "payload": {"stripe_customer_id": customer or scenario.customer, "value": value},
+    }
+    if identifier is not None:
+        event["identifier"] = identifier
+    if timestamp is not None:
+        event["timestamp"] = timestamp
+    return event
+
+
+async def new_session_token(client: stripe.StripeClient) -> str:
+    """A fresh meter event session's token, made through the SDK with the secret key."""
+    session = await client.v2.billing.meter_event_session.create_async()
+    return session.authentication_token
+
+
+async def stream_events(
+    client: stripe.StripeClient, token: str, events: list[dict[str, Any]]
+) -> None:
+    """Send ``events`` on the v2 meter event stream through the SDK, authenticated by ``token``."""
+    params: Any = {"events": events}
+    await client.v2.billing.meter_event_stream.create_async(params, {"api_key": token})

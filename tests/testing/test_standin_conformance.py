@@ -1,17 +1,16 @@
 """The stand-in against Stripe's published OpenAPI excerpts in ``../shared/stripe/openapi``.
 
-For every implemented endpoint found in an excerpt: each parameter the stand-in accepts exists in the
-spec, each parameter the spec requires is required by the stand-in, and each object the stand-in
-returns (made for real, through the app) has every property its schema requires, with a compatible
-JSON type. The excerpts are read in place and never copied into this repository.
+For every implemented endpoint found in an excerpt (v1's form-encoded ones and API v2's JSON
+meter event session and stream): each parameter the stand-in accepts exists in the spec, nested
+ones included, each parameter the spec requires is required by the stand-in, and each object the
+stand-in returns (made for real, through the app) has every property its schema requires, with a
+compatible JSON type and format. The excerpts are read in place and never copied into this
+repository.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -21,10 +20,21 @@ import pytest
 from dualwrite.testing import StripeStandin
 from dualwrite.testing._endpoints import ENDPOINTS, Endpoint
 from dualwrite.testing._objects import OBJECT_RENDERERS
-from dualwrite.testing._params import Param
+from tests.testing.conformance_support import (
+    FIXTURES,
+    OPENAPI,
+    OPERATIONS,
+    SCHEMAS,
+    Key,
+    nested_mismatches,
+    normalise,
+    objects,
+    operation,
+    problems,
+    same_json_type,
+    spec_params,
+)
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "stripe"
-OPENAPI = SHARED / "openapi"
 if not OPENAPI.is_dir():
     pytest.skip(
         f"Stripe's OpenAPI excerpts are not here ({OPENAPI}); they live beside the project in the "
@@ -32,123 +42,7 @@ if not OPENAPI.is_dir():
         allow_module_level=True,
     )
 
-Key = tuple[str, str]
-EXCERPTS = {p.name: json.loads(p.read_text()) for p in sorted(OPENAPI.glob("*.json"))}
-FIXTURES: dict[str, dict[str, Any]] = EXCERPTS.get("fixtures.json", {}).get("resources", {})
-
-
-def _normalise(path: str) -> str:
-    return re.sub(r"\{[^}]+\}", "{}", path)
-
-
-def _index() -> tuple[dict[Key, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Operations by (METHOD, normalised path), and resolved schemas by their ``$ref``."""
-    operations: dict[Key, dict[str, Any]] = {}
-    schemas: dict[str, dict[str, Any]] = {}
-
-    def collect(node: Any) -> None:
-        """Record every resolved schema inside ``node``."""
-        if isinstance(node, dict):
-            if "x-resolved-from" in node and "properties" in node:
-                schemas.setdefault(node["x-resolved-from"], node)
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
-
-    for excerpt in EXCERPTS.values():
-        for path, item in excerpt.get("paths", {}).items():
-            for method, operation in item.items():
-                if isinstance(operation, dict) and "responses" in operation:
-                    operations[(method.upper(), _normalise(path))] = operation
-        collect(excerpt)
-    return operations, schemas
-
-
-OPERATIONS, SCHEMAS = _index()
-COVERED = sorted(key for key in ENDPOINTS if (key[0], _normalise(key[1])) in OPERATIONS)
-
-
-def _operation(key: Key) -> dict[str, Any]:
-    return OPERATIONS[(key[0], _normalise(key[1]))]
-
-
-def _spec_params(operation: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
-    """The operation's parameters (query or form body) with their schemas, and the required ones."""
-    params: dict[str, Any] = {}
-    required: set[str] = set()
-    for param in operation.get("parameters", []):
-        if param.get("in") == "query":
-            params[param["name"]] = param.get("schema", {})
-            if param.get("required"):
-                required.add(param["name"])
-    content = (operation.get("requestBody") or {}).get("content", {})
-    form = content.get("application/x-www-form-urlencoded", {}).get("schema", {})
-    params.update(form.get("properties", {}))
-    required.update(form.get("required", []))
-    return params, required
-
-
-# ---- validating values against schemas ---------------------------------------------------------
-
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-}
-
-
-def _problems(value: Any, schema: dict[str, Any], where: str) -> Iterator[str]:
-    """Every way ``value`` breaks ``schema`` (unresolved ``$ref``s are accepted as unknown)."""
-    if "$ref" in schema:
-        if schema["$ref"] not in SCHEMAS:
-            return
-        schema = SCHEMAS[schema["$ref"]]
-    if value is None:
-        if not schema.get("nullable"):
-            yield f"{where} is null but the spec does not allow null"
-        return
-    options = schema.get("anyOf") or schema.get("oneOf")
-    if options:
-        if all(list(_problems(value, option, where)) for option in options):
-            yield f"{where} = {value!r} matches none of the spec's alternatives"
-        return
-    kind = schema.get("type")
-    if kind in _JSON_TYPES and not _JSON_TYPES[kind](value):
-        yield f"{where} = {value!r} is not of JSON type {kind}"
-        return
-    if "enum" in schema and value not in schema["enum"]:
-        yield f"{where} = {value!r} is not one of {schema['enum']}"
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        for name in schema.get("required", []):
-            if name not in value:
-                yield f"{where} lacks required property {name!r}"
-        extra = schema.get("additionalProperties")
-        for name, item in value.items():
-            if name in properties:
-                yield from _problems(item, properties[name], f"{where}.{name}")
-            elif isinstance(extra, dict):
-                yield from _problems(item, extra, f"{where}.{name}")
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _problems(item, schema.get("items", {}), f"{where}[{index}]")
-
-
-def _objects(value: Any) -> Iterator[dict[str, Any]]:
-    """Every Stripe object (a dict with an ``object`` field) inside a reply."""
-    if isinstance(value, dict):
-        if isinstance(value.get("object"), str):
-            yield value
-        for item in value.values():
-            yield from _objects(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _objects(item)
+COVERED = sorted(key for key in ENDPOINTS if (key[0], normalise(key[1])) in OPERATIONS)
 
 
 # ---- producing real replies ---------------------------------------------------------------------
@@ -268,6 +162,39 @@ _PATH_ID = {
 }
 
 
+async def _collect_v2(
+    http: httpx.AsyncClient,
+    standin: StripeStandin,
+    ids: dict[str, str],
+    found: dict[Key, list[Any]],
+) -> None:
+    """API v2: a session, a stream call (one event counted, one refused later), the report event."""
+    session = await http.post("/v2/billing/meter_event_session", json={})
+    assert session.status_code == 200, session.text
+    found.setdefault(("POST", "/v2/billing/meter_event_session"), []).append(session.json())
+    events = [
+        {"event_name": "calls", "payload": {"stripe_customer_id": ids["customer"], "value": "2"}},
+        {
+            "event_name": "calls",
+            "payload": {"stripe_customer_id": "cus_nobody", "value": "1"},
+            "identifier": "conf-v2",
+            "timestamp": "2025-01-15T11:59:00.000Z",
+        },
+    ]
+    token = session.json()["authentication_token"]
+    stream = await http.post(
+        "/v2/billing/meter_event_stream",
+        json={"events": events},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert stream.status_code == 200, stream.text
+    found.setdefault(("POST", "/v2/billing/meter_event_stream"), []).append(stream.json())
+    (report,) = standin.report_meter_errors()
+    event = await http.get(f"/v2/core/events/{report['id']}")
+    assert event.status_code == 200, event.text
+    found.setdefault(("GET", "/v2/core/events/{id}"), []).append(event.json())
+
+
 async def _collect() -> dict[Key, list[Any]]:
     standin = StripeStandin(start_time=1_736_942_400)
     found: dict[Key, list[Any]] = {}
@@ -295,6 +222,7 @@ async def _collect() -> dict[Key, list[Any]]:
                 ids[save_as] = body["id"]
             if save_as == "subscription":
                 ids["item"] = body["items"]["data"][0]["id"]
+        await _collect_v2(http, standin, ids, found)
     return found
 
 
@@ -316,6 +244,8 @@ class TestCoverage:
         assert "/v1/subscription_items/{id}/usage_records" in covered
         assert "/v1/billing/meter_events" in covered
         assert "/v1/billing/meters/{id}/event_summaries" in covered
+        assert "/v2/billing/meter_event_session" in covered
+        assert "/v2/billing/meter_event_stream" in covered
 
     def test_every_endpoint_is_exercised(self, replies: dict[Key, list[Any]]) -> None:
         """The reply run calls every implemented endpoint, so none escapes the object checks."""
@@ -323,7 +253,7 @@ class TestCoverage:
 
     def test_returned_object_types_are_declared(self, replies: dict[Key, list[Any]]) -> None:
         """Every ``object`` value returned is one ``OBJECT_RENDERERS`` declares (or a list)."""
-        seen = {o["object"] for bodies in replies.values() for b in bodies for o in _objects(b)}
+        seen = {o["object"] for bodies in replies.values() for b in bodies for o in objects(b)}
         assert seen - {"list"} == set(OBJECT_RENDERERS)
 
 
@@ -340,33 +270,25 @@ class TestParameters:
 
     @pytest.mark.parametrize("key", COVERED, ids=_ids)
     def test_accepted_parameters_exist(self, key: Key) -> None:
-        """Every parameter the stand-in accepts (nested ones included) is in the spec."""
-        spec, _ = _spec_params(_operation(key))
+        """Every parameter the stand-in accepts is in the spec, and nested fields agree both ways."""
+        spec, _ = spec_params(operation(key))
         assert sorted(set(_endpoint(key).params) - set(spec)) == []
         for name, param in _endpoint(key).params.items():
-            assert _nested_unknown(param, spec[name], name) == []
+            assert nested_mismatches(param, spec[name], name) == []
 
     @pytest.mark.parametrize("key", COVERED, ids=_ids)
     def test_spec_required_parameters_are_required(self, key: Key) -> None:
         """Every parameter the spec requires is required by the stand-in."""
-        _, required = _spec_params(_operation(key))
+        _, required = spec_params(operation(key))
         ours = {name for name, param in _endpoint(key).params.items() if param.required}
         assert sorted(required - ours) == []
 
-
-def _nested_unknown(param: Param, schema: dict[str, Any], name: str) -> list[str]:
-    """Nested fields the stand-in accepts that the spec's object schema does not list."""
-    options = [schema, *schema.get("anyOf", [])]
-    properties: dict[str, Any] = {}
-    for option in options:
-        properties.update(option.get("properties", {}))
-    if param.kind != "object" or not properties:
-        return []
-    unknown = [f"{name}[{field}]" for field in param.fields if field not in properties]
-    for field, sub in param.fields.items():
-        if field in properties:
-            unknown += _nested_unknown(sub, properties[field], f"{name}[{field}]")
-    return unknown
+    def test_stream_limits(self) -> None:
+        """The stream takes 1 to 100 events, as its spec describes ("up to 100 events")."""
+        events = _endpoint(("POST", "/v2/billing/meter_event_stream")).params["events"]
+        assert (events.min_items, events.max_items) == (1, 100)
+        description = spec_params(operation(("POST", "/v2/billing/meter_event_stream")))[0]
+        assert "up to 100 events" in description["events"]["description"]
 
 
 class TestReplies:
@@ -376,46 +298,44 @@ class TestReplies:
     def test_reply_matches_the_operation_schema(
         self, key: Key, replies: dict[Key, list[Any]]
     ) -> None:
-        """Each reply has every required property, with compatible JSON types."""
-        content = _operation(key)["responses"]["200"]["content"]
+        """Each reply has every required property, with compatible JSON types and formats."""
+        content = operation(key)["responses"]["200"]["content"]
         schema = content["application/json"]["schema"]
-        problems = [p for body in replies[key] for p in _problems(body, schema, _ids(key))]
-        assert problems == []
+        found = [p for body in replies[key] for p in problems(body, schema, _ids(key))]
+        assert found == []
 
     def test_every_object_matches_its_schema(self, replies: dict[Key, list[Any]]) -> None:
-        """Objects the excerpts describe (customer, price, meter, …) match wherever returned."""
+        """Objects the excerpts describe (customer, price, meter, session…) match wherever returned."""
         checked: set[str] = set()
-        problems: list[str] = []
+        found: list[str] = []
         for key, bodies in replies.items():
-            for obj in (o for b in bodies for o in _objects(b)):
+            for obj in (o for b in bodies for o in objects(b)):
                 schema = SCHEMAS.get(f"#/components/schemas/{obj['object']}")
                 if schema is not None:
                     checked.add(obj["object"])
-                    problems += _problems(obj, schema, f"{_ids(key)} → {obj['object']}")
-        assert problems == []
-        assert {"customer", "price", "subscription", "usage_record", "billing.meter"} <= checked
+                    found += problems(obj, schema, f"{_ids(key)} → {obj['object']}")
+        assert found == []
+        assert {
+            "customer",
+            "price",
+            "subscription",
+            "usage_record",
+            "billing.meter",
+            "v2.billing.meter_event_session",
+        } <= checked
 
     def test_fixture_fields_are_present(self, replies: dict[Key, list[Any]]) -> None:
         """Every field of Stripe's own fixture objects appears in ours, with the same JSON type."""
         ours: dict[str, dict[str, Any]] = {}
         for bodies in replies.values():
-            for obj in (o for b in bodies for o in _objects(b)):
+            for obj in (o for b in bodies for o in objects(b)):
                 ours.setdefault(obj["object"], obj)
-        problems = []
+        found = []
         for name, fixture in FIXTURES.items():
             mine = ours[name]
             for field, value in fixture.items():
                 if field not in mine:
-                    problems.append(f"{name}.{field} missing")
-                elif None not in (value, mine[field]) and not _same_json_type(value, mine[field]):
-                    problems.append(f"{name}.{field}: {mine[field]!r} vs fixture {value!r}")
-        assert problems == []
-
-
-def _same_json_type(a: Any, b: Any) -> bool:
-    number = (int, float)
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool)
-    if isinstance(a, number) and isinstance(b, number):
-        return True
-    return type(a) is type(b)
+                    found.append(f"{name}.{field} missing")
+                elif None not in (value, mine[field]) and not same_json_type(value, mine[field]):
+                    found.append(f"{name}.{field}: {mine[field]!r} vs fixture {value!r}")
+        assert found == []

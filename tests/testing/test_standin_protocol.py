@@ -99,10 +99,14 @@ class TestHeaders:
             "Unrecognized request URL (POST: /v1/charges_of_light)."
         )
 
-    async def test_v2_stream_not_implemented(self, http: httpx.AsyncClient) -> None:
-        """The v2 meter event stream is not served yet."""
-        reply = await http.post("/v2/billing/meter_event_stream", json={"events": []})
+    async def test_unknown_v2_url(self, http: httpx.AsyncClient) -> None:
+        """An unknown ``/v2`` path is a 404 in API v2's error shape (a code is always present)."""
+        reply = await http.post("/v2/billing/meter_event_river", json={})
         assert reply.status_code == 404
+        error = reply.json()["error"]
+        assert error["message"].startswith("Unrecognized request URL (POST: /v2/billing/")
+        assert error["code"] == "invalid_request_error"
+        assert "param" not in error
 
 
 class TestIdempotency:
