@@ -1,0 +1,217 @@
+"""``ProxyApp``: the ASGI app behind ``dualwrite serve``, a drop-in Stripe API endpoint.
+
+Routing is one string test per request: ``POST /v1/subscription_items/{si}/usage_records`` goes to
+the interceptor, ``/_dualwrite/health`` is answered here, and everything else is streamed to the
+upstream untouched. The lifespan starts the engine (and with it the outbox worker) and stops it at
+shutdown, when the worker finishes its batch and leaves anything unfinished pending for another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from dualwrite.config import Settings
+from dualwrite.engine import DualWriteEngine
+from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.middleware import stripe_error
+from dualwrite.proxy._items import ItemResolver
+from dualwrite.proxy._upstream import Upstream, request_target
+from dualwrite.proxy._usage import USAGE_PATH_RE, UsageInterceptor
+from dualwrite.redis_client import store_errors
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_USAGE_BODY_BYTES",
+    "HEALTH_PATH",
+    "ProxyApp",
+    "create_app",
+    "create_proxy_app",
+]
+
+log = logging.getLogger("dualwrite.proxy")
+
+#: The proxy's own endpoints live under this prefix, which Stripe's API never uses.
+RESERVED_PREFIX = "/_dualwrite/"
+HEALTH_PATH = "/_dualwrite/health"
+#: The largest request body forwarded (Stripe's API bodies are small; files go to files.stripe.com).
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: The largest usage-record body read for interception (a real one is a few dozen bytes).
+DEFAULT_MAX_USAGE_BODY_BYTES = 64 * 1024
+_USAGE_SUFFIX = "/usage_records"
+
+
+class ProxyApp:
+    """Forwards Stripe API requests to ``settings.stripe.api_base`` and dual-writes usage records.
+
+    Args:
+        settings: the upstream, Redis, meters and item mappings.
+        engine: an engine to share; whoever built it starts and closes it. By default the app
+            builds one and starts it with the lifespan (or at the first usage request when the
+            server runs no lifespan), and closes it at shutdown.
+        max_body_bytes: larger request bodies get 413 (streamed bodies are cut off there).
+        max_usage_body_bytes: the same for usage-record requests, which are read whole.
+        upstream_transport: an httpx transport for the upstream instead of the network (tests).
+        clock: where "now" comes from.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: DualWriteEngine | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_usage_body_bytes: int = DEFAULT_MAX_USAGE_BODY_BYTES,
+        upstream_transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.engine = engine or DualWriteEngine.from_settings(settings, clock=clock)
+        self.max_body_bytes = max_body_bytes
+        self.upstream = Upstream(settings.stripe, transport=upstream_transport)
+        self.items = ItemResolver(
+            settings, redis=self.engine.redis, keys=self.engine.keys, lookup=self.engine.writer
+        )
+        self.usage = UsageInterceptor(
+            self.engine,
+            self.upstream,
+            self.items,
+            max_body=max_usage_body_bytes,
+            legacy_api_version=settings.stripe.legacy_api_version,
+            clock=clock,
+        )
+        self._owns_engine = engine is None
+        self._started = not self._owns_engine
+        self._start_lock = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # websockets: Stripe's API has none
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            path, raw_target = request_target(scope)
+        except (ValueError, UnicodeDecodeError):
+            response = stripe_error(400, "The request target is not a valid path.")
+            await response(scope, receive, send)
+            return
+        if path.endswith(_USAGE_SUFFIX) and scope["method"] == "POST":
+            match = USAGE_PATH_RE.fullmatch(path)
+            if match is not None:
+                await self._ensure_started()
+                await self.usage(scope, receive, send, item=match["item"], raw_target=raw_target)
+                return
+        if path.startswith(RESERVED_PREFIX):
+            await self._own_endpoint(path, scope, receive, send)
+            return
+        await self.upstream.forward(
+            scope, receive, send, raw_target=raw_target, max_body=self.max_body_bytes
+        )
+
+    async def _own_endpoint(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if path != HEALTH_PATH:
+            response = stripe_error(404, f"Unrecognized request URL ({scope['method']}: {path}).")
+        elif scope["method"] not in ("GET", "HEAD"):
+            response = stripe_error(405, f"{HEALTH_PATH} answers GET only.")
+        else:
+            status, report = await self.health()
+            response = JSONResponse(report, status_code=status)
+        await response(scope, receive, send)
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """200 and the outbox depth when Redis answers; 503 when it does not."""
+        worker = self.engine.worker
+        report: dict[str, Any] = {
+            "status": "ok",
+            "redis": "ok",
+            "worker": "running" if worker is not None else "off",
+            "outbox": None,
+        }
+        try:
+            async with store_errors("checking health"):
+                await self.engine.redis.ping()
+            depth = await self.engine.outbox.depth()
+        except StoreUnavailableError:
+            report.update(status="unavailable", redis="unavailable")
+            return 503, report
+        report["outbox"] = depth.model_dump() | {"outstanding": depth.outstanding}
+        return 200, report
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("the proxy could not start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Start the engine (and its outbox worker) if the app owns it; warn about a missing key."""
+        if self.settings.api_key() is None:
+            log.warning(
+                "STRIPE_API_KEY is not set: callers' requests are forwarded with their own keys, "
+                "but shadow writes (written later by the outbox worker, which never sees a "
+                "caller's key) will fail until it is set in the proxy's environment"
+            )
+        await self._ensure_started()
+
+    async def _ensure_started(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.engine.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        """Stop the engine's worker and close the engine (if the app built it) and the pool."""
+        if self._owns_engine:
+            await self.engine.aclose()
+            self._started = False
+        await self.upstream.aclose()
+
+
+def create_proxy_app(
+    settings: Settings,
+    *,
+    engine: DualWriteEngine | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_usage_body_bytes: int = DEFAULT_MAX_USAGE_BODY_BYTES,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ProxyApp:
+    """The proxy as an ASGI app (the arguments are ``ProxyApp``'s)."""
+    return ProxyApp(
+        settings,
+        engine=engine,
+        max_body_bytes=max_body_bytes,
+        max_usage_body_bytes=max_usage_body_bytes,
+        upstream_transport=upstream_transport,
+        clock=clock,
+    )
+
+
+def create_app() -> ProxyApp:
+    """Factory for ``uvicorn --factory dualwrite.proxy:create_app``: settings from
+    ``DUALWRITE_CONFIG`` and the environment."""
+    return ProxyApp(Settings.load())

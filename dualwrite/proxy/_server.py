@@ -1,0 +1,159 @@
+"""Serving the proxy with uvicorn: in the foreground (``dualwrite serve``) or in a background thread.
+
+The app is built inside the server's event loop (uvicorn's factory mode), so its Redis and httpx
+pools belong to the loop that uses them. The lifespan is on: it starts the engine and its outbox
+worker, and on SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to
+``graceful_seconds``), then runs the lifespan shutdown, which stops the worker; outbox entries it
+had not finished stay pending and another worker claims them.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from dualwrite.config import Settings
+from dualwrite.exceptions import DualwriteError
+from dualwrite.proxy._app import DEFAULT_MAX_BODY_BYTES, ProxyApp
+
+__all__ = ["RunningProxy", "run_proxy", "serve_proxy"]
+
+STARTUP_TIMEOUT = 10.0
+"""Seconds ``serve_proxy`` waits for the server to listen."""
+_ANY_ADDRESS = {"", "0.0.0.0", "::"}
+
+
+class RunningProxy:
+    """A proxy listening on a socket (``serve_proxy``)."""
+
+    __slots__ = ("app", "host", "port")
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.app: ProxyApp | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL to give a Stripe SDK (``http://127.0.0.1:PORT``)."""
+        host = "127.0.0.1" if self.host in _ANY_ADDRESS else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with dualwrite's own warnings printed the same way."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["dualwrite"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+def _config(
+    running: RunningProxy,
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    quiet: bool,
+    access_log: bool,
+    graceful_seconds: float,
+    app_options: dict[str, Any],
+) -> uvicorn.Config:
+    def factory() -> ProxyApp:
+        running.app = ProxyApp(settings, **app_options)
+        return running.app
+
+    return uvicorn.Config(
+        factory,
+        factory=True,
+        interface="asgi3",
+        host=host,
+        port=port,
+        lifespan="on",
+        ws="none",
+        access_log=access_log,
+        # Stripe's own Server and Date headers are passed through; uvicorn must not add its own.
+        server_header=False,
+        date_header=False,
+        log_level="warning" if quiet else "info",
+        # Tests must not have uvicorn reconfigure the process's logging.
+        log_config=None if quiet else _log_config(),
+        timeout_graceful_shutdown=int(graceful_seconds),
+    )
+
+
+def run_proxy(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    access_log: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    graceful_seconds: float = 30.0,
+) -> None:
+    """Serve the proxy in the foreground until SIGINT or SIGTERM (``dualwrite serve``)."""
+    running = RunningProxy(host, port)
+    config = _config(
+        running,
+        settings,
+        host=host,
+        port=port,
+        quiet=False,
+        access_log=access_log,
+        graceful_seconds=graceful_seconds,
+        app_options={"max_body_bytes": max_body_bytes},
+    )
+    uvicorn.Server(config).run()
+
+
+@contextmanager
+def serve_proxy(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    graceful_seconds: float = 2.0,
+    **app_options: Any,
+) -> Iterator[RunningProxy]:
+    """Run the proxy with uvicorn in a background thread (tests, benchmarks); ``port=0`` picks a
+    free port. ``app_options`` go to ``ProxyApp``.
+
+    Raises:
+        DualwriteError: the server did not start listening.
+    """
+    running = RunningProxy(host)
+    server = uvicorn.Server(
+        _config(
+            running,
+            settings,
+            host=host,
+            port=port,
+            quiet=True,
+            access_log=False,
+            graceful_seconds=graceful_seconds,
+            app_options=app_options,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="dualwrite-proxy", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=STARTUP_TIMEOUT)
+            msg = f"the dualwrite proxy could not start listening on {host}:{port}"
+            raise DualwriteError(msg)
+        time.sleep(0.005)
+    running.port = int(server.servers[0].sockets[0].getsockname()[1])
+    try:
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(timeout=STARTUP_TIMEOUT + graceful_seconds)

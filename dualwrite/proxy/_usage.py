@@ -1,0 +1,368 @@
+"""Intercepting ``POST /v1/subscription_items/{si}/usage_records``: one usage record, dual-written.
+
+The form (``quantity``, ``timestamp`` as an integer or ``now``, ``action``, ``expand[]``) becomes a
+``UsageEvent`` whose identifier is the caller's ``Idempotency-Key`` (minted when absent) and whose
+``now`` is fixed here, once. The engine then writes it at the customer's stage, with the caller's
+own key:
+
+* legacy authoritative (``legacy``, ``shadow``): the caller's request goes to Stripe unchanged and
+  the caller gets Stripe's own reply, status, body and headers, byte for byte;
+* meter authoritative (``primary``, ``meter``): the caller gets a ``usage_record``-shaped reply with
+  Stripe's field names and types and an id of our own (``mbur_dw_…``, stable across retries).
+
+A retry with the same Idempotency-Key gets the first reply again (rebuilt from the stored outcome)
+and writes nothing twice. Usage the proxy cannot attribute (an unmapped item, a Connect request, a
+key Stripe would not let us read the item with) is forwarded untouched and counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import unquote_plus
+
+from starlette.responses import JSONResponse
+from starlette.types import Message, Receive, Scope, Send
+
+from dualwrite.config import ItemMapping, UsageRoute
+from dualwrite.engine import DualWriteEngine
+from dualwrite.exceptions import (
+    ConflictError,
+    DualwriteError,
+    IdempotencyError,
+    UsageInputError,
+)
+from dualwrite.middleware import stripe_error
+from dualwrite.models import Leg, RecordOutcome, StripeFailure, UsageEvent, WriteResult
+from dualwrite.proxy._items import ItemResolver, LookupFailed, Unmapped
+from dualwrite.proxy._upstream import Upstream, UpstreamReply, send_reply, too_large
+from dualwrite.redaction import redact
+from dualwrite.routes import RouteMatch, build_event
+
+__all__ = ["USAGE_PATH_RE", "UsageInterceptor", "caller_key", "record_id"]
+
+log = logging.getLogger("dualwrite.proxy")
+
+#: The one request the proxy intercepts (``POST``); everything else is forwarded.
+USAGE_PATH_RE = re.compile(r"/v1/subscription_items/(?P<item>[^/]+)/usage_records")
+_PARAMS = frozenset({"quantity", "timestamp", "action", "expand"})
+_FORM_TYPE = "application/x-www-form-urlencoded"
+_CONNECT_HEADERS = (b"stripe-account", b"stripe-context")
+_ROUTE = UsageRoute.model_validate(
+    {
+        "method": "POST",
+        "path": "/v1/subscription_items/{subscription_item}/usage_records",
+        "subscription_item": "path:subscription_item",
+        "quantity": "form:quantity",
+        "timestamp": "form:timestamp",
+        "action": "form:action",
+    }
+)
+
+
+class _CallerGoneError(DualwriteError):
+    """The caller disconnected before its body was complete."""
+
+
+def caller_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The Stripe key in the caller's ``Authorization`` header (Bearer, or Basic as ``key:``)."""
+    for name, value in headers:
+        if name.lower() != b"authorization":
+            continue
+        scheme, _, rest = value.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return rest.strip() or None
+        if scheme.lower() == "basic":
+            with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+                decoded = base64.b64decode(rest.strip(), validate=True).decode()
+                return decoded.partition(":")[0] or None
+        return None
+    return None
+
+
+def record_id(identifier: str) -> str:
+    """Our usage record id: ``mbur_dw_`` and a digest of the identifier, so a retry gets the same
+    id, and the ``_dw_`` (Stripe ids have no second underscore) tells it from Stripe's."""
+    return "mbur_dw_" + hashlib.sha256(identifier.encode()).hexdigest()[:24]
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def failure_from_reply(reply: UpstreamReply) -> StripeFailure:
+    """Classify Stripe's error reply as ``stripe_io`` classifies the SDK's exceptions."""
+    if reply.failure is not None:
+        return reply.failure
+    raw = _json_object(reply.body).get("error")
+    error: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    should_retry = reply.header(b"stripe-should-retry")
+    status = reply.status
+    if should_retry in ("true", "false"):
+        retryable = should_retry == "true"
+    else:
+        retryable = status in (409, 429) or status >= 500
+    retry_after = None
+    with contextlib.suppress(TypeError, ValueError):
+        retry_after = max(0.0, float(reply.header(b"retry-after")))  # type: ignore[arg-type]
+    return StripeFailure(
+        http_status=status,
+        type=str(error.get("type") or "api_error"),
+        code=str(error["code"]) if error.get("code") else None,
+        message=redact(str(error.get("message") or f"HTTP {status} from Stripe")),
+        param=str(error["param"]) if error.get("param") else None,
+        retryable=retryable,
+        retry_after=retry_after,
+        request_id=reply.header(b"request-id"),
+    )
+
+
+def legacy_result(reply: UpstreamReply, event: UsageEvent) -> WriteResult:
+    """Stripe's reply to the forwarded usage-record request, as the engine's ``WriteResult``."""
+    if reply.failure is None and 200 <= reply.status < 300:
+        body = _json_object(reply.body)
+        return WriteResult(
+            leg=Leg.LEGACY,
+            accepted=True,
+            stripe_id=str(body.get("id") or "") or None,
+            http_status=reply.status,
+            response=body,
+            value=event.quantity,
+        )
+    failure = failure_from_reply(reply)
+    return WriteResult(
+        leg=Leg.LEGACY, accepted=False, http_status=failure.http_status, failure=failure
+    )
+
+
+class UsageInterceptor:
+    """Handles the usage-record requests of one proxy app.
+
+    Args:
+        engine: records the usage at the customer's stage.
+        upstream: where the caller's request goes when legacy is authoritative.
+        items: maps the subscription item to a customer and meter event name.
+        max_body: the largest usage-record body read (they are a few dozen bytes).
+        legacy_api_version: the ``Stripe-Version`` our own replies carry when the caller sent none.
+        clock: where "now" comes from.
+    """
+
+    def __init__(
+        self,
+        engine: DualWriteEngine,
+        upstream: Upstream,
+        items: ItemResolver,
+        *,
+        max_body: int,
+        legacy_api_version: str,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._engine = engine
+        self._upstream = upstream
+        self._items = items
+        self._max_body = max_body
+        self._version = legacy_api_version
+        self._route = _ROUTE.model_copy(update={"max_body_bytes": max_body})
+        self._clock = clock
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, *, item: str, raw_target: bytes
+    ) -> None:
+        try:
+            body = await _read_body(receive, self._max_body)
+        except _CallerGoneError:
+            return
+        if body is None:
+            await too_large(self._max_body)(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        api_key = caller_key(headers)
+        if api_key is None:
+            # No key: Stripe answers (401), and the proxy's own key is never used in its place.
+            await self._forward(scope, send, raw_target, body)
+            return
+        if any(name.lower() in _CONNECT_HEADERS for name, _ in headers):
+            await self._items.count_unmapped(
+                item, "Connect requests (Stripe-Account, Stripe-Context) are not dual-written"
+            )
+            await self._forward(scope, send, raw_target, body)
+            return
+        resolution = await self._items.resolve(item, api_key=api_key)
+        if isinstance(resolution, LookupFailed):
+            failure = resolution.failure
+            if failure.retryable:
+                await _refusal(failure)(scope, receive, send)
+                return
+            if failure.http_status not in (401, 404):
+                # Stripe may accept the usage record with this key: it reaches legacy only.
+                await self._items.count_unmapped(
+                    item, f"the item could not be read ({failure.type}: {failure.message})"
+                )
+            await self._forward(scope, send, raw_target, body)
+            return
+        if isinstance(resolution, Unmapped):
+            await self._items.count_unmapped(item, resolution.reason)
+            await self._forward(scope, send, raw_target, body)
+            return
+        mapping = ItemMapping.model_construct(
+            customer=resolution.customer, event_name=resolution.event_name
+        )
+        try:
+            _check_params(headers, body)
+            event = build_event(
+                RouteMatch(self._route, {"subscription_item": item}),
+                query_string=b"",
+                headers=headers,
+                body=body,
+                now=int(self._clock()),
+                items={item: mapping},
+            )
+        except UsageInputError as exc:
+            await stripe_error(400, exc.message, code=exc.code, param=exc.param)(
+                scope, receive, send
+            )
+            return
+        await self._record(scope, receive, send, event, api_key, raw_target, body)
+
+    async def _record(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        event: UsageEvent,
+        api_key: str,
+        raw_target: bytes,
+        body: bytes,
+    ) -> None:
+        stripe_replies: list[UpstreamReply] = []
+
+        async def legacy_write(event: UsageEvent) -> WriteResult:
+            reply = await self._upstream.exchange(scope, raw_target=raw_target, body=body)
+            stripe_replies.append(reply)
+            return legacy_result(reply, event)
+
+        try:
+            outcome = await self._engine.record(event, api_key=api_key, legacy_write=legacy_write)
+        except IdempotencyError as exc:
+            response = stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)
+        except UsageInputError as exc:
+            response = stripe_error(400, exc.message, code=exc.code, param=exc.param)
+        except ConflictError as exc:
+            response = stripe_error(
+                409,
+                str(exc),
+                code="idempotency_key_in_use",
+                headers={"Stripe-Should-Retry": "true"},
+            )
+        else:
+            if stripe_replies:
+                await send_reply(stripe_replies[-1], send)  # Stripe's own reply, as it came
+                return
+            response = self._own_reply(outcome, scope["headers"])
+        await response(scope, receive, send)
+
+    async def _forward(self, scope: Scope, send: Send, raw_target: bytes, body: bytes) -> None:
+        await send_reply(
+            await self._upstream.exchange(scope, raw_target=raw_target, body=body), send
+        )
+
+    def _own_reply(
+        self, outcome: RecordOutcome, request_headers: list[tuple[bytes, bytes]]
+    ) -> JSONResponse:
+        """The reply when Stripe's own is not at hand: a meter-authoritative write, or a replay."""
+        result = outcome.authoritative
+        if not result.accepted and result.failure is not None:
+            return _refusal(result.failure)
+        headers = {
+            "Request-Id": f"req_dw_{secrets.token_hex(7)}",
+            "Stripe-Version": _header(request_headers, b"stripe-version") or self._version,
+            "Cache-Control": "no-cache, no-store",
+        }
+        key = _header(request_headers, b"idempotency-key")
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        if outcome.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        if result.leg is Leg.LEGACY:
+            # A replay of Stripe's usage record, as Stripe first returned it.
+            return JSONResponse(
+                result.response or {}, status_code=result.http_status or 200, headers=headers
+            )
+        event = outcome.event
+        record = {
+            "id": record_id(event.identifier),
+            "object": "usage_record",
+            "livemode": bool((result.response or {}).get("livemode", False)),
+            "quantity": event.quantity,
+            "subscription_item": event.subscription_item,
+            "timestamp": event.timestamp,
+        }
+        return JSONResponse(record, headers=headers)
+
+
+def _refusal(failure: StripeFailure) -> JSONResponse:
+    """Stripe's status and error for a write (or item read) Stripe refused."""
+    headers = {"Stripe-Should-Retry": "true" if failure.retryable else "false"}
+    if failure.request_id:
+        headers["Request-Id"] = failure.request_id
+    if failure.retry_after is not None:
+        headers["Retry-After"] = f"{failure.retry_after:g}"
+    if failure.http_status is None:  # the network failed on the way to Stripe
+        return stripe_error(
+            502, "The proxy could not reach Stripe.", error_type="api_error", headers=headers
+        )
+    return JSONResponse(failure.error_body(), status_code=failure.http_status, headers=headers)
+
+
+def _check_params(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Refuse a parameter Stripe's usage-record endpoint does not take, as Stripe does."""
+    content_type = _header(headers, b"content-type")
+    if content_type and content_type.split(";")[0].strip().lower() != _FORM_TYPE:
+        return  # build_event refuses the body with the field it needed
+    for chunk in body.split(b"&"):
+        if not chunk:
+            continue
+        name = unquote_plus(chunk.partition(b"=")[0].decode("latin-1"))
+        if name.partition("[")[0] not in _PARAMS or (
+            "[" in name and not name.startswith("expand[")
+        ):
+            raise UsageInputError(
+                f"Received unknown parameter: {name}", param=name, code="parameter_unknown"
+            )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _CallerGoneError
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
