@@ -10,6 +10,9 @@ A customer's status:
 * ``pending``: shadow writes are still in the outbox (waiting or retrying);
 * ``diverged``: a shadow write was refused for good or expired, so the legs disagree; the divergence
   log says which events and why.
+
+Usage the proxy forwarded without dual-writing it (its subscription item maps to no meter) belongs
+to no customer line: ``Report.unmapped`` counts it, per item.
 """
 
 from __future__ import annotations
@@ -18,17 +21,28 @@ import time
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from dualwrite.engine import StageSource
+from dualwrite.keys import KeySpace
 from dualwrite.ledger import DivergenceRecord, Ledger, LedgerRow
 from dualwrite.models import Stage
 from dualwrite.outbox import Outbox, OutboxDepth
+from dualwrite.redis_client import as_int, as_str, store_errors
 
-__all__ = ["CustomerReport", "LegTotals", "Report", "build_report", "render_table"]
+__all__ = [
+    "CustomerReport",
+    "LegTotals",
+    "Report",
+    "UnmappedItems",
+    "build_report",
+    "read_unmapped",
+    "render_table",
+]
 
 CustomerStatus = Literal["parity", "pending", "diverged"]
 
@@ -94,6 +108,32 @@ class CustomerReport(BaseModel):
         return self.legacy.accepted_qty - self.meter.accepted_qty
 
 
+class UnmappedItems(BaseModel):
+    """Usage the proxy forwarded to the legacy path only, because its item maps to no meter."""
+
+    model_config = ConfigDict(frozen=True)
+
+    items: int = 0
+    """Distinct subscription items."""
+    requests: int = 0
+    """Usage-record requests forwarded for them."""
+    top: dict[str, int] = Field(default_factory=dict)
+    """The items with the most requests (at most ten)."""
+
+
+async def read_unmapped(redis: aioredis.Redis, keys: KeySpace) -> UnmappedItems:
+    """The proxy's unmapped-usage counters (``P:{items}:unmapped``).
+
+    Raises:
+        StoreUnavailableError: Redis could not be reached.
+    """
+    async with store_errors("reading the unmapped-item counters"):
+        raw = await redis.hgetall(keys.items_unmapped)
+    counts = {str(as_str(item)): as_int(count) for item, count in raw.items()}
+    top = dict(sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:10])
+    return UnmappedItems(items=len(counts), requests=sum(counts.values()), top=top)
+
+
 class Report(BaseModel):
     """The whole report."""
 
@@ -105,6 +145,8 @@ class Report(BaseModel):
     customers: list[CustomerReport]
     divergences: list[DivergenceRecord]
     outbox: OutboxDepth | None
+    unmapped: UnmappedItems = Field(default_factory=UnmappedItems)
+    """Usage the proxy forwarded without dual-writing it (all customers, all periods)."""
 
     @property
     def divergent_customers(self) -> int:
@@ -164,7 +206,12 @@ async def build_report(
                 status=status,
             )
         )
-    divergences = await ledger.divergences(limit=divergence_limit, customer=customer)
+    # A limit of 0 asks for no records (Redis refuses XREVRANGE ... COUNT 0).
+    divergences = (
+        await ledger.divergences(limit=divergence_limit, customer=customer)
+        if divergence_limit > 0
+        else []
+    )
     if stage is not None or only_divergent:
         shown = {c.customer for c in customers}
         divergences = [record for record in divergences if record.customer in shown]
@@ -175,6 +222,8 @@ async def build_report(
         customers=customers,
         divergences=divergences,
         outbox=await outbox.depth() if outbox is not None else None,
+        # The ledger's own connection and key space: the counters live beside it in Redis.
+        unmapped=await read_unmapped(ledger._redis, ledger._keys),
     )
 
 
@@ -220,6 +269,16 @@ def render_table(report: Report) -> Group:
             Text(
                 f"outbox: {depth.ready} queued, {depth.scheduled} waiting to retry, "
                 f"{depth.dead} dead letters"
+            )
+        )
+    if report.unmapped.requests:
+        unmapped = report.unmapped
+        parts.append(
+            Text(
+                f"unmapped: {unmapped.requests:,} usage requests for {unmapped.items:,} subscription "
+                "items were forwarded to legacy only (no [[meters]] mapping): "
+                + ", ".join(f"{item} ({count:,})" for item, count in unmapped.top.items()),
+                style="yellow",
             )
         )
     if report.divergences:

@@ -9,6 +9,9 @@ This is the only module that imports ``stripe``. Stripe's exceptions are turned 
 
 stripe-python 12+ has no usage-record methods, so the legacy writer calls the endpoint through
 ``raw_request_async`` with a pinned pre-basil ``Stripe-Version``.
+
+``StripeWriter.retrieve_item`` is the one read: the proxy's look-up of a subscription item (its
+price and lookup key, and its subscription's customer), made with the proxy's caller's key.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import stripe
 
 from dualwrite.config import MeterMapping, StripeSettings
@@ -28,7 +32,7 @@ from dualwrite.limits import RateLimitedError, WriteLimits
 from dualwrite.models import Leg, StripeFailure, UsageEvent, WriteResult
 from dualwrite.redaction import redact
 
-__all__ = ["RETIRED_LEGACY_MARKER", "StripeWriter", "failure_from_exception"]
+__all__ = ["RETIRED_LEGACY_MARKER", "ItemDetails", "StripeWriter", "failure_from_exception"]
 
 log = logging.getLogger(__name__)
 
@@ -37,41 +41,50 @@ RETIRED_LEGACY_MARKER = "not on the legacy metered billing system"
 _NO_KEY = "sk_unset_dualwrite"
 
 
-class _PooledHTTPXClient(stripe.HTTPXClient):
-    """The SDK's httpx client with a connection pool sized for the load.
+@dataclass(frozen=True, slots=True)
+class ItemDetails:
+    """What the proxy needs to know about a subscription item to map its usage records."""
 
-    The SDK builds its ``httpx.AsyncClient`` with httpx's defaults (20 idle connections), which
-    throttles a busy proxy or worker; this replaces it with one sized by ``max_connections``.
+    item: str
+    subscription: str
+    customer: str
+    price: str | None
+    lookup_key: str | None
+
+
+class _PooledAIOHTTPClient(stripe.AIOHTTPClient):
+    """The SDK's aiohttp client, with its connection pool sized for the load.
+
+    aiohttp rather than the SDK's default httpx client: measured here, one Stripe call costs 0.59 ms
+    of CPU through aiohttp against 2.56 ms through httpx (``bench/stripe_client.py``), and a worker
+    must sustain Stripe's 1,000 meter events/s on one core.
     """
 
     def __init__(self, *, timeout: float, max_connections: int, verify_tls: bool):
-        super().__init__(timeout=timeout)
-        self._default_async = self._client_async
-        verify: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=stripe.ca_bundle_path) if verify_tls else False
-        )
-        self._client_async = httpx.AsyncClient(
-            verify=verify,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        super().__init__(timeout=aiohttp.ClientTimeout(total=timeout))
+        self._max_connections = max_connections
+        self._verify_tls = verify_tls
+        self._own_session: aiohttp.ClientSession | None = None
 
-    def _get_request_args_kwargs(
-        self, method: str, url: str, headers: Mapping[str, str], post_data: Any
-    ) -> list[Any]:
-        # The SDK hands httpx its already-encoded body as ``data=``, which httpx deprecates for raw
-        # content (a DeprecationWarning on every write); pass it as ``content=`` instead.
-        args, kwargs = super()._get_request_args_kwargs(method, url, headers, post_data)
-        if isinstance(kwargs.get("data"), str | bytes):
-            kwargs["content"] = kwargs.pop("data")
-        elif not kwargs.get("data"):
-            kwargs.pop("data", None)
-        return [args, kwargs]
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        # Built on first use, inside the running event loop, as aiohttp requires.
+        if self._own_session is None or self._own_session.closed:
+            ssl_context: ssl.SSLContext | bool = (
+                ssl.create_default_context(cafile=stripe.ca_bundle_path)
+                if self._verify_tls
+                else False
+            )
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=self._max_connections, ssl=ssl_context
+            )
+            self._own_session = aiohttp.ClientSession(connector=connector)
+        return self._own_session
 
     async def close_async(self) -> None:
-        await self._client_async.aclose()
-        await self._default_async.aclose()
+        if self._own_session is not None:
+            await self._own_session.close()
+            self._own_session = None
 
 
 class StripeWriter:
@@ -98,7 +111,7 @@ class StripeWriter:
         self._api_key = api_key
         self._meters = meters
         self.limits = limits
-        self._http = _PooledHTTPXClient(
+        self._http = _PooledAIOHTTPClient(
             timeout=settings.timeout,
             max_connections=settings.max_connections,
             verify_tls=settings.api_base.startswith("https://"),
@@ -245,6 +258,38 @@ class StripeWriter:
             value=amount,
         )
 
+    async def retrieve_item(self, item: str, *, api_key: str) -> ItemDetails | StripeFailure:
+        """Read a subscription item, and its subscription's customer, with the caller's key.
+
+        The item is read at the pre-basil ``legacy_api_version`` so that a legacy metered price
+        looks as the caller's usage records see it. Stripe's refusal comes back as a value.
+        """
+        options: dict[str, Any] = {
+            "api_key": api_key,
+            "stripe_version": self._settings.legacy_api_version,
+        }
+        try:
+            found = await self._client.v1.subscription_items.retrieve_async(
+                item,
+                options=options,  # type: ignore[arg-type]
+            )
+            subscription_id = str(found["subscription"])
+            subscription = await self._client.v1.subscriptions.retrieve_async(
+                subscription_id,
+                options=options,  # type: ignore[arg-type]
+            )
+        except stripe.StripeError as exc:
+            return failure_from_exception(exc)
+        price = _as_dict(found.to_dict().get("price"))
+        customer = subscription["customer"]
+        return ItemDetails(
+            item=item,
+            subscription=subscription_id,
+            customer=str(customer if isinstance(customer, str) else customer["id"]),
+            price=str(price["id"]) if price.get("id") else None,
+            lookup_key=str(price["lookup_key"]) if price.get("lookup_key") else None,
+        )
+
     def _options(
         self, event: UsageEvent, leg: Leg, api_key: str | None
     ) -> dict[str, Any] | WriteResult:
@@ -301,7 +346,7 @@ def failure_from_exception(exc: stripe.StripeError) -> StripeFailure:
 
 def _network_reason(exc: stripe.StripeError) -> str:
     cause = exc.__cause__
-    if isinstance(cause, httpx.TimeoutException):
+    if isinstance(cause, TimeoutError | aiohttp.ServerTimeoutError):
         return "timed out"
     if cause is not None:
         return type(cause).__name__

@@ -1,0 +1,181 @@
+"""``dualwrite worker`` and ``dualwrite dead …``: delivery processes and dead letters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dualwrite.cli._common import app, console, format_when, load_settings, run_async
+from dualwrite.deadletters import DeadLetter, DeadLetters
+from dualwrite.keys import KeySpace
+from dualwrite.redis_client import open_redis
+
+dead_app = typer.Typer(
+    help="Shadow writes Stripe refused for good, or that expired: list, show, retry, drop.",
+    no_args_is_help=True,
+)
+app.add_typer(dead_app, name="dead")
+
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")]
+Ids = Annotated[list[str] | None, typer.Argument(help="Dead letter ids (see `dead list`).")]
+All = Annotated[
+    bool, typer.Option("--all", help="Every dead letter (or every one shown by filters).")
+]
+Customer = Annotated[str | None, typer.Option(help="Only this customer's dead letters.")]
+Reason = Annotated[str | None, typer.Option(help="Only refused, expired, retired or unreadable.")]
+
+
+@app.command("worker")
+def worker(
+    ctx: typer.Context,
+    name: Annotated[
+        str | None, typer.Option(help="Consumer name (default: host-pid-random).")
+    ] = None,
+) -> None:
+    """Deliver shadow writes from the outbox until stopped (SIGTERM/SIGINT finish the batch in hand).
+
+    Run as many as you like, on any machine: they share Redis and claim what dead workers left.
+    """
+    from dualwrite.worker import run_worker
+
+    settings = load_settings(ctx)
+
+    def ready(consumer: str) -> None:
+        console.print(
+            f"worker {consumer} delivering from {settings.redis.key_prefix} (Ctrl-C stops)"
+        )
+
+    counts = run_async(run_worker(settings, consumer=name, on_ready=ready))
+    console.print(
+        "stopped: "
+        + ", ".join(f"{count} {what}" for what, count in counts.items())
+        + " (unfinished entries stay pending for another worker)"
+    )
+
+
+def _table(letters: list[DeadLetter]) -> Table:
+    table = Table("id", "when", "reason", "customer", "leg", "quantity", "error")
+    for letter in letters:
+        entry = letter.entry
+        table.add_row(
+            letter.id,
+            format_when(letter.at) if letter.at else "",
+            letter.reason,
+            entry.event.customer if entry else "?",
+            entry.leg.value if entry else "?",
+            str(entry.value) if entry else "?",
+            letter.error,
+        )
+    return table
+
+
+def _select(ids: list[str] | None, everything: bool) -> list[str] | None:
+    """The ids to act on (None: every one the filters select)."""
+    if bool(ids) == everything:
+        raise typer.BadParameter(
+            "give dead letter ids, or --all (with --customer/--reason filters)"
+        )
+    return ids or None
+
+
+async def _run_on_letters(
+    ctx: typer.Context,
+    ids: list[str] | None,
+    customer: str | None,
+    reason: str | None,
+    action: str,
+    dry_run: bool,
+) -> list[DeadLetter]:
+    settings = load_settings(ctx)
+    redis = open_redis(settings.redis)
+    try:
+        letters = DeadLetters(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
+        if ids is None:
+            ids = [
+                letter.id
+                for letter in await letters.find(limit=10**9, customer=customer, reason=reason)
+            ]
+        if action == "retry":
+            return await letters.retry(ids, dry_run=dry_run)
+        return await letters.drop(ids, dry_run=dry_run)
+    finally:
+        await redis.aclose()
+
+
+@dead_app.command("list")
+def dead_list(
+    ctx: typer.Context,
+    customer: Customer = None,
+    reason: Reason = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
+) -> None:
+    """The newest dead letters, with Stripe's error."""
+    settings = load_settings(ctx)
+
+    async def run() -> list[DeadLetter]:
+        redis = open_redis(settings.redis)
+        try:
+            keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+            return await DeadLetters(redis, keys).find(
+                limit=limit, customer=customer, reason=reason
+            )
+        finally:
+            await redis.aclose()
+
+    found = run_async(run())
+    console.print(_table(found) if found else "no dead letters")
+
+
+@dead_app.command("show")
+def dead_show(
+    ctx: typer.Context, dead_id: Annotated[str, typer.Argument(help="A dead letter id.")]
+) -> None:
+    """One dead letter in full: the event, both legs' details, the error."""
+    settings = load_settings(ctx)
+
+    async def run() -> DeadLetter:
+        redis = open_redis(settings.redis)
+        try:
+            keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+            return await DeadLetters(redis, keys).show(dead_id)
+        finally:
+            await redis.aclose()
+
+    letter = run_async(run())
+    console.print_json(letter.model_dump_json(exclude={"raw"} if letter.entry else set()))
+
+
+@dead_app.command("retry")
+def dead_retry(
+    ctx: typer.Context,
+    ids: Ids = None,
+    everything: All = False,
+    customer: Customer = None,
+    reason: Reason = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Put dead letters back in the outbox (their failure leaves the ledger until they fail again)."""
+    chosen = _select(ids, everything)
+    done = run_async(_run_on_letters(ctx, chosen, customer, reason, "retry", dry_run))
+    verb = "would retry" if dry_run else "retried"
+    console.print(_table(done) if done else "nothing to retry")
+    console.print(f"{verb} {len(done)} dead letter(s)")
+
+
+@dead_app.command("drop")
+def dead_drop(
+    ctx: typer.Context,
+    ids: Ids = None,
+    everything: All = False,
+    customer: Customer = None,
+    reason: Reason = None,
+    dry_run: DryRun = False,
+) -> None:
+    """Delete dead letters for good (the ledger keeps counting them as failed)."""
+    chosen = _select(ids, everything)
+    done = run_async(_run_on_letters(ctx, chosen, customer, reason, "drop", dry_run))
+    verb = "would drop" if dry_run else "dropped"
+    console.print(_table(done) if done else "nothing to drop")
+    console.print(f"{verb} {len(done)} dead letter(s)")

@@ -1,0 +1,53 @@
+"""A delivery worker as a process of its own (``dualwrite worker``).
+
+Any number of these, on any machine, share one Redis and one consumer group with the workers that
+run inside apps. Each delivers outbox entries, claims what dead workers left pending, and replays the
+local spool. On SIGTERM or SIGINT it finishes the batch in hand and stops; whatever it had not
+settled stays pending and another worker claims it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from dualwrite.config import Settings
+from dualwrite.engine import DualWriteEngine
+
+__all__ = ["run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    consumer: str | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> dict[str, int]:
+    """Deliver outbox entries until ``stop`` is set (or SIGTERM/SIGINT arrives); returns the counts
+    of what this worker did (accepted, retry, dead, skipped)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Not possible outside the main thread (tests run workers in threads): stop is set instead.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    if not settings.api_key():
+        log.warning("STRIPE_API_KEY is not set: every shadow write will be refused")
+    engine = DualWriteEngine.from_settings(settings)
+    try:
+        await engine.start(worker=False)  # this process's worker is started below, by name
+        worker = engine.new_worker(consumer=consumer)
+        await worker.start()
+        if on_ready is not None:
+            on_ready(worker.consumer)
+        await stop.wait()
+        await worker.aclose()
+        return {str(name): count for name, count in worker.counts.items()}
+    finally:
+        await engine.aclose()
