@@ -339,7 +339,6 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
-        populate_by_name=True,
     )
 
     _file_data: ClassVar[dict[str, Any]] = {}

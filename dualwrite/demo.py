@@ -26,6 +26,8 @@ import httpx
 import redis
 import stripe
 from pydantic import SecretStr
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -112,7 +114,17 @@ def demo_redis(settings: Settings, console: Console) -> Iterator[str]:
         try:
             yield f"unix://{server.socket_file}"
         finally:
-            server.shutdown()
+            _shut_down(server.socket_file)
+
+
+def _shut_down(socket_file: str) -> None:
+    """Stop the embedded server at once. SHUTDOWN drops the connection, which redis-py's default
+    client then retries with backoff for seconds; this client does not retry."""
+    client = redis.Redis(unix_socket_path=socket_file, retry=Retry(NoBackoff(), 0))
+    try:
+        client.shutdown(nosave=True)
+    finally:
+        client.close()
 
 
 def _safe_url(url: str) -> str:

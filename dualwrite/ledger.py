@@ -317,6 +317,8 @@ class Ledger:
         self, *, limit: int = 100, customer: str | None = None
     ) -> list[DivergenceRecord]:
         """The newest divergence entries (across shards), newest first."""
+        if limit <= 0:
+            return []
         shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
         records: list[DivergenceRecord] = []
         async with store_errors("reading the divergence log"):

@@ -38,7 +38,7 @@ def make_settings(
         "outbox": outbox,
         "routes": tuple(UsageRoute.model_validate(route) for route in routes),
         "meters": (MeterMapping(event_name=EVENT_NAME),),
-        "stripe_api_key": SecretStr(api_key) if api_key else None,
+        "STRIPE_API_KEY": SecretStr(api_key) if api_key else None,
         **sections,
     }
     return Settings(**data)

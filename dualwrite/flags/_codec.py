@@ -87,7 +87,7 @@ def format_percent(stage: Stage, percent: float) -> str:
     in [0, 100] with at most two decimals.
     """
     if stage not in ROLLOUT_STAGES:
-        msg = f"rollout applies to shadow, primary or meter, not {stage!r}"
+        msg = f"rollout applies to shadow, primary or meter, not {stage.value}"
         raise ValueError(msg)
     if isinstance(percent, bool) or not isinstance(percent, int | float):
         msg = f"rollout percent must be a number, got {percent!r}"

