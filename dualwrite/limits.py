@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class WriteLimits:
             "stream": settings.stream_events_per_second,
         }
         self.stats = LimitStats()
+        self._local_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def take(self, path: LimitPath, *, cost: int = 1, max_wait: float) -> None:
         """Wait for ``cost`` units of ``path``'s rate.
@@ -137,6 +141,28 @@ class WriteLimits:
             yield
             return
         key = self._keys.for_customer(customer).meter_turn(customer, event_name)
+        # Calls of this process queue on a local lock first, so that only calls from different
+        # processes ever poll Redis for the turn.
+        local = self._local_turns.get(key)
+        if local is None:
+            local = self._local_turns[key] = asyncio.Lock()
+        try:
+            async with asyncio.timeout(max_wait):
+                await local.acquire()
+        except TimeoutError:
+            self.stats.refused += 1
+            msg = f"another meter call for {customer}/{event_name} is still in flight"
+            raise RateLimitedError(msg, retry_after=0.05) from None
+        try:
+            async with self._redis_turn(key, customer, event_name, max_wait=max_wait):
+                yield
+        finally:
+            local.release()
+
+    @asynccontextmanager
+    async def _redis_turn(
+        self, key: str, customer: str, event_name: str, *, max_wait: float
+    ) -> AsyncIterator[None]:
         token = uuid.uuid4().hex
         lease_ms = int(self.settings.turn_lease_seconds * 1000)
         waited, pause = 0.0, 0.002

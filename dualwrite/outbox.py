@@ -25,6 +25,7 @@ import random
 import socket
 import time
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from typing import Literal
 
@@ -304,7 +305,7 @@ class OutboxWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_claim = 0.0
-        self._semaphore = asyncio.Semaphore(self.settings.concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
         self.counts: dict[Disposition, int] = {"accepted": 0, "retry": 0, "dead": 0, "skipped": 0}
 
     async def start(self) -> None:
@@ -314,8 +315,8 @@ class OutboxWorker:
         self._task = asyncio.create_task(self._run(), name=f"dualwrite-outbox-{self.consumer}")
 
     async def aclose(self, *, grace: float = 10.0) -> None:
-        """Stop after the batch in hand (waiting up to ``grace`` seconds); unfinished entries stay
-        pending, and another worker claims them."""
+        """Stop taking entries and let the deliveries in flight finish (waiting up to ``grace``
+        seconds); what is left unsettled stays pending, and another worker claims it."""
         self._stopping.set()
         if self._task is None:
             return
@@ -328,27 +329,35 @@ class OutboxWorker:
 
     async def _run(self) -> None:
         failures = 0
-        while not self._stopping.is_set():
-            try:
-                await self.run_once(block_ms=self.settings.block_ms)
-                failures = 0
-                continue
-            except StoreUnavailableError as exc:
-                failures += 1
-                if failures == 1 or failures % 50 == 0:  # an outage must not flood the log
-                    log.warning("outbox worker paused: %s (%d round(s) so far)", exc, failures)
-            except Exception:
-                failures += 1
-                log.exception("outbox worker round failed")
-            delay = min(5.0, 0.05 * 2 ** min(failures, 10))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._fill(block_ms=None if self._inflight else self.settings.block_ms)
+                    failures = 0
+                except StoreUnavailableError as exc:
+                    failures += 1
+                    if failures == 1 or failures % 50 == 0:  # an outage must not flood the log
+                        log.warning("outbox worker paused: %s (%d round(s) so far)", exc, failures)
+                except Exception:
+                    failures += 1
+                    log.exception("outbox worker round failed")
+                if self._inflight:
+                    # Read more as soon as any delivery frees a slot: a slow call to Stripe never
+                    # holds up the others.
+                    await asyncio.wait(self._inflight, timeout=0.05, return_when=FIRST_COMPLETED)
+                elif failures:
+                    delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+        finally:
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
 
-    async def run_once(self, *, block_ms: int | None = None) -> int:
-        """One round: promote due retries, claim stale entries, read new ones, deliver them.
-
-        Returns how many entries were handled.
-        """
+    async def _fill(self, *, block_ms: int | None) -> int:
+        """Promote due retries, claim stale entries, and start deliveries for free slots."""
+        free = self.settings.concurrency - len(self._inflight)
+        if free <= 0:
+            return 0
         await self.outbox.ensure_groups()
         now = self._clock()
         await self.outbox.promote_due(now=now)
@@ -358,17 +367,27 @@ class OutboxWorker:
             batch += await self.outbox.claim_stale(
                 self.consumer,
                 min_idle_ms=int(self.settings.claim_idle_seconds * 1000),
-                count=self.settings.batch_size,
+                count=min(free, self.settings.batch_size),
             )
         if not batch:
             batch = await self.outbox.read(
-                self.consumer, count=self.settings.batch_size, block_ms=block_ms
+                self.consumer, count=min(free, self.settings.batch_size), block_ms=block_ms
             )
-        if batch:
-            async with asyncio.TaskGroup() as group:
-                for shard, entry_id, payload in batch:
-                    group.create_task(self._deliver_bounded(shard, entry_id, payload))
+        for shard, entry_id, payload in batch:
+            task = asyncio.create_task(self._deliver_logged(shard, entry_id, payload))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
         return len(batch)
+
+    async def run_once(self, *, block_ms: int | None = None) -> int:
+        """One round: promote due retries, claim stale entries, read new ones, deliver them all.
+
+        Returns how many entries were handled.
+        """
+        handled = await self._fill(block_ms=block_ms)
+        if self._inflight:
+            await asyncio.gather(*self._inflight)
+        return handled
 
     async def drain(self) -> None:
         """Deliver until nothing is outstanding, retries included (tests, the demo, shutdown).
@@ -377,21 +396,22 @@ class OutboxWorker:
         retryably keeps it waiting until ``max_age_seconds``.
         """
         while True:
-            handled = await self.run_once(block_ms=None)
+            await self._fill(block_ms=None)
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=0.05, return_when=FIRST_COMPLETED)
+                continue
             if (await self.outbox.depth()).outstanding == 0:
                 return
-            if not handled:
-                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)
 
-    async def _deliver_bounded(self, shard: ShardKeys, entry_id: str, payload: str) -> None:
-        async with self._semaphore:
-            try:
-                disposition = await self.deliver(shard, entry_id, payload)
-            except Exception:
-                # Left pending: another round (or another worker) claims it after the idle time.
-                log.exception("delivering outbox entry %s failed; it stays pending", entry_id)
-                return
-            self.counts[disposition] += 1
+    async def _deliver_logged(self, shard: ShardKeys, entry_id: str, payload: str) -> None:
+        try:
+            disposition = await self.deliver(shard, entry_id, payload)
+        except Exception:
+            # Left pending: another round (or another worker) claims it after the idle time.
+            log.exception("delivering outbox entry %s failed; it stays pending", entry_id)
+            return
+        self.counts[disposition] += 1
 
     async def deliver(self, shard: ShardKeys, entry_id: str, payload: str) -> Disposition:
         """Write one entry to Stripe and settle it."""

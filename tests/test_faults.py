@@ -1,0 +1,233 @@
+"""Delivery under staged faults, with thousands of events: each test ends with the stand-in holding,
+per customer, exactly what was intended (nothing lost, nothing counted twice).
+
+The events go into the outbox exactly as the engine commits them (ledger included) but without
+their authoritative write: these tests are about delivering shadow writes. Set
+DUALWRITE_FAULT_EVENTS to change how many (default 10,000).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dualwrite.commit import Commit
+from dualwrite.engine import DualWriteEngine
+from dualwrite.ledger import LedgerUpdate
+from dualwrite.models import Leg, Stage, UsageEvent
+from dualwrite.outbox import OutboxEntry
+from dualwrite.testing import StripeStandin
+from tests.conftest import STRIPE_KEY
+from tests.support import EVENT_NAME, ScenarioBuilder, make_settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+EVENTS = int(os.environ.get("DUALWRITE_FAULT_EVENTS", "10000"))
+CUSTOMERS = 40
+
+
+@pytest.fixture
+async def customers(standin_url: str) -> list[str]:
+    """Customers known to the stand-in (meter events for unknown customers would not count)."""
+    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
+    try:
+        return [(await builder.customer(f"Fault {index}")).customer for index in range(CUSTOMERS)]
+    finally:
+        await builder.aclose()
+
+
+def fault_settings(redis_url: str, prefix: str, api_base: str, **outbox: float | int):
+    """Settings for delivery at volume: no rate limits, wide concurrency, quick retries."""
+    return make_settings(
+        redis_url=redis_url,
+        prefix=prefix,
+        api_base=api_base,
+        api_key=STRIPE_KEY,
+        stripe={"timeout": 0.5},
+        limits={"legacy_per_second": 0, "meter_per_second": 0, "turn_lease_seconds": 5},
+        outbox={"concurrency": 64, "batch_size": 200, "claim_idle_seconds": 1.0, **outbox},
+    )
+
+
+async def seed(engine: DualWriteEngine, customers: list[str], count: int) -> Counter[str]:
+    """Commit ``count`` shadow meter writes as the engine would; returns the intended totals."""
+    rng = random.Random(count)
+    intended: Counter[str] = Counter()
+    now = int(time.time())
+    for index in range(count):
+        customer = rng.choice(customers)
+        quantity = rng.randint(1, 50)
+        intended[customer] += quantity
+        event = UsageEvent(
+            identifier=f"fault-{index}",
+            customer=customer,
+            subscription_item="si_fault",
+            event_name=EVENT_NAME,
+            quantity=quantity,
+            timestamp=now,
+        )
+        shard = engine.keys.for_customer(customer)
+        update = LedgerUpdate(shard, event).recorded(
+            Stage.SHADOW, Leg.LEGACY, Leg.METER, quantity, translated=False
+        )
+        entry = OutboxEntry(
+            event=event, leg=Leg.METER, value=quantity, stage=Stage.SHADOW, enqueued_at=time.time()
+        )
+        await engine.commits.apply(
+            Commit(
+                prefix=shard.prefix,
+                shard=shard.shard,
+                ledger_key=update.key,
+                index_member=update.index_member,
+                index_score=update.index_score,
+                increments=update.increments,
+                outbox_payload=entry.payload(),
+            )
+        )
+    return intended
+
+
+async def assert_exact(
+    engine: DualWriteEngine, standin: StripeStandin, intended: Counter[str]
+) -> None:
+    """Stripe (the stand-in) and the ledger hold exactly the intended usage, per customer."""
+    held = {customer: int(standin.meter_total(customer, EVENT_NAME)) for customer in intended}
+    assert held == dict(intended)
+    for customer, quantity in intended.items():
+        rows = await engine.ledger.rows(customer=customer)
+        assert sum(row["meter_accepted_qty"] for row in rows) == quantity
+        assert sum(row["meter_failed_qty"] for row in rows) == 0
+    depth = await engine.outbox.depth()
+    assert depth.outstanding == 0 and depth.dead == 0
+
+
+@pytest.fixture
+async def engine(
+    redis_url: str, key_prefix: str, standin_url: str
+) -> AsyncIterator[DualWriteEngine]:
+    """An engine for seeding and checking (no worker of its own)."""
+    engine = DualWriteEngine.from_settings(fault_settings(redis_url, key_prefix, standin_url))
+    await engine.start(worker=False)
+    yield engine
+    await engine.aclose()
+
+
+def worker_process(
+    redis_url: str, prefix: str, api_base: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """`python -m dualwrite worker`, configured through the environment as a user would."""
+    env = {
+        **os.environ,
+        "STRIPE_API_KEY": STRIPE_KEY,
+        "DUALWRITE_REDIS__URL": redis_url,
+        "DUALWRITE_REDIS__KEY_PREFIX": prefix,
+        "DUALWRITE_STRIPE__API_BASE": api_base,
+        "DUALWRITE_STRIPE__TIMEOUT": "0.5",
+        "DUALWRITE_LIMITS__METER_PER_SECOND": "0",
+        "DUALWRITE_LIMITS__TURN_LEASE_SECONDS": "5",
+        "DUALWRITE_OUTBOX__CONCURRENCY": "64",
+        "DUALWRITE_OUTBOX__CLAIM_IDLE_SECONDS": "1",
+        "DUALWRITE_OUTBOX__BACKOFF_BASE": "0.01",
+        "DUALWRITE_OUTBOX__BACKOFF_MAX": "0.1",
+        "DUALWRITE_OUTBOX__BLOCK_MS": "50",
+    }
+    with log.open("ab") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "dualwrite", "worker"], env=env, stdout=handle, stderr=handle
+        )
+
+
+class TestKilledWorker:
+    """A worker killed with SIGKILL mid-batch loses and doubles nothing."""
+
+    async def test_sigkill_mid_batch(
+        self, engine, customers, standin, redis_url, key_prefix, standin_url, tmp_path
+    ):
+        """Kill the first worker after some thousands of events; a second one finishes the job."""
+        intended = await seed(engine, customers, EVENTS)
+        log = tmp_path / "workers.log"
+        first = worker_process(redis_url, key_prefix, standin_url, log)
+        try:
+            with anyio.fail_after(60):
+                while len(standin.meter_events()) < EVENTS // 4:
+                    assert first.poll() is None, log.read_text()
+                    await anyio.sleep(0.02)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        assert (await engine.outbox.depth()).outstanding > 0, "the kill came too late to test"
+        second = worker_process(redis_url, key_prefix, standin_url, log)
+        try:
+            with anyio.fail_after(120):
+                while (await engine.outbox.depth()).outstanding:
+                    assert second.poll() is None, log.read_text()
+                    await anyio.sleep(0.1)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=30) == 0, log.read_text()
+        await assert_exact(engine, standin, intended)
+
+
+class TestFlakyStripe:
+    """Stripe failing 30 % of calls (5xx, 429, timeouts) delays delivery, never changes it."""
+
+    async def test_thirty_percent_failures(self, engine, customers, standin):
+        """Every fault kind, including timeouts whose write was applied, ends exact."""
+        intended = await seed(engine, customers, EVENTS)
+        standin.faults.configure(
+            rate=0.3,
+            kinds=("500", "503", "429", "timeout"),
+            paths=("/v1/billing/meter_events",),
+            seed=11,
+            timeout_seconds=0.8,
+        )
+        worker = engine.new_worker(consumer="flaky")
+        with anyio.fail_after(180):
+            await worker.drain()
+        standin.faults.clear()
+        assert worker.counts["retry"] > EVENTS // 10
+        assert sum(standin.faults.injected.values()) > EVENTS // 10
+        await assert_exact(engine, standin, intended)
+
+
+class TestDuplicates:
+    """Entries delivered twice (a slow worker and the worker that claimed its entries) count once."""
+
+    async def test_every_entry_delivered_twice(self, engine, customers, standin):
+        """Two workers deliver the same thousands of entries: Stripe and the ledger count each once."""
+        intended = await seed(engine, customers, EVENTS)
+        await engine.outbox.ensure_groups()
+        taken = await engine.outbox.read("slow", count=EVENTS, block_ms=None)
+        assert len(taken) == EVENTS
+        slow = engine.new_worker(consumer="slow")
+        fast = engine.new_worker(consumer="fast")  # claims the slow one's entries after 1 s idle
+        gate = anyio.Semaphore(64)
+        late: Counter[str] = Counter()
+
+        async def deliver_late(shard, entry_id: str, payload: str) -> None:
+            async with gate:
+                late[await slow.deliver(shard, entry_id, payload)] += 1
+
+        async def slow_worker() -> None:
+            await anyio.sleep(1.2)  # idle long enough for the fast worker to claim everything
+            async with anyio.create_task_group() as group:
+                for item in taken:
+                    group.start_soon(deliver_late, *item)
+
+        with anyio.fail_after(180):
+            async with anyio.create_task_group() as group:
+                group.start_soon(slow_worker)
+                group.start_soon(fast.drain)
+        assert late["accepted"] + fast.counts["accepted"] == EVENTS
+        assert late["skipped"] + fast.counts["skipped"] > 0, "no entry was delivered twice"
+        await assert_exact(engine, standin, intended)
