@@ -1,0 +1,251 @@
+"""The outbox streams, their entries, and the atomic steps taken on them (Lua scripts)."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict
+from redis.exceptions import ResponseError
+
+from dualwrite.config import OutboxSettings
+from dualwrite.keys import KeySpace, ShardKeys
+from dualwrite.ledger import Ledger, LedgerUpdate
+from dualwrite.models import Leg, Stage, UsageEvent
+from dualwrite.redis_client import as_int, store_errors, stream_entries, streams_reply
+
+__all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "Outbox", "OutboxDepth", "OutboxEntry"]
+
+log = logging.getLogger(__name__)
+
+OUTBOX_GROUP = "dualwrite-workers"
+DEAD_MAXLEN = 1_000_000
+
+# KEYS: outbox, ledger hash, ledger index, divergence, dead letters
+# ARGV: group, entry id, index member, index score, divergence maxlen, dead maxlen,
+#       then three lists, each a count followed by name/value pairs: increments, divergence, dead letter
+_SETTLE = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+local i = 7
+local function pairs_at()
+  local n = tonumber(ARGV[i]); i = i + 1
+  local out = {}
+  for _ = 1, n do out[#out + 1] = ARGV[i]; out[#out + 1] = ARGV[i + 1]; i = i + 2 end
+  return out
+end
+local incr = pairs_at()
+for j = 1, #incr, 2 do redis.call('HINCRBY', KEYS[2], incr[j], incr[j + 1]) end
+if #incr > 0 then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3]) end
+local div = pairs_at()
+if #div > 0 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(div)) end
+local dead = pairs_at()
+if #dead > 0 then redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(dead)) end
+return 1
+"""
+
+# KEYS: outbox, retry set; ARGV: group, entry id, due time, payload
+_RESCHEDULE = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS: retry set, outbox; ARGV: now, limit
+_PROMOTE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, payload in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'entry', payload)
+  redis.call('ZREM', KEYS[1], payload)
+end
+return #due
+"""
+
+
+class OutboxEntry(BaseModel):
+    """A shadow write waiting for delivery."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: UsageEvent
+    leg: Leg
+    value: int
+    """The effective quantity this leg carries (a translated ``set`` carries a difference)."""
+    stage: Stage
+    authoritative_id: str | None = None
+    enqueued_at: float
+    attempt: int = 0
+    last_error: str | None = None
+
+    def payload(self) -> str:
+        """The JSON stored in the stream."""
+        return self.model_dump_json()
+
+    @classmethod
+    def parse(cls, payload: str) -> OutboxEntry:
+        """Read an entry back from its stream payload."""
+        return cls.model_validate_json(payload)
+
+
+class OutboxDepth(BaseModel):
+    """How much work the outbox holds, over all shards."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ready: int
+    """Entries in the streams (waiting or being delivered)."""
+    pending: int
+    """Entries delivered to a worker and not yet acknowledged."""
+    scheduled: int
+    """Entries waiting out a retry backoff."""
+    dead: int
+
+    @property
+    def outstanding(self) -> int:
+        """Entries not yet settled."""
+        return self.ready + self.scheduled
+
+
+class Outbox:
+    """The outbox streams of every shard, and the atomic steps workers take on them."""
+
+    def __init__(
+        self, redis: aioredis.Redis, keys: KeySpace, settings: OutboxSettings, ledger: Ledger
+    ):
+        self._redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.ledger = ledger
+        self._settle = redis.register_script(_SETTLE)
+        self._reschedule = redis.register_script(_RESCHEDULE)
+        self._promote = redis.register_script(_PROMOTE)
+        self._groups_ready = False
+
+    async def ensure_groups(self) -> None:
+        """Create each shard's stream and consumer group if missing (idempotent)."""
+        if self._groups_ready:
+            return
+        async with store_errors("creating the outbox consumer group"):
+            for shard in self.keys.all_shards():
+                try:
+                    await self._redis.xgroup_create(
+                        shard.outbox, OUTBOX_GROUP, id="0", mkstream=True
+                    )
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+        self._groups_ready = True
+
+    async def read(
+        self, consumer: str, *, count: int, block_ms: int | None
+    ) -> list[tuple[ShardKeys, str, str]]:
+        """New entries for ``consumer``: (shard, entry id, payload)."""
+        shards = {shard.outbox: shard for shard in self.keys.all_shards()}
+        async with store_errors("reading the outbox"):
+            reply = await self._redis.xreadgroup(
+                OUTBOX_GROUP, consumer, dict.fromkeys(shards, ">"), count=count, block=block_ms
+            )
+        return [
+            (shards[stream], entry_id, fields.get("entry", ""))
+            for stream, entries in streams_reply(reply)
+            for entry_id, fields in entries
+        ]
+
+    async def claim_stale(
+        self, consumer: str, *, min_idle_ms: int, count: int
+    ) -> list[tuple[ShardKeys, str, str]]:
+        """Take over entries another worker left pending for longer than ``min_idle_ms``."""
+        claimed: list[tuple[ShardKeys, str, str]] = []
+        async with store_errors("claiming stale outbox entries"):
+            for shard in self.keys.all_shards():
+                reply = await self._redis.xautoclaim(
+                    shard.outbox, OUTBOX_GROUP, consumer, min_idle_ms, start_id="0-0", count=count
+                )
+                for entry_id, fields in stream_entries(reply[1] if len(reply) > 1 else []):
+                    claimed.append((shard, entry_id, fields.get("entry", "")))
+        return claimed
+
+    async def promote_due(self, *, now: float, limit: int = 500) -> int:
+        """Move retries whose backoff has passed back into their stream."""
+        moved = 0
+        async with store_errors("promoting due retries"):
+            for shard in self.keys.all_shards():
+                moved += as_int(
+                    await self._promote(keys=[shard.retry, shard.outbox], args=[now, limit])
+                )
+        return moved
+
+    async def settle(
+        self,
+        shard: ShardKeys,
+        entry_id: str,
+        update: LedgerUpdate,
+        *,
+        divergence: dict[str, str] | None = None,
+        dead: dict[str, str] | None = None,
+    ) -> bool:
+        """Acknowledge an entry and apply its ledger update (and divergence, dead letter) atomically.
+
+        Returns False, changing nothing, when the entry was no longer pending (another worker
+        settled it).
+        """
+        args: list[str | int | float] = [
+            OUTBOX_GROUP,
+            entry_id,
+            update.index_member,
+            update.index_score,
+            self.ledger.divergence_maxlen,
+            DEAD_MAXLEN,
+            *update.script_args(),
+        ]
+        for extra in (divergence or {}, dead or {}):
+            args.append(len(extra))
+            for name, value in extra.items():
+                args += [name, value]
+        keys = [shard.outbox, update.key, shard.ledger_index, shard.divergence, shard.dead]
+        async with store_errors("settling an outbox entry"):
+            return as_int(await self._settle(keys=keys, args=args)) == 1
+
+    async def reschedule(
+        self, shard: ShardKeys, entry_id: str, entry: OutboxEntry, *, due: float
+    ) -> bool:
+        """Acknowledge an entry and park it until ``due`` (False if it was no longer pending)."""
+        async with store_errors("rescheduling an outbox entry"):
+            done = await self._reschedule(
+                keys=[shard.outbox, shard.retry],
+                args=[OUTBOX_GROUP, entry_id, due, entry.payload()],
+            )
+        return as_int(done) == 1
+
+    async def dead_letter_raw(
+        self, shard: ShardKeys, entry_id: str, payload: str, *, reason: str, at: float
+    ) -> None:
+        """Move an entry that cannot even be parsed to the dead letters, as it was."""
+        async with store_errors("dead-lettering an unreadable entry"):
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xack(shard.outbox, OUTBOX_GROUP, entry_id)
+            pipe.xdel(shard.outbox, entry_id)
+            pipe.xadd(shard.dead, {"entry": payload, "reason": reason, "at": f"{at:.3f}"})
+            await pipe.execute()
+
+    async def depth(self) -> OutboxDepth:
+        """Counts over all shards."""
+        ready = pending = scheduled = dead = 0
+        async with store_errors("measuring the outbox"):
+            for shard in self.keys.all_shards():
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.xlen(shard.outbox)
+                pipe.zcard(shard.retry)
+                pipe.xlen(shard.dead)
+                lengths = await pipe.execute()
+                ready += as_int(lengths[0])
+                scheduled += as_int(lengths[1])
+                dead += as_int(lengths[2])
+                if lengths[0]:
+                    try:
+                        info = await self._redis.xpending(shard.outbox, OUTBOX_GROUP)
+                        pending += as_int(info.get("pending") if isinstance(info, dict) else 0)
+                    except ResponseError:
+                        pass  # no group yet: nothing can be pending
+        return OutboxDepth(ready=ready, pending=pending, scheduled=scheduled, dead=dead)

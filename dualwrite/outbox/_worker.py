@@ -1,0 +1,306 @@
+"""``OutboxWorker``: delivers outbox entries to Stripe and settles them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from asyncio import FIRST_COMPLETED
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, Protocol
+
+from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.keys import ShardKeys
+from dualwrite.ledger import LedgerUpdate, LegView, describe_failure, divergence_fields
+from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
+from dualwrite.outbox._store import Outbox, OutboxEntry
+from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
+
+__all__ = ["Disposition", "MeterAccepted", "OutboxWorker"]
+
+log = logging.getLogger(__name__)
+
+
+Disposition = Literal["accepted", "retry", "dead", "skipped"]
+
+
+class MeterAccepted(Protocol):
+    """Called after a meter write is settled as accepted (late-refusal tracking)."""
+
+    async def __call__(self, event: UsageEvent, *, value: int, stage: Stage) -> None:
+        """Note the accepted meter event."""
+
+
+class OutboxWorker:
+    """Delivers outbox entries to Stripe: one instance per process (inside the ASGI lifespan, or a
+    ``dualwrite worker``), any number sharing one Redis."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        writer: StripeWriter,
+        *,
+        consumer: str | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        max_wait: float = 30.0,
+        on_meter_accepted: MeterAccepted | None = None,
+    ):
+        self.outbox = outbox
+        self.max_wait = max_wait
+        self._on_meter_accepted = on_meter_accepted
+        self.writer = writer
+        self.settings = outbox.settings
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_claim = 0.0
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.counts: dict[Disposition, int] = {"accepted": 0, "retry": 0, "dead": 0, "skipped": 0}
+
+    async def start(self) -> None:
+        """Run the delivery loop in a background task."""
+        await self.outbox.ensure_groups()
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name=f"dualwrite-outbox-{self.consumer}")
+
+    async def aclose(self, *, grace: float = 10.0) -> None:
+        """Stop taking entries and let the deliveries in flight finish (waiting up to ``grace``
+        seconds); what is left unsettled stays pending, and another worker claims it."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
+        except TimeoutError:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._fill(block_ms=None if self._inflight else self.settings.block_ms)
+                    failures = 0
+                except StoreUnavailableError as exc:
+                    failures += 1
+                    if failures == 1 or failures % 50 == 0:  # an outage must not flood the log
+                        log.warning("outbox worker paused: %s (%d round(s) so far)", exc, failures)
+                except Exception:
+                    failures += 1
+                    log.exception("outbox worker round failed")
+                if self._inflight:
+                    # Read more as soon as any delivery frees a slot: a slow call to Stripe never
+                    # holds up the others.
+                    await asyncio.wait(self._inflight, timeout=0.05, return_when=FIRST_COMPLETED)
+                elif failures:
+                    delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+        finally:
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _fill(self, *, block_ms: int | None) -> int:
+        """Promote due retries, claim stale entries, and start deliveries for free slots."""
+        free = self.settings.concurrency - len(self._inflight)
+        if free <= 0:
+            return 0
+        await self.outbox.ensure_groups()
+        now = self._clock()
+        await self.outbox.promote_due(now=now)
+        batch: list[tuple[ShardKeys, str, str]] = []
+        if now - self._last_claim >= self.settings.claim_idle_seconds / 2:
+            self._last_claim = now
+            batch += await self.outbox.claim_stale(
+                self.consumer,
+                min_idle_ms=int(self.settings.claim_idle_seconds * 1000),
+                count=min(free, self.settings.batch_size),
+            )
+        if not batch:
+            # On the v2 stream one delivery carries up to 100 entries: read enough to fill them.
+            per_slot = MAX_STREAM_BATCH if self.writer.meter_path == "v2" else 1
+            batch = await self.outbox.read(
+                self.consumer,
+                count=min(free * per_slot, self.settings.batch_size),
+                block_ms=block_ms,
+            )
+        streamed: list[tuple[ShardKeys, str, OutboxEntry]] = []
+        for shard, entry_id, payload in batch:
+            entry = self._streamable(payload)
+            if entry is not None:
+                streamed.append((shard, entry_id, entry))
+            else:
+                self._spawn(self._deliver_logged(shard, entry_id, payload))
+        for start in range(0, len(streamed), MAX_STREAM_BATCH):
+            self._spawn(self._deliver_stream_logged(streamed[start : start + MAX_STREAM_BATCH]))
+        return len(batch)
+
+    def _spawn(self, delivery: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(delivery)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    def _streamable(self, payload: str) -> OutboxEntry | None:
+        """The entry, if it goes out through the v2 stream in a batch (meter leg, v2 configured)."""
+        if self.writer.meter_path != "v2":
+            return None
+        try:
+            entry = OutboxEntry.parse(payload)
+        except ValueError:
+            return None  # delivered alone, which dead-letters it
+        return entry if entry.leg is Leg.METER else None
+
+    async def run_once(self, *, block_ms: int | None = None) -> int:
+        """One round: promote due retries, claim stale entries, read new ones, deliver them all.
+
+        Returns how many entries were handled.
+        """
+        handled = await self._fill(block_ms=block_ms)
+        if self._inflight:
+            await asyncio.gather(*self._inflight)
+        return handled
+
+    async def drain(self) -> None:
+        """Deliver until nothing is outstanding, retries included (tests, the demo, shutdown).
+
+        Bound it with ``anyio.fail_after`` or ``asyncio.timeout``: a shadow leg that keeps failing
+        retryably keeps it waiting until ``max_age_seconds``.
+        """
+        while True:
+            await self._fill(block_ms=None)
+            if self._inflight:
+                await asyncio.wait(self._inflight, timeout=0.05, return_when=FIRST_COMPLETED)
+                continue
+            if (await self.outbox.depth()).outstanding == 0:
+                return
+            await asyncio.sleep(0.02)
+
+    async def _deliver_stream_logged(self, items: list[tuple[ShardKeys, str, OutboxEntry]]) -> None:
+        try:
+            dispositions = await self.deliver_stream(items)
+        except Exception:
+            log.exception("delivering %d streamed entries failed; they stay pending", len(items))
+            return
+        for disposition in dispositions:
+            self.counts[disposition] += 1
+
+    async def _deliver_logged(self, shard: ShardKeys, entry_id: str, payload: str) -> None:
+        try:
+            disposition = await self.deliver(shard, entry_id, payload)
+        except Exception:
+            # Left pending: another round (or another worker) claims it after the idle time.
+            log.exception("delivering outbox entry %s failed; it stays pending", entry_id)
+            return
+        self.counts[disposition] += 1
+
+    async def deliver(self, shard: ShardKeys, entry_id: str, payload: str) -> Disposition:
+        """Write one entry to Stripe and settle it."""
+        try:
+            entry = OutboxEntry.parse(payload)
+        except ValueError:
+            log.error("outbox entry %s is unreadable; dead-lettering it", entry_id)
+            return await self._dead_unreadable(shard, entry_id, payload)
+        result = await self.writer.write(
+            entry.leg, entry.event, value=entry.value, max_wait=self.max_wait
+        )
+        return await self._settle_result(shard, entry_id, entry, result)
+
+    async def deliver_stream(
+        self, items: list[tuple[ShardKeys, str, OutboxEntry]]
+    ) -> list[Disposition]:
+        """Write up to 100 meter-leg entries in one call of the v2 stream, then settle each."""
+        results = await self.writer.write_meter_batch(
+            [(entry.event, entry.value) for _, _, entry in items], max_wait=self.max_wait
+        )
+        return [
+            await self._settle_result(shard, entry_id, entry, result)
+            for (shard, entry_id, entry), result in zip(items, results, strict=True)
+        ]
+
+    async def _settle_result(
+        self, shard: ShardKeys, entry_id: str, entry: OutboxEntry, result: WriteResult
+    ) -> Disposition:
+        """Acknowledge, reschedule or dead-letter an entry according to its write's result."""
+        update = LedgerUpdate(shard, entry.event)
+        if result.accepted:
+            update.shadow_accepted(entry.leg, entry.value)
+            done = await self.outbox.settle(shard, entry_id, update)
+            if done and entry.leg is Leg.METER and self._on_meter_accepted is not None:
+                await self._on_meter_accepted(entry.event, value=entry.value, stage=entry.stage)
+            return "accepted" if done else "skipped"
+        failure = result.failure
+        age = self._clock() - entry.enqueued_at
+        if failure is not None and failure.retryable and age < self.settings.max_age_seconds:
+            delay = self._backoff(entry.attempt, failure.retry_after)
+            retry = entry.model_copy(
+                update={"attempt": entry.attempt + 1, "last_error": describe_failure(failure)}
+            )
+            done = await self.outbox.reschedule(shard, entry_id, retry, due=self._clock() + delay)
+            return "retry" if done else "skipped"
+        return await self._dead(
+            shard, entry_id, entry, result, expired=failure is not None and failure.retryable
+        )
+
+    async def _dead(
+        self,
+        shard: ShardKeys,
+        entry_id: str,
+        entry: OutboxEntry,
+        result: WriteResult,
+        *,
+        expired: bool,
+    ) -> Disposition:
+        message = (result.failure.message if result.failure else "") or ""
+        retired = entry.leg is Leg.LEGACY and RETIRED_LEGACY_MARKER in message
+        update = LedgerUpdate(shard, entry.event).shadow_failed(
+            entry.leg, entry.value, retired=retired
+        )
+        divergence = None
+        if not retired:
+            shadow_view = LegView.of(result)
+            if expired:
+                shadow_view = shadow_view.model_copy(update={"status": "expired"})
+            authoritative_view = LegView(status="accepted", stripe_id=entry.authoritative_id)
+            legacy, meter = (
+                (shadow_view, authoritative_view)
+                if entry.leg is Leg.LEGACY
+                else (authoritative_view, shadow_view)
+            )
+            divergence = divergence_fields(
+                entry.event,
+                kind="shadow_expired" if expired else "shadow_refused",
+                stage=entry.stage,
+                legacy=legacy,
+                meter=meter,
+                note=f"after {entry.attempt + 1} attempt(s)",
+                at=self._clock(),
+            )
+        dead = {
+            "entry": entry.payload(),
+            "reason": "expired" if expired else ("retired" if retired else "refused"),
+            "error": describe_failure(result.failure) or "",
+            "at": f"{self._clock():.3f}",
+        }
+        done = await self.outbox.settle(shard, entry_id, update, divergence=divergence, dead=dead)
+        return "dead" if done else "skipped"
+
+    async def _dead_unreadable(self, shard: ShardKeys, entry_id: str, payload: str) -> Disposition:
+        await self.outbox.dead_letter_raw(
+            shard, entry_id, payload, reason="unreadable", at=self._clock()
+        )
+        return "dead"
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        ceiling = min(self.settings.backoff_max, self.settings.backoff_base * 2**attempt)
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        return max(delay, retry_after or 0.0)

@@ -1,0 +1,47 @@
+"""The two writers, on the official ``stripe`` SDK: legacy usage records and meter events.
+
+This is the only package that imports ``stripe``. Stripe's exceptions are turned into
+``StripeFailure`` values here, once, classified as retryable or permanent:
+
+* retryable: network errors and timeouts, 409 (lock or idempotency conflicts), 429, 5xx, and anything
+  carrying ``Stripe-Should-Retry: true``;
+* permanent: everything else, and anything carrying ``Stripe-Should-Retry: false``.
+
+stripe-python 12+ has no usage-record methods, so the legacy writer calls the endpoint through
+``raw_request_async`` with a pinned pre-basil ``Stripe-Version``.
+
+``StripeWriter.retrieve_item`` is the one read: the proxy's look-up of a subscription item (its
+price and lookup key, and its subscription's customer), made with the proxy's caller's key.
+"""
+
+from __future__ import annotations
+
+from dualwrite.stripe_io._events import (
+    ERROR_REPORT_EVENT,
+    EventFetchError,
+    EventSignatureError,
+    MeterErrorReport,
+    MeterErrorSample,
+    fetch_error_report,
+)
+from dualwrite.stripe_io._failures import failure_from_exception
+from dualwrite.stripe_io._stream import MAX_STREAM_BATCH, MeterStream
+from dualwrite.stripe_io._writer import ItemDetails, StripeWriter
+
+__all__ = [
+    "ERROR_REPORT_EVENT",
+    "MAX_STREAM_BATCH",
+    "RETIRED_LEGACY_MARKER",
+    "EventFetchError",
+    "EventSignatureError",
+    "ItemDetails",
+    "MeterErrorReport",
+    "MeterErrorSample",
+    "MeterStream",
+    "StripeWriter",
+    "failure_from_exception",
+    "fetch_error_report",
+]
+
+#: Stripe's wording when a usage record is sent for an item already moved to a meter-backed price.
+RETIRED_LEGACY_MARKER = "not on the legacy metered billing system"
