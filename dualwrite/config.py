@@ -51,6 +51,7 @@ __all__ = [
     "Settings",
     "StripeSettings",
     "UsageRoute",
+    "WebhookSettings",
 ]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -107,6 +108,10 @@ class StripeSettings(_Frozen):
     legacy_api_version: str = DEFAULT_LEGACY_API_VERSION
     timeout: float = Field(default=20.0, gt=0, le=300)
     max_connections: int = Field(default=200, ge=1, le=10_000)
+    meter_path: Literal["v1", "v2"] = "v1"
+    """How meter events are sent: ``v1`` (one synchronous, validated call per event; 1,000/s and one
+    call per customer at a time) or ``v2`` (the meter event stream: batches of 100, 10,000 events/s,
+    validated later, refusals reported as error-report events)."""
     request_retries: int = Field(default=2, ge=0, le=10)
     """How often a retryable failure of the authoritative write (network, 409, 429, 5xx) is retried
     within the request, with the same idempotency key, before the caller gets the error."""
@@ -201,6 +206,25 @@ class LimitSettings(_Frozen):
     """The longest an authoritative write waits for its turn before the caller gets a 429."""
     worker_max_wait: float = Field(default=30.0, ge=0)
     """The longest a shadow write waits for its turn before it is rescheduled."""
+
+
+class WebhookSettings(_Frozen):
+    """Stripe's error-report events (late refusals of meter events); the signing secret comes only
+    from ``STRIPE_WEBHOOK_SECRET``."""
+
+    path: str = "/_dualwrite/stripe/events"
+    """Where the proxy, and the middleware, receive pushed events."""
+    track_seconds: int = Field(default=86_400, ge=0)
+    """How long each meter event written is remembered, to attribute a late refusal to its
+    customer (about 300 bytes in Redis per event; 0 turns it off)."""
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            msg = "must start with '/', e.g. /_dualwrite/stripe/events"
+            raise ValueError(msg)
+        return value
 
 
 class FieldSource(_Frozen):
@@ -349,10 +373,14 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     routes: tuple[UsageRoute, ...] = ()
     meters: tuple[MeterMapping, ...] = ()
     items: dict[str, ItemMapping] = Field(default_factory=dict)
     stripe_api_key: SecretStr | None = Field(default=None, validation_alias="STRIPE_API_KEY")
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None, validation_alias="STRIPE_WEBHOOK_SECRET"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -408,6 +436,11 @@ class Settings(BaseSettings):
                 return meter
         return MeterMapping(event_name=event_name)
 
+    def webhook_secret(self) -> str | None:
+        """The event destination's signing secret from ``STRIPE_WEBHOOK_SECRET``, if set."""
+        secret = self.stripe_webhook_secret
+        return secret.get_secret_value() if secret else None
+
     def api_key(self) -> str | None:
         """The Stripe secret key from ``STRIPE_API_KEY``, if set."""
         return self.stripe_api_key.get_secret_value() if self.stripe_api_key else None
@@ -429,7 +462,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(msg) from None
     section = data.get("stripe")
     stripe_section = section if isinstance(section, dict) else {}
-    for key in ("stripe_api_key", "STRIPE_API_KEY", "api_key"):
+    for key in (
+        "stripe_api_key",
+        "STRIPE_API_KEY",
+        "api_key",
+        "stripe_webhook_secret",
+        "STRIPE_WEBHOOK_SECRET",
+    ):
         if key in data or key in stripe_section:
             msg = (
                 f"config file {str(path)!r} holds a Stripe key ({key}); remove it and set the "

@@ -29,6 +29,7 @@ from dualwrite.exceptions import (
 from dualwrite.flags import StageResolver
 from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, Claim, IdempotencyStore
 from dualwrite.keys import KeySpace, ShardKeys
+from dualwrite.late import LateRefusals
 from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields
 from dualwrite.limits import WriteLimits
 from dualwrite.models import (
@@ -91,6 +92,7 @@ class DualWriteEngine:
             lease_seconds=settings.ledger.inflight_lease_seconds,
         )
         self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
+        self.late = LateRefusals(redis, self.keys, writer, settings, clock=clock)
         self.spool: Spool | None = None
         if settings.outbox.spool:
             self.spool = Spool(settings.outbox.spool_dir or default_spool_dir())
@@ -146,6 +148,7 @@ class DualWriteEngine:
             consumer=consumer,
             clock=self._clock,
             max_wait=self.settings.limits.worker_max_wait,
+            on_meter_accepted=self.late.remember,
         )
 
     async def _replay_spool(self, spool: Spool) -> None:
@@ -361,9 +364,13 @@ class DualWriteEngine:
         """Apply the commit; if Redis is down, spool it (fsynced) so the shadow is delayed, not lost."""
         try:
             await self.commits.apply(commit)
-            return outcome
         except StoreUnavailableError:
             pass
+        else:
+            if outcome.authoritative.leg is Leg.METER:
+                value = outcome.authoritative.value or outcome.event.quantity
+                await self.late.remember(outcome.event, value=value, stage=outcome.stage)
+            return outcome
         event = outcome.event
         if self.spool is None:
             log.error(

@@ -22,6 +22,8 @@ key                                     type               what
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
 ``P:{items}:unmapped``                  hash               proxy: item → usage requests forwarded unmapped
 ``P:{sN}:spooled:<id>``                 string (TTL)       a spooled commit already replayed (exactly once)
+``P:{sN}:late:<meter id>``              string (TTL)       a meter event already marked as refused late
+``P:{mH}:mev:<meter id>``               string (TTL)       a meter event written (to attribute a late refusal)
 ``P:{sN}:turn:<cus>:<ev>``              string (lease)     the one meter call in flight for a customer/meter
 ``P:{rl}:<path>``                       string (TTL)       one Stripe rate limit (GCRA): legacy, meter, stream
 ======================================  =================  ===============================================
@@ -85,6 +87,10 @@ class ShardKeys:
         digest = hashlib.sha256(identifier.encode()).hexdigest()[:32]
         return f"{self.tag}:idem:{digest}"
 
+    def late_marker(self, meter_identifier: str) -> str:
+        """Set once a meter event is marked as refused late (a second report changes nothing)."""
+        return f"{self.tag}:late:{meter_identifier}"
+
     def meter_turn(self, customer: str, event_name: str) -> str:
         """The lease on the one meter call allowed in flight for a customer and meter."""
         return f"{self.tag}:turn:{customer}:{event_name}"
@@ -116,6 +122,11 @@ class KeySpace:
     def all_shards(self) -> list[ShardKeys]:
         """Every shard, in order."""
         return [ShardKeys(self.prefix, index) for index in range(self.shards)]
+
+    def tracked_meter_event(self, meter_identifier: str) -> str:
+        """A meter event dualwrite wrote, by its identifier (spread over 16 slots by its last
+        character, a hex digit of its digest)."""
+        return f"{self.prefix}:{{m{meter_identifier[-1:]}}}:mev:{meter_identifier}"
 
     def rate_limit(self, path: str) -> str:
         """The shared state of one Stripe rate limit."""

@@ -14,6 +14,7 @@ Counter fields of one ledger hash (``<leg>`` is ``legacy`` or ``meter``):
 ``<leg>_accepted_*``            what Stripe accepted on the leg
 ``<leg>_failed_*``              shadow writes refused for good or expired (dead letters): divergence
 ``<leg>_retired_*``             legacy shadow writes refused because the item left the legacy system
+``meter_late_refused_*``        meter events Stripe accepted, then refused in an error report (divergence)
 ``<leg>_refused_events``        authoritative refusals handed back to callers (not divergence)
 ``translated_events``           legacy ``set`` events sent to the meter as a difference
 ``delayed_events``              events whose commit waited in the local spool while Redis was down
@@ -66,6 +67,8 @@ COUNTER_FIELDS = (
         for what in ("expected", "accepted", "failed", "retired")
         for unit in ("events", "qty")
     ),
+    "meter_late_refused_events",
+    "meter_late_refused_qty",
     "legacy_refused_events",
     "meter_refused_events",
     "translated_events",
@@ -141,6 +144,12 @@ class LedgerUpdate:
         if retired:
             return self._leg(leg, "retired", quantity)
         return self._leg(leg, "failed", quantity).add("divergent_events")
+
+    def late_refused(self, quantity: int) -> LedgerUpdate:
+        """Stripe refused, in an error report, a meter event it had accepted: divergence."""
+        self.add("meter_accepted_events", -1).add("meter_accepted_qty", -quantity)
+        self.add("meter_late_refused_events").add("meter_late_refused_qty", quantity)
+        return self.add("divergent_events")
 
     def _leg(self, leg: Leg, what: str, quantity: int) -> LedgerUpdate:
         self.add(f"{leg.value}_{what}_events")

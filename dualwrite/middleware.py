@@ -79,14 +79,20 @@ class DualWriteMiddleware:
         self.routes = RouteTable(self.settings.routes)
         self._owns_engine = engine is None
         self._clock = clock
+        # Stripe's error-report events are received here only once a signing secret is configured.
+        self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
         self._started = not self._owns_engine
         self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            match = self.routes.match(scope["method"], _route_path(scope))
+            path = _route_path(scope)
+            match = self.routes.match(scope["method"], path)
             if match is not None:
                 await self._usage(match, scope, receive, send)
+                return
+            if path == self._events_path:
+                await self.engine.late(scope, receive, send)
                 return
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)

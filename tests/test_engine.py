@@ -405,3 +405,32 @@ class TestFlagChanges:
                         break
                     await anyio.sleep(0.001)
             assert (await second.record(usage(scenario, 1))).stage is Stage.SHADOW
+
+
+class TestMeterStream:
+    """With meter_path = "v2", meter events go through the v2 stream, on both paths."""
+
+    async def test_primary_customer_through_the_stream(
+        self, redis_url, key_prefix, standin_url, builder, standin
+    ):
+        """The authoritative meter write is a one-event stream call; the shadow legacy follows."""
+        settings = make_settings(
+            redis_url=redis_url,
+            prefix=key_prefix,
+            api_base=standin_url,
+            api_key=STRIPE_KEY,
+            stripe={"meter_path": "v2"},
+        )
+        async with DualWriteEngine.from_settings(settings) as engine:
+            scenario = await builder.customer()
+            await set_stage(engine, scenario.customer, Stage.PRIMARY)
+            outcome = await engine.record(usage(scenario, 6))
+            with anyio.fail_after(10):
+                await engine.new_worker().drain()
+        assert (
+            outcome.accepted and outcome.authoritative.stripe_id == outcome.event.meter_identifier
+        )
+        assert standin.meter_total(scenario.customer, EVENT_NAME) == 6
+        assert standin.legacy_total(scenario.item) == 6
+        paths = {request.path for request in standin.requests}
+        assert "/v2/billing/meter_event_stream" in paths and "/v1/billing/meter_events" not in paths

@@ -231,3 +231,53 @@ class TestDuplicates:
         assert late["accepted"] + fast.counts["accepted"] == EVENTS
         assert late["skipped"] + fast.counts["skipped"] > 0, "no entry was delivered twice"
         await assert_exact(engine, standin, intended)
+
+
+class TestStream:
+    """The v2 meter event stream: batches of 100, sessions renewed, faults survived."""
+
+    async def test_thirty_percent_failures_and_expiring_sessions(
+        self, redis_url, key_prefix, standin_url, customers, standin
+    ):
+        """Faults on the stream and every session expired mid-run still end exact."""
+        settings = fault_settings(redis_url, key_prefix, standin_url, batch_size=1000).model_copy(
+            update={
+                "stripe": fault_settings(redis_url, key_prefix, standin_url).stripe.model_copy(
+                    update={"meter_path": "v2"}
+                )
+            }
+        )
+        engine = DualWriteEngine.from_settings(settings)
+        await engine.start(worker=False)
+        try:
+            intended = await seed(engine, customers, EVENTS)
+            standin.faults.configure(
+                rate=0.3,
+                kinds=("500", "429", "timeout"),
+                paths=("/v2/",),
+                seed=5,
+                timeout_seconds=0.8,
+            )
+            worker = engine.new_worker(consumer="streamer")
+
+            async def expire_sessions() -> None:
+                for quarter in (1, 2):  # mid-run, whatever the machine's speed
+                    while True:  # polls the stand-in's count (it runs in another thread)
+                        if len(standin.meter_events()) >= EVENTS * quarter // 4:
+                            break
+                        await anyio.sleep(0.01)
+                    standin.expire_meter_sessions()
+
+            with anyio.fail_after(180):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(expire_sessions)
+                    await worker.drain()
+            standin.faults.clear()
+            stream_calls = [
+                r for r in standin.requests if r.path == "/v2/billing/meter_event_stream"
+            ]
+            assert max(r.event_count or 0 for r in stream_calls) == 100
+            assert engine.writer.stream.renewals >= 2
+            await assert_exact(engine, standin, intended)
+        finally:
+            await engine.aclose()

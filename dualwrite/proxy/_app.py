@@ -113,6 +113,10 @@ class ProxyApp:
                 await self._ensure_started()
                 await self.usage(scope, receive, send, item=match["item"], raw_target=raw_target)
                 return
+        if path == self.settings.webhooks.path:  # Stripe's error-report events (late refusals)
+            await self._ensure_started()
+            await self.engine.late(scope, receive, send)
+            return
         if path.startswith(RESERVED_PREFIX):
             await self._own_endpoint(path, scope, receive, send)
             return

@@ -54,7 +54,9 @@ class RunningStandin:
         await self._standin.app(scope, receive, send)
 
 
-def _config(app: ASGIApp, host: str, port: int, *, quiet: bool) -> uvicorn.Config:
+def _config(
+    app: ASGIApp, host: str, port: int, *, quiet: bool, lifespan: bool = False
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         interface="asgi3",
@@ -62,7 +64,7 @@ def _config(app: ASGIApp, host: str, port: int, *, quiet: bool) -> uvicorn.Confi
         port=port,
         http="auto",  # httptools when installed (much less CPU than h11)
         ws="none",
-        lifespan="off",
+        lifespan="on" if lifespan else "off",
         access_log=not quiet,
         log_level="warning" if quiet else "info",
         # Tests must not have uvicorn reconfigure the process's logging.
@@ -80,10 +82,16 @@ def _base_url(host: str, port: int) -> str:
 
 @contextmanager
 def _serving(
-    app: ASGIApp, host: str, port: int, *, what: str, on_stop: Callable[[], None]
+    app: ASGIApp,
+    host: str,
+    port: int,
+    *,
+    what: str,
+    on_stop: Callable[[], None],
+    lifespan: bool = False,
 ) -> Iterator[int]:
     """Run ``app`` with uvicorn in a background thread; yield the port it listens on."""
-    server = uvicorn.Server(_config(app, host, port, quiet=True))
+    server = uvicorn.Server(_config(app, host, port, quiet=True, lifespan=lifespan))
     thread = threading.Thread(target=server.run, name="stripe-standin", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -120,10 +128,15 @@ def serve_standin(
 
 
 @contextmanager
-def serve_app(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_app(
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, lifespan: bool = False
+) -> Iterator[str]:
     """Run any ASGI app (a webhook receiver for the stand-in's event destinations, say) with
-    uvicorn in a background thread, as ``serve_standin`` does; yield its base URL."""
-    with _serving(app, host, port, what="the app", on_stop=lambda: None) as bound:
+    uvicorn in a background thread, as ``serve_standin`` does; yield its base URL. With
+    ``lifespan``, the app's startup and shutdown run in the server's own event loop."""
+    with _serving(
+        app, host, port, what="the app", on_stop=lambda: None, lifespan=lifespan
+    ) as bound:
         yield _base_url(host, bound)
 
 

@@ -1,0 +1,211 @@
+"""Late refusals: meter events Stripe accepted, then refused when it validated them.
+
+Stripe validates meter events asynchronously and reports refusals as
+``v1.billing.meter.error_report_triggered`` thin events pushed to an Event Destination. Point one
+at dualwrite (``POST /_dualwrite/stripe/events`` on the proxy or behind the middleware), set
+``STRIPE_WEBHOOK_SECRET`` to its signing secret, and every sampled identifier in a report is marked:
+its ledger row stops counting it as accepted on the meter leg, counts it as refused late, and the
+divergence log gets an entry with Stripe's code and message.
+
+To find the customer of a sampled identifier, each meter event dualwrite writes is remembered for
+``[webhooks] track_seconds`` (only while a webhook secret is set). A sample dualwrite did not write,
+or no longer remembers, is counted as unknown and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from dualwrite.config import Settings
+from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.keys import KeySpace
+from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields
+from dualwrite.models import Stage, UsageEvent
+from dualwrite.redis_client import as_int, as_str, store_errors
+from dualwrite.stripe_io import (
+    EventFetchError,
+    EventSignatureError,
+    MeterErrorSample,
+    StripeWriter,
+    fetch_error_report,
+)
+
+__all__ = ["LateRefusalResult", "LateRefusals", "TrackedMeterEvent"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: marker, ledger hash, ledger index, divergence; ARGV: marker ttl, index member, index score,
+# divergence maxlen, then a count and name/amount pairs, then a count and name/value pairs
+_MARK = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local i = 5
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2 end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+local d = tonumber(ARGV[i]); i = i + 1
+local fields = {}
+for _ = 1, d do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1]; i = i + 2 end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+return 1
+"""
+
+
+class TrackedMeterEvent(BaseModel):
+    """What dualwrite remembers of a meter event it wrote, to attribute a late refusal."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: UsageEvent
+    value: int
+    stage: Stage
+
+
+class LateRefusalResult(BaseModel):
+    """What one pushed event did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    event_type: str
+    marked: int = 0
+    """Samples newly marked as refused late."""
+    repeated: int = 0
+    """Samples already marked by an earlier report."""
+    unknown: int = 0
+    """Samples dualwrite did not write, or no longer remembers."""
+
+
+class LateRefusals:
+    """Remembers meter events and marks those Stripe's error reports refuse."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: KeySpace,
+        writer: StripeWriter,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._redis = redis
+        self._keys = keys
+        self._client = writer.client
+        self._settings = settings
+        self._clock = clock
+        self._mark = redis.register_script(_MARK)
+        secret = settings.webhook_secret()
+        self.enabled = secret is not None and settings.webhooks.track_seconds > 0
+
+    async def remember(self, event: UsageEvent, *, value: int, stage: Stage) -> None:
+        """Keep a meter event written to Stripe findable by its identifier (best effort)."""
+        if not self.enabled:
+            return
+        tracked = TrackedMeterEvent(event=event, value=value, stage=stage)
+        key = self._keys.tracked_meter_event(event.meter_identifier)
+        try:
+            async with store_errors("remembering a meter event"):
+                await self._redis.set(
+                    key, tracked.model_dump_json(), ex=self._settings.webhooks.track_seconds
+                )
+        except StoreUnavailableError:
+            log.warning("could not remember meter event %s for late refusals", event.identifier)
+
+    async def handle(self, payload: bytes, signature: str | None) -> LateRefusalResult:
+        """Verify a pushed event and mark its sampled identifiers.
+
+        Raises:
+            EventSignatureError: the signature does not verify.
+            EventFetchError: the full event could not be fetched.
+            StoreUnavailableError: Redis could not be reached.
+        """
+        secret, api_key = self._settings.webhook_secret(), self._settings.api_key()
+        if secret is None or api_key is None:
+            msg = "set STRIPE_WEBHOOK_SECRET and STRIPE_API_KEY to receive Stripe's error reports"
+            raise EventSignatureError(msg)
+        report = await fetch_error_report(
+            self._client, payload, signature, secret=secret, api_key=api_key
+        )
+        result = LateRefusalResult(event_id=report.event_id, event_type=report.event_type)
+        counts = {"marked": 0, "repeated": 0, "unknown": 0}
+        for sample in report.samples:
+            counts[await self._mark_sample(sample)] += 1
+        if counts["unknown"]:
+            log.warning(
+                "error report %s: %d sampled meter event(s) dualwrite cannot attribute",
+                report.event_id,
+                counts["unknown"],
+            )
+        return result.model_copy(update=counts)
+
+    async def _mark_sample(self, sample: MeterErrorSample) -> str:
+        async with store_errors("reading a tracked meter event"):
+            raw = as_str(await self._redis.get(self._keys.tracked_meter_event(sample.identifier)))
+        if raw is None:
+            return "unknown"
+        tracked = TrackedMeterEvent.model_validate_json(raw)
+        shard = self._keys.for_customer(tracked.event.customer)
+        update = LedgerUpdate(shard, tracked.event).late_refused(tracked.value)
+        divergence = divergence_fields(
+            tracked.event,
+            kind="late_refusal",
+            stage=tracked.stage,
+            legacy=LegView(status="not_written"),
+            meter=LegView(
+                status="refused",
+                stripe_id=sample.identifier,
+                error=f"{sample.code}: {sample.message}",
+            ),
+            note="refused by Stripe after it accepted the event",
+            at=self._clock(),
+        )
+        args: list[str | int] = [
+            self._settings.webhooks.track_seconds + 86400,
+            update.index_member,
+            update.index_score,
+            self._settings.ledger.divergence_maxlen,
+            *update.script_args(),
+            len(divergence),
+        ]
+        for name, value in divergence.items():
+            args += [name, value]
+        keys = [
+            shard.late_marker(sample.identifier),
+            update.key,
+            shard.ledger_index,
+            shard.divergence,
+        ]
+        async with store_errors("marking a late refusal"):
+            done = as_int(await self._mark(keys=keys, args=args))
+        return "marked" if done == 1 else "repeated"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The receiving endpoint: ``POST`` a pushed event; 400 on a bad signature, 502 when the
+        event cannot be fetched or recorded (Stripe then delivers it again)."""
+        request = Request(scope, receive)
+        response: Response
+        if request.method != "POST":
+            response = JSONResponse({"error": {"message": "POST Stripe events here."}}, 405)
+        else:
+            try:
+                result = await self.handle(
+                    await request.body(), request.headers.get("stripe-signature")
+                )
+                response = JSONResponse(result.model_dump())
+            except EventSignatureError as exc:
+                response = JSONResponse(
+                    {"error": {"type": "invalid_request_error", "message": str(exc)}}, 400
+                )
+            except (EventFetchError, StoreUnavailableError) as exc:
+                log.warning("could not process a Stripe event: %s", type(exc).__name__)
+                response = JSONResponse(
+                    {"error": {"type": "api_error", "message": "try again later"}}, 502
+                )
+        await response(scope, receive, send)
