@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from pydantic import TypeAdapter
 from rich.table import Table
 
 from dualwrite.cli._common import app, console, format_when, load_settings, run_async
@@ -110,6 +111,7 @@ def dead_list(
     customer: Customer = None,
     reason: Reason = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The newest dead letters, with Stripe's error."""
     settings = load_settings(ctx)
@@ -125,7 +127,10 @@ def dead_list(
             await redis.aclose()
 
     found = run_async(run())
-    console.print(_table(found) if found else "no dead letters")
+    if as_json:
+        typer.echo(TypeAdapter(list[DeadLetter]).dump_json(found, indent=2).decode())
+    else:
+        console.print(_table(found) if found else "no dead letters")
 
 
 @dead_app.command("show")
