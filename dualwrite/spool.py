@@ -108,6 +108,8 @@ class Spool:
                     continue
                 try:
                     applied += await self._replay_file(claimed, writer)
+                except FileNotFoundError:
+                    continue  # another process replayed and removed it meanwhile
                 except StoreUnavailableError:
                     log.warning("Redis unavailable again while replaying the spool; will retry")
                     break
@@ -119,7 +121,9 @@ class Spool:
     def _claim(self, path: Path) -> Path | None:
         if path.suffix == _CLAIMED_SUFFIX:
             return path  # a replay that stopped half-way (or crashed): markers make it safe to redo
-        target = path.with_suffix(_CLAIMED_SUFFIX)
+        # A name of its own: the process keeps appending to a fresh file under the old name, and a
+        # later claim of that one must never overwrite this one.
+        target = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:8]}{_CLAIMED_SUFFIX}")
         try:
             handle = path.open("a", encoding="utf-8")
         except FileNotFoundError:

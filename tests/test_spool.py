@@ -50,6 +50,36 @@ class TestSpoolFile:
         counters = await redis_client.hgetall(commit.ledger_key)
         assert counters == {"events": "1", "quantity": "5", "delayed_events": "1"}
 
+    async def test_a_half_replayed_file_is_never_overwritten(
+        self, redis_client, key_prefix, tmp_path
+    ):
+        """A replay cut off by Redis leaves its file; commits spooled after it survive the next claim."""
+        import redis.asyncio as aioredis
+
+        spool = Spool(tmp_path / "spool")
+        first, second = (
+            Commit(
+                prefix=key_prefix,
+                shard=0,
+                ledger_key=f"{key_prefix}:{{s0}}:ledger:2026-11-25:cus_{name}:api",
+                index_member=f"2026-11-25|cus_{name}|api",
+                index_score=20417,
+                increments={"events": 1},
+            )
+            for name in ("a", "b")
+        )
+        await spool.append(first)
+        dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.1)
+        try:
+            assert await spool.replay(CommitWriter(dead, divergence_maxlen=1000)) == 0
+        finally:
+            await dead.aclose()
+        await spool.append(second)  # a fresh file under the same name as the one being replayed
+        assert spool.pending() == 2
+        assert await spool.replay(CommitWriter(redis_client, divergence_maxlen=1000)) == 2
+        for commit in (first, second):
+            assert await redis_client.hget(commit.ledger_key, "events") == "1"
+
     async def test_unreadable_lines_are_skipped(self, redis_client, tmp_path: Path):
         """A torn or foreign line does not stop the replay of the others."""
         spool = Spool(tmp_path / "spool")
