@@ -47,7 +47,7 @@ async def customers(standin_url: str) -> list[str]:
         await builder.aclose()
 
 
-def fault_settings(redis_url: str, prefix: str, api_base: str, **outbox: float | int):
+def fault_settings(redis_url: str, prefix: str, api_base: str, **outbox: float | int | str):
     """Settings for delivery at volume: no rate limits, wide concurrency, quick retries."""
     return make_settings(
         redis_url=redis_url,
