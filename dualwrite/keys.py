@@ -26,6 +26,7 @@ key                                     type               what
 ``P:{mH}:mev:<meter id>``               string (TTL)       a meter event written (to attribute a late refusal)
 ``P:{sN}:turn:<cus>:<ev>``              string (lease)     the one meter call in flight for a customer/meter
 ``P:{rl}:<path>``                       string (TTL)       one Stripe rate limit (GCRA): legacy, meter, stream
+``P:{rl}:backpressure``                 hash               waits and held-back writes per limit (report)
 ======================================  =================  ===============================================
 
 ``N`` is the customer's shard: ``crc32(customer) % shards``. Everything about one customer lives in
@@ -127,6 +128,11 @@ class KeySpace:
         """A meter event dualwrite wrote, by its identifier (spread over 16 slots by its last
         character, a hex digit of its digest)."""
         return f"{self.prefix}:{{m{meter_identifier[-1:]}}}:mev:{meter_identifier}"
+
+    @property
+    def backpressure(self) -> str:
+        """Counts of rate-limit waits and of writes held back, per limit, for the report."""
+        return f"{self.prefix}:{{rl}}:backpressure"
 
     def rate_limit(self, path: str) -> str:
         """The shared state of one Stripe rate limit."""

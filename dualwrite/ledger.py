@@ -285,6 +285,16 @@ class Ledger:
         self._keys = keys
         self.divergence_maxlen = divergence_maxlen
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client the ledger reads."""
+        return self._redis
+
+    @property
+    def keys(self) -> KeySpace:
+        """The key layout the ledger reads."""
+        return self._keys
+
     async def rows(
         self,
         *,

@@ -99,6 +99,24 @@ class WriteLimits:
             weakref.WeakValueDictionary()
         )
 
+    async def _count(self, what: str, *, waited: float = 0.0, held_back: bool = False) -> None:
+        """Count a wait (or a write held back) here and in Redis, where the report reads it."""
+        if held_back:
+            self.stats.refused += 1
+        else:
+            self.stats.note(what, waited)
+        try:
+            async with store_errors("counting back-pressure"):
+                pipe = self._redis.pipeline(transaction=False)
+                if held_back:
+                    pipe.hincrby(self._keys.backpressure, f"{what}_held_back", 1)
+                else:
+                    pipe.hincrby(self._keys.backpressure, f"{what}_waits", 1)
+                    pipe.hincrby(self._keys.backpressure, f"{what}_waited_ms", int(waited * 1000))
+                await pipe.execute()
+        except StoreUnavailableError:
+            pass  # counted locally; losing a counter must not stop a write
+
     async def take(self, path: LimitPath, *, cost: int = 1, max_wait: float) -> None:
         """Wait for ``cost`` units of ``path``'s rate.
 
@@ -118,11 +136,11 @@ class WriteLimits:
                 wait_us = as_int(await self._gcra(keys=[key], args=[interval_us, burst_us, cost]))
             if wait_us <= 0:
                 if waited:
-                    self.stats.note(path, waited)
+                    await self._count(path, waited=waited)
                 return
             wait = wait_us / 1_000_000
             if waited + wait > max_wait:
-                self.stats.refused += 1
+                await self._count(path, held_back=True)
                 msg = f"the {path} rate limit ({rate:g}/s) leaves no room within {max_wait:g}s"
                 raise RateLimitedError(msg, retry_after=wait)
             await asyncio.sleep(wait)
@@ -150,7 +168,7 @@ class WriteLimits:
             async with asyncio.timeout(max_wait):
                 await local.acquire()
         except TimeoutError:
-            self.stats.refused += 1
+            await self._count("meter_turn", held_back=True)
             msg = f"another meter call for {customer}/{event_name} is still in flight"
             raise RateLimitedError(msg, retry_after=0.05) from None
         try:
@@ -172,14 +190,14 @@ class WriteLimits:
             if taken:
                 break
             if waited + pause > max_wait:
-                self.stats.refused += 1
+                await self._count("meter_turn", held_back=True)
                 msg = f"another meter call for {customer}/{event_name} is still in flight"
                 raise RateLimitedError(msg, retry_after=pause)
             await asyncio.sleep(pause)
             waited += pause
             pause = min(pause * 2, 0.05)
         if waited:
-            self.stats.note("meter_turn", waited)
+            await self._count("meter_turn", waited=waited)
         try:
             yield
         finally:

@@ -40,6 +40,7 @@ __all__ = [
     "Report",
     "UnmappedItems",
     "build_report",
+    "read_backpressure",
     "read_unmapped",
     "render_table",
 ]
@@ -121,6 +122,13 @@ class UnmappedItems(BaseModel):
     """The items with the most requests (at most ten)."""
 
 
+async def read_backpressure(redis: aioredis.Redis, keys: KeySpace) -> dict[str, int]:
+    """The rate-limit counters every process adds to (``P:{rl}:backpressure``)."""
+    async with store_errors("reading the back-pressure counters"):
+        raw = await redis.hgetall(keys.backpressure)
+    return {str(name): as_int(value) for name, value in sorted(raw.items())}
+
+
 async def read_unmapped(redis: aioredis.Redis, keys: KeySpace) -> UnmappedItems:
     """The proxy's unmapped-usage counters (``P:{items}:unmapped``).
 
@@ -146,6 +154,9 @@ class Report(BaseModel):
     divergences: list[DivergenceRecord]
     outbox: OutboxDepth | None
     unmapped: UnmappedItems = Field(default_factory=UnmappedItems)
+    backpressure: dict[str, int] = Field(default_factory=dict)
+    """Rate-limit waits and writes held back (then retried), per limit: ``<limit>_waits``,
+    ``<limit>_waited_ms``, ``<limit>_held_back``."""
     """Usage the proxy forwarded without dual-writing it (all customers, all periods)."""
 
     @property
@@ -223,7 +234,8 @@ async def build_report(
         divergences=divergences,
         outbox=await outbox.depth() if outbox is not None else None,
         # The ledger's own connection and key space: the counters live beside it in Redis.
-        unmapped=await read_unmapped(ledger._redis, ledger._keys),
+        unmapped=await read_unmapped(ledger.redis, ledger.keys),
+        backpressure=await read_backpressure(ledger.redis, ledger.keys),
     )
 
 
@@ -271,6 +283,9 @@ def render_table(report: Report) -> Group:
                 f"{depth.dead} dead letters"
             )
         )
+    if report.backpressure:
+        waits = ", ".join(f"{name} {count:,}" for name, count in report.backpressure.items())
+        parts.append(Text(f"rate limits (all processes): {waits}"))
     if report.unmapped.requests:
         unmapped = report.unmapped
         parts.append(

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from dualwrite.config import LimitSettings
 from dualwrite.keys import KeySpace
 from dualwrite.limits import RateLimitedError, WriteLimits
+from dualwrite.report import read_backpressure
 
 pytestmark = pytest.mark.anyio
 
@@ -132,3 +133,19 @@ class TestMeterTurns:
             limits.meter_turn("cus_1", "api", max_wait=0),
         ):
             pass
+
+
+class TestBackpressure:
+    """Waits and held-back writes are counted where every process and the report can see them."""
+
+    async def test_counts_reach_redis(self, clients, key_prefix):
+        """A wait and a refusal show up in the shared back-pressure counters."""
+        limits = limits_for(clients[0], key_prefix, legacy_per_second=20, burst_seconds=0.05)
+        await limits.take("legacy", max_wait=1)
+        await limits.take("legacy", max_wait=1)  # waits for its turn
+        with pytest.raises(RateLimitedError):
+            for _ in range(5):
+                await limits.take("legacy", max_wait=0)
+        counts = await read_backpressure(clients[1], KeySpace(key_prefix))
+        assert counts["legacy_waits"] >= 1 and counts["legacy_waited_ms"] > 0
+        assert counts["legacy_held_back"] == 1
