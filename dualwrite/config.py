@@ -181,6 +181,9 @@ class OutboxSettings(_Frozen):
 class LedgerSettings(_Frozen):
     """Totals and the divergence log."""
 
+    periods: Literal["billing", "day"] = "billing"
+    """Ledger periods: each item's billing period (read from Stripe once per item and period), or
+    the UTC day for everything."""
     divergence_maxlen: int = Field(default=100_000, ge=100)
     """Approximate cap of the divergence stream per shard (older entries are trimmed; counts stay)."""
     idempotency_ttl_seconds: int = Field(default=48 * 3600, ge=60)
@@ -381,6 +384,8 @@ class Settings(BaseSettings):
     stripe_webhook_secret: SecretStr | None = Field(
         default=None, validation_alias="STRIPE_WEBHOOK_SECRET"
     )
+    report_token: SecretStr | None = Field(default=None, validation_alias="DUALWRITE_REPORT_TOKEN")
+    """The bearer token of the report page (``dualwrite.web``); unset, the page refuses everyone."""
 
     @classmethod
     def settings_customise_sources(
@@ -441,6 +446,11 @@ class Settings(BaseSettings):
         secret = self.stripe_webhook_secret
         return secret.get_secret_value() if secret else None
 
+    def report_token_value(self) -> str | None:
+        """The report page's bearer token from ``DUALWRITE_REPORT_TOKEN``, if set (and not empty)."""
+        value = self.report_token.get_secret_value() if self.report_token else ""
+        return value or None
+
     def api_key(self) -> str | None:
         """The Stripe secret key from ``STRIPE_API_KEY``, if set."""
         return self.stripe_api_key.get_secret_value() if self.stripe_api_key else None
@@ -473,6 +483,13 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             msg = (
                 f"config file {str(path)!r} holds a Stripe key ({key}); remove it and set the "
                 "STRIPE_API_KEY environment variable instead (keys never belong in files)"
+            )
+            raise ConfigError(msg)
+    for key in ("report_token", "DUALWRITE_REPORT_TOKEN"):
+        if key in data:
+            msg = (
+                f"config file {str(path)!r} holds the report token ({key}); remove it and set the "
+                "DUALWRITE_REPORT_TOKEN environment variable instead (secrets never belong in files)"
             )
             raise ConfigError(msg)
     return data

@@ -141,7 +141,7 @@ class DeadLetters:
         fresh = entry.model_copy(
             update={"attempt": 0, "enqueued_at": self._clock(), "last_error": None}
         )
-        undo = LedgerUpdate(shard, entry.event).shadow_failed(
+        undo = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
             entry.leg, entry.value, retired=letter.reason == "retired"
         )
         args: list[str | int] = [stream_id, fresh.payload(), len(undo.increments)]

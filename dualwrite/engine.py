@@ -42,9 +42,10 @@ from dualwrite.models import (
     plan_for,
 )
 from dualwrite.outbox import Outbox, OutboxEntry, OutboxWorker
+from dualwrite.periods import INTERVALS, ItemPeriods, PeriodResolver
 from dualwrite.redis_client import open_redis, store_errors
 from dualwrite.spool import Spool, default_spool_dir
-from dualwrite.stripe_io import StripeWriter
+from dualwrite.stripe_io import ItemDetails, StripeWriter
 
 __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
@@ -93,6 +94,7 @@ class DualWriteEngine:
         )
         self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
         self.late = LateRefusals(redis, self.keys, writer, settings, clock=clock)
+        self.periods = PeriodResolver(redis, self.keys, self._item_periods, clock=clock)
         self.spool: Spool | None = None
         if settings.outbox.spool:
             self.spool = Spool(settings.outbox.spool_dir or default_spool_dir())
@@ -239,7 +241,7 @@ class DualWriteEngine:
         else:
             result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
         if not result.accepted:
-            await self._note_refusal(shard, event, plan.authoritative)
+            await self._note_refusal(shard, event, plan.authoritative, api_key)
             return RecordOutcome(
                 event=event,
                 stage=stage,
@@ -256,7 +258,9 @@ class DualWriteEngine:
             shadow_status="enqueued" if plan.shadow else "not_applicable",
             translated=translated,
         )
-        return await self._commit(self._build_commit(shard, outcome, plan, effective), outcome)
+        period = await self._period(event, api_key)
+        commit = self._build_commit(shard, outcome, plan, effective, period)
+        return await self._commit(commit, outcome, period)
 
     async def _write_authoritative(
         self, leg: Leg, event: UsageEvent, value: int, api_key: str | None
@@ -310,10 +314,35 @@ class DualWriteEngine:
             )
             return Claim("untracked")
 
-    async def _note_refusal(self, shard: ShardKeys, event: UsageEvent, leg: Leg) -> None:
+    async def _period(self, event: UsageEvent, api_key: str | None) -> str:
+        """The ledger period of ``event``: its item's billing period, or its UTC day."""
+        if self.settings.ledger.periods == "day":
+            return event.period
+        return (await self.periods.period_for(event, api_key=api_key)).id
+
+    async def _item_periods(self, item: str, api_key: str | None) -> ItemPeriods | None:
+        """Read an item's billing period from Stripe (for ``PeriodResolver``)."""
+        key = api_key or self.settings.api_key()
+        if key is None:
+            return None
+        details = await self.writer.retrieve_item(item, api_key=key)
+        if not isinstance(details, ItemDetails) or details.interval not in INTERVALS:
+            return None
+        if details.period_start is None or details.period_end is None:
+            return None
+        return ItemPeriods(
+            start=details.period_start,
+            end=details.period_end,
+            interval=details.interval,  # checked against INTERVALS above
+            interval_count=details.interval_count,
+        )
+
+    async def _note_refusal(
+        self, shard: ShardKeys, event: UsageEvent, leg: Leg, api_key: str | None
+    ) -> None:
         try:
             await self.idempotency.release(shard, event)
-            update = LedgerUpdate(shard, event).refused(leg)
+            update = LedgerUpdate(shard, event, await self._period(event, api_key)).refused(leg)
             async with store_errors("counting a refusal"):
                 pipe = self.redis.pipeline(transaction=True)
                 update.queue(pipe)
@@ -322,11 +351,16 @@ class DualWriteEngine:
             log.warning("Redis unavailable: refusal of %s not counted", event.identifier)
 
     def _build_commit(
-        self, shard: ShardKeys, outcome: RecordOutcome, plan: StagePlan, effective: int
+        self,
+        shard: ShardKeys,
+        outcome: RecordOutcome,
+        plan: StagePlan,
+        effective: int,
+        period: str,
     ) -> Commit:
         """The ledger update, shadow entry, translation log and idempotency record, as one value."""
         event, now = outcome.event, self._clock()
-        update = LedgerUpdate(shard, event).recorded(
+        update = LedgerUpdate(shard, event, period).recorded(
             outcome.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
         )
         entry = None
@@ -338,6 +372,7 @@ class DualWriteEngine:
                 stage=outcome.stage,
                 authoritative_id=outcome.authoritative.stripe_id,
                 enqueued_at=now,
+                period=period,
             )
         tracked = event.identifier_source != "minted"
         is_set = event.action == "set" and event.subscription_item is not None
@@ -360,7 +395,7 @@ class DualWriteEngine:
             set_ttl=SET_VALUE_TTL_SECONDS,
         )
 
-    async def _commit(self, commit: Commit, outcome: RecordOutcome) -> RecordOutcome:
+    async def _commit(self, commit: Commit, outcome: RecordOutcome, period: str) -> RecordOutcome:
         """Apply the commit; if Redis is down, spool it (fsynced) so the shadow is delayed, not lost."""
         try:
             await self.commits.apply(commit)
@@ -369,7 +404,9 @@ class DualWriteEngine:
         else:
             if outcome.authoritative.leg is Leg.METER:
                 value = outcome.authoritative.value or outcome.event.quantity
-                await self.late.remember(outcome.event, value=value, stage=outcome.stage)
+                await self.late.remember(
+                    outcome.event, value=value, stage=outcome.stage, period=period
+                )
             return outcome
         event = outcome.event
         if self.spool is None:

@@ -20,6 +20,7 @@ key                                     type               what
 ``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
 ``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
+``P:{items}:period:<item>``             string (TTL)       an item's billing period and interval (ledger)
 ``P:{items}:unmapped``                  hash               proxy: item → usage requests forwarded unmapped
 ``P:{sN}:spooled:<id>``                 string (TTL)       a spooled commit already replayed (exactly once)
 ``P:{sN}:late:<meter id>``              string (TTL)       a meter event already marked as refused late
@@ -162,6 +163,10 @@ class KeySpace:
     def flags_channel(self) -> str:
         """The pub/sub channel announcing flag changes."""
         return f"{self.prefix}:flags:changed"
+
+    def item_periods(self, subscription_item: str) -> str:
+        """An item's current billing period and interval, read from Stripe (ledger periods)."""
+        return f"{self.prefix}:{{items}}:period:{subscription_item}"
 
     def item_mapping(self, subscription_item: str) -> str:
         """The proxy's cached mapping of one subscription item (never a key or a secret)."""

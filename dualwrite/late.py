@@ -66,6 +66,7 @@ class TrackedMeterEvent(BaseModel):
     event: UsageEvent
     value: int
     stage: Stage
+    period: str | None = None
 
 
 class LateRefusalResult(BaseModel):
@@ -104,11 +105,13 @@ class LateRefusals:
         secret = settings.webhook_secret()
         self.enabled = secret is not None and settings.webhooks.track_seconds > 0
 
-    async def remember(self, event: UsageEvent, *, value: int, stage: Stage) -> None:
+    async def remember(
+        self, event: UsageEvent, *, value: int, stage: Stage, period: str | None
+    ) -> None:
         """Keep a meter event written to Stripe findable by its identifier (best effort)."""
         if not self.enabled:
             return
-        tracked = TrackedMeterEvent(event=event, value=value, stage=stage)
+        tracked = TrackedMeterEvent(event=event, value=value, stage=stage, period=period)
         key = self._keys.tracked_meter_event(event.meter_identifier)
         try:
             async with store_errors("remembering a meter event"):
@@ -152,7 +155,7 @@ class LateRefusals:
             return "unknown"
         tracked = TrackedMeterEvent.model_validate_json(raw)
         shard = self._keys.for_customer(tracked.event.customer)
-        update = LedgerUpdate(shard, tracked.event).late_refused(tracked.value)
+        update = LedgerUpdate(shard, tracked.event, tracked.period).late_refused(tracked.value)
         divergence = divergence_fields(
             tracked.event,
             kind="late_refusal",

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.models import Leg, Stage, StripeFailure, UsageEvent, WriteResult
+from dualwrite.periods import Period
 from dualwrite.redis_client import as_int, as_str_list, store_errors, stream_entries
 
 __all__ = [
@@ -81,8 +82,8 @@ _EPOCH = date(1970, 1, 1)
 
 
 def period_score(period: str) -> int:
-    """The sort score of a ``YYYY-MM-DD`` period: days since 1970-01-01."""
-    return (date.fromisoformat(period) - _EPOCH).days
+    """The sort score of a period id (a UTC day or a billing period): its first day's number."""
+    return Period.parse(period).start // 86_400
 
 
 @dataclass(slots=True)
@@ -91,22 +92,29 @@ class LedgerUpdate:
 
     keys: ShardKeys
     event: UsageEvent
+    period: str | None = None
+    """The ledger period id (default: the event's UTC day)."""
     increments: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def period_id(self) -> str:
+        """The period this update counts in."""
+        return self.period or self.event.period
 
     @property
     def key(self) -> str:
         """The ledger hash this update applies to."""
-        return self.keys.ledger(self.event.period, self.event.customer, self.event.event_name)
+        return self.keys.ledger(self.period_id, self.event.customer, self.event.event_name)
 
     @property
     def index_member(self) -> str:
         """The ledger index entry naming the hash."""
-        return f"{self.event.period}|{self.event.customer}|{self.event.event_name}"
+        return f"{self.period_id}|{self.event.customer}|{self.event.event_name}"
 
     @property
     def index_score(self) -> int:
-        """The ledger index score (the period's day number)."""
-        return period_score(self.event.period)
+        """The ledger index score (the period's first day's number)."""
+        return period_score(self.period_id)
 
     def add(self, name: str, amount: int = 1) -> LedgerUpdate:
         """Add ``amount`` to counter ``name``."""
@@ -232,6 +240,11 @@ class LedgerRow(BaseModel):
     event_name: str
     counters: dict[str, int]
 
+    @property
+    def span(self) -> Period:
+        """The period as start and end times (a billing period, or a UTC day)."""
+        return Period.parse(self.period)
+
     def __getitem__(self, name: str) -> int:
         return self.counters.get(name, 0)
 
@@ -302,17 +315,29 @@ class Ledger:
         until: str | None = None,
         customer: str | None = None,
     ) -> list[LedgerRow]:
-        """Every ledger hash with a period in ``[since, until]`` (inclusive ``YYYY-MM-DD``)."""
-        low: int | str = period_score(since) if since else "-inf"
-        high: int | str = period_score(until) if until else "+inf"
+        """Every ledger hash whose period overlaps the UTC days ``[since, until]`` (``YYYY-MM-DD``,
+        inclusive)."""
+        low = period_score(since) if since else None
+        high = period_score(until) if until else None
         shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
         rows: list[LedgerRow] = []
         async with store_errors("reading the ledger"):
             for shard in shards:
+                # Scores are period start days; a period starting before ``since`` may still
+                # overlap it, so read from 62 days earlier (longer than any monthly period) and
+                # check each period's end.
+                floor: int | str = low - 62 if low is not None else "-inf"
                 members = as_str_list(
-                    await self._redis.zrangebyscore(shard.ledger_index, low, high)
+                    await self._redis.zrangebyscore(
+                        shard.ledger_index, floor, high if high is not None else "+inf"
+                    )
                 )
-                wanted = [m for m in members if customer is None or m.split("|")[1] == customer]
+                wanted = [
+                    member
+                    for member in members
+                    if (customer is None or member.split("|")[1] == customer)
+                    and (low is None or Period.parse(member.split("|", 1)[0]).end > low * 86_400)
+                ]
                 for start in range(0, len(wanted), 1000):
                     chunk = wanted[start : start + 1000]
                     pipe = self._redis.pipeline(transaction=False)

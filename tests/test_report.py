@@ -39,7 +39,11 @@ async def engine(
 ) -> AsyncIterator[DualWriteEngine]:
     """An engine on this test's prefix, without a background worker (tests drain explicitly)."""
     settings = make_settings(
-        redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
+        redis_url=redis_url,
+        prefix=key_prefix,
+        api_base=standin_url,
+        api_key=STRIPE_KEY,
+        ledger={"periods": "day"},  # these tests filter by UTC days; billing periods: test_periods
     )
     engine = DualWriteEngine.from_settings(settings)
     await engine.start(worker=False)

@@ -77,6 +77,8 @@ class OutboxEntry(BaseModel):
     enqueued_at: float
     attempt: int = 0
     last_error: str | None = None
+    period: str | None = None
+    """The ledger period the event was recorded in (None: its UTC day)."""
 
     def payload(self) -> str:
         """The JSON stored in the stream."""

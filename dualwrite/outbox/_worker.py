@@ -32,7 +32,9 @@ Disposition = Literal["accepted", "retry", "dead", "skipped"]
 class MeterAccepted(Protocol):
     """Called after a meter write is settled as accepted (late-refusal tracking)."""
 
-    async def __call__(self, event: UsageEvent, *, value: int, stage: Stage) -> None:
+    async def __call__(
+        self, event: UsageEvent, *, value: int, stage: Stage, period: str | None
+    ) -> None:
         """Note the accepted meter event."""
 
 
@@ -231,12 +233,14 @@ class OutboxWorker:
         self, shard: ShardKeys, entry_id: str, entry: OutboxEntry, result: WriteResult
     ) -> Disposition:
         """Acknowledge, reschedule or dead-letter an entry according to its write's result."""
-        update = LedgerUpdate(shard, entry.event)
+        update = LedgerUpdate(shard, entry.event, entry.period)
         if result.accepted:
             update.shadow_accepted(entry.leg, entry.value)
             done = await self.outbox.settle(shard, entry_id, update)
             if done and entry.leg is Leg.METER and self._on_meter_accepted is not None:
-                await self._on_meter_accepted(entry.event, value=entry.value, stage=entry.stage)
+                await self._on_meter_accepted(
+                    entry.event, value=entry.value, stage=entry.stage, period=entry.period
+                )
             return "accepted" if done else "skipped"
         failure = result.failure
         age = self._clock() - entry.enqueued_at
@@ -262,7 +266,7 @@ class OutboxWorker:
     ) -> Disposition:
         message = (result.failure.message if result.failure else "") or ""
         retired = entry.leg is Leg.LEGACY and RETIRED_LEGACY_MARKER in message
-        update = LedgerUpdate(shard, entry.event).shadow_failed(
+        update = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
             entry.leg, entry.value, retired=retired
         )
         divergence = None

@@ -34,6 +34,13 @@ class ItemDetails:
     customer: str
     price: str | None
     lookup_key: str | None
+    period_start: int | None = None
+    """The current billing period of the item's subscription (on the item from basil on, on the
+    subscription before)."""
+    period_end: int | None = None
+    interval: str | None = None
+    """The price's billing interval (day, week, month, year) and how many of them make a period."""
+    interval_count: int = 1
 
 
 class StripeWriter:
@@ -286,14 +293,24 @@ class StripeWriter:
             )
         except stripe.StripeError as exc:
             return failure_from_exception(exc)
-        price = as_dict(found.to_dict().get("price"))
+        item_body, subscription_body = found.to_dict(), subscription.to_dict()
+        price = as_dict(item_body.get("price"))
+        recurring = as_dict(price.get("recurring"))
         customer = subscription["customer"]
+        start = item_body.get("current_period_start") or subscription_body.get(
+            "current_period_start"
+        )
+        end = item_body.get("current_period_end") or subscription_body.get("current_period_end")
         return ItemDetails(
             item=item,
             subscription=subscription_id,
             customer=str(customer if isinstance(customer, str) else customer["id"]),
             price=str(price["id"]) if price.get("id") else None,
             lookup_key=str(price["lookup_key"]) if price.get("lookup_key") else None,
+            period_start=int(start) if start else None,
+            period_end=int(end) if end else None,
+            interval=str(recurring["interval"]) if recurring.get("interval") else None,
+            interval_count=int(recurring.get("interval_count") or 1),
         )
 
     def _options(

@@ -9,13 +9,12 @@ weeks.
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Literal
 
 from dualwrite.exceptions import StripeStandinError
+from dualwrite.periods import Interval, add_interval, period_containing
 
 __all__ = [
     "Interval",
@@ -25,11 +24,6 @@ __all__ = [
     "parse_iso",
     "period_containing",
 ]
-
-Interval = Literal["day", "week", "month", "year"]
-"""A recurring price's billing interval."""
-
-_SECONDS = {"day": 86_400, "week": 7 * 86_400}
 
 
 class StandinClock:
@@ -77,36 +71,3 @@ def parse_iso(text: str) -> int | None:
     if moment.tzinfo is None:
         return None
     return int(moment.timestamp())
-
-
-def add_interval(anchor: int, interval: Interval, count: int) -> int:
-    """``anchor`` plus ``count`` intervals (negative counts go back), calendar-aware for months."""
-    if interval in _SECONDS:
-        return anchor + count * _SECONDS[interval]
-    months = count * (12 if interval == "year" else 1)
-    start = datetime.fromtimestamp(anchor, tz=UTC)
-    month_index = start.year * 12 + (start.month - 1) + months
-    year, month = divmod(month_index, 12)
-    day = min(start.day, calendar.monthrange(year, month + 1)[1])
-    return int(start.replace(year=year, month=month + 1, day=day).timestamp())
-
-
-def period_containing(anchor: int, interval: Interval, count: int, ts: int) -> tuple[int, int]:
-    """The billing period ``[start, end)`` that holds ``ts`` for a subscription anchored at ``anchor``."""
-    if interval in _SECONDS:
-        length = _SECONDS[interval] * count
-        k = (ts - anchor) // length
-        return anchor + k * length, anchor + (k + 1) * length
-    unit = 12 if interval == "year" else 1
-    first = datetime.fromtimestamp(anchor, tz=UTC)
-    at = datetime.fromtimestamp(ts, tz=UTC)
-    months = (at.year - first.year) * 12 + (at.month - first.month)
-    k = months // (unit * count)
-    # The estimate can be one period off around the anchor's day and time of day: correct it.
-    while add_interval(anchor, interval, k * count) > ts:
-        k -= 1
-    while add_interval(anchor, interval, (k + 1) * count) <= ts:
-        k += 1
-    return add_interval(anchor, interval, k * count), add_interval(
-        anchor, interval, (k + 1) * count
-    )

@@ -1,0 +1,207 @@
+"""Ledger periods: a customer's billing period where Stripe has one, else the UTC day.
+
+Totals are compared per period because that is how Stripe bills (and how its legacy usage summaries
+are cut). An event on a subscription item belongs to the item's billing period, read from Stripe once
+per item and period and cached in Redis (and in memory) until the period ends; an event without an
+item, or whose item cannot be read, belongs to its UTC day.
+
+Period ids: ``2026-11-25`` for a UTC day, ``20261101T000000Z/20261201T000000Z`` for a billing period
+(start included, end excluded).
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict
+
+from dualwrite.keys import KeySpace
+from dualwrite.models import UsageEvent, utc_day
+from dualwrite.redis_client import as_str, store_errors
+
+__all__ = [
+    "INTERVALS",
+    "Interval",
+    "ItemLookup",
+    "ItemPeriods",
+    "Period",
+    "PeriodResolver",
+    "add_interval",
+    "period_containing",
+]
+
+log = logging.getLogger(__name__)
+
+Interval = Literal["day", "week", "month", "year"]
+"""A recurring price's billing interval."""
+INTERVALS = ("day", "week", "month", "year")
+
+_SECONDS = {"day": 86_400, "week": 7 * 86_400}
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def add_interval(anchor: int, interval: Interval, count: int) -> int:
+    """``anchor`` plus ``count`` intervals (negative counts go back), calendar-aware for months."""
+    if interval in _SECONDS:
+        return anchor + count * _SECONDS[interval]
+    months = count * (12 if interval == "year" else 1)
+    start = datetime.fromtimestamp(anchor, tz=UTC)
+    month_index = start.year * 12 + (start.month - 1) + months
+    year, month = divmod(month_index, 12)
+    day = min(start.day, calendar.monthrange(year, month + 1)[1])
+    return int(start.replace(year=year, month=month + 1, day=day).timestamp())
+
+
+def period_containing(anchor: int, interval: Interval, count: int, ts: int) -> tuple[int, int]:
+    """The billing period ``[start, end)`` that holds ``ts`` for a subscription anchored at ``anchor``."""
+    if interval in _SECONDS:
+        length = _SECONDS[interval] * count
+        k = (ts - anchor) // length
+        return anchor + k * length, anchor + (k + 1) * length
+    unit = 12 if interval == "year" else 1
+    first = datetime.fromtimestamp(anchor, tz=UTC)
+    at = datetime.fromtimestamp(ts, tz=UTC)
+    months = (at.year - first.year) * 12 + (at.month - first.month)
+    k = months // (unit * count)
+    # The estimate can be one period off around the anchor's day and time of day: correct it.
+    while add_interval(anchor, interval, k * count) > ts:
+        k -= 1
+    while add_interval(anchor, interval, (k + 1) * count) <= ts:
+        k += 1
+    return add_interval(anchor, interval, k * count), add_interval(
+        anchor, interval, (k + 1) * count
+    )
+
+
+class Period(BaseModel):
+    """A ledger period: ``[start, end)`` in Unix seconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int
+    end: int
+    kind: Literal["billing", "day"]
+
+    @property
+    def id(self) -> str:
+        """The period's id in ledger keys and reports."""
+        if self.kind == "day":
+            return utc_day(self.start)
+        return f"{_stamp(self.start)}/{_stamp(self.end)}"
+
+    @classmethod
+    def day_of(cls, timestamp: int) -> Period:
+        """The UTC day holding ``timestamp``."""
+        start = timestamp - timestamp % 86_400
+        return cls(start=start, end=start + 86_400, kind="day")
+
+    @classmethod
+    def parse(cls, period_id: str) -> Period:
+        """The period named by an id (``ValueError`` if it names none)."""
+        if "/" in period_id:
+            first, _, last = period_id.partition("/")
+            return cls(start=_unstamp(first), end=_unstamp(last), kind="billing")
+        day = datetime.strptime(period_id, "%Y-%m-%d").replace(tzinfo=UTC)
+        return cls.day_of(int(day.timestamp()))
+
+    def closed(self, now: float) -> bool:
+        """Whether the period is over."""
+        return self.end <= now
+
+
+def _stamp(ts: int) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime(_STAMP)
+
+
+def _unstamp(text: str) -> int:
+    return calendar.timegm(time.strptime(text, _STAMP))
+
+
+class ItemPeriods(BaseModel):
+    """What is cached per subscription item: its current period and its interval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int
+    end: int
+    interval: Interval
+    interval_count: int = 1
+
+    def containing(self, timestamp: int) -> Period:
+        """The billing period holding ``timestamp`` (earlier and later periods included)."""
+        start, end = period_containing(self.start, self.interval, self.interval_count, timestamp)
+        return Period(start=start, end=end, kind="billing")
+
+
+ItemLookup = Callable[[str, str | None], Awaitable["ItemPeriods | None"]]
+"""Reads an item's current billing period and interval from Stripe, with the given API key (None:
+the configured one); None when it cannot."""
+
+
+class PeriodResolver:
+    """Finds an event's ledger period.
+
+    Args:
+        redis: the shared cache.
+        keys: where the cache lives.
+        lookup: reads an item's current period and interval from Stripe (``None`` when it cannot).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: KeySpace,
+        lookup: ItemLookup,
+        *,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._redis = redis
+        self._keys = keys
+        self._lookup = lookup
+        self._clock = clock
+        self._local: dict[str, ItemPeriods] = {}
+
+    async def period_for(self, event: UsageEvent, *, api_key: str | None = None) -> Period:
+        """The billing period of the event's item, else its UTC day; never raises."""
+        item = event.subscription_item
+        if item is None:
+            return Period.day_of(event.timestamp)
+        try:
+            periods = await self._item_periods(item, event.timestamp, api_key)
+        except Exception:  # a ledger period must never fail a recorded event
+            log.warning("billing period of %s unavailable; using the UTC day", item, exc_info=True)
+            periods = None
+        if periods is None:
+            return Period.day_of(event.timestamp)
+        return periods.containing(event.timestamp)
+
+    async def _item_periods(
+        self, item: str, timestamp: int, api_key: str | None
+    ) -> ItemPeriods | None:
+        # Earlier periods follow from the cached one; a timestamp past its end asks Stripe again
+        # (once per item and period), as the subscription may have changed at the boundary.
+        known = self._local.get(item)
+        if known is not None and timestamp < known.end:
+            return known
+        key = self._keys.item_periods(item)
+        async with store_errors("reading an item's billing period"):
+            raw = as_str(await self._redis.get(key))
+        if raw is not None:
+            cached = ItemPeriods.model_validate_json(raw)
+            if timestamp < cached.end:
+                self._local[item] = cached
+                return cached
+        found = await self._lookup(item, api_key)
+        if found is None:
+            return None
+        ttl = max(60, int(found.end - self._clock()) + 3600)
+        async with store_errors("caching an item's billing period"):
+            await self._redis.set(key, found.model_dump_json(), ex=ttl)
+        self._local[item] = found
+        return found
