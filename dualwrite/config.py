@@ -46,7 +46,9 @@ __all__ = [
     "LimitSettings",
     "MeterMapping",
     "OutboxSettings",
+    "ReconcileSettings",
     "RedisSettings",
+    "ReportSettings",
     "SetPolicy",
     "Settings",
     "StripeSettings",
@@ -209,6 +211,28 @@ class LimitSettings(_Frozen):
     """The longest an authoritative write waits for its turn before the caller gets a 429."""
     worker_max_wait: float = Field(default=30.0, ge=0)
     """The longest a shadow write waits for its turn before it is rescheduled."""
+
+
+class ReportSettings(_Frozen):
+    """The report's readiness rule."""
+
+    readiness_closed_periods: int = Field(default=1, ge=1, le=24)
+    """Closed periods a customer must spend wholly at its stage, both legs equal, to be ready."""
+    readiness_max_difference_pct: float = Field(default=0.0, ge=0, le=100)
+    """The largest difference between the legs (percent of the larger) such a period may have."""
+
+
+class ReconcileSettings(_Frozen):
+    """``dualwrite reconcile``: reading Stripe's own totals back."""
+
+    settle_seconds: int = Field(default=3600, ge=0)
+    """A period is compared only once it ended at least this long ago: Stripe's summaries lag
+    (meter event summaries are eventually consistent, and usage may still reach a period whose
+    invoice is a draft)."""
+    reads_per_second: float = Field(default=20.0, ge=0)
+    """Stripe reads per second for the whole account, shared by every process through Redis
+    (Stripe allows 100 requests/s per account in live mode, 25 in a sandbox, and 25/s per endpoint
+    unless stated otherwise: docs.stripe.com/rate-limits; leave room for the app)."""
 
 
 class WebhookSettings(_Frozen):
@@ -377,6 +401,8 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     routes: tuple[UsageRoute, ...] = ()
     meters: tuple[MeterMapping, ...] = ()
     items: dict[str, ItemMapping] = Field(default_factory=dict)

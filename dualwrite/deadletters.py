@@ -48,6 +48,8 @@ class DeadLetter(BaseModel):
     reason: str
     """``refused`` (a permanent Stripe error), ``expired``, ``retired`` or ``unreadable``."""
     error: str
+    code: str = ""
+    """The error code its failure was counted under in the ledger."""
     entry: OutboxEntry | None
     """The outbox entry (None when it could not be parsed)."""
     raw: str
@@ -142,7 +144,7 @@ class DeadLetters:
             update={"attempt": 0, "enqueued_at": self._clock(), "last_error": None}
         )
         undo = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
-            entry.leg, entry.value, retired=letter.reason == "retired"
+            entry.leg, entry.value, retired=letter.reason == "retired", code=letter.code or None
         )
         args: list[str | int] = [stream_id, fresh.payload(), len(undo.increments)]
         for name, amount in undo.increments.items():
@@ -165,6 +167,7 @@ class DeadLetters:
             at=float(fields.get("at", 0) or 0),
             reason=fields.get("reason", ""),
             error=fields.get("error", ""),
+            code=fields.get("code", ""),
             entry=entry,
             raw=raw,
         )

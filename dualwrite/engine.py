@@ -30,7 +30,7 @@ from dualwrite.flags import StageResolver
 from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, Claim, IdempotencyStore
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late import LateRefusals
-from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields
+from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields, failure_code
 from dualwrite.limits import WriteLimits
 from dualwrite.models import (
     Leg,
@@ -241,7 +241,7 @@ class DualWriteEngine:
         else:
             result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
         if not result.accepted:
-            await self._note_refusal(shard, event, plan.authoritative, api_key)
+            await self._note_refusal(shard, event, result, api_key)
             return RecordOutcome(
                 event=event,
                 stage=stage,
@@ -338,11 +338,13 @@ class DualWriteEngine:
         )
 
     async def _note_refusal(
-        self, shard: ShardKeys, event: UsageEvent, leg: Leg, api_key: str | None
+        self, shard: ShardKeys, event: UsageEvent, result: WriteResult, api_key: str | None
     ) -> None:
         try:
             await self.idempotency.release(shard, event)
-            update = LedgerUpdate(shard, event, await self._period(event, api_key)).refused(leg)
+            period = await self._period(event, api_key)
+            code = failure_code(result.failure)
+            update = LedgerUpdate(shard, event, period).refused(result.leg, code)
             async with store_errors("counting a refusal"):
                 pipe = self.redis.pipeline(transaction=True)
                 update.queue(pipe)

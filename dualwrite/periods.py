@@ -12,6 +12,7 @@ Period ids: ``2026-11-25`` for a UTC day, ``20261101T000000Z/20261201T000000Z`` 
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ __all__ = [
     "PeriodResolver",
     "add_interval",
     "period_containing",
+    "period_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,12 @@ class Period(BaseModel):
     def closed(self, now: float) -> bool:
         """Whether the period is over."""
         return self.end <= now
+
+
+@functools.lru_cache(maxsize=8192)
+def period_of(period_id: str) -> Period:
+    """``Period.parse``, remembered: reports parse the same few period ids again and again."""
+    return Period.parse(period_id)
 
 
 def _stamp(ts: int) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import getpass
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -377,10 +378,25 @@ class TestReport:
         """Without --json, a table with a line per customer, its stage and status."""
         output = ok(cli("report"))
         assert "dualwrite: usage per customer, legacy vs meter" in output
-        assert f"{customers['legacy']} legacy 2 12 12 0" in output
-        assert f"{customers['shadow']} shadow 1 3 3 3 0" in output
+        assert f"{customers['legacy']} legacy 2 12 0 +12" in output
+        assert f"{customers['shadow']} shadow 1 3 3 0" in output
+        assert "readiness rule:" in output
         assert customers["pending"] in output and "pending" in output
         assert "outbox: 1 queued, 0 waiting to retry, 0 dead letters" in output
+
+    def test_csv_and_period(self, cli, customers):
+        """--csv prints a line per customer; --period takes a day or a billing period id."""
+        result = cli("report", "--csv")
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.strip().splitlines()
+        assert lines[0].startswith("customer,stage,status") and len(lines) == 1 + len(customers)
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        on_day = cli("report", "--json", "--period", today)
+        assert Report.model_validate_json(on_day.stdout).customers
+        bad = cli("report", "--period", "last-month")
+        assert bad.exit_code != 0 and "--period" in bad.output
+        both = cli("report", "--json", "--csv")
+        assert both.exit_code != 0 and "--json" in both.output
 
     def test_empty_report(self, cli):
         """No usage yet: an empty table, exit 0."""

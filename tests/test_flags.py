@@ -585,3 +585,37 @@ async def _subscribed(resolver: StageResolver) -> bool:
 
 async def _invalidated_since(resolver: StageResolver, count: int) -> bool:
     return resolver.stats.invalidations > count
+
+
+class TestResolveMany:
+    """Resolving many customers at once gives exactly what resolving them one by one gives."""
+
+    async def test_same_stages_as_one_by_one(self, store: RedisFlagStore, resolver, clock):
+        """Overrides, schedules, rollout and default: resolve_many agrees with explain, per customer."""
+        customers = [f"cus_many{index}" for index in range(300)]
+        await store.set_default(Stage.SHADOW, actor="tests")
+        await store.set_rollout(Stage.PRIMARY, 20, actor="tests")
+        await store.set_rollout(Stage.METER, 5, actor="tests")
+        for customer in customers[:10]:
+            await store.set_override(customer, Stage.LEGACY, actor="tests")
+        for customer in customers[10:20]:
+            await store.schedule(customer, Stage.METER, int(clock()) - 10, actor="tests")
+            await store.schedule(customer, Stage.LEGACY, int(clock()) + 3600, actor="tests")
+        many = await resolver.resolve_many(customers)
+        for customer in customers:
+            assert many[customer] is (await resolver.explain(customer)).stage
+        assert set(many.values()) == {Stage.LEGACY, Stage.SHADOW, Stage.PRIMARY, Stage.METER}
+        await store.set_kill(True, actor="tests")
+        assert set((await resolver.resolve_many(customers)).values()) == {Stage.LEGACY}
+
+    async def test_safe_stage_when_redis_is_down(self, keys):
+        """Redis unreachable: every customer gets the safe stage."""
+        dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.1)
+        try:
+            resolver = StageResolver(dead, keys, FlagSettings())
+            assert await resolver.resolve_many(["cus_a", "cus_b"]) == {
+                "cus_a": Stage.LEGACY,
+                "cus_b": Stage.LEGACY,
+            }
+        finally:
+            await dead.aclose()

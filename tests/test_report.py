@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -10,10 +12,19 @@ import anyio
 import pytest
 from rich.console import Console
 
+from dualwrite.config import ReportSettings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Leg, RecordOutcome, Stage, utc_day
 from dualwrite.outbox import OutboxWorker
-from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
+from dualwrite.report import (
+    CSV_COLUMNS,
+    CustomerReport,
+    LegTotals,
+    Report,
+    build_report,
+    render_csv,
+    render_table,
+)
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
@@ -348,7 +359,8 @@ class TestOutput:
             line = lines[traffic.customer(role)]
             assert stage.value in line
         refused = lines[traffic.customer("refused")]
-        assert "diverged" in refused and "+6" in refused and "0/1" in refused
+        assert "diverged" in refused and "+6 (+85.71 %)" in refused
+        assert "meter:shadow:parameter_invalid 1" in refused
         assert "parity" in lines[traffic.customer("shadow")]
         assert "outbox: 0 queued, 0 waiting to retry, 1 dead letters" in text
         assert "latest divergent events" in text and "shadow_refused" in text
@@ -365,4 +377,67 @@ class TestOutput:
             if traffic.customer("shadow") in line
         )
         cells = [cell.strip() for cell in line.strip("│").split("│")]
-        assert cells[7] == "7" and cells[-1] == "pending"
+        assert cells[6] == "7" and cells[8] == "pending"
+
+
+class TestReportDetails:
+    """Failures by code, the difference in percent, each customer's latest divergent events."""
+
+    async def test_failures_by_leg_and_code(self, engine, traffic):
+        """The legacy customer's refusal and the refused customer's dead letter, by Stripe code."""
+        await drain(engine)
+        rows = rows_by_customer(await build_report(engine.ledger, engine.resolver))
+        assert rows[traffic.customer("legacy")].failures == {"legacy:parameter_invalid": 1}
+        refused = rows[traffic.customer("refused")]
+        assert refused.failures == {"meter:shadow:parameter_invalid": 1}
+        assert refused.difference == REFUSED_QTY and refused.difference_pct == round(
+            REFUSED_QTY * 100 / (REFUSED_QTY + 1), 4
+        )
+        [record] = refused.recent_divergences
+        assert record.kind == "shadow_refused" and record.legacy.stripe_id
+        assert rows[traffic.customer("legacy")].difference_pct is None  # one leg only
+
+    async def test_csv_has_a_line_per_customer(self, engine, traffic):
+        """CSV: a header, then one line per customer with the report's figures."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver)
+        parsed = list(csv.DictReader(io.StringIO(render_csv(report))))
+        assert tuple(parsed[0].keys()) == CSV_COLUMNS
+        by_customer = {line["customer"]: line for line in parsed}
+        assert set(by_customer) == {line.customer for line in report.customers}
+        refused = by_customer[traffic.customer("refused")]
+        assert refused["status"] == "diverged" and refused["difference"] == str(REFUSED_QTY)
+        assert refused["failures"] == "meter:shadow:parameter_invalid=1"
+
+
+class TestReadiness:
+    """The readiness verdict flips with a divergence, by the configured rule."""
+
+    async def test_verdicts(self, engine, traffic):
+        """Nothing closed yet: shadow not ready; after the period, parity is ready, divergence not."""
+        await drain(engine)
+        now = await build_report(engine.ledger, engine.resolver)
+        rows = rows_by_customer(now)
+        assert rows[traffic.customer("legacy")].verdict.ready
+        assert rows[traffic.customer("meter")].verdict.next_stage is None
+        shadow = rows[traffic.customer("shadow")].verdict
+        assert not shadow.ready and shadow.reason.startswith("0 of 1 closed period(s)")
+        later = rows_by_customer(
+            await build_report(engine.ledger, engine.resolver, now=time.time() + 40 * DAY)
+        )
+        assert later[traffic.customer("shadow")].verdict.ready
+        assert later[traffic.customer("primary")].verdict.ready
+        refused = later[traffic.customer("refused")].verdict
+        assert not refused.ready and "dead letter" in refused.reason
+        assert "closed period" in now.readiness_rule
+
+    async def test_rule_is_configurable(self, engine, traffic):
+        """Two closed periods required: one is not enough."""
+        await drain(engine)
+        settings = ReportSettings(readiness_closed_periods=2)
+        later = rows_by_customer(
+            await build_report(
+                engine.ledger, engine.resolver, now=time.time() + 40 * DAY, settings=settings
+            )
+        )
+        assert not later[traffic.customer("shadow")].verdict.ready

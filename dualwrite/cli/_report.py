@@ -11,10 +11,11 @@ from dualwrite.cli._common import app, console, load_settings, run_async
 from dualwrite.flags import StageResolver
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
-from dualwrite.models import Stage
+from dualwrite.models import Stage, utc_day
 from dualwrite.outbox import Outbox
+from dualwrite.periods import Period
 from dualwrite.redis_client import open_redis
-from dualwrite.report import build_report, render_table
+from dualwrite.report import build_report, render_csv, render_table
 
 
 @app.command("report")
@@ -24,13 +25,30 @@ def report(
     stage: Annotated[Stage | None, typer.Option(help="Only customers now at this stage.")] = None,
     since: Annotated[str | None, typer.Option(help="First period (YYYY-MM-DD, UTC).")] = None,
     until: Annotated[str | None, typer.Option(help="Last period (YYYY-MM-DD, UTC).")] = None,
+    period: Annotated[
+        str | None,
+        typer.Option(help="One period: a billing period id, or a day (YYYY-MM-DD) in it."),
+    ] = None,
     divergent: Annotated[
         bool, typer.Option("--divergent", help="Only diverged customers.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_csv: Annotated[
+        bool, typer.Option("--csv", help="Print CSV, one line per customer.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Customers in the table (those needing a look first).")
+    ] = 50,
 ) -> None:
-    """Per customer: stage, totals on each leg, difference, failures, and the divergent events."""
+    """Per customer: stage, totals on each leg, difference, failures by code, the latest divergent
+    events, and whether it is ready for its next stage (the rule is printed with the table)."""
     settings = load_settings(ctx)
+    if as_json and as_csv:
+        raise typer.BadParameter("choose one of --json and --csv")
+    if period is not None:
+        if since is not None or until is not None:
+            raise typer.BadParameter("--period replaces --since and --until; give one or the other")
+        since, until = _period_days(period)
     for name, value in (("--since", since), ("--until", until)):
         if value is not None:
             try:
@@ -54,12 +72,29 @@ def report(
                 customer=customer,
                 stage=stage,
                 only_divergent=divergent,
+                settings=settings.report,
             )
         finally:
             await redis.aclose()
         if as_json:
             typer.echo(result.model_dump_json(indent=2))
+        elif as_csv:
+            typer.echo(render_csv(result), nl=False)
         else:
-            console.print(render_table(result))
+            console.print(render_table(result, limit=limit))
 
     run_async(run())
+
+
+def _period_days(period: str) -> tuple[str, str]:
+    """The first and last UTC day of a period id (a day is its own period)."""
+    try:
+        span = Period.parse(period)
+    except ValueError:
+        msg = (
+            f"--period {period!r}: write a billing period id (20261101T000000Z/20261201T000000Z) "
+            "or a day (2026-11-15)"
+        )
+        raise typer.BadParameter(msg) from None
+    last = max(span.start, span.end - 1)
+    return utc_day(span.start), utc_day(last)

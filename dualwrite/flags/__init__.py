@@ -16,7 +16,13 @@ from dualwrite.flags._models import (
     Resolution,
     ResolutionReason,
 )
-from dualwrite.flags._resolution import BUCKETS, resolve_snapshot, rollout_bucket, rollout_stage
+from dualwrite.flags._resolution import (
+    BUCKETS,
+    resolve_snapshot,
+    rollout_bucket,
+    rollout_stage,
+    stage_only,
+)
 from dualwrite.flags._resolver import ResolverStats, StageResolver
 from dualwrite.flags._store import RedisFlagStore
 
@@ -33,4 +39,5 @@ __all__ = [
     "resolve_snapshot",
     "rollout_bucket",
     "rollout_stage",
+    "stage_only",
 ]

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from dualwrite.flags._models import ROLLOUT_STAGES, FlagSnapshot, Resolution
 from dualwrite.models import Stage
 
-__all__ = ["BUCKETS", "basis_points", "resolve_snapshot", "rollout_bucket", "rollout_stage"]
+__all__ = [
+    "BUCKETS",
+    "basis_points",
+    "resolve_snapshot",
+    "rollout_bucket",
+    "rollout_stage",
+    "stage_only",
+]
 
 #: Rollout buckets: one per basis point (0.01 %) of customers.
 BUCKETS = 10_000
@@ -106,3 +113,29 @@ def resolve_snapshot(customer: str, snapshot: FlagSnapshot, *, now: float, salt:
         detail=f"global default: {snapshot.default.value}",
         valid_until=valid_until,
     )
+
+
+def stage_only(
+    customer: str,
+    *,
+    kill: bool,
+    override: Stage | None,
+    schedule: Sequence[tuple[int, Stage]],
+    rollout: Mapping[Stage, float],
+    default: Stage,
+    now: float,
+    salt: str,
+) -> Stage:
+    """The stage ``resolve_snapshot`` gives, without building a ``Resolution``: the same rules in
+    the same order, for resolving many customers at once (the report)."""
+    if kill:
+        return Stage.LEGACY
+    if override is not None:
+        return override
+    current: tuple[int, Stage] | None = None
+    for at, stage in schedule:
+        if at <= now and (current is None or at >= current[0]):
+            current = (at, stage)
+    if current is not None:
+        return current[1]
+    return rollout_stage(rollout_bucket(customer, salt), rollout) or default

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -26,7 +26,7 @@ from dualwrite.config import FlagSettings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.flags._codec import Throttle
 from dualwrite.flags._models import Resolution
-from dualwrite.flags._resolution import resolve_snapshot
+from dualwrite.flags._resolution import resolve_snapshot, stage_only
 from dualwrite.flags._store import GLOBAL, RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
@@ -146,6 +146,33 @@ class StageResolver:
             self._hits += 1
             return entry[2]
         return await self._lookup(customer)
+
+    async def resolve_many(self, customers: Iterable[str]) -> dict[str, Stage]:
+        """The stages of many customers from five Redis reads (for reports over thousands of
+        customers); every customer gets the safe stage when Redis fails. Bypasses the cache."""
+        wanted = list(customers)
+        try:
+            kill = await self._store.get_kill()
+            default = await self._store.get_default()
+            rollout = await self._store.get_rollout()
+            overrides = await self._store.overrides()
+            schedules = await self._store.schedules()
+        except StoreUnavailableError:
+            return dict.fromkeys(wanted, self._settings.safe_stage)
+        now, salt = self._clock(), self._salt
+        return {
+            customer: stage_only(
+                customer,
+                kill=kill,
+                override=overrides.get(customer),
+                schedule=schedules.get(customer, ()),
+                rollout=rollout,
+                default=default,
+                now=now,
+                salt=salt,
+            )
+            for customer in wanted
+        }
 
     def invalidate(self, customer: str | None = None) -> None:
         """Drop ``customer``'s cached resolution, or every one when ``None``."""

@@ -16,7 +16,13 @@ from typing import Any, Literal, Protocol
 
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import ShardKeys
-from dualwrite.ledger import LedgerUpdate, LegView, describe_failure, divergence_fields
+from dualwrite.ledger import (
+    LedgerUpdate,
+    LegView,
+    describe_failure,
+    divergence_fields,
+    failure_code,
+)
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
 from dualwrite.outbox._store import Outbox, OutboxEntry
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
@@ -266,8 +272,9 @@ class OutboxWorker:
     ) -> Disposition:
         message = (result.failure.message if result.failure else "") or ""
         retired = entry.leg is Leg.LEGACY and RETIRED_LEGACY_MARKER in message
+        code = failure_code(result.failure, expired=expired)
         update = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
-            entry.leg, entry.value, retired=retired
+            entry.leg, entry.value, retired=retired, code=code
         )
         divergence = None
         if not retired:
@@ -292,6 +299,7 @@ class OutboxWorker:
         dead = {
             "entry": entry.payload(),
             "reason": "expired" if expired else ("retired" if retired else "refused"),
+            "code": code,
             "error": describe_failure(result.failure) or "",
             "at": f"{self._clock():.3f}",
         }

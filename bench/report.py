@@ -1,0 +1,174 @@
+"""The report over many customers: 100,000 customers x 31 days, built, dumped to JSON and CSV.
+
+Writes a synthetic ledger (one billing period per customer overlapping the 31 days, a second one for a
+third of them), flags and a divergence log under a fresh key prefix of the Redis on ``REDIS_URL``,
+then times, several runs:
+
+* the baseline: reading the same ledger hashes raw (pipelined HGETALL, no processing);
+* ``build_report`` over the 31 days; its JSON; its CSV; the terminal table (top 50).
+
+Prints each figure, its median and spread, and the ratio to the baseline in the same run. The key
+prefix is deleted afterwards.
+
+    python bench/report.py [--customers 100000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
+from rich.console import Console
+
+from dualwrite.config import FlagSettings
+from dualwrite.flags import RedisFlagStore, StageResolver
+from dualwrite.keys import KeySpace
+from dualwrite.ledger import Ledger
+from dualwrite.models import Stage
+from dualwrite.periods import Period
+from dualwrite.redis_client import as_str_list
+from dualwrite.report import build_report, render_csv, render_table
+
+URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+DAY = 86_400
+WINDOW_START = 1_793_491_200  # 2026-11-01
+SINCE, UNTIL = "2026-11-01", "2026-12-01"
+
+
+async def populate(redis: aioredis.Redis, keys: KeySpace, customers: int) -> int:
+    """Write the synthetic ledger; returns how many ledger hashes."""
+    rng = random.Random(customers)
+    shard = keys.shard(0)
+    pipe = redis.pipeline(transaction=False)
+    written = 0
+    for index in range(customers):
+        customer = f"cus_{index:08d}"
+        anchor = WINDOW_START - rng.randint(0, 30) * DAY
+        periods = [Period(start=anchor, end=anchor + 30 * DAY, kind="billing")]
+        if index % 3 == 0:
+            periods.append(Period(start=anchor + 30 * DAY, end=anchor + 60 * DAY, kind="billing"))
+        for period in periods:
+            quantity = rng.randint(1, 10_000)
+            diverged = index % 97 == 0
+            counters: dict[FieldT, EncodableT] = {
+                "events": 40,
+                "quantity": quantity,
+                "stage_shadow_events": 40,
+                "legacy_expected_events": 40,
+                "legacy_expected_qty": quantity,
+                "legacy_accepted_events": 40,
+                "legacy_accepted_qty": quantity,
+                "meter_expected_events": 40,
+                "meter_expected_qty": quantity,
+                "meter_accepted_events": 39 if diverged else 40,
+                "meter_accepted_qty": quantity - 1 if diverged else quantity,
+                "meter_failed_events": 1 if diverged else 0,
+                "meter_failed_qty": 1 if diverged else 0,
+                "divergent_events": 1 if diverged else 0,
+            }
+            key = shard.ledger(period.id, customer, "api_requests")
+            pipe.hset(key, mapping=counters)
+            pipe.zadd(
+                shard.ledger_index, {f"{period.id}|{customer}|api_requests": period.start // DAY}
+            )
+            written += 1
+        if len(pipe) >= 5000:
+            await pipe.execute()
+    await pipe.execute()
+    store = RedisFlagStore(redis, keys)
+    await store.set_default(Stage.SHADOW, actor="bench")
+    await store.set_rollout(Stage.PRIMARY, 10, actor="bench")
+    for index in range(0, customers, 100):
+        await store.set_override(f"cus_{index:08d}", Stage.METER, actor="bench")
+    return written
+
+
+async def raw_read(redis: aioredis.Redis, keys: KeySpace) -> int:
+    """The baseline: every ledger hash read, nothing else."""
+    shard = keys.shard(0)
+    members = as_str_list(await redis.zrangebyscore(shard.ledger_index, "-inf", "+inf"))
+    read = 0
+    for start in range(0, len(members), 1000):
+        pipe = redis.pipeline(transaction=False)
+        for member in members[start : start + 1000]:
+            period, customer, event_name = member.split("|", 2)
+            pipe.hgetall(shard.ledger(period, customer, event_name))
+        read += len(await pipe.execute())
+    return read
+
+
+async def timed(action: Callable[[], Awaitable[object]]) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = await action()
+    return time.perf_counter() - started, result
+
+
+async def main(customers: int, runs: int) -> None:
+    redis = aioredis.Redis.from_url(URL, decode_responses=True)
+    keys = KeySpace(f"dwbench-{uuid.uuid4().hex[:8]}")
+    try:
+        started = time.perf_counter()
+        rows = await populate(redis, keys, customers)
+        print(
+            f"wrote {rows:,} ledger hashes for {customers:,} customers "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
+        ledger = Ledger(redis, keys)
+        resolver = StageResolver(redis, keys, FlagSettings())
+        figures: dict[str, list[float]] = {}
+        for run in range(runs):
+            base, _ = await timed(lambda: raw_read(redis, keys))
+            built, report = await timed(
+                lambda: build_report(ledger, resolver, since=SINCE, until=UNTIL)
+            )
+            started = time.perf_counter()
+            text = report.model_dump_json()  # type: ignore[attr-defined]
+            as_json = time.perf_counter() - started
+            started = time.perf_counter()
+            csv_text = render_csv(report)  # type: ignore[arg-type]
+            as_csv = time.perf_counter() - started
+            started = time.perf_counter()
+            Console(file=io.StringIO(), width=200).print(render_table(report, limit=50))  # type: ignore[arg-type]
+            as_table = time.perf_counter() - started
+            for name, value in (
+                ("raw read (baseline)", base),
+                ("build_report", built),
+                ("JSON", as_json),
+                ("CSV", as_csv),
+                ("table (top 50)", as_table),
+                ("report + JSON", built + as_json),
+            ):
+                figures.setdefault(name, []).append(value)
+            print(
+                f"run {run + 1}: baseline {base:.2f} s, report {built:.2f} s "
+                f"({built / base:.2f}x), JSON {as_json:.2f} s ({len(text) / 1e6:.0f} MB), "
+                f"CSV {as_csv:.2f} s ({len(csv_text) / 1e6:.0f} MB), table {as_table:.2f} s, "
+                f"{len(report.customers):,} customers"  # type: ignore[attr-defined]
+            )
+        base = statistics.median(figures["raw read (baseline)"])
+        for name, values in figures.items():
+            print(
+                f"{name:>20}: median {statistics.median(values):.2f} s "
+                f"[{min(values):.2f}..{max(values):.2f}], {statistics.median(values) / base:.2f}x baseline"
+            )
+    finally:
+        async for key in redis.scan_iter(match=f"{keys.prefix}:*", count=10_000):
+            await redis.unlink(key)
+        await redis.aclose()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(main(args.customers, args.runs))

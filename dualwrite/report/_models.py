@@ -1,0 +1,156 @@
+"""The report's values: per-leg totals, a customer's line, the readiness verdict, the whole report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dualwrite.ledger import DivergenceRecord, LedgerRow
+from dualwrite.models import Stage
+from dualwrite.outbox import OutboxDepth
+
+__all__ = ["CustomerReport", "CustomerStatus", "LegTotals", "Report", "UnmappedItems", "Verdict"]
+
+CustomerStatus = Literal["parity", "pending", "diverged"]
+"""``parity``: each leg holds what it should; ``pending``: shadow writes still queued or retrying;
+``diverged``: a write was refused for good, expired, or refused late."""
+
+
+class LegTotals(BaseModel):
+    """One leg's totals for a customer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    expected_events: int = 0
+    expected_qty: int = 0
+    accepted_events: int = 0
+    accepted_qty: int = 0
+    failed_events: int = 0
+    failed_qty: int = 0
+    retired_events: int = 0
+    retired_qty: int = 0
+    late_refused_events: int = 0
+    late_refused_qty: int = 0
+    """Meter events Stripe accepted, then refused in an error report."""
+    refused_events: int = 0
+    """Authoritative refusals returned to callers (not divergence)."""
+
+    @property
+    def pending_qty(self) -> int:
+        """Quantity expected on this leg and not settled yet."""
+        settled = self.accepted_qty + self.failed_qty + self.retired_qty + self.late_refused_qty
+        return self.expected_qty - settled
+
+    @property
+    def pending_events(self) -> int:
+        """Events expected on this leg and not settled yet."""
+        settled = (
+            self.accepted_events
+            + self.failed_events
+            + self.retired_events
+            + self.late_refused_events
+        )
+        return self.expected_events - settled
+
+    @classmethod
+    def from_rows(cls, leg: str, rows: Iterable[LedgerRow]) -> LegTotals:
+        """Sum one leg's counters over ledger rows."""
+        names = _LEG_FIELDS[leg]
+        sums = [0] * len(names)
+        for row in rows:
+            counters = row.counters
+            for index, (_, counter) in enumerate(names):
+                sums[index] += counters.get(counter, 0)
+        values: dict[str, Any] = {
+            field: total for (field, _), total in zip(names, sums, strict=True)
+        }
+        return cls(**values)  # pydantic-core validates ints faster than model_construct copies
+
+
+_LEG_FIELDS = {
+    leg: [(name, f"{leg}_{name}") for name in LegTotals.model_fields] for leg in ("legacy", "meter")
+}
+
+
+class Verdict(BaseModel):
+    """Whether a customer is ready for its next stage, and why, by the configured rule."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ready: bool
+    next_stage: Stage | None
+    """The stage it would move to (None: already at ``meter``)."""
+    reason: str
+
+
+class CustomerReport(BaseModel):
+    """One customer's line in the report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    customer: str
+    stage: Stage
+    event_names: list[str]
+    periods: list[str]
+    events: int
+    quantity: int
+    legacy: LegTotals
+    meter: LegTotals
+    translated_events: int
+    divergent_events: int
+    delayed_events: int = 0
+    """Events whose record waited in a local spool while Redis was down."""
+    status: CustomerStatus
+    difference_pct: float | None = None
+    """The difference as a percentage of the larger leg (None when a leg is not written)."""
+    failures: dict[str, int] = Field(default_factory=dict)
+    """Failures by leg and Stripe code: ``legacy:card_declined`` (refused to the caller),
+    ``meter:shadow:parameter_invalid`` (a shadow write dead-lettered) and so on."""
+    recent_divergences: list[DivergenceRecord] = Field(default_factory=list)
+    """The customer's latest divergent events (a few), with both legs' Stripe ids and errors."""
+    verdict: Verdict | None = None
+
+    @property
+    def difference(self) -> int:
+        """Legacy total minus meter total (accepted quantities)."""
+        return self.legacy.accepted_qty - self.meter.accepted_qty
+
+
+class UnmappedItems(BaseModel):
+    """Usage the proxy forwarded to the legacy path only, because its item maps to no meter."""
+
+    model_config = ConfigDict(frozen=True)
+
+    items: int = 0
+    """Distinct subscription items."""
+    requests: int = 0
+    """Usage-record requests forwarded for them."""
+    top: dict[str, int] = Field(default_factory=dict)
+    """The items with the most requests (at most ten)."""
+
+
+class Report(BaseModel):
+    """The whole report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    generated_at: float
+    since: str | None
+    until: str | None
+    customers: list[CustomerReport]
+    divergences: list[DivergenceRecord]
+    outbox: OutboxDepth | None
+    unmapped: UnmappedItems = Field(default_factory=UnmappedItems)
+    """Usage the proxy forwarded without dual-writing it (all customers, all periods)."""
+    backpressure: dict[str, int] = Field(default_factory=dict)
+    """Rate-limit waits and writes held back (then retried), per limit: ``<limit>_waits``,
+    ``<limit>_waited_ms``, ``<limit>_held_back``."""
+    readiness_rule: str = ""
+    """The rule the verdicts follow, in words."""
+
+    @property
+    def divergent_customers(self) -> int:
+        """Customers with at least one divergent event."""
+        return sum(1 for customer in self.customers if customer.status == "diverged")

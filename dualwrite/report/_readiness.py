@@ -1,0 +1,106 @@
+"""The readiness verdict: is a customer ready for its next stage? The rule is configurable
+(``[report]``) and printed with every report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from dualwrite.config import ReportSettings
+from dualwrite.ledger import LedgerRow
+from dualwrite.models import Stage
+from dualwrite.periods import period_of
+from dualwrite.report._models import Verdict
+
+__all__ = ["ReadinessRule"]
+
+_NEXT = {Stage.LEGACY: Stage.SHADOW, Stage.SHADOW: Stage.PRIMARY, Stage.PRIMARY: Stage.METER}
+
+
+class ReadinessRule:
+    """Judges customers by the settings' rule, as of ``now``."""
+
+    def __init__(self, settings: ReportSettings, *, now: float):
+        self.periods = settings.readiness_closed_periods
+        self.max_difference_pct = settings.readiness_max_difference_pct
+        self.now = now
+
+    def describe(self) -> str:
+        """The rule in words."""
+        return (
+            f"legacy is always ready for shadow (meter events go to an unbilled meter); shadow and "
+            f"primary are ready for the next stage after {self.periods} closed period(s) spent "
+            f"wholly at that stage with both legs settled, a difference of at most "
+            f"{self.max_difference_pct:g} % and no dead letters in the report's range"
+        )
+
+    def verdict(self, stage: Stage, rows: Sequence[LedgerRow]) -> Verdict:
+        """The verdict for a customer now at ``stage`` whose ledger rows are ``rows``."""
+        periods: dict[str, dict[str, int]] = {}
+        for row in rows:
+            sums = periods.setdefault(row.period, {})
+            for name, value in row.counters.items():
+                sums[name] = sums.get(name, 0) + value
+        return self.verdict_by_period(stage, periods)
+
+    def verdict_by_period(self, stage: Stage, periods: Mapping[str, Mapping[str, int]]) -> Verdict:
+        """The verdict from the customer's counters summed per period (all event names)."""
+        return self.verdict_from_slots(stage, periods, None)
+
+    def verdict_from_slots(
+        self,
+        stage: Stage,
+        periods: Mapping[str, Sequence[int]] | Mapping[str, Mapping[str, int]],
+        slots: Mapping[str, int] | None,
+    ) -> Verdict:
+        """As ``verdict_by_period``; with ``slots``, each period's sums are a list indexed by them
+        (the report's fast path over 100,000 customers)."""
+        next_stage = _NEXT.get(stage)
+        if next_stage is None:
+            return _DONE
+        if stage is Stage.LEGACY:
+            return _LEGACY_READY
+
+        def get(sums: Sequence[int] | Mapping[str, int], name: str) -> int:
+            if slots is None:
+                return sums.get(name, 0)  # type: ignore[union-attr]
+            return sums[slots[name]]  # type: ignore[index]
+
+        dead = sum(
+            get(sums, "legacy_failed_events") + get(sums, "meter_failed_events")
+            for sums in periods.values()
+        )
+        if dead:
+            reason = f"{dead} dead letter(s): retry or explain them first (`dualwrite dead list`)"
+            return Verdict(ready=False, next_stage=next_stage, reason=reason)
+        stage_events = _STAGE_EVENTS[stage]
+        good = 0
+        for period, sums in periods.items():
+            if not period_of(period).closed(self.now):
+                continue
+            events = get(sums, "events")
+            if events == 0 or get(sums, stage_events) != events:
+                continue
+            if any(
+                get(sums, f"{leg}_expected_qty") != get(sums, f"{leg}_accepted_qty")
+                or get(sums, f"{leg}_failed_events")
+                or get(sums, f"{leg}_late_refused_events")
+                for leg in ("legacy", "meter")
+            ):
+                continue
+            legacy, meter = get(sums, "legacy_accepted_qty"), get(sums, "meter_accepted_qty")
+            larger = max(legacy, meter)
+            if larger == 0 or abs(legacy - meter) * 100 <= self.max_difference_pct * larger:
+                good += 1
+        label = stage.value
+        if good >= self.periods:
+            reason = f"{good} closed period(s) at {label} with both legs equal"
+            return Verdict(ready=True, next_stage=next_stage, reason=reason)
+        reason = f"{good} of {self.periods} closed period(s) at {label} with both legs equal"
+        return Verdict(ready=False, next_stage=next_stage, reason=reason)
+
+
+_STAGE_EVENTS = {stage: f"stage_{stage.value}_events" for stage in Stage}
+_DONE = Verdict(ready=False, next_stage=None, reason="already on meter events only")
+_LEGACY_READY = Verdict(
+    ready=True, next_stage=Stage.SHADOW, reason="shadow writes nothing billable"
+)

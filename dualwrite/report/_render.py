@@ -1,0 +1,193 @@
+"""The report for people and for tools: a rich table for the terminal, and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from dualwrite.report._models import CustomerReport, Report
+
+__all__ = ["CSV_COLUMNS", "render_csv", "render_table"]
+
+_STATUS_STYLE = {"parity": "green", "pending": "yellow", "diverged": "bold red"}
+_STATUS_ORDER = {"diverged": 0, "pending": 1, "parity": 2}
+
+CSV_COLUMNS = (
+    "customer",
+    "stage",
+    "status",
+    "events",
+    "quantity",
+    "legacy_expected_qty",
+    "legacy_accepted_qty",
+    "meter_expected_qty",
+    "meter_accepted_qty",
+    "difference",
+    "difference_pct",
+    "pending_qty",
+    "legacy_failed_events",
+    "meter_failed_events",
+    "meter_late_refused_events",
+    "legacy_refused_events",
+    "meter_refused_events",
+    "divergent_events",
+    "translated_events",
+    "delayed_events",
+    "failures",
+    "ready",
+    "next_stage",
+    "verdict",
+    "periods",
+    "event_names",
+)
+
+
+def _ranked(report: Report) -> list[CustomerReport]:
+    """Diverged first, then pending, then the largest differences."""
+    return sorted(
+        report.customers,
+        key=lambda line: (_STATUS_ORDER[line.status], -abs(line.difference), line.customer),
+    )
+
+
+def render_table(report: Report, *, limit: int | None = 50) -> Group:
+    """The report as rich renderables: the customer table (the ``limit`` lines that most need a
+    look: diverged, pending, largest differences), then the latest divergent events."""
+    table = Table(title="dualwrite: usage per customer, legacy vs meter", title_justify="left")
+    for column, justify in (
+        ("customer", "left"),
+        ("stage", "left"),
+        ("events", "right"),
+        ("legacy", "right"),
+        ("meter", "right"),
+        ("difference", "right"),
+        ("pending", "right"),
+        ("failures", "left"),
+        ("status", "left"),
+        ("next stage", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    ranked = _ranked(report)
+    shown = ranked if limit is None else ranked[:limit]
+    for line in shown:
+        pending = line.legacy.pending_qty + line.meter.pending_qty
+        difference = f"{line.difference:+,}" if line.difference else "0"
+        if line.difference and line.difference_pct is not None:
+            difference += f" ({line.difference_pct:+.2f} %)"
+        verdict = line.verdict
+        next_cell = Text("")
+        if verdict is not None and verdict.next_stage is not None:
+            next_cell = Text(
+                f"{verdict.next_stage.value}: {'ready' if verdict.ready else 'not yet'}",
+                style="green" if verdict.ready else "yellow",
+            )
+        table.add_row(
+            line.customer,
+            line.stage.value,
+            f"{line.events:,}",
+            f"{line.legacy.accepted_qty:,}",
+            f"{line.meter.accepted_qty:,}",
+            difference,
+            f"{pending:,}" if pending else "",
+            ", ".join(f"{code} {count}" for code, count in line.failures.items()),
+            Text(line.status, style=_STATUS_STYLE[line.status]),
+            next_cell,
+        )
+    parts: list[Table | Text] = [table]
+    counts = {status: 0 for status in _STATUS_ORDER}
+    for line in report.customers:
+        counts[line.status] += 1
+    summary = f"{len(report.customers):,} customers: " + ", ".join(
+        f"{count:,} {status}" for status, count in counts.items()
+    )
+    if len(shown) < len(ranked):
+        summary += f" (showing {len(shown):,}; --json or --csv for all)"
+    parts.append(Text(summary))
+    if report.readiness_rule:
+        parts.append(Text(f"readiness rule: {report.readiness_rule}", style="dim"))
+    if report.outbox is not None:
+        depth = report.outbox
+        parts.append(
+            Text(
+                f"outbox: {depth.ready} queued, {depth.scheduled} waiting to retry, "
+                f"{depth.dead} dead letters"
+            )
+        )
+    if report.backpressure:
+        waits = ", ".join(f"{name} {count:,}" for name, count in report.backpressure.items())
+        parts.append(Text(f"rate limits (all processes): {waits}"))
+    if report.unmapped.requests:
+        unmapped = report.unmapped
+        parts.append(
+            Text(
+                f"unmapped: {unmapped.requests:,} usage requests for {unmapped.items:,} subscription "
+                "items were forwarded to legacy only (no [[meters]] mapping): "
+                + ", ".join(f"{item} ({count:,})" for item, count in unmapped.top.items()),
+                style="yellow",
+            )
+        )
+    if report.divergences:
+        log = Table(title="latest divergent events", title_justify="left")
+        for column in ("customer", "kind", "identifier", "quantity", "legacy", "meter", "note"):
+            log.add_column(column)
+        for record in report.divergences:
+            log.add_row(
+                record.customer,
+                record.kind,
+                record.identifier,
+                str(record.quantity),
+                _leg_cell(record.legacy.status, record.legacy.stripe_id, record.legacy.error),
+                _leg_cell(record.meter.status, record.meter.stripe_id, record.meter.error),
+                record.note,
+            )
+        parts.append(log)
+    return Group(*parts)
+
+
+def _leg_cell(status: str, stripe_id: str | None, error: str | None) -> str:
+    detail = stripe_id or error or ""
+    return f"{status} {detail}".strip()
+
+
+def render_csv(report: Report) -> str:
+    """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for line in report.customers:
+        verdict = line.verdict
+        writer.writerow(
+            (
+                line.customer,
+                line.stage.value,
+                line.status,
+                line.events,
+                line.quantity,
+                line.legacy.expected_qty,
+                line.legacy.accepted_qty,
+                line.meter.expected_qty,
+                line.meter.accepted_qty,
+                line.difference,
+                "" if line.difference_pct is None else line.difference_pct,
+                line.legacy.pending_qty + line.meter.pending_qty,
+                line.legacy.failed_events,
+                line.meter.failed_events,
+                line.meter.late_refused_events,
+                line.legacy.refused_events,
+                line.meter.refused_events,
+                line.divergent_events,
+                line.translated_events,
+                line.delayed_events,
+                ";".join(f"{code}={count}" for code, count in line.failures.items()),
+                "" if verdict is None else str(verdict.ready).lower(),
+                "" if verdict is None or verdict.next_stage is None else verdict.next_stage.value,
+                "" if verdict is None else verdict.reason,
+                " ".join(line.periods),
+                " ".join(line.event_names),
+            )
+        )
+    return out.getvalue()
