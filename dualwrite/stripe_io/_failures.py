@@ -11,7 +11,10 @@ import stripe
 from dualwrite.models import Leg, StripeFailure, WriteResult
 from dualwrite.redaction import redact
 
-__all__ = ["as_dict", "failure_from_exception", "refused"]
+__all__ = ["SESSION_EXPIRED", "as_dict", "failure_from_exception", "refused"]
+
+#: Stripe's code when a v2 meter event session token has expired.
+SESSION_EXPIRED = "billing_meter_event_session_expired"
 
 
 def as_dict(data: object) -> dict[str, Any]:
@@ -34,7 +37,9 @@ def failure_from_exception(exc: stripe.StripeError) -> StripeFailure:
         error = dict(exc.json_body["error"])
     network = isinstance(exc, stripe.APIConnectionError) and status is None
     should_retry = headers.get("stripe-should-retry")
-    if should_retry == "true":
+    if error.get("code") == SESSION_EXPIRED:
+        retryable = True  # the session's fault, not the events': a new session sends them
+    elif should_retry == "true":
         retryable = True
     elif should_retry == "false":
         retryable = False

@@ -21,6 +21,8 @@ __all__ = ["MAX_STREAM_BATCH", "MeterStream", "iso_timestamp"]
 
 #: Stripe's limit of events per stream call.
 MAX_STREAM_BATCH = 100
+#: Sends of one batch when its session keeps expiring, before the failure goes to the outbox.
+SESSION_ATTEMPTS = 3
 #: Renew a session this many seconds before it expires.
 RENEW_BEFORE_SECONDS = 60.0
 
@@ -52,17 +54,19 @@ class MeterStream:
             raise ValueError(msg)
         body = {"events": list(events)}
         token = await self._token(api_key)
-        try:
-            await self._client.v2.billing.meter_event_stream.create_async(
-                body,  # type: ignore[arg-type]
-                {"api_key": token},
-            )
-        except stripe.TemporarySessionExpiredError:
-            token = await self._token(api_key, expired=token)
-            await self._client.v2.billing.meter_event_stream.create_async(
-                body,  # type: ignore[arg-type]
-                {"api_key": token},
-            )
+        for attempt in range(SESSION_ATTEMPTS):
+            try:
+                await self._client.v2.billing.meter_event_stream.create_async(
+                    body,  # type: ignore[arg-type]
+                    {"api_key": token},
+                )
+                return
+            except stripe.TemporarySessionExpiredError:
+                # The session ended under this call (or the renewed one did too): renew and
+                # resend; after a few tries the error goes back to the outbox, which retries it.
+                if attempt == SESSION_ATTEMPTS - 1:
+                    raise
+                token = await self._token(api_key, expired=token)
 
     async def _token(self, api_key: str, *, expired: str | None = None) -> str:
         slot = hashlib.sha256(api_key.encode()).hexdigest()  # never keep the key itself as a key
