@@ -37,6 +37,7 @@ from dualwrite.models import (
     RecordOutcome,
     Stage,
     StagePlan,
+    StripeFailure,
     UsageEvent,
     WriteResult,
     plan_for,
@@ -54,6 +55,20 @@ log = logging.getLogger(__name__)
 
 LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
 """Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
+
+
+def _periods_of(details: ItemDetails | StripeFailure) -> ItemPeriods | None:
+    """An item's current period and interval, when Stripe's reply has them."""
+    if not isinstance(details, ItemDetails) or details.interval not in INTERVALS:
+        return None
+    if details.period_start is None or details.period_end is None:
+        return None
+    return ItemPeriods(
+        start=details.period_start,
+        end=details.period_end,
+        interval=details.interval,  # checked against INTERVALS above
+        interval_count=details.interval_count,
+    )
 
 
 class StageSource(Protocol):
@@ -325,17 +340,19 @@ class DualWriteEngine:
         key = api_key or self.settings.api_key()
         if key is None:
             return None
-        details = await self.writer.retrieve_item(item, api_key=key)
-        if not isinstance(details, ItemDetails) or details.interval not in INTERVALS:
-            return None
-        if details.period_start is None or details.period_end is None:
-            return None
-        return ItemPeriods(
-            start=details.period_start,
-            end=details.period_end,
-            interval=details.interval,  # checked against INTERVALS above
-            interval_count=details.interval_count,
-        )
+        return _periods_of(await self.writer.retrieve_item(item, api_key=key))
+
+    async def retrieve_item(self, item: str, *, api_key: str) -> ItemDetails | StripeFailure:
+        """Read a subscription item from Stripe (the proxy maps usage with it), keeping its billing
+        period for the ledger, so that one read serves both."""
+        details = await self.writer.retrieve_item(item, api_key=api_key)
+        periods = _periods_of(details)
+        if periods is not None:
+            try:
+                await self.periods.remember(item, periods)
+            except StoreUnavailableError:
+                log.warning("Redis unavailable: billing period of %s not cached", item)
+        return details
 
     async def _note_refusal(
         self, shard: ShardKeys, event: UsageEvent, result: WriteResult, api_key: str | None

@@ -208,8 +208,12 @@ class PeriodResolver:
         found = await self._lookup(item, api_key)
         if found is None:
             return None
-        ttl = max(60, int(found.end - self._clock()) + 3600)
-        async with store_errors("caching an item's billing period"):
-            await self._redis.set(key, found.model_dump_json(), ex=ttl)
-        self._local[item] = found
+        await self.remember(item, found)
         return found
+
+    async def remember(self, item: str, periods: ItemPeriods) -> None:
+        """Keep an item's current period, read from Stripe by someone else (the proxy's mapping)."""
+        self._local[item] = periods
+        ttl = max(60, int(periods.end - self._clock()) + 3600)
+        async with store_errors("caching an item's billing period"):
+            await self._redis.set(self._keys.item_periods(item), periods.model_dump_json(), ex=ttl)

@@ -539,7 +539,7 @@ class TestItemResolution:
     async def test_config_items_need_no_lookup(
         self, redis_url, key_prefix, standin_url, scenario, standin
     ):
-        """An item in [items] is never read from Stripe."""
+        """An item in [items] is not read for its mapping; only its billing period, once."""
         settings = proxy_settings(redis_url, key_prefix, standin_url).model_copy(
             update={
                 "items": {
@@ -552,7 +552,11 @@ class TestItemResolution:
             async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as client:
                 response = await client.post(usage_path(scenario), data={"quantity": "2"})
         assert response.status_code == 200
-        assert [r.path for r in standin.requests if r.method == "GET"] == []
+        reads = [r.path for r in standin.requests if r.method == "GET"]
+        assert reads == [
+            f"/v1/subscription_items/{scenario.item}",
+            f"/v1/subscriptions/{scenario.subscription}",
+        ]
 
     async def test_lookup_key_maps_the_item(
         self, redis_url, key_prefix, standin_url, builder, standin

@@ -110,7 +110,7 @@ class CustomerReport(BaseModel):
     ``meter:shadow:parameter_invalid`` (a shadow write dead-lettered) and so on."""
     recent_divergences: list[DivergenceRecord] = Field(default_factory=list)
     """The customer's latest divergent events (a few), with both legs' Stripe ids and errors."""
-    verdict: Verdict | None = None
+    verdict: Verdict
 
     @property
     def difference(self) -> int:

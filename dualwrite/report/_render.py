@@ -80,7 +80,7 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
             difference += f" ({line.difference_pct:+.2f} %)"
         verdict = line.verdict
         next_cell = Text("")
-        if verdict is not None and verdict.next_stage is not None:
+        if verdict.next_stage is not None:
             next_cell = Text(
                 f"{verdict.next_stage.value}: {'ready' if verdict.ready else 'not yet'}",
                 style="green" if verdict.ready else "yellow",
@@ -183,9 +183,9 @@ def render_csv(report: Report) -> str:
                 line.translated_events,
                 line.delayed_events,
                 ";".join(f"{code}={count}" for code, count in line.failures.items()),
-                "" if verdict is None else str(verdict.ready).lower(),
-                "" if verdict is None or verdict.next_stage is None else verdict.next_stage.value,
-                "" if verdict is None else verdict.reason,
+                str(verdict.ready).lower(),
+                "" if verdict.next_stage is None else verdict.next_stage.value,
+                verdict.reason,
                 " ".join(line.periods),
                 " ".join(line.event_names),
             )
