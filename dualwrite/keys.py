@@ -17,6 +17,8 @@ key                                     type               what
 ``P:{sN}:divergence``                   stream (capped)    events whose legs disagree
 ``P:{sN}:ledger:<period>:<cus>:<ev>``   hash               per customer, event name and period: counters
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
+``P:{sN}:recon:<period>:<cus>:<ev>``    hash               reconcile: Stripe's totals, drift from the ledger
+``P:{sN}:recon-index``                  sorted set         reconciliation hashes by period (score = day)
 ``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
 ``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
@@ -83,6 +85,15 @@ class ShardKeys:
     def ledger(self, period: str, customer: str, event_name: str) -> str:
         """The counters of one customer, event name and period."""
         return f"{self.tag}:ledger:{period}:{customer}:{event_name}"
+
+    @property
+    def reconciliation_index(self) -> str:
+        """Sorted set of this shard's reconciliation records."""
+        return f"{self.tag}:recon-index"
+
+    def reconciliation(self, period: str, customer: str, event_name: str) -> str:
+        """The last reconciliation of one customer, event name and period with Stripe."""
+        return f"{self.tag}:recon:{period}:{customer}:{event_name}"
 
     def idempotency(self, identifier: str) -> str:
         """The record of one identifier (hashed: identifiers are caller-chosen and unbounded)."""

@@ -35,8 +35,9 @@ __all__ = ["LimitPath", "LimitStats", "RateLimitedError", "WriteLimits"]
 
 log = logging.getLogger(__name__)
 
-LimitPath = Literal["legacy", "meter", "stream"]
-"""The Stripe paths with their own limits: usage records, v1 meter events, v2 stream events."""
+LimitPath = Literal["legacy", "meter", "stream", "reads"]
+"""The Stripe paths with their own limits: usage records, v1 meter events, v2 stream events, and
+the reads ``dualwrite reconcile`` makes."""
 
 # KEYS: theoretical arrival time; ARGV: emission interval (µs), burst tolerance (µs), cost
 # Returns 0 when admitted, else the microseconds to wait before asking again.
@@ -83,7 +84,14 @@ class LimitStats:
 class WriteLimits:
     """The shared limits every Stripe write goes through."""
 
-    def __init__(self, redis: aioredis.Redis, keys: KeySpace, settings: LimitSettings):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: KeySpace,
+        settings: LimitSettings,
+        *,
+        reads_per_second: float = 0.0,
+    ):
         self._redis = redis
         self._keys = keys
         self.settings = settings
@@ -93,6 +101,7 @@ class WriteLimits:
             "legacy": settings.legacy_per_second,
             "meter": settings.meter_per_second,
             "stream": settings.stream_events_per_second,
+            "reads": reads_per_second,  # [reconcile] reads_per_second; 0: unlimited
         }
         self.stats = LimitStats()
         self._local_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = (

@@ -2,18 +2,19 @@
 
 Every command reads its settings once (``--config`` / ``DUALWRITE_CONFIG`` plus the environment) and
 hands them to the library; the commands themselves only parse arguments and print. One module per
-group of commands: ``_flags`` (stages), ``_report``, ``_ops`` (worker, dead letters), ``_serve``
-(serve, demo, the stand-in).
+group of commands: ``_flags`` (stages), ``_report``, ``_reconcile``, ``_ops`` (worker, dead
+letters), ``_serve`` (serve, demo, the stand-in).
 """
 
 from __future__ import annotations
 
-from dualwrite.cli import _flags, _ops, _report, _serve
+from dualwrite.cli import _flags, _ops, _reconcile, _report, _serve
 from dualwrite.cli._common import app
 
 __all__ = ["app", "main"]
 
-_COMMANDS = (_flags, _ops, _report, _serve)  # imported for the commands they register on ``app``
+# Imported for the commands they register on ``app``.
+_COMMANDS = (_flags, _ops, _reconcile, _report, _serve)
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ This is the only package that imports ``stripe``. Stripe's exceptions are turned
 stripe-python 12+ has no usage-record methods, so the legacy writer calls the endpoint through
 ``raw_request_async`` with a pinned pre-basil ``Stripe-Version``.
 
-``StripeWriter.retrieve_item`` is the one read: the proxy's look-up of a subscription item (its
-price and lookup key, and its subscription's customer), made with the proxy's caller's key.
+``StripeWriter.retrieve_item`` reads a subscription item for the proxy (its price and lookup key, and
+its subscription's customer), with the proxy's caller's key. ``StripeReader`` makes the reads of
+``dualwrite reconcile``: usage record summaries, meters, meter event summaries, a customer's items.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from dualwrite.stripe_io._events import (
     fetch_error_report,
 )
 from dualwrite.stripe_io._failures import failure_from_exception
+from dualwrite.stripe_io._reads import (
+    MeterInfo,
+    ReadThrottle,
+    StripeReader,
+    StripeReadError,
+    SubscriptionItemInfo,
+    UsageSummary,
+)
 from dualwrite.stripe_io._stream import MAX_STREAM_BATCH, MeterStream
 from dualwrite.stripe_io._writer import ItemDetails, StripeWriter
 
@@ -37,8 +46,14 @@ __all__ = [
     "ItemDetails",
     "MeterErrorReport",
     "MeterErrorSample",
+    "MeterInfo",
     "MeterStream",
+    "ReadThrottle",
+    "StripeReadError",
+    "StripeReader",
     "StripeWriter",
+    "SubscriptionItemInfo",
+    "UsageSummary",
     "failure_from_exception",
     "fetch_error_report",
 ]
