@@ -1,7 +1,8 @@
 """``ProxyApp``: the ASGI app behind ``dualwrite serve``, a drop-in Stripe API endpoint.
 
 Routing is one string test per request: ``POST /v1/subscription_items/{si}/usage_records`` goes to
-the interceptor, ``/_dualwrite/health`` is answered here, and everything else is streamed to the
+the interceptor, ``/_dualwrite/health`` is answered here, the rest of ``/_dualwrite/`` is the report
+page (``dualwrite.web``, behind its own bearer token), and everything else is streamed to the
 upstream untouched. The lifespan starts the engine (and with it the outbox worker) and stops it at
 shutdown, when the worker finishes its batch and leaves anything unfinished pending for another.
 """
@@ -26,6 +27,7 @@ from dualwrite.proxy._items import ItemResolver
 from dualwrite.proxy._upstream import Upstream, request_target
 from dualwrite.proxy._usage import USAGE_PATH_RE, UsageInterceptor
 from dualwrite.redis_client import store_errors
+from dualwrite.web import report_app
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -41,6 +43,8 @@ log = logging.getLogger("dualwrite.proxy")
 #: The proxy's own endpoints live under this prefix, which Stripe's API never uses.
 RESERVED_PREFIX = "/_dualwrite/"
 HEALTH_PATH = "/_dualwrite/health"
+#: Where the report page is mounted (everything under the prefix but health and the webhook path).
+REPORT_ROOT = "/_dualwrite"
 #: The largest request body forwarded (Stripe's API bodies are small; files go to files.stripe.com).
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: The largest usage-record body read for interception (a real one is a few dozen bytes).
@@ -77,7 +81,11 @@ class ProxyApp:
         self.max_body_bytes = max_body_bytes
         self.upstream = Upstream(settings.stripe, transport=upstream_transport)
         self.items = ItemResolver(
-            settings, redis=self.engine.redis, keys=self.engine.keys, lookup=self.engine.writer
+            # The engine's read also keeps the item's billing period for the ledger.
+            settings,
+            redis=self.engine.redis,
+            keys=self.engine.keys,
+            lookup=self.engine,
         )
         self.usage = UsageInterceptor(
             self.engine,
@@ -87,6 +95,7 @@ class ProxyApp:
             legacy_api_version=settings.stripe.legacy_api_version,
             clock=clock,
         )
+        self.report = report_app(settings, engine=self.engine)
         self._owns_engine = engine is None
         self._started = not self._owns_engine
         self._start_lock = asyncio.Lock()
@@ -117,7 +126,7 @@ class ProxyApp:
             await self._ensure_started()
             await self.engine.late(scope, receive, send)
             return
-        if path.startswith(RESERVED_PREFIX):
+        if path.startswith(RESERVED_PREFIX) or path == REPORT_ROOT:
             await self._own_endpoint(path, scope, receive, send)
             return
         await self.upstream.forward(
@@ -126,8 +135,11 @@ class ProxyApp:
 
     async def _own_endpoint(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         if path != HEALTH_PATH:
-            response = stripe_error(404, f"Unrecognized request URL ({scope['method']}: {path}).")
-        elif scope["method"] not in ("GET", "HEAD"):
+            # The report page, mounted as Starlette's Mount would: full path, root_path the prefix.
+            report_scope = {**scope, "path": path, "root_path": REPORT_ROOT}
+            await self.report(report_scope, receive, send)
+            return
+        if scope["method"] not in ("GET", "HEAD"):
             response = stripe_error(405, f"{HEALTH_PATH} answers GET only.")
         else:
             status, report = await self.health()
