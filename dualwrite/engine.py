@@ -117,6 +117,8 @@ class DualWriteEngine:
         self._clock = clock
         self._owns_resources = False
         self._replayer: asyncio.Task[None] | None = None
+        self._started = False
+        self._start_lock = asyncio.Lock()
 
     @classmethod
     def from_settings(
@@ -136,12 +138,22 @@ class DualWriteEngine:
         engine._owns_resources = True
         return engine
 
+    async def start_once(self) -> None:
+        """``start()`` unless already started: for apps that start the engine with their lifespan
+        or, when the server runs no lifespan, at their first request."""
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.start()
+
     async def start(self, *, worker: bool | None = None) -> None:
         """Subscribe to flag changes and, unless ``worker`` is False, start the in-process worker.
 
         Redis being down at start is not fatal: the resolver falls back to the safe stage and the
         worker retries until Redis answers.
         """
+        self._started = True
         if isinstance(self.resolver, StageResolver):
             await self.resolver.start()
         if self.spool is not None and self._replayer is None:
@@ -180,6 +192,7 @@ class DualWriteEngine:
 
     async def aclose(self) -> None:
         """Stop the worker (its unfinished entries stay pending for another) and close what it opened."""
+        self._started = False
         if self._replayer is not None:
             self._replayer.cancel()
             await asyncio.gather(self._replayer, return_exceptions=True)

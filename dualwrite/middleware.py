@@ -12,7 +12,6 @@ The middleware also handles the lifespan scope, so the engine's worker starts an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -81,8 +80,6 @@ class DualWriteMiddleware:
         self._clock = clock
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
-        self._started = not self._owns_engine
-        self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -114,18 +111,13 @@ class DualWriteMiddleware:
         await self.app(scope, lifespan_receive, lifespan_send)
 
     async def _ensure_started(self) -> None:
-        if self._started:
-            return
-        async with self._start_lock:
-            if not self._started:
-                await self.engine.start()
-                self._started = True
+        if self._owns_engine:  # a shared engine is started and closed by whoever built it
+            await self.engine.start_once()
 
     async def aclose(self) -> None:
         """Stop the engine's worker and close the engine if the middleware built it."""
         if self._owns_engine:
             await self.engine.aclose()
-            self._started = False
 
     async def _usage(self, match: RouteMatch, scope: Scope, receive: Receive, send: Send) -> None:
         await self._ensure_started()

@@ -9,7 +9,6 @@ shutdown, when the worker finishes its batch and leaves anything unfinished pend
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -97,8 +96,6 @@ class ProxyApp:
         )
         self.report = report_app(settings, engine=self.engine)
         self._owns_engine = engine is None
-        self._started = not self._owns_engine
-        self._start_lock = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -192,18 +189,13 @@ class ProxyApp:
         await self._ensure_started()
 
     async def _ensure_started(self) -> None:
-        if self._started:
-            return
-        async with self._start_lock:
-            if not self._started:
-                await self.engine.start()
-                self._started = True
+        if self._owns_engine:  # a shared engine is started and closed by whoever built it
+            await self.engine.start_once()
 
     async def aclose(self) -> None:
         """Stop the engine's worker and close the engine (if the app built it) and the pool."""
         if self._owns_engine:
             await self.engine.aclose()
-            self._started = False
         await self.upstream.aclose()
 
 
