@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from pydantic import TypeAdapter
@@ -86,7 +86,7 @@ async def _run_on_letters(
     ids: list[str] | None,
     customer: str | None,
     reason: str | None,
-    action: str,
+    action: Literal["retry", "drop"],
     dry_run: bool,
 ) -> list[DeadLetter]:
     settings = load_settings(ctx)
@@ -162,11 +162,7 @@ def dead_retry(
     dry_run: DryRun = False,
 ) -> None:
     """Put dead letters back in the outbox (their failure leaves the ledger until they fail again)."""
-    chosen = _select(ids, everything)
-    done = run_async(_run_on_letters(ctx, chosen, customer, reason, "retry", dry_run))
-    verb = "would retry" if dry_run else "retried"
-    console.print(_table(done) if done else "nothing to retry")
-    console.print(f"{verb} {len(done)} dead letter(s)")
+    _act(ctx, ids, everything, customer, reason, "retry", dry_run)
 
 
 @dead_app.command("drop")
@@ -179,8 +175,22 @@ def dead_drop(
     dry_run: DryRun = False,
 ) -> None:
     """Delete dead letters for good (the ledger keeps counting them as failed)."""
-    chosen = _select(ids, everything)
-    done = run_async(_run_on_letters(ctx, chosen, customer, reason, "drop", dry_run))
-    verb = "would drop" if dry_run else "dropped"
-    console.print(_table(done) if done else "nothing to drop")
-    console.print(f"{verb} {len(done)} dead letter(s)")
+    _act(ctx, ids, everything, customer, reason, "drop", dry_run)
+
+
+def _act(
+    ctx: typer.Context,
+    ids: list[str] | None,
+    everything: bool,
+    customer: str | None,
+    reason: str | None,
+    action: Literal["retry", "drop"],
+    dry_run: bool,
+) -> None:
+    """Retry or drop the chosen dead letters, and say what was (or would be) done."""
+    done = run_async(
+        _run_on_letters(ctx, _select(ids, everything), customer, reason, action, dry_run)
+    )
+    past = {"retry": "retried", "drop": "dropped"}[action]
+    console.print(_table(done) if done else f"nothing to {action}")
+    console.print(f"{f'would {action}' if dry_run else past} {len(done)} dead letter(s)")
