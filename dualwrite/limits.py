@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -107,6 +108,7 @@ class WriteLimits:
         self._local_turns: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def _count(self, what: str, *, waited: float = 0.0, held_back: bool = False) -> None:
         """Count a wait (or a write held back) here and in Redis, where the report reads it."""
@@ -214,4 +216,20 @@ class WriteLimits:
                 async with store_errors("releasing a meter turn"):
                     await self._release(keys=[key], args=[token])
             except StoreUnavailableError:
-                log.warning("could not release a meter turn (Redis); its lease expires on its own")
+                # A Redis with persistence keeps the lease across a restart: release it as soon as
+                # Redis answers again, rather than hold the customer's meter calls for the lease.
+                log.warning("could not release a meter turn (Redis); retrying in the background")
+                task = asyncio.create_task(self._release_later(key, token))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+
+    async def _release_later(self, key: str, token: str) -> None:
+        deadline = time.monotonic() + self.settings.turn_lease_seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            try:
+                async with store_errors("releasing a meter turn"):
+                    await self._release(keys=[key], args=[token])
+                return
+            except StoreUnavailableError:
+                continue
