@@ -15,8 +15,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from dualwrite.config import DEFAULT_REDIS_URL
+from dualwrite.config import DEFAULT_REDIS_URL, Settings
+from dualwrite.engine import DualWriteEngine
 from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
+from tests.support import make_settings
 
 REDIS_URL = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
 START_REDIS_HINT = (
@@ -99,6 +101,23 @@ def standin(standin_server: RunningStandin) -> StripeStandin:
 def standin_url(standin_server: RunningStandin, standin: StripeStandin) -> str:
     """The base URL of the stand-in."""
     return standin_server.url
+
+
+@pytest.fixture
+def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+    """This test's settings: its own key prefix, the stand-in, fast retries (modules override it)."""
+    return make_settings(
+        redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
+    )
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[DualWriteEngine]:
+    """An engine on ``settings`` without a background worker: tests deliver explicitly."""
+    engine = DualWriteEngine.from_settings(settings)
+    await engine.start(worker=False)
+    yield engine
+    await engine.aclose()
 
 
 # ------------------------------------------------------------------- a Redis the tests may restart

@@ -28,20 +28,6 @@ async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
     await builder.aclose()
 
 
-@pytest.fixture
-async def engine(
-    redis_url: str, key_prefix: str, standin_url: str
-) -> AsyncIterator[DualWriteEngine]:
-    """An engine on this test's prefix, without a background worker (tests drain explicitly)."""
-    settings = make_settings(
-        redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
-    )
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
-
-
 async def drain(engine: DualWriteEngine) -> None:
     """Deliver every shadow write (retries included)."""
     worker = OutboxWorker(engine.outbox, engine.writer)

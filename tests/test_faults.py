@@ -15,13 +15,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from dualwrite.commit import Commit
+from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError
 from dualwrite.ledger import LedgerUpdate
@@ -47,7 +47,9 @@ async def customers(standin_url: str) -> list[str]:
         await builder.aclose()
 
 
-def fault_settings(redis_url: str, prefix: str, api_base: str, **outbox: float | int | str):
+def fault_settings(
+    redis_url: str, prefix: str, api_base: str, **outbox: float | int | str
+) -> Settings:
     """Settings for delivery at volume: no rate limits, wide concurrency, quick retries."""
     return make_settings(
         redis_url=redis_url,
@@ -113,14 +115,9 @@ async def assert_exact(
 
 
 @pytest.fixture
-async def engine(
-    redis_url: str, key_prefix: str, standin_url: str
-) -> AsyncIterator[DualWriteEngine]:
-    """An engine for seeding and checking (no worker of its own)."""
-    engine = DualWriteEngine.from_settings(fault_settings(redis_url, key_prefix, standin_url))
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
+def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+    """Delivery at volume (the shared ``engine`` fixture uses these)."""
+    return fault_settings(redis_url, key_prefix, standin_url)
 
 
 def worker_process(

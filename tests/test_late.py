@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import anyio
 import httpx
@@ -34,15 +34,6 @@ def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
     return make_settings(
         redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
     ).model_copy(update={"stripe_webhook_secret": SecretStr(SECRET)})
-
-
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[DualWriteEngine]:
-    """An engine that remembers the meter events it writes."""
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
 
 
 @pytest.fixture

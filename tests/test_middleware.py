@@ -85,15 +85,6 @@ def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
 
 
 @pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[DualWriteEngine]:
-    """A shared engine without a background worker."""
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
-
-
-@pytest.fixture
 async def scenario(standin_url: str) -> AsyncIterator[Scenario]:
     """A customer on a legacy metered price."""
     builder = ScenarioBuilder(standin_url, STRIPE_KEY)

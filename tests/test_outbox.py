@@ -12,23 +12,9 @@ from dualwrite.models import Stage
 from dualwrite.outbox import OUTBOX_GROUP, OutboxEntry, OutboxWorker
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
+from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, set_stage, usage
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def engine(
-    redis_url: str, key_prefix: str, standin_url: str
-) -> AsyncIterator[DualWriteEngine]:
-    """An engine without a background worker; stale entries are claimable after 0.2 s."""
-    settings = make_settings(
-        redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
-    )
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
 
 
 @pytest.fixture

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Stage
 from dualwrite.periods import ItemPeriods, Period
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import ScenarioBuilder, make_settings, set_stage, usage
+from tests.support import ScenarioBuilder, set_stage, usage
 
 pytestmark = pytest.mark.anyio
 
@@ -40,21 +38,6 @@ class TestPeriodIds:
         october = known.containing(1_793_491_200 - 1)
         assert october.id == "20261001T000000Z/20261101T000000Z"
         assert known.containing(1_796_083_200).id == "20261201T000000Z/20270101T000000Z"
-
-
-@pytest.fixture
-async def engine(
-    redis_url: str, key_prefix: str, standin_url: str
-) -> AsyncIterator[DualWriteEngine]:
-    """An engine counting in billing periods (the default)."""
-    engine = DualWriteEngine.from_settings(
-        make_settings(
-            redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
-        )
-    )
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
 
 
 class TestLedgerPeriods:

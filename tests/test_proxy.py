@@ -219,15 +219,6 @@ def proxy(settings: Settings) -> Iterator[RunningProxy]:
 
 
 @pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[DualWriteEngine]:
-    """An engine on the proxy's Redis prefix, to set stages and read the ledger (no worker)."""
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
-
-
-@pytest.fixture
 async def http(proxy: RunningProxy) -> AsyncIterator[httpx.AsyncClient]:
     """A plain HTTP client on the proxy, with the test key."""
     async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH, timeout=20) as client:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 from rich.console import Console
 
-from dualwrite.config import ReportSettings
+from dualwrite.config import ReportSettings, Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Leg, RecordOutcome, Stage, utc_day
 from dualwrite.outbox import OutboxWorker
@@ -45,21 +45,15 @@ async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
 
 
 @pytest.fixture
-async def engine(
-    redis_url: str, key_prefix: str, standin_url: str
-) -> AsyncIterator[DualWriteEngine]:
-    """An engine on this test's prefix, without a background worker (tests drain explicitly)."""
-    settings = make_settings(
+def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+    """UTC-day periods: these tests filter by days (billing periods: tests/test_periods.py)."""
+    return make_settings(
         redis_url=redis_url,
         prefix=key_prefix,
         api_base=standin_url,
         api_key=STRIPE_KEY,
-        ledger={"periods": "day"},  # these tests filter by UTC days; billing periods: test_periods
+        ledger={"periods": "day"},
     )
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
 
 
 async def drain(engine: DualWriteEngine) -> None:

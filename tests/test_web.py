@@ -116,15 +116,6 @@ def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
 
 
 @pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[DualWriteEngine]:
-    """An engine without a background worker (the traffic fixture drains)."""
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
-    yield engine
-    await engine.aclose()
-
-
-@pytest.fixture
 async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
     """Creates Stripe objects on the stand-in through the SDK."""
     builder = ScenarioBuilder(standin_url, STRIPE_KEY)
