@@ -10,8 +10,6 @@ had not finished stay pending and another worker claims them.
 from __future__ import annotations
 
 import copy
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,11 +19,10 @@ import uvicorn
 from dualwrite.config import Settings
 from dualwrite.exceptions import DualwriteError
 from dualwrite.proxy._app import DEFAULT_MAX_BODY_BYTES, ProxyApp
+from dualwrite.threaded import serve_in_thread
 
 __all__ = ["RunningProxy", "run_proxy", "serve_proxy"]
 
-STARTUP_TIMEOUT = 10.0
-"""Seconds ``serve_proxy`` waits for the server to listen."""
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
@@ -141,19 +138,9 @@ def serve_proxy(
             app_options=app_options,
         )
     )
-    thread = threading.Thread(target=server.run, name="dualwrite-proxy", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(timeout=STARTUP_TIMEOUT)
-            msg = f"the dualwrite proxy could not start listening on {host}:{port}"
-            raise DualwriteError(msg)
-        time.sleep(0.005)
-    running.port = int(server.servers[0].sockets[0].getsockname()[1])
-    try:
+    failure = DualwriteError(f"the dualwrite proxy could not start listening on {host}:{port}")
+    with serve_in_thread(
+        server, name="dualwrite-proxy", failure=failure, grace=graceful_seconds
+    ) as bound:
+        running.port = bound
         yield running
-    finally:
-        server.should_exit = True
-        thread.join(timeout=STARTUP_TIMEOUT + graceful_seconds)

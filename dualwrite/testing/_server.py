@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -12,11 +10,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dualwrite.exceptions import StripeStandinError
 from dualwrite.testing._standin import StripeStandin
+from dualwrite.threaded import serve_in_thread
 
 __all__ = ["RunningStandin", "run_standin", "serve_app", "serve_standin"]
 
-STARTUP_TIMEOUT = 10.0
-"""Seconds ``serve_standin`` waits for the server to listen."""
 GRACEFUL_SHUTDOWN = 2
 """Seconds uvicorn waits for in-flight replies when stopping."""
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
@@ -92,22 +89,14 @@ def _serving(
 ) -> Iterator[int]:
     """Run ``app`` with uvicorn in a background thread; yield the port it listens on."""
     server = uvicorn.Server(_config(app, host, port, quiet=True, lifespan=lifespan))
-    thread = threading.Thread(target=server.run, name="stripe-standin", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(timeout=STARTUP_TIMEOUT)
-            msg = f"{what} could not start listening on {host}:{port}"
-            raise StripeStandinError(msg)
-        time.sleep(0.005)
-    try:
-        yield int(server.servers[0].sockets[0].getsockname()[1])
-    finally:
-        on_stop()
-        server.should_exit = True
-        thread.join(timeout=STARTUP_TIMEOUT + GRACEFUL_SHUTDOWN)
+    failure = StripeStandinError(f"{what} could not start listening on {host}:{port}")
+    with serve_in_thread(
+        server, name="stripe-standin", failure=failure, grace=GRACEFUL_SHUTDOWN
+    ) as bound:
+        try:
+            yield bound
+        finally:
+            on_stop()
 
 
 @contextmanager
