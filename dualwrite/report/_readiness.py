@@ -44,59 +44,40 @@ class ReadinessRule:
 
     def verdict_by_period(self, stage: Stage, periods: Mapping[str, Mapping[str, int]]) -> Verdict:
         """The verdict from the customer's counters summed per period (all event names)."""
-        return self.verdict_from_slots(stage, periods, None)
-
-    def verdict_from_slots(
-        self,
-        stage: Stage,
-        periods: Mapping[str, Sequence[int]] | Mapping[str, Mapping[str, int]],
-        slots: Mapping[str, int] | None,
-    ) -> Verdict:
-        """As ``verdict_by_period``; with ``slots``, each period's sums are a list indexed by them
-        (the report's fast path over 100,000 customers)."""
         next_stage = _NEXT.get(stage)
         if next_stage is None:
             return _DONE
         if stage is Stage.LEGACY:
             return _LEGACY_READY
-
-        def get(sums: Sequence[int] | Mapping[str, int], name: str) -> int:
-            if slots is None:
-                return sums.get(name, 0)  # type: ignore[union-attr]
-            return sums[slots[name]]  # type: ignore[index]
-
         dead = sum(
-            get(sums, "legacy_failed_events") + get(sums, "meter_failed_events")
+            sums.get("legacy_failed_events", 0) + sums.get("meter_failed_events", 0)
             for sums in periods.values()
         )
         if dead:
             reason = f"{dead} dead letter(s): retry or explain them first (`dualwrite dead list`)"
             return Verdict(ready=False, next_stage=next_stage, reason=reason)
-        stage_events = _STAGE_EVENTS[stage]
-        good = 0
-        for period, sums in periods.items():
-            if not period_of(period).closed(self.now):
-                continue
-            events = get(sums, "events")
-            if events == 0 or get(sums, stage_events) != events:
-                continue
-            if any(
-                get(sums, f"{leg}_expected_qty") != get(sums, f"{leg}_accepted_qty")
-                or get(sums, f"{leg}_failed_events")
-                or get(sums, f"{leg}_late_refused_events")
-                for leg in ("legacy", "meter")
-            ):
-                continue
-            legacy, meter = get(sums, "legacy_accepted_qty"), get(sums, "meter_accepted_qty")
-            larger = max(legacy, meter)
-            if larger == 0 or abs(legacy - meter) * 100 <= self.max_difference_pct * larger:
-                good += 1
+        good = sum(1 for period, sums in periods.items() if self._qualifies(stage, period, sums))
         label = stage.value
         if good >= self.periods:
             reason = f"{good} closed period(s) at {label} with both legs equal"
             return Verdict(ready=True, next_stage=next_stage, reason=reason)
         reason = f"{good} of {self.periods} closed period(s) at {label} with both legs equal"
         return Verdict(ready=False, next_stage=next_stage, reason=reason)
+
+    def _qualifies(self, stage: Stage, period: str, sums: Mapping[str, int]) -> bool:
+        if not period_of(period).closed(self.now):
+            return False
+        events = sums.get("events", 0)
+        if events == 0 or sums.get(_STAGE_EVENTS[stage], 0) != events:
+            return False
+        for leg in ("legacy", "meter"):
+            if sums.get(f"{leg}_expected_qty", 0) != sums.get(f"{leg}_accepted_qty", 0):
+                return False
+            if sums.get(f"{leg}_failed_events", 0) or sums.get(f"{leg}_late_refused_events", 0):
+                return False
+        legacy, meter = sums.get("legacy_accepted_qty", 0), sums.get("meter_accepted_qty", 0)
+        larger = max(legacy, meter)
+        return larger == 0 or abs(legacy - meter) * 100 <= self.max_difference_pct * larger
 
 
 _STAGE_EVENTS = {stage: f"stage_{stage.value}_events" for stage in Stage}
