@@ -35,12 +35,14 @@ from pydantic_settings import (
 from dualwrite.exceptions import ConfigError
 from dualwrite.models import Action, Stage
 from dualwrite.redaction import redact
+from dualwrite.redis_url import CLUSTER_SCHEMES, SINGLE_SCHEMES, parse_cluster_url
 
 __all__ = [
     "DEFAULT_LEGACY_API_VERSION",
     "DEFAULT_REDIS_URL",
     "FieldSource",
     "FlagSettings",
+    "GuardrailSettings",
     "ItemMapping",
     "LedgerSettings",
     "LimitSettings",
@@ -78,6 +80,8 @@ class RedisSettings(_Frozen):
     """Where shared state lives."""
 
     url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+    """One server (``redis://host:port/db``) or a Redis Cluster's seed nodes
+    (``redis+cluster://h1:7000,h2:7000``; see ``dualwrite.redis_url``)."""
     key_prefix: str = Field(default="dualwrite", min_length=1, max_length=64)
     shards: int = Field(default=1, ge=1, le=1024)
     socket_timeout: float = Field(default=1.0, gt=0, le=60)
@@ -86,8 +90,14 @@ class RedisSettings(_Frozen):
     @field_validator("url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            msg = "must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)"
+        if value.startswith(CLUSTER_SCHEMES):
+            parse_cluster_url(value)  # raises ValueError naming the fix
+        elif not value.startswith(SINGLE_SCHEMES):
+            msg = (
+                "must start with redis://, rediss:// or unix:// (one server, e.g. "
+                "redis://127.0.0.1:6379/0) or redis+cluster:// / rediss+cluster:// (a Redis "
+                "Cluster's seed nodes, e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000)"
+            )
             raise ValueError(msg)
         return value
 
@@ -178,6 +188,9 @@ class OutboxSettings(_Frozen):
     spool_dir: Path | None = None
     """Where (default: ``$XDG_STATE_HOME/dualwrite/spool``, else ``~/.local/state/dualwrite/spool``)."""
     spool_replay_seconds: float = Field(default=2.0, gt=0)
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
+    """The spool directory's cap: once full, new usage is refused with a retryable 503 before
+    anything is written (back-pressure, never loss), until a replay empties it."""
 
 
 class LedgerSettings(_Frozen):
@@ -220,6 +233,29 @@ class ReportSettings(_Frozen):
     """Closed periods a customer must spend wholly at its stage, both legs equal, to be ready."""
     readiness_max_difference_pct: float = Field(default=0.0, ge=0, le=100)
     """The largest difference between the legs (percent of the larger) such a period may have."""
+
+
+class GuardrailSettings(_Frozen):
+    """The guard: when divergence sends a customer (or the whole rollout) back a stage."""
+
+    enabled: bool = True
+    """Run the guard inside ``dualwrite worker`` every ``interval_seconds``."""
+    interval_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    max_divergent_events: int = Field(default=0, ge=0)
+    """A customer with more divergent events than this (failed or late-refused writes included)
+    goes back one stage."""
+    max_difference_pct: float = Field(default=1.0, ge=0, le=100)
+    """A customer whose legs differ by more than this (percent of the larger leg, once nothing is
+    pending) goes back one stage."""
+    max_divergent_share_pct: float = Field(default=10.0, ge=0, le=100)
+    """When more than this share of the checked customers tripped, the whole rollout goes back."""
+    min_customers: int = Field(default=10, ge=1)
+    """The global share is judged only over at least this many checked customers."""
+    global_action: Literal["rollback", "kill"] = "rollback"
+    """``rollback``: rollout percentages to 0 and the default back a stage; ``kill``: the kill
+    switch (every customer legacy)."""
+    lookback_days: int = Field(default=35, ge=1, le=400)
+    """Only ledger periods overlapping the last this many days count."""
 
 
 class ReconcileSettings(_Frozen):
@@ -403,6 +439,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     routes: tuple[UsageRoute, ...] = ()
     meters: tuple[MeterMapping, ...] = ()
     items: dict[str, ItemMapping] = Field(default_factory=dict)
@@ -412,6 +449,14 @@ class Settings(BaseSettings):
     )
     report_token: SecretStr | None = Field(default=None, validation_alias="DUALWRITE_REPORT_TOKEN")
     """The bearer token of the report page (``dualwrite.web``); unset, the page refuses everyone."""
+    admin_token: SecretStr | None = Field(default=None, validation_alias="DUALWRITE_ADMIN_TOKEN")
+    """The bearer token of the admin API (``dualwrite.admin``); unset, the API refuses everyone."""
+    metrics_token: SecretStr | None = Field(
+        default=None, validation_alias="DUALWRITE_METRICS_TOKEN"
+    )
+    """A bearer token ``/metrics`` asks for when set (``dualwrite.metrics``); unset, it is open."""
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line (``DUALWRITE_LOG_FORMAT``; ``dualwrite.logging``)."""
 
     @classmethod
     def settings_customise_sources(
@@ -477,6 +522,16 @@ class Settings(BaseSettings):
         value = self.report_token.get_secret_value() if self.report_token else ""
         return value or None
 
+    def admin_token_value(self) -> str | None:
+        """The admin API's bearer token from ``DUALWRITE_ADMIN_TOKEN``, if set (and not empty)."""
+        value = self.admin_token.get_secret_value() if self.admin_token else ""
+        return value or None
+
+    def metrics_token_value(self) -> str | None:
+        """The ``/metrics`` bearer token from ``DUALWRITE_METRICS_TOKEN``, if set (and not empty)."""
+        value = self.metrics_token.get_secret_value() if self.metrics_token else ""
+        return value or None
+
     def api_key(self) -> str | None:
         """The Stripe secret key from ``STRIPE_API_KEY``, if set."""
         return self.stripe_api_key.get_secret_value() if self.stripe_api_key else None
@@ -511,13 +566,18 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 "STRIPE_API_KEY environment variable instead (keys never belong in files)"
             )
             raise ConfigError(msg)
-    for key in ("report_token", "DUALWRITE_REPORT_TOKEN"):
-        if key in data:
-            msg = (
-                f"config file {str(path)!r} holds the report token ({key}); remove it and set the "
-                "DUALWRITE_REPORT_TOKEN environment variable instead (secrets never belong in files)"
-            )
-            raise ConfigError(msg)
+    for field, variable in (
+        ("report_token", "DUALWRITE_REPORT_TOKEN"),
+        ("admin_token", "DUALWRITE_ADMIN_TOKEN"),
+        ("metrics_token", "DUALWRITE_METRICS_TOKEN"),
+    ):
+        for key in (field, variable):
+            if key in data:
+                msg = (
+                    f"config file {str(path)!r} holds a token ({key}); remove it and set the "
+                    f"{variable} environment variable instead (secrets never belong in files)"
+                )
+                raise ConfigError(msg)
     return data
 
 

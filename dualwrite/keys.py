@@ -10,6 +10,8 @@ key                                     type               what
 ``P:{flags}:override``                  hash               customer → stage
 ``P:{flags}:schedule``                  hash               customer → JSON list of ``[at, stage]``
 ``P:{flags}:audit``                     stream (capped)    every flag change: who, when, old, new, reason
+``P:{flags}:guard``                     hash               customer → JSON: what the guard last rolled back
+``P:{flags}:guard-lease``               string (TTL)       the one worker running this interval's guard pass
 ``P:flags:changed``                     pub/sub channel    customer id or ``*`` after every change
 ``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
 ``P:{sN}:retry``                        sorted set         outbox entries waiting out a backoff (score = due)
@@ -17,23 +19,42 @@ key                                     type               what
 ``P:{sN}:divergence``                   stream (capped)    events whose legs disagree
 ``P:{sN}:ledger:<period>:<cus>:<ev>``   hash               per customer, event name and period: counters
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
+``P:{sN}:rollup:<first>:<last>``        hash               copies of ledger rows spanning those days
+``P:{sN}:rollup-index``                 sorted set         rollup hashes by first day (score)
+``P:{sN}:rollup-ready``                 string             set once rows older than the rollups are copied in
 ``P:{sN}:recon:<period>:<cus>:<ev>``    hash               reconcile: Stripe's totals, drift from the ledger
 ``P:{sN}:recon-index``                  sorted set         reconciliation hashes by period (score = day)
+``P:{sN}:recon-rollup:<first>:<last>``  hash               JSON copies of recon hashes spanning those days
+``P:{sN}:recon-rollup-index``           sorted set         reconciliation rollups by first day (score)
+``P:{sN}:recon-rollup-ready``           string             set once older reconciliation hashes are copied in
 ``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
 ``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
 ``P:{items}:period:<item>``             string (TTL)       an item's billing period and interval (ledger)
 ``P:{items}:unmapped``                  hash               proxy: item → usage requests forwarded unmapped
-``P:{sN}:spooled:<id>``                 string (TTL)       a spooled commit already replayed (exactly once)
+``P:{sN}:spooled:<id>``                 string (TTL)       a commit already applied (spool replay; lost reply)
 ``P:{sN}:late:<meter id>``              string (TTL)       a meter event already marked as refused late
 ``P:{mH}:mev:<meter id>``               string (TTL)       a meter event written (to attribute a late refusal)
 ``P:{sN}:turn:<cus>:<ev>``              string (lease)     the one meter call in flight for a customer/meter
 ``P:{rl}:<path>``                       string (TTL)       one Stripe rate limit (GCRA): legacy, meter, stream
 ``P:{rl}:backpressure``                 hash               waits and held-back writes per limit (report)
+``P:{ops}:audit``                       stream (capped)    operations: meters apply, backfill (who, what)
+``P:{sN}:backfill:<identifier>``        string (TTL)       a backfilled meter event already counted
 ======================================  =================  ===============================================
 
 ``N`` is the customer's shard: ``crc32(customer) % shards``. Everything about one customer lives in
 its shard, so an outbox entry, its ledger update and its divergence entry are one atomic step.
+
+On a Redis Cluster the load follows the tags. Per-customer traffic (commits, outbox, ledger) spreads
+over the ``shards`` slots ``{s0}`` … ``{sN-1}``, which the cluster spreads over its masters: give
+``shards`` a few times the number of masters (16 shards on three masters land on all three). The
+fixed tags are small and read-mostly (``{flags}``, ``{items}``, ``{ops}``), except ``{rl}``: every
+Stripe write takes a rate-limit token there, one slot for the whole account, as Stripe's limit is
+one for the whole account. Meter event records spread over 16 tags ``{m0}`` … ``{mf}``. The
+channel has no tag: classic ``PUBLISH`` reaches every node of a cluster.
+
+A new key takes the tag of whatever it is changed together with; a script or ``MULTI`` never spans
+two tags (``tests/test_cluster.py`` checks every name here).
 """
 
 from __future__ import annotations
@@ -86,6 +107,21 @@ class ShardKeys:
         """The counters of one customer, event name and period."""
         return f"{self.tag}:ledger:{period}:{customer}:{event_name}"
 
+    def rollup(self, first_day: int, last_day: int) -> str:
+        """The copies of the ledger rows whose period runs from UTC day ``first_day`` to
+        ``last_day`` (day numbers, both inclusive), for reading many rows at once."""
+        return f"{self.tag}:rollup:{first_day}:{last_day}"
+
+    @property
+    def rollup_index(self) -> str:
+        """Sorted set of this shard's rollup hashes (score: their first day)."""
+        return f"{self.tag}:rollup-index"
+
+    @property
+    def rollup_ready(self) -> str:
+        """Set once the ledger rows written before rollups existed are copied into them."""
+        return f"{self.tag}:rollup-ready"
+
     @property
     def reconciliation_index(self) -> str:
         """Sorted set of this shard's reconciliation records."""
@@ -94,6 +130,21 @@ class ShardKeys:
     def reconciliation(self, period: str, customer: str, event_name: str) -> str:
         """The last reconciliation of one customer, event name and period with Stripe."""
         return f"{self.tag}:recon:{period}:{customer}:{event_name}"
+
+    def reconciliation_rollup(self, first_day: int, last_day: int) -> str:
+        """JSON copies of the reconciliation records whose period runs from UTC day ``first_day``
+        to ``last_day``, for reading many at once."""
+        return f"{self.tag}:recon-rollup:{first_day}:{last_day}"
+
+    @property
+    def reconciliation_rollup_index(self) -> str:
+        """Sorted set of this shard's reconciliation rollups (score: their first day)."""
+        return f"{self.tag}:recon-rollup-index"
+
+    @property
+    def reconciliation_rollup_ready(self) -> str:
+        """Set once the reconciliation records saved before rollups existed are copied in."""
+        return f"{self.tag}:recon-rollup-ready"
 
     def idempotency(self, identifier: str) -> str:
         """The record of one identifier (hashed: identifiers are caller-chosen and unbounded)."""
@@ -107,6 +158,10 @@ class ShardKeys:
     def meter_turn(self, customer: str, event_name: str) -> str:
         """The lease on the one meter call allowed in flight for a customer and meter."""
         return f"{self.tag}:turn:{customer}:{event_name}"
+
+    def backfill_marker(self, identifier: str) -> str:
+        """Set once a backfilled meter event is counted in the ledger (a rerun counts nothing)."""
+        return f"{self.tag}:backfill:{identifier}"
 
     def set_value(self, subscription_item: str, timestamp: int) -> str:
         """The last quantity ``set`` on an item at one timestamp (for ``set`` translation)."""
@@ -169,6 +224,21 @@ class KeySpace:
     def flags_audit(self) -> str:
         """The audit stream of flag changes."""
         return f"{self.prefix}:{{flags}}:audit"
+
+    @property
+    def ops_audit(self) -> str:
+        """The audit stream of operations (``meters apply``, ``backfill``)."""
+        return f"{self.prefix}:{{ops}}:audit"
+
+    @property
+    def guard_state(self) -> str:
+        """Per customer, the stage the guard last rolled it back to and the divergence then."""
+        return f"{self.prefix}:{{flags}}:guard"
+
+    @property
+    def guard_lease(self) -> str:
+        """Held for one guard interval by the worker that runs that interval's pass."""
+        return f"{self.prefix}:{{flags}}:guard-lease"
 
     @property
     def flags_channel(self) -> str:
