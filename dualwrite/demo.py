@@ -42,6 +42,7 @@ from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
+from dualwrite.redis_url import CLUSTER_SCHEMES
 from dualwrite.report import Report, build_report, render_table
 from dualwrite.testing import StripeStandin, serve_standin
 
@@ -92,6 +93,12 @@ class DemoResult:
 def demo_redis(settings: Settings, console: Console) -> Iterator[str]:
     """The configured Redis if it answers, else an embedded one started for the demo."""
     url = settings.redis.url
+    if url.startswith(CLUSTER_SCHEMES):
+        msg = (
+            "the demo runs on one Redis server, not a cluster: set [redis] url (or "
+            "DUALWRITE_REDIS__URL) to redis://host:port/0, or unset it to use an embedded one"
+        )
+        raise DualwriteError(msg)
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
     try:
         client.ping()

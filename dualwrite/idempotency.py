@@ -16,6 +16,7 @@ legacy ``set`` can be translated into the difference a ``sum`` meter needs.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,22 +33,26 @@ __all__ = ["SET_VALUE_TTL_SECONDS", "Claim", "IdempotencyStore"]
 SET_VALUE_TTL_SECONDS = 40 * 86400
 
 # KEYS: idempotency record, set-value key
-# ARGV: fingerprint, now, lease, ttl, read set value (1/0), event JSON
+# ARGV: fingerprint, now, lease, ttl, read set value (1/0), event JSON, claim token
+# The claim token makes the script safe to run twice: redis-py resends a command whose reply was
+# lost (a timeout, a failover), and the second run must find its own claim, not a busy one.
 _CLAIM = """
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'lease', 'outcome', 'event')
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'lease', 'outcome', 'event', 'owner')
 local prev = ''
 if ARGV[5] == '1' then prev = redis.call('GET', KEYS[2]) or '' end
 local lease = tonumber(ARGV[2]) + tonumber(ARGV[3])
 if rec[1] then
   if rec[1] ~= ARGV[1] then return {'mismatch', '', ''} end
   if rec[2] == 'done' then return {'done', rec[4] or '', ''} end
+  if rec[2] == 'inflight' and rec[6] == ARGV[7] then return {'new', prev, rec[5] or ''} end
   if rec[2] == 'inflight' and tonumber(rec[3] or '0') > tonumber(ARGV[2]) then
     return {'busy', '', ''}
   end
-  redis.call('HSET', KEYS[1], 'state', 'inflight', 'lease', lease)
+  redis.call('HSET', KEYS[1], 'state', 'inflight', 'lease', lease, 'owner', ARGV[7])
   return {'new', prev, rec[5] or ''}
 end
-redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'inflight', 'lease', lease, 'event', ARGV[6])
+redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'state', 'inflight', 'lease', lease, 'event', ARGV[6],
+  'owner', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {'new', prev, ''}
 """
@@ -106,6 +111,7 @@ class IdempotencyStore:
             self.ttl_seconds,
             "1" if wants_set else "0",
             event.model_dump_json(),
+            uuid.uuid4().hex,
         ]
         async with store_errors("claiming an identifier"):
             state, value, stored = await self._claim(

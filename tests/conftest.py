@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from dualwrite.config import DEFAULT_REDIS_URL, Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
+from tests.cluster_support import LocalCluster
 from tests.support import make_settings
 
 REDIS_URL = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
@@ -53,6 +54,19 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real three-master Redis Cluster on loopback for the session (``tests/cluster_support.py``)."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        cluster.stop()
+        pytest.fail(f"could not start the test Redis Cluster: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
