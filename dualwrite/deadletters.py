@@ -19,19 +19,25 @@ from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import LedgerUpdate
 from dualwrite.outbox import OutboxEntry
 from dualwrite.redis_client import as_int, store_errors, stream_entries
+from dualwrite.rollups import ROLLUP_LUA
 
 __all__ = ["DeadLetter", "DeadLetterNotFoundError", "DeadLetters"]
 
-# KEYS: dead stream, outbox stream, ledger hash; ARGV: dead id, new payload, n, name/amount pairs
-_RETRY = """
+# KEYS: dead stream, outbox stream, ledger hash, rollup, rollup index; ARGV: dead id, new payload, n,
+# name/amount pairs, then the ledger index member and score
+_RETRY = (
+    ROLLUP_LUA
+    + """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('XADD', KEYS[2], '*', 'entry', ARGV[2])
 local n = tonumber(ARGV[3])
 for i = 0, n - 1 do
   redis.call('HINCRBY', KEYS[3], ARGV[4 + 2 * i], ARGV[5 + 2 * i])
 end
+ledger_rollup(KEYS[3], ARGV[4 + 2 * n], ARGV[5 + 2 * n], KEYS[4], KEYS[5])
 return 1
 """
+)
 
 
 class DeadLetterNotFoundError(DualwriteError):
@@ -149,8 +155,10 @@ class DeadLetters:
         args: list[str | int] = [stream_id, fresh.payload(), len(undo.increments)]
         for name, amount in undo.increments.items():
             args += [name, -amount]
+        args += [undo.index_member, undo.index_score]
+        keys = [shard.dead, shard.outbox, undo.key, *undo.rollup_keys]
         async with store_errors("retrying a dead letter"):
-            done = await self._retry(keys=[shard.dead, shard.outbox, undo.key], args=args)
+            done = await self._retry(keys=keys, args=args)
         if as_int(done) != 1:
             msg = f"no dead letter {letter.id} (retried or dropped meanwhile)"
             raise DeadLetterNotFoundError(msg)

@@ -4,7 +4,8 @@ it holds) and the divergence log (every event whose two legs disagree).
 Updates are built here as plain values (``LedgerUpdate``) and applied by whoever owns the atomic step:
 the engine queues them in the transaction that enqueues the shadow write, the outbox worker applies
 them in the script that acknowledges the entry. So a ledger change never happens without the state
-change it describes, and never twice.
+change it describes, and never twice. Every such script also refreshes the row's copy in its rollup
+(``dualwrite.rollups``, ``LedgerUpdate.rollup_keys``), which is what reports over many customers read.
 
 Counter fields of one ledger hash (``<leg>`` is ``legacy`` or ``meter``):
 
@@ -18,6 +19,8 @@ Counter fields of one ledger hash (``<leg>`` is ``legacy`` or ``meter``):
 ``<leg>_refused_events``        authoritative refusals handed back to callers (not divergence)
 ``translated_events``           legacy ``set`` events sent to the meter as a difference
 ``delayed_events``              events whose commit waited in the local spool while Redis was down
+``meter_backfilled_*``          meter events ``dualwrite backfill`` replayed from legacy usage (also in
+                                ``meter_expected_*`` and ``meter_accepted_*``)
 ``divergent_events``            events written to the divergence log
 ``<leg>_failed_code:<code>``    shadow failures per Stripe error code (``expired``: too old)
 ``<leg>_refused_code:<code>``   authoritative refusals per Stripe error code
@@ -44,6 +47,13 @@ from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.models import Leg, Stage, StripeFailure, UsageEvent, WriteResult
 from dualwrite.periods import Period, period_of
 from dualwrite.redis_client import as_int, as_str, as_str_list, store_errors, stream_entries
+from dualwrite.rollups import (
+    ROLLUP_LUA,
+    collector_paused,
+    parse_counters,
+    read_rollups,
+    rollup_key,
+)
 
 __all__ = [
     "COUNTER_FIELDS",
@@ -74,6 +84,8 @@ COUNTER_FIELDS = (
     ),
     "meter_late_refused_events",
     "meter_late_refused_qty",
+    "meter_backfilled_events",
+    "meter_backfilled_qty",
     "legacy_refused_events",
     "meter_refused_events",
     "translated_events",
@@ -102,7 +114,7 @@ def failure_code(failure: StripeFailure | None, *, expired: bool = False) -> str
 
 def period_score(period: str) -> int:
     """The sort score of a period id (a UTC day or a billing period): its first day's number."""
-    return Period.parse(period).start // 86_400
+    return period_of(period).start // 86_400
 
 
 @dataclass(slots=True)
@@ -134,6 +146,12 @@ class LedgerUpdate:
     def index_score(self) -> int:
         """The ledger index score (the period's first day's number)."""
         return period_score(self.period_id)
+
+    @property
+    def rollup_keys(self) -> list[str]:
+        """The rollup hash holding this row's copy, then the rollup index (``dualwrite.rollups``):
+        every script applying the update also passes these to ``ledger_rollup``."""
+        return [rollup_key(self.keys, self.period_id), self.keys.rollup_index]
 
     def add(self, name: str, amount: int = 1) -> LedgerUpdate:
         """Add ``amount`` to counter ``name``."""
@@ -187,10 +205,11 @@ class LedgerUpdate:
         return self.add(f"{leg.value}_{what}_qty", quantity)
 
     def queue(self, pipe: aioredis.client.Pipeline) -> None:
-        """Queue the increments (and the index entry) on a transaction pipeline."""
-        for name, amount in self.increments.items():
-            pipe.hincrby(self.key, name, amount)
-        pipe.zadd(self.keys.ledger_index, {self.index_member: self.index_score})
+        """Queue the increments (with the index entry and the rollup copy) on a pipeline, as one
+        script."""
+        keys = [self.key, self.keys.ledger_index, *self.rollup_keys]
+        args = [self.index_member, self.index_score, *self.script_args()]
+        pipe.eval(_QUEUED_UPDATE, len(keys), *keys, *args)
 
     def script_args(self) -> list[str | int]:
         """The increments flattened for a Lua script: count, then name/amount pairs."""
@@ -316,6 +335,19 @@ class DivergenceRecord(BaseModel):
         )
 
 
+# KEYS: ledger row, ledger index, rollup, rollup index; ARGV: index member, index score, then a count
+# and name/amount pairs.
+_QUEUED_UPDATE = (
+    ROLLUP_LUA
+    + """
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do redis.call('HINCRBY', KEYS[1], ARGV[4 + 2 * i], ARGV[5 + 2 * i]) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+ledger_rollup(KEYS[1], ARGV[1], ARGV[2], KEYS[3], KEYS[4])
+return 1
+"""
+)
+
 # KEYS: ledger hashes. One JSON reply for all of them, a list of {counter: "value"} objects (a few
 # thousand hashes per call): json.loads parses it in C, far faster than as many HGETALL replies.
 # Values stay strings: cjson would write numbers with 14 significant digits, and a counter can hold
@@ -364,10 +396,16 @@ class Ledger:
         customer: str | None = None,
     ) -> list[LedgerRow]:
         """Every ledger hash whose period overlaps the UTC days ``[since, until]`` (``YYYY-MM-DD``,
-        inclusive)."""
+        inclusive).
+
+        Without ``customer``, rows come from the rollups (``dualwrite.rollups``): a few large hashes
+        per shard. For one customer, from its own hashes through the ledger index.
+        """
         low = period_score(since) if since else None
         high = period_score(until) if until else None
-        shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
+        if customer is None:
+            return await self._rolled_rows(low, high)
+        shards = [self._keys.for_customer(customer)]
         rows: list[LedgerRow] = []
         async with store_errors("reading the ledger"):
             for shard in shards:
@@ -383,7 +421,7 @@ class Ledger:
                 wanted = [
                     member.split("|", 2)
                     for member in members
-                    if (customer is None or member.split("|")[1] == customer)
+                    if member.split("|")[1] == customer
                     and (low is None or _period_end(member.split("|", 1)[0]) > low * 86_400)
                 ]
                 for start in range(0, len(wanted), _READ_CHUNK):
@@ -395,6 +433,18 @@ class Ledger:
                     for (period, cus, event_name), raw in zip(chunk, found, strict=True):
                         counters = {name: int(value) for name, value in (raw or {}).items()}
                         rows.append(LedgerRow(period, cus, event_name, counters))
+        return rows
+
+    async def _rolled_rows(self, low: int | None, high: int | None) -> list[LedgerRow]:
+        rows: list[LedgerRow] = []
+        async with store_errors("reading the ledger"):
+            for shard in self._keys.all_shards():
+                found = await read_rollups(self._redis, shard, low=low, high=high)
+                with collector_paused():
+                    counters = parse_counters([packed for _, packed in found])
+                    for (member, _), row in zip(found, counters, strict=True):
+                        period, customer, event_name = member.split("|", 2)
+                        rows.append(LedgerRow(period, customer, event_name, row))
         return rows
 
     async def divergences(

@@ -4,15 +4,21 @@ Stripe's own totals compared with the ledger, drift planted on each path."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from pydantic import SecretStr
+from rich.console import Console
 from typer.testing import CliRunner
 
 from dualwrite.cli import app
@@ -32,8 +38,11 @@ from dualwrite.reconcile import (
     read_reconciliation,
     summary_matches,
 )
+from dualwrite.redis_client import as_str_list
+from dualwrite.report import CustomerDrift, build_report, render_csv, render_table
 from dualwrite.stripe_io import SubscriptionItemInfo, UsageSummary
 from dualwrite.testing import StripeStandin
+from dualwrite.web import report_app
 from tests.conftest import STRIPE_KEY
 from tests.support import (
     EVENT_NAME,
@@ -596,3 +605,121 @@ class TestCommand:
         """Redis unreachable: status 3, not to be mistaken for drift."""
         result = cli("--period", "2026-11-25", DUALWRITE_REDIS__URL="redis://127.0.0.1:1/0")
         assert result.exit_code == 3 and "Is Redis running?" in result.output
+
+
+# ------------------------------------------------------------------------- drift in the report
+
+REPORT_TOKEN = "report-token-for-drift-tests-0123"
+
+
+async def planted_drift(shop: Shop) -> Period:
+    """An extra usage record for a (+7 legacy), an extra meter event for b (+11 meter), c's second
+    meter event refused later (-6 meter); the period closed and reconciled."""
+    await extra_usage_record(shop, "a", 7)
+    period = await shop.close()
+    await extra_meter_event(shop, "b", 11, timestamp=period.start + 120)
+    shop.standin.refuse_later(shop.outcomes["c"][1].event.meter_identifier)
+    run = await shop.reconcile(period.id)
+    assert len(run.drifted) == 3
+    return period
+
+
+@pytest.mark.anyio
+class TestDriftInReport:
+    """``dualwrite reconcile`` drift shows per customer in the report, its table, JSON, CSV and the
+    customer page."""
+
+    async def test_report_lines_carry_the_drift(self, shop: Shop):
+        """Each customer's line holds Stripe's totals and the drift on each leg, vs accepted and vs
+        intended, with when it was reconciled; an unreconciled report has none."""
+        before = await build_report(shop.engine.ledger, shop.engine.resolver)
+        assert all(line.drift is None for line in before.customers)
+        await planted_drift(shop)
+        report = await build_report(shop.engine.ledger, shop.engine.resolver)
+        lines = {line.customer: line for line in report.customers}
+        a, b, c = (lines[shop.customer(name)].drift for name in "abc")
+        assert a is not None and b is not None and c is not None
+        assert (a.legacy.stripe_qty, a.legacy.drift, a.legacy.intended_drift) == (14, 7, 7)
+        assert (a.meter.stripe_qty, a.meter.drift) == (7, 0)
+        assert (b.meter.stripe_qty, b.meter.drift, b.legacy.drift) == (16, 11, 0)
+        # c's refused event is still counted as accepted in the ledger: Stripe holds 6 less.
+        assert (c.meter.stripe_qty, c.meter.drift, c.meter.intended_drift) == (2, -6, -6)
+        assert a.drifted and b.drifted and c.drifted
+        assert a.records == 1 and a.legacy.compared == 1 and not a.legacy.skipped
+        for drift in (a, b, c):  # built without validation: equal to a validated copy
+            assert CustomerDrift.model_validate(drift.model_dump()) == drift
+        assert abs(a.checked_at - shop.standin.clock.now()) < 120
+
+    async def test_open_period_drift_says_why_not_compared(self, shop: Shop):
+        """A reconciliation of a running period: the line says the legs were not compared, and
+        why, and nothing counts as drift."""
+        period = await shop.period()
+        await shop.reconcile(period.id)
+        report = await build_report(shop.engine.ledger, shop.engine.resolver)
+        for line in report.customers:
+            assert line.drift is not None and not line.drift.drifted
+            assert line.drift.legacy.stripe_qty is None and line.drift.legacy.drift is None
+            assert line.drift.legacy.skipped == {"open_period": 1}
+
+    async def test_table_json_and_csv_show_it(self, shop: Shop):
+        """The terminal table has a Stripe drift column, drifted customers first; the JSON and
+        the CSV carry each leg's Stripe total and drift."""
+        await planted_drift(shop)
+        report = await build_report(shop.engine.ledger, shop.engine.resolver)
+        console = Console(file=io.StringIO(), width=250)
+        console.print(render_table(report))
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        assert "Stripe drift" in text and "legacy +7" in text and "meter +11" in text
+        assert "meter -6" in text
+        data = json.loads(report.model_dump_json())
+        by_name = {line["customer"]: line for line in data["customers"]}
+        assert by_name[shop.customer("a")]["drift"]["legacy"]["drift"] == 7
+        assert by_name[shop.customer("b")]["drift"]["meter"]["stripe_qty"] == 16
+        rows = {row["customer"]: row for row in csv.DictReader(io.StringIO(render_csv(report)))}
+        assert rows[shop.customer("c")]["meter_drift"] == "-6"
+        assert rows[shop.customer("c")]["meter_stripe_qty"] == "2"
+        assert rows[shop.customer("a")]["legacy_intended_drift"] == "7"
+        assert float(rows[shop.customer("a")]["reconciled_at"]) > 0
+
+    async def test_customer_page_shows_it(self, shop: Shop):
+        """The customer page shows Stripe's totals, both drifts per leg and each reconciled
+        period; a customer never reconciled says so."""
+        settings = shop.engine.settings.model_copy(update={"report_token": SecretStr(REPORT_TOKEN)})
+        app = report_app(settings, engine=shop.engine)
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {REPORT_TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", headers=headers
+        ) as client:
+            page = await client.get(f"/customers/{shop.customer('a')}")
+            assert page.status_code == 200 and "Never reconciled" in page.text
+            period = await planted_drift(shop)
+            page = await client.get(f"/customers/{shop.customer('a')}")
+            other = await client.get(f"/customers/{shop.customer('b')}")
+        assert page.status_code == 200
+        html = page.text
+        assert "Reconciliation with Stripe" in html and "Never reconciled" not in html
+        assert f'data-recon-period="{period.id}"' in html
+        assert re.search(r'data-drift="legacy">.*?Stripe holds</dt><dd>14<', html, re.S)
+        assert re.search(r'class="drift neg">\+7<', html)
+        assert re.search(r'data-drift="meter">.*?class="drift">0<', html, re.S)
+        assert re.search(r'data-drift="meter">.*?Stripe holds</dt><dd>16<', other.text, re.S)
+        assert re.search(r'class="drift neg">\+11<', other.text)
+
+    async def test_records_saved_before_rollups_are_copied_in(self, shop: Shop):
+        """Records stored before reconciliation rollups existed reach the report all the same (copied
+        in once), equal to what the customer's own records say."""
+        await planted_drift(shop)
+        redis, shard = shop.engine.redis, shop.engine.keys.shard(0)
+        for rollup in as_str_list(await redis.zrange(shard.reconciliation_rollup_index, 0, -1)):
+            await redis.delete(rollup)
+        await redis.delete(shard.reconciliation_rollup_index, shard.reconciliation_rollup_ready)
+        report = await build_report(shop.engine.ledger, shop.engine.resolver)
+        assert await redis.get(shard.reconciliation_rollup_ready) == "1"
+        for name in QUANTITIES:
+            customer = shop.customer(name)
+            [line] = [line for line in report.customers if line.customer == customer]
+            alone = await build_report(shop.engine.ledger, shop.engine.resolver, customer=customer)
+            assert line.drift is not None and line.drift == alone.customers[0].drift
+        lines = {line.customer: line for line in report.customers}
+        assert lines[shop.customer("a")].drift.legacy.drift == 7  # type: ignore[union-attr]

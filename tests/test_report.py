@@ -329,6 +329,20 @@ class TestOutput:
         assert report.divergences and report.outbox is not None
         assert Report.model_validate_json(report.model_dump_json()) == report
 
+    async def test_lines_equal_validated_copies(self, engine, traffic):
+        """Lines are built without validation (``trusted``): each equals its validated copy, field
+        for field and in type, and serialises the same."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver)
+        assert len(report.customers) == len(ROLES)
+        for line in report.customers:
+            copy = CustomerReport.model_validate(line.model_dump())
+            assert copy == line and copy.model_dump_json() == line.model_dump_json()
+            for name, value in copy:
+                assert type(getattr(line, name)) is type(value), name
+            for leg in (line.legacy, line.meter):
+                assert LegTotals.model_validate(leg.model_dump()) == leg
+
     async def test_empty_report(self, engine):
         """No traffic: no customers, no divergences, and no outbox line unless asked."""
         report = await build_report(engine.ledger, engine.resolver)

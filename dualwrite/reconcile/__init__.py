@@ -4,7 +4,9 @@ period.
 Three figures per leg and period: what dualwrite intended (the ledger's ``<leg>_expected_qty``),
 what it believes Stripe accepted (``<leg>_accepted_qty``), and what Stripe holds. Drift is Stripe's
 figure minus the accepted one; it is stored per record (``P:{sN}:recon:…``, see ``_records``), kept
-apart from the divergence log, and read back with ``read_reconciliation()`` for the report.
+apart from the divergence log, and read back with ``read_reconciliation()`` (records) or, for a
+report over many customers, ``read_reconciliation_fields()`` (the fields the report sums, from
+per-period-span rollups written with each record).
 
 Where Stripe's figures come from:
 
@@ -46,6 +48,7 @@ from dualwrite.reconcile._records import (
     ReconciliationRecord,
     SkipReason,
     read_reconciliation,
+    read_reconciliation_fields,
     save_records,
 )
 
@@ -62,6 +65,7 @@ __all__ = [
     "assign_items",
     "meter_window",
     "read_reconciliation",
+    "read_reconciliation_fields",
     "read_throttle",
     "save_records",
     "summary_matches",

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from dualwrite.report._build import build_report, read_backpressure, read_unmapped
 from dualwrite.report._models import (
+    CustomerDrift,
     CustomerReport,
     CustomerStatus,
+    LegDrift,
     LegTotals,
     Report,
     UnmappedItems,
@@ -33,8 +35,10 @@ from dualwrite.report._render import CSV_COLUMNS, render_csv, render_table
 
 __all__ = [
     "CSV_COLUMNS",
+    "CustomerDrift",
     "CustomerReport",
     "CustomerStatus",
+    "LegDrift",
     "LegTotals",
     "ReadinessRule",
     "Report",

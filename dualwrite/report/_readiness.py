@@ -23,6 +23,9 @@ class ReadinessRule:
         self.periods = settings.readiness_closed_periods
         self.max_difference_pct = settings.readiness_max_difference_pct
         self.now = now
+        self._closed: dict[str, bool] = {}
+        """Whether each period seen so far is closed (a report judges 100,000 customers)."""
+        self._verdicts: dict[tuple[Stage, int, int], Verdict] = {}
 
     def describe(self) -> str:
         """The rule in words."""
@@ -49,23 +52,39 @@ class ReadinessRule:
             return _DONE
         if stage is Stage.LEGACY:
             return _LEGACY_READY
-        dead = sum(
-            sums.get("legacy_failed_events", 0) + sums.get("meter_failed_events", 0)
-            for sums in periods.values()
-        )
+        dead = good = 0
+        for period, sums in periods.items():
+            dead += sums.get("legacy_failed_events", 0) + sums.get("meter_failed_events", 0)
+            if not dead and self._qualifies(stage, period, sums):
+                good += 1
+        if dead:
+            return self._verdict(stage, next_stage, dead=dead, good=0)
+        return self._verdict(stage, next_stage, dead=0, good=good)
+
+    def _verdict(self, stage: Stage, next_stage: Stage, *, dead: int, good: int) -> Verdict:
+        # Verdicts repeat (a few counts per stage) and are frozen: one object per distinct one.
+        key = (stage, dead, good)
+        verdict = self._verdicts.get(key)
+        if verdict is not None:
+            return verdict
+        label = stage.value
         if dead:
             reason = f"{dead} dead letter(s): retry or explain them first (`dualwrite dead list`)"
-            return Verdict(ready=False, next_stage=next_stage, reason=reason)
-        good = sum(1 for period, sums in periods.items() if self._qualifies(stage, period, sums))
-        label = stage.value
-        if good >= self.periods:
+            verdict = Verdict(ready=False, next_stage=next_stage, reason=reason)
+        elif good >= self.periods:
             reason = f"{good} closed period(s) at {label} with both legs equal"
-            return Verdict(ready=True, next_stage=next_stage, reason=reason)
-        reason = f"{good} of {self.periods} closed period(s) at {label} with both legs equal"
-        return Verdict(ready=False, next_stage=next_stage, reason=reason)
+            verdict = Verdict(ready=True, next_stage=next_stage, reason=reason)
+        else:
+            reason = f"{good} of {self.periods} closed period(s) at {label} with both legs equal"
+            verdict = Verdict(ready=False, next_stage=next_stage, reason=reason)
+        self._verdicts[key] = verdict
+        return verdict
 
     def _qualifies(self, stage: Stage, period: str, sums: Mapping[str, int]) -> bool:
-        if not period_of(period).closed(self.now):
+        closed = self._closed.get(period)
+        if closed is None:
+            closed = self._closed[period] = period_of(period).closed(self.now)
+        if not closed:
             return False
         events = sums.get("events", 0)
         if events == 0 or sums.get(_STAGE_EVENTS[stage], 0) != events:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dualwrite.report._models import CustomerReport, Report
+from dualwrite.report._models import CustomerDrift, CustomerReport, Report
 
 __all__ = ["CSV_COLUMNS", "render_csv", "render_table"]
 
@@ -43,15 +44,38 @@ CSV_COLUMNS = (
     "verdict",
     "periods",
     "event_names",
+    "reconciled_at",
+    "legacy_stripe_qty",
+    "legacy_drift",
+    "legacy_intended_drift",
+    "meter_stripe_qty",
+    "meter_drift",
+    "meter_intended_drift",
 )
 
 
-def _ranked(report: Report) -> list[CustomerReport]:
-    """Diverged first, then pending, then the largest differences."""
-    return sorted(
-        report.customers,
-        key=lambda line: (_STATUS_ORDER[line.status], -abs(line.difference), line.customer),
-    )
+def _rank(line: CustomerReport) -> tuple[int, bool, int, str]:
+    drifted = line.drift is not None and line.drift.drifted
+    return (_STATUS_ORDER[line.status], not drifted, -abs(line.difference), line.customer)
+
+
+def _ranked(report: Report, limit: int | None) -> list[CustomerReport]:
+    """Diverged first, then pending; within each, drift from Stripe first, then the largest
+    differences."""
+    if limit is None:
+        return sorted(report.customers, key=_rank)
+    return heapq.nsmallest(limit, report.customers, key=_rank)
+
+
+def _drift_cell(line: CustomerReport) -> Text:
+    drift = line.drift
+    if drift is None:
+        return Text("")
+    cells = []
+    for name, leg in (("legacy", drift.legacy), ("meter", drift.meter)):
+        if leg.drift is not None:
+            cells.append(f"{name} {leg.drift:+,}" if leg.drift else f"{name} 0")
+    return Text(", ".join(cells) or "not compared", style="bold red" if drift.drifted else "")
 
 
 def render_table(report: Report, *, limit: int | None = 50) -> Group:
@@ -69,10 +93,10 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
         ("failures", "left"),
         ("status", "left"),
         ("next stage", "left"),
+        ("Stripe drift", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    ranked = _ranked(report)
-    shown = ranked if limit is None else ranked[:limit]
+    shown = _ranked(report, limit)
     for line in shown:
         pending = line.legacy.pending_qty + line.meter.pending_qty
         difference = f"{line.difference:+,}" if line.difference else "0"
@@ -96,6 +120,7 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
             ", ".join(f"{code} {count}" for code, count in line.failures.items()),
             Text(line.status, style=_STATUS_STYLE[line.status]),
             next_cell,
+            _drift_cell(line),
         )
     parts: list[Table | Text] = [table]
     counts = {status: 0 for status in _STATUS_ORDER}
@@ -104,7 +129,7 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
     summary = f"{len(report.customers):,} customers: " + ", ".join(
         f"{count:,} {status}" for status, count in counts.items()
     )
-    if len(shown) < len(ranked):
+    if len(shown) < len(report.customers):
         summary += f" (showing {len(shown):,}; --json or --csv for all)"
     parts.append(Text(summary))
     if report.readiness_rule:
@@ -153,8 +178,28 @@ def _leg_cell(status: str, stripe_id: str | None, error: str | None) -> str:
     return f"{status} {detail}".strip()
 
 
+def _number(value: float | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _drift_columns(drift: CustomerDrift | None) -> tuple[str, ...]:
+    if drift is None:
+        return ("",) * 7
+    legacy, meter = drift.legacy, drift.meter
+    return (
+        f"{drift.checked_at:.3f}",
+        _number(legacy.stripe_qty),
+        _number(legacy.drift),
+        _number(legacy.intended_drift),
+        _number(meter.stripe_qty),
+        _number(meter.drift),
+        _number(meter.intended_drift),
+    )
+
+
 def render_csv(report: Report) -> str:
-    """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``)."""
+    """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``; the last seven
+    columns, from ``reconciled_at`` on, are empty for a customer never reconciled in the range)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -188,6 +233,7 @@ def render_csv(report: Report) -> str:
                 verdict.reason,
                 " ".join(line.periods),
                 " ".join(line.event_names),
+                *_drift_columns(line.drift),
             )
         )
     return out.getvalue()

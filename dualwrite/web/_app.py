@@ -33,9 +33,10 @@ from dualwrite.engine import DualWriteEngine, StageSource
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.flags import RedisFlagStore, Resolution, StageResolver
 from dualwrite.keys import KeySpace
-from dualwrite.ledger import Ledger
+from dualwrite.ledger import Ledger, period_score
 from dualwrite.models import Stage
 from dualwrite.outbox import Outbox
+from dualwrite.reconcile import read_reconciliation
 from dualwrite.redaction import redact
 from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report
@@ -158,6 +159,9 @@ class _Pages:
             settings=self.report_settings,
         )
         rows = await source.ledger.rows(customer=customer)
+        reconciled = await read_reconciliation(
+            source.ledger.redis, source.ledger.keys, customer=customer
+        )
         history = await source.flags.history(customer=customer, limit=CUSTOMER_HISTORY)
         line = report.customers[0] if report.customers else None
         if line is None and not report.divergences and not history:
@@ -174,6 +178,9 @@ class _Pages:
             line=line,
             resolution=resolution,
             periods=period_lines(rows),
+            reconciled=sorted(
+                reconciled, key=lambda record: period_score(record.period), reverse=True
+            ),
             divergences=report.divergences,
             history=history,
             readiness_rule=report.readiness_rule,
