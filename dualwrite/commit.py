@@ -16,25 +16,41 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dualwrite.keys import ShardKeys
 from dualwrite.redis_client import as_int, store_errors
+from dualwrite.rollups import ROLLUP_LUA, rollup_key
 
-__all__ = ["SPOOL_MARKER_TTL", "Commit", "CommitWriter"]
+__all__ = ["IN_DOUBT_MARKER_TTL", "SPOOL_MARKER_TTL", "Commit", "CommitWriter"]
 
 #: How long a replayed spool commit is remembered, so that a replay interrupted and run again cannot
 #: apply it twice.
 SPOOL_MARKER_TTL = 30 * 86400
 
-# KEYS: ledger hash, ledger index, outbox, divergence, idempotency record, set value, marker
+#: How long a commit applied on the request path is remembered when no caller identifier records it.
+#: When Redis applied the script but the reply was lost (a timeout, a dropped connection), redis-py
+#: sends it again and the engine may spool it: the marker makes both a no-op. Ten minutes covers
+#: the client's retry and a spool replay after a short outage, at one small key per event.
+IN_DOUBT_MARKER_TTL = 600
+
+# KEYS: ledger hash, ledger index, outbox, divergence, idempotency record, set value, marker, rollup,
+#       rollup index
 # ARGV: marker ttl (0: none), index member, index score, divergence maxlen, idempotency ttl,
 #       set value ('' none), set ttl, outcome JSON ('' none), outbox payload ('' none),
 #       then a count and name/amount pairs (ledger), then a count and name/value pairs (divergence)
-_APPLY = """
+_APPLY = (
+    ROLLUP_LUA
+    + """
+-- A caller's retry may have recorded this identifier while the commit waited in the spool (its
+-- first attempt found Redis down, so nothing marked it in flight): count it once.
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[5], 'state') == 'done' then return 0 end
 if ARGV[1] ~= '0' then
   if not redis.call('SET', KEYS[7], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 end
 local i = 10
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
-if n > 0 then redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+if n > 0 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  ledger_rollup(KEYS[1], ARGV[2], ARGV[3], KEYS[8], KEYS[9])
+end
 local d = tonumber(ARGV[i]); i = i + 1
 if d > 0 then
   local fields = {}
@@ -49,6 +65,7 @@ if ARGV[8] ~= '' then
 end
 return 1
 """
+)
 
 
 class Commit(BaseModel):
@@ -96,10 +113,15 @@ class CommitWriter:
     async def apply(self, commit: Commit, *, once: bool = False) -> bool:
         """Apply ``commit`` in one script; with ``once``, only if it was never applied before.
 
-        Returns False when ``once`` found it already applied.
+        Returns False when ``once`` found it already applied, or when the event's identifier is
+        already recorded (a caller's retry got there first while this commit was spooled). Applying
+        the same commit again is always a no-op: a tracked event is guarded by its identifier's
+        record, an untracked one by a marker kept ``IN_DOUBT_MARKER_TTL`` seconds (``once``:
+        ``SPOOL_MARKER_TTL``).
 
         Raises:
-            StoreUnavailableError: Redis could not be reached (nothing was applied).
+            StoreUnavailableError: Redis could not be reached or did not answer; the commit may
+                have been applied, and applying it again (or spooling it) is safe.
         """
         shard = commit.keys
         keys = [
@@ -110,9 +132,16 @@ class CommitWriter:
             commit.idempotency_key or shard.idempotency(commit.id),
             commit.set_key or shard.set_value("-", 0),
             f"{shard.tag}:spooled:{commit.id}",
+            # From the index member, not a field of its own: commits spooled before rollups
+            # existed replay into them too.
+            rollup_key(shard, commit.index_member.split("|", 1)[0]),
+            shard.rollup_index,
         ]
+        marker_ttl = IN_DOUBT_MARKER_TTL if commit.outcome_json is None else 0
+        if once:
+            marker_ttl = SPOOL_MARKER_TTL
         args: list[str | int] = [
-            SPOOL_MARKER_TTL if once else 0,
+            marker_ttl,
             commit.index_member,
             commit.index_score,
             self._divergence_maxlen,

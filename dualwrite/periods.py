@@ -28,6 +28,7 @@ from dualwrite.redis_client import as_str, store_errors
 
 __all__ = [
     "INTERVALS",
+    "LOCAL_PERIODS_MAX",
     "Interval",
     "ItemLookup",
     "ItemPeriods",
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 Interval = Literal["day", "week", "month", "year"]
 """A recurring price's billing interval."""
 INTERVALS = ("day", "week", "month", "year")
+#: Items whose current period a process keeps in memory (beyond it, they are re-read from Redis).
+LOCAL_PERIODS_MAX = 100_000
 
 _SECONDS = {"day": 86_400, "week": 7 * 86_400}
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -203,7 +206,7 @@ class PeriodResolver:
         if raw is not None:
             cached = ItemPeriods.model_validate_json(raw)
             if timestamp < cached.end:
-                self._local[item] = cached
+                self._keep(item, cached)
                 return cached
         found = await self._lookup(item, api_key)
         if found is None:
@@ -211,9 +214,15 @@ class PeriodResolver:
         await self.remember(item, found)
         return found
 
+    def _keep(self, item: str, periods: ItemPeriods) -> None:
+        # Bounded: past the cap the local copies are dropped and re-read from Redis as needed.
+        if len(self._local) >= LOCAL_PERIODS_MAX and item not in self._local:
+            self._local.clear()
+        self._local[item] = periods
+
     async def remember(self, item: str, periods: ItemPeriods) -> None:
         """Keep an item's current period, read from Stripe by someone else (the proxy's mapping)."""
-        self._local[item] = periods
+        self._keep(item, periods)
         ttl = max(60, int(periods.end - self._clock()) + 3600)
         async with store_errors("caching an item's billing period"):
             await self._redis.set(self._keys.item_periods(item), periods.model_dump_json(), ex=ttl)

@@ -6,6 +6,9 @@ line to a file in the spool directory and fsyncs it before answering the caller.
 again, ``replay()`` applies every spooled commit exactly once (a marker key per commit makes a replay
 interrupted by a crash harmless to run again) and counts each as ``delayed_events`` in the ledger.
 
+The directory is capped (``[outbox] spool_max_bytes``): once full, the engine refuses new usage
+with a retryable 503 before writing anything, so callers hold back instead of usage being lost.
+
 Any process sharing the directory may replay any file: a file is claimed by renaming it, so two
 processes never replay the same one.
 """
@@ -18,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -26,12 +30,21 @@ from pydantic import ValidationError
 from dualwrite.commit import Commit, CommitWriter
 from dualwrite.exceptions import StoreUnavailableError
 
-__all__ = ["Spool", "default_spool_dir"]
+__all__ = ["DEFAULT_MAX_BYTES", "Spool", "default_spool_dir"]
 
 log = logging.getLogger(__name__)
 
+#: The default cap of the spool directory (``[outbox] spool_max_bytes``).
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _ACTIVE_SUFFIX = ".jsonl"
 _CLAIMED_SUFFIX = ".replaying"
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # replayed and removed meanwhile
+        return 0
 
 
 def default_spool_dir() -> Path:
@@ -43,11 +56,25 @@ def default_spool_dir() -> Path:
 class Spool:
     """An append-only, fsynced file of commits per process, in a shared directory."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BYTES):
         self.directory = directory
+        self.max_bytes = max_bytes
         self._name = f"spool-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._lock = threading.Lock()
         self._replaying = asyncio.Lock()
+        self._size_at = -1.0
+        self._size = 0
+
+    def full(self) -> bool:
+        """Whether the directory (every process's files) holds ``max_bytes`` or more.
+
+        Measured at most once a second; an append since then counts at once.
+        """
+        now = time.monotonic()
+        if now - self._size_at >= 1.0:
+            self._size = sum(_size_of(path) for path in self._files())
+            self._size_at = now
+        return self._size >= self.max_bytes
 
     @property
     def _path(self) -> Path:
@@ -70,6 +97,7 @@ class Spool:
                     handle.write(line + "\n")
                     handle.flush()
                     os.fsync(handle.fileno())
+                    self._size += len(line) + 1
                     return
 
     def _is_current(self, fd: int) -> bool:

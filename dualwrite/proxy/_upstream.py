@@ -137,7 +137,17 @@ def too_large(limit: int) -> JSONResponse:
 
 
 def _gateway_error(exc: httpx.HTTPError, method: str, path: str) -> UpstreamReply:
-    """A Stripe-shaped 502/504 for a request that got no reply from the upstream."""
+    """A Stripe-shaped 502/504 for a request that got no reply from the upstream (400 when the
+    caller's own request could not be written as HTTP/1.1: a header value with control bytes)."""
+    if isinstance(exc, httpx.LocalProtocolError):
+        response = stripe_error(400, "A request header holds characters HTTP does not allow.")
+        failure = StripeFailure(
+            http_status=400,
+            type="invalid_request_error",
+            message="a request header holds characters HTTP does not allow",
+            retryable=False,
+        )
+        return UpstreamReply(400, list(response.raw_headers), bytes(response.body), failure)
     timed_out = isinstance(exc, httpx.TimeoutException)
     reason = "timed out" if timed_out else "connection failed"
     log.warning("upstream %s %s: %s (%s)", method, path, reason, type(exc).__name__)
@@ -228,7 +238,9 @@ class Upstream:
             if identity and name in (b"accept-encoding", b"content-length"):
                 continue
             if name in FORWARDED_REQUEST_HEADERS or name.startswith(_STRIPE_PREFIXES):
-                headers.append((key, value))
+                # Surrounding whitespace is not part of a field value (RFC 9110 5.5), and h11
+                # refuses to send it.
+                headers.append((key, value.strip(b" \t")))
         if identity:
             headers.append((b"accept-encoding", b"identity"))
         return headers
