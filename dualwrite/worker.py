@@ -1,9 +1,10 @@
 """A delivery worker as a process of its own (``dualwrite worker``).
 
 Any number of these, on any machine, share one Redis and one consumer group with the workers that
-run inside apps. Each delivers outbox entries, claims what dead workers left pending, and replays the
-local spool. On SIGTERM or SIGINT it finishes the batch in hand and stops; whatever it had not
-settled stays pending and another worker claims it.
+run inside apps. Each delivers outbox entries, claims what dead workers left pending, replays the
+local spool and checks the guardrails (``[guardrails]``: divergence rolls customers back). On
+SIGTERM or SIGINT it finishes the batch in hand and stops; whatever it had not settled stays
+pending and another worker claims it.
 """
 
 from __future__ import annotations
@@ -44,10 +45,25 @@ async def run_worker(
         await engine.start(worker=False)  # this process's worker is started below, by name
         worker = engine.new_worker(consumer=consumer)
         await worker.start()
+        guard = _start_guard(settings, engine)
         if on_ready is not None:
             on_ready(worker.consumer)
         await stop.wait()
+        if guard is not None:
+            guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guard
         await worker.aclose()
         return {str(name): count for name, count in worker.counts.items()}
     finally:
         await engine.aclose()
+
+
+def _start_guard(settings: Settings, engine: DualWriteEngine) -> asyncio.Task[None] | None:
+    """The guardrail check (``dualwrite.cutover.Guard``), every ``[guardrails] interval_seconds``."""
+    if not settings.guardrails.enabled:
+        return None
+    from dualwrite.cutover import CutoverOps
+
+    ops = CutoverOps(engine.redis, engine.keys, settings)
+    return asyncio.create_task(ops.guard().run(), name="dualwrite-guard")

@@ -33,6 +33,7 @@ from dualwrite.testing._endpoints import Auth, Endpoint, match_endpoint
 from dualwrite.testing._errors import StripeApiError
 from dualwrite.testing._faults import fault_error
 from dualwrite.testing._params import decode_form, flatten, json_type, validate
+from dualwrite.testing._schedules import apply_due_phases
 from dualwrite.testing._state import Call, parse_version
 
 if TYPE_CHECKING:
@@ -300,6 +301,7 @@ class _StripeApi:
             extra_headers: dict[str, str] = {}
             with s._store.lock:
                 call = Call(s.clock.now(), req.version, req.path, req.path_args, params)
+                apply_due_phases(s._store, call.now)  # subscription schedules follow the clock
                 out.executed = True
                 try:
                     out.body = endpoint.handler(s._store, call)
@@ -330,6 +332,12 @@ def _validate(endpoint: Endpoint, raw: dict[str, Any]) -> dict[str, Any]:
 def build_app(standin: StripeStandin) -> Starlette:
     """The stand-in's Starlette app: ``/_standin/*`` controls, and Stripe's API everywhere else."""
     api = _StripeApi(standin)
+
+    async def unrouted(request: Request, exc: Exception) -> Response:
+        # A path the catch-all cannot match (a decoded newline): Stripe's JSON 404 all the same.
+        return await api.handle(request)
+
     return Starlette(
-        routes=[*control_routes(standin), Route("/{path:path}", api.handle, methods=_METHODS)]
+        routes=[*control_routes(standin), Route("/{path:path}", api.handle, methods=_METHODS)],
+        exception_handlers={404: unrouted},
     )

@@ -18,6 +18,7 @@ from dualwrite.testing import (
     _catalog as catalog,
     _meters as meters,
     _notifications as notifications,
+    _schedules as schedules,
     _streams as streams,
     _usage as usage,
 )
@@ -281,6 +282,7 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
         },
         meters.create_adjustment,
     ),
+    *schedules.SCHEDULE_ENDPOINTS,
 )
 
 _V2_TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler, Auth], ...] = (

@@ -13,6 +13,7 @@ from typing import Any
 
 from dualwrite.testing._clock import format_iso
 from dualwrite.testing._errors import no_such
+from dualwrite.testing._schedules import render_schedule
 from dualwrite.testing._state import (
     Customer,
     Meter,
@@ -209,7 +210,7 @@ def render_subscription(sub: Subscription, store: Store, now: int, version: str)
         "livemode": False,
         "metadata": dict(sub.metadata),
         "pending_update": None,
-        "schedule": None,
+        "schedule": sub.schedule,
         "start_date": sub.created,
         "status": "active",
         "trial_end": None,
@@ -359,6 +360,7 @@ OBJECT_RENDERERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "product": render_product,
     "subscription": render_subscription,
     "subscription_item": render_item,
+    "subscription_schedule": render_schedule,
     "usage_record": render_usage_record,
     "usage_record_summary": render_usage_summary,
     "v2.billing.meter_event_session": render_meter_event_session,

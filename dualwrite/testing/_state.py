@@ -122,6 +122,8 @@ class Subscription:
     currency: str
     items: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    schedule: str | None = None
+    """The subscription schedule attached to it (``_schedules``), if any."""
 
     def period(self, ts: int) -> tuple[int, int]:
         """The billing period ``[start, end)`` holding ``ts``."""
@@ -239,6 +241,8 @@ class Store:
     v2_events: dict[str, dict[str, Any]] = field(default_factory=dict)
     destinations: list[EventDestination] = field(default_factory=list)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
+    schedules: dict[str, Any] = field(default_factory=dict)
+    """Subscription schedules by id (``_schedules.Schedule``)."""
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)

@@ -123,6 +123,23 @@ def _steps(now: int) -> list[tuple[Key, Callable[[dict[str, str]], dict[str, str
         (("POST", "/v1/subscription_items/{id}/usage_records"), fixed({"quantity": "3"}), None),
         (("GET", "/v1/subscription_items/{id}/usage_record_summaries"), fixed({}), None),
         (
+            ("POST", "/v1/subscription_schedules"),
+            lambda ids: {"from_subscription": ids["subscription"]},
+            "schedule",
+        ),
+        (("GET", "/v1/subscription_schedules/{id}"), fixed({}), None),
+        (
+            ("POST", "/v1/subscription_schedules/{id}"),
+            lambda ids: {
+                "end_behavior": "release",
+                "proration_behavior": "none",
+                "phases[0][items][0][price]": ids["price"],
+                "phases[1][items][0][price]": ids["meter_price"],
+            },
+            None,
+        ),
+        (("POST", "/v1/subscription_schedules/{id}/release"), fixed({}), None),
+        (
             ("POST", "/v1/billing/meter_events"),
             lambda ids: {
                 "event_name": "calls",
@@ -158,6 +175,7 @@ _PATH_ID = {
     "/v1/prices/": "price",
     "/v1/subscriptions/": "subscription",
     "/v1/subscription_items/": "item",
+    "/v1/subscription_schedules/": "schedule",
     "/v1/billing/meters/": "meter",
 }
 

@@ -1,0 +1,286 @@
+"""``dualwrite rollout``, ``cutover``, ``rollback`` and ``guard``: moving customers between stages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.markup import escape
+
+from dualwrite.cli._common import (
+    Actor,
+    Reason,
+    actor_name,
+    app,
+    console,
+    format_when,
+    load_settings,
+    run_async,
+)
+from dualwrite.config import Settings
+from dualwrite.cutover import (
+    CutoverInputError,
+    CutoverOps,
+    GuardResult,
+    OperationResult,
+    parse_at,
+    parse_customers,
+    parse_percent,
+    parse_stage,
+    read_cohort_file,
+)
+from dualwrite.keys import KeySpace
+from dualwrite.models import Stage
+from dualwrite.redis_client import open_redis
+
+R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print exactly what would change (and the Stripe calls).")
+]
+Force = Annotated[bool, typer.Option("--force", help="Allow moves other than one stage forward.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@asynccontextmanager
+async def _cutover_ops(settings: Settings) -> AsyncIterator[CutoverOps]:
+    redis = open_redis(settings.redis)
+    try:
+        yield CutoverOps(
+            redis, KeySpace(settings.redis.key_prefix, settings.redis.shards), settings
+        )
+    finally:
+        await redis.aclose()
+
+
+def _run(ctx: typer.Context, action: Callable[[CutoverOps], Awaitable[R]], *, as_json: bool) -> R:
+    """Run one operation on its own Redis connection; dualwrite errors exit 2 with the message."""
+    settings = load_settings(ctx)
+
+    async def run() -> R:
+        async with _cutover_ops(settings) as ops:
+            return await action(ops)
+
+    result = run_async(run())
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    return result
+
+
+def _checked(parse: Callable[[], T]) -> T:
+    """Parse command-line input; a ``CutoverInputError`` becomes a usage error (exit 2)."""
+    try:
+        return parse()
+    except CutoverInputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _print(result: OperationResult) -> None:
+    verb = "would change" if result.dry_run else "changed"
+    for call in result.stripe_calls:
+        made = f" -> {call.result_id}" if call.result_id and not result.dry_run else ""
+        version = f" (Stripe-Version {call.stripe_version})" if call.stripe_version else ""
+        console.print(f"stripe: {escape(call.describe())}{version}{made}", highlight=False)
+    for change in result.changes:
+        when = f" from {format_when(change.at)}" if change.at is not None else ""
+        console.print(f"{verb}: {escape(change.describe())}{when}", highlight=False)
+    for line in result.unchanged:
+        console.print(f"unchanged: {escape(line)}", highlight=False)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
+    if result.dry_run:
+        console.print("dry run: nothing was changed")
+    else:
+        console.print(
+            f"{len(result.changes)} change(s) by {escape(result.actor)}, audited as: "
+            f"{escape(result.reason)}",
+            highlight=False,
+        )
+
+
+@app.command("rollout")
+def rollout(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Argument(help="shadow, primary or meter")],
+    percent: Annotated[str | None, typer.Argument(help="Share of all customers, e.g. 25%")] = None,
+    customers: Annotated[
+        str | None, typer.Option("--customers", help="Comma-separated ids: cus_a,cus_b")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="A file with one customer id per line.")
+    ] = None,
+    force: Force = False,
+    dry_run: DryRun = False,
+    actor: Actor = None,
+    reason: Reason = "",
+    as_json: AsJson = False,
+) -> None:
+    """Move a percentage of customers, or named ones, to STAGE (one stage forward at a time).
+
+    A percentage only ever adds customers (lowering it needs --force); named customers are pinned
+    by override.
+    """
+    target = _checked(lambda: parse_stage(stage))
+    given = [value for value in (percent, customers, file) if value is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of PERCENT, --customers or --file")
+    share = _checked(lambda: parse_percent(percent)) if percent is not None else None
+    cohort = None
+    if customers is not None:
+        cohort = _checked(lambda: parse_customers(customers))
+    elif file is not None:
+        cohort = _checked(lambda: read_cohort_file(file))
+    result = _run(
+        ctx,
+        lambda ops: ops.rollout(
+            target,
+            percent=share,
+            customers=cohort,
+            actor=actor_name(actor),
+            reason=reason,
+            force=force,
+            dry_run=dry_run,
+        ),
+        as_json=as_json,
+    )
+    if not as_json:
+        _print(result)
+
+
+@app.command("cutover")
+def cutover(
+    ctx: typer.Context,
+    customer: Annotated[str, typer.Argument(help="The customer, e.g. cus_123")],
+    to: Annotated[str, typer.Option("--to", help="The stage to move to (one forward).")],
+    at: Annotated[
+        str, typer.Option("--at", help="period-end (from Stripe), now, or an ISO 8601 time.")
+    ] = "period-end",
+    with_schedule: Annotated[
+        bool,
+        typer.Option(
+            "--with-schedule",
+            help="With --to primary: also create the Stripe subscription schedule moving the "
+            "item to --price at the same instant.",
+        ),
+    ] = False,
+    price: Annotated[
+        str | None, typer.Option("--price", help="The meter-backed price (with --with-schedule).")
+    ] = None,
+    force: Force = False,
+    dry_run: DryRun = False,
+    actor: Actor = None,
+    reason: Reason = "",
+    as_json: AsJson = False,
+) -> None:
+    """Move one customer to a stage at its billing period's end (or now, or a given time)."""
+    target = _checked(lambda: parse_stage(to, what="--to stage"))
+    when = _checked(lambda: parse_at(at))
+    result = _run(
+        ctx,
+        lambda ops: ops.cutover(
+            customer,
+            target,
+            at=when,
+            actor=actor_name(actor),
+            reason=reason,
+            force=force,
+            with_schedule=with_schedule,
+            price=price,
+            dry_run=dry_run,
+        ),
+        as_json=as_json,
+    )
+    if not as_json:
+        _print(result)
+
+
+@app.command("rollback")
+def rollback(
+    ctx: typer.Context,
+    customers: Annotated[list[str] | None, typer.Argument(help="Customers to roll back.")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="legacy or shadow (default: one stage back).")
+    ] = None,
+    everyone: Annotated[
+        bool, typer.Option("--all", help="Everyone: rollouts, default, overrides, schedules.")
+    ] = False,
+    dry_run: DryRun = False,
+    actor: Actor = None,
+    reason: Reason = "",
+    as_json: AsJson = False,
+) -> None:
+    """Send customers (or --all) back: pinned by override, their schedules cleared, at once."""
+    if bool(customers) == everyone:
+        raise typer.BadParameter("give customers, or --all")
+    target = _checked(lambda: parse_stage(to, what="--to stage")) if to is not None else None
+    named = _checked(lambda: parse_customers(",".join(customers or []))) if customers else []
+    who, why = actor_name(actor), reason
+
+    async def action(ops: CutoverOps) -> OperationResult:
+        if everyone:
+            return await ops.rollback_all(
+                to=target or Stage.LEGACY, actor=who, reason=why, dry_run=dry_run
+            )
+        return await ops.rollback(named, to=target, actor=who, reason=why, dry_run=dry_run)
+
+    result = _run(ctx, action, as_json=as_json)
+    if not as_json:
+        _print(result)
+
+
+@app.command("guard")
+def guard(
+    ctx: typer.Context,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    dry_run: DryRun = False,
+    as_json: AsJson = False,
+) -> None:
+    """Roll back customers (or the rollout) whose divergence crossed the [guardrails].
+
+    Without --once it checks every `[guardrails] interval_seconds` until stopped (`dualwrite
+    worker` runs the same check).
+    """
+    if not once:
+        if dry_run:
+            raise typer.BadParameter("--dry-run needs --once")
+        settings = load_settings(ctx)
+
+        async def loop() -> None:
+            async with _cutover_ops(settings) as ops:
+                await ops.guard().run()
+
+        console.print(
+            f"guard checking every {settings.guardrails.interval_seconds:g} s (Ctrl-C stops)"
+        )
+        try:
+            run_async(loop())
+        except KeyboardInterrupt:
+            console.print("guard stopped")
+        return
+    result = _run(ctx, lambda ops: ops.guard_once(dry_run=dry_run), as_json=as_json)
+    if not as_json:
+        _print_guard(result)
+
+
+def _print_guard(result: GuardResult) -> None:
+    console.print(
+        f"checked {result.checked} customer(s) past legacy: {len(result.tripped)} over the "
+        f"guardrails ({result.divergent_share_pct:g}%)"
+        + (" - the whole rollout goes back" if result.global_tripped else "")
+    )
+    for trip in result.tripped:
+        console.print(
+            f"tripped: {trip.customer} {trip.stage.value} -> {trip.rolled_back_to.value}: "
+            f"{escape(trip.reason)}",
+            highlight=False,
+        )
+    for action in result.actions:
+        if action.changes:
+            _print(action)
+    if result.dry_run:
+        console.print("dry run: nothing was changed")

@@ -1,0 +1,439 @@
+"""``CutoverOps``: rollouts, cutovers and rollbacks on top of the flag store, for the CLI and APIs.
+
+Every operation reads what it needs, checks all of its input, and only then changes anything; a
+dry run stops before the first change and returns the very changes (and Stripe calls) it would
+make. Every change goes through ``RedisFlagStore``, so it is atomic, audited with the actor and the
+reason, and published to every resolver.
+
+How each operation uses the flags (resolution: kill → override → schedule → rollout → default):
+
+* a percentage rollout raises ``rollout:<stage>`` (raising only adds customers);
+* a named cohort moves by override (pinned until rolled back or cut over);
+* a cutover schedules the stage at an instant; a customer holding an override gets a schedule
+  entry for its current stage from now, then loses the override, so nothing changes before the
+  instant;
+* a rollback pins the customer by override and clears its schedule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import redis.asyncio as aioredis
+
+from dualwrite.config import Settings
+from dualwrite.cutover._cohorts import (
+    At,
+    CutoverInputError,
+    check_move,
+    previous_stage,
+)
+from dualwrite.cutover._guard import Guard
+from dualwrite.cutover._models import FlagChange, GuardResult, OperationResult, StripeCall
+from dualwrite.cutover._plans import (
+    check_rollout,
+    cutover_changes,
+    override_change,
+    plan_rollback,
+    plan_rollback_all,
+    reason_text,
+    refuse,
+)
+from dualwrite.cutover._stripe import CutoverStripe, check_schedulable, plan_schedule
+from dualwrite.flags import (
+    ROLLOUT_STAGES,
+    FlagSnapshot,
+    RedisFlagStore,
+    StageResolver,
+    resolve_snapshot,
+)
+from dualwrite.keys import KeySpace
+from dualwrite.ledger import Ledger
+from dualwrite.models import Stage
+
+__all__ = ["CutoverOps"]
+
+StripeFactory = Callable[[], CutoverStripe]
+
+
+class CutoverOps:
+    """The operations people (and the guard) use to move customers between stages.
+
+    Args:
+        redis: a client with ``decode_responses=True``.
+        keys: the key layout.
+        settings: flag salt, Stripe settings and key, guardrails.
+        clock: Unix time; schedules are judged against it.
+        stripe: makes the Stripe adapter (default: from ``settings`` and ``STRIPE_API_KEY``).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: KeySpace,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        stripe: StripeFactory | None = None,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._clock = clock
+        self._store = RedisFlagStore(redis, keys, clock=clock)
+        self._stripe_factory = stripe
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client the operations use."""
+        return self._redis
+
+    @property
+    def keys(self) -> KeySpace:
+        """The key layout."""
+        return self._keys
+
+    @property
+    def store(self) -> RedisFlagStore:
+        """The flag store every change goes through."""
+        return self._store
+
+    def _stripe(self) -> CutoverStripe:
+        if self._stripe_factory is not None:
+            return self._stripe_factory()
+        api_key = self._settings.api_key()
+        if not api_key:
+            msg = "STRIPE_API_KEY is not set: reading the billing period needs the account's key"
+            raise CutoverInputError(msg)
+        return CutoverStripe(self._settings.stripe, api_key=api_key)
+
+    async def stage_of(self, customer: str) -> tuple[Stage, FlagSnapshot]:
+        """The customer's stage now, and the flags it was resolved from."""
+        snapshot = await self._store.snapshot(customer)
+        resolution = resolve_snapshot(
+            customer, snapshot, now=self._clock(), salt=self._settings.flags.rollout_salt
+        )
+        return resolution.stage, snapshot
+
+    # -- rollout ---------------------------------------------------------------------------------
+
+    async def rollout(
+        self,
+        stage: Stage,
+        *,
+        percent: float | None = None,
+        customers: Sequence[str] | None = None,
+        actor: str,
+        reason: str = "",
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> OperationResult:
+        """A percentage rollout (``percent``) or a named cohort (``customers``) to ``stage``."""
+        if (percent is None) == (customers is None):
+            msg = "give a percentage (e.g. 25%) or customers (--customers or --file), not both"
+            raise CutoverInputError(msg)
+        if percent is not None:
+            return await self.rollout_percent(
+                stage, percent, actor=actor, reason=reason, force=force, dry_run=dry_run
+            )
+        return await self.move_customers(
+            list(customers or ()), stage, actor=actor, reason=reason, force=force, dry_run=dry_run
+        )
+
+    async def rollout_percent(
+        self,
+        stage: Stage,
+        percent: float,
+        *,
+        actor: str,
+        reason: str = "",
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> OperationResult:
+        """Raise ``stage``'s percentage rollout to ``percent`` (lowering it needs ``force``)."""
+        if stage not in ROLLOUT_STAGES:
+            msg = f"no percentage rollout to {stage.value}; use shadow, primary or meter"
+            raise CutoverInputError(msg)
+        rollout = await self._store.get_rollout()
+        default = await self._store.get_default()
+        old = rollout.get(stage, 0.0)
+        why = reason_text(f"rollout {stage.value} {percent:g}%", reason)
+        result = OperationResult(operation="rollout", dry_run=dry_run, actor=actor, reason=why)
+        if percent == old:
+            return result.model_copy(
+                update={"unchanged": [f"rollout {stage.value} is already {old:g}%"]}
+            )
+        check_rollout(stage, percent, rollout, default, force=force)
+        change = FlagChange(
+            kind="rollout",
+            customer="*",
+            old=f"{stage.value} {old:g}%",
+            new=f"{stage.value} {percent:g}%",
+        )
+        if not dry_run:
+            await self._store.set_rollout(stage, percent, actor=actor, reason=why)
+        notes = await self._kill_note()
+        return result.model_copy(update={"changes": [change], "notes": notes})
+
+    async def move_customers(
+        self,
+        customers: Sequence[str],
+        stage: Stage,
+        *,
+        actor: str,
+        reason: str = "",
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> OperationResult:
+        """Pin named customers to ``stage`` now (each one stage forward unless ``force``)."""
+        why = reason_text(f"rollout {stage.value} for a cohort of {len(customers)}", reason)
+        plans: list[FlagChange] = []
+        unchanged: list[str] = []
+        problems: list[str] = []
+        for customer in customers:
+            current, snapshot = await self.stage_of(customer)
+            try:
+                check_move(customer, current, stage, force=force)
+            except CutoverInputError as exc:
+                problems.append(str(exc))
+                continue
+            if current is stage and snapshot.override in (None, stage):
+                unchanged.append(f"{customer} is already {stage.value}")
+                continue
+            plans.append(override_change(customer, snapshot, stage, current))
+        refuse(problems)
+        if not dry_run:
+            for change in plans:
+                await self._store.set_override(change.customer, stage, actor=actor, reason=why)
+        return OperationResult(
+            operation="rollout",
+            dry_run=dry_run,
+            actor=actor,
+            reason=why,
+            changes=plans,
+            unchanged=unchanged,
+            notes=await self._kill_note(),
+        )
+
+    # -- cutover ---------------------------------------------------------------------------------
+
+    async def cutover(
+        self,
+        customer: str,
+        stage: Stage,
+        *,
+        at: At,
+        actor: str,
+        reason: str = "",
+        force: bool = False,
+        with_schedule: bool = False,
+        price: str | None = None,
+        dry_run: bool = False,
+    ) -> OperationResult:
+        """Move ``customer`` to ``stage`` at ``at`` (its period end, now, or a Unix time).
+
+        With ``with_schedule`` (``stage`` primary, ``at`` period-end), also create the Stripe
+        subscription schedule moving its legacy item to ``price`` at that same instant.
+        """
+        current, snapshot = await self.stage_of(customer)
+        check_move(customer, current, stage, force=force)
+        if with_schedule and (stage is not Stage.PRIMARY or at != "period-end" or not price):
+            msg = (
+                "--with-schedule moves the item to the meter-backed price at the period end: "
+                "it needs --to primary, --at period-end and --price price_…"
+            )
+            raise CutoverInputError(msg)
+        now = int(self._clock())
+        calls: list[StripeCall] = []
+        stripe = self._stripe() if at == "period-end" else None
+        try:
+            if stripe is not None:
+                period = await stripe.subscription_period(customer)
+                when = period.current_period_end
+                calls.append(
+                    StripeCall(
+                        method="GET",
+                        path="/v1/subscriptions",
+                        params={"customer": customer, "status": "active"},
+                        stripe_version=stripe.stripe_version,
+                        result_id=period.subscription,
+                    )
+                )
+                if with_schedule and price is not None:
+                    await check_schedulable(stripe, period, price)
+                    calls += plan_schedule(
+                        period, price=price, at=when, stripe_version=stripe.stripe_version
+                    )
+            elif at == "now":
+                when = now
+            else:
+                when = int(at)
+                if when < now:
+                    msg = f"--at {when} is in the past (now is {now}); use --at now"
+                    raise CutoverInputError(msg)
+            why = reason_text(f"cutover {customer} to {stage.value} at {when}", reason)
+            changes = cutover_changes(customer, snapshot, current, stage, when, now)
+            if dry_run:
+                return OperationResult(
+                    operation="cutover",
+                    dry_run=True,
+                    actor=actor,
+                    reason=why,
+                    changes=changes,
+                    stripe_calls=calls,
+                    notes=await self._kill_note(),
+                )
+            if stripe is not None and with_schedule and price is not None:
+                made = await stripe.schedule_price_move(period, price=price, at=when)
+                calls = calls[:1] + made
+        finally:
+            if stripe is not None:
+                await stripe.aclose()
+        for change in changes:
+            await self._apply(change, actor=actor, reason=why)
+        return OperationResult(
+            operation="cutover",
+            dry_run=False,
+            actor=actor,
+            reason=why,
+            changes=changes,
+            stripe_calls=calls,
+            notes=await self._kill_note(),
+        )
+
+    # -- rollback --------------------------------------------------------------------------------
+
+    async def rollback(
+        self,
+        customers: Sequence[str],
+        *,
+        to: Stage | None = None,
+        actor: str,
+        reason: str = "",
+        dry_run: bool = False,
+        operation: str = "rollback",
+    ) -> OperationResult:
+        """Pin each customer to ``to`` (default: the stage before its own) and clear its schedule."""
+        why = reason_text(f"{operation} to {to.value if to else 'the previous stage'}", reason)
+        plans: list[FlagChange] = []
+        unchanged: list[str] = []
+        problems: list[str] = []
+        for customer in customers:
+            current, snapshot = await self.stage_of(customer)
+            target = to or previous_stage(current)
+            if target.rank > current.rank:
+                problems.append(
+                    f"{customer} is at {current.value}: {target.value} is forward, not back; "
+                    f"use `dualwrite cutover {customer} --to {target.value}`"
+                )
+                continue
+            planned = plan_rollback(customer, current, snapshot, target)
+            if planned:
+                plans += planned
+            else:
+                unchanged.append(f"{customer} is already {current.value}")
+        refuse(problems)
+        if not dry_run:
+            # The override first: the customer never resolves through its schedule's stage again.
+            for change in sorted(plans, key=lambda c: c.kind != "set_override"):
+                await self._apply(change, actor=actor, reason=why)
+        return OperationResult(
+            operation="rollback",
+            dry_run=dry_run,
+            actor=actor,
+            reason=why,
+            changes=sorted(plans, key=lambda c: c.kind != "set_override"),
+            unchanged=unchanged,
+        )
+
+    async def rollback_all(
+        self, *, to: Stage = Stage.LEGACY, actor: str, reason: str = "", dry_run: bool = False
+    ) -> OperationResult:
+        """Everyone back to ``to`` at most: rollouts beyond it to 0, the default, overrides and
+        schedules beyond it back to it. Customers already at or before ``to`` stay."""
+        why = reason_text(f"rollback --all to {to.value}", reason)
+        changes = plan_rollback_all(
+            to,
+            rollout=await self._store.get_rollout(),
+            default=await self._store.get_default(),
+            overrides=await self._store.overrides(),
+            schedules=await self._store.schedules(),
+            now=self._clock(),
+        )
+        if not dry_run:
+            for change in changes:
+                await self._apply(change, actor=actor, reason=why)
+        return OperationResult(
+            operation="rollback",
+            dry_run=dry_run,
+            actor=actor,
+            reason=why,
+            changes=changes,
+            unchanged=[] if changes else [f"nothing is beyond {to.value}"],
+            notes=await self._kill_note(),
+        )
+
+    async def kill(self, *, actor: str, reason: str, dry_run: bool = False) -> OperationResult:
+        """Turn the kill switch on (every customer legacy at once)."""
+        on = await self._store.get_kill()
+        change = FlagChange(kind="kill", customer="*", old="on" if on else "off", new="on")
+        if not dry_run and not on:
+            await self._store.set_kill(True, actor=actor, reason=reason)
+        return OperationResult(
+            operation="rollback",
+            dry_run=dry_run,
+            actor=actor,
+            reason=reason,
+            changes=[] if on else [change],
+            unchanged=["the kill switch is already on"] if on else [],
+        )
+
+    # -- guard -----------------------------------------------------------------------------------
+
+    def guard(self) -> Guard:
+        """A guard on this Redis with the configured guardrails (``Guard.run`` for a loop)."""
+        ledger = Ledger(
+            self._redis, self._keys, divergence_maxlen=self._settings.ledger.divergence_maxlen
+        )
+        resolver = StageResolver(self._redis, self._keys, self._settings.flags, clock=self._clock)
+        return Guard(
+            self,
+            ledger,
+            resolver,
+            self._settings.guardrails,
+            report=self._settings.report,
+            clock=self._clock,
+        )
+
+    async def guard_once(self, *, dry_run: bool = False) -> GuardResult:
+        """One guard pass: roll back the customers (or the rollout) over the guardrails."""
+        return await self.guard().check(dry_run=dry_run)
+
+    # -- applying --------------------------------------------------------------------------------
+
+    async def _apply(self, change: FlagChange, *, actor: str, reason: str) -> None:
+        store, new = self._store, str(change.new)
+        if change.kind == "set_override":
+            await store.set_override(change.customer, Stage(new), actor=actor, reason=reason)
+        elif change.kind == "remove_override":
+            await store.set_override(change.customer, None, actor=actor, reason=reason)
+        elif change.kind == "schedule":
+            at = int(change.at or 0)
+            await store.schedule(change.customer, Stage(new), at, actor=actor, reason=reason)
+        elif change.kind == "clear_schedule":
+            await store.clear_schedule(change.customer, actor=actor, reason=reason)
+        elif change.kind == "rollout":
+            name, _, percent = new.partition(" ")
+            await store.set_rollout(
+                Stage(name), float(percent.rstrip("%")), actor=actor, reason=reason
+            )
+        elif change.kind == "default":
+            await store.set_default(Stage(new), actor=actor, reason=reason)
+        else:
+            await store.set_kill(new == "on", actor=actor, reason=reason)
+
+    async def _kill_note(self) -> list[str]:
+        if await self._store.get_kill():
+            return ["the kill switch is on: every customer resolves to legacy until it is off"]
+        return []

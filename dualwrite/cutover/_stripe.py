@@ -1,0 +1,361 @@
+"""The cutover's Stripe calls, through the official SDK: a customer's billing period, and the
+subscription schedule that moves its item to the meter-backed price at the period end.
+
+Stripe's migration guide (docs.stripe.com/billing/subscriptions/usage-based-legacy/migration-guide)
+switches each subscription to the new price with a subscription schedule at the end of the billing
+cycle. Here that is two calls: ``POST /v1/subscription_schedules`` with ``from_subscription`` (the
+schedule starts with one phase: the subscription as it is, until its period end), then
+``POST /v1/subscription_schedules/{id}`` with two phases: the current one ending at the period end,
+and the next one, one billing period long, with the legacy item's price replaced by the
+meter-backed one; ``end_behavior=release`` leaves the subscription on the new price afterwards.
+Both calls carry idempotency keys derived from the customer, subscription and instant, and are sent
+at the pinned pre-basil version (the current phase still holds the legacy metered price, which
+basil refuses to attach). ``plan_schedule`` builds the very calls ``--dry-run`` prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, cast
+
+import stripe
+
+from dualwrite.config import StripeSettings
+from dualwrite.cutover._cohorts import CutoverInputError
+from dualwrite.cutover._models import StripeCall
+from dualwrite.exceptions import DualwriteError
+from dualwrite.periods import INTERVALS, Interval, add_interval
+from dualwrite.stripe_io import failure_from_exception
+from dualwrite.stripe_io._http import PooledAIOHTTPClient
+
+__all__ = [
+    "SCHEDULE_PLACEHOLDER",
+    "CutoverStripe",
+    "CutoverStripeError",
+    "PriceInfo",
+    "SubscriptionItemPrice",
+    "SubscriptionPeriod",
+    "check_schedulable",
+    "plan_schedule",
+]
+
+#: How a dry run names the schedule the first call would create.
+SCHEDULE_PLACEHOLDER = "{schedule created by the previous call}"
+_SCHEDULES = "/v1/subscription_schedules"
+
+
+class CutoverStripeError(DualwriteError):
+    """Stripe refused a cutover's read or write (or cannot be reached); the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionItemPrice:
+    """One item of a subscription and its price."""
+
+    item: str
+    price: str
+    legacy_metered: bool
+    metered: bool
+    quantity: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionPeriod:
+    """A customer's subscription and its current billing period, as Stripe reports them."""
+
+    customer: str
+    subscription: str
+    current_period_start: int
+    current_period_end: int
+    interval: Interval
+    interval_count: int
+    schedule: str | None
+    items: tuple[SubscriptionItemPrice, ...]
+
+    @property
+    def legacy_items(self) -> list[SubscriptionItemPrice]:
+        """The items on a legacy metered price (usage records)."""
+        return [item for item in self.items if item.legacy_metered]
+
+
+@dataclass(frozen=True, slots=True)
+class PriceInfo:
+    """What a cutover checks about the meter-backed price."""
+
+    id: str
+    meter: str | None
+    usage_type: str | None
+    interval: str | None
+    interval_count: int
+    product: str | None
+
+
+def _key(kind: str, *parts: object) -> str:
+    digest = hashlib.sha256("|".join(str(part) for part in parts).encode()).hexdigest()[:32]
+    return f"dw-cutover-{kind}-{digest}"
+
+
+def plan_schedule(
+    period: SubscriptionPeriod,
+    *,
+    price: str,
+    at: int,
+    stripe_version: str,
+    schedule: str | None = None,
+    phase_start: int | None = None,
+) -> list[StripeCall]:
+    """The two calls that move ``period``'s legacy item(s) to ``price`` at ``at``.
+
+    ``schedule`` is the created schedule's id (None in a dry run); ``phase_start`` its first
+    phase's start as Stripe returned it (default: the current period's start).
+    """
+    current = [_phase_item(item, item.price) for item in period.items]
+    moved = [
+        _phase_item(item, price if item.legacy_metered else item.price) for item in period.items
+    ]
+    next_end = add_interval(at, period.interval, period.interval_count)
+    create = StripeCall(
+        method="POST",
+        path=_SCHEDULES,
+        params={"from_subscription": period.subscription},
+        stripe_version=stripe_version,
+        idempotency_key=_key("create", period.customer, period.subscription, at),
+    )
+    update = StripeCall(
+        method="POST",
+        path=f"{_SCHEDULES}/{schedule or SCHEDULE_PLACEHOLDER}",
+        params={
+            "end_behavior": "release",
+            "proration_behavior": "none",
+            "phases": [
+                {
+                    "start_date": phase_start or period.current_period_start,
+                    "end_date": at,
+                    "items": current,
+                },
+                {"start_date": at, "end_date": next_end, "items": moved},
+            ],
+            "metadata": {"dualwrite_cutover": f"{period.customer}:{at}"},
+        },
+        stripe_version=stripe_version,
+        idempotency_key=_key("phases", period.customer, period.subscription, at, price),
+    )
+    return [create, update]
+
+
+def _phase_item(item: SubscriptionItemPrice, price: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"price": price}
+    if not item.metered and price == item.price and item.quantity is not None:
+        entry["quantity"] = item.quantity
+    return entry
+
+
+class CutoverStripe:
+    """Stripe reads and writes of a cutover, with the account's key.
+
+    Args:
+        settings: where Stripe is; ``legacy_api_version`` is sent on every call.
+        api_key: the account's secret key (never logged or returned).
+    """
+
+    def __init__(self, settings: StripeSettings, *, api_key: str) -> None:
+        self._version = settings.legacy_api_version
+        self._http = PooledAIOHTTPClient(
+            timeout=settings.timeout,
+            max_connections=4,
+            verify_tls=settings.api_base.startswith("https://"),
+        )
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": settings.api_base},
+            http_client=self._http,
+            max_network_retries=2,
+        )
+
+    @property
+    def stripe_version(self) -> str:
+        """The API version every call is sent at."""
+        return self._version
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.close_async()
+
+    async def __aenter__(self) -> CutoverStripe:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _request(
+        self, method: str, path: str, *, idempotency_key: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        options: dict[str, Any] = {"stripe_version": self._version}
+        if idempotency_key is not None:
+            options["idempotency_key"] = idempotency_key
+        try:
+            response = await self._client.raw_request_async(
+                method.lower(), path, **params, **options
+            )
+        except stripe.StripeError as exc:
+            failure = failure_from_exception(exc)
+            code = failure.code or failure.type
+            msg = f"{method} {path}: Stripe answered {failure.http_status or 'no'} {code}: "
+            raise CutoverStripeError(msg + failure.message) from exc
+        data = response.data
+        return dict(cast(dict[str, Any], data)) if isinstance(data, dict) else {}
+
+    async def subscription_period(self, customer: str) -> SubscriptionPeriod:
+        """The customer's active subscription and its current period.
+
+        Raises:
+            CutoverStripeError: Stripe refused the read, the customer has no active
+                subscription, or several with different period ends.
+        """
+        found: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, Any] = {"customer": customer, "status": "active", "limit": 100}
+            if cursor is not None:
+                params["starting_after"] = cursor
+            page = await self._request("GET", "/v1/subscriptions", **params)
+            data = [dict(entry) for entry in page.get("data") or []]
+            found += data
+            if not page.get("has_more") or not data:
+                break
+            cursor = str(data[-1]["id"])
+        if not found:
+            msg = (
+                f"{customer} has no active subscription in Stripe, so it has no period end; "
+                "give --at now or an ISO time instead"
+            )
+            raise CutoverStripeError(msg)
+        periods = [_period(customer, sub) for sub in found]
+        ends = {period.current_period_end for period in periods}
+        if len(ends) > 1:
+            listed = ", ".join(f"{p.subscription} ends {p.current_period_end}" for p in periods)
+            msg = (
+                f"{customer} has subscriptions ending at different times ({listed}); "
+                "give --at with the instant you want"
+            )
+            raise CutoverStripeError(msg)
+        with_legacy = [period for period in periods if period.legacy_items]
+        return (with_legacy or periods)[0]
+
+    async def price(self, price: str) -> PriceInfo:
+        """A price's meter, usage type and interval.
+
+        Raises:
+            CutoverStripeError: Stripe refused the read (an unknown price, for one).
+        """
+        data = await self._request("GET", f"/v1/prices/{price}")
+        recurring = dict(data.get("recurring") or {})
+        return PriceInfo(
+            id=str(data.get("id", price)),
+            meter=str(recurring["meter"]) if recurring.get("meter") else None,
+            usage_type=str(recurring["usage_type"]) if recurring.get("usage_type") else None,
+            interval=str(recurring["interval"]) if recurring.get("interval") else None,
+            interval_count=int(recurring.get("interval_count") or 1),
+            product=str(data["product"]) if data.get("product") else None,
+        )
+
+    async def schedule_price_move(
+        self, period: SubscriptionPeriod, *, price: str, at: int
+    ) -> list[StripeCall]:
+        """Create the schedule and set its phases; returns the calls made, with result ids.
+
+        Raises:
+            CutoverStripeError: Stripe refused a call; when the second one fails the message
+                names the schedule the first one created.
+        """
+        create, _ = plan_schedule(period, price=price, at=at, stripe_version=self._version)
+        created = await self._request(
+            "POST", create.path, idempotency_key=create.idempotency_key, **create.params
+        )
+        schedule = str(created.get("id", ""))
+        phases = list(created.get("phases") or [])
+        phase_start = int(phases[0]["start_date"]) if phases else None
+        _, update = plan_schedule(
+            period,
+            price=price,
+            at=at,
+            stripe_version=self._version,
+            schedule=schedule,
+            phase_start=phase_start,
+        )
+        try:
+            updated = await self._request(
+                "POST", update.path, idempotency_key=update.idempotency_key, **update.params
+            )
+        except CutoverStripeError as exc:
+            msg = f"{exc} (schedule {schedule} was created; release it or retry the cutover)"
+            raise CutoverStripeError(msg) from exc
+        return [
+            create.model_copy(update={"result_id": schedule}),
+            update.model_copy(update={"result_id": str(updated.get("id", schedule))}),
+        ]
+
+
+def _period(customer: str, sub: dict[str, Any]) -> SubscriptionPeriod:
+    listed = dict(sub.get("items") or {})
+    entries = [dict(entry) for entry in listed.get("data") or []]
+    items: list[SubscriptionItemPrice] = []
+    interval: str = "month"
+    interval_count = 1
+    for entry in entries:
+        price = dict(entry.get("price") or {})
+        recurring = dict(price.get("recurring") or {})
+        metered = recurring.get("usage_type") == "metered"
+        items.append(
+            SubscriptionItemPrice(
+                item=str(entry["id"]),
+                price=str(price.get("id", "")),
+                legacy_metered=metered and not recurring.get("meter"),
+                metered=metered,
+                quantity=int(entry["quantity"]) if entry.get("quantity") is not None else None,
+            )
+        )
+        interval = str(recurring.get("interval") or interval)
+        interval_count = int(recurring.get("interval_count") or interval_count)
+    first = entries[0] if entries else {}
+    start = sub.get("current_period_start", first.get("current_period_start"))
+    end = sub.get("current_period_end", first.get("current_period_end"))
+    if start is None or end is None or interval not in INTERVALS:
+        msg = f"subscription {sub.get('id')} of {customer} shows no current period in Stripe"
+        raise CutoverStripeError(msg)
+    return SubscriptionPeriod(
+        customer=customer,
+        subscription=str(sub["id"]),
+        current_period_start=int(start),
+        current_period_end=int(end),
+        interval=cast(Interval, interval),
+        interval_count=interval_count,
+        schedule=str(sub["schedule"]) if sub.get("schedule") else None,
+        items=tuple(items),
+    )
+
+
+async def check_schedulable(stripe: CutoverStripe, period: SubscriptionPeriod, price: str) -> None:
+    """Refuse a schedule Stripe would refuse or that would move the wrong thing: a subscription
+    that has one already, no legacy item, or a price that is not meter-backed with its interval."""
+    if period.schedule is not None:
+        msg = (
+            f"subscription {period.subscription} already has schedule {period.schedule}; "
+            "add the price change to it, or release it, then cut over without --with-schedule"
+        )
+        raise CutoverInputError(msg)
+    if not period.legacy_items:
+        msg = f"subscription {period.subscription} has no legacy metered item to move"
+        raise CutoverInputError(msg)
+    info = await stripe.price(price)
+    if info.meter is None or info.usage_type != "metered":
+        msg = f"--price {price} is not a meter-backed metered price (recurring[meter] is unset)"
+        raise CutoverInputError(msg)
+    if (info.interval, info.interval_count) != (period.interval, period.interval_count):
+        msg = (
+            f"--price {price} bills every {info.interval_count} {info.interval}, the "
+            f"subscription every {period.interval_count} {period.interval}; use a price with "
+            "the subscription's interval"
+        )
+        raise CutoverInputError(msg)
