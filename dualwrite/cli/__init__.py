@@ -3,18 +3,28 @@
 Every command reads its settings once (``--config`` / ``DUALWRITE_CONFIG`` plus the environment) and
 hands them to the library; the commands themselves only parse arguments and print. One module per
 group of commands: ``_flags`` (stages), ``_report``, ``_reconcile``, ``_ops`` (worker, dead
-letters), ``_serve`` (serve, demo, the stand-in).
+letters), ``_serve`` (serve, demo, the stand-in), ``_meters`` (meters plan|apply),
+``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard).
 """
 
 from __future__ import annotations
 
-from dualwrite.cli import _flags, _ops, _reconcile, _report, _serve
+from dualwrite.cli import (
+    _backfill,
+    _cutover,
+    _flags,
+    _meters,
+    _ops,
+    _reconcile,
+    _report,
+    _serve,
+)
 from dualwrite.cli._common import app
 
 __all__ = ["app", "main"]
 
 # Imported for the commands they register on ``app``.
-_COMMANDS = (_flags, _ops, _reconcile, _report, _serve)
+_COMMANDS = (_backfill, _cutover, _flags, _meters, _ops, _reconcile, _report, _serve)
 
 
 def main() -> None:
