@@ -18,6 +18,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from dualwrite import metrics
 from dualwrite.commit import Commit, CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
@@ -112,7 +113,10 @@ class DualWriteEngine:
         self.periods = PeriodResolver(redis, self.keys, self._item_periods, clock=clock)
         self.spool: Spool | None = None
         if settings.outbox.spool:
-            self.spool = Spool(settings.outbox.spool_dir or default_spool_dir())
+            self.spool = Spool(
+                settings.outbox.spool_dir or default_spool_dir(),
+                max_bytes=settings.outbox.spool_max_bytes,
+            )
         self.worker: OutboxWorker | None = None
         self._clock = clock
         self._owns_resources = False
@@ -247,6 +251,8 @@ class DualWriteEngine:
         plan = plan_for(stage)
         self._check_writable(event, stage, plan)
         shard = self.keys.for_customer(event.customer)
+        if self.spool is not None and self.spool.full():
+            return self._held_back(event, stage, plan)
         claim = await self._claim(shard, event)
         if claim.state == "done" and claim.outcome is not None:
             return claim.outcome.model_copy(update={"replayed": True})
@@ -264,10 +270,12 @@ class DualWriteEngine:
             event = claim.event  # a retry writes the event as first intercepted (same "now")
         effective = event.quantity - claim.previous_set if event.action == "set" else event.quantity
         translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
+        started = time.perf_counter()
         if legacy_write is not None and plan.authoritative is Leg.LEGACY:
             result = await legacy_write(event)
         else:
             result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
+        metrics.count_authoritative(result, stage, started)
         if not result.accepted:
             await self._note_refusal(shard, event, result, api_key)
             return RecordOutcome(
@@ -289,6 +297,32 @@ class DualWriteEngine:
         period = await self._period(event, api_key)
         commit = self._build_commit(shard, outcome, plan, effective, period)
         return await self._commit(commit, outcome, period)
+
+    def _held_back(self, event: UsageEvent, stage: Stage, plan: StagePlan) -> RecordOutcome:
+        """Back-pressure: the spool is full (Redis has been away a long time), so nothing more is
+        written until it drains; the caller gets a retryable 503 and retries later."""
+        log.error(
+            "usage %s refused (retryable): Redis is unavailable and the spool holds "
+            "spool_max_bytes already",
+            event.identifier,
+        )
+        failure = StripeFailure(
+            http_status=503,
+            type="api_error",
+            message="Usage cannot be recorded right now; retry later with the same Idempotency-Key.",
+            retryable=True,
+            retry_after=self.settings.outbox.spool_replay_seconds,
+        )
+        result = WriteResult(
+            leg=plan.authoritative, accepted=False, http_status=503, failure=failure
+        )
+        return RecordOutcome(
+            event=event,
+            stage=stage,
+            authoritative=result,
+            shadow_leg=plan.shadow,
+            shadow_status="skipped" if plan.shadow else "not_applicable",
+        )
 
     async def _write_authoritative(
         self, leg: Leg, event: UsageEvent, value: int, api_key: str | None
@@ -468,6 +502,7 @@ class DualWriteEngine:
 
     @staticmethod
     def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str, str]:
+        metrics.count_translation()
         auth = LegView.of(outcome.authoritative)
         pending = LegView(status="pending") if outcome.shadow_leg else LegView(status="not_written")
         legacy, meter = (

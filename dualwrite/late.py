@@ -24,12 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from dualwrite import metrics
 from dualwrite.config import Settings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields
 from dualwrite.models import Stage, UsageEvent
 from dualwrite.redis_client import as_int, as_str, store_errors
+from dualwrite.rollups import ROLLUP_LUA
 from dualwrite.stripe_io import (
     EventFetchError,
     EventSignatureError,
@@ -42,20 +44,25 @@ __all__ = ["LateRefusalResult", "LateRefusals", "TrackedMeterEvent"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: marker, ledger hash, ledger index, divergence; ARGV: marker ttl, index member, index score,
-# divergence maxlen, then a count and name/amount pairs, then a count and name/value pairs
-_MARK = """
+# KEYS: marker, ledger hash, ledger index, divergence, rollup, rollup index; ARGV: marker ttl,
+# index member, index score, divergence maxlen, then a count and name/amount pairs, then a count and
+# name/value pairs
+_MARK = (
+    ROLLUP_LUA
+    + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2 end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+ledger_rollup(KEYS[2], ARGV[2], ARGV[3], KEYS[5], KEYS[6])
 local d = tonumber(ARGV[i]); i = i + 1
 local fields = {}
 for _ = 1, d do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1]; i = i + 2 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 return 1
 """
+)
 
 
 class TrackedMeterEvent(BaseModel):
@@ -184,10 +191,14 @@ class LateRefusals:
             update.key,
             shard.ledger_index,
             shard.divergence,
+            *update.rollup_keys,
         ]
         async with store_errors("marking a late refusal"):
             done = as_int(await self._mark(keys=keys, args=args))
-        return "marked" if done == 1 else "repeated"
+        if done != 1:
+            return "repeated"
+        metrics.count_late_refusal()
+        return "marked"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The receiving endpoint: ``POST`` a pushed event; 400 on a bad signature, 502 when the

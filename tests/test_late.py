@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
+from dualwrite.metrics import REGISTRY
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import Stage
 from dualwrite.testing import StripeStandin, serve_app
@@ -103,6 +104,25 @@ class TestErrorReports:
         )
         assert (result.marked, result.repeated) == (0, 1)
         assert (await meter_row(engine, shadow.customer))["meter_late_refused_qty"] == 7
+
+    async def test_late_refusal_counts_as_divergence(self, engine, shadow, receiver, standin):
+        """Each newly marked sample adds one to dualwrite_divergences_total{kind="late_refusal"};
+        the same report delivered again adds nothing."""
+
+        def counted() -> float:
+            labels = {"kind": "late_refusal"}
+            return REGISTRY.get_sample_value("dualwrite_divergences_total", labels) or 0.0
+
+        before = counted()
+        for identifier in ("late-0", "late-2"):
+            standin.refuse_later(usage(shadow, 1, identifier=identifier).meter_identifier)
+        [event] = await anyio.to_thread.run_sync(standin.report_meter_errors)
+        assert counted() - before == 2
+        payload = json.dumps(render_thin_event(event))
+        result = await engine.late.handle(
+            payload.encode(), signature_header(payload, SECRET, int(time.time()))
+        )
+        assert result.repeated == 2 and counted() - before == 2
 
     async def test_bad_signature_is_refused(self, receiver, engine, shadow):
         """A forged event gets 400 and marks nothing."""

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Literal
 
 import typer
 from pydantic import TypeAdapter
 from rich.table import Table
 
-from dualwrite.cli._common import app, console, format_when, load_settings, run_async
+from dualwrite.cli._common import (
+    app,
+    console,
+    err_console,
+    format_when,
+    load_settings,
+    run_async,
+)
 from dualwrite.deadletters import DeadLetter, DeadLetters
+from dualwrite.exceptions import DualwriteError
 from dualwrite.keys import KeySpace
 from dualwrite.redis_client import open_redis
 
@@ -34,21 +43,39 @@ def worker(
     name: Annotated[
         str | None, typer.Option(help="Consumer name (default: host-pid-random).")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Serve Prometheus /metrics on this port."),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port.")] = "127.0.0.1",
 ) -> None:
     """Deliver shadow writes from the outbox until stopped (SIGTERM/SIGINT finish the batch in hand).
 
     Run as many as you like, on any machine: they share Redis and claim what dead workers left.
     """
+    from dualwrite.logging import configure_logging
+    from dualwrite.metrics import serve_metrics
     from dualwrite.worker import run_worker
 
     settings = load_settings(ctx)
+    configure_logging(settings.log_format)
 
     def ready(consumer: str) -> None:
         console.print(
             f"worker {consumer} delivering from {settings.redis.key_prefix} (Ctrl-C stops)"
         )
 
-    counts = run_async(run_worker(settings, consumer=name, on_ready=ready))
+    with contextlib.ExitStack() as stack:
+        if metrics_port is not None:
+            try:
+                port = stack.enter_context(
+                    serve_metrics(settings, host=metrics_host, port=metrics_port)
+                )
+            except DualwriteError as exc:
+                err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+                raise typer.Exit(1) from None
+            console.print(f"metrics on http://{metrics_host}:{port}/metrics", highlight=False)
+        counts = run_async(run_worker(settings, consumer=name, on_ready=ready))
     console.print(
         "stopped: "
         + ", ".join(f"{count} {what}" for what, count in counts.items())

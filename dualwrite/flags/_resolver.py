@@ -22,6 +22,7 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from dualwrite import metrics
 from dualwrite.config import FlagSettings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.flags._codec import Throttle
@@ -30,7 +31,7 @@ from dualwrite.flags._resolution import resolve_snapshot, stage_only
 from dualwrite.flags._store import GLOBAL, RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
-from dualwrite.redis_client import as_str
+from dualwrite.redis_client import as_str, open_pubsub
 
 __all__ = ["ResolverStats", "StageResolver"]
 
@@ -120,6 +121,7 @@ class StageResolver:
         )
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        metrics.track_resolver(self)
 
     @property
     def stats(self) -> ResolverStats:
@@ -272,9 +274,10 @@ class StageResolver:
     async def _listen(self) -> None:
         delay = _BACKOFF_MIN
         while True:
-            pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: Any = None
             connection: Any = None
             try:
+                pubsub = await open_pubsub(self._redis)
                 await pubsub.subscribe(self._channel)
                 connection = pubsub.connection
                 if connection is not None:
@@ -299,8 +302,9 @@ class StageResolver:
             finally:
                 if connection is not None:
                     connection.deregister_connect_callback(self._on_reconnect)
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, _BACKOFF_MAX)
 

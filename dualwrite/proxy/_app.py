@@ -1,10 +1,12 @@
 """``ProxyApp``: the ASGI app behind ``dualwrite serve``, a drop-in Stripe API endpoint.
 
 Routing is one string test per request: ``POST /v1/subscription_items/{si}/usage_records`` goes to
-the interceptor, ``/_dualwrite/health`` is answered here, the rest of ``/_dualwrite/`` is the report
-page (``dualwrite.web``, behind its own bearer token), and everything else is streamed to the
-upstream untouched. The lifespan starts the engine (and with it the outbox worker) and stops it at
-shutdown, when the worker finishes its batch and leaves anything unfinished pending for another.
+the interceptor, ``/_dualwrite/health`` is answered here, ``/_dualwrite/admin/`` is the admin API
+(``dualwrite.admin``), ``/metrics`` the Prometheus metrics (``dualwrite.metrics``), the rest of
+``/_dualwrite/`` is the report page (``dualwrite.web``; each behind its own bearer token), and
+everything else is streamed to the upstream untouched. The lifespan starts the engine (and with
+it the outbox worker) and stops it at shutdown, when the worker finishes its batch and leaves
+anything unfinished pending for another.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import httpx
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
+from dualwrite.admin import admin_app
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.metrics import metrics_app
 from dualwrite.middleware import stripe_error
 from dualwrite.proxy._items import ItemResolver
 from dualwrite.proxy._upstream import Upstream, request_target
@@ -44,6 +48,10 @@ RESERVED_PREFIX = "/_dualwrite/"
 HEALTH_PATH = "/_dualwrite/health"
 #: Where the report page is mounted (everything under the prefix but health and the webhook path).
 REPORT_ROOT = "/_dualwrite"
+#: Where the admin API is mounted (``dualwrite.admin``, behind its own bearer token).
+ADMIN_ROOT = "/_dualwrite/admin"
+#: Prometheus metrics (``dualwrite.metrics``); Stripe's API has no such path.
+METRICS_PATH = "/metrics"
 #: The largest request body forwarded (Stripe's API bodies are small; files go to files.stripe.com).
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: The largest usage-record body read for interception (a real one is a few dozen bytes).
@@ -95,6 +103,8 @@ class ProxyApp:
             clock=clock,
         )
         self.report = report_app(settings, engine=self.engine)
+        self.admin = admin_app(settings, engine=self.engine)
+        self.metrics = metrics_app(settings, engine=self.engine)
         self._owns_engine = engine is None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +133,9 @@ class ProxyApp:
             await self._ensure_started()
             await self.engine.late(scope, receive, send)
             return
+        if path == METRICS_PATH:
+            await self.metrics(scope, receive, send)
+            return
         if path.startswith(RESERVED_PREFIX) or path == REPORT_ROOT:
             await self._own_endpoint(path, scope, receive, send)
             return
@@ -131,6 +144,9 @@ class ProxyApp:
         )
 
     async def _own_endpoint(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if path == ADMIN_ROOT or path.startswith(f"{ADMIN_ROOT}/"):
+            await self.admin({**scope, "path": path, "root_path": ADMIN_ROOT}, receive, send)
+            return
         if path != HEALTH_PATH:
             # The report page, mounted as Starlette's Mount would: full path, root_path the prefix.
             report_scope = {**scope, "path": path, "root_path": REPORT_ROOT}

@@ -18,6 +18,7 @@ import uvicorn
 
 from dualwrite.config import Settings
 from dualwrite.exceptions import DualwriteError
+from dualwrite.logging import LogFormat, log_config
 from dualwrite.proxy._app import DEFAULT_MAX_BODY_BYTES, ProxyApp
 from dualwrite.threaded import serve_in_thread
 
@@ -45,8 +46,11 @@ class RunningProxy:
         return f"http://{host}:{self.port}"
 
 
-def _log_config() -> dict[str, Any]:
-    """uvicorn's logging, with dualwrite's own warnings printed the same way."""
+def _log_config(log_format: LogFormat = "text") -> dict[str, Any]:
+    """uvicorn's logging, with dualwrite's own warnings printed the same way (``json``: every
+    line a JSON object, ``dualwrite.logging``)."""
+    if log_format == "json":
+        return log_config("json")
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["loggers"]["dualwrite"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     return config
@@ -81,7 +85,7 @@ def _config(
         date_header=False,
         log_level="warning" if quiet else "info",
         # Tests must not have uvicorn reconfigure the process's logging.
-        log_config=None if quiet else _log_config(),
+        log_config=None if quiet else _log_config(settings.log_format),
         timeout_graceful_shutdown=int(graceful_seconds),
     )
 

@@ -1,0 +1,70 @@
+"""Prometheus metrics: what dualwrite counts, and ``/metrics`` to read them.
+
+All metrics live in ``REGISTRY``, a ``CollectorRegistry`` of dualwrite's own (not
+``prometheus_client``'s global one, so that they never collide with an app's own metrics), and
+count for the whole process: every engine, worker and resolver in it adds to the same series.
+
+Counted where it happens (hooks in the engine, the outbox worker and the rate limits; each is one
+call on a pre-bound labelled child):
+
+* ``dualwrite_writes_total{path,stage,role,result}``: Stripe writes by leg (``legacy``/``meter``),
+  the customer's stage, ``authoritative`` or ``shadow``, and ``accepted``, ``refused`` or
+  ``failed`` (retryable: network, 409, 429, 5xx);
+* ``dualwrite_authoritative_write_seconds{path}``: how long the authoritative write took
+  (in-request retries included); ``dualwrite_shadow_lag_seconds{path}``: from enqueue to settled;
+* ``dualwrite_divergences_total{kind}`` (``translated``, ``shadow_refused``, ``shadow_expired``,
+  ``late_refusal``) and ``dualwrite_dead_letters_total{path,reason}``;
+* ``dualwrite_rate_limit_waits_total{limit}``, ``dualwrite_rate_limit_wait_seconds{limit}`` and
+  ``dualwrite_rate_limit_held_back_total{limit}``.
+
+Read at scrape time, costing the request path nothing:
+
+* ``dualwrite_stage_cache_{hits,misses,safe_fallbacks,invalidations}_total``: summed over the
+  process's live ``StageResolver``s (their own counters);
+* ``dualwrite_outbox_entries{state}``, ``dualwrite_outbox_oldest_age_seconds``,
+  ``dualwrite_divergence_log_entries`` and ``dualwrite_redis_up``: read from Redis (async, bounded
+  by ``SAMPLE_TIMEOUT``) by the ``/metrics`` endpoint just before it answers.
+
+``MetricsApp`` is the endpoint: ``dualwrite serve`` answers ``/metrics`` with it, ``dualwrite worker
+--metrics-port`` serves it, and any ASGI app can mount it (``metrics_app(settings)``). With
+``DUALWRITE_METRICS_TOKEN`` set it asks for ``Authorization: Bearer <token>``.
+
+Modules: ``_hooks`` (the registry, the definitions, the hooks), ``_endpoint`` (the app, the
+sampler, the worker's server).
+"""
+
+from __future__ import annotations
+
+from dualwrite.metrics._endpoint import (
+    SAMPLE_TIMEOUT,
+    MetricsApp,
+    OutboxSampler,
+    metrics_app,
+    serve_metrics,
+)
+from dualwrite.metrics._hooks import (
+    REGISTRY,
+    count_authoritative,
+    count_dead,
+    count_late_refusal,
+    count_rate_limit,
+    count_shadow,
+    count_translation,
+    track_resolver,
+)
+
+__all__ = [
+    "REGISTRY",
+    "SAMPLE_TIMEOUT",
+    "MetricsApp",
+    "OutboxSampler",
+    "count_authoritative",
+    "count_dead",
+    "count_late_refusal",
+    "count_rate_limit",
+    "count_shadow",
+    "count_translation",
+    "metrics_app",
+    "serve_metrics",
+    "track_resolver",
+]

@@ -1,0 +1,209 @@
+"""The metric definitions, dualwrite's registry, and the hooks the engine, the outbox worker, the
+rate limits and the stage resolver call (see ``dualwrite.metrics``)."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Iterable
+from itertools import product
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dualwrite.models import Leg, Stage, WriteResult
+
+if TYPE_CHECKING:
+    from dualwrite.flags import StageResolver
+    from dualwrite.outbox import OutboxEntry
+
+__all__ = [
+    "REGISTRY",
+    "count_authoritative",
+    "count_dead",
+    "count_late_refusal",
+    "count_rate_limit",
+    "count_shadow",
+    "count_translation",
+    "track_resolver",
+]
+
+
+#: dualwrite's registry (see the module docstring for why not the global one).
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_RESULTS = ("accepted", "refused", "failed")
+_LIMITS = ("legacy", "meter", "stream", "reads", "meter_turn")
+_DEAD_REASONS = ("refused", "expired", "retired")
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0)
+
+_writes = Counter(
+    "dualwrite_writes",
+    "Stripe writes by leg (path), the customer's stage, role and result.",
+    ["path", "stage", "role", "result"],
+    registry=REGISTRY,
+)
+_write_seconds = Histogram(
+    "dualwrite_authoritative_write_seconds",
+    "Time of the authoritative write, in-request retries included.",
+    ["path"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+_shadow_lag = Histogram(
+    "dualwrite_shadow_lag_seconds",
+    "Time from a shadow write's enqueue to Stripe's answer that settles it.",
+    ["path"],
+    buckets=_LAG_BUCKETS,
+    registry=REGISTRY,
+)
+_divergences = Counter(
+    "dualwrite_divergences",
+    "Events whose legs disagree, by kind, as logged by this process.",
+    ["kind"],
+    registry=REGISTRY,
+)
+_dead = Counter(
+    "dualwrite_dead_letters",
+    "Shadow writes dead-lettered by this process, by leg and reason.",
+    ["path", "reason"],
+    registry=REGISTRY,
+)
+_waits = Counter(
+    "dualwrite_rate_limit_waits",
+    "Writes that waited for a shared Stripe rate limit (or meter turn).",
+    ["limit"],
+    registry=REGISTRY,
+)
+_wait_seconds = Histogram(
+    "dualwrite_rate_limit_wait_seconds",
+    "How long writes waited for a shared Stripe rate limit (or meter turn).",
+    ["limit"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+_held_back = Counter(
+    "dualwrite_rate_limit_held_back",
+    "Writes refused locally because their turn did not come within the allowed wait.",
+    ["limit"],
+    registry=REGISTRY,
+)
+
+# Every labelled child is bound once, here: a hook is a dict lookup and an increment.
+_WRITES = {
+    (leg, stage, role, result): _writes.labels(leg.value, stage.value, role, result)
+    for leg, stage, role, result in product(Leg, Stage, ("authoritative", "shadow"), _RESULTS)
+}
+_WRITE_SECONDS = {leg: _write_seconds.labels(leg.value) for leg in Leg}
+_SHADOW_LAG = {leg: _shadow_lag.labels(leg.value) for leg in Leg}
+_TRANSLATED = _divergences.labels("translated")
+_LATE_REFUSED = _divergences.labels("late_refusal")
+_DIVERGENCE_OF_DEAD = {
+    "refused": _divergences.labels("shadow_refused"),
+    "expired": _divergences.labels("shadow_expired"),
+}
+_DEAD = {(leg, reason): _dead.labels(leg.value, reason) for leg in Leg for reason in _DEAD_REASONS}
+_WAITS = {limit: _waits.labels(limit) for limit in _LIMITS}
+_WAIT_SECONDS = {limit: _wait_seconds.labels(limit) for limit in _LIMITS}
+_HELD_BACK = {limit: _held_back.labels(limit) for limit in _LIMITS}
+
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    # The same collectors as the global registry's: CPU, memory, file descriptors, GC.
+    REGISTRY.register(_collector)
+
+
+def _result(result: WriteResult) -> str:
+    if result.accepted:
+        return "accepted"
+    failure = result.failure
+    return "failed" if failure is not None and failure.retryable else "refused"
+
+
+# -- hooks ---------------------------------------------------------------------------------------
+
+
+def count_authoritative(result: WriteResult, stage: Stage, started: float) -> None:
+    """Count an authoritative write and its duration since ``started`` (``time.perf_counter``)."""
+    _WRITES[result.leg, stage, "authoritative", _result(result)].inc()
+    _WRITE_SECONDS[result.leg].observe(time.perf_counter() - started)
+
+
+def count_shadow(entry: OutboxEntry, result: WriteResult, now: float) -> None:
+    """Count a shadow write's answer, and its lag from enqueue (``now``: the worker's clock)."""
+    _WRITES[entry.leg, entry.stage, "shadow", _result(result)].inc()
+    if result.accepted:
+        _SHADOW_LAG[entry.leg].observe(max(0.0, now - entry.enqueued_at))
+
+
+def count_dead(leg: Leg, reason: str) -> None:
+    """Count a dead-lettered shadow write (and its divergence, unless the leg was retired)."""
+    child = _DEAD.get((leg, reason))
+    if child is not None:
+        child.inc()
+    divergence = _DIVERGENCE_OF_DEAD.get(reason)
+    if divergence is not None:
+        divergence.inc()
+
+
+def count_translation() -> None:
+    """Count a legacy ``set`` translated for a meter (logged as divergence)."""
+    _TRANSLATED.inc()
+
+
+def count_late_refusal() -> None:
+    """Count a meter event Stripe refused after accepting it (logged as divergence)."""
+    _LATE_REFUSED.inc()
+
+
+def count_rate_limit(limit: str, waited: float, held_back: bool) -> None:
+    """Count a wait of ``waited`` seconds for ``limit``, or a write held back."""
+    if held_back:
+        child = _HELD_BACK.get(limit)
+        if child is not None:
+            child.inc()
+        return
+    waits, seconds = _WAITS.get(limit), _WAIT_SECONDS.get(limit)
+    if waits is not None and seconds is not None:
+        waits.inc()
+        seconds.observe(waited)
+
+
+# -- resolvers (read at scrape time) -------------------------------------------------------------
+
+_resolvers: weakref.WeakSet[StageResolver] = weakref.WeakSet()
+
+
+def track_resolver(resolver: StageResolver) -> None:
+    """Report ``resolver``'s cache counters while it lives (its ``stats``, read at scrape time)."""
+    _resolvers.add(resolver)
+
+
+class _ResolverCollector(Collector):
+    """The stage cache counters, summed over the process's live resolvers."""
+
+    _FIELDS = (
+        ("hits", "Stage resolutions answered from the local cache."),
+        ("misses", "Stage lookups that went to Redis (failed ones included)."),
+        ("safe_fallbacks", "Stage resolutions answered with the safe stage (Redis failed)."),
+        ("invalidations", "Stage cache invalidations (flag changes, reconnects)."),
+    )
+
+    def collect(self) -> Iterable[Metric]:
+        stats = [resolver.stats for resolver in list(_resolvers)]
+        for field, documentation in self._FIELDS:
+            family = CounterMetricFamily(f"dualwrite_stage_cache_{field}", documentation)
+            family.add_metric([], sum(getattr(item, field) for item in stats))
+            yield family
+
+
+REGISTRY.register(_ResolverCollector())
