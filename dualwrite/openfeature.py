@@ -146,10 +146,9 @@ class DualwriteProvider(AbstractProvider):
         self, flag_key: str, default: str, context: EvaluationContext | None
     ) -> str | FlagResolutionDetails[str]:
         """The customer to resolve, or the error to answer."""
-        if flag_key != self.flag_key:
-            return _error(
-                default, ErrorCode.FLAG_NOT_FOUND, f"dualwrite knows only {self.flag_key}"
-            )
+        unknown = self._unknown_flag(flag_key, default)
+        if unknown is not None:
+            return unknown
         customer = context.targeting_key if context is not None else None
         if not customer:
             return _error(
@@ -197,12 +196,16 @@ class DualwriteProvider(AbstractProvider):
 
     # -- other types: the stage is a string ----------------------------------------------------
 
+    def _unknown_flag(self, flag_key: str, default: T) -> FlagResolutionDetails[T] | None:
+        """``FLAG_NOT_FOUND`` for any key but the stage flag's, else None."""
+        if flag_key == self.flag_key:
+            return None
+        return _error(default, ErrorCode.FLAG_NOT_FOUND, f"dualwrite knows only {self.flag_key}")
+
     def _not_a_string(self, flag_key: str, default: T) -> FlagResolutionDetails[T]:
-        if flag_key != self.flag_key:
-            return _error(
-                default, ErrorCode.FLAG_NOT_FOUND, f"dualwrite knows only {self.flag_key}"
-            )
-        return _error(default, ErrorCode.TYPE_MISMATCH, f"{self.flag_key} is a string flag")
+        return self._unknown_flag(flag_key, default) or _error(
+            default, ErrorCode.TYPE_MISMATCH, f"{self.flag_key} is a string flag"
+        )
 
     def resolve_boolean_details(
         self,

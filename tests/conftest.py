@@ -8,8 +8,9 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,7 +20,12 @@ from dualwrite.config import DEFAULT_REDIS_URL, Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
 from tests.cluster_support import LocalCluster
-from tests.support import make_settings
+from tests.support import STRIPE_KEY, ScenarioBuilder, make_settings
+
+__all__ = ["STRIPE_KEY", "SettingsFactory"]
+
+#: ``standin_settings``: this test's settings with the given sections (``make_settings``).
+SettingsFactory = Callable[..., Settings]
 
 REDIS_URL = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
 START_REDIS_HINT = (
@@ -27,6 +33,14 @@ START_REDIS_HINT = (
     "  redis-server --daemonize yes --port 6379 --save '' --appendonly no\n"
     "or run `bash .ci/run`, which starts one when none answers."
 )
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No dualwrite, Redis or Stripe variable of the caller's shell reaches the test."""
+    for name in list(os.environ):
+        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)
@@ -93,8 +107,6 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 # ------------------------------------------------------------------------------ Stripe stand-in
 
-STRIPE_KEY = "sk_test_dualwriteTests0000000000000001"
-
 
 @pytest.fixture(scope="session")
 def standin_server() -> Iterator[RunningStandin]:
@@ -118,11 +130,32 @@ def standin_url(standin_server: RunningStandin, standin: StripeStandin) -> str:
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+def standin_settings(redis_url: str, key_prefix: str, standin_url: str) -> SettingsFactory:
+    """Makes this test's settings (its key prefix, the stand-in and its key) with more sections."""
+
+    def make(**sections: Any) -> Settings:
+        return make_settings(
+            redis_url=redis_url,
+            prefix=key_prefix,
+            api_base=standin_url,
+            api_key=STRIPE_KEY,
+            **sections,
+        )
+
+    return make
+
+
+@pytest.fixture
+def settings(standin_settings: SettingsFactory) -> Settings:
     """This test's settings: its own key prefix, the stand-in, fast retries (modules override it)."""
-    return make_settings(
-        redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
-    )
+    return standin_settings()
+
+
+@pytest.fixture
+async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
+    """Creates customers with legacy subscriptions on the stand-in through the SDK."""
+    async with ScenarioBuilder(standin_url, STRIPE_KEY) as made:
+        yield made
 
 
 @pytest.fixture

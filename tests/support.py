@@ -1,21 +1,29 @@
-"""Helpers shared by the test modules: settings for a test, and a Stripe scenario built through the SDK."""
+"""Helpers shared by the test modules: settings for a test, a Stripe scenario built through the SDK,
+stand-in faults, the operations audit, and the environment of a CLI run."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import stripe
 from pydantic import SecretStr
 
-from dualwrite.config import MeterMapping, Settings, UsageRoute
+from dualwrite.config import MeterMapping, RedisSettings, Settings, UsageRoute
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore
+from dualwrite.keys import KeySpace
+from dualwrite.migrate import OpsAudit, OpsAuditEntry
 from dualwrite.models import Stage, UsageEvent
+from dualwrite.redis_client import open_redis
+from dualwrite.testing import StripeStandin
 
 LEGACY_VERSION = "2025-02-24.acacia"
 EVENT_NAME = "api_requests"
+#: The key the stand-in accepts (``tests/conftest.py`` re-exports it).
+STRIPE_KEY = "sk_test_dualwriteTests0000000000000001"
 
 
 def make_settings(
@@ -44,6 +52,66 @@ def make_settings(
     return Settings(**data)
 
 
+def unreachable_redis_settings(prefix: str) -> Settings:
+    """Settings whose Redis (with a password in its URL) never answers, quickly; no Stripe."""
+    return make_settings(
+        redis_url="redis://:s3cret@127.0.0.1:1/0",
+        prefix=prefix,
+        api_base="http://127.0.0.1:9",
+        api_key=None,
+        redis={"connect_timeout": 0.2, "socket_timeout": 0.2},
+    )
+
+
+def cli_environment(
+    redis_url: str, key_prefix: str, standin_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a ``dualwrite`` run on the test's Redis prefix and the stand-in."""
+    return {
+        "DUALWRITE_REDIS__URL": redis_url,
+        "DUALWRITE_REDIS__KEY_PREFIX": key_prefix,
+        "DUALWRITE_STRIPE__API_BASE": standin_url,
+        "STRIPE_API_KEY": STRIPE_KEY,
+        "COLUMNS": "250",
+        **extra,
+    }
+
+
+def audit_entries(redis_url: str, key_prefix: str) -> list[OpsAuditEntry]:
+    """The operations audit stream, oldest first."""
+
+    async def read() -> list[OpsAuditEntry]:
+        client = open_redis(RedisSettings(url=redis_url, key_prefix=key_prefix))
+        try:
+            return await OpsAudit(client, KeySpace(key_prefix)).entries()
+        finally:
+            await client.aclose()
+
+    return list(reversed(asyncio.run(read())))
+
+
+def refuse_meter_event(standin: StripeStandin, customer: str, value: int) -> None:
+    """The stand-in refuses (400, for good) the customer's meter events of ``value``."""
+    standin.faults.refuse(
+        path=r"/v1/billing/meter_events",
+        where={"payload[stripe_customer_id]": customer, "payload[value]": str(value)},
+        status=400,
+        code="parameter_invalid",
+        message="refused by the test",
+    )
+
+
+def refuse_usage_record_once(standin: StripeStandin, item: str) -> None:
+    """The stand-in refuses the item's next usage record (400: an authoritative refusal)."""
+    standin.faults.refuse(
+        path=rf"/v1/subscription_items/{item}/usage_records",
+        status=400,
+        code="parameter_invalid",
+        message="authoritative refusal",
+        count=1,
+    )
+
+
 @dataclass
 class Scenario:
     """Stripe objects for one customer on a legacy metered price."""
@@ -69,6 +137,12 @@ class ScenarioBuilder:
     async def aclose(self) -> None:
         """Close the SDK's connections."""
         await self.http.close_async()  # type: ignore[no-untyped-call]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def _catalog(self) -> tuple[str, str, str]:
         if self._prices is None:
@@ -118,6 +192,15 @@ class ScenarioBuilder:
         )
         item = subscription["items"]["data"][0]["id"]
         return Scenario(customer.id, subscription.id, item, legacy, metered, meter)
+
+    async def legacy_usage(self, item: str, quantity: int) -> None:
+        """Report usage on the item straight to Stripe's legacy endpoint (not through dualwrite)."""
+        await self.client.raw_request_async(
+            "post",
+            f"/v1/subscription_items/{item}/usage_records",
+            quantity=quantity,
+            stripe_version=LEGACY_VERSION,
+        )
 
     async def move_to_meter_price(self, scenario: Scenario) -> None:
         """Move the item to the meter-backed price (what a cutover does at the period boundary)."""

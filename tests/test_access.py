@@ -20,7 +20,7 @@ import dualwrite.web._auth
 from dualwrite.config import Settings
 from dualwrite.proxy import RunningProxy, create_proxy_app, serve_proxy
 from dualwrite.testing import StripeStandin
-from tests.conftest import STRIPE_KEY
+from tests.conftest import STRIPE_KEY, SettingsFactory
 from tests.support import make_settings
 
 pytestmark = pytest.mark.anyio
@@ -31,16 +31,12 @@ METRICS_TOKEN = "metrics-token-0123456789abcdef"
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+def settings(standin_settings: SettingsFactory) -> Settings:
     """Proxy settings with all three tokens configured."""
-    return make_settings(
-        redis_url=redis_url,
-        prefix=key_prefix,
-        api_base=standin_url,
-        api_key=STRIPE_KEY,
-        DUALWRITE_REPORT_TOKEN=SecretStr(REPORT_TOKEN),  # type: ignore[arg-type]
-        DUALWRITE_ADMIN_TOKEN=SecretStr(ADMIN_TOKEN),  # type: ignore[arg-type]
-        DUALWRITE_METRICS_TOKEN=SecretStr(METRICS_TOKEN),  # type: ignore[arg-type]
+    return standin_settings(
+        DUALWRITE_REPORT_TOKEN=SecretStr(REPORT_TOKEN),
+        DUALWRITE_ADMIN_TOKEN=SecretStr(ADMIN_TOKEN),
+        DUALWRITE_METRICS_TOKEN=SecretStr(METRICS_TOKEN),
     )
 
 

@@ -22,7 +22,7 @@ from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError
 from dualwrite.keys import KeySpace
 from dualwrite.proxy import ProxyApp
-from tests.support import make_settings
+from tests.support import make_settings, unreachable_redis_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -345,13 +345,9 @@ class TestRedisDown:
 
     async def test_unavailable(self, key_prefix: str) -> None:
         """Reads and changes both get 503 with Retry-After; nothing leaks from the Redis URL."""
-        settings = make_settings(
-            redis_url="redis://:s3cret@127.0.0.1:1/0",
-            prefix=key_prefix,
-            api_base="http://127.0.0.1:9",
-            api_key=None,
-            redis={"connect_timeout": 0.2, "socket_timeout": 0.2},
-        ).model_copy(update={"admin_token": SecretStr(TOKEN)})
+        settings = unreachable_redis_settings(key_prefix).model_copy(
+            update={"admin_token": SecretStr(TOKEN)}
+        )
         http, api = await client_for(settings)
         try:
             for response in (

@@ -5,7 +5,6 @@ input is refused as the CLI refuses it, and the OpenAPI document describes what 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -29,33 +28,21 @@ from dualwrite.engine import DualWriteEngine
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.testing import StripeStandin
-from tests.conftest import STRIPE_KEY
-from tests.support import ScenarioBuilder, make_settings, set_stage
+from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.support import ScenarioBuilder, make_settings, set_stage, unreachable_redis_settings
 from tests.test_admin import AUTH, ROOT, TOKEN, assert_stripe_error
 from tests.test_cutover import FakeClock
 from tests.test_guard import record_and_deliver, refuse_meter_events
 
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(autouse=True)
-def _no_token_from_shell(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The caller's shell never supplies a token or a Stripe key to these tests."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("clean_environment")]
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+def settings(standin_settings: SettingsFactory) -> Settings:
     """The stand-in and its key, the admin token, guardrails tight enough for two customers."""
-    return make_settings(
-        redis_url=redis_url,
-        prefix=key_prefix,
-        api_base=standin_url,
-        api_key=STRIPE_KEY,
-        guardrails={"max_divergent_events": 0, "min_customers": 3},
-    ).model_copy(update={"admin_token": SecretStr(TOKEN)})
+    return standin_settings(guardrails={"max_divergent_events": 0, "min_customers": 3}).model_copy(
+        update={"admin_token": SecretStr(TOKEN)}
+    )
 
 
 @pytest.fixture
@@ -94,14 +81,6 @@ async def twin(
     keys = [key async for key in redis_client.scan_iter(match=f"{prefix}:*", count=1000)]
     if keys:
         await redis_client.unlink(*keys)
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates customers with legacy subscriptions on the stand-in."""
-    made = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield made
-    await made.aclose()
 
 
 async def state(ops: CutoverOps, rename: dict[str, str] | None = None) -> dict[str, Any]:
@@ -624,13 +603,9 @@ async def test_stripe_unreachable_and_no_key(
 
 async def test_redis_down(key_prefix: str):
     """Redis unreachable: every cutover operation gets 503, without the Redis URL's secrets."""
-    settings = make_settings(
-        redis_url="redis://:s3cret@127.0.0.1:1/0",
-        prefix=key_prefix,
-        api_base="http://127.0.0.1:9",
-        api_key=None,
-        redis={"connect_timeout": 0.2, "socket_timeout": 0.2},
-    ).model_copy(update={"admin_token": SecretStr(TOKEN)})
+    settings = unreachable_redis_settings(key_prefix).model_copy(
+        update={"admin_token": SecretStr(TOKEN)}
+    )
     async with AdminApp(settings) as api:
         transport = httpx.ASGITransport(app=Starlette(routes=[Mount(ROOT, api)]))
         async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,21 +15,21 @@ from dualwrite.cli import app
 from dualwrite.config import RedisSettings
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
-from dualwrite.migrate import OpsAudit, OpsAuditEntry
 from dualwrite.redis_client import open_redis
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import EVENT_NAME, LEGACY_VERSION, Scenario, ScenarioBuilder
+from tests.support import (
+    EVENT_NAME,
+    Scenario,
+    ScenarioBuilder,
+    audit_entries,
+    cli_environment,
+)
 
 DAY = 86_400
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No dualwrite, Redis or Stripe variable of the caller's shell reaches the command."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 @pytest.fixture
@@ -39,19 +38,11 @@ def scenario(standin_url: str) -> Scenario:
     legacy path in the open period, and a second customer."""
 
     async def build() -> Scenario:
-        builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-        try:
+        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
             found = await builder.customer("Backfilled")
             for quantity in (7, 5):
-                await builder.client.raw_request_async(
-                    "post",
-                    f"/v1/subscription_items/{found.item}/usage_records",
-                    quantity=quantity,
-                    stripe_version=LEGACY_VERSION,
-                )
+                await builder.legacy_usage(found.item, quantity)
             return found
-        finally:
-            await builder.aclose()
 
     return asyncio.run(build())
 
@@ -72,14 +63,9 @@ def cli(redis_url: str, key_prefix: str, standin_url: str, config_file: Path):
     runner = CliRunner()
 
     def invoke(*args: str) -> Result:
-        environment = {
-            "DUALWRITE_REDIS__URL": redis_url,
-            "DUALWRITE_REDIS__KEY_PREFIX": key_prefix,
-            "DUALWRITE_STRIPE__API_BASE": standin_url,
-            "DUALWRITE_LEDGER__PERIODS": "day",
-            "STRIPE_API_KEY": STRIPE_KEY,
-            "COLUMNS": "250",
-        }
+        environment = cli_environment(
+            redis_url, key_prefix, standin_url, DUALWRITE_LEDGER__PERIODS="day"
+        )
         return runner.invoke(
             app, ["--config", str(config_file), "backfill", *args], env=environment
         )
@@ -91,8 +77,7 @@ def meter_summary(standin_url: str, scenario: Scenario) -> float:
     """The meter's total for the customer over the last 36 days, through Stripe's summaries API."""
 
     async def read() -> float:
-        builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-        try:
+        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
             now = int(time.time())
             page = await builder.client.v1.billing.meters.event_summaries.list_async(
                 scenario.meter,
@@ -103,8 +88,6 @@ def meter_summary(standin_url: str, scenario: Scenario) -> float:
                 },
             )
             return sum(summary.aggregated_value for summary in page.data)
-        finally:
-            await builder.aclose()
 
     return asyncio.run(read())
 
@@ -137,19 +120,6 @@ def written_keys(
         return [name for name in names if client.exists(name)]
     finally:
         client.close()
-
-
-def audit_entries(redis_url: str, key_prefix: str) -> list[OpsAuditEntry]:
-    """The operations audit stream, oldest first."""
-
-    async def read() -> list[OpsAuditEntry]:
-        client = open_redis(RedisSettings(url=redis_url, key_prefix=key_prefix))
-        try:
-            return await OpsAudit(client, KeySpace(key_prefix)).entries()
-        finally:
-            await client.aclose()
-
-    return list(reversed(asyncio.run(read())))
 
 
 def meter_events(standin: StripeStandin) -> int:
@@ -196,22 +166,14 @@ class TestFromSummaries:
         """Usage already on the meter (shadowed since the customer entered shadow) is subtracted."""
 
         async def shadowed() -> None:
-            builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-            try:
-                await builder.client.raw_request_async(
-                    "post",
-                    f"/v1/subscription_items/{scenario.item}/usage_records",
-                    quantity=3,
-                    stripe_version=LEGACY_VERSION,
-                )
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
+                await builder.legacy_usage(scenario.item, 3)
                 await builder.client.v1.billing.meter_events.create_async(
                     {
                         "event_name": EVENT_NAME,
                         "payload": {"stripe_customer_id": scenario.customer, "value": "3"},
                     }
                 )
-            finally:
-                await builder.aclose()
 
         asyncio.run(shadowed())
         result = cli("--customer", scenario.customer)
@@ -227,21 +189,13 @@ class TestFromSummaries:
         now = int(time.time())
 
         async def history() -> Scenario:
-            builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-            try:
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
                 standin.clock.set(now - 70 * DAY)
                 found = await builder.customer("Long-standing")
                 for back, quantity in ((69, 2), (20, 3), (0, 4)):
                     standin.clock.set(now - back * DAY)
-                    await builder.client.raw_request_async(
-                        "post",
-                        f"/v1/subscription_items/{found.item}/usage_records",
-                        quantity=quantity,
-                        stripe_version=LEGACY_VERSION,
-                    )
+                    await builder.legacy_usage(found.item, quantity)
                 return found
-            finally:
-                await builder.aclose()
 
         found = asyncio.run(history())
         path = tmp_path / "history.toml"
@@ -375,8 +329,7 @@ class TestFromExport:
         [planned] = json.loads(cli(*args, "--dry-run").output)["events"]
 
         async def interrupted() -> None:
-            builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-            try:
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
                 await builder.client.v1.billing.meter_events.create_async(
                     {
                         "event_name": EVENT_NAME,
@@ -385,8 +338,6 @@ class TestFromExport:
                         "timestamp": now,
                     }
                 )
-            finally:
-                await builder.aclose()
 
         asyncio.run(interrupted())
         result = cli(*args)

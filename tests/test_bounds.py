@@ -64,15 +64,9 @@ class TestRedisCaps:
                     uncapped[relative] = uncapped.get(relative, 0) + 1
         assert uncapped == WORK_STREAM_XADDS
 
-    async def test_divergence_log_is_capped(self, redis_url, key_prefix, standin_url):
+    async def test_divergence_log_is_capped(self, standin_settings):
         """400 divergent commits into a log capped at 100: about 100 remain (approximate trim)."""
-        settings = make_settings(
-            redis_url=redis_url,
-            prefix=key_prefix,
-            api_base=standin_url,
-            api_key=STRIPE_KEY,
-            ledger={"divergence_maxlen": 100},
-        )
+        settings = standin_settings(ledger={"divergence_maxlen": 100})
         engine = DualWriteEngine.from_settings(settings)
         shard = engine.keys.for_customer("cus_cap")
         for index in range(400):
@@ -152,11 +146,23 @@ def empty_spool(directory: Path) -> None:
 
 async def scenario_on(url: str) -> Scenario:
     """A customer with a legacy metered item on the stand-in at ``url``."""
-    builder = ScenarioBuilder(url, STRIPE_KEY)
-    try:
+    async with ScenarioBuilder(url, STRIPE_KEY) as builder:
         return await builder.customer()
+
+
+async def post_usage(settings: Settings, scenario: Scenario, quantity: int) -> httpx.Response:
+    """One usage request through the middleware (on ``settings``) for the scenario's item."""
+    app = DualWriteMiddleware(usage_app(), config=settings)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://a"
+        ) as client:
+            return await client.post(
+                f"/usage/{scenario.customer}",
+                json={"item": scenario.item, "usage": {"quantity": quantity}},
+            )
     finally:
-        await builder.aclose()
+        await app.aclose()
 
 
 class TestInProcessBounds:
@@ -193,15 +199,7 @@ class TestInProcessBounds:
         before = spool_files(spool_dir)
         scenario = await scenario_on(standin_url)
         standin.reset_requests()
-        app = DualWriteMiddleware(usage_app(), config=down_settings)
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://a"
-        ) as client:
-            response = await client.post(
-                f"/usage/{scenario.customer}",
-                json={"item": scenario.item, "usage": {"quantity": 4}},
-            )
-        await app.aclose()
+        response = await post_usage(down_settings, scenario, 4)
         assert response.status_code == 503
         assert response.headers["Stripe-Should-Retry"] == "true"
         assert response.json()["error"]["type"] == "api_error"
@@ -213,15 +211,7 @@ class TestInProcessBounds:
         spool_dir = Path(str(down_settings.outbox.spool_dir))
         empty_spool(spool_dir)
         scenario = await scenario_on(standin_url)
-        app = DualWriteMiddleware(usage_app(), config=down_settings)
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://a"
-        ) as client:
-            response = await client.post(
-                f"/usage/{scenario.customer}",
-                json={"item": scenario.item, "usage": {"quantity": 4}},
-            )
-        await app.aclose()
+        response = await post_usage(down_settings, scenario, 4)
         assert response.status_code == 200, response.text
         assert standin.legacy_total(scenario.item) == 4
         assert sum(size for _, size in spool_files(spool_dir)) > 0
@@ -246,7 +236,7 @@ class TestSpoolAndRetry:
     """Found by the soak: a spooled commit and the caller's retry of the same request count once."""
 
     async def test_retry_while_spooled_counts_once(
-        self, tmp_path, redis_url, key_prefix, standin, standin_url
+        self, tmp_path, key_prefix, standin, standin_url, standin_settings
     ):
         """Redis down: Stripe accepts, the commit is spooled; the caller retries (Redis back) and
         is recorded; the later replay of the spool then adds nothing."""
@@ -266,15 +256,7 @@ class TestSpoolAndRetry:
         first = await down.record(event)
         await down.aclose()
         assert first.accepted and spool_files(Path(spool))
-        up = DualWriteEngine.from_settings(
-            make_settings(
-                redis_url=redis_url,
-                prefix=key_prefix,
-                api_base=standin_url,
-                api_key=STRIPE_KEY,
-                outbox={"spool_dir": spool},
-            )
-        )
+        up = DualWriteEngine.from_settings(standin_settings(outbox={"spool_dir": spool}))
         retry = await up.record(event)  # Stripe replays its first answer under the same key
         assert retry.accepted
         assert up.spool is not None

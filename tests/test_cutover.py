@@ -4,7 +4,6 @@ subscription schedule), rollbacks, dry runs and refusals of bad input."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import ScenarioBuilder
+from tests.support import ScenarioBuilder, cli_environment
 
 SAMPLE = [f"cus_sample{index:04d}" for index in range(400)]
 
@@ -53,14 +52,6 @@ async def ops(
 ) -> AsyncIterator[CutoverOps]:
     """Cutover operations on this test's prefix, the stand-in and the fake clock."""
     yield CutoverOps(redis_client, KeySpace(settings.redis.key_prefix), settings, clock=clock)
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates customers with legacy subscriptions on the stand-in."""
-    made = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield made
-    await made.aclose()
 
 
 async def stages(ops: CutoverOps, customers: list[str]) -> dict[str, Stage]:
@@ -323,22 +314,13 @@ class TestRollback:
 
 @pytest.fixture
 def cli(
-    redis_url: str, key_prefix: str, standin_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, key_prefix: str, standin_url: str, clean_environment: None
 ) -> Iterator[Callable[..., Result]]:
     """Runs ``dualwrite ARGS`` on the test Redis, prefix and stand-in."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
     runner = CliRunner()
 
     def invoke(*args: str) -> Result:
-        env = {
-            "DUALWRITE_REDIS__URL": redis_url,
-            "DUALWRITE_REDIS__KEY_PREFIX": key_prefix,
-            "DUALWRITE_STRIPE__API_BASE": standin_url,
-            "STRIPE_API_KEY": STRIPE_KEY,
-            "COLUMNS": "200",
-        }
+        env = cli_environment(redis_url, key_prefix, standin_url)
         return runner.invoke(app, list(args), env=env)
 
     yield invoke
@@ -389,11 +371,8 @@ class TestCommands:
         import anyio
 
         async def make() -> tuple[str, str]:
-            builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-            try:
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
                 scenario = await builder.customer()
-            finally:
-                await builder.aclose()
             return scenario.customer, scenario.meter_price
 
         customer, price = anyio.run(make)

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
 import pytest
-from hypothesis import event, given, strategies as st
+from hypothesis import given, strategies as st
 
 from dualwrite.config import MeterMapping, Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Stage
 from dualwrite.proxy import create_proxy_app
 from dualwrite.testing import StripeStandin
-from tests.conftest import STRIPE_KEY
-from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage
+from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.support import EVENT_NAME, Scenario, set_stage
 from tests.test_fuzz_routes import (
     CURRENT,
     FRESH_KEYS,
@@ -34,11 +32,10 @@ from tests.test_fuzz_routes import (
     IDEMPOTENCY_KEYS,
     NO_EXTRA,
     TIMESTAMPS,
-    Totals,
+    Observer,
+    Snapshot,
     mostly,
-    only_refusals_counted,
-    outbox_length,
-    usage_state,
+    shadow_and_primary,
 )
 
 pytestmark = pytest.mark.anyio
@@ -75,50 +72,26 @@ def authorization(kind: str) -> bytes | None:
     return None
 
 
-@dataclass
-class ProxyOracle:
+class ProxyOracle(Observer):
     """Checks one proxied usage request's reply against Stripe's totals and Redis."""
-
-    engine: DualWriteEngine
-    standin: StripeStandin
-    scenarios: list[Scenario]
-    stages: dict[str, Stage]
-
-    async def snapshot(self) -> tuple[Totals, dict[str, Any], int, int]:
-        """Stripe's totals, the usage keys, the outbox length and the stand-in's request count."""
-        return (
-            Totals.of(self.standin, self.scenarios),
-            await usage_state(self.engine),
-            await outbox_length(self.engine),
-            len(self.standin.requests),
-        )
 
     async def check(
         self,
-        before: tuple[Totals, dict[str, Any], int, int],
+        before: Snapshot,
         response: httpx.Response,
         *,
         scenario: Scenario | None,
         dual_written: bool,
     ) -> None:
         """2xx: the usage on the right path(s); 4xx: Stripe's error shape and no usage; no 5xx."""
-        totals, state, outbox, requests = before
-        after_totals, after_state, after_outbox, after_requests = await self.snapshot()
-        status = response.status_code
-        event(
-            f"HTTP {status}",
-        ) if status < 400 else event(f"HTTP {status} {response.text[:70]}")
-        assert status < 500, (status, response.text[:500])
-        if status >= 400:
+        after = await self.observe(response)
+        if response.status_code >= 400:
             error = response.json()["error"]
             assert error["type"] and error["message"], error
-            assert after_totals == totals, "a refused request changed Stripe's totals"
-            assert after_outbox == outbox, "a refused request enqueued a shadow write"
-            if after_requests == requests:
-                assert after_state == state, only_refusals_counted(state, after_state)
-            else:
-                assert only_refusals_counted(state, after_state) == []
+            self.check_refused(before, after)
             return
+        totals, outbox = before[0], before[2]
+        after_totals, after_outbox = after[0], after[2]
         record = response.json()
         assert record["object"] == "usage_record", record
         assert scenario is not None, "only a real item can take usage"
@@ -143,24 +116,13 @@ class ProxyOracle:
 @pytest.fixture
 async def scenarios(standin_url: str) -> list[Scenario]:
     """Two customers on the legacy metered price."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    made = [await builder.customer("shadow"), await builder.customer("primary")]
-    await builder.aclose()
-    return made
+    return await shadow_and_primary(standin_url)
 
 
 @pytest.fixture
-def settings(
-    redis_url: str, key_prefix: str, standin_url: str, scenarios: list[Scenario]
-) -> Settings:
+def settings(standin_settings: SettingsFactory, scenarios: list[Scenario]) -> Settings:
     """Proxy settings mapping the customers' legacy price to the meter; no in-request retries."""
-    base = make_settings(
-        redis_url=redis_url,
-        prefix=key_prefix,
-        api_base=standin_url,
-        api_key=STRIPE_KEY,
-        stripe={"request_retries": 0},
-    )
+    base = standin_settings(stripe={"request_retries": 0})
     meter = MeterMapping(event_name=EVENT_NAME, legacy_prices=(scenarios[0].legacy_price,))
     return base.model_copy(update={"meters": (meter,)})
 

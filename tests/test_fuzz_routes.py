@@ -32,8 +32,8 @@ from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import MAX_METER_VALUE, RecordOutcome, Stage, UsageEvent
 from dualwrite.routes import MAX_FUTURE_SECONDS, RouteTable, build_event
 from dualwrite.testing import StripeStandin
-from tests.conftest import STRIPE_KEY
-from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage
+from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, set_stage
 
 pytestmark = pytest.mark.anyio
 
@@ -345,21 +345,32 @@ class Totals:
         )
 
 
+async def shadow_and_primary(standin_url: str) -> list[Scenario]:
+    """Two customers on the legacy metered price (to be put in shadow and in primary)."""
+    async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
+        return [await builder.customer("shadow"), await builder.customer("primary")]
+
+
 async def outbox_length(engine: DualWriteEngine) -> int:
     """Entries in every shard's outbox stream."""
     return sum([await engine.redis.xlen(shard.outbox) for shard in engine.keys.all_shards()])
 
 
+#: Stripe's totals, the usage keys, the outbox length and the stand-in's request count.
+Snapshot = tuple[Totals, dict[str, Any], int, int]
+
+
 @dataclass
-class Oracle:
-    """Checks one request's reply against what it did to Stripe and Redis."""
+class Observer:
+    """What a fuzzed request runs against (engine, stand-in, customers and their stages), and the
+    checks every reply shares; ``Oracle`` and the proxy's add what a 2xx must have written."""
 
     engine: DualWriteEngine
     standin: StripeStandin
     scenarios: list[Scenario]
     stages: dict[str, Stage]
 
-    async def snapshot(self) -> tuple[Totals, dict[str, Any], int, int]:
+    async def snapshot(self) -> Snapshot:
         """Stripe's totals, the usage keys, the outbox length and the stand-in's request count."""
         return (
             Totals.of(self.standin, self.scenarios),
@@ -368,30 +379,42 @@ class Oracle:
             len(self.standin.requests),
         )
 
-    async def check(
-        self, before: tuple[Totals, dict[str, Any], int, int], response: httpx.Response
-    ) -> None:
-        """A 2xx wrote exactly the recorded usage; a 4xx wrote none; nothing is a 5xx."""
-        totals, state, outbox, requests = before
-        after_totals, after_state, after_outbox, after_requests = await self.snapshot()
+    async def observe(self, response: httpx.Response) -> Snapshot:
+        """The state after ``response`` (no 5xx, ever); its status is a hypothesis event."""
+        after = await self.snapshot()
         status = response.status_code
-        event(
-            f"HTTP {status}",
-        ) if status < 400 else event(f"HTTP {status} {response.text[:70]}")
-        assert status < 500, (status, response.text)
-        if 200 <= status < 300:
-            data = response.json()
-            assert data["recorded"] is True, data
-            self._check_written(data, totals, after_totals, outbox, after_outbox)
-            return
-        error = response.json()["error"]
-        assert error["type"] in {"invalid_request_error", "idempotency_error"} and error["message"]
+        event(f"HTTP {status}") if status < 400 else event(f"HTTP {status} {response.text[:70]}")
+        assert status < 500, (status, response.text[:500])
+        return after
+
+    @staticmethod
+    def check_refused(before: Snapshot, after: Snapshot) -> None:
+        """A refused request changed neither Stripe nor the outbox, and counted only the refusal
+        (nothing at all when it never reached Stripe)."""
+        totals, state, outbox, requests = before
+        after_totals, after_state, after_outbox, after_requests = after
         assert after_totals == totals, "a refused request changed Stripe's totals"
         assert after_outbox == outbox, "a refused request enqueued a shadow write"
         if after_requests == requests:  # refused before Stripe: Redis untouched
             assert after_state == state, only_refusals_counted(state, after_state)
         else:  # Stripe refused it: only the refusal is counted
             assert only_refusals_counted(state, after_state) == []
+
+
+class Oracle(Observer):
+    """Checks one request's reply against what it did to Stripe and Redis."""
+
+    async def check(self, before: Snapshot, response: httpx.Response) -> None:
+        """A 2xx wrote exactly the recorded usage; a 4xx wrote none; nothing is a 5xx."""
+        after = await self.observe(response)
+        if 200 <= response.status_code < 300:
+            data = response.json()
+            assert data["recorded"] is True, data
+            self._check_written(data, before[0], after[0], before[2], after[2])
+            return
+        error = response.json()["error"]
+        assert error["type"] in {"invalid_request_error", "idempotency_error"} and error["message"]
+        self.check_refused(before, after)
 
     def _check_written(
         self, data: dict[str, Any], totals: Totals, after: Totals, outbox: int, after_outbox: int
@@ -442,13 +465,9 @@ def usage_app() -> Starlette:
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+def settings(standin_settings: SettingsFactory) -> Settings:
     """Settings with the three fuzzed routes."""
-    return make_settings(
-        redis_url=redis_url,
-        prefix=key_prefix,
-        api_base=standin_url,
-        api_key=STRIPE_KEY,
+    return standin_settings(
         routes=ROUTES,
         stripe={"request_retries": 0},
     )
@@ -459,9 +478,7 @@ async def world(
     engine: DualWriteEngine, standin: StripeStandin, standin_url: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Oracle]]:
     """Two customers (shadow and primary) and a client on the wrapped app."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    scenarios = [await builder.customer("shadow"), await builder.customer("primary")]
-    await builder.aclose()
+    scenarios = await shadow_and_primary(standin_url)
     stages = {scenarios[0].customer: Stage.SHADOW, scenarios[1].customer: Stage.PRIMARY}
     for scenario in scenarios:
         await set_stage(engine, scenario.customer, stages[scenario.customer])

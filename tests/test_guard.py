@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -17,20 +16,16 @@ from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from dualwrite.worker import run_worker
-from tests.conftest import STRIPE_KEY
-from tests.support import Scenario, ScenarioBuilder, make_settings, set_stage, usage
+from tests.conftest import SettingsFactory
+from tests.support import Scenario, ScenarioBuilder, set_stage, usage
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+def settings(standin_settings: SettingsFactory) -> Settings:
     """Guardrails tight enough for a handful of customers; the guard checks often."""
-    return make_settings(
-        redis_url=redis_url,
-        prefix=key_prefix,
-        api_base=standin_url,
-        api_key=STRIPE_KEY,
+    return standin_settings(
         guardrails={
             "max_divergent_events": 0,
             "min_customers": 3,
@@ -38,14 +33,6 @@ def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
             "interval_seconds": 0.05,
         },
     )
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates customers with legacy subscriptions on the stand-in."""
-    made = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield made
-    await made.aclose()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import tomllib
 from pathlib import Path
 from typing import Any, cast
@@ -13,13 +12,10 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from dualwrite.cli import app
-from dualwrite.config import RedisSettings, Settings
-from dualwrite.keys import KeySpace
-from dualwrite.migrate import OpsAudit, OpsAuditEntry
-from dualwrite.redis_client import open_redis
+from dualwrite.config import Settings
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import LEGACY_VERSION, ScenarioBuilder
+from tests.support import LEGACY_VERSION, ScenarioBuilder, audit_entries, cli_environment
 
 CONFIG = """\
 # dualwrite for the test account
@@ -32,12 +28,7 @@ legacy_prices = []
 """
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No dualwrite, Redis or Stripe variable of the caller's shell reaches the command."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 @pytest.fixture
@@ -54,13 +45,7 @@ def cli(redis_url: str, key_prefix: str, standin_url: str):
     runner = CliRunner()
 
     def invoke(*args: str) -> Result:
-        environment = {
-            "DUALWRITE_REDIS__URL": redis_url,
-            "DUALWRITE_REDIS__KEY_PREFIX": key_prefix,
-            "DUALWRITE_STRIPE__API_BASE": standin_url,
-            "STRIPE_API_KEY": STRIPE_KEY,
-            "COLUMNS": "250",
-        }
+        environment = cli_environment(redis_url, key_prefix, standin_url)
         return runner.invoke(app, list(args), env=environment)
 
     return invoke
@@ -95,8 +80,7 @@ def catalog(standin_url: str) -> dict[str, str]:
     """Legacy metered prices (sum, last_during_period, max), a licensed one and a meter-backed one."""
 
     async def build() -> dict[str, str]:
-        builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-        try:
+        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
             api = (await builder.client.v1.products.create_async({"name": "API"})).id
             seats = (await builder.client.v1.products.create_async({"name": "Seats"})).id
             peak = (await builder.client.v1.products.create_async({"name": "Peak GB"})).id
@@ -129,8 +113,6 @@ def catalog(standin_url: str) -> dict[str, str]:
                 }
             )
             return prices
-        finally:
-            await builder.aclose()
 
     return asyncio.run(build())
 
@@ -154,19 +136,6 @@ def _creations(standin: StripeStandin) -> list[str | None]:
         and (entry.idempotency_key or "").startswith("dw-meter-create-")
         and entry.executed
     ]
-
-
-def audit_entries(redis_url: str, key_prefix: str) -> list[OpsAuditEntry]:
-    """The operations audit stream, oldest first."""
-
-    async def read() -> list[OpsAuditEntry]:
-        client = open_redis(RedisSettings(url=redis_url, key_prefix=key_prefix))
-        try:
-            return await OpsAudit(client, KeySpace(key_prefix)).entries()
-        finally:
-            await client.aclose()
-
-    return list(reversed(asyncio.run(read())))
 
 
 class TestPlan:
@@ -273,8 +242,7 @@ class TestApply:
         """A meter already named like a plan entry is reused; one with another formula is refused."""
 
         async def existing() -> None:
-            builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-            try:
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
                 for name, formula in (("api_requests_metered", "sum"), ("seats", "sum")):
                     await builder.client.v1.billing.meters.create_async(
                         {
@@ -283,8 +251,6 @@ class TestApply:
                             "default_aggregation": {"formula": formula},
                         }
                     )
-            finally:
-                await builder.aclose()
 
         asyncio.run(existing())
         before = _meters(standin)

@@ -3,8 +3,6 @@ and the engine against the Stripe stand-in; ``/metrics`` is guarded by its optio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import httpx
 import pytest
@@ -17,13 +15,14 @@ from dualwrite.metrics import metrics_app
 from dualwrite.models import Stage
 from dualwrite.proxy import serve_proxy
 from dualwrite.testing import StripeStandin
-from tests.conftest import STRIPE_KEY
+from tests.conftest import STRIPE_KEY, SettingsFactory
 from tests.support import (
     EVENT_NAME,
     LEGACY_VERSION,
     ScenarioBuilder,
     make_settings,
     set_stage,
+    unreachable_redis_settings,
     usage,
 )
 
@@ -36,14 +35,6 @@ METRICS_TOKEN = "metrics-token-for-tests-0123456789"
 def _no_token_from_shell(monkeypatch: pytest.MonkeyPatch) -> None:
     """The caller's shell never supplies a token to these tests."""
     monkeypatch.delenv("DUALWRITE_METRICS_TOKEN", raising=False)
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates customers on the stand-in."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -183,16 +174,10 @@ class TestThroughTheEngine:
         assert value(drained, "dualwrite_outbox_oldest_age_seconds") == 0
 
     async def test_rate_limit_waits(
-        self, redis_url: str, key_prefix: str, standin_url: str, builder: ScenarioBuilder
+        self, standin_settings: SettingsFactory, builder: ScenarioBuilder
     ) -> None:
         """Writes over a shared rate limit wait, and each wait is counted and timed."""
-        settings = make_settings(
-            redis_url=redis_url,
-            prefix=key_prefix,
-            api_base=standin_url,
-            api_key=STRIPE_KEY,
-            limits={"legacy_per_second": 20, "burst_seconds": 0.05},
-        )
+        settings = standin_settings(limits={"legacy_per_second": 20, "burst_seconds": 0.05})
         scenario = await builder.customer()
         app = metrics_app()
         before = (await scrape(app)).text
@@ -216,13 +201,7 @@ class TestEndpoint:
 
     async def test_redis_down_still_answers(self, key_prefix: str) -> None:
         """Without Redis the scrape answers 200 with ``dualwrite_redis_up 0`` and the counters."""
-        settings = make_settings(
-            redis_url="redis://:s3cret@127.0.0.1:1/0",
-            prefix=key_prefix,
-            api_base="http://127.0.0.1:9",
-            api_key=None,
-            redis={"connect_timeout": 0.2, "socket_timeout": 0.2},
-        )
+        settings = unreachable_redis_settings(key_prefix)
         app = metrics_app(settings)
         try:
             response = await scrape(app)

@@ -21,7 +21,7 @@ from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.openfeature import FLAG_KEY, DualwriteProvider
-from tests.support import make_settings
+from tests.support import make_settings, unreachable_redis_settings
 
 CUSTOMERS = {  # customer -> (stage, rule that decides it)
     "cus_default": ("legacy", "default"),
@@ -164,13 +164,7 @@ class TestErrors:
 
     def test_redis_down_is_a_general_error(self, key_prefix: str) -> None:
         """When Redis cannot be read the caller gets its default and GENERAL, never an exception."""
-        settings = make_settings(
-            redis_url="redis://127.0.0.1:1/0",
-            prefix=key_prefix,
-            api_base="http://127.0.0.1:9",
-            api_key=None,
-            redis={"connect_timeout": 0.2, "socket_timeout": 0.2},
-        )
+        settings = unreachable_redis_settings(key_prefix)
         provider = DualwriteProvider(settings)
         try:
             details = provider.resolve_string_details(

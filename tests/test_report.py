@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -26,8 +25,15 @@ from dualwrite.report import (
     render_table,
 )
 from dualwrite.testing import StripeStandin
-from tests.conftest import STRIPE_KEY
-from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
+from tests.conftest import SettingsFactory
+from tests.support import (
+    EVENT_NAME,
+    Scenario,
+    refuse_meter_event,
+    refuse_usage_record_once,
+    set_stage,
+    usage,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -37,23 +43,9 @@ REFUSED_QTY = 6
 
 
 @pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates Stripe objects on the stand-in through the SDK."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
-
-
-@pytest.fixture
-def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
+def settings(standin_settings: SettingsFactory) -> Settings:
     """UTC-day periods: these tests filter by days (billing periods: tests/test_periods.py)."""
-    return make_settings(
-        redis_url=redis_url,
-        prefix=key_prefix,
-        api_base=standin_url,
-        api_key=STRIPE_KEY,
-        ledger={"periods": "day"},
-    )
+    return standin_settings(ledger={"periods": "day"})
 
 
 async def drain(engine: DualWriteEngine) -> None:
@@ -102,23 +94,8 @@ async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
     sent = Traffic({role: await builder.customer(role.title()) for role in ROLES})
     for role, stage in ROLES.items():
         await set_stage(engine, sent.customer(role), stage)
-    standin.faults.refuse(
-        path=r"/v1/billing/meter_events",
-        where={
-            "payload[stripe_customer_id]": sent.customer("refused"),
-            "payload[value]": str(REFUSED_QTY),
-        },
-        status=400,
-        code="parameter_invalid",
-        message="refused by the test",
-    )
-    standin.faults.refuse(
-        path=rf"/v1/subscription_items/{sent.scenarios['legacy'].item}/usage_records",
-        status=400,
-        code="parameter_invalid",
-        message="authoritative refusal",
-        count=1,
-    )
+    refuse_meter_event(standin, sent.customer("refused"), REFUSED_QTY)
+    refuse_usage_record_once(standin, sent.scenarios["legacy"].item)
     sent.outcomes.append(await engine.record(usage(sent.scenarios["legacy"], 50)))
     assert not sent.outcomes[-1].accepted
     for role, quantities in QUANTITIES.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -21,19 +20,17 @@ from dualwrite.redis_client import as_str, as_str_list
 from dualwrite.rollups import backfill, parse_counters, rollup_key
 from dualwrite.testing import StripeStandin, serve_app
 from tests.conftest import STRIPE_KEY
-from tests.support import ScenarioBuilder, make_settings, set_stage, usage
+from tests.support import (
+    make_settings,
+    refuse_meter_event,
+    refuse_usage_record_once,
+    set_stage,
+    usage,
+)
 
 pytestmark = pytest.mark.anyio
 
 DAY = 86_400
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates Stripe objects on the stand-in through the SDK."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
 
 
 async def rows_and_copies(
@@ -60,20 +57,8 @@ async def test_every_writer_keeps_the_copy_equal(engine, builder, standin: Strip
     legacy = await builder.customer("Legacy")
     await set_stage(engine, shadow.customer, Stage.SHADOW)
     await set_stage(engine, legacy.customer, Stage.LEGACY)
-    standin.faults.refuse(
-        path=r"/v1/billing/meter_events",
-        where={"payload[stripe_customer_id]": shadow.customer, "payload[value]": "6"},
-        status=400,
-        code="parameter_invalid",
-        message="refused by the test",
-    )
-    standin.faults.refuse(
-        path=rf"/v1/subscription_items/{legacy.item}/usage_records",
-        status=400,
-        code="parameter_invalid",
-        message="authoritative refusal",
-        count=1,
-    )
+    refuse_meter_event(standin, shadow.customer, 6)
+    refuse_usage_record_once(standin, legacy.item)
     assert not (await engine.record(usage(legacy, 50))).accepted
     for quantity in (2, 6, 5):
         assert (await engine.record(usage(shadow, quantity))).accepted

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import stripe
 from pydantic import BaseModel, Field, field_validator
 
 from dualwrite.admin._api import AdminContext, ApiError, Call, Endpoint
@@ -187,10 +186,7 @@ def _refusal(exc: CutoverInputError, model: type[BaseModel], default: str | None
 def _stripe_failure(exc: CutoverStripeError) -> ApiError:
     """502 when Stripe refused a call or could not be reached; 400 (``at``) when Stripe answered
     but the customer has no single period end to cut over at."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, stripe.StripeError):
-        cause = cause.__cause__
-    if cause is None:
+    if exc.failure is None:
         return ApiError(400, str(exc), param="at")
     return ApiError(502, redact(str(exc)), error_type="api_error", code="stripe_error")
 

@@ -27,6 +27,8 @@ app = typer.Typer(
     help="Move Stripe usage billing from legacy usage records to Billing Meters, customer by customer.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help texts quote TOML sections ([guardrails], [[meters]]): print them as written, not as markup.
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)

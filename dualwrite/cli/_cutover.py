@@ -58,8 +58,15 @@ async def _cutover_ops(settings: Settings) -> AsyncIterator[CutoverOps]:
         await redis.aclose()
 
 
-def _run(ctx: typer.Context, action: Callable[[CutoverOps], Awaitable[R]], *, as_json: bool) -> R:
-    """Run one operation on its own Redis connection; dualwrite errors exit 2 with the message."""
+def _run(
+    ctx: typer.Context,
+    action: Callable[[CutoverOps], Awaitable[R]],
+    *,
+    as_json: bool,
+    show: Callable[[R], None],
+) -> None:
+    """Run one operation on its own Redis connection and print its result (``show``, or JSON);
+    dualwrite errors exit 2 with the message."""
     settings = load_settings(ctx)
 
     async def run() -> R:
@@ -69,7 +76,8 @@ def _run(ctx: typer.Context, action: Callable[[CutoverOps], Awaitable[R]], *, as
     result = run_async(run())
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
-    return result
+    else:
+        show(result)
 
 
 def _checked(parse: Callable[[], T]) -> T:
@@ -135,7 +143,7 @@ def rollout(
         cohort = _checked(lambda: parse_customers(customers))
     elif file is not None:
         cohort = _checked(lambda: read_cohort_file(file))
-    result = _run(
+    _run(
         ctx,
         lambda ops: ops.rollout(
             target,
@@ -147,9 +155,8 @@ def rollout(
             dry_run=dry_run,
         ),
         as_json=as_json,
+        show=_print,
     )
-    if not as_json:
-        _print(result)
 
 
 @app.command("cutover")
@@ -180,7 +187,7 @@ def cutover(
     """Move one customer to a stage at its billing period's end (or now, or a given time)."""
     target = _checked(lambda: parse_stage(to, what="--to stage"))
     when = _checked(lambda: parse_at(at))
-    result = _run(
+    _run(
         ctx,
         lambda ops: ops.cutover(
             customer,
@@ -194,9 +201,8 @@ def cutover(
             dry_run=dry_run,
         ),
         as_json=as_json,
+        show=_print,
     )
-    if not as_json:
-        _print(result)
 
 
 @app.command("rollback")
@@ -228,9 +234,7 @@ def rollback(
             )
         return await ops.rollback(named, to=target, actor=who, reason=why, dry_run=dry_run)
 
-    result = _run(ctx, action, as_json=as_json)
-    if not as_json:
-        _print(result)
+    _run(ctx, action, as_json=as_json, show=_print)
 
 
 @app.command("guard")
@@ -240,7 +244,7 @@ def guard(
     dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
-    """Roll back customers (or the rollout) whose divergence crossed the [guardrails].
+    """Roll back customers (or the rollout) whose divergence crossed the guardrails.
 
     Without --once it checks every `[guardrails] interval_seconds` until stopped (`dualwrite
     worker` runs the same check).
@@ -262,9 +266,7 @@ def guard(
         except KeyboardInterrupt:
             console.print("guard stopped")
         return
-    result = _run(ctx, lambda ops: ops.guard_once(dry_run=dry_run), as_json=as_json)
-    if not as_json:
-        _print_guard(result)
+    _run(ctx, lambda ops: ops.guard_once(dry_run=dry_run), as_json=as_json, show=_print_guard)
 
 
 def _print_guard(result: GuardResult) -> None:

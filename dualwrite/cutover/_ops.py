@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import redis.asyncio as aioredis
 
@@ -39,6 +40,7 @@ from dualwrite.cutover._plans import (
     plan_rollback_all,
     reason_text,
     refuse,
+    rollout_change,
 )
 from dualwrite.cutover._stripe import CutoverStripe, check_schedulable, plan_schedule
 from dualwrite.flags import (
@@ -55,6 +57,9 @@ from dualwrite.models import Stage
 __all__ = ["CutoverOps"]
 
 StripeFactory = Callable[[], CutoverStripe]
+Operation = Literal["rollout", "cutover", "rollback"]
+#: One customer's changes, or why it stays as it is; raises ``CutoverInputError`` to refuse it.
+CustomerPlan = Callable[[str, Stage, FlagSnapshot], list[FlagChange] | str]
 
 
 class CutoverOps:
@@ -165,12 +170,7 @@ class CutoverOps:
                 update={"unchanged": [f"rollout {stage.value} is already {old:g}%"]}
             )
         check_rollout(stage, percent, rollout, default, force=force)
-        change = FlagChange(
-            kind="rollout",
-            customer="*",
-            old=f"{stage.value} {old:g}%",
-            new=f"{stage.value} {percent:g}%",
-        )
+        change = rollout_change(stage, old, percent)
         if not dry_run:
             await self._store.set_rollout(stage, percent, actor=actor, reason=why)
         notes = await self._kill_note()
@@ -188,32 +188,16 @@ class CutoverOps:
     ) -> OperationResult:
         """Pin named customers to ``stage`` now (each one stage forward unless ``force``)."""
         why = reason_text(f"rollout {stage.value} for a cohort of {len(customers)}", reason)
-        plans: list[FlagChange] = []
-        unchanged: list[str] = []
-        problems: list[str] = []
-        for customer in customers:
-            current, snapshot = await self.stage_of(customer)
-            try:
-                check_move(customer, current, stage, force=force)
-            except CutoverInputError as exc:
-                problems.append(str(exc))
-                continue
+
+        def plan(customer: str, current: Stage, snapshot: FlagSnapshot) -> list[FlagChange] | str:
+            check_move(customer, current, stage, force=force)
             if current is stage and snapshot.override in (None, stage):
-                unchanged.append(f"{customer} is already {stage.value}")
-                continue
-            plans.append(override_change(customer, snapshot, stage, current))
-        refuse(problems)
-        if not dry_run:
-            for change in plans:
-                await self._store.set_override(change.customer, stage, actor=actor, reason=why)
-        return OperationResult(
-            operation="rollout",
-            dry_run=dry_run,
-            actor=actor,
-            reason=why,
-            changes=plans,
-            unchanged=unchanged,
-            notes=await self._kill_note(),
+                return f"{customer} is already {stage.value}"
+            return [override_change(customer, snapshot.override, stage, current)]
+
+        plans, unchanged = await self._plan_each(customers, plan)
+        return await self._finish(
+            "rollout", plans, actor=actor, reason=why, dry_run=dry_run, unchanged=unchanged
         )
 
     # -- cutover ---------------------------------------------------------------------------------
@@ -274,32 +258,14 @@ class CutoverOps:
                     raise CutoverInputError(msg)
             why = reason_text(f"cutover {customer} to {stage.value} at {when}", reason)
             changes = cutover_changes(customer, snapshot, current, stage, when, now)
-            if dry_run:
-                return OperationResult(
-                    operation="cutover",
-                    dry_run=True,
-                    actor=actor,
-                    reason=why,
-                    changes=changes,
-                    stripe_calls=calls,
-                    notes=await self._kill_note(),
-                )
-            if stripe is not None and with_schedule and price is not None:
+            if not dry_run and stripe is not None and with_schedule and price is not None:
                 made = await stripe.schedule_price_move(period, price=price, at=when)
                 calls = calls[:1] + made
         finally:
             if stripe is not None:
                 await stripe.aclose()
-        for change in changes:
-            await self._apply(change, actor=actor, reason=why)
-        return OperationResult(
-            operation="cutover",
-            dry_run=False,
-            actor=actor,
-            reason=why,
-            changes=changes,
-            stripe_calls=calls,
-            notes=await self._kill_note(),
+        return await self._finish(
+            "cutover", changes, actor=actor, reason=why, dry_run=dry_run, stripe_calls=calls
         )
 
     # -- rollback --------------------------------------------------------------------------------
@@ -316,35 +282,29 @@ class CutoverOps:
     ) -> OperationResult:
         """Pin each customer to ``to`` (default: the stage before its own) and clear its schedule."""
         why = reason_text(f"{operation} to {to.value if to else 'the previous stage'}", reason)
-        plans: list[FlagChange] = []
-        unchanged: list[str] = []
-        problems: list[str] = []
-        for customer in customers:
-            current, snapshot = await self.stage_of(customer)
+
+        def plan(customer: str, current: Stage, snapshot: FlagSnapshot) -> list[FlagChange] | str:
             target = to or previous_stage(current)
             if target.rank > current.rank:
-                problems.append(
+                msg = (
                     f"{customer} is at {current.value}: {target.value} is forward, not back; "
                     f"use `dualwrite cutover {customer} --to {target.value}`"
                 )
-                continue
+                raise CutoverInputError(msg)
             planned = plan_rollback(customer, current, snapshot, target)
-            if planned:
-                plans += planned
-            else:
-                unchanged.append(f"{customer} is already {current.value}")
-        refuse(problems)
-        if not dry_run:
-            # The override first: the customer never resolves through its schedule's stage again.
-            for change in sorted(plans, key=lambda c: c.kind != "set_override"):
-                await self._apply(change, actor=actor, reason=why)
-        return OperationResult(
-            operation="rollback",
-            dry_run=dry_run,
+            return planned or f"{customer} is already {current.value}"
+
+        plans, unchanged = await self._plan_each(customers, plan)
+        # The override first: the customer never resolves through its schedule's stage again.
+        plans.sort(key=lambda c: c.kind != "set_override")
+        return await self._finish(
+            "rollback",
+            plans,
             actor=actor,
             reason=why,
-            changes=sorted(plans, key=lambda c: c.kind != "set_override"),
+            dry_run=dry_run,
             unchanged=unchanged,
+            kill_note=False,
         )
 
     async def rollback_all(
@@ -361,32 +321,27 @@ class CutoverOps:
             schedules=await self._store.schedules(),
             now=self._clock(),
         )
-        if not dry_run:
-            for change in changes:
-                await self._apply(change, actor=actor, reason=why)
-        return OperationResult(
-            operation="rollback",
-            dry_run=dry_run,
+        return await self._finish(
+            "rollback",
+            changes,
             actor=actor,
             reason=why,
-            changes=changes,
+            dry_run=dry_run,
             unchanged=[] if changes else [f"nothing is beyond {to.value}"],
-            notes=await self._kill_note(),
         )
 
     async def kill(self, *, actor: str, reason: str, dry_run: bool = False) -> OperationResult:
         """Turn the kill switch on (every customer legacy at once)."""
         on = await self._store.get_kill()
         change = FlagChange(kind="kill", customer="*", old="on" if on else "off", new="on")
-        if not dry_run and not on:
-            await self._store.set_kill(True, actor=actor, reason=reason)
-        return OperationResult(
-            operation="rollback",
-            dry_run=dry_run,
+        return await self._finish(
+            "rollback",
+            [] if on else [change],
             actor=actor,
             reason=reason,
-            changes=[] if on else [change],
+            dry_run=dry_run,
             unchanged=["the kill switch is already on"] if on else [],
+            kill_note=False,
         )
 
     # -- guard -----------------------------------------------------------------------------------
@@ -410,7 +365,55 @@ class CutoverOps:
         """One guard pass: roll back the customers (or the rollout) over the guardrails."""
         return await self.guard().check(dry_run=dry_run)
 
-    # -- applying --------------------------------------------------------------------------------
+    # -- planning and applying -------------------------------------------------------------------
+
+    async def _plan_each(
+        self, customers: Sequence[str], plan: CustomerPlan
+    ) -> tuple[list[FlagChange], list[str]]:
+        """Every customer's changes and what stays unchanged; refuses all when any is refused."""
+        plans: list[FlagChange] = []
+        unchanged: list[str] = []
+        problems: list[str] = []
+        for customer in customers:
+            current, snapshot = await self.stage_of(customer)
+            try:
+                planned = plan(customer, current, snapshot)
+            except CutoverInputError as exc:
+                problems.append(str(exc))
+                continue
+            if isinstance(planned, str):
+                unchanged.append(planned)
+            else:
+                plans += planned
+        refuse(problems)
+        return plans, unchanged
+
+    async def _finish(
+        self,
+        operation: Operation,
+        changes: list[FlagChange],
+        *,
+        actor: str,
+        reason: str,
+        dry_run: bool,
+        unchanged: list[str] | None = None,
+        stripe_calls: list[StripeCall] | None = None,
+        kill_note: bool = True,
+    ) -> OperationResult:
+        """Apply ``changes`` in order (unless ``dry_run``) and report them."""
+        if not dry_run:
+            for change in changes:
+                await self._apply(change, actor=actor, reason=reason)
+        return OperationResult(
+            operation=operation,
+            dry_run=dry_run,
+            actor=actor,
+            reason=reason,
+            changes=changes,
+            stripe_calls=stripe_calls or [],
+            unchanged=unchanged or [],
+            notes=await self._kill_note() if kill_note else [],
+        )
 
     async def _apply(self, change: FlagChange, *, actor: str, reason: str) -> None:
         store, new = self._store, str(change.new)

@@ -11,6 +11,7 @@ from dualwrite.models import Stage
 
 __all__ = [
     "check_rollout",
+    "clear_schedule_change",
     "cutover_changes",
     "override_change",
     "plan_rollback",
@@ -44,16 +45,7 @@ def plan_rollback_all(
         changes.append(FlagChange(kind="default", customer="*", old=default.value, new=to.value))
     for customer, stage in sorted(overrides.items()):
         if stage.rank > to.rank:
-            changes.append(
-                FlagChange(
-                    kind="set_override",
-                    customer=customer,
-                    old=stage.value,
-                    new=to.value,
-                    stage_before=stage,
-                    stage_after=to,
-                )
-            )
+            changes.append(override_change(customer, stage, to, stage))
     for customer, entries in sorted(schedules.items()):
         if not any(stage.rank > to.rank for _, stage in entries):
             continue
@@ -61,21 +53,8 @@ def plan_rollback_all(
         current = due[-1] if due else None
         if customer not in overrides and current is not None:
             pinned = current if current.rank <= to.rank else to
-            changes.append(
-                FlagChange(
-                    kind="set_override",
-                    customer=customer,
-                    old=None,
-                    new=pinned.value,
-                    stage_before=current,
-                    stage_after=pinned,
-                )
-            )
-        changes.append(
-            FlagChange(
-                kind="clear_schedule", customer=customer, old=schedule_text(entries), new=None
-            )
-        )
+            changes.append(override_change(customer, None, pinned, current))
+        changes.append(clear_schedule_change(customer, entries))
     return changes
 
 
@@ -112,18 +91,9 @@ def plan_rollback(
     is already there with nothing scheduled."""
     changes: list[FlagChange] = []
     if snapshot.override is not target and (current is not target or snapshot.schedule):
-        changes.append(override_change(customer, snapshot, target, current))
+        changes.append(override_change(customer, snapshot.override, target, current))
     if snapshot.schedule:
-        changes.append(
-            FlagChange(
-                kind="clear_schedule",
-                customer=customer,
-                old=schedule_text(snapshot.schedule),
-                new=None,
-                stage_before=current,
-                stage_after=target,
-            )
-        )
+        changes.append(clear_schedule_change(customer, snapshot.schedule, current, target))
     return changes
 
 
@@ -145,15 +115,45 @@ def schedule_text(entries: Sequence[tuple[int, Stage]]) -> str:
     return ", ".join(f"{stage.value}@{at}" for at, stage in entries)
 
 
-def override_change(
-    customer: str, snapshot: FlagSnapshot, stage: Stage, current: Stage
-) -> FlagChange:
-    """Pin ``customer`` to ``stage`` by override."""
+def override_change(customer: str, old: Stage | None, stage: Stage, current: Stage) -> FlagChange:
+    """Pin ``customer`` (at ``current``, overridden to ``old`` if at all) to ``stage``."""
     return FlagChange(
         kind="set_override",
         customer=customer,
-        old=snapshot.override.value if snapshot.override else None,
+        old=old.value if old else None,
         new=stage.value,
+        stage_before=current,
+        stage_after=stage,
+    )
+
+
+def clear_schedule_change(
+    customer: str,
+    entries: Sequence[tuple[int, Stage]],
+    current: Stage | None = None,
+    after: Stage | None = None,
+) -> FlagChange:
+    """Clear ``customer``'s schedule ``entries`` (stages before and after, when known)."""
+    return FlagChange(
+        kind="clear_schedule",
+        customer=customer,
+        old=schedule_text(entries),
+        new=None,
+        stage_before=current,
+        stage_after=after,
+    )
+
+
+def _schedule_change(
+    customer: str, old: str | None, stage: Stage, at: int, current: Stage
+) -> FlagChange:
+    """A schedule entry moving ``customer`` from ``current`` to ``stage`` at ``at``."""
+    return FlagChange(
+        kind="schedule",
+        customer=customer,
+        old=old,
+        new=stage.value,
+        at=at,
         stage_before=current,
         stage_after=stage,
     )
@@ -175,17 +175,7 @@ def cutover_changes(
     if snapshot.override is not None:
         if when > now:
             # Keep the current stage until the instant: a schedule entry from now replaces the pin.
-            changes.append(
-                FlagChange(
-                    kind="schedule",
-                    customer=customer,
-                    old=old,
-                    new=current.value,
-                    at=now,
-                    stage_before=current,
-                    stage_after=current,
-                )
-            )
+            changes.append(_schedule_change(customer, old, current, now, current))
         changes.append(
             FlagChange(
                 kind="remove_override",
@@ -196,16 +186,6 @@ def cutover_changes(
                 stage_after=current if when > now else stage,
             )
         )
-    changes.append(
-        FlagChange(
-            kind="schedule",
-            customer=customer,
-            old=old,
-            new=stage.value,
-            at=when,
-            stage_before=current,
-            stage_after=stage,
-        )
-    )
+    changes.append(_schedule_change(customer, old, stage, when, current))
     # The schedule entry for the target goes in before the override leaves when it is due now.
     return changes if when > now else changes[-1:] + changes[:-1]

@@ -19,15 +19,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, cast
 
-import stripe
-
-from dualwrite.config import StripeSettings
 from dualwrite.cutover._cohorts import CutoverInputError
 from dualwrite.cutover._models import StripeCall
-from dualwrite.exceptions import DualwriteError
 from dualwrite.periods import INTERVALS, Interval, add_interval
-from dualwrite.stripe_io import failure_from_exception
-from dualwrite.stripe_io._http import PooledAIOHTTPClient
+from dualwrite.stripe_io import AccountStripe, StripeCallError
 
 __all__ = [
     "SCHEDULE_PLACEHOLDER",
@@ -45,8 +40,9 @@ SCHEDULE_PLACEHOLDER = "{schedule created by the previous call}"
 _SCHEDULES = "/v1/subscription_schedules"
 
 
-class CutoverStripeError(DualwriteError):
-    """Stripe refused a cutover's read or write (or cannot be reached); the message says which."""
+class CutoverStripeError(StripeCallError):
+    """Stripe refused a cutover's read or write (or cannot be reached: ``failure`` says how), or
+    its answer leaves no period end to cut over at (``failure`` is None)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,60 +147,15 @@ def _phase_item(item: SubscriptionItemPrice, price: str) -> dict[str, Any]:
     return entry
 
 
-class CutoverStripe:
-    """Stripe reads and writes of a cutover, with the account's key.
+class CutoverStripe(AccountStripe):
+    """Stripe reads and writes of a cutover, with the account's key, at ``legacy_api_version``.
 
     Args:
         settings: where Stripe is; ``legacy_api_version`` is sent on every call.
         api_key: the account's secret key (never logged or returned).
     """
 
-    def __init__(self, settings: StripeSettings, *, api_key: str) -> None:
-        self._version = settings.legacy_api_version
-        self._http = PooledAIOHTTPClient(
-            timeout=settings.timeout,
-            max_connections=4,
-            verify_tls=settings.api_base.startswith("https://"),
-        )
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": settings.api_base},
-            http_client=self._http,
-            max_network_retries=2,
-        )
-
-    @property
-    def stripe_version(self) -> str:
-        """The API version every call is sent at."""
-        return self._version
-
-    async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.close_async()
-
-    async def __aenter__(self) -> CutoverStripe:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def _request(
-        self, method: str, path: str, *, idempotency_key: str | None = None, **params: Any
-    ) -> dict[str, Any]:
-        options: dict[str, Any] = {"stripe_version": self._version}
-        if idempotency_key is not None:
-            options["idempotency_key"] = idempotency_key
-        try:
-            response = await self._client.raw_request_async(
-                method.lower(), path, **params, **options
-            )
-        except stripe.StripeError as exc:
-            failure = failure_from_exception(exc)
-            code = failure.code or failure.type
-            msg = f"{method} {path}: Stripe answered {failure.http_status or 'no'} {code}: "
-            raise CutoverStripeError(msg + failure.message) from exc
-        data = response.data
-        return dict(cast(dict[str, Any], data)) if isinstance(data, dict) else {}
+    error = CutoverStripeError
 
     async def subscription_period(self, customer: str) -> SubscriptionPeriod:
         """The customer's active subscription and its current period.
@@ -213,18 +164,8 @@ class CutoverStripe:
             CutoverStripeError: Stripe refused the read, the customer has no active
                 subscription, or several with different period ends.
         """
-        found: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            params: dict[str, Any] = {"customer": customer, "status": "active", "limit": 100}
-            if cursor is not None:
-                params["starting_after"] = cursor
-            page = await self._request("GET", "/v1/subscriptions", **params)
-            data = [dict(entry) for entry in page.get("data") or []]
-            found += data
-            if not page.get("has_more") or not data:
-                break
-            cursor = str(data[-1]["id"])
+        subs = self.list_all("/v1/subscriptions", customer=customer, status="active")
+        found = [sub async for sub in subs]
         if not found:
             msg = (
                 f"{customer} has no active subscription in Stripe, so it has no period end; "
@@ -249,7 +190,7 @@ class CutoverStripe:
         Raises:
             CutoverStripeError: Stripe refused the read (an unknown price, for one).
         """
-        data = await self._request("GET", f"/v1/prices/{price}")
+        data = await self.request("GET", f"/v1/prices/{price}")
         recurring = dict(data.get("recurring") or {})
         return PriceInfo(
             id=str(data.get("id", price)),
@@ -269,8 +210,8 @@ class CutoverStripe:
             CutoverStripeError: Stripe refused a call; when the second one fails the message
                 names the schedule the first one created.
         """
-        create, _ = plan_schedule(period, price=price, at=at, stripe_version=self._version)
-        created = await self._request(
+        create, _ = plan_schedule(period, price=price, at=at, stripe_version=self.stripe_version)
+        created = await self.request(
             "POST", create.path, idempotency_key=create.idempotency_key, **create.params
         )
         schedule = str(created.get("id", ""))
@@ -280,17 +221,17 @@ class CutoverStripe:
             period,
             price=price,
             at=at,
-            stripe_version=self._version,
+            stripe_version=self.stripe_version,
             schedule=schedule,
             phase_start=phase_start,
         )
         try:
-            updated = await self._request(
+            updated = await self.request(
                 "POST", update.path, idempotency_key=update.idempotency_key, **update.params
             )
         except CutoverStripeError as exc:
             msg = f"{exc} (schedule {schedule} was created; release it or retry the cutover)"
-            raise CutoverStripeError(msg) from exc
+            raise CutoverStripeError(msg, failure=exc.failure) from exc
         return [
             create.model_copy(update={"result_id": schedule}),
             update.model_copy(update={"result_id": str(updated.get("id", schedule))}),

@@ -258,7 +258,7 @@ async def _create(stripe: MigrationStripe, meter: PlannedMeter) -> str:
             meter.create_params(), idempotency_key=meter.idempotency_key
         )
     except MigrationStripeError as exc:
-        if exc.failure.code != "resource_already_exists":
+        if exc.failure is None or exc.failure.code != "resource_already_exists":
             raise
         for found in await stripe.meters():
             if found.event_name == meter.event_name and found.status == "active":

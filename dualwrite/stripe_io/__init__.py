@@ -13,10 +13,13 @@ stripe-python 12+ has no usage-record methods, so the legacy writer calls the en
 ``StripeWriter.retrieve_item`` reads a subscription item for the proxy (its price and lookup key, and
 its subscription's customer), with the proxy's caller's key. ``StripeReader`` makes the reads of
 ``dualwrite reconcile``: usage record summaries, meters, meter event summaries, a customer's items.
+``AccountStripe`` makes the operator commands' calls (cutover, meters, backfill) at the pinned
+version, page by page, their errors a ``StripeCallError`` carrying the ``StripeFailure``.
 """
 
 from __future__ import annotations
 
+from dualwrite.stripe_io._account import AccountStripe, StripeCallError
 from dualwrite.stripe_io._events import (
     ERROR_REPORT_EVENT,
     EventFetchError,
@@ -41,6 +44,7 @@ __all__ = [
     "ERROR_REPORT_EVENT",
     "MAX_STREAM_BATCH",
     "RETIRED_LEGACY_MARKER",
+    "AccountStripe",
     "EventFetchError",
     "EventSignatureError",
     "ItemDetails",
@@ -49,6 +53,7 @@ __all__ = [
     "MeterInfo",
     "MeterStream",
     "ReadThrottle",
+    "StripeCallError",
     "StripeReadError",
     "StripeReader",
     "StripeWriter",
