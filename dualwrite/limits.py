@@ -8,6 +8,14 @@ Two kinds of limit guard each write:
 * at most one meter call in flight per customer and meter event name, as Stripe allows on the v1
   meter path: a short lease in Redis (released when the call returns, expiring if the process dies).
 
+A process taking single units of a fast rate (the v1 meter path at 1,000/s) takes them from the
+shared GCRA in blocks, sized to what it used of the last block, and spends them locally: one Redis
+round trip per block instead of per write. A block's units expire ``W`` (a quarter of
+``burst_seconds``) after the block was asked for, and every take on such a path runs the GCRA with
+its burst tolerance shortened by ``W``. Units spent late therefore still fit the limit: what is spent
+in any window of length ``L`` was granted within ``L + W``, and the shortened burst keeps that at
+``rate * (L + burst_seconds)``, the bound single takes with the full burst have.
+
 A write that cannot get its turn within ``max_wait`` is not lost: it is refused locally with a
 retryable 429-like failure, so the outbox retries it later and the request path hands the caller a
 ``Retry-After``. Every wait is counted (``stats``).
@@ -27,12 +35,13 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
+from dualwrite import metrics
 from dualwrite.config import LimitSettings
 from dualwrite.exceptions import DualwriteError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.redis_client import as_int, store_errors
 
-__all__ = ["LimitPath", "LimitStats", "RateLimitedError", "WriteLimits"]
+__all__ = ["LimitPath", "LimitStats", "MeterTurn", "RateLimitedError", "WriteLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,13 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 10
 return 0
 """
 
+# Blocks of units: at most this many at once, spent within a quarter of the burst tolerance. A path
+# with fewer than four units in that quarter (legacy usage records at 100/s) takes them one by one:
+# blocks would gain little there and shorten its burst.
+_MAX_BLOCK = 16
+_MIN_BLOCK = 4
+_BLOCK_SHARE_OF_BURST = 0.25
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -70,16 +86,42 @@ class RateLimitedError(DualwriteError):
 
 @dataclass(slots=True)
 class LimitStats:
-    """How often writes had to wait, and for how long in all."""
+    """How often writes had to wait, for how long in all, and how often the shared rate granted."""
 
     waits: dict[str, int] = field(default_factory=dict)
     waited_seconds: dict[str, float] = field(default_factory=dict)
     refused: int = 0
+    grants: dict[str, int] = field(default_factory=dict)
+    """Round trips to the shared rate that granted units, per path (a block counts once)."""
 
     def note(self, what: str, seconds: float) -> None:
         """Count one wait."""
         self.waits[what] = self.waits.get(what, 0) + 1
         self.waited_seconds[what] = self.waited_seconds.get(what, 0.0) + seconds
+
+
+@dataclass(slots=True)
+class MeterTurn:
+    """A held meter turn: the lease key and this holder's token.
+
+    Whoever releases the lease in Redis on the holder's behalf (the outbox's settle script does, in
+    the settle's round trip) sets ``released``, and leaving ``meter_turn`` then skips its own release.
+    """
+
+    key: str
+    token: str
+    released: bool = False
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """Units of one path granted to this process in a block, not yet spent."""
+
+    left: int = 0
+    expires: float = 0.0
+    size: int = 0
+    used: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class WriteLimits:
@@ -109,9 +151,11 @@ class WriteLimits:
             weakref.WeakValueDictionary()
         )
         self._releases: set[asyncio.Task[None]] = set()
+        self._buckets: dict[LimitPath, _Bucket] = {}
 
     async def _count(self, what: str, *, waited: float = 0.0, held_back: bool = False) -> None:
         """Count a wait (or a write held back) here and in Redis, where the report reads it."""
+        metrics.count_rate_limit(what, waited, held_back)
         if held_back:
             self.stats.refused += 1
         else:
@@ -139,16 +183,66 @@ class WriteLimits:
         if rate <= 0:
             return
         interval_us = 1_000_000 / rate
-        burst_us = max(self.settings.burst_seconds * 1_000_000, interval_us * cost)
+        burst_us = self.settings.burst_seconds * 1_000_000
+        window_us = burst_us * _BLOCK_SHARE_OF_BURST
+        largest = min(_MAX_BLOCK, int(window_us / interval_us))
+        if largest < _MIN_BLOCK:
+            await self._take_shared(path, cost, burst_us, max_wait=max_wait)
+            return
+        burst_us -= window_us  # units of a block may be spent up to ``window_us`` after the grant
+        if cost > 1:
+            await self._take_shared(path, cost, burst_us, max_wait=max_wait)
+            return
+        bucket = self._buckets.get(path)
+        if bucket is None:
+            bucket = self._buckets[path] = _Bucket()
+        if bucket.left and time.monotonic() < bucket.expires:
+            bucket.left -= 1
+            bucket.used += 1
+            return
+        try:
+            if bucket.lock.locked():
+                async with asyncio.timeout(max_wait):
+                    await bucket.lock.acquire()
+            else:
+                await bucket.lock.acquire()
+        except TimeoutError:
+            await self._count(path, held_back=True)
+            msg = f"the {path} rate limit ({rate:g}/s) leaves no room within {max_wait:g}s"
+            raise RateLimitedError(msg, retry_after=interval_us / 1_000_000) from None
+        try:
+            if bucket.left and time.monotonic() < bucket.expires:  # refilled while we queued
+                bucket.left -= 1
+                bucket.used += 1
+                return
+            # Twice the last block if it was used up before it expired, else what was used of it.
+            grow = bucket.left == 0 and time.monotonic() < bucket.expires
+            size = min(largest, max(1, bucket.size * 2 if grow else bucket.used))
+            asked = await self._take_shared(path, size, burst_us, max_wait=max_wait)
+            bucket.size, bucket.used, bucket.left = size, 1, size - 1
+            bucket.expires = asked + window_us / 1_000_000
+        finally:
+            bucket.lock.release()
+
+    async def _take_shared(
+        self, path: LimitPath, cost: int, burst_us: float, *, max_wait: float
+    ) -> float:
+        """Take ``cost`` units from the shared GCRA; returns when (monotonic) the granting call
+        was sent, which is no later than Redis granted them."""
+        rate = self._rates[path]
+        interval_us = 1_000_000 / rate
+        burst_us = max(burst_us, interval_us * cost)
         key = self._keys.rate_limit(path)
         waited = 0.0
         while True:
+            asked = time.monotonic()
             async with store_errors("taking a rate-limit token"):
                 wait_us = as_int(await self._gcra(keys=[key], args=[interval_us, burst_us, cost]))
             if wait_us <= 0:
+                self.stats.grants[path] = self.stats.grants.get(path, 0) + 1
                 if waited:
                     await self._count(path, waited=waited)
-                return
+                return asked
             wait = wait_us / 1_000_000
             if waited + wait > max_wait:
                 await self._count(path, held_back=True)
@@ -160,14 +254,15 @@ class WriteLimits:
     @asynccontextmanager
     async def meter_turn(
         self, customer: str, event_name: str, *, max_wait: float
-    ) -> AsyncIterator[None]:
-        """Hold the one meter call allowed in flight for this customer and meter.
+    ) -> AsyncIterator[MeterTurn | None]:
+        """Hold the one meter call allowed in flight for this customer and meter (None: turns are
+        off); the lease is released on leaving, unless the turn says it was released already.
 
         Raises:
             RateLimitedError: another call kept the turn for longer than ``max_wait`` seconds.
         """
         if not self.settings.one_meter_call_per_customer:
-            yield
+            yield None
             return
         key = self._keys.for_customer(customer).meter_turn(customer, event_name)
         # Calls of this process queue on a local lock first, so that only calls from different
@@ -176,22 +271,25 @@ class WriteLimits:
         if local is None:
             local = self._local_turns[key] = asyncio.Lock()
         try:
-            async with asyncio.timeout(max_wait):
+            if local.locked():  # a timer only when there is something to wait for
+                async with asyncio.timeout(max_wait):
+                    await local.acquire()
+            else:
                 await local.acquire()
         except TimeoutError:
             await self._count("meter_turn", held_back=True)
             msg = f"another meter call for {customer}/{event_name} is still in flight"
             raise RateLimitedError(msg, retry_after=0.05) from None
         try:
-            async with self._redis_turn(key, customer, event_name, max_wait=max_wait):
-                yield
+            async with self._redis_turn(key, customer, event_name, max_wait=max_wait) as turn:
+                yield turn
         finally:
             local.release()
 
     @asynccontextmanager
     async def _redis_turn(
         self, key: str, customer: str, event_name: str, *, max_wait: float
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[MeterTurn]:
         token = uuid.uuid4().hex
         lease_ms = int(self.settings.turn_lease_seconds * 1000)
         waited, pause = 0.0, 0.002
@@ -209,19 +307,24 @@ class WriteLimits:
             pause = min(pause * 2, 0.05)
         if waited:
             await self._count("meter_turn", waited=waited)
+        turn = MeterTurn(key, token)
         try:
-            yield
+            yield turn
         finally:
-            try:
-                async with store_errors("releasing a meter turn"):
-                    await self._release(keys=[key], args=[token])
-            except StoreUnavailableError:
-                # A Redis with persistence keeps the lease across a restart: release it as soon as
-                # Redis answers again, rather than hold the customer's meter calls for the lease.
-                log.warning("could not release a meter turn (Redis); retrying in the background")
-                task = asyncio.create_task(self._release_later(key, token))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+            if not turn.released:
+                await self._release_turn(turn)
+
+    async def _release_turn(self, turn: MeterTurn) -> None:
+        try:
+            async with store_errors("releasing a meter turn"):
+                await self._release(keys=[turn.key], args=[turn.token])
+        except StoreUnavailableError:
+            # A Redis with persistence keeps the lease across a restart: release it as soon as
+            # Redis answers again, rather than hold the customer's meter calls for the lease.
+            log.warning("could not release a meter turn (Redis); retrying in the background")
+            task = asyncio.create_task(self._release_later(turn.key, turn.token))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def _release_later(self, key: str, token: str) -> None:
         deadline = time.monotonic() + self.settings.turn_lease_seconds

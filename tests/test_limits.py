@@ -78,6 +78,83 @@ class TestRates:
             await limits.take("stream", cost=100, max_wait=0)
 
 
+class TestBlocks:
+    """Single units of a fast rate come from the shared GCRA in blocks, and stay within it."""
+
+    async def test_a_busy_process_asks_the_shared_rate_once_per_block(self, clients, key_prefix):
+        """300 back-to-back meter units cost far fewer than 300 round trips to the shared rate."""
+        limits = limits_for(clients[0], key_prefix, meter_per_second=1000, burst_seconds=0.1)
+
+        async def take() -> None:
+            await limits.take("meter", max_wait=10)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(300):
+                group.start_soon(take)
+        assert limits.stats.grants["meter"] <= 300 // 4
+
+    async def test_sparse_takes_ask_for_one_unit_at_a_time(self, clients, key_prefix):
+        """A process taking a unit now and then takes blocks of one: no units wasted."""
+        limits = limits_for(clients[0], key_prefix, meter_per_second=1000, burst_seconds=0.1)
+        key = KeySpace(key_prefix).rate_limit("meter")
+        for _ in range(3):
+            await limits.take("meter", max_wait=1)
+            await anyio.sleep(0.05)  # longer than a block lives (a quarter of the burst)
+        assert limits.stats.grants["meter"] == 3
+        assert 0 < await clients[1].pttl(key) <= 1001  # one unit's interval ahead, at most
+
+    async def test_blocks_of_two_processes_keep_the_rate_over_every_window(
+        self, clients, key_prefix
+    ):
+        """Over any 50 ms window two processes spending blocked units stay within rate x (window +
+        burst), and 400 units need at least (400 - burst) / rate seconds."""
+        rate, burst = 2000.0, 0.05
+        limiters = [
+            limits_for(client, key_prefix, meter_per_second=rate, burst_seconds=burst)
+            for client in clients
+        ]
+        spent: list[float] = []
+
+        async def take(limits: WriteLimits) -> None:
+            await limits.take("meter", max_wait=10)
+            spent.append(time.monotonic())
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as group:
+            for limits in limiters:
+                for _ in range(200):
+                    group.start_soon(take, limits)
+        assert time.monotonic() - started >= (400 - rate * burst) / rate
+        assert all(limits.stats.grants["meter"] < 200 for limits in limiters)
+        spent.sort()
+        window = 0.05
+        most = max(
+            sum(1 for other in spent[index:] if other - moment <= window)
+            for index, moment in enumerate(spent)
+        )
+        assert most <= rate * (window + burst) + 1
+
+    async def test_a_burst_at_once_leaves_room_for_units_spent_late(self, clients, key_prefix):
+        """Units of a block may be spent up to a quarter of the burst after the grant, so a burst
+        taken at once is cut by that quarter: 1,000/s with a 0.4 s burst grants about 300, not 400."""
+        limits = limits_for(clients[0], key_prefix, meter_per_second=1000, burst_seconds=0.4)
+        taken = 0
+        started = time.monotonic()
+        with pytest.raises(RateLimitedError):
+            while True:
+                await limits.take("meter", max_wait=0)
+                taken += 1
+        elapsed = time.monotonic() - started
+        assert 250 <= taken <= 300 + 1000 * elapsed + 1
+
+    async def test_a_slow_path_is_never_blocked(self, clients, key_prefix):
+        """At 100/s with a 0.1 s burst a block would not fit a quarter of it: units go one by one."""
+        limits = limits_for(clients[0], key_prefix, legacy_per_second=100, burst_seconds=0.1)
+        for _ in range(5):
+            await limits.take("legacy", max_wait=1)
+        assert limits.stats.grants["legacy"] == 5
+
+
 class TestMeterTurns:
     """One meter call in flight per customer and meter."""
 

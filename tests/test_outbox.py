@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from redis.exceptions import ResponseError
 
 from dualwrite.engine import DualWriteEngine
-from dualwrite.models import Stage
+from dualwrite.ledger import LedgerUpdate
+from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
+from dualwrite.models import Leg, Stage
 from dualwrite.outbox import OUTBOX_GROUP, OutboxEntry, OutboxWorker
+from dualwrite.outbox._store import _Coalesced
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, set_stage, usage
@@ -94,6 +99,116 @@ class TestDuplicateDelivery:
             await OutboxWorker(engine.outbox, engine.writer, consumer="w").drain()
         assert standin.meter_total(shadow_customer.customer, EVENT_NAME) == 4
         assert len(standin.meter_events(shadow_customer.customer)) == 1
+
+
+class TestMeterTurnRelease:
+    """The settle releases a v1 write's meter turn in its own round trip."""
+
+    async def test_the_turn_is_held_until_the_settle_releases_it(
+        self, engine, shadow_customer, standin
+    ):
+        """Inside ``delivery`` the turn is held; the settle frees it, before the block is left."""
+        await engine.record(usage(shadow_customer, 3))
+        await engine.outbox.ensure_groups()
+        [(shard, entry_id, payload)] = await engine.outbox.read("w", count=1, block_ms=None)
+        entry = OutboxEntry.parse(payload)
+        other = WriteLimits(engine.redis, engine.keys, engine.settings.limits)
+        async with engine.writer.delivery(Leg.METER, entry.event, max_wait=1) as (result, turn):
+            assert result.accepted and turn is not None
+            assert await engine.redis.get(turn.key) == turn.token
+            with pytest.raises(RateLimitedError):
+                async with other.meter_turn(entry.event.customer, EVENT_NAME, max_wait=0.02):
+                    pass
+            update = LedgerUpdate(shard, entry.event, entry.period).shadow_accepted(Leg.METER, 3)
+            assert await engine.outbox.settle(shard, entry_id, update, turn=turn)
+            assert turn.released and await engine.redis.exists(turn.key) == 0
+        assert await meter_qty(engine, shadow_customer.customer) == (3, 3)
+
+    async def test_an_entry_settled_already_still_frees_the_turn(self, engine, shadow_customer):
+        """A settle that finds its entry gone changes nothing else, but its holder is done."""
+        await engine.record(usage(shadow_customer, 2))
+        await engine.outbox.ensure_groups()
+        [(shard, entry_id, payload)] = await engine.outbox.read("w", count=1, block_ms=None)
+        event = OutboxEntry.parse(payload).event
+        update = LedgerUpdate(shard, event, None).shadow_accepted(Leg.METER, 2)
+        assert await engine.outbox.settle(shard, entry_id, update)
+        limits = engine.writer.limits
+        assert limits is not None
+        async with limits.meter_turn(event.customer, EVENT_NAME, max_wait=1) as turn:
+            assert turn is not None
+            again = LedgerUpdate(shard, event, None).shadow_accepted(Leg.METER, 2)
+            assert not await engine.outbox.settle(shard, entry_id, again, turn=turn)
+            assert turn.released and await engine.redis.exists(turn.key) == 0
+        assert await meter_qty(engine, shadow_customer.customer) == (2, 2)
+
+    async def test_another_holders_turn_and_another_slots_turn_are_left_alone(
+        self, engine, shadow_customer
+    ):
+        """A lease now held by someone else, or a key the script cannot touch, is not released."""
+        await engine.record(usage(shadow_customer, 1))
+        await engine.outbox.ensure_groups()
+        [(shard, entry_id, payload)] = await engine.outbox.read("w", count=1, block_ms=None)
+        event = OutboxEntry.parse(payload).event
+        key = shard.meter_turn(event.customer, EVENT_NAME)
+        await engine.redis.set(key, "someone-else", px=5000)
+        update = LedgerUpdate(shard, event, None).shadow_accepted(Leg.METER, 1)
+        assert await engine.outbox.settle(shard, entry_id, update, turn=MeterTurn(key, "mine"))
+        assert await engine.redis.get(key) == "someone-else"
+        elsewhere = MeterTurn(f"{engine.keys.prefix}:{{s99}}:turn:cus_x:{EVENT_NAME}", "mine")
+        await engine.redis.set(elsewhere.key, "mine", px=5000)
+        assert not await engine.outbox.settle(shard, entry_id, update, turn=elsewhere)
+        assert not elsewhere.released and await engine.redis.get(elsewhere.key) == "mine"
+
+    async def test_a_drained_outbox_leaves_no_turn_held(self, engine, shadow_customer, standin):
+        """Every v1 delivery's turn is gone once the outbox is drained."""
+        for quantity in range(1, 6):
+            await engine.record(usage(shadow_customer, quantity))
+        worker = OutboxWorker(engine.outbox, engine.writer, consumer="w")
+        with anyio.fail_after(10):
+            await worker.drain()
+        assert worker.counts["accepted"] == 5
+        assert standin.meter_total(shadow_customer.customer, EVENT_NAME) == 15
+        turns = [key async for key in engine.redis.scan_iter(f"{engine.keys.prefix}:*:turn:*")]
+        assert turns == []
+
+
+class TestCoalescedSettles:
+    """Settles asked for together go to Redis in one pipeline, each with its own reply."""
+
+    async def test_runs_of_one_turn_each_get_their_own_reply_or_error(self, engine, key_prefix):
+        """Five runs at once: four replies, one script error raised to its own caller only; a
+        script Redis does not know yet (NOSCRIPT) is loaded and run."""
+        source = (
+            f"-- {key_prefix}\nif ARGV[1] == 'bad' then return redis.error_reply('bad run') end\n"
+        )
+        script = engine.redis.register_script(source + "return KEYS[1] .. ':' .. ARGV[1]")
+        assert await engine.redis.script_exists(script.sha) == [False]
+        coalesced = _Coalesced(engine.redis, script)
+        key = f"{key_prefix}:{{s0}}:probe"
+        replies = await asyncio.gather(
+            *(coalesced([key], [arg]) for arg in ("a", "b", "bad", "c", "d")),
+            return_exceptions=True,
+        )
+        assert replies[:2] + replies[3:] == [f"{key}:{arg}" for arg in "abcd"]
+        assert isinstance(replies[2], ResponseError) and "bad run" in str(replies[2])
+        assert await engine.redis.script_exists(script.sha) == [True]
+
+    async def test_concurrent_settles_of_one_entry_count_once(self, engine, shadow_customer):
+        """Three settles of one entry in one turn: one applies, the others find it gone."""
+        await engine.record(usage(shadow_customer, 4))
+        await engine.outbox.ensure_groups()
+        [(shard, entry_id, payload)] = await engine.outbox.read("w", count=1, block_ms=None)
+        event = OutboxEntry.parse(payload).event
+        done = await asyncio.gather(
+            *(
+                engine.outbox.settle(
+                    shard, entry_id, LedgerUpdate(shard, event, None).shadow_accepted(Leg.METER, 4)
+                )
+                for _ in range(3)
+            )
+        )
+        assert sorted(done) == [False, False, True]
+        assert await meter_qty(engine, shadow_customer.customer) == (4, 4)
 
 
 class TestBadEntries:

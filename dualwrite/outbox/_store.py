@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
-from redis.exceptions import ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 
 from dualwrite.config import OutboxSettings
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import Ledger, LedgerUpdate
+from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent
-from dualwrite.redis_client import as_int, store_errors, stream_entries, streams_reply
+from dualwrite.redis_client import (
+    as_int,
+    is_cluster,
+    read_groups,
+    store_errors,
+    stream_entries,
+    streams_reply,
+)
+from dualwrite.rollups import ROLLUP_LUA
 
 __all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "Outbox", "OutboxDepth", "OutboxEntry"]
 
@@ -21,13 +33,19 @@ log = logging.getLogger(__name__)
 OUTBOX_GROUP = "dualwrite-workers"
 DEAD_MAXLEN = 1_000_000
 
-# KEYS: outbox, ledger hash, ledger index, divergence, dead letters
-# ARGV: group, entry id, index member, index score, divergence maxlen, dead maxlen,
-#       then three lists, each a count followed by name/value pairs: increments, divergence, dead letter
-_SETTLE = """
+# KEYS: outbox, ledger hash, ledger index, divergence, dead letters, rollup, rollup index,
+#       [meter turn]
+# ARGV: group, entry id, index member, index score, divergence maxlen, dead maxlen, turn token ('':
+#       no turn to release), then three lists, each a count followed by name/value pairs:
+#       increments, divergence, dead letter
+# The meter turn is released first: also when the entry was settled already, as its holder is done.
+_SETTLE = (
+    ROLLUP_LUA
+    + """
+if ARGV[7] ~= '' and redis.call('GET', KEYS[8]) == ARGV[7] then redis.call('DEL', KEYS[8]) end
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
-local i = 7
+local i = 8
 local function pairs_at()
   local n = tonumber(ARGV[i]); i = i + 1
   local out = {}
@@ -36,13 +54,17 @@ local function pairs_at()
 end
 local incr = pairs_at()
 for j = 1, #incr, 2 do redis.call('HINCRBY', KEYS[2], incr[j], incr[j + 1]) end
-if #incr > 0 then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3]) end
+if #incr > 0 then
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+  ledger_rollup(KEYS[2], ARGV[3], ARGV[4], KEYS[6], KEYS[7])
+end
 local div = pairs_at()
 if #div > 0 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(div)) end
 local dead = pairs_at()
 if #dead > 0 then redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(dead)) end
 return 1
 """
+)
 
 # KEYS: outbox, retry set; ARGV: group, entry id, due time, payload
 _RESCHEDULE = """
@@ -109,6 +131,64 @@ class OutboxDepth(BaseModel):
         return self.ready + self.scheduled
 
 
+class _Coalesced:
+    """Runs of one script asked for within one turn of the event loop go to Redis in one pipeline
+    (deliveries finishing together settle together): each run stays atomic on its own, only the
+    round trip and the client's per-command work are shared. A single run is sent as it is."""
+
+    def __init__(self, redis: aioredis.Redis, script: AsyncScript):
+        self._redis = redis
+        self._script = script
+        self._queue: list[tuple[list[str], list[str | int | float], asyncio.Future[object]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: list[str], args: list[str | int | float]) -> object:
+        """The script's reply (or its error) for these keys and arguments."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, batch: list[tuple[list[str], list[str | int | float], asyncio.Future[object]]]
+    ) -> None:
+        replies: list[object]
+        try:
+            if len(batch) == 1:
+                keys, args, _ = batch[0]
+                replies = [await self._script(keys=keys, args=args)]
+            else:
+                # EVALSHA by hand: a pipeline holding Script objects asks SCRIPT EXISTS every time.
+                pipe = self._redis.pipeline(transaction=False)
+                for keys, args, _ in batch:
+                    pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the same failure for every caller, raised where it waits
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (keys, args, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
+                try:
+                    reply = await self._script(keys=keys, args=args)
+                except Exception as exc:
+                    reply = exc
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
 class Outbox:
     """The outbox streams of every shard, and the atomic steps workers take on them."""
 
@@ -120,6 +200,8 @@ class Outbox:
         self.settings = settings
         self.ledger = ledger
         self._settle = redis.register_script(_SETTLE)
+        # On a cluster the runs of one turn span slots and nodes: each goes on its own.
+        self._settle_one = None if is_cluster(redis) else _Coalesced(redis, self._settle)
         self._reschedule = redis.register_script(_RESCHEDULE)
         self._promote = redis.register_script(_PROMOTE)
         self._groups_ready = False
@@ -145,8 +227,13 @@ class Outbox:
         """New entries for ``consumer``: (shard, entry id, payload)."""
         shards = {shard.outbox: shard for shard in self.keys.all_shards()}
         async with store_errors("reading the outbox"):
-            reply = await self._redis.xreadgroup(
-                OUTBOX_GROUP, consumer, dict.fromkeys(shards, ">"), count=count, block=block_ms
+            reply = await read_groups(
+                self._redis,
+                OUTBOX_GROUP,
+                consumer,
+                dict.fromkeys(shards, ">"),
+                count=count,
+                block_ms=block_ms,
             )
         return [
             (shards[stream], entry_id, fields.get("entry", ""))
@@ -186,12 +273,54 @@ class Outbox:
         *,
         divergence: dict[str, str] | None = None,
         dead: dict[str, str] | None = None,
+        turn: MeterTurn | None = None,
     ) -> bool:
         """Acknowledge an entry and apply its ledger update (and divergence, dead letter) atomically.
 
-        Returns False, changing nothing, when the entry was no longer pending (another worker
+        ``turn``, a meter turn held for the entry's write, is released in the same script (and
+        marked released) when its key is in ``shard``'s slot; else its holder releases it.
+
+        Returns False, changing nothing else, when the entry was no longer pending (another worker
         settled it).
         """
+        if turn is not None and not turn.key.startswith(shard.tag + ":"):
+            turn = None  # another slot: a script cannot touch both on a cluster
+        keys, args = self._settle_call(shard, entry_id, update, divergence, dead, turn)
+        async with store_errors("settling an outbox entry"):
+            if self._settle_one is None:
+                done = as_int(await self._settle(keys=keys, args=args)) == 1
+            else:
+                done = as_int(await self._settle_one(keys, args)) == 1
+        if turn is not None:
+            turn.released = True
+        return done
+
+    async def settle_many(self, items: Sequence[tuple[ShardKeys, str, LedgerUpdate]]) -> list[bool]:
+        """``settle`` for many entries in one round trip (a v2 stream batch): each entry's script
+        is atomic on its own, exactly as ``settle``; only the round trips are shared.
+
+        Returns, per entry, False when it was no longer pending.
+        """
+        if is_cluster(self._redis):  # entries of several slots: one call each, as ``settle``
+            return [await self.settle(shard, entry_id, update) for shard, entry_id, update in items]
+        pipe = self._redis.pipeline(transaction=False)
+        for shard, entry_id, update in items:
+            keys, args = self._settle_call(shard, entry_id, update, None, None, None)
+            await self._settle(keys=keys, args=args, client=pipe)
+        async with store_errors("settling outbox entries"):
+            replies = await pipe.execute()
+        return [as_int(reply) == 1 for reply in replies]
+
+    def _settle_call(
+        self,
+        shard: ShardKeys,
+        entry_id: str,
+        update: LedgerUpdate,
+        divergence: dict[str, str] | None,
+        dead: dict[str, str] | None,
+        turn: MeterTurn | None,
+    ) -> tuple[list[str], list[str | int | float]]:
+        """The settle script's keys and arguments."""
         args: list[str | int | float] = [
             OUTBOX_GROUP,
             entry_id,
@@ -199,15 +328,24 @@ class Outbox:
             update.index_score,
             self.ledger.divergence_maxlen,
             DEAD_MAXLEN,
+            turn.token if turn is not None else "",
             *update.script_args(),
         ]
         for extra in (divergence or {}, dead or {}):
             args.append(len(extra))
             for name, value in extra.items():
                 args += [name, value]
-        keys = [shard.outbox, update.key, shard.ledger_index, shard.divergence, shard.dead]
-        async with store_errors("settling an outbox entry"):
-            return as_int(await self._settle(keys=keys, args=args)) == 1
+        keys = [
+            shard.outbox,
+            update.key,
+            shard.ledger_index,
+            shard.divergence,
+            shard.dead,
+            *update.rollup_keys,
+        ]
+        if turn is not None:
+            keys.append(turn.key)
+        return keys, args
 
     async def reschedule(
         self, shard: ShardKeys, entry_id: str, entry: OutboxEntry, *, due: float
@@ -228,7 +366,12 @@ class Outbox:
             pipe = self._redis.pipeline(transaction=True)
             pipe.xack(shard.outbox, OUTBOX_GROUP, entry_id)
             pipe.xdel(shard.outbox, entry_id)
-            pipe.xadd(shard.dead, {"entry": payload, "reason": reason, "at": f"{at:.3f}"})
+            pipe.xadd(
+                shard.dead,
+                {"entry": payload, "reason": reason, "at": f"{at:.3f}"},
+                maxlen=DEAD_MAXLEN,
+                approximate=True,
+            )
             await pipe.execute()
 
     async def depth(self) -> OutboxDepth:

@@ -14,6 +14,7 @@ from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, Protocol
 
+from dualwrite import metrics
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import ShardKeys
 from dualwrite.ledger import (
@@ -23,6 +24,7 @@ from dualwrite.ledger import (
     divergence_fields,
     failure_code,
 )
+from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
 from dualwrite.outbox._store import Outbox, OutboxEntry
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 
 Disposition = Literal["accepted", "retry", "dead", "skipped"]
+
+# Due retries are promoted at most this often (seconds) while the worker is busy: a backoff is
+# seconds long, and a Lua call on every shard per read cost v1 delivery a round trip per event.
+_PROMOTE_EVERY = 0.1
 
 
 class MeterAccepted(Protocol):
@@ -70,7 +76,9 @@ class OutboxWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_claim = 0.0
+        self._last_promote = -_PROMOTE_EVERY
         self._inflight: set[asyncio.Task[None]] = set()
+        self._backlog = False  # the last read was full: more entries are probably waiting
         self.counts: dict[Disposition, int] = {"accepted": 0, "retry": 0, "dead": 0, "skipped": 0}
 
     async def start(self) -> None:
@@ -96,8 +104,10 @@ class OutboxWorker:
         failures = 0
         try:
             while not self._stopping.is_set():
+                backlog = False
                 try:
                     await self._fill(block_ms=None if self._inflight else self.settings.block_ms)
+                    backlog, self._backlog = self._backlog, False
                     failures = 0
                 except StoreUnavailableError as exc:
                     failures += 1
@@ -106,6 +116,10 @@ class OutboxWorker:
                 except Exception:
                     failures += 1
                     log.exception("outbox worker round failed")
+                if backlog and len(self._inflight) < self.settings.concurrency:
+                    # A full read (a v2 read is capped by batch_size) leaves entries waiting and
+                    # slots free: read again now rather than after the next delivery finishes.
+                    continue
                 if self._inflight:
                     # Read more as soon as any delivery frees a slot: a slow call to Stripe never
                     # holds up the others.
@@ -118,14 +132,18 @@ class OutboxWorker:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
 
-    async def _fill(self, *, block_ms: int | None) -> int:
-        """Promote due retries, claim stale entries, and start deliveries for free slots."""
+    async def _fill(self, *, block_ms: int | None, promote: bool = False) -> int:
+        """Promote due retries (every ``_PROMOTE_EVERY`` seconds, or now if ``promote``), claim
+        stale entries, and start deliveries for free slots."""
         free = self.settings.concurrency - len(self._inflight)
         if free <= 0:
             return 0
         await self.outbox.ensure_groups()
         now = self._clock()
-        await self.outbox.promote_due(now=now)
+        ticked = time.monotonic()  # not ``clock``: a test clock may stand still
+        if promote or ticked - self._last_promote >= _PROMOTE_EVERY:
+            self._last_promote = ticked
+            await self.outbox.promote_due(now=now)
         batch: list[tuple[ShardKeys, str, str]] = []
         if now - self._last_claim >= self.settings.claim_idle_seconds / 2:
             self._last_claim = now
@@ -137,11 +155,9 @@ class OutboxWorker:
         if not batch:
             # On the v2 stream one delivery carries up to 100 entries: read enough to fill them.
             per_slot = MAX_STREAM_BATCH if self.writer.meter_path == "v2" else 1
-            batch = await self.outbox.read(
-                self.consumer,
-                count=min(free * per_slot, self.settings.batch_size),
-                block_ms=block_ms,
-            )
+            count = min(free * per_slot, self.settings.batch_size)
+            batch = await self.outbox.read(self.consumer, count=count, block_ms=block_ms)
+            self._backlog = len(batch) >= count
         streamed: list[tuple[ShardKeys, str, OutboxEntry]] = []
         for shard, entry_id, payload in batch:
             entry = self._streamable(payload)
@@ -173,7 +189,7 @@ class OutboxWorker:
 
         Returns how many entries were handled.
         """
-        handled = await self._fill(block_ms=block_ms)
+        handled = await self._fill(block_ms=block_ms, promote=True)
         if self._inflight:
             await asyncio.gather(*self._inflight)
         return handled
@@ -218,35 +234,76 @@ class OutboxWorker:
         except ValueError:
             log.error("outbox entry %s is unreadable; dead-lettering it", entry_id)
             return await self._dead_unreadable(shard, entry_id, payload)
-        result = await self.writer.write(
+        # The settle releases the v1 meter turn in its own round trip; the turn is held until then.
+        async with self.writer.delivery(
             entry.leg, entry.event, value=entry.value, max_wait=self.max_wait
-        )
-        return await self._settle_result(shard, entry_id, entry, result)
+        ) as (result, turn):
+            disposition = await self._settle_result(
+                shard, entry_id, entry, result, turn=turn, notify=False
+            )
+        if disposition == "accepted":
+            await self._notify_accepted(entry)
+        return disposition
 
     async def deliver_stream(
         self, items: list[tuple[ShardKeys, str, OutboxEntry]]
     ) -> list[Disposition]:
-        """Write up to 100 meter-leg entries in one call of the v2 stream, then settle each."""
+        """Write up to 100 meter-leg entries in one call of the v2 stream, then settle each (the
+        accepted ones in one round trip)."""
         results = await self.writer.write_meter_batch(
             [(entry.event, entry.value) for _, _, entry in items], max_wait=self.max_wait
         )
+        pairs = list(zip(items, results, strict=True))
+        accepted = [(item, result) for item, result in pairs if result.accepted]
+        settled: dict[str, Disposition] = {}
+        if accepted:
+            now = self._clock()
+            updates = []
+            for (shard, entry_id, entry), result in accepted:
+                metrics.count_shadow(entry, result, now)
+                update = LedgerUpdate(shard, entry.event, entry.period)
+                updates.append((shard, entry_id, update.shadow_accepted(entry.leg, entry.value)))
+            done = await self.outbox.settle_many(updates)
+            for ((_, entry_id, entry), _result), ok in zip(accepted, done, strict=True):
+                if ok:
+                    await self._notify_accepted(entry)
+                settled[entry_id] = "accepted" if ok else "skipped"
         return [
-            await self._settle_result(shard, entry_id, entry, result)
-            for (shard, entry_id, entry), result in zip(items, results, strict=True)
+            settled[entry_id]
+            if result.accepted
+            else await self._settle_result(shard, entry_id, entry, result)
+            for (shard, entry_id, entry), result in pairs
         ]
 
+    async def _notify_accepted(self, entry: OutboxEntry) -> None:
+        """Tell ``on_meter_accepted`` about a settled meter write."""
+        if entry.leg is Leg.METER and self._on_meter_accepted is not None:
+            await self._on_meter_accepted(
+                entry.event, value=entry.value, stage=entry.stage, period=entry.period
+            )
+
     async def _settle_result(
-        self, shard: ShardKeys, entry_id: str, entry: OutboxEntry, result: WriteResult
+        self,
+        shard: ShardKeys,
+        entry_id: str,
+        entry: OutboxEntry,
+        result: WriteResult,
+        *,
+        turn: MeterTurn | None = None,
+        notify: bool = True,
     ) -> Disposition:
-        """Acknowledge, reschedule or dead-letter an entry according to its write's result."""
+        """Acknowledge, reschedule or dead-letter an entry according to its write's result.
+
+        ``turn`` (the write's meter turn) is released by the settle when it is accepted or dead;
+        ``notify`` False leaves ``on_meter_accepted`` to the caller.
+        """
+        metrics.count_shadow(entry, result, self._clock())
         update = LedgerUpdate(shard, entry.event, entry.period)
         if result.accepted:
             update.shadow_accepted(entry.leg, entry.value)
-            done = await self.outbox.settle(shard, entry_id, update)
-            if done and entry.leg is Leg.METER and self._on_meter_accepted is not None:
-                await self._on_meter_accepted(
-                    entry.event, value=entry.value, stage=entry.stage, period=entry.period
-                )
+            done = await self.outbox.settle(shard, entry_id, update, turn=turn)
+            if done and notify:
+                await self._notify_accepted(entry)
             return "accepted" if done else "skipped"
         failure = result.failure
         age = self._clock() - entry.enqueued_at
@@ -258,7 +315,12 @@ class OutboxWorker:
             done = await self.outbox.reschedule(shard, entry_id, retry, due=self._clock() + delay)
             return "retry" if done else "skipped"
         return await self._dead(
-            shard, entry_id, entry, result, expired=failure is not None and failure.retryable
+            shard,
+            entry_id,
+            entry,
+            result,
+            expired=failure is not None and failure.retryable,
+            turn=turn,
         )
 
     async def _dead(
@@ -269,6 +331,7 @@ class OutboxWorker:
         result: WriteResult,
         *,
         expired: bool,
+        turn: MeterTurn | None = None,
     ) -> Disposition:
         message = (result.failure.message if result.failure else "") or ""
         retired = entry.leg is Leg.LEGACY and RETIRED_LEGACY_MARKER in message
@@ -303,7 +366,11 @@ class OutboxWorker:
             "error": describe_failure(result.failure) or "",
             "at": f"{self._clock():.3f}",
         }
-        done = await self.outbox.settle(shard, entry_id, update, divergence=divergence, dead=dead)
+        done = await self.outbox.settle(
+            shard, entry_id, update, divergence=divergence, dead=dead, turn=turn
+        )
+        if done:
+            metrics.count_dead(entry.leg, dead["reason"])
         return "dead" if done else "skipped"
 
     async def _dead_unreadable(self, shard: ShardKeys, entry_id: str, payload: str) -> Disposition:

@@ -12,7 +12,7 @@ import stripe
 
 from dualwrite.config import MeterMapping, StripeSettings
 from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.limits import RateLimitedError, WriteLimits
+from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.models import Leg, StripeFailure, UsageEvent, WriteResult
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception, refused
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
@@ -110,38 +110,65 @@ class StripeWriter:
         a rate-limit turn (default: the request path's), after which the write is refused with a
         retryable local 429.
         """
-        try:
-            async with self._turn(leg, event, max_wait):
-                if leg is Leg.LEGACY:
-                    return await self.write_legacy(event, api_key=api_key)
-                return await self.write_meter(event, value=value, api_key=api_key)
-        except RateLimitedError as exc:
-            return _held_back(leg, exc)
+        delivery = self.delivery(leg, event, value=value, api_key=api_key, max_wait=max_wait)
+        async with delivery as (result, _turn):
+            return result
 
     @asynccontextmanager
-    async def _turn(
-        self, leg: Leg, event: UsageEvent, max_wait: float | None
-    ) -> AsyncIterator[None]:
+    async def delivery(
+        self,
+        leg: Leg,
+        event: UsageEvent,
+        *,
+        value: int | None = None,
+        api_key: str | None = None,
+        max_wait: float | None = None,
+    ) -> AsyncIterator[tuple[WriteResult, MeterTurn | None]]:
+        """``write``, still holding the v1 meter turn (if one was taken) inside the block.
+
+        Settle inside the block and hand the turn to ``Outbox.settle``: the settle's script then
+        releases it in the same round trip; whatever is left unreleased is released on leaving.
+        """
+        async with AsyncExitStack() as stack:
+            held: WriteResult | None = None
+            turn: MeterTurn | None = None
+            try:
+                turn = await self._take_turn(stack, leg, event, max_wait)
+            except RateLimitedError as exc:
+                await stack.aclose()  # give a turn taken before the refusal back at once
+                held = _held_back(leg, exc)
+            if held is not None:
+                yield held, None
+                return
+            if leg is Leg.LEGACY:
+                result = await self.write_legacy(event, api_key=api_key)
+            else:
+                result = await self.write_meter(event, value=value, api_key=api_key)
+            yield result, turn
+
+    async def _take_turn(
+        self, stack: AsyncExitStack, leg: Leg, event: UsageEvent, max_wait: float | None
+    ) -> MeterTurn | None:
+        """Wait for the limits ``leg`` goes through; the meter turn stays held in ``stack``."""
         limits = self.limits
         if limits is None:
-            yield
-            return
+            return None
         wait = limits.settings.request_max_wait if max_wait is None else max_wait
-        async with AsyncExitStack() as stack:
-            try:
-                if leg is Leg.LEGACY:
-                    await limits.take("legacy", max_wait=wait)
-                elif self._settings.meter_path == "v2":
-                    await limits.take("stream", max_wait=wait)  # no per-customer turn on v2
-                else:
-                    await stack.enter_async_context(
-                        limits.meter_turn(event.customer, event.event_name, max_wait=wait)
-                    )
-                    await limits.take("meter", max_wait=wait)
-            except StoreUnavailableError:
-                # Limits are a courtesy to Stripe; losing Redis must not stop the write itself.
-                log.warning("rate limits unavailable (Redis); writing without them")
-            yield
+        turn: MeterTurn | None = None
+        try:
+            if leg is Leg.LEGACY:
+                await limits.take("legacy", max_wait=wait)
+            elif self._settings.meter_path == "v2":
+                await limits.take("stream", max_wait=wait)  # no per-customer turn on v2
+            else:
+                turn = await stack.enter_async_context(
+                    limits.meter_turn(event.customer, event.event_name, max_wait=wait)
+                )
+                await limits.take("meter", max_wait=wait)
+        except StoreUnavailableError:
+            # Limits are a courtesy to Stripe; losing Redis must not stop the write itself.
+            log.warning("rate limits unavailable (Redis); writing without them")
+        return turn
 
     async def write_legacy(self, event: UsageEvent, *, api_key: str | None = None) -> WriteResult:
         """Create a usage record on the event's subscription item."""
@@ -191,20 +218,20 @@ class StripeWriter:
         options = self._options(event, Leg.METER, api_key)
         if isinstance(options, WriteResult):
             return options
-        params: dict[str, Any] = {
-            "event_name": event.event_name,
-            "payload": self._payload(event, amount),
-            "identifier": event.meter_identifier,
-            "timestamp": event.timestamp,
-        }
         try:
-            created = await self._client.v1.billing.meter_events.create_async(
-                params,  # type: ignore[arg-type]
-                options,  # type: ignore[arg-type]
+            # A raw request: the reply is read as a dict, not built into a StripeObject first.
+            response = await self._client.raw_request_async(
+                "post",
+                "/v1/billing/meter_events",
+                event_name=event.event_name,
+                payload=self._payload(event, amount),
+                identifier=event.meter_identifier,
+                timestamp=event.timestamp,
+                **options,
             )
         except stripe.StripeError as exc:
             return refused(Leg.METER, exc)
-        body = created.to_dict()
+        body = as_dict(response.data)
         return WriteResult(
             leg=Leg.METER,
             accepted=True,
