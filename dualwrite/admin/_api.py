@@ -228,12 +228,24 @@ async def _body(
     if not raw.strip():
         raise ApiError(400, "A JSON object is required as the request body.")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=_json_number, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return _validate(model, data, strict=True)
+
+
+def _json_number(text: str) -> int | float:
+    """A JSON number with a fraction part: ``568.0`` is the integer 568 (as JSON Schema counts it),
+    so that an integer field takes it under strict validation; ``2.5`` stays a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _no_constant(name: str) -> None:
+    """``NaN`` and ``Infinity`` are not JSON (Python's parser accepts them by default)."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _validate(model: type[M] | None, data: dict[str, Any], *, strict: bool) -> M | None:

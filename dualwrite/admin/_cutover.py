@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dualwrite.admin._api import AdminContext, ApiError, Call, Endpoint
 from dualwrite.admin._flags import CustomerPath, _Change, _Input
@@ -69,6 +69,16 @@ class _Move(_Change):
 
 class RolloutRequest(_Move):
     """A percentage rollout (``percent``) or a named cohort (``customers``) to ``stage``."""
+
+    # Exactly one of the two, said in the document as the handler enforces it.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                for name in ("percent", "customers")
+            ]
+        }
+    )
 
     stage: Stage = Field(description="shadow, primary or meter (legacy only for a cohort).")
     percent: float | str | None = Field(
