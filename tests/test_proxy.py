@@ -4,6 +4,7 @@ the official stripe-python SDK (or plain httpx, to see the wire) as the caller."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import logging
@@ -24,7 +25,6 @@ from dualwrite.config import ItemMapping, MeterMapping, Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Stage
 from dualwrite.proxy import HEALTH_PATH, RunningProxy, create_proxy_app, record_id, serve_proxy
-from dualwrite.proxy._pool import ShardedTransport
 from dualwrite.report import build_report, render_table
 from dualwrite.testing import StripeStandin, serve_standin
 from tests.conftest import STRIPE_KEY
@@ -120,6 +120,9 @@ def serve_asgi(app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> Iterat
         thread.join(timeout=10)
 
 
+GZIPPED = gzip.compress(b'{"object": "customer", "id": "cus_gzip"}', mtime=0)
+
+
 class Recorder:
     """An upstream that records what reaches it: headers, and body bytes as they arrive."""
 
@@ -127,6 +130,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.headers: list[dict[str, str]] = []
+        self.clients: list[int] = []
         self.received = 0
         self.requests = 0
         self.reader_started = threading.Event()
@@ -137,11 +141,17 @@ class Recorder:
             return
         self.requests += 1
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        self.clients.append(scope["client"][1])
         path = scope["path"]
         if path == "/v1/slow":
             await asyncio.sleep(1)
+        if path == "/v1/pause":
+            await asyncio.sleep(0.2)
         if path == "/v1/download":
             await self._download(send)
+            return
+        if path == "/v1/gzipped":
+            await self._gzipped(send)
             return
         digest = hashlib.sha256()
         total = 0
@@ -170,6 +180,12 @@ class Recorder:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    async def _gzipped(self, send: Send) -> None:
+        """A gzip-encoded JSON reply, as Stripe sends one to a client that accepts gzip."""
+        headers = [(b"content-encoding", b"gzip"), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": GZIPPED})
 
     async def _download(self, send: Send) -> None:
         """8 MiB in 64 KiB chunks; halfway it waits for the client to say it got the first half."""
@@ -725,6 +741,36 @@ class TestForwarding:
         assert "keep-alive" not in response.headers
         assert response.json()["received"] == len(b"name=x")
 
+    async def test_nothing_added_and_bodies_untouched(self, redis_url, key_prefix):
+        """The upstream gets no header the caller did not send (no Accept, Accept-Encoding,
+        User-Agent or Content-Type of the proxy's own), a value that is not UTF-8 arrives as the
+        UTF-8 of its Latin-1 reading, and a gzip reply comes back byte for byte, still encoded."""
+        recorder = Recorder()
+        with (
+            serve_asgi(recorder) as url,
+            serve_proxy(proxy_settings(redis_url, key_prefix, url)) as proxy,
+        ):
+            reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+            writer.write(
+                f"POST /v1/customers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {STRIPE_KEY}\r\n"
+                "Content-Length: 6\r\nIdempotency-Key: caf\xe9\r\n\r\nname=x".encode("latin-1")
+            )
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.close()
+            async with (
+                httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as client,
+                client.stream("GET", "/v1/gzipped", headers={"Accept-Encoding": "gzip"}) as reply,
+            ):
+                raw = b"".join([chunk async for chunk in reply.aiter_raw()])
+        sent = recorder.headers[0]
+        assert set(sent) == {"host", "authorization", "content-length", "idempotency-key"}, sent
+        assert sent["content-length"] == "6" and sent["idempotency-key"] == "caf\u00e9"
+        assert recorder.headers[1]["accept-encoding"] == "gzip"
+        assert reply.headers["content-encoding"] == "gzip"
+        assert raw == GZIPPED
+
     async def test_large_bodies_stream_both_ways(self, redis_url, key_prefix):
         """8 MiB up and 8 MiB down: each half reaches the far side before the other half is sent."""
         recorder = Recorder()
@@ -802,23 +848,28 @@ class TestForwarding:
 
 
 class TestPool:
-    """The upstream pool fills its first shard before spreading, and frees slots on close."""
+    """The upstream pool holds ``max_connections`` keep-alive connections, no more."""
 
-    async def test_shards_fill_in_order_and_release(self):
-        """Five open replies fill shard one (4) then use shard two; closing frees every slot."""
-        transport = ShardedTransport(max_connections=6, verify_tls=False)
-        assert [shard.capacity for shard in transport._shards] == [4, 2]
-        with serve_asgi(Recorder()) as url:
-            async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-                replies = [
-                    await client.send(client.build_request("POST", "/v1/x"), stream=True)
-                    for _ in range(5)
-                ]
-                assert [shard.active for shard in transport._shards] == [4, 1]
-                for reply in replies:
-                    await reply.aread()
-                    await reply.aclose()
-                assert [shard.active for shard in transport._shards] == [0, 0]
+    async def test_connections_are_capped_and_reused(self, redis_url, key_prefix):
+        """Six concurrent calls with max_connections=2 share two upstream connections, which later
+        calls reuse (same client ports at the upstream)."""
+        recorder = Recorder()
+        with serve_asgi(recorder) as url:
+            settings = proxy_settings(redis_url, key_prefix, url, stripe={"max_connections": 2})
+            with serve_proxy(settings) as proxy:
+                async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as client:
+                    async with anyio.create_task_group() as group:
+                        for _ in range(6):
+                            group.start_soon(client.post, "/v1/pause")
+                    concurrent = set(recorder.clients)
+                    for _ in range(3):
+                        assert (await client.get("/v1/customers")).status_code == 200
+                assert proxy.app is not None
+                connector = proxy.app.upstream.connector
+                assert connector is not None and connector.limit == 2
+        assert recorder.requests == 9
+        assert len(concurrent) == 2
+        assert set(recorder.clients) == concurrent
 
 
 class TestHealthAndSecrets:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 import anyio
 import httpx
 import pytest
+import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
 
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
@@ -24,6 +28,7 @@ from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy import create_proxy_app
 from dualwrite.testing import StripeStandin
+from dualwrite.threaded import serve_in_thread
 from dualwrite.web import COOKIE_NAME, report_app
 from dualwrite.web._chart import divergence_chart
 from tests.conftest import STRIPE_KEY
@@ -133,6 +138,24 @@ def client_for(app, *, headers: dict[str, str] | None = None) -> httpx.AsyncClie
     """An httpx client on the ASGI app."""
     transport = httpx.ASGITransport(app=app)
     return httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=headers)
+
+
+@contextmanager
+def recording_upstream(forwarded: list[str]) -> Iterator[str]:
+    """A real upstream on loopback (uvicorn in a thread) that answers every path with an empty
+    list and records the paths it was asked for; yields its base URL."""
+
+    async def upstream(request: Request) -> JSONResponse:
+        forwarded.append(request.url.path)
+        return JSONResponse({"object": "list", "data": []})
+
+    app = Starlette(routes=[Route("/{path:path}", upstream)])
+    server = uvicorn.Server(
+        uvicorn.Config(app, port=0, lifespan="off", log_config=None, log_level="error")
+    )
+    failure = RuntimeError("the test upstream did not start")
+    with serve_in_thread(server, name="test-upstream", failure=failure, grace=1) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -682,37 +705,37 @@ class TestProxy:
         """/_dualwrite/ is the report (token required); health, the webhook path and the Stripe API
         are answered as before."""
         forwarded: list[str] = []
-
-        def upstream(request: httpx.Request) -> httpx.Response:
-            forwarded.append(request.url.path)
-            return httpx.Response(200, json={"object": "list", "data": []})
-
-        proxy = create_proxy_app(
-            settings, engine=engine, upstream_transport=httpx.MockTransport(upstream)
-        )
-        async with client_for(proxy) as client:
-            refused = await client.get("/_dualwrite/")
-            assert refused.status_code == 401 and "www-authenticate" in refused.headers
-            page = await client.get("/_dualwrite/", headers=BEARER)
-            assert page.status_code == 200
-            assert set(customer_rows(page.text)) == set(traffic.customers.values())
-            assert f'href="/_dualwrite/customers/{traffic["refused"]}"' in page.text
-            customer = await client.get(
-                f"/_dualwrite/customers/{traffic['refused']}", headers=BEARER
-            )
-            assert customer.status_code == 200 and "shadow_refused" in customer.text
-            flags = await client.get("/_dualwrite/flags", headers=BEARER)
-            assert flags.status_code == 200
-            signed_in = await client.get(f"/_dualwrite/flags?token={TOKEN}")
-            assert signed_in.headers["location"] == "/_dualwrite/flags"
-            assert "Path=/_dualwrite/" in signed_in.headers["set-cookie"]
-            bare = await client.get("/_dualwrite", headers=BEARER)
-            assert bare.status_code in (307, 308)
-            assert bare.headers["location"].endswith("/_dualwrite/")
-            health = await client.get("/_dualwrite/health")
-            assert health.status_code == 200 and health.json()["redis"] == "ok"
-            webhook = await client.get(settings.webhooks.path)
-            assert webhook.status_code == 405 and "www-authenticate" not in webhook.headers
-            assert forwarded == []
-            stripe_call = await client.get("/v1/customers", headers={"Authorization": "Bearer sk"})
-            assert stripe_call.status_code == 200 and forwarded == ["/v1/customers"]
+        with recording_upstream(forwarded) as upstream_url:
+            stripe = settings.stripe.model_copy(update={"api_base": upstream_url})
+            proxy = create_proxy_app(settings.model_copy(update={"stripe": stripe}), engine=engine)
+            try:
+                async with client_for(proxy) as client:
+                    refused = await client.get("/_dualwrite/")
+                    assert refused.status_code == 401 and "www-authenticate" in refused.headers
+                    page = await client.get("/_dualwrite/", headers=BEARER)
+                    assert page.status_code == 200
+                    assert set(customer_rows(page.text)) == set(traffic.customers.values())
+                    assert f'href="/_dualwrite/customers/{traffic["refused"]}"' in page.text
+                    customer = await client.get(
+                        f"/_dualwrite/customers/{traffic['refused']}", headers=BEARER
+                    )
+                    assert customer.status_code == 200 and "shadow_refused" in customer.text
+                    flags = await client.get("/_dualwrite/flags", headers=BEARER)
+                    assert flags.status_code == 200
+                    signed_in = await client.get(f"/_dualwrite/flags?token={TOKEN}")
+                    assert signed_in.headers["location"] == "/_dualwrite/flags"
+                    assert "Path=/_dualwrite/" in signed_in.headers["set-cookie"]
+                    bare = await client.get("/_dualwrite", headers=BEARER)
+                    assert bare.status_code in (307, 308)
+                    assert bare.headers["location"].endswith("/_dualwrite/")
+                    health = await client.get("/_dualwrite/health")
+                    assert health.status_code == 200 and health.json()["redis"] == "ok"
+                    webhook = await client.get(settings.webhooks.path)
+                    assert webhook.status_code == 405 and "www-authenticate" not in webhook.headers
+                    assert forwarded == []
+                    stripe_call = await client.get(
+                        "/v1/customers", headers={"Authorization": "Bearer sk"}
+                    )
+                    assert stripe_call.status_code == 200 and forwarded == ["/v1/customers"]
+            finally:
+                await proxy.aclose()

@@ -11,11 +11,12 @@ stage::
     app = create_proxy_app(Settings.load("dualwrite.toml"))   # any ASGI server
 
 or ``dualwrite serve --config dualwrite.toml``, or
-``uvicorn --factory dualwrite.proxy:create_app --no-server-header --no-date-header``.
+``uvicorn --factory dualwrite.proxy:create_app --no-server-header --no-date-header --http httptools
+--loop uvloop``.
 
-Modules: ``_app`` (routing, lifespan, health), ``_upstream`` (forwarding), ``_usage``
-(interception and replies), ``_items`` (subscription item → customer and meter), ``_server``
-(uvicorn).
+Modules: ``_app`` (routing, lifespan, health), ``_upstream`` (forwarding, on aiohttp),
+``_headers`` (which headers cross), ``_usage`` (interception and replies), ``_items``
+(subscription item → customer and meter), ``_server`` (uvicorn on httptools and uvloop).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
@@ -69,7 +68,6 @@ class ProxyApp:
             server runs no lifespan), and closes it at shutdown.
         max_body_bytes: larger request bodies get 413 (streamed bodies are cut off there).
         max_usage_body_bytes: the same for usage-record requests, which are read whole.
-        upstream_transport: an httpx transport for the upstream instead of the network (tests).
         clock: where "now" comes from.
     """
 
@@ -80,13 +78,12 @@ class ProxyApp:
         engine: DualWriteEngine | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_usage_body_bytes: int = DEFAULT_MAX_USAGE_BODY_BYTES,
-        upstream_transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
         self.engine = engine or DualWriteEngine.from_settings(settings, clock=clock)
         self.max_body_bytes = max_body_bytes
-        self.upstream = Upstream(settings.stripe, transport=upstream_transport)
+        self.upstream = Upstream(settings.stripe)
         self.items = ItemResolver(
             # The engine's read also keeps the item's billing period for the ledger.
             settings,
@@ -221,7 +218,6 @@ def create_proxy_app(
     engine: DualWriteEngine | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_usage_body_bytes: int = DEFAULT_MAX_USAGE_BODY_BYTES,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ProxyApp:
     """The proxy as an ASGI app (the arguments are ``ProxyApp``'s)."""
@@ -230,7 +226,6 @@ def create_proxy_app(
         engine=engine,
         max_body_bytes=max_body_bytes,
         max_usage_body_bytes=max_usage_body_bytes,
-        upstream_transport=upstream_transport,
         clock=clock,
     )
 

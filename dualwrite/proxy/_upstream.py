@@ -1,11 +1,14 @@
-"""Forwarding to the one configured upstream: a pooled httpx client, bodies streamed both ways.
+"""Forwarding to the one configured upstream: a pooled aiohttp client, bodies streamed both ways.
 
 Where a request goes is fixed at construction (``settings.stripe.api_base``). A request's Host
 header, an absolute-form target (``GET http://elsewhere/v1/… HTTP/1.1``) and ``X-Forwarded-*``
 headers never choose the destination: only the path and query travel, so the proxy cannot be used
-as an open proxy. Up go the headers Stripe reads; down come every response header but the
-hop-by-hop ones. Bodies are streamed in both directions, never held whole, except by ``exchange``,
-which the usage-record interception uses for its small, already bounded bodies.
+as an open proxy. Which headers cross is ``_headers``'s business; none the caller did not send is
+added (aiohttp's own Accept, Accept-Encoding, User-Agent and Content-Type are skipped), and a
+header value HTTP cannot carry gets a 400. Replies come back as received: no decompression, no
+cookie jar. Bodies are streamed in both directions, except a request body with a Content-Length of
+at most ``SMALL_BODY_BYTES`` (read, then sent in one write) and ``exchange``'s, which the
+usage-record interception uses for its small, bounded bodies.
 
 Network failures on the way to Stripe come back to the caller in Stripe's error shape (502 when the
 upstream could not be reached, 504 when it did not answer in time), without the upstream address
@@ -15,24 +18,30 @@ or a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import unquote
 
-import httpx
+import aiohttp
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
 from dualwrite.config import StripeSettings
 from dualwrite.exceptions import DualwriteError
 from dualwrite.middleware import stripe_error
 from dualwrite.models import StripeFailure
-from dualwrite.proxy._pool import ShardedTransport
+from dualwrite.proxy._headers import (
+    Headers,
+    UnsendableHeaderError,
+    content_length,
+    is_chunked,
+    reply_headers,
+    request_headers,
+)
 
 __all__ = [
-    "FORWARDED_REQUEST_HEADERS",
-    "HOP_BY_HOP_HEADERS",
+    "SMALL_BODY_BYTES",
     "Upstream",
     "UpstreamReply",
     "request_target",
@@ -42,51 +51,25 @@ __all__ = [
 
 log = logging.getLogger("dualwrite.proxy")
 
-#: Request headers that travel to Stripe, besides any ``Stripe-*`` and ``X-Stripe-*`` header.
-FORWARDED_REQUEST_HEADERS = frozenset(
-    {
-        b"accept",
-        b"accept-encoding",
-        b"accept-language",
-        b"authorization",
-        b"content-encoding",
-        b"content-length",
-        b"content-type",
-        b"idempotency-key",
-        b"stripe-account",
-        b"stripe-context",
-        b"stripe-version",
-        b"user-agent",
-        b"x-stripe-client-user-agent",
-    }
-)
-_STRIPE_PREFIXES = (b"stripe-", b"x-stripe-")
+#: Request bodies with a Content-Length up to this size are read whole, then sent in one write.
+SMALL_BODY_BYTES = 64 * 1024
 
-#: Headers that describe one connection, never the message (RFC 9110 §7.6.1): not passed on.
-HOP_BY_HOP_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
-Headers = list[tuple[bytes, bytes]]
+#: Headers aiohttp adds on its own unless told not to (Host, framing and Connection it must add).
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
 
-class _BodyTooLargeError(DualwriteError):
-    """The caller's body grew past the limit while it was being streamed up."""
+class _BodyStoppedError(DualwriteError):
+    """The caller's streamed body ended early: too large, or the caller left."""
 
 
-class _CallerGoneError(DualwriteError):
-    """The caller disconnected before its body was complete."""
+class _Body:
+    """Why the caller's streamed body stopped early (aiohttp wraps what its iterator raises)."""
+
+    __slots__ = ("caller_gone", "too_large")
+
+    def __init__(self) -> None:
+        self.too_large = False
+        self.caller_gone = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,19 +119,21 @@ def too_large(limit: int) -> JSONResponse:
     )
 
 
-def _gateway_error(exc: httpx.HTTPError, method: str, path: str) -> UpstreamReply:
-    """A Stripe-shaped 502/504 for a request that got no reply from the upstream (400 when the
-    caller's own request could not be written as HTTP/1.1: a header value with control bytes)."""
-    if isinstance(exc, httpx.LocalProtocolError):
-        response = stripe_error(400, "A request header holds characters HTTP does not allow.")
-        failure = StripeFailure(
-            http_status=400,
-            type="invalid_request_error",
-            message="a request header holds characters HTTP does not allow",
-            retryable=False,
-        )
-        return UpstreamReply(400, list(response.raw_headers), bytes(response.body), failure)
-    timed_out = isinstance(exc, httpx.TimeoutException)
+def _unsendable_header() -> UpstreamReply:
+    """A 400 for a header value with control characters: the caller's fault, nothing sent."""
+    response = stripe_error(400, "A request header holds characters HTTP does not allow.")
+    failure = StripeFailure(
+        http_status=400,
+        type="invalid_request_error",
+        message="a request header holds characters HTTP does not allow",
+        retryable=False,
+    )
+    return UpstreamReply(400, list(response.raw_headers), bytes(response.body), failure)
+
+
+def _gateway_error(exc: BaseException, method: str, path: str) -> UpstreamReply:
+    """A Stripe-shaped 502/504 for a request that got no reply from the upstream."""
+    timed_out = isinstance(exc, TimeoutError)
     reason = "timed out" if timed_out else "connection failed"
     log.warning("upstream %s %s: %s (%s)", method, path, reason, type(exc).__name__)
     status = 504 if timed_out else 502
@@ -174,179 +159,184 @@ async def send_reply(reply: UpstreamReply, send: Send) -> None:
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
-def _reply_headers(raw: Sequence[tuple[bytes, bytes]]) -> Headers:
-    """Every response header but the hop-by-hop ones (and those the Connection header names)."""
-    named: set[bytes] = set()
-    for key, value in raw:
-        if key.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    return [
-        (key, value)
-        for key, value in raw
-        if (lower := key.lower()) not in HOP_BY_HOP_HEADERS and lower not in named
-    ]
-
-
 class Upstream:
-    """The configured Stripe (or stand-in), reached through one ``httpx.AsyncClient`` whose pool
-    (``ShardedTransport``) holds ``max_connections`` keep-alive connections.
+    """The configured Stripe (or stand-in), reached through one ``aiohttp.ClientSession`` whose
+    connector keeps up to ``max_connections`` keep-alive connections.
+
+    The session is made at the first request, inside the event loop that serves the app.
 
     Args:
         settings: ``api_base`` (the only destination), ``timeout`` and ``max_connections``.
-        transport: an httpx transport to use instead of the network (tests).
     """
 
-    def __init__(
-        self, settings: StripeSettings, *, transport: httpx.AsyncBaseTransport | None = None
-    ):
-        self._base = httpx.URL(settings.api_base)
-        self._base_path = self._base.raw_path.partition(b"?")[0].rstrip(b"/")
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.timeout),
-            follow_redirects=False,
-            transport=transport
-            or ShardedTransport(
-                max_connections=settings.max_connections,
-                verify_tls=settings.api_base.startswith("https://"),
-            ),
-            # One client serves every caller: a Set-Cookie in one caller's reply must never ride
-            # along on another caller's request.
-            cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
-            # The destination is the configured base only, never an environment proxy; and httpx
-            # re-reads the environment on every request when this is on (~0.4 ms each, measured).
-            trust_env=False,
+    def __init__(self, settings: StripeSettings):
+        base = URL(settings.api_base)
+        # Only the path and query of a request are appended; the origin never comes from it.
+        self._prefix = str(base.origin()) + base.raw_path.rstrip("/")
+        self._max_connections = settings.max_connections
+        # Per phase, like httpx's Timeout(t): getting a connection, and each read of the reply.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.timeout,
+            sock_connect=settings.timeout,
+            sock_read=settings.timeout,
         )
-        # httpx adds Accept, Accept-Encoding, Connection and User-Agent of its own to every
-        # request; a proxy sends the caller's, or none.
-        for name in list(self._client.headers):
-            del self._client.headers[name]
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                timeout=self._timeout,
+                # One session serves every caller: a Set-Cookie in one caller's reply must never
+                # ride along on another caller's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # Bodies go back as Stripe encoded them, with its Content-Encoding.
+                auto_decompress=False,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                # The destination is the configured base only, never an environment proxy.
+                trust_env=False,
+                requote_redirect_url=False,
+            )
+        return session
+
+    @property
+    def connector(self) -> aiohttp.BaseConnector | None:
+        """The connection pool, once the first request has made it."""
+        return None if self._session is None else self._session.connector
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    def url(self, raw_target: bytes) -> httpx.URL:
+    def url(self, raw_target: bytes) -> URL:
         """The upstream URL for a raw path and query: the configured base, never another host."""
-        return self._base.copy_with(raw_path=self._base_path + raw_target)
-
-    @staticmethod
-    def request_headers(scope: Scope, *, identity: bool = False) -> Headers:
-        """The caller's headers that Stripe reads (``identity``: ask for an uncompressed reply)."""
-        headers: Headers = []
-        for key, value in scope["headers"]:
-            name = key.lower()
-            if identity and name in (b"accept-encoding", b"content-length"):
-                continue
-            if name in FORWARDED_REQUEST_HEADERS or name.startswith(_STRIPE_PREFIXES):
-                # Surrounding whitespace is not part of a field value (RFC 9110 5.5), and h11
-                # refuses to send it.
-                headers.append((key, value.strip(b" \t")))
-        if identity:
-            headers.append((b"accept-encoding", b"identity"))
-        return headers
+        return URL(self._prefix + raw_target.decode("ascii"), encoded=True)
 
     async def forward(
         self, scope: Scope, receive: Receive, send: Send, *, raw_target: bytes, max_body: int
     ) -> None:
         """Stream the caller's request to the upstream and the upstream's reply to the caller."""
         method: str = scope["method"]
-        headers = self.request_headers(scope)
-        length = _content_length(headers)
+        try:
+            headers = request_headers(scope)
+        except UnsendableHeaderError:
+            await send_reply(_unsendable_header(), send)
+            return
+        length = content_length(headers)
         if length == -1:
             await stripe_error(400, "The Content-Length header is invalid.")(scope, receive, send)
             return
         if length is not None and length > max_body:
             await too_large(max_body)(scope, receive, send)
             return
-        chunked = any(key.lower() == b"transfer-encoding" for key, _ in scope["headers"])
-        content: bytes | AsyncIterator[bytes] = b""
-        if (length is not None and length > 0) or (length is None and chunked):
-            content = _stream_body(receive, max_body)
-        request = self._client.build_request(
-            method, self.url(raw_target), headers=headers, content=content
-        )
+        state = _Body()
+        data: bytes | AsyncIterator[bytes] | None = None
+        if length is not None and length <= SMALL_BODY_BYTES:
+            if length > 0:
+                read = await _read_body(receive)
+                if read is None:
+                    return  # the caller left
+                data = read
+        elif length is not None or is_chunked(scope):
+            data = _stream_body(receive, max_body, state)
         try:
-            response = await self._client.send(request, stream=True)
-        except _BodyTooLargeError:
-            await too_large(max_body)(scope, receive, send)
-            return
-        except _CallerGoneError:
-            return
-        except httpx.HTTPError as exc:
-            await send_reply(_gateway_error(exc, method, scope["path"]), send)
-            return
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": _reply_headers(response.headers.raw),
-                }
+            response = await self._client().request(
+                method, self.url(raw_target), headers=headers, data=data, allow_redirects=False
             )
-            async for chunk in _raw_chunks(response):
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if state.too_large:
+                await too_large(max_body)(scope, receive, send)
+            elif not state.caller_gone:
+                await send_reply(_gateway_error(exc, method, scope["path"]), send)
+            return
+        try:
+            if state.too_large or state.caller_gone:
+                response.close()
+                if state.too_large:
+                    await too_large(max_body)(scope, receive, send)
+                return
+            await _relay(response, send)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is out: leaving the response incomplete makes the server close the
             # connection, which is how a client learns that the body was cut short.
+            response.close()
             log.warning(
                 "upstream %s %s: reply cut short (%s)", method, scope["path"], type(exc).__name__
             )
+        except BaseException:
+            response.close()  # the caller left mid-reply: this connection is not reusable
+            raise
         finally:
-            await response.aclose()
+            response.release()
 
     async def exchange(self, scope: Scope, *, raw_target: bytes, body: bytes) -> UpstreamReply:
         """Send the caller's request with an already read ``body``; return the whole reply."""
         method: str = scope["method"]
-        request = self._client.build_request(
-            method,
-            self.url(raw_target),
-            headers=self.request_headers(scope, identity=True),
-            content=body,
-        )
         try:
-            response = await self._client.send(request, stream=True)
-            try:
-                content = b"".join([chunk async for chunk in _raw_chunks(response)])
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
+            headers = request_headers(scope, identity=True)
+        except UnsendableHeaderError:
+            return _unsendable_header()
+        try:
+            async with self._client().request(
+                method, self.url(raw_target), headers=headers, data=body, allow_redirects=False
+            ) as response:
+                content = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return _gateway_error(exc, method, scope["path"])
-        return UpstreamReply(response.status_code, _reply_headers(response.headers.raw), content)
+        return UpstreamReply(response.status, reply_headers(response.raw_headers), content)
 
 
-async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The reply body as it came off the wire (a transport that hands over a body already read,
-    such as httpx's MockTransport, gives it in one piece)."""
-    if response.is_stream_consumed:
-        yield response.content
-        return
-    async for chunk in response.aiter_raw():
-        yield chunk
+async def _relay(response: aiohttp.ClientResponse, send: Send) -> None:
+    """The upstream's status, headers and body to the caller, each chunk as it arrives (a reply
+    that arrived whole goes in one body message)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": reply_headers(response.raw_headers),
+        }
+    )
+    content = response.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        last = content.at_eof()
+        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+        if last:
+            return
 
 
-def _content_length(headers: Headers) -> int | None:
-    """The declared body length; ``None`` when absent, -1 when unreadable or contradictory."""
-    values = {value.strip() for key, value in headers if key.lower() == b"content-length"}
-    if not values:
-        return None
-    if len(values) > 1 or not next(iter(values)).isdigit():
-        return -1
-    return int(next(iter(values)))
+async def _read_body(receive: Receive) -> bytes | None:
+    """A small body, whole (``None``: the caller disconnected first)."""
+    chunks: list[bytes] = []
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks) if len(chunks) > 1 else chunks[0]
 
 
-async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
-    """The caller's body, chunk by chunk as it arrives, refused once it passes ``limit`` bytes."""
+async def _stream_body(receive: Receive, limit: int, state: _Body) -> AsyncIterator[bytes]:
+    """The caller's body, chunk by chunk as it arrives, refused once it passes ``limit`` bytes
+    (``state`` says why it stopped: aiohttp reports only a failed upload)."""
     size = 0
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            raise _CallerGoneError
+            state.caller_gone = True
+            raise _BodyStoppedError("the caller disconnected")
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _BodyTooLargeError
+            state.too_large = True
+            raise _BodyStoppedError("the body is over the limit")
         if chunk:
             yield chunk
         if not message.get("more_body", False):
