@@ -10,7 +10,8 @@ Three kinds of process, all on loopback:
   itself costs as little CPU as possible), reporting requests/s and latency percentiles.
 
 Runs alternate direct and proxied, so drift (thermal, other load) hits both alike. Each profile
-(concurrency level) prints the median and the spread over the runs, and the proxy/direct ratio.
+(concurrency level) prints the median and the spread over the runs, the proxy/direct ratio, and the
+proxy process's CPU per forwarded call (from ``/proc``). The load generator is ``bench/_load.py``.
 
     python bench/proxy_overhead.py                     # 5 runs x 3 s, concurrency 1 and 16
     python bench/proxy_overhead.py --runs 7 --seconds 5 --concurrency 1,8,32 --latency-ms 20
@@ -22,34 +23,26 @@ prefix, deleted at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-KEY = "sk_test_dualwriteBench000000000000001"
-WARMUP_SECONDS = 0.5
-
+from _load import (
+    WARMUP_SECONDS,
+    child,
+    cleanup,
+    cpu_seconds,
+    free_port,
+    http_request,
+    measure,
+    summary,
+)
+from _scenario import KEY, run_standin
 
 # ------------------------------------------------------------------------------ child processes
-
-
-def run_standin(port: int, latency: float) -> None:
-    """Child: the stand-in, quiet."""
-    import uvicorn
-
-    from dualwrite.testing import StripeStandin
-
-    standin = StripeStandin(api_keys=[KEY], latency_seconds=latency)
-    uvicorn.run(standin.app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def run_proxy_child(port: int, upstream: str, prefix: str) -> None:
@@ -67,125 +60,11 @@ def run_proxy_child(port: int, upstream: str, prefix: str) -> None:
     run_proxy(settings, host="127.0.0.1", port=port, access_log=False)
 
 
-async def _connection(
-    host: str, port: int, request: bytes, deadline: float, start_at: float, out: list[float]
-) -> int:
-    """One keep-alive connection in a closed loop; latencies after ``start_at`` go to ``out``."""
-    reader, writer = await asyncio.open_connection(host, port)
-    errors = 0
-    try:
-        while (now := time.perf_counter()) < deadline:
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            if not head.startswith(b"HTTP/1.1 200"):
-                errors += 1
-            if now >= start_at:
-                out.append(time.perf_counter() - now)
-    finally:
-        writer.close()
-    return errors
-
-
-async def _load(url: str, path: str, seconds: float, concurrency: int) -> dict[str, Any]:
-    host, _, port = url.removeprefix("http://").partition(":")
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
-        "Stripe-Version: 2025-02-24.acacia\r\nUser-Agent: dualwrite-bench\r\n\r\n"
-    ).encode()
-    start_at = time.perf_counter() + WARMUP_SECONDS
-    deadline = start_at + seconds
-    latencies: list[float] = []
-    errors = await asyncio.gather(
-        *(
-            _connection(host, int(port), request, deadline, start_at, latencies)
-            for _ in range(concurrency)
-        )
-    )
-    latencies.sort()
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
-
-    return {
-        "requests": len(latencies),
-        "errors": sum(errors),
-        "rps": len(latencies) / seconds,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-    }
-
-
-def run_load(url: str, path: str, seconds: float, concurrency: int) -> None:
-    """Child: the load generator; prints one JSON line."""
-    print(json.dumps(asyncio.run(_load(url, path, seconds, concurrency))))
-
-
-# ---------------------------------------------------------------------------------------- driver
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{what} exited with status {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not start listening on port {port}")
-
-
-@contextmanager
-def _child(args: list[str], port: int, what: str, env: dict[str, str]) -> Iterator[str]:
-    # Servers' own log lines stay out of the results (errors still reach stderr).
-    process = subprocess.Popen(
-        [sys.executable, __file__, *args], env=env, stdout=subprocess.DEVNULL
-    )
-    try:
-        _wait_listening(port, process, what)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def _make_customer(standin_url: str) -> str:
     import stripe
 
     client = stripe.StripeClient(KEY, base_addresses={"api": standin_url})
     return str(client.v1.customers.create({"name": "Bench"}).id)
-
-
-def _cleanup(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.unlink(*keys)
-    finally:
-        client.close()
-
-
-def _summary(values: list[float]) -> str:
-    return f"{statistics.median(values):9.2f}  [{min(values):.2f}..{max(values):.2f}]"
 
 
 def main() -> None:
@@ -200,39 +79,47 @@ def main() -> None:
 
     env = dict(os.environ, STRIPE_API_KEY=KEY)
     prefix = f"dwbench-{uuid.uuid4().hex[:8]}"
-    standin_port, proxy_port = _free_port(), _free_port()
+    standin_port, proxy_port = free_port(), free_port()
     latency = str(options.latency_ms / 1000)
     results: dict[int, dict[str, list[dict[str, Any]]]] = {}
     try:
         with (
-            _child(
-                ["_standin", str(standin_port), latency], standin_port, "stand-in", env
-            ) as direct,
-            _child(["_proxy", str(proxy_port), direct, prefix], proxy_port, "proxy", env) as proxy,
+            child(
+                [__file__, "_standin", str(standin_port), latency],
+                what="stand-in",
+                env=env,
+                port=standin_port,
+            ),
+            child(
+                [__file__, "_proxy", str(proxy_port), f"http://127.0.0.1:{standin_port}", prefix],
+                what="proxy",
+                env=env,
+                port=proxy_port,
+            ) as proxy_process,
         ):
+            direct, proxy = f"http://127.0.0.1:{standin_port}", f"http://127.0.0.1:{proxy_port}"
             path = f"/v1/customers/{_make_customer(direct)}"
+            headers = [
+                ("Authorization", f"Bearer {KEY}"),
+                ("Stripe-Version", "2025-02-24.acacia"),
+                ("User-Agent", "dualwrite-bench"),
+            ]
             for level in levels:
                 results[level] = {"direct": [], "proxy": []}
                 for run in range(options.runs):
                     order = [("direct", direct), ("proxy", proxy)]
                     for name, url in order if run % 2 == 0 else order[::-1]:
-                        load = [
-                            "_load",
-                            url,
-                            path,
-                            str(options.seconds),
-                            str(level),
-                        ]
-                        out = subprocess.run(
-                            [sys.executable, __file__, *load],
-                            env=env,
-                            capture_output=True,
-                            text=True,
-                            check=True,
-                        )
-                        results[level][name].append(json.loads(out.stdout))
+                        request = http_request("GET", url, path, headers=headers)
+                        before = cpu_seconds(proxy_process.pid)
+                        result = measure(url, request, seconds=options.seconds, concurrency=level)
+                        if name == "proxy":
+                            # Warm-up requests included: CPU over every request the run sent.
+                            sent = result["requests"] * (1 + WARMUP_SECONDS / options.seconds)
+                            used = cpu_seconds(proxy_process.pid) - before
+                            result["cpu_ms_per_call"] = used / sent * 1000
+                        results[level][name].append(result)
     finally:
-        _cleanup(prefix)
+        cleanup(prefix)
 
     if options.json:
         print(json.dumps(results, indent=2))
@@ -252,8 +139,8 @@ def main() -> None:
             errors = sum(run["errors"] for run in runs)
             print(
                 f"  {'direct' if name == 'direct' else 'via proxy':10}"
-                f"{_summary([r['rps'] for r in runs])}   {_summary([r['p50_ms'] for r in runs])}"
-                f"   {_summary([r['p99_ms'] for r in runs])}"
+                f"{summary([r['rps'] for r in runs], 0):>20}   "
+                f"{summary([r['p50_ms'] for r in runs])}   {summary([r['p99_ms'] for r in runs])}"
                 + (f"   ({errors} errors)" if errors else "")
             )
         ratios = [
@@ -267,7 +154,8 @@ def main() -> None:
         print(
             f"  proxy/direct throughput: median {statistics.median(ratios):.2f} "
             f"[{min(ratios):.2f}..{max(ratios):.2f}]; p50 added by the hop: median "
-            f"{statistics.median(added):+.2f} ms [{min(added):+.2f}..{max(added):+.2f}]"
+            f"{statistics.median(added):+.2f} ms [{min(added):+.2f}..{max(added):+.2f}]; "
+            f"proxy CPU per call {summary([r['cpu_ms_per_call'] for r in by_target['proxy']])} ms"
         )
 
 
@@ -276,7 +164,5 @@ if __name__ == "__main__":
         run_standin(int(sys.argv[2]), float(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_proxy":
         run_proxy_child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
-    elif len(sys.argv) > 1 and sys.argv[1] == "_load":
-        run_load(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
     else:
         main()

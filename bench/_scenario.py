@@ -1,0 +1,69 @@
+"""Stripe objects for the benchmarks, made on the stand-in through the official SDK, and the stand-in
+itself as a child process."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import stripe
+
+KEY = "sk_test_dualwriteBench000000000000001"
+EVENT_NAME = "api_requests"
+LEGACY_VERSION = "2025-02-24.acacia"
+
+
+def run_standin(port: int, latency: float) -> None:
+    """Child: the stand-in under uvicorn, quiet, answering after ``latency`` seconds."""
+    import uvicorn
+
+    from dualwrite.testing import StripeStandin
+
+    standin = StripeStandin(api_keys=[KEY], latency_seconds=latency)
+    uvicorn.run(standin.app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class Catalog:
+    """A meter and a legacy metered price on the stand-in; customers subscribed to that price."""
+
+    def __init__(self, url: str) -> None:
+        self.client = stripe.StripeClient(KEY, base_addresses={"api": url, "meter_events": url})
+        self.meter = self.client.v1.billing.meters.create(
+            {
+                "display_name": "API requests",
+                "event_name": EVENT_NAME,
+                "default_aggregation": {"formula": "sum"},
+            }
+        ).id
+        product = self.client.v1.products.create({"name": "API"})
+        self.legacy_price = self.client.v1.prices.create(
+            # aggregate_usage is gone from stripe-python 16's typed params (removed in basil).
+            cast(
+                Any,
+                {
+                    "currency": "usd",
+                    "product": product.id,
+                    "unit_amount": 1,
+                    "recurring": {
+                        "interval": "month",
+                        "usage_type": "metered",
+                        "aggregate_usage": "sum",
+                    },
+                },
+            ),
+            {"stripe_version": LEGACY_VERSION},
+        ).id
+
+    def customer(self, name: str = "Bench") -> tuple[str, str]:
+        """A new customer on the legacy price: (customer id, subscription item id)."""
+        customer = self.client.v1.customers.create({"name": name}).id
+        subscription = self.client.v1.subscriptions.create(
+            {"customer": customer, "items": [{"price": self.legacy_price}]},
+            {"stripe_version": LEGACY_VERSION},
+        )
+        return customer, str(subscription["items"]["data"][0]["id"])
+
+    def customers(self, count: int) -> list[str]:
+        """``count`` new customers without subscriptions (meter events need only the customer)."""
+        return [
+            self.client.v1.customers.create({"name": f"Bench {index}"}).id for index in range(count)
+        ]
