@@ -14,6 +14,7 @@ those refusals one by one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,9 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from dualwrite.admin import admin_app
 from dualwrite.testing import serve_app
 from tests.test_admin import AUTH, admin_settings
+
+#: Generated requests per operation; raise it to explore further (``DUALWRITE_FUZZ_EXAMPLES=500``).
+EXAMPLES = int(os.environ.get("DUALWRITE_FUZZ_EXAMPLES", "25"))
 
 
 @pytest.fixture
@@ -62,7 +66,7 @@ def test_every_operation_conforms(admin_schema: OpenApiSchema) -> None:
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=25,
+            max_examples=EXAMPLES,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,

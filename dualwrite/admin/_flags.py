@@ -22,6 +22,7 @@ body, or in the query string for DELETE.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -51,6 +52,16 @@ class _Change(_Input):
         description="Who makes the change (kept in the audit log).",
     )
     reason: str = Field(default="", max_length=1000, description="Why (kept in the audit log).")
+
+    @field_validator("actor")
+    @classmethod
+    def _printable_actor(cls, value: str) -> str:
+        # The schema's pattern is ECMA's \S, for which separators such as U+001C are not space;
+        # the flag store strips them and refuses what is left empty. Control characters have no
+        # business in an audit log's "who" either.
+        if not value.strip() or any(unicodedata.category(char)[0] == "C" for char in value):
+            raise ValueError("actor must be printable text naming who makes the change")
+        return value
 
 
 class CustomerPath(_Input):
