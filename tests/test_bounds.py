@@ -13,7 +13,6 @@ import pytest
 import dualwrite
 import dualwrite.outbox._store
 import dualwrite.periods
-from dualwrite.commit import Commit
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore, StageResolver
@@ -24,6 +23,7 @@ from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.periods import ItemPeriods
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
+from tests.test_faults import ledger_commit
 from tests.test_fuzz_routes import usage_app
 
 pytestmark = pytest.mark.anyio
@@ -80,17 +80,8 @@ class TestRedisCaps:
             update = LedgerUpdate(shard, event).recorded(
                 Stage.METER, Leg.METER, None, 1, translated=True
             )
-            await engine.commits.apply(
-                Commit(
-                    prefix=shard.prefix,
-                    shard=shard.shard,
-                    ledger_key=update.key,
-                    index_member=update.index_member,
-                    index_score=update.index_score,
-                    increments=update.increments,
-                    divergence={"kind": "translated", "identifier": event.identifier},
-                )
-            )
+            divergence = {"kind": "translated", "identifier": event.identifier}
+            await engine.commits.apply(ledger_commit(shard, update, divergence=divergence))
         length = await engine.redis.xlen(shard.divergence)
         await engine.aclose()
         assert 100 <= length <= 200  # MAXLEN ~ trims whole stream nodes (100 entries each)

