@@ -5,6 +5,10 @@ enqueued only when the authoritative one succeeded (so both legs hold the same u
 transaction with the ledger update and the idempotency record, and delivered by an ``OutboxWorker``.
 Nothing about the shadow leg can fail the request: if Redis is down after Stripe accepted the
 authoritative write, the caller still gets its success and the loss is logged loudly.
+
+This module holds the orchestration and the engine's lifecycle; what is persisted once the
+authoritative write has answered (the commit, refusal counting, back-pressure) is in
+``dualwrite._recording``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from dualwrite import metrics
-from dualwrite.commit import Commit, CommitWriter
+from dualwrite._recording import apply_commit, build_commit, count_refusal, held_back
+from dualwrite.commit import CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
     ConflictError,
@@ -28,10 +33,10 @@ from dualwrite.exceptions import (
     UsageInputError,
 )
 from dualwrite.flags import StageResolver
-from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, Claim, IdempotencyStore
+from dualwrite.idempotency import Claim, IdempotencyStore
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late import LateRefusals
-from dualwrite.ledger import Ledger, LedgerUpdate, LegView, divergence_fields, failure_code
+from dualwrite.ledger import Ledger
 from dualwrite.limits import WriteLimits
 from dualwrite.models import (
     Leg,
@@ -43,9 +48,9 @@ from dualwrite.models import (
     WriteResult,
     plan_for,
 )
-from dualwrite.outbox import Outbox, OutboxEntry, OutboxWorker
+from dualwrite.outbox import Outbox, OutboxWorker
 from dualwrite.periods import INTERVALS, ItemPeriods, PeriodResolver
-from dualwrite.redis_client import open_redis, store_errors
+from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import ItemDetails, StripeWriter
 
@@ -252,7 +257,9 @@ class DualWriteEngine:
         self._check_writable(event, stage, plan)
         shard = self.keys.for_customer(event.customer)
         if self.spool is not None and self.spool.full():
-            return self._held_back(event, stage, plan)
+            return held_back(
+                event, stage, plan, retry_after=self.settings.outbox.spool_replay_seconds
+            )
         claim = await self._claim(shard, event)
         if claim.state == "done" and claim.outcome is not None:
             return claim.outcome.model_copy(update={"replayed": True})
@@ -277,7 +284,14 @@ class DualWriteEngine:
             result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
         metrics.count_authoritative(result, stage, started)
         if not result.accepted:
-            await self._note_refusal(shard, event, result, api_key)
+            await count_refusal(
+                self.redis,
+                self.idempotency,
+                shard,
+                event,
+                result,
+                period=lambda: self._period(event, api_key),
+            )
             return RecordOutcome(
                 event=event,
                 stage=stage,
@@ -295,33 +309,17 @@ class DualWriteEngine:
             translated=translated,
         )
         period = await self._period(event, api_key)
-        commit = self._build_commit(shard, outcome, plan, effective, period)
-        return await self._commit(commit, outcome, period)
-
-    def _held_back(self, event: UsageEvent, stage: Stage, plan: StagePlan) -> RecordOutcome:
-        """Back-pressure: the spool is full (Redis has been away a long time), so nothing more is
-        written until it drains; the caller gets a retryable 503 and retries later."""
-        log.error(
-            "usage %s refused (retryable): Redis is unavailable and the spool holds "
-            "spool_max_bytes already",
-            event.identifier,
+        commit = build_commit(
+            shard,
+            outcome,
+            plan,
+            effective,
+            period,
+            now=self._clock(),
+            idempotency_ttl=self.idempotency.ttl_seconds,
         )
-        failure = StripeFailure(
-            http_status=503,
-            type="api_error",
-            message="Usage cannot be recorded right now; retry later with the same Idempotency-Key.",
-            retryable=True,
-            retry_after=self.settings.outbox.spool_replay_seconds,
-        )
-        result = WriteResult(
-            leg=plan.authoritative, accepted=False, http_status=503, failure=failure
-        )
-        return RecordOutcome(
-            event=event,
-            stage=stage,
-            authoritative=result,
-            shadow_leg=plan.shadow,
-            shadow_status="skipped" if plan.shadow else "not_applicable",
+        return await apply_commit(
+            commit, outcome, period, commits=self.commits, late=self.late, spool=self.spool
         )
 
     async def _write_authoritative(
@@ -400,120 +398,3 @@ class DualWriteEngine:
             except StoreUnavailableError:
                 log.warning("Redis unavailable: billing period of %s not cached", item)
         return details
-
-    async def _note_refusal(
-        self, shard: ShardKeys, event: UsageEvent, result: WriteResult, api_key: str | None
-    ) -> None:
-        try:
-            await self.idempotency.release(shard, event)
-            period = await self._period(event, api_key)
-            code = failure_code(result.failure)
-            update = LedgerUpdate(shard, event, period).refused(result.leg, code)
-            async with store_errors("counting a refusal"):
-                pipe = self.redis.pipeline(transaction=True)
-                update.queue(pipe)
-                await pipe.execute()
-        except StoreUnavailableError:
-            log.warning("Redis unavailable: refusal of %s not counted", event.identifier)
-
-    def _build_commit(
-        self,
-        shard: ShardKeys,
-        outcome: RecordOutcome,
-        plan: StagePlan,
-        effective: int,
-        period: str,
-    ) -> Commit:
-        """The ledger update, shadow entry, translation log and idempotency record, as one value."""
-        event, now = outcome.event, self._clock()
-        update = LedgerUpdate(shard, event, period).recorded(
-            outcome.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
-        )
-        entry = None
-        if plan.shadow is not None:
-            entry = OutboxEntry(
-                event=event,
-                leg=plan.shadow,
-                value=effective,
-                stage=outcome.stage,
-                authoritative_id=outcome.authoritative.stripe_id,
-                enqueued_at=now,
-                period=period,
-            )
-        tracked = event.identifier_source != "minted"
-        is_set = event.action == "set" and event.subscription_item is not None
-        return Commit(
-            prefix=shard.prefix,
-            shard=shard.shard,
-            ledger_key=update.key,
-            index_member=update.index_member,
-            index_score=update.index_score,
-            increments=update.increments,
-            outbox_payload=entry.payload() if entry else None,
-            divergence=self._translation(outcome, effective, now) if outcome.translated else None,
-            idempotency_key=shard.idempotency(event.identifier) if tracked else None,
-            outcome_json=outcome.model_dump_json() if tracked else None,
-            idempotency_ttl=self.idempotency.ttl_seconds,
-            set_key=shard.set_value(event.subscription_item or "", event.timestamp)
-            if is_set
-            else None,
-            set_value=event.quantity if is_set else None,
-            set_ttl=SET_VALUE_TTL_SECONDS,
-        )
-
-    async def _commit(self, commit: Commit, outcome: RecordOutcome, period: str) -> RecordOutcome:
-        """Apply the commit; if Redis is down, spool it (fsynced) so the shadow is delayed, not lost."""
-        try:
-            await self.commits.apply(commit)
-        except StoreUnavailableError:
-            pass
-        else:
-            if outcome.authoritative.leg is Leg.METER:
-                value = outcome.authoritative.value or outcome.event.quantity
-                await self.late.remember(
-                    outcome.event, value=value, stage=outcome.stage, period=period
-                )
-            return outcome
-        event = outcome.event
-        if self.spool is None:
-            log.error(
-                "usage %s was accepted on the %s leg but Redis is unavailable and no spool is "
-                "configured: ledger not updated%s",
-                event.identifier,
-                outcome.authoritative.leg.value,
-                " and the shadow write is lost" if outcome.shadow_leg else "",
-            )
-            return outcome.model_copy(
-                update={"shadow_status": "enqueue_failed"} if outcome.shadow_leg else {}
-            )
-        try:
-            await self.spool.append(commit)
-        except OSError:
-            log.exception(
-                "usage %s: Redis is down and the spool cannot be written", event.identifier
-            )
-            return outcome.model_copy(
-                update={"shadow_status": "enqueue_failed"} if outcome.shadow_leg else {}
-            )
-        log.warning(
-            "Redis unavailable: usage %s spooled locally until it returns", event.identifier
-        )
-        return outcome.model_copy(update={"shadow_status": "spooled"} if outcome.shadow_leg else {})
-
-    @staticmethod
-    def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str, str]:
-        metrics.count_translation()
-        auth = LegView.of(outcome.authoritative)
-        pending = LegView(status="pending") if outcome.shadow_leg else LegView(status="not_written")
-        legacy, meter = (
-            (auth, pending) if outcome.authoritative.leg is Leg.LEGACY else (pending, auth)
-        )
-        return divergence_fields(
-            outcome.event,
-            kind="translated",
-            stage=outcome.stage,
-            legacy=legacy,
-            meter=meter,
-            note=f"set {outcome.event.quantity} sent to the meter as {effective:+d}",
-            at=now,
-        )

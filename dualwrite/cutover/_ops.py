@@ -13,17 +13,20 @@ How each operation uses the flags (resolution: kill → override → schedule �
   entry for its current stage from now, then loses the override, so nothing changes before the
   instant;
 * a rollback pins the customer by override and clears its schedule.
+
+The steps every operation shares (plan each customer, refuse all or nothing, apply the changes,
+report them) are in ``_apply``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import redis.asyncio as aioredis
 
 from dualwrite.config import Settings
+from dualwrite.cutover._apply import finish, kill_switch_notes, plan_each
 from dualwrite.cutover._cohorts import (
     At,
     CutoverInputError,
@@ -39,7 +42,6 @@ from dualwrite.cutover._plans import (
     plan_rollback,
     plan_rollback_all,
     reason_text,
-    refuse,
     rollout_change,
 )
 from dualwrite.cutover._stripe import CutoverStripe, check_schedulable, plan_schedule
@@ -57,9 +59,6 @@ from dualwrite.models import Stage
 __all__ = ["CutoverOps"]
 
 StripeFactory = Callable[[], CutoverStripe]
-Operation = Literal["rollout", "cutover", "rollback"]
-#: One customer's changes, or why it stays as it is; raises ``CutoverInputError`` to refuse it.
-CustomerPlan = Callable[[str, Stage, FlagSnapshot], list[FlagChange] | str]
 
 
 class CutoverOps:
@@ -173,7 +172,7 @@ class CutoverOps:
         change = rollout_change(stage, old, percent)
         if not dry_run:
             await self._store.set_rollout(stage, percent, actor=actor, reason=why)
-        notes = await self._kill_note()
+        notes = await kill_switch_notes(self._store)
         return result.model_copy(update={"changes": [change], "notes": notes})
 
     async def move_customers(
@@ -195,9 +194,15 @@ class CutoverOps:
                 return f"{customer} is already {stage.value}"
             return [override_change(customer, snapshot.override, stage, current)]
 
-        plans, unchanged = await self._plan_each(customers, plan)
-        return await self._finish(
-            "rollout", plans, actor=actor, reason=why, dry_run=dry_run, unchanged=unchanged
+        plans, unchanged = await plan_each(customers, plan, stage_of=self.stage_of)
+        return await finish(
+            self._store,
+            "rollout",
+            plans,
+            actor=actor,
+            reason=why,
+            dry_run=dry_run,
+            unchanged=unchanged,
         )
 
     # -- cutover ---------------------------------------------------------------------------------
@@ -264,8 +269,14 @@ class CutoverOps:
         finally:
             if stripe is not None:
                 await stripe.aclose()
-        return await self._finish(
-            "cutover", changes, actor=actor, reason=why, dry_run=dry_run, stripe_calls=calls
+        return await finish(
+            self._store,
+            "cutover",
+            changes,
+            actor=actor,
+            reason=why,
+            dry_run=dry_run,
+            stripe_calls=calls,
         )
 
     # -- rollback --------------------------------------------------------------------------------
@@ -294,10 +305,11 @@ class CutoverOps:
             planned = plan_rollback(customer, current, snapshot, target)
             return planned or f"{customer} is already {current.value}"
 
-        plans, unchanged = await self._plan_each(customers, plan)
+        plans, unchanged = await plan_each(customers, plan, stage_of=self.stage_of)
         # The override first: the customer never resolves through its schedule's stage again.
         plans.sort(key=lambda c: c.kind != "set_override")
-        return await self._finish(
+        return await finish(
+            self._store,
             "rollback",
             plans,
             actor=actor,
@@ -321,7 +333,8 @@ class CutoverOps:
             schedules=await self._store.schedules(),
             now=self._clock(),
         )
-        return await self._finish(
+        return await finish(
+            self._store,
             "rollback",
             changes,
             actor=actor,
@@ -334,7 +347,8 @@ class CutoverOps:
         """Turn the kill switch on (every customer legacy at once)."""
         on = await self._store.get_kill()
         change = FlagChange(kind="kill", customer="*", old="on" if on else "off", new="on")
-        return await self._finish(
+        return await finish(
+            self._store,
             "rollback",
             [] if on else [change],
             actor=actor,
@@ -364,79 +378,3 @@ class CutoverOps:
     async def guard_once(self, *, dry_run: bool = False) -> GuardResult:
         """One guard pass: roll back the customers (or the rollout) over the guardrails."""
         return await self.guard().check(dry_run=dry_run)
-
-    # -- planning and applying -------------------------------------------------------------------
-
-    async def _plan_each(
-        self, customers: Sequence[str], plan: CustomerPlan
-    ) -> tuple[list[FlagChange], list[str]]:
-        """Every customer's changes and what stays unchanged; refuses all when any is refused."""
-        plans: list[FlagChange] = []
-        unchanged: list[str] = []
-        problems: list[str] = []
-        for customer in customers:
-            current, snapshot = await self.stage_of(customer)
-            try:
-                planned = plan(customer, current, snapshot)
-            except CutoverInputError as exc:
-                problems.append(str(exc))
-                continue
-            if isinstance(planned, str):
-                unchanged.append(planned)
-            else:
-                plans += planned
-        refuse(problems)
-        return plans, unchanged
-
-    async def _finish(
-        self,
-        operation: Operation,
-        changes: list[FlagChange],
-        *,
-        actor: str,
-        reason: str,
-        dry_run: bool,
-        unchanged: list[str] | None = None,
-        stripe_calls: list[StripeCall] | None = None,
-        kill_note: bool = True,
-    ) -> OperationResult:
-        """Apply ``changes`` in order (unless ``dry_run``) and report them."""
-        if not dry_run:
-            for change in changes:
-                await self._apply(change, actor=actor, reason=reason)
-        return OperationResult(
-            operation=operation,
-            dry_run=dry_run,
-            actor=actor,
-            reason=reason,
-            changes=changes,
-            stripe_calls=stripe_calls or [],
-            unchanged=unchanged or [],
-            notes=await self._kill_note() if kill_note else [],
-        )
-
-    async def _apply(self, change: FlagChange, *, actor: str, reason: str) -> None:
-        store, new = self._store, str(change.new)
-        if change.kind == "set_override":
-            await store.set_override(change.customer, Stage(new), actor=actor, reason=reason)
-        elif change.kind == "remove_override":
-            await store.set_override(change.customer, None, actor=actor, reason=reason)
-        elif change.kind == "schedule":
-            at = int(change.at or 0)
-            await store.schedule(change.customer, Stage(new), at, actor=actor, reason=reason)
-        elif change.kind == "clear_schedule":
-            await store.clear_schedule(change.customer, actor=actor, reason=reason)
-        elif change.kind == "rollout":
-            name, _, percent = new.partition(" ")
-            await store.set_rollout(
-                Stage(name), float(percent.rstrip("%")), actor=actor, reason=reason
-            )
-        elif change.kind == "default":
-            await store.set_default(Stage(new), actor=actor, reason=reason)
-        else:
-            await store.set_kill(new == "on", actor=actor, reason=reason)
-
-    async def _kill_note(self) -> list[str]:
-        if await self._store.get_kill():
-            return ["the kill switch is on: every customer resolves to legacy until it is off"]
-        return []

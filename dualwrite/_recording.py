@@ -1,0 +1,197 @@
+"""What ``DualWriteEngine.record()`` persists once the authoritative write has answered.
+
+* an accepted write becomes one ``Commit`` (ledger update, shadow outbox entry, translation log of a
+  ``set``, idempotency record and ``set`` value), applied in one Redis transaction, or spooled when
+  Redis is down so the shadow is delayed, not lost;
+* a refused write releases its idempotency claim and is counted in the ledger;
+* a full spool holds usage back with a retryable 503.
+
+Nothing here can fail the caller's request: Redis being down is logged, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from dualwrite import metrics
+from dualwrite.commit import Commit, CommitWriter
+from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, IdempotencyStore
+from dualwrite.keys import ShardKeys
+from dualwrite.late import LateRefusals
+from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, failure_code
+from dualwrite.models import (
+    Leg,
+    RecordOutcome,
+    Stage,
+    StagePlan,
+    StripeFailure,
+    UsageEvent,
+    WriteResult,
+)
+from dualwrite.outbox import OutboxEntry
+from dualwrite.redis_client import store_errors
+from dualwrite.spool import Spool
+
+__all__ = ["apply_commit", "build_commit", "count_refusal", "held_back"]
+
+# The engine's logger: these records come from record() and keep the name operators filter on.
+log = logging.getLogger("dualwrite.engine")
+
+
+def held_back(
+    event: UsageEvent, stage: Stage, plan: StagePlan, *, retry_after: float
+) -> RecordOutcome:
+    """Back-pressure: the spool is full (Redis has been away a long time), so nothing more is
+    written until it drains; the caller gets a retryable 503 and retries later."""
+    log.error(
+        "usage %s refused (retryable): Redis is unavailable and the spool holds "
+        "spool_max_bytes already",
+        event.identifier,
+    )
+    failure = StripeFailure(
+        http_status=503,
+        type="api_error",
+        message="Usage cannot be recorded right now; retry later with the same Idempotency-Key.",
+        retryable=True,
+        retry_after=retry_after,
+    )
+    result = WriteResult(leg=plan.authoritative, accepted=False, http_status=503, failure=failure)
+    return RecordOutcome(
+        event=event,
+        stage=stage,
+        authoritative=result,
+        shadow_leg=plan.shadow,
+        shadow_status="skipped" if plan.shadow else "not_applicable",
+    )
+
+
+async def count_refusal(
+    redis: aioredis.Redis,
+    idempotency: IdempotencyStore,
+    shard: ShardKeys,
+    event: UsageEvent,
+    result: WriteResult,
+    *,
+    period: Callable[[], Awaitable[str]],
+) -> None:
+    """Release the refused event's idempotency claim and count the refusal in its ledger period."""
+    try:
+        await idempotency.release(shard, event)
+        update = LedgerUpdate(shard, event, await period()).refused(
+            result.leg, failure_code(result.failure)
+        )
+        async with store_errors("counting a refusal"):
+            pipe = redis.pipeline(transaction=True)
+            update.queue(pipe)
+            await pipe.execute()
+    except StoreUnavailableError:
+        log.warning("Redis unavailable: refusal of %s not counted", event.identifier)
+
+
+def build_commit(
+    shard: ShardKeys,
+    outcome: RecordOutcome,
+    plan: StagePlan,
+    effective: int,
+    period: str,
+    *,
+    now: float,
+    idempotency_ttl: int,
+) -> Commit:
+    """The ledger update, shadow entry, translation log and idempotency record, as one value."""
+    event = outcome.event
+    update = LedgerUpdate(shard, event, period).recorded(
+        outcome.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
+    )
+    entry = None
+    if plan.shadow is not None:
+        entry = OutboxEntry(
+            event=event,
+            leg=plan.shadow,
+            value=effective,
+            stage=outcome.stage,
+            authoritative_id=outcome.authoritative.stripe_id,
+            enqueued_at=now,
+            period=period,
+        )
+    tracked = event.identifier_source != "minted"
+    is_set = event.action == "set" and event.subscription_item is not None
+    return Commit(
+        prefix=shard.prefix,
+        shard=shard.shard,
+        ledger_key=update.key,
+        index_member=update.index_member,
+        index_score=update.index_score,
+        increments=update.increments,
+        outbox_payload=entry.payload() if entry else None,
+        divergence=_translation(outcome, effective, now) if outcome.translated else None,
+        idempotency_key=shard.idempotency(event.identifier) if tracked else None,
+        outcome_json=outcome.model_dump_json() if tracked else None,
+        idempotency_ttl=idempotency_ttl,
+        set_key=shard.set_value(event.subscription_item or "", event.timestamp) if is_set else None,
+        set_value=event.quantity if is_set else None,
+        set_ttl=SET_VALUE_TTL_SECONDS,
+    )
+
+
+async def apply_commit(
+    commit: Commit,
+    outcome: RecordOutcome,
+    period: str,
+    *,
+    commits: CommitWriter,
+    late: LateRefusals,
+    spool: Spool | None,
+) -> RecordOutcome:
+    """Apply the commit; if Redis is down, spool it (fsynced) so the shadow is delayed, not lost."""
+    try:
+        await commits.apply(commit)
+    except StoreUnavailableError:
+        pass
+    else:
+        if outcome.authoritative.leg is Leg.METER:
+            value = outcome.authoritative.value or outcome.event.quantity
+            await late.remember(outcome.event, value=value, stage=outcome.stage, period=period)
+        return outcome
+    event = outcome.event
+    if spool is None:
+        log.error(
+            "usage %s was accepted on the %s leg but Redis is unavailable and no spool is "
+            "configured: ledger not updated%s",
+            event.identifier,
+            outcome.authoritative.leg.value,
+            " and the shadow write is lost" if outcome.shadow_leg else "",
+        )
+        return outcome.model_copy(
+            update={"shadow_status": "enqueue_failed"} if outcome.shadow_leg else {}
+        )
+    try:
+        await spool.append(commit)
+    except OSError:
+        log.exception("usage %s: Redis is down and the spool cannot be written", event.identifier)
+        return outcome.model_copy(
+            update={"shadow_status": "enqueue_failed"} if outcome.shadow_leg else {}
+        )
+    log.warning("Redis unavailable: usage %s spooled locally until it returns", event.identifier)
+    return outcome.model_copy(update={"shadow_status": "spooled"} if outcome.shadow_leg else {})
+
+
+def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str, str]:
+    """The divergence-log fields recording how a ``set`` was translated into a meter delta."""
+    metrics.count_translation()
+    auth = LegView.of(outcome.authoritative)
+    pending = LegView(status="pending") if outcome.shadow_leg else LegView(status="not_written")
+    legacy, meter = (auth, pending) if outcome.authoritative.leg is Leg.LEGACY else (pending, auth)
+    return divergence_fields(
+        outcome.event,
+        kind="translated",
+        stage=outcome.stage,
+        legacy=legacy,
+        meter=meter,
+        note=f"set {outcome.event.quantity} sent to the meter as {effective:+d}",
+        at=now,
+    )
