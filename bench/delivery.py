@@ -39,6 +39,9 @@ from _load import REDIS_URL, child, cleanup, cpu_seconds, free_port, summary
 from _scenario import EVENT_NAME, KEY, Catalog, run_standin
 
 TARGETS = {"v1": 1_000.0, "v2": 10_000.0}
+#: v1's target is the configured rate limit itself: a drain within 5 % of it is held by the limit
+#: (GCRA admits no more). v2's is a floor: it is met only at or above it.
+SHORTFALL_ALLOWED = {"v1": 0.95, "v2": 1.0}
 FILL_CONCURRENCY = 200
 
 
@@ -304,11 +307,12 @@ def main() -> None:
                 f"{summary([r['standin_cpu_ms'] for r in runs], 3)}"
             )
             median = statistics.median(rates)
-            verdict = "meets" if median >= target * 0.95 else "MISSES"
+            floor = target * SHORTFALL_ALLOWED[path]
+            verdict = "meets" if median >= floor else "MISSES"
             # The stand-in is one Python process: when the workers get about as much out of it as
             # the plain loop does, it is the bottleneck, not they.
             bound = ""
-            if median < target * 0.95:
+            if median < floor:
                 stand_in_bound = median >= statistics.median(base) * 0.9
                 bound = (
                     "; the stand-in (one Python process) is the bottleneck"
