@@ -120,13 +120,8 @@ def build_commit(
         )
     tracked = event.identifier_source != "minted"
     is_set = event.action == "set" and event.subscription_item is not None
-    return Commit(
-        prefix=shard.prefix,
-        shard=shard.shard,
-        ledger_key=update.key,
-        index_member=update.index_member,
-        index_score=update.index_score,
-        increments=update.increments,
+    return Commit.of_update(
+        update,
         outbox_payload=entry.payload() if entry else None,
         divergence=_translation(outcome, effective, now) if outcome.translated else None,
         idempotency_key=shard.idempotency(event.identifier) if tracked else None,

@@ -10,6 +10,7 @@ spool (``dualwrite.spool``) and is applied later, exactly once thanks to a marke
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualwrite.keys import ShardKeys
 from dualwrite.redis_client import as_int, store_errors
 from dualwrite.rollups import ROLLUP_LUA, rollup_key
+
+if TYPE_CHECKING:
+    from dualwrite.ledger import LedgerUpdate
 
 __all__ = ["IN_DOUBT_MARKER_TTL", "SPOOL_MARKER_TTL", "Commit", "CommitWriter"]
 
@@ -88,6 +92,20 @@ class Commit(BaseModel):
     set_key: str | None = None
     set_value: int | None = None
     set_ttl: int = 0
+
+    @classmethod
+    def of_update(cls, update: LedgerUpdate, **fields: Any) -> Commit:
+        """The commit of ``update``'s ledger counts, in its shard, with ``fields`` besides (the
+        shadow's outbox payload, a divergence entry, the idempotency record, a ``set`` value)."""
+        return cls(
+            prefix=update.keys.prefix,
+            shard=update.keys.shard,
+            ledger_key=update.key,
+            index_member=update.index_member,
+            index_score=update.index_score,
+            increments=update.increments,
+            **fields,
+        )
 
     @property
     def keys(self) -> ShardKeys:

@@ -13,6 +13,7 @@ import pytest
 import dualwrite
 import dualwrite.outbox._store
 import dualwrite.periods
+from dualwrite.commit import Commit
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore, StageResolver
@@ -23,7 +24,6 @@ from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.periods import ItemPeriods
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
-from tests.test_faults import ledger_commit
 from tests.test_fuzz_routes import usage_app
 
 pytestmark = pytest.mark.anyio
@@ -81,7 +81,7 @@ class TestRedisCaps:
                 Stage.METER, Leg.METER, None, 1, translated=True
             )
             divergence = {"kind": "translated", "identifier": event.identifier}
-            await engine.commits.apply(ledger_commit(shard, update, divergence=divergence))
+            await engine.commits.apply(Commit.of_update(update, divergence=divergence))
         length = await engine.redis.xlen(shard.divergence)
         await engine.aclose()
         assert 100 <= length <= 200  # MAXLEN ~ trims whole stream nodes (100 entries each)

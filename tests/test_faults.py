@@ -24,7 +24,6 @@ from dualwrite.commit import Commit
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError
-from dualwrite.keys import ShardKeys
 from dualwrite.ledger import LedgerUpdate
 from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.outbox import OutboxEntry
@@ -63,26 +62,6 @@ def fault_settings(
     )
 
 
-def ledger_commit(
-    shard: ShardKeys,
-    update: LedgerUpdate,
-    *,
-    outbox_payload: str | None = None,
-    divergence: dict[str, str] | None = None,
-) -> Commit:
-    """The commit of ``update``'s ledger counts in ``shard``, with a shadow entry or divergence."""
-    return Commit(
-        prefix=shard.prefix,
-        shard=shard.shard,
-        ledger_key=update.key,
-        index_member=update.index_member,
-        index_score=update.index_score,
-        increments=update.increments,
-        outbox_payload=outbox_payload,
-        divergence=divergence,
-    )
-
-
 async def seed(engine: DualWriteEngine, customers: list[str], count: int) -> Counter[str]:
     """Commit ``count`` shadow meter writes as the engine would; returns the intended totals."""
     rng = random.Random(count)
@@ -107,7 +86,7 @@ async def seed(engine: DualWriteEngine, customers: list[str], count: int) -> Cou
         entry = OutboxEntry(
             event=event, leg=Leg.METER, value=quantity, stage=Stage.SHADOW, enqueued_at=time.time()
         )
-        await engine.commits.apply(ledger_commit(shard, update, outbox_payload=entry.payload()))
+        await engine.commits.apply(Commit.of_update(update, outbox_payload=entry.payload()))
     return intended
 
 
