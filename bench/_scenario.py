@@ -3,13 +3,14 @@ itself as a child process."""
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import stripe
+
+from dualwrite.config import DEFAULT_LEGACY_API_VERSION
+from dualwrite.testing import legacy_price_params, meter_params
 
 KEY = "sk_test_dualwriteBench000000000000001"
 EVENT_NAME = "api_requests"
-LEGACY_VERSION = "2025-02-24.acacia"
+LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
 
 
 def run_standin(port: int, latency: float) -> None:
@@ -27,30 +28,10 @@ class Catalog:
 
     def __init__(self, url: str) -> None:
         self.client = stripe.StripeClient(KEY, base_addresses={"api": url, "meter_events": url})
-        self.meter = self.client.v1.billing.meters.create(
-            {
-                "display_name": "API requests",
-                "event_name": EVENT_NAME,
-                "default_aggregation": {"formula": "sum"},
-            }
-        ).id
+        self.meter = self.client.v1.billing.meters.create(meter_params(EVENT_NAME)).id
         product = self.client.v1.products.create({"name": "API"})
         self.legacy_price = self.client.v1.prices.create(
-            # aggregate_usage is gone from stripe-python 16's typed params (removed in basil).
-            cast(
-                Any,
-                {
-                    "currency": "usd",
-                    "product": product.id,
-                    "unit_amount": 1,
-                    "recurring": {
-                        "interval": "month",
-                        "usage_type": "metered",
-                        "aggregate_usage": "sum",
-                    },
-                },
-            ),
-            {"stripe_version": LEGACY_VERSION},
+            legacy_price_params(product.id), {"stripe_version": LEGACY_VERSION}
         ).id
 
     def customer(self, name: str = "Bench") -> tuple[str, str]:

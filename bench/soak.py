@@ -40,14 +40,19 @@ import httpx
 import redis
 import stripe
 
-from dualwrite.config import Settings
+from dualwrite.config import DEFAULT_LEGACY_API_VERSION, Settings
 from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
 from dualwrite.models import Stage
-from dualwrite.testing import RedisServerError, RedisServerProcess
+from dualwrite.testing import (
+    RedisServerError,
+    RedisServerProcess,
+    legacy_price_params,
+    meter_params,
+)
 
-LEGACY_VERSION = "2025-02-24.acacia"
+LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
 EVENT_NAME = "api_requests"
 API_KEY = "sk_test_soakBench000000000000000000000001"
 PREFIX = "dwsoak"
@@ -187,14 +192,10 @@ def create_customers(standin_url: str, count: int) -> tuple[list[Customer], str]
         base_addresses={"api": standin_url, "meter_events": standin_url},
         http_client=stripe.HTTPXClient(allow_sync_methods=True),
     )
-    client.v1.billing.meters.create(
-        {"display_name": "API", "event_name": EVENT_NAME, "default_aggregation": {"formula": "sum"}}
-    )
+    client.v1.billing.meters.create(meter_params(EVENT_NAME, display_name="API"))
     product = client.v1.products.create({"name": "API"})
-    recurring: Any = {"interval": "month", "usage_type": "metered", "aggregate_usage": "sum"}
     price = client.v1.prices.create(
-        {"currency": "usd", "product": product.id, "unit_amount": 1, "recurring": recurring},
-        {"stripe_version": LEGACY_VERSION},
+        legacy_price_params(product.id), {"stripe_version": LEGACY_VERSION}
     )
     customers = []
     for index in range(count):

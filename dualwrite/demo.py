@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import redis
@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from dualwrite.config import MeterMapping, Settings, UsageRoute
+from dualwrite.config import DEFAULT_LEGACY_API_VERSION, MeterMapping, Settings, UsageRoute
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
@@ -44,13 +44,13 @@ from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
 from dualwrite.redis_url import CLUSTER_SCHEMES
 from dualwrite.report import Report, build_report, render_table
-from dualwrite.testing import StripeStandin, serve_standin
+from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
 __all__ = ["DemoOptions", "DemoResult", "run_demo"]
 
 DEMO_PREFIX = "dualwrite-demo"
 EVENT_NAME = "api_requests"
-LEGACY_VERSION = "2025-02-24.acacia"
+LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
 RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
 #: Usage requests the stand-in refuses on the authoritative (legacy) path, whatever happens.
 REFUSED_REQUESTS = 2
@@ -159,30 +159,10 @@ async def _set_up_stripe(
     client: stripe.StripeClient, options: DemoOptions
 ) -> tuple[list[DemoCustomer], str]:
     """A meter, a product with a legacy metered price, and customers with subscriptions."""
-    await client.v1.billing.meters.create_async(
-        {
-            "display_name": "API requests",
-            "event_name": EVENT_NAME,
-            "default_aggregation": {"formula": "sum"},
-        }
-    )
+    await client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
     product = await client.v1.products.create_async({"name": "API"})
     legacy_price = await client.v1.prices.create_async(
-        # aggregate_usage is gone from stripe-python 16's typed params (removed in basil).
-        cast(
-            Any,
-            {
-                "currency": "usd",
-                "product": product.id,
-                "unit_amount": 2,
-                "recurring": {
-                    "interval": "month",
-                    "usage_type": "metered",
-                    "aggregate_usage": "sum",
-                },
-            },
-        ),
-        {"stripe_version": LEGACY_VERSION},
+        legacy_price_params(product.id, unit_amount=2), {"stripe_version": LEGACY_VERSION}
     )
     customers: list[DemoCustomer] = []
     for stage in Stage:

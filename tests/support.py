@@ -6,21 +6,27 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import stripe
 from pydantic import SecretStr
 
-from dualwrite.config import MeterMapping, RedisSettings, Settings, UsageRoute
+from dualwrite.config import (
+    DEFAULT_LEGACY_API_VERSION,
+    MeterMapping,
+    RedisSettings,
+    Settings,
+    UsageRoute,
+)
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.migrate import OpsAudit, OpsAuditEntry
 from dualwrite.models import Stage, UsageEvent
 from dualwrite.redis_client import open_redis
-from dualwrite.testing import StripeStandin
+from dualwrite.testing import StripeStandin, legacy_price_params, meter_params
 
-LEGACY_VERSION = "2025-02-24.acacia"
+LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
 EVENT_NAME = "api_requests"
 #: The key the stand-in accepts (``tests/conftest.py`` re-exports it).
 STRIPE_KEY = "sk_test_dualwriteTests0000000000000001"
@@ -146,30 +152,10 @@ class ScenarioBuilder:
 
     async def _catalog(self) -> tuple[str, str, str]:
         if self._prices is None:
-            meter = await self.client.v1.billing.meters.create_async(
-                {
-                    "display_name": "API requests",
-                    "event_name": EVENT_NAME,
-                    "default_aggregation": {"formula": "sum"},
-                }
-            )
+            meter = await self.client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
             product = await self.client.v1.products.create_async({"name": "API"})
             legacy = await self.client.v1.prices.create_async(
-                # aggregate_usage is gone from stripe-python 16's typed params (removed in basil).
-                cast(
-                    Any,
-                    {
-                        "currency": "usd",
-                        "product": product.id,
-                        "unit_amount": 1,
-                        "recurring": {
-                            "interval": "month",
-                            "usage_type": "metered",
-                            "aggregate_usage": "sum",
-                        },
-                    },
-                ),
-                {"stripe_version": LEGACY_VERSION},
+                legacy_price_params(product.id), {"stripe_version": LEGACY_VERSION}
             )
             metered = await self.client.v1.prices.create_async(
                 {

@@ -35,6 +35,7 @@ from dualwrite.testing._faults import FAULT_KINDS, FaultInjector
 from dualwrite.testing._meters import ASYNC_ERROR_CODES
 from dualwrite.testing._redis_server import RedisServerError, RedisServerProcess, redis_binary
 from dualwrite.testing._server import RunningStandin, run_standin, serve_app, serve_standin
+from dualwrite.testing._setup import legacy_price_params, meter_params
 from dualwrite.testing._standin import StripeStandin
 
 __all__ = [
@@ -47,6 +48,8 @@ __all__ = [
     "RunningStandin",
     "StandinClock",
     "StripeStandin",
+    "legacy_price_params",
+    "meter_params",
     "redis_binary",
     "run_standin",
     "serve_app",
