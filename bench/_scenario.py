@@ -10,6 +10,16 @@ from dualwrite.testing import legacy_price_params, meter_params
 
 KEY = "sk_test_dualwriteBench000000000000001"
 EVENT_NAME = "api_requests"
+#: The usage route the app benchmarks configure: ``POST /usage/{customer}`` with ``item`` and
+#: ``quantity`` in a JSON body.
+USAGE_ROUTE = {
+    "method": "POST",
+    "path": "/usage/{customer}",
+    "customer": "path:customer",
+    "subscription_item": "json:item",
+    "quantity": "json:quantity",
+    "event_name": f"const:{EVENT_NAME}",
+}
 LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
 
 

@@ -25,8 +25,8 @@ import uuid
 from typing import Any
 
 from _load import REDIS_URL, child, cleanup, free_port, http_request, measure, summary
+from _scenario import EVENT_NAME, KEY, USAGE_ROUTE
 
-KEY = "sk_test_dualwriteBench000000000000001"
 APPS = ("bare", "wrapped")
 THROUGHPUT_TARGET = 0.97
 P99_TARGET = 1.05
@@ -59,17 +59,8 @@ def build_app(*, wrapped: bool, prefix: str) -> Any:
         redis={"url": REDIS_URL, "key_prefix": prefix},
         # Never called: only non-usage requests are sent.
         stripe={"api_base": "http://127.0.0.1:9"},
-        routes=[
-            {
-                "method": "POST",
-                "path": "/usage/{customer}",
-                "customer": "path:customer",
-                "subscription_item": "json:item",
-                "quantity": "json:quantity",
-                "event_name": "const:api_requests",
-            }
-        ],
-        meters=[{"event_name": "api_requests"}],
+        routes=[USAGE_ROUTE],
+        meters=[{"event_name": EVENT_NAME}],
     )
     return DualWriteMiddleware(app, config=settings)
 

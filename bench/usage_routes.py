@@ -52,7 +52,7 @@ from _load import (
     measure,
     summary,
 )
-from _scenario import EVENT_NAME, KEY, LEGACY_VERSION, Catalog, run_standin
+from _scenario import EVENT_NAME, KEY, LEGACY_VERSION, USAGE_ROUTE, Catalog, run_standin
 
 MODES = ("single", "naive", "legacy", "shadow", "shadow_ext")
 WRAPPED = ("legacy", "shadow", "shadow_ext")
@@ -66,16 +66,7 @@ def _settings(prefix: str, upstream: str, *, worker: bool) -> Any:
         stripe={"api_base": upstream},
         limits={"legacy_per_second": 0, "meter_per_second": 0, "stream_events_per_second": 0},
         outbox={"spool": False, "run_in_process": worker},
-        routes=[
-            {
-                "method": "POST",
-                "path": "/usage/{customer}",
-                "customer": "path:customer",
-                "subscription_item": "json:item",
-                "quantity": "json:quantity",
-                "event_name": f"const:{EVENT_NAME}",
-            }
-        ],
+        routes=[USAGE_ROUTE],
         meters=[{"event_name": EVENT_NAME}],
     )
 
