@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +80,6 @@ def cluster_prefix(redis_cluster: LocalCluster) -> Iterator[str]:
     prefix = f"dwtest-{uuid.uuid4().hex[:12]}"
     yield prefix
     _delete_prefix(redis_cluster.url, redis_cluster, prefix)
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates Stripe objects on the stand-in through the SDK."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
 
 
 def _all_names(keys: KeySpace | ShardKeys) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -15,17 +14,9 @@ from dualwrite.models import Leg, Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import EVENT_NAME, ScenarioBuilder, make_settings, set_stage, usage
+from tests.support import EVENT_NAME, make_settings, set_stage, usage
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates Stripe objects on the stand-in through the SDK."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
 
 
 async def drain(engine: DualWriteEngine) -> None:

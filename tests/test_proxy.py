@@ -208,14 +208,6 @@ class Recorder:
 
 
 @pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates customers on legacy metered prices, straight on the stand-in."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
-
-
-@pytest.fixture
 async def scenario(builder: ScenarioBuilder) -> Scenario:
     """A customer on the legacy metered price."""
     return await builder.customer()

@@ -167,14 +167,6 @@ class TestAssignItems:
 # ------------------------------------------------------------------------------ with the stand-in
 
 
-@pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates Stripe objects on the stand-in through the SDK."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
-
-
 def reconcile_settings(redis_url: str, prefix: str, standin_url: str, **sections: Any) -> Settings:
     """Settings for these tests: billing periods, the stand-in, no read limit unless given."""
     reconcile = {"settle_seconds": SETTLE, "reads_per_second": 0, **sections.pop("reconcile", {})}

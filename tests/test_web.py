@@ -121,14 +121,6 @@ def settings(redis_url: str, key_prefix: str, standin_url: str) -> Settings:
 
 
 @pytest.fixture
-async def builder(standin_url: str) -> AsyncIterator[ScenarioBuilder]:
-    """Creates Stripe objects on the stand-in through the SDK."""
-    builder = ScenarioBuilder(standin_url, STRIPE_KEY)
-    yield builder
-    await builder.aclose()
-
-
-@pytest.fixture
 async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
     """Usage for five customers, delivered."""
     return await send_traffic(engine, builder, standin)
