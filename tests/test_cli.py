@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,9 @@ from dualwrite.report import Report
 from tests.conftest import STRIPE_KEY
 from tests.support import ScenarioBuilder, make_settings, set_stage, usage
 
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
 DEAD_REDIS = "redis://:s3cret@127.0.0.1:1/0"
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No dualwrite, Redis or Stripe variable of the caller's shell reaches the command."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

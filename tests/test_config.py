@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,10 @@ from dualwrite.config import DEFAULT_LEGACY_API_VERSION, DEFAULT_REDIS_URL, Sett
 from dualwrite.exceptions import ConfigError
 from dualwrite.models import Stage
 
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config" / "dualwrite.toml"
 SECRET = "sk_live_51DoNotLeakThisKeyAbcd9876"
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test sees no dualwrite, Redis or Stripe variables but the ones it sets."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import csv
 import io
 import json
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -508,11 +507,8 @@ def meter_day(redis_url: str, key_prefix: str, standin_url: str, standin: Stripe
 
 
 @pytest.fixture
-def cli(redis_url: str, key_prefix: str, standin_url: str, monkeypatch: pytest.MonkeyPatch):
+def cli(redis_url: str, key_prefix: str, standin_url: str, clean_environment: None):
     """Runs ``dualwrite reconcile ARGS`` on the test's Redis prefix and the stand-in."""
-    for name in list(os.environ):
-        if name.startswith("DUALWRITE_") or name in {"REDIS_URL", "STRIPE_API_KEY"}:
-            monkeypatch.delenv(name)
     runner = CliRunner()
 
     def invoke(*args: str, **env: str):
