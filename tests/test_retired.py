@@ -19,6 +19,7 @@ from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Stage
 from dualwrite.report import CustomerReport, build_report
 from dualwrite.testing import StripeStandin
+from dualwrite.web._views import period_lines, summarise
 from tests.conftest import SettingsFactory
 from tests.support import Scenario, ScenarioBuilder, cli_environment, set_stage, usage
 
@@ -136,6 +137,16 @@ class TestReport:
         )
         assert line.status == "parity"
         assert line.difference == 0 and line.difference_pct == 0.0
+
+    async def test_web_page_differences(
+        self, engine: DualWriteEngine, builder: ScenarioBuilder
+    ) -> None:
+        """The HTML report's summary and per-period lines count retired writes the same way."""
+        scenario = await cut_over(engine, builder, "moved")
+        report = await build_report(engine.ledger, engine.resolver, customer=scenario.customer)
+        assert summarise(report).difference == 0
+        rows = await engine.ledger.rows(customer=scenario.customer)
+        assert [line.difference for line in period_lines(rows)] == [0]
 
 
 class TestGuard:
