@@ -22,7 +22,7 @@ def period(days_ago: int) -> str:
 
 
 def counters(
-    stage: Stage = Stage.SHADOW, *, legacy: int = 10, meter: int = 10, **changed: int
+    stage: Stage = Stage.SHADOW, /, *, legacy: int = 10, meter: int = 10, **changed: int
 ) -> dict[str, int]:
     """A period's counters: two events at ``stage``, both legs holding what they should."""
     sums = {
