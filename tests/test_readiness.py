@@ -127,26 +127,24 @@ class TestLegs:
     def test_retired_legacy_writes_count_as_settled(self) -> None:
         """A primary customer whose legacy shadows were retired (the item moved to the meter
         price) holds on the legacy side what the meter holds: ready for meter."""
-        retired = counters(
-            Stage.PRIMARY,
-            legacy_accepted_qty=0,
-            legacy_accepted_events=0,
-            legacy_retired_qty=10,
-            legacy_retired_events=2,
-        )
-        assert verdict_of({period(1): retired}, Stage.PRIMARY) == (True, Stage.METER)
+        assert verdict_of({period(1): retired()}, Stage.PRIMARY) == (True, Stage.METER)
 
     def test_retired_writes_do_not_hide_a_difference(self) -> None:
         """Retired legacy 10 against a meter of 5 is still a 50 % difference."""
-        retired = counters(
-            Stage.PRIMARY,
-            meter=5,
-            legacy_accepted_qty=0,
-            legacy_accepted_events=0,
-            legacy_retired_qty=10,
-            legacy_retired_events=2,
-        )
-        assert verdict_of({period(1): retired}, Stage.PRIMARY, max_difference_pct=10)[0] is False
+        periods = {period(1): retired(meter=5)}
+        assert verdict_of(periods, Stage.PRIMARY, max_difference_pct=10)[0] is False
+
+
+def retired(*, meter: int = 10) -> dict[str, int]:
+    """A primary period whose two legacy shadows (10 units) were both retired."""
+    return counters(
+        Stage.PRIMARY,
+        meter=meter,
+        legacy_accepted_qty=0,
+        legacy_accepted_events=0,
+        legacy_retired_qty=10,
+        legacy_retired_events=2,
+    )
 
 
 class TestDeadLetters:
