@@ -12,7 +12,8 @@ How each operation uses the flags (resolution: kill → override → schedule �
 * a cutover schedules the stage at an instant; a customer holding an override gets a schedule
   entry for its current stage from now, then loses the override, so nothing changes before the
   instant;
-* a rollback pins the customer by override and clears its schedule.
+* a rollback pins the customer by override and clears its schedule (``_rollback``: one stage at
+  a time, and never where Stripe refuses the customer's authoritative leg).
 
 The steps every operation shares (plan each customer, refuse all or nothing, apply the changes,
 report them) are in ``_apply``.
