@@ -252,8 +252,8 @@ class GuardrailSettings(_Frozen):
     min_customers: int = Field(default=10, ge=1)
     """The global share is judged only over at least this many checked customers."""
     global_action: Literal["rollback", "kill"] = "rollback"
-    """``rollback``: rollout percentages to 0 and the default back a stage; ``kill``: the kill
-    switch (every customer legacy)."""
+    """``rollback``: every rollout percentage and the default one stage back; ``kill``: the kill
+    switch (every customer legacy). Both cancel pending cutovers."""
     lookback_days: int = Field(default=35, ge=1, le=400)
     """Only ledger periods overlapping the last this many days count."""
 

@@ -4,11 +4,16 @@ replay or drop (``dualwrite dead list|show|retry|drop``).
 A dead letter's id is ``<shard>:<stream id>``. Retrying moves it back into its outbox stream as a
 fresh entry and takes its failure out of the ledger (the write is pending again), in one script;
 dropping deletes it and leaves the ledger saying the write failed.
+
+Retired writes (legacy usage records Stripe refused because the item moved to its meter-backed
+price) are dead letters too, with reason ``retired``, but not failures: listings leave them out
+unless asked for, and ``counts`` gives them their own count.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -21,7 +26,10 @@ from dualwrite.outbox import OutboxEntry
 from dualwrite.redis_client import as_int, store_errors, stream_entries
 from dualwrite.rollups import ROLLUP_LUA
 
-__all__ = ["DeadLetter", "DeadLetterNotFoundError", "DeadLetters"]
+__all__ = ["RETIRED", "DeadLetter", "DeadLetterNotFoundError", "DeadLetters"]
+
+#: The reason of a retired write's dead letter: not a failure, kept apart from the others.
+RETIRED = "retired"
 
 # KEYS: dead stream, outbox stream, ledger hash, rollup, rollup index; ARGV: dead id, new payload, n,
 # name/amount pairs, then the ledger index member and score
@@ -80,10 +88,8 @@ class DeadLetters:
         self._clock = clock
         self._retry = redis.register_script(_RETRY)
 
-    async def find(
-        self, *, limit: int = 50, customer: str | None = None, reason: str | None = None
-    ) -> list[DeadLetter]:
-        """Dead letters, newest first, optionally for one customer or reason."""
+    async def _scan(self, customer: str | None) -> list[DeadLetter]:
+        """Every dead letter (of one customer, if given), in no particular order."""
         found: list[DeadLetter] = []
         shards = [self._keys.for_customer(customer)] if customer else self._keys.all_shards()
         async with store_errors("reading dead letters"):
@@ -95,11 +101,35 @@ class DeadLetters:
                         letter.entry is None or letter.entry.event.customer != customer
                     ):
                         continue
-                    if reason and letter.reason != reason:
-                        continue
                     found.append(letter)
+        return found
+
+    async def find(
+        self,
+        *,
+        limit: int = 50,
+        customer: str | None = None,
+        reason: str | None = None,
+        include_retired: bool = False,
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first, optionally for one customer or reason.
+
+        Retired writes (usage records Stripe refused because the item moved to its meter-backed
+        price) are not failures: they are left out unless ``reason`` is ``retired`` or
+        ``include_retired``.
+        """
+        found = [
+            letter
+            for letter in await self._scan(customer)
+            if (letter.reason == reason if reason else include_retired or letter.reason != RETIRED)
+        ]
         found.sort(key=lambda letter: letter.at, reverse=True)
         return found[:limit]
+
+    async def counts(self, *, customer: str | None = None) -> dict[str, int]:
+        """How many dead letters there are per reason (``retired`` included), sorted by reason."""
+        counted = Counter(letter.reason for letter in await self._scan(customer))
+        return dict(sorted(counted.items()))
 
     async def show(self, dead_id: str) -> DeadLetter:
         """One dead letter by id.
@@ -150,7 +180,7 @@ class DeadLetters:
             update={"attempt": 0, "enqueued_at": self._clock(), "last_error": None}
         )
         undo = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
-            entry.leg, entry.value, retired=letter.reason == "retired", code=letter.code or None
+            entry.leg, entry.value, retired=letter.reason == RETIRED, code=letter.code or None
         )
         args: list[str | int] = [stream_id, fresh.payload(), len(undo.increments)]
         for name, amount in undo.increments.items():

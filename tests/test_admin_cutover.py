@@ -238,8 +238,10 @@ class TestSameAsTheLibrary:
                 lambda o: o.rollback(["cus_p"], actor="oncall", reason="invoices look wrong"),
             ),
             (
-                {"customers": ["cus_q", "cus_m"], "to": "legacy"},
-                lambda o: o.rollback(["cus_q", "cus_m"], to=Stage.LEGACY, actor="admin-api"),
+                {"customers": ["cus_q", "cus_m"], "to": "legacy", "force": True},
+                lambda o: o.rollback(
+                    ["cus_q", "cus_m"], to=Stage.LEGACY, actor="admin-api", force=True
+                ),
             ),
             (
                 {"all": True, "to": "shadow", "reason": "incident"},
@@ -307,7 +309,7 @@ async def test_dry_runs_change_nothing(
         ("/rollout", {"stage": "primary", "customers": ["cus_p", "cus_x"], "force": True}),
         (f"/customers/{scenario.customer}/cutover", cutover),
         ("/rollback", {"customers": ["cus_p"], "dry_run": True}),
-        ("/rollback", {"all": True, "dry_run": True}),
+        ("/rollback", {"all": True, "force": True, "dry_run": True}),
     ]
     requests[1][1]["dry_run"] = True
     for path, body in requests:
@@ -444,6 +446,20 @@ BAD: list[tuple[str, dict[str, Any], str, str, tuple[str, ...]]] = [
         "unknown --to stage 'upward'",
         ("rollback", "cus_p", "--to", "upward"),
     ),
+    (
+        "/rollback",
+        {"customers": ["cus_p"], "to": "legacy"},
+        "to",
+        "cus_p is at primary: rollbacks go one stage at a time (back: shadow)",
+        ("rollback", "cus_p", "--to", "legacy"),
+    ),
+    (
+        "/rollback",
+        {"all": True},
+        "to",
+        "rollback --all --to legacy would move cus_p (primary) more than one stage at once",
+        ("rollback", "--all"),
+    ),
     ("/rollback", {}, "customers", "give customers, or all: true", ()),
     ("/rollback", {"customers": ["cus_p"], "all": True}, "customers", "give customers", ()),
     ("/rollback", {"all": "yes"}, "all", "valid boolean", ()),
@@ -519,7 +535,7 @@ def test_messages_are_the_cli_messages(
         assert message in answer
         assert answer.removeprefix(f"Invalid {param}: ") in printed, (answer, printed)
         compared += 1
-    assert compared == 15
+    assert compared == 17
 
 
 # -- limits, auth, errors ------------------------------------------------------------------------

@@ -280,14 +280,19 @@ class TestRollback:
             await ops.rollback(["cus_r"], to=Stage.METER, actor="oncall")
 
     async def test_rollback_all(self, ops: CutoverOps, clock: FakeClock) -> None:
-        """--all brings rollouts, the default, overrides and schedules back to legacy."""
+        """--all --force brings rollouts, the default, overrides and schedules back to legacy;
+        without --force, moving anyone more than one stage is refused, nothing changed."""
         await ops.rollout(Stage.SHADOW, percent=60, actor="ann")
         await ops.rollout(Stage.PRIMARY, percent=30, actor="ann")
         await ops.store.set_default(Stage.SHADOW, actor="ann")
         await ops.store.set_override("cus_o", Stage.METER, actor="ann")
         await ops.store.schedule("cus_s", Stage.PRIMARY, int(clock.now) - 10, actor="ann")
         await ops.store.schedule("cus_s", Stage.METER, int(clock.now) + 99, actor="ann")
-        result = await ops.rollback_all(actor="oncall", reason="incident 42")
+        before = await ops.store.history(limit=100)
+        with pytest.raises(CutoverInputError, match=r"rollout primary 30%, cus_o \(meter\)"):
+            await ops.rollback_all(actor="oncall", reason="incident 42")
+        assert await ops.store.history(limit=100) == before
+        result = await ops.rollback_all(actor="oncall", reason="incident 42", force=True)
         everyone = await stages(ops, [*SAMPLE[:100], "cus_o", "cus_s"])
         assert set(everyone.values()) == {Stage.LEGACY}
         clock.now += 100
@@ -391,15 +396,18 @@ class TestCommands:
         assert "override" in cli("flags", "get", customer).output
 
     def test_rollback_all_from_the_cli(self, cli) -> None:
-        """`rollback --all` sends everyone back; `--dry-run` first changes nothing."""
+        """`rollback --all` sends everyone back (--force: primary to legacy at once); `--dry-run`
+        first changes nothing."""
         assert cli("flags", "rollout", "shadow", "50").exit_code == 0
         assert cli("flags", "set", "cus_x", "primary").exit_code == 0
-        dry = cli("rollback", "--all", "--dry-run")
+        refused = cli("rollback", "--all", "--dry-run")
+        assert refused.exit_code == 2 and "more than one stage at once" in flat(refused)
+        dry = cli("rollback", "--all", "--force", "--dry-run")
         assert dry.exit_code == 0 and "would change: rollout *: shadow 50% -> shadow 0%" in flat(
             dry
         )
         assert "primary" in cli("flags", "get", "cus_x").output
-        done = cli("rollback", "--all", "--reason", "incident")
+        done = cli("rollback", "--all", "--force", "--reason", "incident")
         assert done.exit_code == 0, done.output
         assert "legacy" in cli("flags", "get", "cus_x").output
         assert "rollout: shadow 0 %" in flat(cli("flags", "list"))

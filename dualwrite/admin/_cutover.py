@@ -161,6 +161,13 @@ class RollbackRequest(_Change):
         default=None,
         description="The stage to go back to (default: one stage back; with all: legacy).",
     )
+    force: bool = Field(
+        default=False,
+        description=(
+            "Allow moving customers more than one stage back at once. Never takes a customer "
+            "whose item left the legacy price below primary."
+        ),
+    )
     dry_run: bool = Field(default=False, description="Return exactly what would change.")
 
     @field_validator("to", mode="before")
@@ -266,6 +273,7 @@ async def rollback(ctx: AdminContext, call: Call) -> OperationResult:
                 to=body.to or Stage.LEGACY,
                 actor=body.actor,
                 reason=body.reason,
+                force=body.force,
                 dry_run=body.dry_run,
             )
         return await ops.rollback(
@@ -273,10 +281,13 @@ async def rollback(ctx: AdminContext, call: Call) -> OperationResult:
             to=body.to,
             actor=body.actor,
             reason=body.reason,
+            force=body.force,
             dry_run=body.dry_run,
         )
     except CutoverInputError as exc:
         raise _refusal(exc, RollbackRequest, "to") from None
+    except CutoverStripeError as exc:
+        raise _stripe_failure(exc) from None
 
 
 async def guard(ctx: AdminContext, call: Call) -> GuardResult:
@@ -315,6 +326,7 @@ CUTOVER_ENDPOINTS = (
         body=RollbackRequest,
         tag="cutover",
         max_body=COHORT_BODY_BYTES,
+        errors=(502,),
     ),
     Endpoint(
         "POST",

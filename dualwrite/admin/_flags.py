@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dualwrite.admin._api import AdminContext, ApiError, Call, Endpoint
+from dualwrite.cutover import CutoverOps
 from dualwrite.flags import AuditEntry, ResolutionReason, resolve_snapshot
 from dualwrite.flags._codec import format_percent
 from dualwrite.models import Stage
@@ -245,7 +246,11 @@ async def get_kill(ctx: AdminContext, call: Call) -> KillView:
 async def set_kill(ctx: AdminContext, call: Call) -> KillView:
     """Turn the kill switch on or off."""
     body = call.body_as(KillChange)
-    await ctx.flags.set_kill(body.on, actor=body.actor, reason=body.reason)
+    if body.on:  # also cancels pending cutovers (their Stripe schedules released), audited
+        ops = CutoverOps(ctx.redis, ctx.keys, ctx.settings, clock=ctx.clock)
+        await ops.kill(actor=body.actor, reason=body.reason)
+    else:
+        await ctx.flags.set_kill(False, actor=body.actor, reason=body.reason)
     return KillView(on=await ctx.flags.get_kill())
 
 

@@ -48,7 +48,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON."
 
 
 @asynccontextmanager
-async def _cutover_ops(settings: Settings) -> AsyncIterator[CutoverOps]:
+async def cutover_ops(settings: Settings) -> AsyncIterator[CutoverOps]:
+    """Cutover operations on their own Redis connection, closed afterwards."""
     redis = open_redis(settings.redis)
     try:
         yield CutoverOps(
@@ -70,7 +71,7 @@ def _run(
     settings = load_settings(ctx)
 
     async def run() -> R:
-        async with _cutover_ops(settings) as ops:
+        async with cutover_ops(settings) as ops:
             return await action(ops)
 
     result = run_async(run())
@@ -215,12 +216,24 @@ def rollback(
     everyone: Annotated[
         bool, typer.Option("--all", help="Everyone: rollouts, default, overrides, schedules.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Allow moving customers more than one stage back at once (never below primary "
+            "for a customer whose item is on its meter-backed price).",
+        ),
+    ] = False,
     dry_run: DryRun = False,
     actor: Actor = None,
     reason: Reason = "",
     as_json: AsJson = False,
 ) -> None:
-    """Send customers (or --all) back: pinned by override, their schedules cleared, at once."""
+    """Send customers (or --all) back one stage, at once: pinned by override, schedules cleared.
+
+    A customer whose item already moved to its meter-backed price stays at primary (Stripe refuses
+    its usage records); a pending cutover's Stripe schedule is released first, so the price stays.
+    """
     if bool(customers) == everyone:
         raise typer.BadParameter("give customers, or --all")
     target = _checked(lambda: parse_stage(to, what="--to stage")) if to is not None else None
@@ -230,9 +243,11 @@ def rollback(
     async def action(ops: CutoverOps) -> OperationResult:
         if everyone:
             return await ops.rollback_all(
-                to=target or Stage.LEGACY, actor=who, reason=why, dry_run=dry_run
+                to=target or Stage.LEGACY, actor=who, reason=why, force=force, dry_run=dry_run
             )
-        return await ops.rollback(named, to=target, actor=who, reason=why, dry_run=dry_run)
+        return await ops.rollback(
+            named, to=target, actor=who, reason=why, force=force, dry_run=dry_run
+        )
 
     _run(ctx, action, as_json=as_json, show=_print)
 
@@ -255,7 +270,7 @@ def guard(
         settings = load_settings(ctx)
 
         async def loop() -> None:
-            async with _cutover_ops(settings) as ops:
+            async with cutover_ops(settings) as ops:
                 await ops.guard().run()
 
         console.print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dualwrite.cli._common import (
@@ -19,6 +20,7 @@ from dualwrite.cli._common import (
     parse_when,
     run_async,
 )
+from dualwrite.cli._cutover import cutover_ops
 from dualwrite.flags import StageResolver
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
@@ -168,9 +170,14 @@ def flags_kill(
     settings = load_settings(ctx)
 
     async def run() -> None:
+        if state == "on":  # also cancels pending cutovers (their Stripe schedules released)
+            async with cutover_ops(settings) as ops:
+                done = await ops.kill(actor=actor_name(actor), reason=reason)
+            for note in done.notes:
+                console.print(f"note: {escape(note)}", highlight=False)
         async with flag_store(settings) as store:
-            if state != "status":
-                await store.set_kill(state == "on", actor=actor_name(actor), reason=reason)
+            if state == "off":
+                await store.set_kill(False, actor=actor_name(actor), reason=reason)
             on = await store.get_kill()
             console.print(
                 "kill switch: [bold red]ON[/] (everyone legacy)" if on else "kill switch: off"

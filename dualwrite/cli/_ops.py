@@ -17,7 +17,7 @@ from dualwrite.cli._common import (
     load_settings,
     run_async,
 )
-from dualwrite.deadletters import DeadLetter, DeadLetters
+from dualwrite.deadletters import RETIRED, DeadLetter, DeadLetters
 from dualwrite.exceptions import DualwriteError
 from dualwrite.keys import KeySpace
 from dualwrite.redis_client import open_redis
@@ -34,7 +34,13 @@ All = Annotated[
     bool, typer.Option("--all", help="Every dead letter (or every one shown by filters).")
 ]
 Customer = Annotated[str | None, typer.Option(help="Only this customer's dead letters.")]
-Reason = Annotated[str | None, typer.Option(help="Only refused, expired, retired or unreadable.")]
+Reason = Annotated[
+    str | None,
+    typer.Option(
+        help="Only refused, expired, retired or unreadable (retired writes are left out unless "
+        "named: they are not failures)."
+    ),
+]
 
 
 @app.command("worker")
@@ -143,21 +149,27 @@ def dead_list(
     """The newest dead letters, with Stripe's error."""
     settings = load_settings(ctx)
 
-    async def run() -> list[DeadLetter]:
+    async def run() -> tuple[list[DeadLetter], int]:
         redis = open_redis(settings.redis)
         try:
-            keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-            return await DeadLetters(redis, keys).find(
-                limit=limit, customer=customer, reason=reason
-            )
+            letters = DeadLetters(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
+            found = await letters.find(limit=limit, customer=customer, reason=reason)
+            hidden = 0 if reason else (await letters.counts(customer=customer)).get(RETIRED, 0)
+            return found, hidden
         finally:
             await redis.aclose()
 
-    found = run_async(run())
+    found, retired = run_async(run())
     if as_json:
         typer.echo(TypeAdapter(list[DeadLetter]).dump_json(found, indent=2).decode())
-    else:
-        console.print(_table(found) if found else "no dead letters")
+        return
+    console.print(_table(found) if found else "no dead letters")
+    if retired:
+        console.print(
+            f"{retired} retired legacy write(s) not shown: not failures, Stripe refused them "
+            "because the item moved to its meter-backed price (--reason retired lists them)",
+            highlight=False,
+        )
 
 
 @dead_app.command("show")

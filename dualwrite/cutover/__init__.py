@@ -2,9 +2,11 @@
 
 * ``CutoverOps``: percentage rollouts (only ever adding customers), named cohorts, cutovers at a
   customer's period end (with the Stripe subscription schedule that moves its item to the
-  meter-backed price at that instant), rollbacks of one customer or everyone. Every operation has
-  a dry run returning exactly the flag changes and Stripe calls it would make, and writes each
-  change to the flag audit log with its actor and reason.
+  meter-backed price at that instant), rollbacks of one customer or everyone (one stage at a time
+  unless forced; never below ``primary`` once the item left the legacy price, a pending price move
+  released first: ``_rollback``, ``_prices``), and the kill switch, which also cancels pending
+  cutovers. Every operation has a dry run returning exactly the flag changes and Stripe calls it
+  would make, and writes each change to the flag audit log with its actor and reason.
 * ``Guard``: rolls customers (or the whole rollout) back when divergence crosses the guardrails
   (``[guardrails]`` in the config); runs inside ``dualwrite worker`` and as ``dualwrite guard``.
 """

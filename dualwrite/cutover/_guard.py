@@ -8,12 +8,18 @@ every customer past ``legacy``:
   or a difference between the legs above ``max_difference_pct`` once nothing is pending: the
   customer is rolled back one stage (``CutoverOps.rollback``: an override, its schedule cleared);
 * more than ``max_divergent_share_pct`` of at least ``min_customers`` checked customers tripped:
-  the whole rollout goes back (``global_action``: ``rollback`` sets every percentage rollout to 0
-  and the default back one stage; ``kill`` turns the kill switch on).
+  the whole rollout goes back (``global_action``: ``rollback`` moves every percentage rollout and
+  the default one stage back, ``kill`` turns the kill switch on; both cancel pending cutovers).
+
+Retired legacy writes (refused by Stripe because the item moved to its meter-backed price) are
+neither divergent events nor a difference (the report counts them on the legacy side), so neither
+rule fires on them. A customer whose item already left the legacy price is never sent below
+``primary``: the rollback holds it there (``CustomerTrip.held`` says why, and a warning with
+``event: dualwrite.guard.held`` is logged).
 
 Every change is audited with actor ``dualwrite-guard`` and the reason, and logged as a structured
-warning (``extra={"event": "dualwrite.guard.tripped", ...}``). A customer already rolled back has
-its stage lowered and is remembered (``P:{flags}:guard``): it is not tripped again until someone
+warning (``extra={"event": "dualwrite.guard.tripped", ...}``). A customer already rolled back (or
+held) is remembered with its stage (``P:{flags}:guard``): it is not tripped again until someone
 moves it forward, and then only by divergence newer than the rollback.
 """
 
@@ -31,10 +37,10 @@ import anyio
 
 from dualwrite.config import GuardrailSettings, ReportSettings
 from dualwrite.cutover._cohorts import CutoverInputError, previous_stage
-from dualwrite.cutover._models import CustomerTrip, FlagChange, GuardResult, OperationResult
+from dualwrite.cutover._models import CustomerTrip, GuardResult, OperationResult
+from dualwrite.cutover._stripe import CutoverStripeError
 from dualwrite.engine import StageSource
 from dualwrite.exceptions import DualwriteError
-from dualwrite.flags import ROLLOUT_STAGES
 from dualwrite.ledger import Ledger
 from dualwrite.models import Stage, utc_day
 from dualwrite.redis_client import as_str, store_errors
@@ -167,6 +173,7 @@ class Guard:
         actions: list[OperationResult] = []
         if global_trip:
             actions.append(await self._global(share, len(trips), len(checked), dry_run=dry_run))
+        done: list[CustomerTrip] = []
         for trip in trips:
             try:
                 result = await self._ops.rollback(
@@ -177,14 +184,39 @@ class Guard:
                     dry_run=dry_run,
                     operation="guard rollback",
                 )
-            except CutoverInputError as exc:  # moved back by someone else since the report
-                logger.info("guard: %s not rolled back: %s", trip.customer, exc)
+            except (CutoverInputError, CutoverStripeError) as exc:
+                # Moved by someone else since the report, or Stripe could not say whether its
+                # item left the legacy price: left where it is, tried again next pass.
+                logger.warning("guard: %s not rolled back: %s", trip.customer, exc)
+                done.append(
+                    trip.model_copy(update={"rolled_back_to": trip.stage, "held": str(exc)})
+                )
                 continue
+            held = result.held.get(trip.customer)
+            if held is not None:
+                trip = trip.model_copy(
+                    update={"rolled_back_to": held, "held": "; ".join(result.notes)}
+                )
+            done.append(trip)
             actions.append(result)
             if dry_run:
                 continue
             await self._remember(trip)
-            if result.changes:
+            if held is not None:
+                logger.warning(
+                    "guard: %s crossed a guardrail (%s) but stays at %s: %s",
+                    trip.customer,
+                    trip.reason,
+                    held.value,
+                    trip.held,
+                    extra={
+                        "event": "dualwrite.guard.held",
+                        "customer": trip.customer,
+                        "stage": held.value,
+                        "reason": trip.reason,
+                    },
+                )
+            elif result.changes:
                 logger.warning(
                     "guard: %s rolled back from %s to %s (%s)",
                     trip.customer,
@@ -204,7 +236,7 @@ class Guard:
                 )
         return GuardResult(
             checked=len(checked),
-            tripped=trips,
+            tripped=done,
             global_tripped=global_trip,
             divergent_share_pct=share,
             dry_run=dry_run,
@@ -216,14 +248,12 @@ class Guard:
     ) -> OperationResult:
         limit = self._settings.max_divergent_share_pct
         reason = f"guardrail crossed: {tripped} of {checked} customers diverged ({share:g}% > {limit:g}%)"
-        store = self._ops.store
         if self._settings.global_action == "kill":
             result = await self._ops.kill(actor=GUARD_ACTOR, reason=reason, dry_run=dry_run)
         else:
-            default = await store.get_default()
-            rollout = await store.get_rollout()
-            target = previous_stage(default) if default is not Stage.LEGACY else Stage.LEGACY
-            result = await self._rollback_rollout(rollout, default, target, reason, dry_run)
+            result = await self._ops.step_back_all(
+                actor=GUARD_ACTOR, reason=reason, dry_run=dry_run
+            )
         if result.changes and not dry_run:
             logger.warning(
                 "guard: %s; the rollout goes back (%s)",
@@ -240,41 +270,6 @@ class Guard:
                 },
             )
         return result
-
-    async def _rollback_rollout(
-        self,
-        rollout: dict[Stage, float],
-        default: Stage,
-        target: Stage,
-        reason: str,
-        dry_run: bool,
-    ) -> OperationResult:
-        """Every percentage rollout to 0 and the default back one stage (named cohorts stay: the
-        per-customer check handles those)."""
-        store = self._ops.store
-        changes: list[FlagChange] = []
-        for stage in ROLLOUT_STAGES:
-            old = rollout.get(stage, 0.0)
-            if old > 0:
-                changes.append(
-                    FlagChange(
-                        kind="rollout",
-                        customer="*",
-                        old=f"{stage.value} {old:g}%",
-                        new=f"{stage.value} 0%",
-                    )
-                )
-                if not dry_run:
-                    await store.set_rollout(stage, 0, actor=GUARD_ACTOR, reason=reason)
-        if target is not default:
-            changes.append(
-                FlagChange(kind="default", customer="*", old=default.value, new=target.value)
-            )
-            if not dry_run:
-                await store.set_default(target, actor=GUARD_ACTOR, reason=reason)
-        return OperationResult(
-            operation="guard", dry_run=dry_run, actor=GUARD_ACTOR, reason=reason, changes=changes
-        )
 
     async def run(self, *, interval: float | None = None) -> None:
         """Check every ``interval`` seconds (default: the setting) until cancelled; a failed pass

@@ -98,6 +98,9 @@ class OperationResult(BaseModel):
     unchanged: list[str] = Field(default_factory=list)
     """Customers (or flags) already where the operation would put them, and why."""
     notes: list[str] = Field(default_factory=list)
+    held: dict[str, Stage] = Field(default_factory=dict)
+    """Customers a rollback stopped short of where it was asked to take them, and where: the last
+    stage whose authoritative leg Stripe accepts for their item (``primary``)."""
 
 
 class CustomerTrip(BaseModel):
@@ -111,6 +114,8 @@ class CustomerTrip(BaseModel):
     divergent_events: int
     difference_pct: float | None
     reason: str
+    held: str = ""
+    """Why the customer stayed where it is instead (empty: it went to ``rolled_back_to``)."""
 
 
 class GuardResult(BaseModel):

@@ -12,7 +12,8 @@ How each operation uses the flags (resolution: kill → override → schedule �
 * a cutover schedules the stage at an instant; a customer holding an override gets a schedule
   entry for its current stage from now, then loses the override, so nothing changes before the
   instant;
-* a rollback pins the customer by override and clears its schedule.
+* a rollback pins the customer by override and clears its schedule (``_rollback``: one stage at
+  a time, and never where Stripe refuses the customer's authoritative leg).
 
 The steps every operation shares (plan each customer, refuse all or nothing, apply the changes,
 report them) are in ``_apply``.
@@ -27,23 +28,18 @@ import redis.asyncio as aioredis
 
 from dualwrite.config import Settings
 from dualwrite.cutover._apply import finish, kill_switch_notes, plan_each
-from dualwrite.cutover._cohorts import (
-    At,
-    CutoverInputError,
-    check_move,
-    previous_stage,
-)
+from dualwrite.cutover._cohorts import At, CutoverInputError, check_move
 from dualwrite.cutover._guard import Guard
 from dualwrite.cutover._models import FlagChange, GuardResult, OperationResult, StripeCall
 from dualwrite.cutover._plans import (
     check_rollout,
     cutover_changes,
     override_change,
-    plan_rollback,
-    plan_rollback_all,
     reason_text,
     rollout_change,
 )
+from dualwrite.cutover._prices import ItemChecks
+from dualwrite.cutover._rollback import kill, rollback_all, rollback_customers, step_back_all
 from dualwrite.cutover._stripe import CutoverStripe, check_schedulable, plan_schedule
 from dualwrite.flags import (
     ROLLOUT_STAGES,
@@ -279,7 +275,15 @@ class CutoverOps:
             stripe_calls=calls,
         )
 
-    # -- rollback --------------------------------------------------------------------------------
+    # -- rollback (``_rollback``) -----------------------------------------------------------------
+
+    def now(self) -> int:
+        """The operations' clock, in whole seconds (schedules are judged against it)."""
+        return int(self._clock())
+
+    def item_checks(self, operation: str) -> ItemChecks:
+        """Stripe reads and releases for one rollback (``_prices``); close it when done."""
+        return ItemChecks(self._stripe, operation=operation)
 
     async def rollback(
         self,
@@ -288,75 +292,53 @@ class CutoverOps:
         to: Stage | None = None,
         actor: str,
         reason: str = "",
+        force: bool = False,
         dry_run: bool = False,
         operation: str = "rollback",
     ) -> OperationResult:
-        """Pin each customer to ``to`` (default: the stage before its own) and clear its schedule."""
-        why = reason_text(f"{operation} to {to.value if to else 'the previous stage'}", reason)
+        """Pin each customer to ``to`` (default: the stage before its own) and clear its schedule.
 
-        def plan(customer: str, current: Stage, snapshot: FlagSnapshot) -> list[FlagChange] | str:
-            target = to or previous_stage(current)
-            if target.rank > current.rank:
-                msg = (
-                    f"{customer} is at {current.value}: {target.value} is forward, not back; "
-                    f"use `dualwrite cutover {customer} --to {target.value}`"
-                )
-                raise CutoverInputError(msg)
-            planned = plan_rollback(customer, current, snapshot, target)
-            return planned or f"{customer} is already {current.value}"
-
-        plans, unchanged = await plan_each(customers, plan, stage_of=self.stage_of)
-        # The override first: the customer never resolves through its schedule's stage again.
-        plans.sort(key=lambda c: c.kind != "set_override")
-        return await finish(
-            self._store,
-            "rollback",
-            plans,
+        More than one stage back needs ``force``. A customer whose item already moved to its
+        meter-backed price stops at ``primary`` (``OperationResult.held``); a pending cutover's
+        Stripe schedule is released first, so the price stays legacy.
+        """
+        return await rollback_customers(
+            self,
+            customers,
+            to=to,
             actor=actor,
-            reason=why,
+            reason=reason,
+            force=force,
             dry_run=dry_run,
-            unchanged=unchanged,
-            kill_note=False,
+            operation=operation,
         )
 
     async def rollback_all(
-        self, *, to: Stage = Stage.LEGACY, actor: str, reason: str = "", dry_run: bool = False
+        self,
+        *,
+        to: Stage = Stage.LEGACY,
+        actor: str,
+        reason: str = "",
+        force: bool = False,
+        dry_run: bool = False,
     ) -> OperationResult:
         """Everyone back to ``to`` at most: rollouts beyond it to 0, the default, overrides and
-        schedules beyond it back to it. Customers already at or before ``to`` stay."""
-        why = reason_text(f"rollback --all to {to.value}", reason)
-        changes = plan_rollback_all(
-            to,
-            rollout=await self._store.get_rollout(),
-            default=await self._store.get_default(),
-            overrides=await self._store.overrides(),
-            schedules=await self._store.schedules(),
-            now=self._clock(),
-        )
-        return await finish(
-            self._store,
-            "rollback",
-            changes,
-            actor=actor,
-            reason=why,
-            dry_run=dry_run,
-            unchanged=[] if changes else [f"nothing is beyond {to.value}"],
+        schedules beyond it back to it. Customers already at or before ``to`` stay; anything
+        moving more than one stage needs ``force``; price moves are kept as ``rollback`` does."""
+        return await rollback_all(
+            self, to=to, actor=actor, reason=reason, force=force, dry_run=dry_run
         )
 
+    async def step_back_all(
+        self, *, actor: str, reason: str, dry_run: bool = False
+    ) -> OperationResult:
+        """Every percentage rollout and the default one stage back, pending cutovers cancelled
+        (their Stripe schedules released): the guard's global rollback."""
+        return await step_back_all(self, actor=actor, reason=reason, dry_run=dry_run)
+
     async def kill(self, *, actor: str, reason: str, dry_run: bool = False) -> OperationResult:
-        """Turn the kill switch on (every customer legacy at once)."""
-        on = await self._store.get_kill()
-        change = FlagChange(kind="kill", customer="*", old="on" if on else "off", new="on")
-        return await finish(
-            self._store,
-            "rollback",
-            [] if on else [change],
-            actor=actor,
-            reason=reason,
-            dry_run=dry_run,
-            unchanged=["the kill switch is already on"] if on else [],
-            kill_note=False,
-        )
+        """Turn the kill switch on (every customer legacy at once) and cancel pending cutovers."""
+        return await kill(self, actor=actor, reason=reason, dry_run=dry_run)
 
     # -- guard -----------------------------------------------------------------------------------
 

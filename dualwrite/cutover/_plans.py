@@ -13,6 +13,7 @@ __all__ = [
     "check_rollout",
     "clear_schedule_change",
     "cutover_changes",
+    "due_stage",
     "override_change",
     "plan_rollback",
     "plan_rollback_all",
@@ -31,8 +32,11 @@ def plan_rollback_all(
     overrides: Mapping[str, Stage],
     schedules: Mapping[str, Sequence[tuple[int, Stage]]],
     now: float,
+    floors: Mapping[str, Stage] | None = None,
 ) -> list[FlagChange]:
-    """The changes that bring everyone back to ``to`` at most (``CutoverOps.rollback_all``)."""
+    """The changes that bring everyone back to ``to`` at most (``CutoverOps.rollback_all``);
+    a customer in ``floors`` goes no lower than its floor."""
+    floors = floors or {}
     changes: list[FlagChange] = []
     kept = max((rollout.get(s, 0.0) for s in ROLLOUT_STAGES if s.rank >= to.rank), default=0.0)
     if to in ROLLOUT_STAGES and kept > rollout.get(to, 0.0):
@@ -44,18 +48,30 @@ def plan_rollback_all(
     if default.rank > to.rank:
         changes.append(FlagChange(kind="default", customer="*", old=default.value, new=to.value))
     for customer, stage in sorted(overrides.items()):
-        if stage.rank > to.rank:
-            changes.append(override_change(customer, stage, to, stage))
+        target = _floored(to, floors.get(customer))
+        if stage.rank > target.rank:
+            changes.append(override_change(customer, stage, target, stage))
     for customer, entries in sorted(schedules.items()):
-        if not any(stage.rank > to.rank for _, stage in entries):
+        target = _floored(to, floors.get(customer))
+        if not any(stage.rank > target.rank for _, stage in entries):
             continue
-        due = [stage for at, stage in entries if at <= now]
-        current = due[-1] if due else None
+        current = due_stage(entries, now)
         if customer not in overrides and current is not None:
-            pinned = current if current.rank <= to.rank else to
+            pinned = current if current.rank <= target.rank else target
             changes.append(override_change(customer, None, pinned, current))
         changes.append(clear_schedule_change(customer, entries))
     return changes
+
+
+def due_stage(entries: Sequence[tuple[int, Stage]], now: float) -> Stage | None:
+    """The stage of the latest schedule entry due at ``now`` (entries sorted by time), if any."""
+    due = [stage for at, stage in entries if at <= now]
+    return due[-1] if due else None
+
+
+def _floored(to: Stage, floor: Stage | None) -> Stage:
+    """``to``, or ``floor`` when that is further forward."""
+    return floor if floor is not None and floor.rank > to.rank else to
 
 
 def check_rollout(

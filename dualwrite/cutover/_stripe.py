@@ -25,6 +25,7 @@ from dualwrite.periods import INTERVALS, Interval, add_interval
 from dualwrite.stripe_io import AccountStripe, StripeCallError
 
 __all__ = [
+    "CUTOVER_METADATA",
     "SCHEDULE_PLACEHOLDER",
     "CutoverStripe",
     "CutoverStripeError",
@@ -32,9 +33,12 @@ __all__ = [
     "SubscriptionItemPrice",
     "SubscriptionPeriod",
     "check_schedulable",
+    "plan_release",
     "plan_schedule",
 ]
 
+#: The metadata key a cutover's schedule carries: ``<customer>:<instant>``.
+CUTOVER_METADATA = "dualwrite_cutover"
 #: How a dry run names the schedule the first call would create.
 SCHEDULE_PLACEHOLDER = "{schedule created by the previous call}"
 _SCHEDULES = "/v1/subscription_schedules"
@@ -132,12 +136,23 @@ def plan_schedule(
                 },
                 {"start_date": at, "end_date": next_end, "items": moved},
             ],
-            "metadata": {"dualwrite_cutover": f"{period.customer}:{at}"},
+            "metadata": {CUTOVER_METADATA: f"{period.customer}:{at}"},
         },
         stripe_version=stripe_version,
         idempotency_key=_key("phases", period.customer, period.subscription, at, price),
     )
     return [create, update]
+
+
+def plan_release(customer: str, schedule: str, *, stripe_version: str) -> StripeCall:
+    """The call releasing ``schedule`` (the subscription stays as it is now, its later phases
+    dropped): what a rollback makes when a cutover's price move has not happened yet."""
+    return StripeCall(
+        method="POST",
+        path=f"{_SCHEDULES}/{schedule}/release",
+        stripe_version=stripe_version,
+        idempotency_key=_key("release", customer, schedule),
+    )
 
 
 def _phase_item(item: SubscriptionItemPrice, price: str) -> dict[str, Any]:
@@ -164,15 +179,13 @@ class CutoverStripe(AccountStripe):
             CutoverStripeError: Stripe refused the read, the customer has no active
                 subscription, or several with different period ends.
         """
-        subs = self.list_all("/v1/subscriptions", customer=customer, status="active")
-        found = [sub async for sub in subs]
-        if not found:
+        periods = await self.subscriptions(customer)
+        if not periods:
             msg = (
                 f"{customer} has no active subscription in Stripe, so it has no period end; "
                 "give --at now or an ISO time instead"
             )
             raise CutoverStripeError(msg)
-        periods = [_period(customer, sub) for sub in found]
         ends = {period.current_period_end for period in periods}
         if len(ends) > 1:
             listed = ", ".join(f"{p.subscription} ends {p.current_period_end}" for p in periods)
@@ -183,6 +196,32 @@ class CutoverStripe(AccountStripe):
             raise CutoverStripeError(msg)
         with_legacy = [period for period in periods if period.legacy_items]
         return (with_legacy or periods)[0]
+
+    async def subscriptions(self, customer: str) -> list[SubscriptionPeriod]:
+        """The customer's active subscriptions (none: an empty list).
+
+        Raises:
+            CutoverStripeError: Stripe refused the read, or a subscription shows no period.
+        """
+        subs = self.list_all("/v1/subscriptions", customer=customer, status="active")
+        return [_period(customer, sub) async for sub in subs]
+
+    async def schedule(self, schedule: str) -> dict[str, Any]:
+        """A subscription schedule as Stripe returns it.
+
+        Raises:
+            CutoverStripeError: Stripe refused the read.
+        """
+        return await self.request("GET", f"{_SCHEDULES}/{schedule}")
+
+    async def release_schedule(self, call: StripeCall) -> StripeCall:
+        """Make a release planned by ``plan_release``; returns it with the schedule's id.
+
+        Raises:
+            CutoverStripeError: Stripe refused the call.
+        """
+        released = await self.request("POST", call.path, idempotency_key=call.idempotency_key)
+        return call.model_copy(update={"result_id": str(released.get("id", ""))})
 
     async def price(self, price: str) -> PriceInfo:
         """A price's meter, usage type and interval.

@@ -333,9 +333,19 @@ class OutboxWorker:
         expired: bool,
         turn: MeterTurn | None = None,
     ) -> Disposition:
-        message = (result.failure.message if result.failure else "") or ""
-        retired = entry.leg is Leg.LEGACY and RETIRED_LEGACY_MARKER in message
-        code = failure_code(result.failure, expired=expired)
+        failure = result.failure
+        # Retired: Stripe refused the usage record because the item left the legacy system (moved
+        # to its meter-backed price), not because of the write. Only that refusal, as Stripe words
+        # it (400 invalid_request_error), is retired; every other legacy refusal is divergence.
+        retired = (
+            entry.leg is Leg.LEGACY
+            and not expired
+            and failure is not None
+            and failure.http_status == 400
+            and failure.type == "invalid_request_error"
+            and RETIRED_LEGACY_MARKER in failure.message
+        )
+        code = failure_code(failure, expired=expired)
         update = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
             entry.leg, entry.value, retired=retired, code=code
         )
@@ -363,7 +373,7 @@ class OutboxWorker:
             "entry": entry.payload(),
             "reason": "expired" if expired else ("retired" if retired else "refused"),
             "code": code,
-            "error": describe_failure(result.failure) or "",
+            "error": describe_failure(failure) or "",
             "at": f"{self._clock():.3f}",
         }
         done = await self.outbox.settle(

@@ -29,6 +29,7 @@ from dualwrite.report._models import (
     Report,
     UnmappedItems,
     Verdict,
+    legacy_held,
 )
 from dualwrite.report._readiness import ReadinessRule
 from dualwrite.report._render import CSV_COLUMNS, render_csv, render_table
@@ -45,6 +46,7 @@ __all__ = [
     "UnmappedItems",
     "Verdict",
     "build_report",
+    "legacy_held",
     "read_backpressure",
     "read_unmapped",
     "render_csv",

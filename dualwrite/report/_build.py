@@ -29,6 +29,7 @@ from dualwrite.report._models import (
     LegTotals,
     Report,
     UnmappedItems,
+    legacy_held,
     trusted,
 )
 from dualwrite.report._readiness import ReadinessRule
@@ -174,9 +175,10 @@ def _line(
         if value and key is not None:
             failures[key] = failures.get(key, 0) + value
     both = legacy["expected_qty"] and meter["expected_qty"]
-    larger = max(legacy["accepted_qty"], meter["accepted_qty"])
+    held = legacy_held(legacy["accepted_qty"], legacy["retired_qty"])
+    larger = max(held, meter["accepted_qty"])
     difference_pct = (
-        round((legacy["accepted_qty"] - meter["accepted_qty"]) * 100 / larger, 4)
+        round((held - meter["accepted_qty"]) * 100 / larger, 4)
         if both and larger
         else (0.0 if both else None)
     )

@@ -20,6 +20,7 @@ __all__ = [
     "Report",
     "UnmappedItems",
     "Verdict",
+    "legacy_held",
 ]
 
 CustomerStatus = Literal["parity", "pending", "diverged"]
@@ -28,6 +29,13 @@ CustomerStatus = Literal["parity", "pending", "diverged"]
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
+
+
+def legacy_held(accepted_qty: int, retired_qty: int) -> int:
+    """What the legacy leg accounts for when compared with the meter: what Stripe accepted, plus
+    the retired writes (refused only because the item moved to its meter-backed price, so the meter
+    leg bills them: explained, never a difference)."""
+    return accepted_qty + retired_qty
 
 
 def trusted(cls: type[_Model], values: dict[str, Any]) -> _Model:
@@ -188,8 +196,11 @@ class CustomerReport(BaseModel):
 
     @property
     def difference(self) -> int:
-        """Legacy total minus meter total (accepted quantities)."""
-        return self.legacy.accepted_qty - self.meter.accepted_qty
+        """Legacy total minus meter total (accepted quantities; retired legacy writes count on the
+        legacy side, see ``legacy_held``)."""
+        return (
+            legacy_held(self.legacy.accepted_qty, self.legacy.retired_qty) - self.meter.accepted_qty
+        )
 
 
 class UnmappedItems(BaseModel):

@@ -9,7 +9,7 @@ from dualwrite.config import ReportSettings
 from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage
 from dualwrite.periods import period_of
-from dualwrite.report._models import Verdict
+from dualwrite.report._models import Verdict, legacy_held
 
 __all__ = ["ReadinessRule"]
 
@@ -25,7 +25,7 @@ class ReadinessRule:
         self.now = now
         self._closed: dict[str, bool] = {}
         """Whether each period seen so far is closed (a report judges 100,000 customers)."""
-        self._verdicts: dict[tuple[Stage, int, int], Verdict] = {}
+        self._verdicts: dict[tuple[Stage, int, int, bool], Verdict] = {}
 
     def describe(self) -> str:
         """The rule in words."""
@@ -33,7 +33,8 @@ class ReadinessRule:
             f"legacy is always ready for shadow (meter events go to an unbilled meter); shadow and "
             f"primary are ready for the next stage after {self.periods} closed period(s) spent "
             f"wholly at that stage with both legs settled, a difference of at most "
-            f"{self.max_difference_pct:g} % and no dead letters in the report's range"
+            f"{self.max_difference_pct:g} % and no dead letters in the report's range (legacy "
+            f"writes retired because the item moved to its meter-backed price count as settled)"
         )
 
     def verdict(self, stage: Stage, rows: Sequence[LedgerRow]) -> Verdict:
@@ -53,17 +54,21 @@ class ReadinessRule:
         if stage is Stage.LEGACY:
             return _LEGACY_READY
         dead = good = 0
+        retired = False
         for period, sums in periods.items():
             dead += sums.get("legacy_failed_events", 0) + sums.get("meter_failed_events", 0)
+            retired = retired or sums.get("legacy_retired_events", 0) > 0
             if not dead and self._qualifies(stage, period, sums):
                 good += 1
         if dead:
-            return self._verdict(stage, next_stage, dead=dead, good=0)
-        return self._verdict(stage, next_stage, dead=0, good=good)
+            return self._verdict(stage, next_stage, dead=dead, good=0, retired=retired)
+        return self._verdict(stage, next_stage, dead=0, good=good, retired=retired)
 
-    def _verdict(self, stage: Stage, next_stage: Stage, *, dead: int, good: int) -> Verdict:
+    def _verdict(
+        self, stage: Stage, next_stage: Stage, *, dead: int, good: int, retired: bool
+    ) -> Verdict:
         # Verdicts repeat (a few counts per stage) and are frozen: one object per distinct one.
-        key = (stage, dead, good)
+        key = (stage, dead, good, retired)
         verdict = self._verdicts.get(key)
         if verdict is not None:
             return verdict
@@ -77,6 +82,8 @@ class ReadinessRule:
         else:
             reason = f"{good} of {self.periods} closed period(s) at {label} with both legs equal"
             verdict = Verdict(ready=False, next_stage=next_stage, reason=reason)
+        if retired:
+            verdict = verdict.model_copy(update={"reason": verdict.reason + _RETIRED_NOTE})
         self._verdicts[key] = verdict
         return verdict
 
@@ -90,15 +97,20 @@ class ReadinessRule:
         if events == 0 or sums.get(_STAGE_EVENTS[stage], 0) != events:
             return False
         for leg in ("legacy", "meter"):
-            if sums.get(f"{leg}_expected_qty", 0) != sums.get(f"{leg}_accepted_qty", 0):
+            settled = sums.get(f"{leg}_accepted_qty", 0) + sums.get(f"{leg}_retired_qty", 0)
+            if sums.get(f"{leg}_expected_qty", 0) != settled:
                 return False
             if sums.get(f"{leg}_failed_events", 0) or sums.get(f"{leg}_late_refused_events", 0):
                 return False
-        legacy, meter = sums.get("legacy_accepted_qty", 0), sums.get("meter_accepted_qty", 0)
+        legacy = legacy_held(sums.get("legacy_accepted_qty", 0), sums.get("legacy_retired_qty", 0))
+        meter = sums.get("meter_accepted_qty", 0)
         larger = max(legacy, meter)
         return larger == 0 or abs(legacy - meter) * 100 <= self.max_difference_pct * larger
 
 
+_RETIRED_NOTE = (
+    " (its retired legacy writes are explained: the item bills through its meter-backed price)"
+)
 _STAGE_EVENTS = {stage: f"stage_{stage.value}_events" for stage in Stage}
 _DONE = Verdict(ready=False, next_stage=None, reason="already on meter events only")
 _LEGACY_READY = Verdict(

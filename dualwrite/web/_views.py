@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage
-from dualwrite.report import CustomerReport, LegTotals, Report
+from dualwrite.report import CustomerReport, LegTotals, Report, legacy_held
 
 __all__ = [
     "PAGE_SIZE",
@@ -170,8 +170,10 @@ class Summary:
 
     @property
     def difference(self) -> int:
-        """Legacy accepted minus meter accepted."""
-        return self.legacy.accepted_qty - self.meter.accepted_qty
+        """Legacy accepted (retired writes included: ``legacy_held``) minus meter accepted."""
+        return (
+            legacy_held(self.legacy.accepted_qty, self.legacy.retired_qty) - self.meter.accepted_qty
+        )
 
 
 def summarise(report: Report) -> Summary:
@@ -219,8 +221,10 @@ class PeriodLine:
 
     @property
     def difference(self) -> int:
-        """Legacy accepted minus meter accepted."""
-        return self.legacy.accepted_qty - self.meter.accepted_qty
+        """Legacy accepted (retired writes included: ``legacy_held``) minus meter accepted."""
+        return (
+            legacy_held(self.legacy.accepted_qty, self.legacy.retired_qty) - self.meter.accepted_qty
+        )
 
     @property
     def pending_qty(self) -> int:

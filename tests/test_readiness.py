@@ -1,0 +1,179 @@
+"""The readiness verdict, one rule at a time: each test changes one thing about an otherwise ready
+customer and checks ``ready`` itself (not the reason's wording), so a verdict that drops a rule
+fails here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from dualwrite.config import ReportSettings
+from dualwrite.models import Stage, utc_day
+from dualwrite.report import ReadinessRule
+
+DAY = 86_400
+NOW = 1_800_000_000 + DAY // 2  # noon UTC: "today" is open, "yesterday" closed
+
+
+def period(days_ago: int) -> str:
+    """The UTC-day period ``days_ago`` days before ``NOW`` (0: today, still open)."""
+    return utc_day(NOW - days_ago * DAY)
+
+
+def counters(
+    stage: Stage = Stage.SHADOW, /, *, legacy: int = 10, meter: int = 10, **changed: int
+) -> dict[str, int]:
+    """A period's counters: two events at ``stage``, both legs holding what they should."""
+    sums = {
+        "events": 2,
+        "quantity": legacy,
+        f"stage_{stage.value}_events": 2,
+        "legacy_expected_events": 2,
+        "legacy_expected_qty": legacy,
+        "legacy_accepted_events": 2,
+        "legacy_accepted_qty": legacy,
+        "meter_expected_events": 2,
+        "meter_expected_qty": meter,
+        "meter_accepted_events": 2,
+        "meter_accepted_qty": meter,
+    }
+    sums.update(changed)
+    return sums
+
+
+def verdict_of(
+    periods: Mapping[str, Mapping[str, int]],
+    stage: Stage = Stage.SHADOW,
+    *,
+    closed_periods: int = 1,
+    max_difference_pct: float = 0.0,
+) -> tuple[bool, Stage | None]:
+    """(ready, next stage) by a rule with these settings, judged at ``NOW``."""
+    settings = ReportSettings(
+        readiness_closed_periods=closed_periods, readiness_max_difference_pct=max_difference_pct
+    )
+    verdict = ReadinessRule(settings, now=NOW).verdict_by_period(stage, periods)
+    return verdict.ready, verdict.next_stage
+
+
+class TestStages:
+    """Where the rule starts and ends."""
+
+    def test_legacy_is_always_ready_for_shadow(self) -> None:
+        """Shadow bills nothing: legacy is ready with no history at all."""
+        assert verdict_of({}, Stage.LEGACY) == (True, Stage.SHADOW)
+
+    def test_meter_has_no_next_stage(self) -> None:
+        """A meter customer is done, however clean its periods."""
+        assert verdict_of({period(1): counters(Stage.METER)}, Stage.METER) == (False, None)
+
+    @pytest.mark.parametrize(
+        ("stage", "after"), [(Stage.SHADOW, Stage.PRIMARY), (Stage.PRIMARY, Stage.METER)]
+    )
+    def test_one_clean_closed_period_is_ready(self, stage: Stage, after: Stage) -> None:
+        """The baseline every other test changes one thing of."""
+        assert verdict_of({period(1): counters(stage)}, stage) == (True, after)
+        assert verdict_of({}, stage) == (False, after)
+
+
+class TestPeriods:
+    """Which periods count."""
+
+    def test_open_period_does_not_count(self) -> None:
+        """Today's period, clean so far, is not closed yet."""
+        assert verdict_of({period(0): counters()}) == (False, Stage.PRIMARY)
+
+    def test_needs_the_configured_number_of_closed_periods(self) -> None:
+        """Two required: one clean period is not enough, two are."""
+        one = {period(1): counters()}
+        assert verdict_of(one, closed_periods=2)[0] is False
+        assert verdict_of({**one, period(2): counters()}, closed_periods=2)[0] is True
+
+    def test_period_partly_at_another_stage_does_not_count(self) -> None:
+        """A period half spent at legacy is not a period at shadow."""
+        split = counters(stage_shadow_events=1, stage_legacy_events=1)
+        assert verdict_of({period(1): split})[0] is False
+
+    def test_period_without_events_does_not_count(self) -> None:
+        """An empty period proves nothing."""
+        empty = counters(legacy=0, meter=0, events=0, stage_shadow_events=0)
+        assert verdict_of({period(1): empty})[0] is False
+
+
+class TestLegs:
+    """Both legs settled, equal within the limit."""
+
+    @pytest.mark.parametrize("leg", ["legacy", "meter"])
+    def test_unsettled_leg_does_not_count(self, leg: str) -> None:
+        """A write still pending on either leg keeps the period out (the accepted totals agree)."""
+        pending = counters(**{f"{leg}_expected_qty": 13, f"{leg}_expected_events": 3})
+        assert verdict_of({period(1): pending})[0] is False
+
+    def test_late_refusal_does_not_count(self) -> None:
+        """A period with a meter event Stripe refused after accepting it stays out, even when the
+        totals were made whole again (a resend)."""
+        late = counters(meter_late_refused_events=1, meter_late_refused_qty=3)
+        assert verdict_of({period(1): late})[0] is False
+
+    @pytest.mark.parametrize(
+        ("limit", "ready"), [(0.0, False), (4.99, False), (5.0, True), (20.0, True)]
+    )
+    def test_difference_limit(self, limit: float, ready: bool) -> None:
+        """Legs of 100 and 95 (5 % of the larger) are ready only with a limit of 5 % or more."""
+        periods = {period(1): counters(legacy=100, meter=95)}
+        assert verdict_of(periods, max_difference_pct=limit)[0] is ready
+
+    def test_retired_legacy_writes_count_as_settled(self) -> None:
+        """A primary customer whose legacy shadows were retired (the item moved to the meter
+        price) holds on the legacy side what the meter holds: ready for meter."""
+        assert verdict_of({period(1): retired()}, Stage.PRIMARY) == (True, Stage.METER)
+
+    def test_retired_writes_do_not_hide_a_difference(self) -> None:
+        """Retired legacy 10 against a meter of 5 is still a 50 % difference."""
+        periods = {period(1): retired(meter=5)}
+        assert verdict_of(periods, Stage.PRIMARY, max_difference_pct=10)[0] is False
+
+
+def retired(*, meter: int = 10) -> dict[str, int]:
+    """A primary period whose two legacy shadows (10 units) were both retired."""
+    return counters(
+        Stage.PRIMARY,
+        meter=meter,
+        legacy_accepted_qty=0,
+        legacy_accepted_events=0,
+        legacy_retired_qty=10,
+        legacy_retired_events=2,
+    )
+
+
+class TestDeadLetters:
+    """A dead letter anywhere in the range is never outweighed by clean periods."""
+
+    @pytest.mark.parametrize("leg", ["legacy", "meter"])
+    @pytest.mark.parametrize("first", [True, False])
+    def test_dead_letter_blocks_however_many_clean_periods(self, leg: str, first: bool) -> None:
+        """Five clean closed periods and one with a dead letter (listed first or last): not
+        ready."""
+        dead = {
+            period(9): counters(
+                **{
+                    f"{leg}_accepted_qty": 6,
+                    f"{leg}_accepted_events": 1,
+                    f"{leg}_failed_qty": 4,
+                    f"{leg}_failed_events": 1,
+                }
+            )
+        }
+        clean = {period(days): counters() for days in range(1, 6)}
+        periods = {**dead, **clean} if first else {**clean, **dead}
+        assert verdict_of(periods)[0] is False
+        assert verdict_of(clean)[0] is True
+
+    def test_dead_letter_in_the_open_period_blocks(self) -> None:
+        """Even today's dead letter, in a period that does not count yet, blocks the verdict."""
+        periods = {
+            period(1): counters(),
+            period(0): counters(meter_failed_events=1, meter_failed_qty=10, meter_accepted_qty=0),
+        }
+        assert verdict_of(periods)[0] is False
