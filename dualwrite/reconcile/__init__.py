@@ -25,6 +25,10 @@ Where Stripe's figures come from:
 
 A leg is compared only once its period ended at least ``settle_seconds`` ago (summaries lag). A
 Stripe refusal is recorded on the leg (``stripe_error``) and the run goes on.
+
+With ``money=True`` (``reconcile --money``) each record also carries a ``MoneyCheck``: what the
+legacy price bills for the legacy leg's total and what the meter-backed price bills for the meter
+leg's total, to the cent (``_money``, ``_pricer``; the price math is ``dualwrite.pricing``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dualwrite.reconcile._matching import (
     meter_window,
     summary_matches,
 )
+from dualwrite.reconcile._money import MoneyBasis, MoneyCheck, MoneySkip, price_legs
+from dualwrite.reconcile._pricer import MoneyPricer
 from dualwrite.reconcile._reconciler import (
     READ_MAX_WAIT,
     Progress,
@@ -56,6 +62,10 @@ __all__ = [
     "BOUND_SLACK",
     "READ_MAX_WAIT",
     "LegCheck",
+    "MoneyBasis",
+    "MoneyCheck",
+    "MoneyPricer",
+    "MoneySkip",
     "PeriodChoice",
     "Progress",
     "Reconciler",
@@ -64,6 +74,7 @@ __all__ = [
     "SkipReason",
     "assign_items",
     "meter_window",
+    "price_legs",
     "read_reconciliation",
     "read_reconciliation_fields",
     "read_throttle",

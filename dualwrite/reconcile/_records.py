@@ -20,6 +20,8 @@ days its period spans), so that a report over 100,000 customers reads a few hash
 ``items``                       the subscription items whose summaries make the legacy figure
 ``meter_id``                    the meter whose event summary makes the meter figure
 ``window_start`` ``window_end`` the meter summary's window (the period on minute boundaries)
+``money_<field>``               the money check (``reconcile --money``; every field of ``MoneyCheck``,
+                                empty when the run did not price the legs)
 ==============================  ===========================================================================
 """
 
@@ -38,6 +40,7 @@ from redis.typing import EncodableT
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import period_score
 from dualwrite.periods import Period
+from dualwrite.reconcile._money import MoneyCheck
 from dualwrite.redis_client import as_str_list, store_errors
 from dualwrite.rollups import read_packed
 
@@ -123,6 +126,8 @@ class ReconciliationRecord(BaseModel):
     window_start: int | None = None
     """The meter summary's window ``[window_start, window_end)``: the period on minute boundaries."""
     window_end: int | None = None
+    money: MoneyCheck | None = None
+    """What each leg's price bills (None: the run did not price the legs, see ``--money``)."""
 
     @property
     def drifted(self) -> bool:
@@ -151,6 +156,8 @@ class ReconciliationRecord(BaseModel):
                 f"{name}_skipped": leg.skipped or "",
                 f"{name}_detail": leg.detail,
             }
+        money = self.money.model_dump() if self.money is not None else {}
+        fields |= {f"money_{name}": _text(money.get(name)) for name in _MONEY_FIELDS}
         return fields
 
     @classmethod
@@ -170,6 +177,7 @@ class ReconciliationRecord(BaseModel):
             )
 
         window_start, window_end = fields.get("window_start"), fields.get("window_end")
+        money = {name: fields.get(f"money_{name}") or None for name in _MONEY_FIELDS}
         return cls(
             customer=fields.get("customer", ""),
             event_name=fields.get("event_name", ""),
@@ -182,10 +190,33 @@ class ReconciliationRecord(BaseModel):
             meter_id=fields.get("meter_id") or None,
             window_start=int(window_start) if window_start else None,
             window_end=int(window_end) if window_end else None,
+            money=_money(money),
         )
 
 
-def _text(value: float | None) -> str:
+_MONEY_FIELDS = tuple(MoneyCheck.model_fields)
+_MONEY_NUMBERS = {"legacy_qty", "meter_qty"}
+_MONEY_INTS = {"legacy_amount", "meter_amount", "preview_legacy_amount", "preview_meter_amount"}
+
+
+def _money(values: dict[str, str | None]) -> MoneyCheck | None:
+    """A stored money check (None: the record was not priced; every field is empty)."""
+    if not any(values.values()):
+        return None
+    parsed: dict[str, object] = {}
+    for name, text in values.items():
+        if name in _MONEY_NUMBERS:
+            parsed[name] = _number(text)
+        elif name in _MONEY_INTS:
+            parsed[name] = int(text) if text else None
+        elif name in ("detail", "preview_detail"):
+            parsed[name] = text or ""
+        else:
+            parsed[name] = text
+    return MoneyCheck.model_validate(parsed)
+
+
+def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
@@ -292,6 +323,12 @@ ROLLUP_FIELDS = (
         for leg in ("legacy", "meter")
         for name in ("expected_qty", "accepted_qty", "stripe_qty", "skipped")
     ),
+    "money_currency",
+    "money_legacy_amount",
+    "money_meter_amount",
+    "money_skipped",
+    "money_preview_legacy_amount",
+    "money_preview_meter_amount",
 )
 """The fields of a record its rollup copy keeps: what the report sums (``dualwrite.report``)."""
 

@@ -1,0 +1,446 @@
+"""``reconcile --money``: each leg's total priced by its Stripe price, to the cent, through a real
+engine (real Redis, the stand-in over HTTP, the SDK).
+
+The prices here bill half a cent a unit (``unit_amount_decimal=0.5``), so that every amount goes
+through Stripe's rounding (a half up: docs.stripe.com/billing/subscriptions/usage-based/
+manage-billing-setup#decimal-amounts). Tiered and transformed prices need the stand-in of issue 16,
+phase 2; their math is tests/test_pricing.py's table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from typer.testing import CliRunner, Result
+
+from dualwrite.cli import app
+from dualwrite.config import MeterMapping, Settings
+from dualwrite.engine import DualWriteEngine
+from dualwrite.models import Stage
+from dualwrite.outbox import OutboxWorker
+from dualwrite.periods import Period
+from dualwrite.reconcile import (
+    MoneyCheck,
+    Reconciler,
+    ReconciliationRecord,
+    ReconciliationRun,
+    read_reconciliation,
+)
+from dualwrite.stripe_io import preview_from, swap_params
+from dualwrite.testing import StripeStandin, meter_params
+from tests.conftest import STRIPE_KEY
+from tests.support import (
+    EVENT_NAME,
+    LEGACY_VERSION,
+    Scenario,
+    ScenarioBuilder,
+    cli_environment,
+    make_settings,
+    set_stage,
+    usage,
+)
+
+pytestmark = pytest.mark.anyio
+
+SETTLE = 3600
+#: Usage per customer: a records 3 + 4, b 5, c 2 + 6.
+QUANTITIES = {"a": (3, 4), "b": (5,), "c": (2, 6)}
+
+
+def half_cents(units: int) -> int:
+    """What half a cent a unit bills, rounded as Stripe does (a half up), by hand."""
+    return (units + 1) // 2
+
+
+@dataclass
+class Catalog:
+    """The meter, and the prices of the test: legacy, meter-backed, and others."""
+
+    meter: str
+    product: str
+    legacy: str
+    metered: str
+
+
+@dataclass
+class Shop:
+    """Three shadow customers on the legacy price, their usage delivered on both legs."""
+
+    engine: DualWriteEngine
+    standin: StripeStandin
+    builder: ScenarioBuilder
+    catalog: Catalog
+    scenarios: dict[str, Scenario]
+
+    def customer(self, name: str) -> str:
+        return self.scenarios[name].customer
+
+    async def period(self) -> Period:
+        rows = await self.engine.ledger.rows()
+        [period] = {row.period for row in rows}
+        return Period.parse(period)
+
+    async def close(self) -> Period:
+        """Move Stripe's clock past the period's end and the settling time."""
+        period = await self.period()
+        self.standin.clock.advance(period.end - self.standin.clock.now() + SETTLE + 60)
+        return period
+
+    async def reconcile(self, period: str, *, settings: Settings | None = None, **options: Any):
+        reconciler = Reconciler.from_settings(
+            settings or self.engine.settings,
+            redis=self.engine.redis,
+            clock=self.standin.clock.now,
+            money=True,
+            **options,
+        )
+        try:
+            return await reconciler.run(period)
+        finally:
+            await reconciler.aclose()
+
+    def mapped(self, meter_price: str) -> Settings:
+        """The engine's settings with the legacy price mapped to ``meter_price``."""
+        mapping = MeterMapping(
+            event_name=EVENT_NAME, meter_prices={self.catalog.legacy: meter_price}
+        )
+        return self.engine.settings.model_copy(update={"meters": (mapping,)})
+
+
+async def create_catalog(builder: ScenarioBuilder) -> Catalog:
+    """A meter, a product, a legacy metered price and its meter-backed twin at 0.5 cent a unit."""
+    client = builder.client
+    meter = await client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
+    product = await client.v1.products.create_async({"name": "API"})
+    # Typed Any: aggregate_usage is gone from stripe-python's typed parameters.
+    params: Any = {
+        "currency": "usd",
+        "product": product.id,
+        "unit_amount_decimal": "0.5",
+        "recurring": {"interval": "month", "usage_type": "metered", "aggregate_usage": "sum"},
+    }
+    legacy = await client.v1.prices.create_async(params, {"stripe_version": LEGACY_VERSION})
+    metered = await meter_price(builder, product.id, meter.id, "0.5")
+    return Catalog(meter.id, product.id, legacy.id, metered)
+
+
+async def meter_price(
+    builder: ScenarioBuilder, product: str, meter: str, amount: str, currency: str = "usd"
+) -> str:
+    """A meter-backed price of ``amount`` cents (a decimal string) a unit."""
+    params: Any = {  # the SDK types unit_amount_decimal as Decimal; Stripe takes the string
+        "currency": currency,
+        "product": product,
+        "unit_amount_decimal": amount,
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": meter},
+    }
+    created = await builder.client.v1.prices.create_async(params)
+    return created.id
+
+
+async def subscribe(builder: ScenarioBuilder, catalog: Catalog, name: str, anchor: int) -> Scenario:
+    """A customer on the legacy price, its periods starting at ``anchor``."""
+    customer = await builder.client.v1.customers.create_async({"name": name})
+    subscription = await builder.client.v1.subscriptions.create_async(
+        {
+            "customer": customer.id,
+            "items": [{"price": catalog.legacy}],
+            "billing_cycle_anchor": anchor,
+        },
+        {"stripe_version": LEGACY_VERSION},
+    )
+    item = subscription["items"]["data"][0]["id"]
+    return Scenario(
+        customer.id, subscription.id, item, catalog.legacy, catalog.metered, catalog.meter
+    )
+
+
+@pytest.fixture
+async def shop(
+    redis_url: str, key_prefix: str, standin_url: str, standin: StripeStandin, builder
+) -> AsyncIterator[Shop]:
+    """Customers a, b, c in shadow on the legacy price (mapped to its twin), usage delivered."""
+    catalog = await create_catalog(builder)
+    mapping = MeterMapping(event_name=EVENT_NAME, meter_prices={catalog.legacy: catalog.metered})
+    settings = make_settings(
+        redis_url=redis_url,
+        prefix=key_prefix,
+        api_base=standin_url,
+        api_key=STRIPE_KEY,
+        reconcile={"settle_seconds": SETTLE, "reads_per_second": 0},
+    ).model_copy(update={"meters": (mapping,)})
+    engine = DualWriteEngine.from_settings(settings)
+    await engine.start(worker=False)
+    now = standin.clock.now()
+    scenarios = {
+        name: await subscribe(builder, catalog, name, now - now % 3600) for name in QUANTITIES
+    }
+    for name, quantities in QUANTITIES.items():
+        await set_stage(engine, scenarios[name].customer, Stage.SHADOW)
+        for quantity in quantities:
+            assert (await engine.record(usage(scenarios[name], quantity))).accepted
+    with anyio.fail_after(20):
+        await OutboxWorker(engine.outbox, engine.writer).drain()
+    yield Shop(engine, standin, builder, catalog, scenarios)
+    await engine.aclose()
+
+
+def by_customer(run: ReconciliationRun) -> dict[str, ReconciliationRecord]:
+    """One record per customer."""
+    return {record.customer: record for record in run.records}
+
+
+def money_of(record: ReconciliationRecord) -> MoneyCheck:
+    """The record's money check (the run priced every record)."""
+    assert record.money is not None
+    return record.money
+
+
+async def extra_meter_event(shop: Shop, name: str, value: int, timestamp: int) -> None:
+    """A meter event sent straight to Stripe, past dualwrite (drift on the meter leg)."""
+    await shop.builder.client.v1.billing.meter_events.create_async(
+        {
+            "event_name": EVENT_NAME,
+            "payload": {"stripe_customer_id": shop.customer(name), "value": str(value)},
+            "timestamp": timestamp,
+        }
+    )
+
+
+class TestMoney:
+    """Each leg's total priced by its price; the difference in cents."""
+
+    async def test_closed_period_bills_the_same(self, shop: Shop):
+        """Closed and settled: Stripe's totals on each leg, priced, bill the same to the cent
+        (a: 7 units at 0.5 cent is 3.5, so 4 cents on each leg)."""
+        period = await shop.close()
+        run = await shop.reconcile(period.id)
+        records = by_customer(run)
+        for name, quantities in QUANTITIES.items():
+            money = money_of(records[shop.customer(name)])
+            assert money.skipped is None, money.detail
+            assert money.basis == "stripe" and money.currency == "usd"
+            assert (money.legacy_price, money.meter_price) == (
+                shop.catalog.legacy,
+                shop.catalog.metered,
+            )
+            cents = half_cents(sum(quantities))
+            assert (money.legacy_amount, money.meter_amount, money.difference) == (cents, cents, 0)
+            assert not money.differs()
+        assert run.money_differs() == []
+        stored = await read_reconciliation(shop.engine.redis, shop.engine.keys)
+        assert stored == run.records
+
+    async def test_planted_divergence_shows_as_its_cents(self, shop: Shop):
+        """11 units sent to b's meter past dualwrite: b's meter leg bills 16 units (8 cents)
+        against the legacy leg's 5 (2.5, so 3 cents): +5 cents, and the run says so."""
+        period = await shop.period()
+        await extra_meter_event(shop, "b", 11, timestamp=period.start + 120)
+        await shop.close()
+        run = await shop.reconcile(period.id)
+        money = money_of(by_customer(run)[shop.customer("b")])
+        assert (money.legacy_qty, money.meter_qty) == (5, 16)
+        assert (money.legacy_amount, money.meter_amount, money.difference) == (3, 8, 5)
+        assert money.differs() and not money.differs(tolerance=5)
+        assert [record.customer for record in run.money_differs()] == [shop.customer("b")]
+        assert money.describe() == "legacy 0.03 USD, meter 0.08 USD, difference +0.05 USD"
+
+    async def test_open_period_prices_the_ledger(self, shop: Shop):
+        """While the period runs, the ledger's accepted totals are priced (sum price, sum meter)."""
+        period = await shop.period()
+        run = await shop.reconcile(period.id)
+        money = money_of(by_customer(run)[shop.customer("c")])
+        assert money.basis == "ledger" and money.skipped is None
+        assert (money.legacy_amount, money.meter_amount) == (half_cents(8), half_cents(8))
+
+    async def test_prices_are_read_once_per_run(self, shop: Shop):
+        """Three customers on one pair of prices: two price reads, each with its tiers expanded,
+        at the pinned legacy version (aggregate_usage)."""
+        period = await shop.close()
+        shop.standin.reset_requests()
+        await shop.reconcile(period.id)
+        reads = [r for r in shop.standin.requests if r.path.startswith("/v1/prices/")]
+        assert sorted(r.path for r in reads) == sorted(
+            f"/v1/prices/{price}" for price in (shop.catalog.legacy, shop.catalog.metered)
+        )
+        assert all(r.stripe_version == LEGACY_VERSION for r in reads)
+        assert all(r.flat_params.get("expand[0]") == "tiers" for r in reads)
+
+    async def test_unmapped_price_says_how_to_map_it(self, shop: Shop):
+        """No meter-backed price mapped to the legacy one: not priced, and the detail says what to
+        write in [[meters]]; no price is read."""
+        period = await shop.close()
+        settings = shop.engine.settings.model_copy(
+            update={"meters": (MeterMapping(event_name=EVENT_NAME),)}
+        )
+        run = await shop.reconcile(period.id, settings=settings)
+        money = money_of(run.records[0])
+        assert money.skipped == "no_meter_price" and money.legacy_price == shop.catalog.legacy
+        assert f"meter_prices = {{ {shop.catalog.legacy} = " in money.detail
+        assert "meters apply" in money.detail
+        assert not run.money_differs()
+
+    async def test_other_currency_is_never_the_same_invoice(self, shop: Shop):
+        """A meter-backed price in EUR: the legs are not priced against each other, and the
+        record counts as billing differently."""
+        period = await shop.close()
+        eur = await meter_price(
+            shop.builder, shop.catalog.product, shop.catalog.meter, "0.5", "eur"
+        )
+        run = await shop.reconcile(period.id, settings=shop.mapped(eur))
+        money = money_of(run.records[0])
+        assert money.skipped == "currency_differs" and "EUR" in money.detail
+        assert money.differs() and len(run.money_differs()) == 3
+
+    async def test_dearer_meter_price_differs_by_the_price(self, shop: Shop):
+        """A meter-backed price of 0.6 cent a unit: a's 7 units bill 4.2, so 4 cents, on the meter
+        and 3.5, so 4, on legacy (0 cents apart); c's 8 units bill 4.8, so 5, against 4: +1."""
+        period = await shop.close()
+        dearer = await meter_price(shop.builder, shop.catalog.product, shop.catalog.meter, "0.6")
+        records = by_customer(await shop.reconcile(period.id, settings=shop.mapped(dearer)))
+        a, c = (money_of(records[shop.customer(name)]) for name in "ac")
+        assert (a.legacy_amount, a.meter_amount, a.difference) == (4, 4, 0)
+        assert (c.legacy_amount, c.meter_amount, c.difference) == (4, 5, 1)
+        assert "unit_amount '0.6' (not '0.5')" in c.detail
+
+    async def test_refused_price_read_is_recorded(self, shop: Shop):
+        """Stripe refusing a price read is the record's money skip; the legs are still compared."""
+        period = await shop.close()
+        shop.standin.faults.refuse(
+            path=rf"/v1/prices/{shop.catalog.metered}",
+            status=403,
+            code="secret_key_required",
+            message="refused by the test",
+        )
+        run = await shop.reconcile(period.id)
+        for record in run.records:
+            money = money_of(record)
+            assert money.skipped == "stripe_error" and "403 secret_key_required" in money.detail
+            assert record.legacy.compared and record.meter.compared
+
+    async def test_preview_refused_by_stripe_is_noted(self, shop: Shop):
+        """--preview on a running period asks Stripe for the invoice preview; a refusal (here the
+        stand-in, which does not preview yet) is noted on the record and changes nothing else."""
+        period = await shop.period()
+        run = await shop.reconcile(period.id, preview=True)
+        money = money_of(by_customer(run)[shop.customer("a")])
+        assert money.skipped is None and money.legacy_amount == half_cents(7)
+        assert money.preview_detail.startswith("Stripe refused the preview: POST")
+        assert "/v1/invoices/create_preview" in money.preview_detail
+        assert money.preview_agrees is None
+        previews = [r for r in shop.standin.requests if r.path == "/v1/invoices/create_preview"]
+        assert previews and {(r.method, r.stripe_version) for r in previews} == {
+            ("POST", LEGACY_VERSION)
+        }
+
+    async def test_preview_of_a_closed_period_is_not_asked(self, shop: Shop):
+        """A closed period has no preview (Stripe previews the next invoice): none is asked for."""
+        period = await shop.close()
+        shop.standin.reset_requests()
+        run = await shop.reconcile(period.id, preview=True)
+        assert "only a running period" in money_of(run.records[0]).preview_detail
+        assert not [r for r in shop.standin.requests if "create_preview" in r.path]
+
+
+def test_preview_lines_in_both_shapes():
+    """A preview's lines name their item and price before basil (fields of their own) and from
+    basil on (parent and pricing); amounts are summed per item and price."""
+    data = {
+        "currency": "usd",
+        "subtotal": 1300,
+        "lines": {
+            "has_more": False,
+            "data": [
+                {
+                    "amount": 1000,
+                    "subscription_item": "si_1",
+                    "price": {"id": "price_legacy", "object": "price"},
+                    "quantity": 10,
+                    "period": {"start": 1, "end": 2},
+                },
+                {
+                    "amount": 300,
+                    "parent": {"subscription_item_details": {"subscription_item": "si_2"}},
+                    "pricing": {"price_details": {"price": "price_meter"}},
+                },
+            ],
+        },
+    }
+    preview = preview_from(data)
+    assert preview.amount_for("si_1") == 1000 and preview.amount_for("si_1", price="x") is None
+    assert preview.amount_for("si_2", price="price_meter") == 300
+    assert preview.complete and preview.lines[0].quantity == 10
+
+
+def test_swap_params():
+    """A price swap is each item with its new price, and no prorations."""
+    assert swap_params({"si_1": "price_meter"}) == {
+        "items": [{"id": "si_1", "price": "price_meter"}],
+        "proration_behavior": "none",
+    }
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def test_command_prints_amounts_and_exits_1_on_a_difference(
+    redis_url: str,
+    key_prefix: str,
+    standin_url: str,
+    standin: StripeStandin,
+    clean_environment: None,
+    tmp_path: Path,
+):
+    """`reconcile --money`: the table has each leg's amount and the difference in cents; exit 1
+    when they differ (0 without --money); --json carries the money of every record."""
+
+    async def setup() -> tuple[str, str, str]:
+        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
+            catalog = await create_catalog(builder)
+            dearer = await meter_price(builder, catalog.product, catalog.meter, "1")
+            settings = make_settings(
+                redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
+            )
+            engine = DualWriteEngine.from_settings(settings)
+            await engine.start(worker=False)
+            try:
+                scenario = await subscribe(builder, catalog, "cli", standin.clock.now())
+                await set_stage(engine, scenario.customer, Stage.SHADOW)
+                assert (await engine.record(usage(scenario, 9))).accepted
+                await OutboxWorker(engine.outbox, engine.writer).drain()
+                [row] = await engine.ledger.rows()
+                return row.period, catalog.legacy, dearer
+            finally:
+                await engine.aclose()
+
+    period, legacy, dearer = anyio.run(setup)
+    standin.clock.advance(Period.parse(period).end - standin.clock.now() + SETTLE + 60)
+    config = tmp_path / "dualwrite.toml"
+    config.write_text(
+        f'[[meters]]\nevent_name = "{EVENT_NAME}"\nmeter_prices = {{ {legacy} = "{dearer}" }}\n'
+    )
+    environment = cli_environment(
+        redis_url, key_prefix, standin_url, DUALWRITE_RECONCILE__READS_PER_SECOND="0"
+    )
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Result:
+        return runner.invoke(
+            app, ["--config", str(config), "reconcile", "--period", period, *args], env=environment
+        )
+
+    result = invoke("--money")
+    assert result.exit_code == 1, result.output
+    # 9 units: 4.5, so 5 cents on legacy; 9 cents on the 1-cent meter price.
+    assert "0.05 USD" in result.output and "0.09 USD" in result.output
+    assert "+0.04 USD" in result.output and "1 billing differently" in result.output
+    [record] = json.loads(invoke("--money", "--json").stdout)["records"]
+    assert record["money"]["legacy_amount"] == 5 and record["money"]["meter_amount"] == 9
+    result = invoke()
+    assert result.exit_code == 0 and "billing differently" not in result.output
