@@ -9,18 +9,24 @@ phase 2; their math is tests/test_pricing.py's table.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from pydantic import SecretStr
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from dualwrite.cli import app
-from dualwrite.config import MeterMapping, Settings
+from dualwrite.config import MeterMapping, ReportSettings, Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
@@ -32,8 +38,10 @@ from dualwrite.reconcile import (
     ReconciliationRun,
     read_reconciliation,
 )
+from dualwrite.report import CustomerMoney, Report, build_report, render_csv, render_table
 from dualwrite.stripe_io import preview_from, swap_params
 from dualwrite.testing import StripeStandin, meter_params
+from dualwrite.web import report_app
 from tests.conftest import STRIPE_KEY
 from tests.support import (
     EVENT_NAME,
@@ -444,3 +452,111 @@ def test_command_prints_amounts_and_exits_1_on_a_difference(
     assert record["money"]["legacy_amount"] == 5 and record["money"]["meter_amount"] == 9
     result = invoke()
     assert result.exit_code == 0 and "billing differently" not in result.output
+
+
+# --------------------------------------------------------------------- report, readiness, page
+
+REPORT_TOKEN = "report-token-for-money-tests-0123"
+
+
+async def planted_divergence(shop: Shop) -> Period:
+    """b's meter leg holds 11 units more than its legacy leg (+5 cents); the period closed and
+    reconciled with --money."""
+    period = await shop.period()
+    await extra_meter_event(shop, "b", 11, timestamp=period.start + 120)
+    await shop.close()
+    run = await shop.reconcile(period.id)
+    assert [record.customer for record in run.money_differs()] == [shop.customer("b")]
+    return period
+
+
+async def report_of(shop: Shop, **settings: Any) -> Report:
+    """The report as of Stripe's clock (the period is closed there), with ``settings`` over the
+    default readiness rule."""
+    return await build_report(
+        shop.engine.ledger,
+        shop.engine.resolver,
+        settings=ReportSettings(**settings),
+        now=shop.standin.clock.now(),
+    )
+
+
+class TestMoneyInReport:
+    """The money of the last reconciliation reaches the report, its verdicts, table, CSV and page."""
+
+    async def test_lines_carry_the_invoices(self, shop: Shop):
+        """Each line sums its priced periods: b bills 3 cents on legacy, 8 on meter (+5)."""
+        await planted_divergence(shop)
+        lines = {line.customer: line for line in (await report_of(shop)).customers}
+        b = lines[shop.customer("b")].drift
+        assert b is not None and b.money is not None
+        assert (b.money.currency, b.money.legacy_amount, b.money.meter_amount) == ("usd", 3, 8)
+        assert (b.money.difference, b.money.largest_difference, b.money.differing) == (5, 5, 1)
+        a = lines[shop.customer("a")].drift
+        assert a is not None and a.money is not None and a.money.difference == 0
+        assert CustomerMoney.model_validate(b.money.model_dump()) == b.money
+
+    async def test_not_ready_while_invoices_differ(self, shop: Shop):
+        """A shadow customer whose reconciled invoices differ is not ready for primary, and the
+        reason says by how much; within the tolerance it is ready; a and c are ready."""
+        await planted_divergence(shop)
+        lines = {line.customer: line for line in (await report_of(shop)).customers}
+        b = lines[shop.customer("b")].verdict
+        assert not b.ready and b.next_stage is Stage.PRIMARY
+        assert (
+            "invoices differ: the meter path would bill +0.05 USD in its worst period" in b.reason
+        )
+        assert "tolerance 0" in b.reason
+        for name in "ac":
+            verdict = lines[shop.customer(name)].verdict
+            assert verdict.ready, verdict.reason
+        tolerant = await report_of(shop, readiness_max_money_difference=5)
+        assert all(line.verdict.ready for line in tolerant.customers)
+        assert "bills more than 5 (smallest currency unit) apart" in tolerant.readiness_rule
+
+    async def test_other_currency_is_not_ready(self, shop: Shop):
+        """A meter-backed price in another currency keeps every customer from primary."""
+        period = await shop.close()
+        eur = await meter_price(
+            shop.builder, shop.catalog.product, shop.catalog.meter, "0.5", "eur"
+        )
+        await shop.reconcile(period.id, settings=shop.mapped(eur))
+        for line in (await report_of(shop)).customers:
+            assert not line.verdict.ready
+            assert "bills in another currency" in line.verdict.reason
+
+    async def test_table_and_csv(self, shop: Shop):
+        """The terminal table has an invoice difference column (b first, in red); the CSV has each
+        leg's amount and the difference in cents."""
+        await planted_divergence(shop)
+        report = await report_of(shop)
+        console = Console(file=io.StringIO(), width=300)
+        console.print(render_table(report))
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        assert "invoice difference" in text and "+0.05 USD" in text
+        rows = {row["customer"]: row for row in csv.DictReader(io.StringIO(render_csv(report)))}
+        b = rows[shop.customer("b")]
+        assert (b["money_currency"], b["legacy_amount"], b["meter_amount"]) == ("usd", "3", "8")
+        assert (b["invoice_difference"], b["largest_invoice_difference"]) == ("5", "5")
+        lines = text.splitlines()
+        first = next(index for index, line in enumerate(lines) if "cus_" in line)
+        assert shop.customer("b") in lines[first]  # billing differently: ranked first
+
+    async def test_pages_show_it(self, shop: Shop):
+        """The overview has an invoice difference column; the customer page an Invoices card and
+        each reconciled period's amounts."""
+        period = await planted_divergence(shop)
+        settings = shop.engine.settings.model_copy(update={"report_token": SecretStr(REPORT_TOKEN)})
+        transport = httpx.ASGITransport(app=report_app(settings, engine=shop.engine))
+        headers = {"Authorization": f"Bearer {REPORT_TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", headers=headers
+        ) as client:
+            overview = (await client.get("/")).text
+            page = (await client.get(f"/customers/{shop.customer('b')}")).text
+        b = shop.customer("b")
+        assert re.search(rf'data-money="{b}">\+0\.05 USD<', overview)
+        assert re.search(r'data-money="legacy">0\.03 USD<', page)
+        assert re.search(r'data-money="meter">0\.08 USD<', page)
+        assert re.search(r'data-money="difference" class="neg">\+0\.05 USD<', page)
+        assert re.search(rf'data-money-period="{re.escape(period.id)}">\+0\.05 USD<', page)
