@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
+from dualwrite.admin import admin_app
 from dualwrite.cli import app
 from dualwrite.config import MeterMapping, ReportSettings, Settings
 from dualwrite.engine import DualWriteEngine
@@ -457,6 +458,7 @@ def test_command_prints_amounts_and_exits_1_on_a_difference(
 # --------------------------------------------------------------------- report, readiness, page
 
 REPORT_TOKEN = "report-token-for-money-tests-0123"
+ADMIN_TOKEN = "admin-token-for-money-tests-01234"
 
 
 async def planted_divergence(shop: Shop) -> Period:
@@ -560,3 +562,23 @@ class TestMoneyInReport:
         assert re.search(r'data-money="meter">0\.08 USD<', page)
         assert re.search(r'data-money="difference" class="neg">\+0\.05 USD<', page)
         assert re.search(rf'data-money-period="{re.escape(period.id)}">\+0\.05 USD<', page)
+
+    async def test_admin_api_lists_the_records(self, shop: Shop):
+        """GET /reconciliation: the stored records with their money, newest period first, and
+        how many bill differently; a bad period is a 400 naming it."""
+        period = await planted_divergence(shop)
+        settings = shop.engine.settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)})
+        api = admin_app(settings, engine=shop.engine)
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=api), base_url="http://admin", headers=headers
+        ) as client:
+            everyone = (await client.get("/reconciliation")).json()
+            b = await client.get(
+                "/reconciliation", params={"customer": shop.customer("b"), "period": period.id}
+            )
+            bad = await client.get("/reconciliation", params={"period": "2026-13-45"})
+        assert len(everyone["records"]) == 3 and everyone["money_differs"] == 1
+        [record] = b.json()["records"]
+        assert record["money"]["legacy_amount"] == 3 and record["money"]["meter_amount"] == 8
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "period"

@@ -72,12 +72,7 @@ class ReconciliationRun(BaseModel):
     def money_differs(self, tolerance: int = 0) -> list[ReconciliationRecord]:
         """The records whose legs would bill more than ``tolerance`` apart (or in different
         currencies), or whose preview Stripe billed otherwise than computed."""
-        return [
-            record
-            for record in self.records
-            if record.money is not None
-            and (record.money.differs(tolerance) or record.money.preview_agrees is False)
-        ]
+        return [record for record in self.records if record.bills_differently(tolerance)]
 
 
 def read_throttle(limits: WriteLimits, *, max_wait: float = READ_MAX_WAIT) -> ReadThrottle:

@@ -134,6 +134,12 @@ class ReconciliationRecord(BaseModel):
         """Whether either leg drifted."""
         return self.legacy.drifted or self.meter.drifted
 
+    def bills_differently(self, tolerance: int = 0) -> bool:
+        """Whether the legs' prices bill more than ``tolerance`` apart (or in different
+        currencies), or Stripe's preview billed otherwise than computed."""
+        money = self.money
+        return money is not None and (money.differs(tolerance) or money.preview_agrees is False)
+
     def to_fields(self) -> dict[str, str]:
         """The hash fields of this record (see the module docstring)."""
         fields = {
