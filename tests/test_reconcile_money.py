@@ -268,6 +268,17 @@ class TestMoney:
         assert money.basis == "ledger" and money.skipped is None
         assert (money.legacy_amount, money.meter_amount) == (half_cents(8), half_cents(8))
 
+    async def test_a_single_leg_is_not_priced(self, shop: Shop):
+        """A customer at legacy (no meter events written): nothing to compare, not a difference."""
+        period = await shop.period()
+        alone = await subscribe(shop.builder, shop.catalog, "alone", period.start)
+        assert (await shop.engine.record(usage(alone, 4))).accepted
+        await shop.close()
+        run = await shop.reconcile(period.id)
+        money = money_of(by_customer(run)[alone.customer])
+        assert money.skipped == "one_leg" and "only the legacy leg" in money.detail
+        assert not run.money_differs()
+
     async def test_prices_are_read_once_per_run(self, shop: Shop):
         """Three customers on one pair of prices: two price reads, each with its tiers expanded,
         at the pinned legacy version (aggregate_usage)."""

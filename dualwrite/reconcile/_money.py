@@ -29,6 +29,7 @@ MoneyBasis = Literal["stripe", "ledger"]
 """Whose totals were priced: Stripe's (a closed, settled period) or the ledger's (still open)."""
 
 MoneySkip = Literal[
+    "one_leg",
     "no_price",
     "no_meter_price",
     "price_error",
@@ -38,6 +39,8 @@ MoneySkip = Literal[
 ]
 """Why the legs were not priced:
 
+* ``one_leg``: dualwrite wrote only one leg for the period (the customer was at ``legacy`` or
+  ``meter``): there is nothing to compare;
 * ``no_price``: no single legacy metered price carries the usage (no item, or several);
 * ``no_meter_price``: no meter-backed price is mapped to the legacy price (``[[meters]]
   meter_prices``; ``dualwrite meters apply`` writes it);

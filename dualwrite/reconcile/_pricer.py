@@ -54,8 +54,12 @@ class MoneyPricer:
     ) -> MoneyCheck:
         """The record's money: both legs priced, or why not."""
         if legacy.skipped not in _PRICEABLE or meter.skipped not in _PRICEABLE:
-            detail = f"legacy leg {legacy.skipped or 'compared'}, meter leg {meter.skipped or 'compared'}"
-            return MoneyCheck(skipped="not_comparable", detail=f"no total to price: {detail}")
+            legs = f"legacy {legacy.skipped or 'compared'}, meter {meter.skipped or 'compared'}"
+            return MoneyCheck(skipped="not_comparable", detail=f"no total to price: {legs}")
+        if bool(legacy.expected_qty) != bool(meter.expected_qty):
+            written = "legacy" if legacy.expected_qty else "meter"
+            detail = f"dualwrite wrote only the {written} leg in {row.period}: nothing to compare"
+            return MoneyCheck(skipped="one_leg", detail=detail)
         if len(items) != 1:
             names = ", ".join(item.item for item in items)
             detail = (
