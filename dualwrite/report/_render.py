@@ -93,7 +93,7 @@ def _money_cell(line: CustomerReport) -> Text:
     if money.currency_differs:
         return Text("other currency", style="bold red")
     if not money.priced or money.currency is None or money.difference is None:
-        return Text("not priced", style="dim")
+        return Text(", ".join(money.skipped) or "not priced", style="dim")
     text = format_amount(money.difference, money.currency, signed=bool(money.difference))
     return Text(text, style="bold red" if money.differing else "green")
 
