@@ -155,18 +155,8 @@ async def meter_price(
 
 async def subscribe(builder: ScenarioBuilder, catalog: Catalog, name: str, anchor: int) -> Scenario:
     """A customer on the legacy price, its periods starting at ``anchor``."""
-    customer = await builder.client.v1.customers.create_async({"name": name})
-    subscription = await builder.client.v1.subscriptions.create_async(
-        {
-            "customer": customer.id,
-            "items": [{"price": catalog.legacy}],
-            "billing_cycle_anchor": anchor,
-        },
-        {"stripe_version": LEGACY_VERSION},
-    )
-    item = subscription["items"]["data"][0]["id"]
-    return Scenario(
-        customer.id, subscription.id, item, catalog.legacy, catalog.metered, catalog.meter
+    return await builder.subscribe(
+        name, catalog.legacy, anchor=anchor, meter_price=catalog.metered, meter=catalog.meter
     )
 
 
@@ -213,13 +203,7 @@ def money_of(record: ReconciliationRecord) -> MoneyCheck:
 
 async def extra_meter_event(shop: Shop, name: str, value: int, timestamp: int) -> None:
     """A meter event sent straight to Stripe, past dualwrite (drift on the meter leg)."""
-    await shop.builder.client.v1.billing.meter_events.create_async(
-        {
-            "event_name": EVENT_NAME,
-            "payload": {"stripe_customer_id": shop.customer(name), "value": str(value)},
-            "timestamp": timestamp,
-        }
-    )
+    await shop.builder.meter_event(shop.customer(name), value, timestamp)
 
 
 class TestMoney:
