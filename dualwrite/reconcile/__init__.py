@@ -3,7 +3,7 @@ period.
 
 Three figures per leg and period: what dualwrite intended (the ledger's ``<leg>_expected_qty``),
 what it believes Stripe accepted (``<leg>_accepted_qty``), and what Stripe holds. Drift is Stripe's
-figure minus the accepted one; it is stored per record (``P:{sN}:recon:…``, see ``_records``), kept
+figure minus the accepted one; it is stored per record (``P:{sN}:recon:…``, see ``_store``), kept
 apart from the divergence log, and read back with ``read_reconciliation()`` (records) or, for a
 report over many customers, ``read_reconciliation_fields()`` (the fields the report sums, from
 per-period-span rollups written with each record).
@@ -48,11 +48,9 @@ from dualwrite.reconcile._reconciler import (
     ReconciliationRun,
     read_throttle,
 )
-from dualwrite.reconcile._records import (
-    LegCheck,
-    PeriodChoice,
-    ReconciliationRecord,
-    SkipReason,
+from dualwrite.reconcile._records import LegCheck, PeriodChoice, ReconciliationRecord, SkipReason
+from dualwrite.reconcile._store import (
+    ROLLUP_FIELDS,
     read_reconciliation,
     read_reconciliation_fields,
     save_records,
@@ -61,6 +59,7 @@ from dualwrite.reconcile._records import (
 __all__ = [
     "BOUND_SLACK",
     "READ_MAX_WAIT",
+    "ROLLUP_FIELDS",
     "LegCheck",
     "MoneyBasis",
     "MoneyCheck",

@@ -26,13 +26,8 @@ from dualwrite.reconcile._matching import (
 )
 from dualwrite.reconcile._money import MoneyCheck
 from dualwrite.reconcile._pricer import MoneyPricer
-from dualwrite.reconcile._records import (
-    LegCheck,
-    PeriodChoice,
-    ReconciliationRecord,
-    SkipReason,
-    save_records,
-)
+from dualwrite.reconcile._records import LegCheck, PeriodChoice, ReconciliationRecord, SkipReason
+from dualwrite.reconcile._store import save_records
 from dualwrite.stripe_io import (
     MeterInfo,
     ReadThrottle,
