@@ -58,6 +58,8 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 SETTLE = 3600
+REPORT_TOKEN = "report-token-for-money-tests-0123"
+ADMIN_TOKEN = "admin-token-for-money-tests-01234"
 #: Usage per customer: a records 3 + 4, b 5, c 2 + 6.
 QUANTITIES = {"a": (3, 4), "b": (5,), "c": (2, 6)}
 
@@ -122,17 +124,22 @@ class Shop:
         return self.engine.settings.model_copy(update={"meters": (mapping,)})
 
 
-async def create_catalog(builder: ScenarioBuilder) -> Catalog:
-    """A meter, a product, a legacy metered price and its meter-backed twin at 0.5 cent a unit."""
+async def create_catalog(
+    builder: ScenarioBuilder, *, aggregate: str = "sum", formula: str = "sum"
+) -> Catalog:
+    """A meter (``formula``), a product, a legacy metered price (``aggregate``) and its
+    meter-backed twin, both at 0.5 cent a unit."""
     client = builder.client
-    meter = await client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
+    params: Any = meter_params(EVENT_NAME) | {"default_aggregation": {"formula": formula}}
+    meter = await client.v1.billing.meters.create_async(params)
     product = await client.v1.products.create_async({"name": "API"})
     # Typed Any: aggregate_usage is gone from stripe-python's typed parameters.
-    params: Any = {
+    recurring = {"interval": "month", "usage_type": "metered", "aggregate_usage": aggregate}
+    params = {
         "currency": "usd",
         "product": product.id,
         "unit_amount_decimal": "0.5",
-        "recurring": {"interval": "month", "usage_type": "metered", "aggregate_usage": "sum"},
+        "recurring": recurring,
     }
     legacy = await client.v1.prices.create_async(params, {"stripe_version": LEGACY_VERSION})
     metered = await meter_price(builder, product.id, meter.id, "0.5")
@@ -160,12 +167,17 @@ async def subscribe(builder: ScenarioBuilder, catalog: Catalog, name: str, ancho
     )
 
 
-@pytest.fixture
-async def shop(
-    redis_url: str, key_prefix: str, standin_url: str, standin: StripeStandin, builder
-) -> AsyncIterator[Shop]:
-    """Customers a, b, c in shadow on the legacy price (mapped to its twin), usage delivered."""
-    catalog = await create_catalog(builder)
+async def open_shop(
+    urls: tuple[str, str, str],
+    standin: StripeStandin,
+    builder: ScenarioBuilder,
+    catalog: Catalog,
+    quantities: dict[str, tuple[int, ...]],
+) -> Shop:
+    """An engine on ``urls`` (Redis, key prefix, stand-in) mapping the catalog's legacy price to
+    its twin, and one shadow customer per name with its usage recorded (one second apart) and
+    delivered on both legs."""
+    redis_url, key_prefix, standin_url = urls
     mapping = MeterMapping(event_name=EVENT_NAME, meter_prices={catalog.legacy: catalog.metered})
     settings = make_settings(
         redis_url=redis_url,
@@ -177,17 +189,28 @@ async def shop(
     engine = DualWriteEngine.from_settings(settings)
     await engine.start(worker=False)
     now = standin.clock.now()
-    scenarios = {
-        name: await subscribe(builder, catalog, name, now - now % 3600) for name in QUANTITIES
-    }
-    for name, quantities in QUANTITIES.items():
+    anchor = now - now % 3600
+    scenarios = {name: await subscribe(builder, catalog, name, anchor) for name in quantities}
+    standin.clock.advance(len(max(quantities.values(), key=len)))
+    for name, values in quantities.items():
         await set_stage(engine, scenarios[name].customer, Stage.SHADOW)
-        for quantity in quantities:
-            assert (await engine.record(usage(scenarios[name], quantity))).accepted
+        for second, quantity in enumerate(values):
+            event = usage(scenarios[name], quantity, timestamp=now + second)
+            assert (await engine.record(event)).accepted
     with anyio.fail_after(20):
         await OutboxWorker(engine.outbox, engine.writer).drain()
-    yield Shop(engine, standin, builder, catalog, scenarios)
-    await engine.aclose()
+    return Shop(engine, standin, builder, catalog, scenarios)
+
+
+@pytest.fixture
+async def shop(
+    redis_url: str, key_prefix: str, standin_url: str, standin: StripeStandin, builder
+) -> AsyncIterator[Shop]:
+    """Customers a, b, c in shadow on the legacy price (mapped to its twin), usage delivered."""
+    urls = (redis_url, key_prefix, standin_url)
+    opened = await open_shop(urls, standin, builder, await create_catalog(builder), QUANTITIES)
+    yield opened
+    await opened.engine.aclose()
 
 
 def by_customer(run: ReconciliationRun) -> dict[str, ReconciliationRecord]:
@@ -262,6 +285,30 @@ class TestMoney:
         money = money_of(by_customer(run)[alone.customer])
         assert money.skipped == "one_leg" and "only the legacy leg" in money.detail
         assert not run.money_differs()
+
+    async def test_last_values_are_priced_from_stripe(
+        self, redis_url: str, key_prefix: str, standin_url: str, standin: StripeStandin, builder
+    ):
+        """A last_during_period legacy price and its twin on a last meter: Stripe's own totals
+        (the last value, 9, on each leg) are priced, 4.5 so 5 cents each, though neither leg
+        compares with the ledger's sum (12)."""
+        catalog = await create_catalog(builder, aggregate="last_during_period", formula="last")
+        urls = (redis_url, key_prefix, standin_url)
+        shop = await open_shop(urls, standin, builder, catalog, {"d": (3, 9)})
+        try:
+            period = await shop.close()
+            [record] = (await shop.reconcile(period.id)).records
+            page = await customer_page(shop, shop.customer("d"))
+        finally:
+            await shop.engine.aclose()
+        # The page shows why the legs were not compared, not a drift of 0 beside Stripe's 9.
+        [row] = re.findall(r"<tr data-recon-period=.*?</tr>", page, re.S)
+        assert row.count("not_comparable") == 2 and ">9<" not in row and "0.05 USD" in row
+        for leg in (record.legacy, record.meter):
+            assert leg.skipped == "not_comparable" and leg.stripe_qty == 9 and leg.drift is None
+        money = money_of(record)
+        assert (money.basis, money.legacy_qty, money.meter_qty) == ("stripe", 9, 9)
+        assert (money.legacy_amount, money.meter_amount, money.difference) == (5, 5, 0)
 
     async def test_prices_are_read_once_per_run(self, shop: Shop):
         """Three customers on one pair of prices: two price reads, each with its tiers expanded,
@@ -452,9 +499,6 @@ def test_command_prints_amounts_and_exits_1_on_a_difference(
 
 # --------------------------------------------------------------------- report, readiness, page
 
-REPORT_TOKEN = "report-token-for-money-tests-0123"
-ADMIN_TOKEN = "admin-token-for-money-tests-01234"
-
 
 async def planted_divergence(shop: Shop) -> Period:
     """b's meter leg holds 11 units more than its legacy leg (+5 cents); the period closed and
@@ -476,6 +520,17 @@ async def report_of(shop: Shop, **settings: Any) -> Report:
         settings=ReportSettings(**settings),
         now=shop.standin.clock.now(),
     )
+
+
+async def customer_page(shop: Shop, customer: str) -> str:
+    """The report page of ``customer``, through the engine's own Redis."""
+    settings = shop.engine.settings.model_copy(update={"report_token": SecretStr(REPORT_TOKEN)})
+    transport = httpx.ASGITransport(app=report_app(settings, engine=shop.engine))
+    headers = {"Authorization": f"Bearer {REPORT_TOKEN}"}
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers=headers
+    ) as client:
+        return (await client.get(f"/customers/{customer}")).text
 
 
 class TestMoneyInReport:
