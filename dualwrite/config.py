@@ -233,6 +233,9 @@ class ReportSettings(_Frozen):
     """Closed periods a customer must spend wholly at its stage, both legs equal, to be ready."""
     readiness_max_difference_pct: float = Field(default=0.0, ge=0, le=100)
     """The largest difference between the legs (percent of the larger) such a period may have."""
+    readiness_max_money_difference: int = Field(default=0, ge=0)
+    """The largest invoice difference (in the currency's smallest unit, cents for USD) a period
+    reconciled with ``--money`` may show for the customer to be ready for primary or meter."""
 
 
 class GuardrailSettings(_Frozen):
@@ -387,6 +390,9 @@ class MeterMapping(_Frozen):
     """Legacy metered price ids whose usage records belong to this meter (used by the proxy)."""
     lookup_keys: tuple[str, ...] = ()
     """Price lookup keys whose usage records belong to this meter (used by the proxy)."""
+    meter_prices: dict[str, str] = Field(default_factory=dict)
+    """Legacy price id → the meter-backed price that replaces it (``meters apply`` writes it;
+    ``reconcile --money`` prices the meter leg with it)."""
 
 
 class ItemMapping(_Frozen):

@@ -7,7 +7,10 @@
    timeouts) and refusing a few writes for good.
 3. Traffic: a small Starlette app wrapped in ``DualWriteMiddleware`` receives usage requests for
    customers in all four stages, from a client that retries with the same Idempotency-Key.
-4. The report, checked against the stand-in's own totals.
+4. ``reconcile --money`` over the day: what each customer's legacy price and meter-backed price
+   bill for its legs, to the cent.
+5. The report, checked against the stand-in's own totals, with each dual-written customer's invoice
+   difference: the injected shadow refusals show up there as cents.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import random
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +45,9 @@ from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
-from dualwrite.models import RecordOutcome, Stage
+from dualwrite.models import RecordOutcome, Stage, utc_day
+from dualwrite.pricing import format_amount
+from dualwrite.reconcile import MoneyCheck, Reconciler
 from dualwrite.redis_url import CLUSTER_SCHEMES
 from dualwrite.report import Report, build_report, render_table
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
@@ -55,6 +61,8 @@ RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
 #: Usage requests the stand-in refuses on the authoritative (legacy) path, whatever happens.
 REFUSED_REQUESTS = 2
 REFUSED_QUANTITY = 999
+#: What both prices bill a unit, in cents: the legacy metered price and its meter-backed twin.
+UNIT_AMOUNT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,8 @@ class DemoResult:
     stripe_meter: dict[str, int] = field(default_factory=dict)
     caller_errors: int = 0
     redis_url: str = ""
+    money: dict[str, MoneyCheck] = field(default_factory=dict)
+    """Each customer's invoices on the two paths (``reconcile --money``)."""
 
 
 @contextmanager
@@ -157,12 +167,21 @@ def _clear_prefix(url: str, prefix: str) -> None:
 
 async def _set_up_stripe(
     client: stripe.StripeClient, options: DemoOptions
-) -> tuple[list[DemoCustomer], str]:
-    """A meter, a product with a legacy metered price, and customers with subscriptions."""
-    await client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
+) -> tuple[list[DemoCustomer], str, str]:
+    """A meter, a product with a legacy metered price and its meter-backed twin, and customers
+    with subscriptions; returns the customers and both prices."""
+    meter = await client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
     product = await client.v1.products.create_async({"name": "API"})
     legacy_price = await client.v1.prices.create_async(
-        legacy_price_params(product.id, unit_amount=2), {"stripe_version": LEGACY_VERSION}
+        legacy_price_params(product.id, unit_amount=UNIT_AMOUNT), {"stripe_version": LEGACY_VERSION}
+    )
+    meter_price = await client.v1.prices.create_async(
+        {
+            "currency": "usd",
+            "product": product.id,
+            "unit_amount": UNIT_AMOUNT,
+            "recurring": {"interval": "month", "usage_type": "metered", "meter": meter.id},
+        }
     )
     customers: list[DemoCustomer] = []
     for stage in Stage:
@@ -176,7 +195,7 @@ async def _set_up_stripe(
             )
             item = subscription["items"]["data"][0]["id"]
             customers.append(DemoCustomer(customer.id, item, stage))
-    return customers, legacy_price.id
+    return customers, legacy_price.id, meter_price.id
 
 
 def _demo_app() -> Starlette:
@@ -195,8 +214,16 @@ def _demo_app() -> Starlette:
     return Starlette(routes=[Route("/usage/{customer}", usage, methods=["POST"])])
 
 
-def demo_settings(base: Settings, *, redis_url: str, api_base: str, api_key: str) -> Settings:
-    """The user's settings with the demo's Redis, stand-in, route and meter."""
+def demo_settings(
+    base: Settings,
+    *,
+    redis_url: str,
+    api_base: str,
+    api_key: str,
+    meter_prices: dict[str, str] | None = None,
+) -> Settings:
+    """The user's settings with the demo's Redis, stand-in, route and meter (and the meter-backed
+    price of its legacy price)."""
     route = UsageRoute.model_validate(
         {
             "method": "POST",
@@ -217,7 +244,7 @@ def demo_settings(base: Settings, *, redis_url: str, api_base: str, api_key: str
                 update={"backoff_base": 0.05, "backoff_max": 0.5, "block_ms": 50}
             ),
             "routes": (route,),
-            "meters": (MeterMapping(event_name=EVENT_NAME),),
+            "meters": (MeterMapping(event_name=EVENT_NAME, meter_prices=meter_prices or {}),),
             "stripe_api_key": SecretStr(api_key),
         }
     )
@@ -250,14 +277,20 @@ async def run_demo(
     with demo_redis(settings, console) as redis_url, serve_standin(standin) as running:
         _clear_prefix(redis_url, DEMO_PREFIX)
         console.print(f"Stripe: a local stand-in on {running.url}")
-        config = demo_settings(settings, redis_url=redis_url, api_base=running.url, api_key=api_key)
         async with AsyncExitStack() as stack:
             http = stripe.HTTPXClient()
             stack.push_async_callback(http.close_async)
             sdk = stripe.StripeClient(
                 api_key, base_addresses={"api": running.url}, http_client=http
             )
-            customers, _ = await _set_up_stripe(sdk, options)
+            customers, legacy_price, meter_price = await _set_up_stripe(sdk, options)
+            config = demo_settings(
+                settings,
+                redis_url=redis_url,
+                api_base=running.url,
+                api_key=api_key,
+                meter_prices={legacy_price: meter_price},
+            )
             engine = DualWriteEngine.from_settings(config)
             await stack.enter_async_context(engine)
             store = RedisFlagStore(engine.redis, engine.keys)
@@ -272,8 +305,12 @@ async def run_demo(
             _inject_faults(standin, customers, options)
             errors = await _traffic(config, engine, customers, options, rng, console)
             await _wait_for_outbox(engine, console)
+            standin.faults.clear()
+            money = await _reconcile_money(config, engine, console)
             report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
-        result = DemoResult(report, customers, caller_errors=errors, redis_url=redis_url)
+        result = DemoResult(
+            report, customers, caller_errors=errors, redis_url=redis_url, money=money
+        )
         for demo_customer in customers:
             result.stripe_legacy[demo_customer.customer] = standin.legacy_total(
                 demo_customer.subscription_item
@@ -374,6 +411,30 @@ async def _wait_for_outbox(engine: DualWriteEngine, console: Console) -> None:
             await engine.new_worker().drain()
 
 
+async def _reconcile_money(
+    config: Settings, engine: DualWriteEngine, console: Console
+) -> dict[str, MoneyCheck]:
+    """``dualwrite reconcile --money`` over today: each customer's two invoices, to the cent (the
+    periods are running, so the ledger's totals are priced)."""
+    with console.status("pricing both paths (reconcile --money)..."):
+        reconciler = Reconciler.from_settings(config, redis=engine.redis, money=True)
+        try:
+            run = await reconciler.run(utc_day(int(time.time())))
+        finally:
+            await reconciler.aclose()
+    return {record.customer: record.money for record in run.records if record.money is not None}
+
+
+def _invoice_cell(money: MoneyCheck | None) -> str:
+    """A customer's invoice difference (meter minus legacy), in cents, for the last table."""
+    if money is None or money.skipped == "one_leg":
+        return "[dim]one leg[/]"
+    if money.skipped is not None or money.currency is None or money.difference is None:
+        return f"[dim]{money.skipped or 'not priced'}[/]"
+    text = format_amount(money.difference, money.currency, signed=bool(money.difference))
+    return f"[bold red]{text}[/]" if money.difference else f"[green]{text}[/]"
+
+
 def _print(console: Console, result: DemoResult) -> None:
     console.print()
     console.print(render_table(result.report))
@@ -386,6 +447,7 @@ def _print(console: Console, result: DemoResult) -> None:
         "ledger meter",
         "Stripe meter",
         "agree",
+        "invoice difference",
     ):
         check.add_column(column)
     rows: dict[str, Any] = {row.customer: row for row in result.report.customers}
@@ -404,8 +466,13 @@ def _print(console: Console, result: DemoResult) -> None:
             str(ledger_meter),
             str(stripe_meter),
             "[green]yes[/]" if agree else "[bold red]NO[/]",
+            _invoice_cell(result.money.get(customer.customer)),
         )
     console.print(check)
+    console.print(
+        "invoice difference: what the meter-backed price would bill minus what the legacy price "
+        "bills, for each leg's total (`dualwrite reconcile --money`)"
+    )
     console.print(
         f"{result.caller_errors} usage request(s) were refused to the caller (injected authoritative "
         f"refusals); {result.report.divergent_customers} customer(s) diverged (injected shadow "

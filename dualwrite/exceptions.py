@@ -8,6 +8,7 @@ The tree::
     ├── IdempotencyError       an identifier was reused with different parameters
     ├── ConflictError          the same identifier is being recorded right now by another request
     ├── StoreUnavailableError  Redis cannot be reached or answered with an error
+    ├── PriceError             a Stripe price (or usage) dualwrite cannot turn into an amount
     └── StripeStandinError     the local Stripe stand-in was misused (test set-up errors)
 
 Stripe's own refusals are not exceptions here: writers return them as ``WriteResult`` values
@@ -21,6 +22,7 @@ __all__ = [
     "ConflictError",
     "DualwriteError",
     "IdempotencyError",
+    "PriceError",
     "StoreUnavailableError",
     "StripeStandinError",
     "UsageInputError",
@@ -58,6 +60,11 @@ class ConflictError(DualwriteError):
 
 class StoreUnavailableError(DualwriteError):
     """Redis could not be reached, or refused a command."""
+
+
+class PriceError(DualwriteError):
+    """A price cannot be turned into an amount (a field missing or outside what Stripe allows), or
+    usage cannot be billed by it; the message names the price and the field."""
 
 
 class StripeStandinError(DualwriteError):

@@ -171,13 +171,38 @@ class ScenarioBuilder:
     async def customer(self, name: str = "Test customer") -> Scenario:
         """A new customer subscribed to the legacy metered price."""
         legacy, metered, meter = await self._catalog()
+        return await self.subscribe(name, legacy, meter_price=metered, meter=meter)
+
+    async def subscribe(
+        self,
+        name: str,
+        price: str,
+        *,
+        anchor: int | None = None,
+        meter_price: str = "",
+        meter: str = "",
+    ) -> Scenario:
+        """A new customer subscribed to the legacy metered ``price``, its billing periods starting
+        at ``anchor`` when given (so that several customers share one period)."""
         customer = await self.client.v1.customers.create_async({"name": name})
+        params: Any = {"customer": customer.id, "items": [{"price": price}]}
+        if anchor is not None:
+            params["billing_cycle_anchor"] = anchor
         subscription = await self.client.v1.subscriptions.create_async(
-            {"customer": customer.id, "items": [{"price": legacy}]},
-            {"stripe_version": LEGACY_VERSION},
+            params, {"stripe_version": LEGACY_VERSION}
         )
         item = subscription["items"]["data"][0]["id"]
-        return Scenario(customer.id, subscription.id, item, legacy, metered, meter)
+        return Scenario(customer.id, subscription.id, item, price, meter_price, meter)
+
+    async def meter_event(self, customer: str, value: int, timestamp: int) -> None:
+        """A meter event of ``EVENT_NAME`` sent straight to Stripe, past dualwrite."""
+        await self.client.v1.billing.meter_events.create_async(
+            {
+                "event_name": EVENT_NAME,
+                "payload": {"stripe_customer_id": customer, "value": str(value)},
+                "timestamp": timestamp,
+            }
+        )
 
     async def legacy_usage(self, item: str, quantity: int) -> None:
         """Report usage on the item straight to Stripe's legacy endpoint (not through dualwrite)."""

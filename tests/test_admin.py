@@ -290,7 +290,7 @@ class TestOpenAPI:
             (method.upper(), path) for path, item in document["paths"].items() for method in item
         }
         assert ("PUT", "/customers/{customer}/override") in operations
-        assert len(operations) == 17  # 13 flag operations, 4 cutover ones
+        assert len(operations) == 18  # 13 flag operations, 4 cutover ones, 1 reconciliation
 
     async def test_responses_match_the_document(self, client: httpx.AsyncClient) -> None:
         """Real responses, successes and errors, validate against their documented schemas."""

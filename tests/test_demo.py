@@ -21,6 +21,7 @@ from dualwrite.config import RedisSettings, Settings
 from dualwrite.demo import (
     DEMO_PREFIX,
     REFUSED_REQUESTS,
+    UNIT_AMOUNT,
     DemoCustomer,
     DemoOptions,
     DemoResult,
@@ -28,6 +29,7 @@ from dualwrite.demo import (
 )
 from dualwrite.exceptions import DualwriteError
 from dualwrite.models import Stage
+from dualwrite.pricing import format_amount
 
 DEAD_REDIS = "redis://:s3cret@127.0.0.1:1/0"
 
@@ -142,6 +144,27 @@ class TestDemoOnRedis:
         rows = {row.customer: row for row in demo.result.report.customers}
         assert rows[demo.first(Stage.LEGACY).customer].legacy.refused_events >= REFUSED_REQUESTS
         assert f"{REFUSED_REQUESTS} usage request(s) were refused to the caller" in demo.output
+
+    def test_injected_divergence_shows_as_cents(self, demo):
+        """The last table's invoice difference: the shadow customer whose meter events were
+        refused would be billed their quantity times the unit amount less on the meter path, to
+        the cent; unbroken dual-written customers 0; single-leg customers are not compared."""
+        rows = {row.customer: row for row in demo.result.report.customers}
+        shadow = demo.first(Stage.SHADOW).customer
+        short = rows[shadow].legacy.accepted_qty - rows[shadow].meter.accepted_qty
+        money = demo.result.money[shadow]
+        assert short > 0 and money.difference == -short * UNIT_AMOUNT
+        last = demo.output.split("cross-check with Stripe's own totals")[1]
+        assert "invoice difference" in last
+        [line] = [line for line in last.splitlines() if shadow in line]
+        assert format_amount(-short * UNIT_AMOUNT, "usd", signed=True) in line
+        broken = {shadow, demo.first(Stage.PRIMARY).customer}
+        for customer in demo.result.customers:
+            found = demo.result.money[customer.customer]
+            if customer.stage in (Stage.LEGACY, Stage.METER):
+                assert found.skipped == "one_leg", customer
+            elif customer.customer not in broken:
+                assert found.difference == 0, customer
 
     def test_outbox_is_drained(self, demo):
         """The demo waits for every shadow write: nothing is left queued or pending."""

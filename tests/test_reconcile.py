@@ -228,18 +228,12 @@ async def anchored_customer(builder: ScenarioBuilder, name: str, anchor: int) ->
     """A customer on the legacy price whose billing periods start at ``anchor`` (so that several
     customers share one period)."""
     catalog = await builder.customer("catalog")  # creates the meter and prices once
-    customer = await builder.client.v1.customers.create_async({"name": name})
-    subscription = await builder.client.v1.subscriptions.create_async(
-        {
-            "customer": customer.id,
-            "items": [{"price": catalog.legacy_price}],
-            "billing_cycle_anchor": anchor,
-        },
-        {"stripe_version": LEGACY_VERSION},
-    )
-    item = subscription["items"]["data"][0]["id"]
-    return Scenario(
-        customer.id, subscription.id, item, catalog.legacy_price, catalog.meter_price, catalog.meter
+    return await builder.subscribe(
+        name,
+        catalog.legacy_price,
+        anchor=anchor,
+        meter_price=catalog.meter_price,
+        meter=catalog.meter,
     )
 
 
@@ -287,13 +281,7 @@ async def extra_usage_record(shop: Shop, name: str, quantity: int) -> None:
 
 async def extra_meter_event(shop: Shop, name: str, value: int, timestamp: int) -> None:
     """A meter event sent straight to Stripe, past dualwrite."""
-    await shop.builder.client.v1.billing.meter_events.create_async(
-        {
-            "event_name": EVENT_NAME,
-            "payload": {"stripe_customer_id": shop.customer(name), "value": str(value)},
-            "timestamp": timestamp,
-        }
-    )
+    await shop.builder.meter_event(shop.customer(name), value, timestamp)
 
 
 @pytest.mark.anyio

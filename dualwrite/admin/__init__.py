@@ -1,4 +1,5 @@
-"""The admin HTTP API: ``dualwrite flags`` and the cutover operations as JSON, behind a token.
+"""The admin HTTP API: ``dualwrite flags``, the cutover operations and the reconciliation records
+as JSON, behind a token.
 
 ``dualwrite serve`` serves it under ``/_dualwrite/admin/``, and any Starlette or FastAPI app can
 mount it::
@@ -9,9 +10,10 @@ mount it::
     routes = [..., Mount("/_dualwrite/admin", admin_app(settings))]  # engine=... shares its Redis
 
 Modules: ``_app`` (the app), ``_api`` (endpoints as data: validation, errors, OpenAPI), ``_flags``
-(the flag operations), ``_cutover`` (rollout, cutover, rollback, guard), ``_auth`` (the bearer
-token gate, also used by ``/metrics``). More groups of operations are an ``Endpoint`` tuple each,
-added to ``DEFAULT_ENDPOINTS``.
+(the flag operations), ``_cutover`` (rollout, cutover, rollback, guard), ``_reconcile`` (the
+reconciliation records, with their money), ``_auth`` (the bearer token gate, also used by
+``/metrics``). More groups of operations are an ``Endpoint`` tuple each, added to
+``DEFAULT_ENDPOINTS``.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from dualwrite.admin._app import DEFAULT_ENDPOINTS, OPENAPI_PATH, AdminApp, admi
 from dualwrite.admin._auth import BearerGate
 from dualwrite.admin._cutover import CUTOVER_ENDPOINTS
 from dualwrite.admin._flags import FLAG_ENDPOINTS
+from dualwrite.admin._reconcile import RECONCILE_ENDPOINTS
 
 __all__ = [
     "CUTOVER_ENDPOINTS",
     "DEFAULT_ENDPOINTS",
     "FLAG_ENDPOINTS",
     "OPENAPI_PATH",
+    "RECONCILE_ENDPOINTS",
     "AdminApp",
     "AdminContext",
     "ApiError",

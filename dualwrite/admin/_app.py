@@ -22,6 +22,7 @@ from dualwrite.admin._api import AdminContext, Endpoint, openapi, routes
 from dualwrite.admin._auth import BearerGate
 from dualwrite.admin._cutover import CUTOVER_ENDPOINTS
 from dualwrite.admin._flags import FLAG_ENDPOINTS
+from dualwrite.admin._reconcile import RECONCILE_ENDPOINTS
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore
@@ -32,7 +33,7 @@ from dualwrite.redis_client import open_redis
 __all__ = ["DEFAULT_ENDPOINTS", "OPENAPI_PATH", "AdminApp", "admin_app"]
 
 #: What the admin API serves (a new group of operations adds its tuple here).
-DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = FLAG_ENDPOINTS + CUTOVER_ENDPOINTS
+DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = FLAG_ENDPOINTS + CUTOVER_ENDPOINTS + RECONCILE_ENDPOINTS
 OPENAPI_PATH = "/openapi.json"
 
 

@@ -19,6 +19,7 @@ from dualwrite.migrate import (
     MeterPlan,
     MigrationStripe,
     OpsAudit,
+    PlannedPrice,
     apply_plan,
     build_plan,
 )
@@ -41,18 +42,39 @@ def _api_key(settings: Settings) -> str:
     return key
 
 
+_STYLES = {"create": "green", "exists": "", "refused": "red"}
+
+
+def _action(action: str) -> str:
+    return f"[{_STYLES[action]}]{action}[/]" if _STYLES[action] else action
+
+
+def _price_cell(price: PlannedPrice) -> str:
+    if price.action == "refused":
+        return f"{_action('refused')}: {escape(price.reason)}"
+    which = price.price_id if price.action == "exists" else "new"
+    return f"{_action(price.action)} {which}: {escape(price.terms)}"
+
+
 def _table(plan: MeterPlan) -> Table:
     table = Table(
-        "event name", "formula", "legacy prices", "action", "meter", "why", title="meters"
+        "event name",
+        "formula",
+        "legacy prices",
+        "action",
+        "meter",
+        "meter-backed price (bills the same)",
+        "why",
+        title="meters",
     )
-    styles = {"create": "green", "exists": "", "refused": "red"}
     for meter in plan.meters:
         table.add_row(
             escape(meter.event_name),
             meter.formula or "",
             "\n".join(meter.prices),
-            f"[{styles[meter.action]}]{meter.action}[/]" if styles[meter.action] else meter.action,
+            _action(meter.action),
             meter.meter_id or "",
+            "\n".join(_price_cell(price) for price in meter.meter_prices),
             escape(meter.reason),
         )
     return table
@@ -65,7 +87,9 @@ async def _plan(settings: Settings) -> MeterPlan:
 
 @meters_app.command("plan")
 def plan(ctx: typer.Context, as_json: AsJson = False) -> None:
-    """Read the legacy metered prices and propose the meters to create (changes nothing).
+    """Read the legacy metered prices and propose the meters to create, and for each price the
+    meter-backed price that bills the same (same tiers, transform, currency, interval), or the
+    existing one (changes nothing).
 
     aggregate_usage sum becomes formula sum, last_during_period becomes last; max and last_ever
     have no meter twin and are refused with the reason.
@@ -77,9 +101,13 @@ def plan(ctx: typer.Context, as_json: AsJson = False) -> None:
         return
     console.print(_table(found) if found.meters else "no legacy metered prices")
     creates = sum(1 for meter in found.meters if meter.action == "create")
+    prices = [price for meter in found.meters for price in meter.meter_prices]
+    new_prices = sum(1 for price in prices if price.action == "create")
+    refused_prices = sum(1 for price in prices if price.action == "refused")
     console.print(
         f"{found.prices_read} legacy metered price(s): {creates} meter(s) to create, "
-        f"{len(found.refused)} refused. `dualwrite meters apply` creates them."
+        f"{len(found.refused)} refused; {new_prices} meter-backed price(s) to create, "
+        f"{refused_prices} refused. `dualwrite meters apply` creates them."
     )
 
 
@@ -96,6 +124,8 @@ async def _apply(settings: Settings, path: Path, *, dry_run: bool, actor: str) -
             "config": path.name,
             "created": result.created,
             "existing": result.existing,
+            "prices_created": result.prices_created,
+            "prices_existing": result.prices_existing,
             "config_changes": result.config_changes,
             "refused": {",".join(m.prices): m.reason for m in result.refused},
         }
@@ -114,8 +144,9 @@ def apply(
     actor: Actor = None,
     as_json: AsJson = False,
 ) -> None:
-    """Create the planned meters (an existing meter with the event name is reused) and write the
-    [[meters]] mapping into the config file given with --config. Audited."""
+    """Create the planned meters (an existing meter with the event name is reused) and their
+    meter-backed prices (an existing one billing the same is reused), and write the [[meters]]
+    mapping (legacy_prices, meter_prices) into the config file given with --config. Audited."""
     path = ctx.obj
     if path is None:
         raise typer.BadParameter(
@@ -135,6 +166,10 @@ def apply(
         console.print(f"created meter {meter_id} for {escape(event_name)}")
     for event_name, meter_id in result.existing.items():
         console.print(f"meter {meter_id} already exists for {escape(event_name)}")
+    for legacy, created in result.prices_created.items():
+        console.print(f"created price {created} (bills like {legacy})")
+    for legacy, existing in result.prices_existing.items():
+        console.print(f"price {existing} already bills like {legacy}")
     change = "would change" if dry_run else "changed"
     for line in result.config_changes:
         console.print(f"{change} {escape(str(path))}: {escape(line)}", highlight=False)
@@ -143,5 +178,11 @@ def apply(
     for refused in result.refused:
         console.print(
             f"[red]refused[/red] {', '.join(refused.prices)}: {escape(refused.reason)}",
+            highlight=False,
+        )
+    for planned in result.refused_prices:
+        console.print(
+            f"[red]refused[/red] a meter-backed price for {planned.legacy_price}: "
+            f"{escape(planned.reason)}",
             highlight=False,
         )

@@ -13,12 +13,21 @@ from rich.table import Table
 
 from dualwrite.cli._common import app, console, err_console, load_settings, run_async
 from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.reconcile import LegCheck, PeriodChoice, Reconciler, ReconciliationRun
+from dualwrite.pricing import format_amount
+from dualwrite.reconcile import (
+    LegCheck,
+    MoneyCheck,
+    PeriodChoice,
+    Reconciler,
+    ReconciliationRecord,
+    ReconciliationRun,
+)
 from dualwrite.redis_client import open_redis
 
-#: Exit status: no drift found.
+#: Exit status: no drift found (and, with --money, no invoice difference).
 NO_DRIFT = 0
-#: Exit status: Stripe holds something else than the ledger on at least one leg.
+#: Exit status: Stripe holds something else than the ledger on at least one leg, or (--money) the
+#: legs would bill different amounts, or Stripe's preview bills otherwise than computed.
 DRIFT_FOUND = 1
 #: Exit status: bad arguments or configuration (also typer's own usage errors).
 BAD_ARGUMENTS = 2
@@ -54,13 +63,33 @@ def reconcile(
             show_default=False,
         ),
     ] = None,
+    money: Annotated[
+        bool,
+        typer.Option(
+            "--money",
+            help="Also price each leg's total: the legacy price for the legacy leg, the "
+            "meter-backed price mapped to it (\\[[meters]] meter_prices) for the meter leg, and "
+            "their difference in cents.",
+        ),
+    ] = False,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview",
+            help="With --money (implied): cross-check a running period with Stripe's invoice "
+            "preview, as it stands and with the item's price swapped.",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Read Stripe's own totals for a period (legacy usage record summaries, meter event summaries)
     and compare them, per customer and meter event name, with what dualwrite intended and what it
-    believes Stripe accepted. Drift is stored for the report.
+    believes Stripe accepted. Drift (and, with --money, what each leg's price bills) is stored for
+    the report.
 
-    Exit status: 0 no drift, 1 drift found, 2 bad arguments or configuration, 3 Redis unreachable.
+    Exit status: 0 no drift, 1 drift found (or, with --money, an invoice difference above
+    \\[report] readiness_max_money_difference), 2 bad arguments or configuration, 3 Redis
+    unreachable.
     """
     try:
         PeriodChoice.parse(period)
@@ -72,7 +101,11 @@ def reconcile(
         redis = open_redis(settings.redis)
         try:
             reconciler = Reconciler.from_settings(
-                settings, redis=redis, settle_seconds=settle_seconds
+                settings,
+                redis=redis,
+                settle_seconds=settle_seconds,
+                money=money or preview,
+                preview=preview,
             )
             try:
                 with Progress(
@@ -105,11 +138,13 @@ def reconcile(
     result = run_async(run())
     if result is None:
         raise typer.Exit(STORE_UNAVAILABLE)
+    tolerance = settings.report.readiness_max_money_difference
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
-        _print(result)
-    raise typer.Exit(DRIFT_FOUND if result.drifted else NO_DRIFT)
+        _print(result, tolerance=tolerance)
+    differs = result.drifted or result.money_differs(tolerance)
+    raise typer.Exit(DRIFT_FOUND if differs else NO_DRIFT)
 
 
 def _leg(leg: LegCheck) -> str:
@@ -120,7 +155,46 @@ def _leg(leg: LegCheck) -> str:
     return f"[green]{leg.accepted_qty} = {leg.stripe_qty}[/green]"
 
 
-def _print(result: ReconciliationRun) -> None:
+def _money_cells(money: MoneyCheck | None, tolerance: int) -> list[str]:
+    if money is None:
+        return ["", "", ""]
+    if money.skipped is not None or money.currency is None:
+        return [f"[dim]{money.skipped or 'not priced'}[/dim]", "", ""]
+    legacy = format_amount(money.legacy_amount or 0, money.currency)
+    meter = format_amount(money.meter_amount or 0, money.currency)
+    difference = format_amount(money.difference or 0, money.currency, signed=True)
+    style = "red" if money.differs(tolerance) else "green"
+    if money.preview_agrees is not None:
+        difference += " (preview agrees)" if money.preview_agrees else " (preview differs)"
+        style = style if money.preview_agrees else "red"
+    return [legacy, meter, f"[{style}]{difference}[/{style}]"]
+
+
+def _money_notes(records: list[ReconciliationRecord]) -> None:
+    """Why legs were not priced, and what Stripe's preview billed when it disagreed."""
+    for record in records:
+        money = record.money
+        if money is None:
+            continue
+        if money.skipped in ("stripe_error", "price_error", "no_meter_price", "currency_differs"):
+            note = f"{money.skipped}: {money.detail}"
+        elif money.preview_agrees is False or money.preview_detail:
+            currency = money.currency or ""
+            seen = [
+                f"{name} {format_amount(amount, currency) if amount is not None else 'none'}"
+                for name, amount in (
+                    ("legacy", money.preview_legacy_amount),
+                    ("meter", money.preview_meter_amount),
+                )
+            ]
+            note = f"Stripe's preview bills {', '.join(seen)}"
+            note += f" ({money.preview_detail})" if money.preview_detail else ""
+        else:
+            continue
+        console.print(f"  {record.customer} money: {escape(note)}", highlight=False)
+
+
+def _print(result: ReconciliationRun, *, tolerance: int = 0) -> None:
     # A column that would repeat one value on every line goes to the title instead.
     periods = sorted({record.period for record in result.records})
     events = sorted({record.event_name for record in result.records})
@@ -140,11 +214,17 @@ def _print(result: ReconciliationRun) -> None:
     table.add_column("intended", justify="right")
     table.add_column("legacy", justify="right", overflow="fold")
     table.add_column("meter", justify="right", overflow="fold")
+    priced = any(record.money is not None for record in result.records)
+    if priced:
+        table.add_column("legacy bills", justify="right")
+        table.add_column("meter bills", justify="right")
+        table.add_column("invoice difference", justify="right", overflow="fold")
     for record in result.records:
         cells = [record.customer]
         cells += [record.event_name] if len(events) > 1 else []
         cells += [record.period] if len(periods) > 1 else []
         cells += [str(record.intended_qty), _leg(record.legacy), _leg(record.meter)]
+        cells += _money_cells(record.money, tolerance) if priced else []
         table.add_row(*cells)
     console.print(table)
     skips = Counter(
@@ -162,9 +242,16 @@ def _print(result: ReconciliationRun) -> None:
         for name, leg in (("legacy", record.legacy), ("meter", record.meter)):
             if leg.skipped == "stripe_error":
                 console.print(f"  {record.customer} {name}: {escape(leg.detail)}", highlight=False)
+    _money_notes(result.records)
     drifted = result.drifted
-    console.print(
-        f"{result.customers} customer(s), {len(result.records)} record(s), "
-        + (f"[red]{len(drifted)} with drift[/red]" if drifted else "[green]no drift[/green]"),
-        highlight=False,
+    summary = f"{result.customers} customer(s), {len(result.records)} record(s), " + (
+        f"[red]{len(drifted)} with drift[/red]" if drifted else "[green]no drift[/green]"
     )
+    if priced:
+        differing = result.money_differs(tolerance)
+        summary += (
+            f", [red]{len(differing)} billing differently[/red]"
+            if differing
+            else ", [green]the same invoices[/green]"
+        )
+    console.print(summary, highlight=False)

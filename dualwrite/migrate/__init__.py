@@ -1,8 +1,8 @@
 """Migration steps around the dual write: creating the meters (``meters plan|apply``) and replaying
 usage already on the legacy path into them (``backfill``).
 
-* ``build_plan`` / ``apply_plan``: a meter for every legacy metered price, and the ``[[meters]]``
-  mapping written into the config file;
+* ``build_plan`` / ``apply_plan``: a meter for every legacy metered price, the meter-backed price
+  that bills the same, and the ``[[meters]]`` mapping written into the config file;
 * ``run_backfill``: a customer's legacy usage (usage record summaries, or an export file) as meter
   events, each counted once in the ledger as backfilled;
 * ``OpsAudit``: the operations audit stream both write to.
@@ -23,11 +23,13 @@ from dualwrite.migrate._meters import (
     ApplyResult,
     MeterPlan,
     PlannedMeter,
+    PlannedPrice,
     apply_plan,
     build_plan,
     describe_call,
 )
-from dualwrite.migrate._stripe import MigrationStripe, MigrationStripeError
+from dualwrite.migrate._prices import plan_price
+from dualwrite.migrate._stripe import LegacyPrice, MeterPrice, MigrationStripe, MigrationStripeError
 
 __all__ = [
     "FORMULAS",
@@ -37,15 +39,19 @@ __all__ = [
     "BackfillInputError",
     "BackfillResult",
     "ExportRow",
+    "LegacyPrice",
     "MeterPlan",
+    "MeterPrice",
     "MigrationStripe",
     "MigrationStripeError",
     "OpsAudit",
     "OpsAuditEntry",
     "PlannedMeter",
+    "PlannedPrice",
     "apply_plan",
     "build_plan",
     "describe_call",
+    "plan_price",
     "read_export",
     "run_backfill",
 ]

@@ -31,6 +31,8 @@ class MeterEntry:
     meter_id: str
     customer_payload_key: str = "stripe_customer_id"
     value_payload_key: str = "value"
+    meter_prices: tuple[tuple[str, str], ...] = ()
+    """(legacy price, meter-backed price) pairs for ``meter_prices``."""
 
 
 def _union(table: Table, key: str, values: tuple[str, ...]) -> list[str]:
@@ -46,6 +48,24 @@ def _union(table: Table, key: str, values: tuple[str, ...]) -> list[str]:
         raise ConfigError(msg)
     added = [value for value in values if value not in [str(v) for v in current]]
     current.extend(added)
+    return added
+
+
+def _merge_prices(table: Table, pairs: tuple[tuple[str, str], ...]) -> list[str]:
+    """Add the ``meter_prices`` pairs whose legacy price ``table`` does not map yet; return what
+    was added (a legacy price already mapped keeps its mapping: the plan checked it)."""
+    if not pairs:
+        return []
+    current = table.get("meter_prices")
+    if current is None:
+        table["meter_prices"] = tomlkit.inline_table()
+        current = table["meter_prices"]
+    if not isinstance(current, dict):
+        msg = "[[meters]] meter_prices must be a table of legacy price = meter-backed price"
+        raise ConfigError(msg)
+    added = [f"{old} = {new}" for old, new in pairs if old not in current]
+    for old, new in pairs:
+        current.setdefault(old, new)
     return added
 
 
@@ -76,6 +96,7 @@ def merge_meters(text: str, entries: list[MeterEntry]) -> tuple[str, list[str]]:
         if existing is not None:
             added = _union(existing, "legacy_prices", entry.legacy_prices)
             added += _union(existing, "lookup_keys", entry.lookup_keys)
+            added += _merge_prices(existing, entry.meter_prices)
             if added:
                 changes.append(f"[[meters]] {entry.event_name}: added {', '.join(added)}")
             continue
@@ -90,6 +111,7 @@ def merge_meters(text: str, entries: list[MeterEntry]) -> tuple[str, list[str]]:
         table.add("legacy_prices", list(entry.legacy_prices))
         if entry.lookup_keys:
             table.add("lookup_keys", list(entry.lookup_keys))
+        _merge_prices(table, entry.meter_prices)
         meters.append(table)
         changes.append(
             f"[[meters]] {entry.event_name}: new, legacy_prices {', '.join(entry.legacy_prices)}"

@@ -7,11 +7,13 @@ meters, and proposes one meter per event name:
   lookup key), else derived from its lookup key, nickname or product name (lowercase, ``_``);
 * ``aggregate_usage`` becomes the meter's formula: ``sum`` → ``sum``, ``last_during_period`` →
   ``last``. ``max`` and ``last_ever`` have no meter twin, and such prices are refused with the reason;
-* customers map ``by_id`` from ``payload.stripe_customer_id``, the value is ``payload.value``.
+* customers map ``by_id`` from ``payload.stripe_customer_id``, the value is ``payload.value``;
+* each legacy price gets the meter-backed price that bills the same (``_prices``): the one mapped
+  in ``[[meters]] meter_prices``, an existing one on the meter, or a new one.
 
 Applying creates the meters that do not exist yet (each with an Idempotency-Key derived from its event
-name, after looking for an existing meter with that name), and writes the mapping into the config
-file's ``[[meters]]`` tables.
+name, after looking for an existing meter with that name), then the meter-backed prices, and writes
+the mapping into the config file's ``[[meters]]`` tables (``legacy_prices``, ``meter_prices``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualwrite.config import MeterMapping
 from dualwrite.exceptions import ConfigError
 from dualwrite.migrate._config_file import MeterEntry, merge_meters, write_config
+from dualwrite.migrate._prices import METER_PLACEHOLDER, PlannedPrice, plan_price
 from dualwrite.migrate._stripe import (
     LegacyPrice,
+    MeterPrice,
     MigrationStripe,
     MigrationStripeError,
     StripeMeter,
@@ -39,6 +43,7 @@ __all__ = [
     "ApplyResult",
     "MeterPlan",
     "PlannedMeter",
+    "PlannedPrice",
     "apply_plan",
     "build_plan",
     "describe_call",
@@ -72,6 +77,8 @@ class PlannedMeter(BaseModel):
     action: PlanAction
     meter_id: str | None = None
     reason: str = ""
+    meter_prices: list[PlannedPrice] = Field(default_factory=list)
+    """The meter-backed price of each legacy price (none for a refused meter)."""
 
     @property
     def idempotency_key(self) -> str:
@@ -115,8 +122,13 @@ class ApplyResult(BaseModel):
     created: dict[str, str]
     """event name → meter id, for meters created now."""
     existing: dict[str, str]
+    prices_created: dict[str, str] = Field(default_factory=dict)
+    """legacy price → the meter-backed price created now."""
+    prices_existing: dict[str, str] = Field(default_factory=dict)
+    """legacy price → the meter-backed price that already bills the same."""
     config_changes: list[str]
     refused: list[PlannedMeter]
+    refused_prices: list[PlannedPrice] = Field(default_factory=list)
 
 
 def slug(text: str) -> str:
@@ -143,7 +155,11 @@ def _name_of(price: LegacyPrice, mapping: MeterMapping | None) -> str:
 
 
 def _group(
-    name: str, prices: list[LegacyPrice], mapping: MeterMapping | None, meters: list[StripeMeter]
+    name: str,
+    prices: list[LegacyPrice],
+    mapping: MeterMapping | None,
+    meters: list[StripeMeter],
+    existing: list[MeterPrice],
 ) -> PlannedMeter:
     """The plan entry for the prices sharing one event name."""
     formulas = {FORMULAS[price.aggregate_usage] for price in prices}
@@ -173,8 +189,16 @@ def _group(
             "event name in [[meters]]"
         )
         return PlannedMeter(formula=formula, action="refused", reason=reason, **common)
+    mapped = mapping.meter_prices if mapping is not None else {}
+
+    def planned(meter: str | None) -> list[PlannedPrice]:
+        return [
+            plan_price(price, meter=meter, existing=existing, mapped=mapped.get(price.id))
+            for price in prices
+        ]
+
     if active is None:
-        return PlannedMeter(formula=formula, action="create", **common)
+        return PlannedMeter(formula=formula, action="create", meter_prices=planned(None), **common)
     mismatch = [
         f"{what} {theirs!r} (needs {ours!r})"
         for what, theirs, ours in (
@@ -192,7 +216,13 @@ def _group(
         return PlannedMeter(
             formula=formula, action="refused", meter_id=active.id, reason=reason, **common
         )
-    return PlannedMeter(formula=formula, action="exists", meter_id=active.id, **common)
+    return PlannedMeter(
+        formula=formula,
+        action="exists",
+        meter_id=active.id,
+        meter_prices=planned(active.id),
+        **common,
+    )
 
 
 async def build_plan(stripe: MigrationStripe, configured: tuple[MeterMapping, ...]) -> MeterPlan:
@@ -203,6 +233,7 @@ async def build_plan(stripe: MigrationStripe, configured: tuple[MeterMapping, ..
     """
     prices = [price async for price in stripe.legacy_prices()]
     meters = await stripe.meters()
+    existing = await stripe.meter_prices()
     planned: list[PlannedMeter] = []
     groups: dict[str, list[LegacyPrice]] = {}
     mappings: dict[str, MeterMapping | None] = {}
@@ -232,7 +263,7 @@ async def build_plan(stripe: MigrationStripe, configured: tuple[MeterMapping, ..
             groups.setdefault(name, []).append(price)
             mappings.setdefault(name, mapping)
     for name, members in groups.items():
-        planned.append(_group(name, members, mappings[name], meters))
+        planned.append(_group(name, members, mappings[name], meters, existing))
     planned.sort(key=lambda meter: (meter.action == "refused", meter.event_name))
     return MeterPlan(meters=planned, prices_read=len(prices))
 
@@ -249,6 +280,29 @@ def describe_call(meter: PlannedMeter) -> str:
         f"value_settings[event_payload_key]={meter.value_payload_key}",
     ]
     return f"POST /v1/billing/meters (Idempotency-Key: {meter.idempotency_key}) " + " ".join(flat)
+
+
+def describe_price_call(meter: PlannedMeter, price: PlannedPrice) -> str:
+    """A meter-backed price's creation call as it is sent (the meter's id once it exists)."""
+    params = price.create_params(meter.meter_id or METER_PLACEHOLDER)
+    flat = " ".join(f"{key}={value}" for key, value in _flatten(params))
+    key = price.idempotency_key(meter.event_name)
+    return f"POST /v1/prices (Idempotency-Key: {key}) {flat}"
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Form parameters as Stripe's SDKs encode them (``tiers[0][up_to]``)."""
+    items: list[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return [(prefix, str(value))]
+    found: list[tuple[str, str]] = []
+    for key, entry in items:
+        found += _flatten(entry, f"{prefix}[{key}]" if prefix else str(key))
+    return found
 
 
 async def _create(stripe: MigrationStripe, meter: PlannedMeter) -> str:
@@ -292,6 +346,22 @@ async def apply_plan(
         for meter in to_create:
             created[meter.event_name] = await _create(stripe, meter)
     ids = {**existing, **created}
+    prices_created: dict[str, str] = {}
+    prices_existing: dict[str, str] = {}
+    for meter in plan.meters:
+        for price in meter.meter_prices:
+            if price.action == "exists" and price.price_id:
+                prices_existing[price.legacy_price] = price.price_id
+            elif price.action == "create":
+                on = meter.model_copy(update={"meter_id": ids.get(meter.event_name)})
+                calls.append(describe_price_call(on, price))
+                if not dry_run:
+                    made = await stripe.create_price(
+                        price.create_params(ids[meter.event_name]),
+                        idempotency_key=price.idempotency_key(meter.event_name),
+                    )
+                    prices_created[price.legacy_price] = made.id
+    priced = {**prices_existing, **prices_created}
     entries = [
         MeterEntry(
             event_name=meter.event_name,
@@ -300,6 +370,11 @@ async def apply_plan(
             meter_id=ids.get(meter.event_name) or "(to be created)",
             customer_payload_key=meter.customer_payload_key,
             value_payload_key=meter.value_payload_key,
+            meter_prices=tuple(
+                (price.legacy_price, priced.get(price.legacy_price) or "(to be created)")
+                for price in meter.meter_prices
+                if price.action != "refused"
+            ),
         )
         for meter in plan.meters
         if meter.action != "refused"
@@ -312,6 +387,14 @@ async def apply_plan(
         calls=calls,
         created=created,
         existing=existing,
+        prices_created=prices_created,
+        prices_existing=prices_existing,
         config_changes=changes,
         refused=plan.refused,
+        refused_prices=[
+            price
+            for meter in plan.meters
+            for price in meter.meter_prices
+            if price.action == "refused"
+        ],
     )

@@ -1,7 +1,8 @@
 """The Stripe calls of ``meters plan|apply`` and ``backfill``, on the official SDK, in one place.
 
-Prices are listed at the pinned pre-basil ``legacy_api_version``: ``recurring.aggregate_usage``
-exists only there; the rest go at the SDK's own version. ``AccountStripe`` (``dualwrite.stripe_io``)
+Prices are listed at the pinned pre-basil ``legacy_api_version`` (``recurring.aggregate_usage``
+exists only there), with their tiers (``expand[]=data.tiers``); the rest go at the SDK's own
+version. ``AccountStripe`` (``dualwrite.stripe_io``)
 makes the calls, reads lists page by page and raises ``MigrationStripeError`` carrying the
 ``StripeFailure`` (secrets masked).
 """
@@ -13,9 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualwrite.config import StripeSettings
+from dualwrite.exceptions import PriceError
+from dualwrite.pricing import Price
 from dualwrite.stripe_io import AccountStripe, StripeCallError
 
-__all__ = ["LegacyPrice", "MigrationStripe", "MigrationStripeError", "StripeMeter"]
+__all__ = ["LegacyPrice", "MeterPrice", "MigrationStripe", "MigrationStripeError", "StripeMeter"]
+
+#: The metadata key naming, on a meter-backed price ``meters apply`` created, the legacy price it
+#: replaces.
+REPLACES = "dualwrite_replaces"
 
 
 class MigrationStripeError(StripeCallError):
@@ -33,6 +40,18 @@ class LegacyPrice:
     nickname: str | None
     aggregate_usage: str
     interval: str
+    active: bool
+    price: Price | PriceError
+    """What it bills (its tiers included), or why dualwrite cannot say."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeterPrice:
+    """A meter-backed price: what it bills, and the legacy price it replaces (``meters apply``
+    names it in the metadata)."""
+
+    price: Price
+    replaces: str | None
     active: bool
 
 
@@ -64,7 +83,7 @@ class MigrationStripe(AccountStripe):
     async def legacy_prices(self) -> AsyncIterator[LegacyPrice]:
         """Every legacy metered price of the account (active or not), newest first."""
         products: dict[str, str | None] = {}
-        async for body in self.list_all("/v1/prices", type="recurring"):
+        async for body in self.list_all("/v1/prices", type="recurring", expand=["data.tiers"]):
             recurring = body.get("recurring") or {}
             if recurring.get("usage_type") != "metered" or recurring.get("meter"):
                 continue
@@ -80,7 +99,40 @@ class MigrationStripe(AccountStripe):
                 aggregate_usage=str(recurring.get("aggregate_usage") or "sum"),
                 interval=str(recurring.get("interval") or ""),
                 active=bool(body.get("active", True)),
+                price=_parsed(body),
             )
+
+    async def meter_prices(self) -> list[MeterPrice]:
+        """Every meter-backed price of the account (active or not) that dualwrite can bill."""
+        found: list[MeterPrice] = []
+        async for body in self.list_all("/v1/prices", type="recurring", expand=["data.tiers"]):
+            parsed = _parsed(body)
+            if isinstance(parsed, Price) and parsed.meter:
+                metadata = body.get("metadata") or {}
+                found.append(
+                    MeterPrice(
+                        price=parsed,
+                        replaces=metadata.get(REPLACES) or None,
+                        active=bool(body.get("active", True)),
+                    )
+                )
+        return found
+
+    async def create_price(self, params: dict[str, Any], *, idempotency_key: str) -> Price:
+        """Create a price (``params`` as ``POST /v1/prices`` takes them), its tiers expanded."""
+        created = await self.request(
+            "POST",
+            "/v1/prices",
+            idempotency_key=idempotency_key,
+            pinned=False,
+            expand=["tiers"],
+            **params,
+        )
+        parsed = _parsed(created)
+        if isinstance(parsed, PriceError):
+            msg = f"Stripe created a price dualwrite cannot read: {parsed}"
+            raise MigrationStripeError(msg)
+        return parsed
 
     async def _product_name(self, product: str) -> str | None:
         name = (await self.request("GET", f"/v1/products/{product}", pinned=False)).get("name")
@@ -106,6 +158,13 @@ class MigrationStripe(AccountStripe):
                 return False
             raise
         return not found.get("deleted")
+
+
+def _parsed(body: dict[str, Any]) -> Price | PriceError:
+    try:
+        return Price.from_stripe(body)
+    except PriceError as exc:
+        return exc
 
 
 def _meter(body: dict[str, Any]) -> StripeMeter:

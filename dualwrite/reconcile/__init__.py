@@ -3,7 +3,7 @@ period.
 
 Three figures per leg and period: what dualwrite intended (the ledger's ``<leg>_expected_qty``),
 what it believes Stripe accepted (``<leg>_accepted_qty``), and what Stripe holds. Drift is Stripe's
-figure minus the accepted one; it is stored per record (``P:{sN}:recon:…``, see ``_records``), kept
+figure minus the accepted one; it is stored per record (``P:{sN}:recon:…``, see ``_store``), kept
 apart from the divergence log, and read back with ``read_reconciliation()`` (records) or, for a
 report over many customers, ``read_reconciliation_fields()`` (the fields the report sums, from
 per-period-span rollups written with each record).
@@ -25,6 +25,10 @@ Where Stripe's figures come from:
 
 A leg is compared only once its period ended at least ``settle_seconds`` ago (summaries lag). A
 Stripe refusal is recorded on the leg (``stripe_error``) and the run goes on.
+
+With ``money=True`` (``reconcile --money``) each record also carries a ``MoneyCheck``: what the
+legacy price bills for the legacy leg's total and what the meter-backed price bills for the meter
+leg's total, to the cent (``_money``, ``_pricer``; the price math is ``dualwrite.pricing``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dualwrite.reconcile._matching import (
     meter_window,
     summary_matches,
 )
+from dualwrite.reconcile._money import MoneyBasis, MoneyCheck, MoneySkip, price_legs
+from dualwrite.reconcile._pricer import MoneyPricer
 from dualwrite.reconcile._reconciler import (
     READ_MAX_WAIT,
     Progress,
@@ -42,11 +48,9 @@ from dualwrite.reconcile._reconciler import (
     ReconciliationRun,
     read_throttle,
 )
-from dualwrite.reconcile._records import (
-    LegCheck,
-    PeriodChoice,
-    ReconciliationRecord,
-    SkipReason,
+from dualwrite.reconcile._records import LegCheck, PeriodChoice, ReconciliationRecord, SkipReason
+from dualwrite.reconcile._store import (
+    ROLLUP_FIELDS,
     read_reconciliation,
     read_reconciliation_fields,
     save_records,
@@ -55,7 +59,12 @@ from dualwrite.reconcile._records import (
 __all__ = [
     "BOUND_SLACK",
     "READ_MAX_WAIT",
+    "ROLLUP_FIELDS",
     "LegCheck",
+    "MoneyBasis",
+    "MoneyCheck",
+    "MoneyPricer",
+    "MoneySkip",
     "PeriodChoice",
     "Progress",
     "Reconciler",
@@ -64,6 +73,7 @@ __all__ = [
     "SkipReason",
     "assign_items",
     "meter_window",
+    "price_legs",
     "read_reconciliation",
     "read_reconciliation_fields",
     "read_throttle",

@@ -24,13 +24,10 @@ from dualwrite.reconcile._matching import (
     meter_window,
     summary_matches,
 )
-from dualwrite.reconcile._records import (
-    LegCheck,
-    PeriodChoice,
-    ReconciliationRecord,
-    SkipReason,
-    save_records,
-)
+from dualwrite.reconcile._money import MoneyCheck
+from dualwrite.reconcile._pricer import MoneyPricer
+from dualwrite.reconcile._records import LegCheck, PeriodChoice, ReconciliationRecord, SkipReason
+from dualwrite.reconcile._store import save_records
 from dualwrite.stripe_io import (
     MeterInfo,
     ReadThrottle,
@@ -67,6 +64,11 @@ class ReconciliationRun(BaseModel):
         """The records with drift on either leg."""
         return [record for record in self.records if record.drifted]
 
+    def money_differs(self, tolerance: int = 0) -> list[ReconciliationRecord]:
+        """The records whose legs would bill more than ``tolerance`` apart (or in different
+        currencies), or whose preview Stripe billed otherwise than computed."""
+        return [record for record in self.records if record.bills_differently(tolerance)]
+
 
 def read_throttle(limits: WriteLimits, *, max_wait: float = READ_MAX_WAIT) -> ReadThrottle:
     """A throttle taking one unit of the shared ``reads`` rate per request."""
@@ -88,6 +90,13 @@ def read_throttle(limits: WriteLimits, *, max_wait: float = READ_MAX_WAIT) -> Re
             raise StripeReadError(str(failure.message), failure=failure) from exc
 
     return take
+
+
+def _named(meters: list[MeterInfo], event_name: str) -> list[MeterInfo]:
+    """The meters with this event name, active ones first."""
+    return sorted(
+        (m for m in meters if m.event_name == event_name), key=lambda m: m.status != "active"
+    )
 
 
 def _whole(value: float) -> int | float:
@@ -114,6 +123,8 @@ class Reconciler:
             ``[reconcile]`` setting).
         clock: now, in Unix seconds.
         concurrency: customers reconciled at once.
+        money: also price each leg's total (``MoneyPricer``): Stripe's prices are read.
+        preview: with ``money``, cross-check running periods with Stripe's invoice preview.
     """
 
     def __init__(
@@ -125,6 +136,8 @@ class Reconciler:
         settle_seconds: int | None = None,
         clock: Callable[[], float] = time.time,
         concurrency: int = 8,
+        money: bool = False,
+        preview: bool = False,
     ):
         self.ledger = ledger
         self.reader = reader
@@ -136,6 +149,7 @@ class Reconciler:
         self._concurrency = max(1, concurrency)
         self._meters: list[MeterInfo] | StripeReadError | None = None
         self._meters_lock = asyncio.Lock()
+        self.pricer = MoneyPricer(reader, settings, preview=preview) if money else None
 
     @classmethod
     def from_settings(
@@ -145,8 +159,11 @@ class Reconciler:
         redis: aioredis.Redis,
         settle_seconds: int | None = None,
         clock: Callable[[], float] = time.time,
+        money: bool = False,
+        preview: bool = False,
     ) -> Reconciler:
-        """A reconciler reading Stripe with ``STRIPE_API_KEY`` at ``[reconcile] reads_per_second``.
+        """A reconciler reading Stripe with ``STRIPE_API_KEY`` at ``[reconcile] reads_per_second``
+        (``money``, ``preview``: as ``Reconciler`` takes them).
 
         Raises:
             ConfigError: no Stripe key is set.
@@ -161,7 +178,15 @@ class Reconciler:
         )
         reader = StripeReader(settings.stripe, api_key=api_key, throttle=read_throttle(limits))
         ledger = Ledger(redis, keys)
-        return cls(ledger, reader, settings, settle_seconds=settle_seconds, clock=clock)
+        return cls(
+            ledger,
+            reader,
+            settings,
+            settle_seconds=settle_seconds,
+            clock=clock,
+            money=money,
+            preview=preview,
+        )
 
     async def aclose(self) -> None:
         """Close the Stripe reader."""
@@ -257,6 +282,9 @@ class Reconciler:
         for row in sorted(rows, key=lambda r: (r.period, r.event_name)):
             legacy, items = await self._legacy(state, row, rows)
             meter, meter_id, window = await self._meter(row)
+            money = None
+            if self.pricer is not None:
+                money = await self._money(self.pricer, state, row, rows, (legacy, meter))
             records.append(
                 ReconciliationRecord(
                     customer=customer,
@@ -270,9 +298,28 @@ class Reconciler:
                     meter_id=meter_id,
                     window_start=window[0] if window else None,
                     window_end=window[1] if window else None,
+                    money=money,
                 )
             )
         return records
+
+    async def _money(
+        self,
+        pricer: MoneyPricer,
+        state: _Customer,
+        row: LedgerRow,
+        rows: list[LedgerRow],
+        legs: tuple[LegCheck, LegCheck],
+    ) -> MoneyCheck:
+        """The record's money, from the legs just read."""
+        try:
+            items = (await self._items_of(state, rows)).get(row.event_name, [])
+        except StripeReadError as exc:
+            return MoneyCheck(skipped="stripe_error", detail=str(exc))
+        meters = await self._meter_list()
+        named = [] if isinstance(meters, StripeReadError) else _named(meters, row.event_name)
+        formula = named[0].formula if named else None
+        return await pricer.check(row, *legs, items=items, formula=formula)
 
     def _settled(self, span: Period) -> tuple[SkipReason, str] | None:
         now = self._clock()
@@ -314,9 +361,11 @@ class Reconciler:
             return LegCheck(**ledger, skipped="no_item", detail=detail), []
         names = [item.item for item in mine]
         odd = [item for item in mine if item.aggregate_usage not in (None, "sum")]
-        if odd:
-            detail = f"{odd[0].item} aggregates usage with {odd[0].aggregate_usage}, not sum"
-            return LegCheck(**ledger, skipped="not_comparable", detail=detail), names
+        unlike = (
+            f"{odd[0].item} aggregates usage with {odd[0].aggregate_usage}, not sum" if odd else ""
+        )
+        if odd and self.pricer is None:
+            return LegCheck(**ledger, skipped="not_comparable", detail=unlike), names
         oldest = min(other.span.start for other in rows if other.span.kind == "billing")
         total, used = 0, []
         for item in mine:
@@ -335,6 +384,12 @@ class Reconciler:
         if not used:
             detail = f"no usage record summary of {', '.join(names)} covers {row.period}"
             return LegCheck(**ledger, skipped="no_summary", detail=detail), names
+        if odd:
+            # Stripe's total is still what the price bills (money), but not the ledger's sum.
+            detail = f"{unlike} ({' '.join(used)})"
+            return LegCheck(
+                **ledger, stripe_qty=total, skipped="not_comparable", detail=detail
+            ), names
         drift = total - ledger["accepted_qty"]
         return LegCheck(**ledger, stripe_qty=total, drift=drift, detail=" ".join(used)), names
 
@@ -391,16 +446,15 @@ class Reconciler:
         meters = await self._meter_list()
         if isinstance(meters, StripeReadError):
             return LegCheck(**ledger, skipped="stripe_error", detail=str(meters)), None, window
-        named = [m for m in meters if m.event_name == row.event_name]
-        named.sort(key=lambda m: m.status != "active")
+        named = _named(meters, row.event_name)
         if not named:
             detail = f"Stripe has no meter for event name {row.event_name}"
             return LegCheck(**ledger, skipped="no_meter", detail=detail), None, window
         meter = named[0]
-        if meter.formula != "sum" or meter.event_time_window:
-            how = f"window {meter.event_time_window}" if meter.event_time_window else meter.formula
-            detail = f"{meter.id} aggregates with {how}; the ledger sums quantities"
-            return LegCheck(**ledger, skipped="not_comparable", detail=detail), meter.id, window
+        how = f"window {meter.event_time_window}" if meter.event_time_window else meter.formula
+        unlike = f"{meter.id} aggregates with {how}; the ledger sums quantities"
+        if meter.event_time_window or (meter.formula != "sum" and self.pricer is None):
+            return LegCheck(**ledger, skipped="not_comparable", detail=unlike), meter.id, window
         try:
             total = await self.reader.meter_total(
                 meter.id, customer=row.customer, start=window[0], end=window[1]
@@ -408,6 +462,12 @@ class Reconciler:
         except StripeReadError as exc:
             return LegCheck(**ledger, skipped="stripe_error", detail=str(exc)), meter.id, window
         stripe_qty = _whole(total)
+        if meter.formula != "sum":
+            # What the meter-backed price bills (money), but not the ledger's sum.
+            check = LegCheck(
+                **ledger, stripe_qty=stripe_qty, skipped="not_comparable", detail=unlike
+            )
+            return check, meter.id, window
         drift = _whole(total - ledger["accepted_qty"])
         return LegCheck(**ledger, stripe_qty=stripe_qty, drift=drift), meter.id, window
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dualwrite.report._build import build_report, read_backpressure, read_unmapped
 from dualwrite.report._models import (
     CustomerDrift,
+    CustomerMoney,
     CustomerReport,
     CustomerStatus,
     LegDrift,
@@ -37,6 +38,7 @@ from dualwrite.report._render import CSV_COLUMNS, render_csv, render_table
 __all__ = [
     "CSV_COLUMNS",
     "CustomerDrift",
+    "CustomerMoney",
     "CustomerReport",
     "CustomerStatus",
     "LegDrift",

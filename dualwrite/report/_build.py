@@ -203,7 +203,7 @@ def _line(
             "difference_pct": difference_pct,
             "failures": dict(sorted(failures.items())),
             "recent_divergences": recent,
-            "verdict": rule.verdict_by_period(stage, periods),
+            "verdict": rule.with_money(rule.verdict_by_period(stage, periods), drift),
             "drift": drift,
         },
     )

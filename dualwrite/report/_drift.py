@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from dualwrite.report._models import CustomerDrift, LegDrift, trusted
+from dualwrite.report._models import CustomerDrift, CustomerMoney, LegDrift, trusted
 from dualwrite.rollups import collector_paused
 
 __all__ = ["customer_drifts"]
@@ -58,6 +58,43 @@ def _leg(leg: str, records: list[Mapping[str, str]]) -> LegDrift:
     )
 
 
+def _money(records: list[Mapping[str, str]]) -> CustomerMoney | None:
+    """The money of the records priced with ``reconcile --money`` (None: none was)."""
+    priced: list[tuple[str, int, int]] = []
+    skipped: dict[str, int] = {}
+    preview_disagrees = 0
+    for fields in records:
+        reason = fields.get("money_skipped")
+        legacy, meter = fields.get("money_legacy_amount"), fields.get("money_meter_amount")
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        elif legacy and meter:
+            priced.append((fields.get("money_currency") or "", int(legacy), int(meter)))
+            previews = (
+                fields.get("money_preview_legacy_amount"),
+                fields.get("money_preview_meter_amount"),
+            )
+            if any(previews) and previews != (legacy, meter):
+                preview_disagrees += 1
+    if not priced and not skipped:
+        return None
+    differences = [meter - legacy for _, legacy, meter in priced]
+    currencies = {currency for currency, _, _ in priced}
+    single = len(currencies) == 1
+    return CustomerMoney(
+        priced=len(priced),
+        currency=(next(iter(currencies)) if single else "mixed") if priced else None,
+        legacy_amount=sum(legacy for _, legacy, _ in priced) if single else None,
+        meter_amount=sum(meter for _, _, meter in priced) if single else None,
+        difference=sum(differences) if single else None,
+        largest_difference=max(differences, key=abs) if differences else None,
+        differing=sum(1 for difference in differences if difference),
+        currency_differs=skipped.get("currency_differs", 0),
+        preview_disagrees=preview_disagrees,
+        skipped=dict(sorted(skipped.items())),
+    )
+
+
 def customer_drifts(records: Iterable[Mapping[str, str]]) -> dict[str, CustomerDrift]:
     """Each reconciled customer's drift, summed over its records (periods and meter event names)."""
     by_customer: dict[str, list[Mapping[str, str]]] = {}
@@ -72,6 +109,7 @@ def customer_drifts(records: Iterable[Mapping[str, str]]) -> dict[str, CustomerD
                     "records": len(mine),
                     "legacy": _leg("legacy", mine),
                     "meter": _leg("meter", mine),
+                    "money": _money(mine),
                 },
             )
             for customer, mine in by_customer.items()

@@ -13,6 +13,7 @@ from dualwrite.outbox import OutboxDepth
 
 __all__ = [
     "CustomerDrift",
+    "CustomerMoney",
     "CustomerReport",
     "CustomerStatus",
     "LegDrift",
@@ -147,6 +148,40 @@ class LegDrift(BaseModel):
     """Periods not compared, by reason (``open_period``, ``not_settled``, ``no_item``…)."""
 
 
+class CustomerMoney(BaseModel):
+    """What each leg's price bills, summed over the customer's periods reconciled with
+    ``dualwrite reconcile --money`` (amounts in the currency's smallest unit, cents for USD)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    priced: int = 0
+    """Periods (times meter event names) whose legs were priced."""
+    currency: str | None = None
+    """Their currency (``mixed`` when they bill in several: no sums then)."""
+    legacy_amount: int | None = None
+    """What the legacy price bills for the legacy leg's totals."""
+    meter_amount: int | None = None
+    """What the meter-backed price bills for the meter leg's totals."""
+    difference: int | None = None
+    """``meter_amount - legacy_amount``: what the invoices would change by on the meter path."""
+    largest_difference: int | None = None
+    """The difference of the period that differs most (periods are invoiced one by one, so a
+    period billing more does not make up for one billing less)."""
+    differing: int = 0
+    """Priced periods whose invoices differ by at least one unit."""
+    currency_differs: int = 0
+    """Periods whose two prices bill in different currencies."""
+    preview_disagrees: int = 0
+    """Periods whose Stripe invoice preview billed otherwise than computed (``--preview``)."""
+    skipped: dict[str, int] = Field(default_factory=dict)
+    """Periods not priced, by reason (``no_meter_price``, ``not_comparable``…)."""
+
+    def blocks(self, tolerance: int) -> bool:
+        """Whether these invoices keep the customer off the meter path (beyond ``tolerance``)."""
+        largest = abs(self.largest_difference or 0)
+        return bool(self.currency_differs or self.preview_disagrees or largest > tolerance)
+
+
 class CustomerDrift(BaseModel):
     """A customer's reconciliation with Stripe (``dualwrite reconcile``) in the report's range."""
 
@@ -158,6 +193,8 @@ class CustomerDrift(BaseModel):
     """Reconciled periods (times meter event names)."""
     legacy: LegDrift
     meter: LegDrift
+    money: CustomerMoney | None = None
+    """What each leg's price bills (None: never reconciled with ``--money`` in the range)."""
 
     @property
     def drifted(self) -> bool:

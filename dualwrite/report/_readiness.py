@@ -9,7 +9,8 @@ from dualwrite.config import ReportSettings
 from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage
 from dualwrite.periods import period_of
-from dualwrite.report._models import Verdict, legacy_held
+from dualwrite.pricing import format_amount
+from dualwrite.report._models import CustomerDrift, Verdict, legacy_held
 
 __all__ = ["ReadinessRule"]
 
@@ -22,6 +23,7 @@ class ReadinessRule:
     def __init__(self, settings: ReportSettings, *, now: float):
         self.periods = settings.readiness_closed_periods
         self.max_difference_pct = settings.readiness_max_difference_pct
+        self.max_money_difference = settings.readiness_max_money_difference
         self.now = now
         self._closed: dict[str, bool] = {}
         """Whether each period seen so far is closed (a report judges 100,000 customers)."""
@@ -34,7 +36,9 @@ class ReadinessRule:
             f"primary are ready for the next stage after {self.periods} closed period(s) spent "
             f"wholly at that stage with both legs settled, a difference of at most "
             f"{self.max_difference_pct:g} % and no dead letters in the report's range (legacy "
-            f"writes retired because the item moved to its meter-backed price count as settled)"
+            f"writes retired because the item moved to its meter-backed price count as settled); "
+            f"not ready for primary or meter while a period reconciled with --money bills more "
+            f"than {self.max_money_difference} (smallest currency unit) apart on the two paths"
         )
 
     def verdict(self, stage: Stage, rows: Sequence[LedgerRow]) -> Verdict:
@@ -107,10 +111,36 @@ class ReadinessRule:
         larger = max(legacy, meter)
         return larger == 0 or abs(legacy - meter) * 100 <= self.max_difference_pct * larger
 
+    def with_money(self, verdict: Verdict, drift: CustomerDrift | None) -> Verdict:
+        """``verdict``, unless it is ready for primary or meter and the customer's reconciled
+        invoices (``reconcile --money``) differ beyond the tolerance: then not ready, and why, in
+        money."""
+        money = drift.money if drift is not None else None
+        if not verdict.ready or verdict.next_stage not in _MONEY_STAGES or money is None:
+            return verdict
+        if not money.blocks(self.max_money_difference):
+            return verdict
+        if money.currency_differs:
+            why = f"the meter-backed price bills in another currency ({money.currency_differs} period(s))"
+        elif money.preview_disagrees:
+            why = (
+                f"Stripe's invoice preview bills otherwise than computed in "
+                f"{money.preview_disagrees} period(s)"
+            )
+        else:
+            worst = format_amount(money.largest_difference or 0, money.currency or "", signed=True)
+            why = (
+                f"the meter path would bill {worst} in its worst period ({money.differing} of "
+                f"{money.priced} priced period(s) differ; tolerance {self.max_money_difference})"
+            )
+        reason = f"invoices differ: {why}; see `dualwrite reconcile --money`"
+        return Verdict(ready=False, next_stage=verdict.next_stage, reason=reason)
+
 
 _RETIRED_NOTE = (
     " (its retired legacy writes are explained: the item bills through its meter-backed price)"
 )
+_MONEY_STAGES = (Stage.PRIMARY, Stage.METER)
 _STAGE_EVENTS = {stage: f"stage_{stage.value}_events" for stage in Stage}
 _DONE = Verdict(ready=False, next_stage=None, reason="already on meter events only")
 _LEGACY_READY = Verdict(

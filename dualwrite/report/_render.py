@@ -10,7 +10,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dualwrite.report._models import CustomerDrift, CustomerReport, Report
+from dualwrite.pricing import format_amount
+from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerReport, Report
 
 __all__ = ["CSV_COLUMNS", "render_csv", "render_table"]
 
@@ -51,11 +52,18 @@ CSV_COLUMNS = (
     "meter_stripe_qty",
     "meter_drift",
     "meter_intended_drift",
+    "money_currency",
+    "legacy_amount",
+    "meter_amount",
+    "invoice_difference",
+    "largest_invoice_difference",
 )
 
 
 def _rank(line: CustomerReport) -> tuple[int, bool, int, str]:
-    drifted = line.drift is not None and line.drift.drifted
+    money = line.drift.money if line.drift is not None else None
+    differs = money is not None and bool(money.differing or money.currency_differs)
+    drifted = line.drift is not None and (line.drift.drifted or differs)
     return (_STATUS_ORDER[line.status], not drifted, -abs(line.difference), line.customer)
 
 
@@ -78,6 +86,18 @@ def _drift_cell(line: CustomerReport) -> Text:
     return Text(", ".join(cells) or "not compared", style="bold red" if drift.drifted else "")
 
 
+def _money_cell(line: CustomerReport) -> Text:
+    money = line.drift.money if line.drift is not None else None
+    if money is None:
+        return Text("")
+    if money.currency_differs:
+        return Text("other currency", style="bold red")
+    if not money.priced or money.currency is None or money.difference is None:
+        return Text(", ".join(money.skipped) or "not priced", style="dim")
+    text = format_amount(money.difference, money.currency, signed=bool(money.difference))
+    return Text(text, style="bold red" if money.differing else "green")
+
+
 def render_table(report: Report, *, limit: int | None = 50) -> Group:
     """The report as rich renderables: the customer table (the ``limit`` lines that most need a
     look: diverged, pending, largest differences), then the latest divergent events."""
@@ -94,6 +114,7 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
         ("status", "left"),
         ("next stage", "left"),
         ("Stripe drift", "left"),
+        ("invoice difference", "right"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     shown = _ranked(report, limit)
@@ -121,6 +142,7 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
             Text(line.status, style=_STATUS_STYLE[line.status]),
             next_cell,
             _drift_cell(line),
+            _money_cell(line),
         )
     parts: list[Table | Text] = [table]
     counts = {status: 0 for status in _STATUS_ORDER}
@@ -197,9 +219,23 @@ def _drift_columns(drift: CustomerDrift | None) -> tuple[str, ...]:
     )
 
 
+def _money_columns(money: CustomerMoney | None) -> tuple[str, ...]:
+    if money is None:
+        return ("",) * 5
+    return (
+        money.currency or "",
+        _number(money.legacy_amount),
+        _number(money.meter_amount),
+        _number(money.difference),
+        _number(money.largest_difference),
+    )
+
+
 def render_csv(report: Report) -> str:
-    """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``; the last seven
-    columns, from ``reconciled_at`` on, are empty for a customer never reconciled in the range)."""
+    """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``; the seven
+    columns from ``reconciled_at`` on are empty for a customer never reconciled in the range, the
+    last five, the money in the currency's smallest unit, for one never reconciled with
+    ``--money``)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
@@ -234,6 +270,7 @@ def render_csv(report: Report) -> str:
                 " ".join(line.periods),
                 " ".join(line.event_names),
                 *_drift_columns(line.drift),
+                *_money_columns(line.drift.money if line.drift is not None else None),
             )
         )
     return out.getvalue()

@@ -12,7 +12,8 @@ stripe-python 12+ has no usage-record methods, so the legacy writer calls the en
 
 ``StripeWriter.retrieve_item`` reads a subscription item for the proxy (its price and lookup key, and
 its subscription's customer), with the proxy's caller's key. ``StripeReader`` makes the reads of
-``dualwrite reconcile``: usage record summaries, meters, meter event summaries, a customer's items.
+``dualwrite reconcile``: usage record summaries, meters, meter event summaries, a customer's items,
+prices (once each) and invoice previews.
 ``AccountStripe`` makes the operator commands' calls (cutover, meters, backfill) at the pinned
 version, page by page, their errors a ``StripeCallError`` carrying the ``StripeFailure``.
 """
@@ -29,6 +30,7 @@ from dualwrite.stripe_io._events import (
     fetch_error_report,
 )
 from dualwrite.stripe_io._failures import failure_from_exception
+from dualwrite.stripe_io._invoices import InvoicePreview, PreviewLine, preview_from, swap_params
 from dualwrite.stripe_io._reads import (
     MeterInfo,
     ReadThrottle,
@@ -47,11 +49,13 @@ __all__ = [
     "AccountStripe",
     "EventFetchError",
     "EventSignatureError",
+    "InvoicePreview",
     "ItemDetails",
     "MeterErrorReport",
     "MeterErrorSample",
     "MeterInfo",
     "MeterStream",
+    "PreviewLine",
     "ReadThrottle",
     "StripeCallError",
     "StripeReadError",
@@ -61,6 +65,8 @@ __all__ = [
     "UsageSummary",
     "failure_from_exception",
     "fetch_error_report",
+    "preview_from",
+    "swap_params",
 ]
 
 #: Stripe's wording when a usage record is sent for an item already moved to a meter-backed price.

@@ -6,7 +6,11 @@
 * a meter's event summary for one customer over ``[start, end)`` (minute-aligned, as Stripe
   requires);
 * a customer's subscription items, read at the legacy version so that legacy prices keep their
-  ``aggregate_usage``.
+  ``aggregate_usage``;
+* prices, with their tiers (``expand[]=tiers``: Stripe leaves them out otherwise), at the legacy
+  version, each read once per reader (a price's amounts cannot change once it is used);
+* an invoice preview of a subscription (``POST /v1/invoices/create_preview``), as it stands or with
+  some items' prices swapped (``subscription_details[items]``, ``proration_behavior=none``).
 
 Every call waits for the shared read limit first (``throttle``), follows ``starting_after`` through
 every page, and turns Stripe's exceptions into ``StripeReadError`` carrying a ``StripeFailure``.
@@ -14,17 +18,20 @@ every page, and turns Stripe's exceptions into ``StripeReadError`` carrying a ``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import stripe
 
 from dualwrite.config import StripeSettings
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import DualwriteError, PriceError
 from dualwrite.models import StripeFailure
+from dualwrite.pricing import Price
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
+from dualwrite.stripe_io._invoices import InvoicePreview, preview_from, swap_params
 
 __all__ = [
     "MeterInfo",
@@ -126,6 +133,8 @@ class StripeReader:
         )
         self.requests = 0
         """How many requests this reader made (pages included)."""
+        self._prices: dict[str, Price | StripeReadError | PriceError] = {}
+        self._price_locks: dict[str, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -138,6 +147,11 @@ class StripeReader:
         await self.aclose()
 
     async def _get(self, path: str, *, legacy: bool = False, **params: Any) -> dict[str, Any]:
+        return await self._call("get", path, legacy=legacy, **params)
+
+    async def _call(
+        self, method: str, path: str, *, legacy: bool = False, **params: Any
+    ) -> dict[str, Any]:
         if self._throttle is not None:
             await self._throttle()
         self.requests += 1
@@ -145,11 +159,12 @@ class StripeReader:
         if legacy:
             options["stripe_version"] = self._settings.legacy_api_version
         try:
-            response = await self._client.raw_request_async("get", path, **params, **options)
+            response = await self._client.raw_request_async(method, path, **params, **options)
         except stripe.StripeError as exc:
             failure = failure_from_exception(exc)
             code = failure.code or failure.type
-            msg = f"GET {path}: {failure.http_status or 'network'} {code}: {failure.message}"
+            verb = method.upper()
+            msg = f"{verb} {path}: {failure.http_status or 'network'} {code}: {failure.message}"
             raise StripeReadError(msg, failure=failure) from exc
         return as_dict(response.data)
 
@@ -245,6 +260,42 @@ class StripeReader:
                 ]
             items += [_item_info(entry, str(sub["id"])) for entry in entries]
         return items
+
+    async def price(self, price: str) -> Price:
+        """A price with its tiers, at the legacy version (``recurring.aggregate_usage`` exists
+        only there); read once per reader, whoever asks first.
+
+        Raises:
+            StripeReadError: Stripe refused the read.
+            PriceError: the price cannot be turned into amounts (the message says why).
+        """
+        async with self._price_locks.setdefault(price, asyncio.Lock()):
+            if price not in self._prices:
+                try:
+                    data = await self._get(f"/v1/prices/{price}", legacy=True, expand=["tiers"])
+                    self._prices[price] = Price.from_stripe(data)
+                except (StripeReadError, PriceError) as exc:
+                    self._prices[price] = exc
+        found = self._prices[price]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    async def preview_invoice(
+        self, subscription: str, *, swap: Mapping[str, str] | None = None
+    ) -> InvoicePreview:
+        """Stripe's preview of the subscription's next invoice: as it stands, or with the prices
+        of some items swapped (``swap``: item id → new price; no prorations), at the legacy
+        version (legacy metered items bill there).
+
+        Raises:
+            StripeReadError: Stripe refused the preview.
+        """
+        params: dict[str, Any] = {"subscription": subscription}
+        if swap:
+            params["subscription_details"] = swap_params(swap)
+        data = await self._call("post", "/v1/invoices/create_preview", legacy=True, **params)
+        return preview_from(data)
 
 
 def _item_info(entry: dict[str, Any], subscription: str) -> SubscriptionItemInfo:

@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
+from dualwrite.pricing import format_amount
 from dualwrite.redaction import redact
 
 __all__ = ["page"]
@@ -56,6 +57,10 @@ def _period(period: str) -> str:
     return f"{y1}-{m1}-{d1} → {y2}-{m2}-{d2}"
 
 
+def _money(amount: int, currency: str, signed: bool = False) -> str:
+    return format_amount(amount, currency, signed=signed and bool(amount))
+
+
 def _urlpart(value: str) -> str:
     return quote(value, safe="")
 
@@ -75,6 +80,7 @@ def _environment() -> Environment:
         percent=_percent,
         when=_when,
         period=_period,
+        money=_money,
         urlpart=_urlpart,
     )
     return env
