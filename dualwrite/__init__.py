@@ -32,6 +32,7 @@ from dualwrite.models import (
     plan_for,
 )
 from dualwrite.outbox import Outbox, OutboxDepth, OutboxWorker
+from dualwrite.recorder import Recorder, SyncRecorder
 from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "OutboxDepth",
     "OutboxWorker",
     "RecordOutcome",
+    "Recorder",
     "RedisFlagStore",
     "Report",
     "Resolution",
@@ -63,6 +65,7 @@ __all__ = [
     "StoreUnavailableError",
     "StripeFailure",
     "StripeStandinError",
+    "SyncRecorder",
     "UsageEvent",
     "UsageInputError",
     "UsageRoute",
