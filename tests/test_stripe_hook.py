@@ -4,8 +4,16 @@ the stand-in (stripe-python 12+ here; 11.x in a virtualenv of its own, ``TestStr
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +25,14 @@ from dualwrite.models import Stage
 from dualwrite.recorder import SyncRecorder
 from dualwrite.stripe_hook import DualWriteHTTPClient, install, uninstall
 from tests.conftest import STRIPE_KEY, SettingsFactory
-from tests.support import EVENT_NAME, LEGACY_VERSION, Scenario, ScenarioBuilder, set_stage
+from tests.support import (
+    EVENT_NAME,
+    LEGACY_VERSION,
+    Scenario,
+    ScenarioBuilder,
+    make_settings,
+    set_stage,
+)
 
 
 @pytest.fixture
@@ -256,3 +271,95 @@ class TestOtherRequests:
     def test_the_hook_is_a_stripe_http_client(self, client):
         """The SDK keeps its retry logic: the hook is a stripe.HTTPClient subclass."""
         assert isinstance(client._requestor._client, DualWriteHTTPClient)
+
+
+# ------------------------------------------------------------------------ stripe-python 11.x
+
+#: Where the stripe-python 11.x virtualenv is kept between runs (rebuilt when its requirements change).
+STRIPE11_VENV = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "dualwrite-tests"
+    / "venv-stripe11"
+)
+
+
+def stripe11_requirements() -> list[str]:
+    """stripe<12, and dualwrite's other requirements (dualwrite itself runs from this checkout)."""
+    required = importlib.metadata.requires("dualwrite") or []
+    others = [r for r in required if "extra ==" not in r and not r.startswith("stripe")]
+    return ["stripe>=11,<12", *sorted(others)]
+
+
+def stripe11_python() -> Path:
+    """The Python of a virtualenv with stripe-python 11.x, made once (``python -m venv`` and
+    ``pip install``) and reused while dualwrite's requirements stay the same."""
+    requirements = stripe11_requirements()
+    marker = STRIPE11_VENV / "dualwrite-requirements.txt"
+    python = STRIPE11_VENV / "bin" / "python"
+    STRIPE11_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(STRIPE11_VENV.parent / "venv-stripe11.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one test run builds it; another waits, then reuses it
+        if marker.exists() and marker.read_text() == "\n".join(requirements) and python.exists():
+            return python
+        shutil.rmtree(STRIPE11_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(STRIPE11_VENV)], check=True)
+        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        result = subprocess.run(
+            [*install, *requirements], capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, f"pip install into {STRIPE11_VENV} failed:\n{result.stderr}"
+        marker.write_text("\n".join(requirements))
+    return python
+
+
+@pytest.mark.slow
+class TestStripe11:
+    """examples/sdk_hook.py with stripe-python 11.x: both of its usage-record methods."""
+
+    def test_sdk_hook_example_on_stripe_11(self, redis_url, key_prefix, standin_url, standin):
+        """Module-level create_usage_record and the client's usage_records.create are
+        dual-written at every stage; a 500 the SDK retries records once."""
+        from tests.examples_support import REPO, Shop, example_environment, wait_for_totals
+
+        python = stripe11_python()
+        version = subprocess.run(
+            [str(python), "-c", "import stripe; print(stripe.VERSION)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert version.startswith("11."), version
+        settings = make_settings(
+            redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
+        )
+        shop = Shop.build(settings, standin_url)
+        environment = example_environment(redis_url, key_prefix, standin_url) | {
+            "DUALWRITE_METERS": json.dumps(
+                [{"event_name": EVENT_NAME, "legacy_prices": [shop.legacy_price]}]
+            )
+        }
+        arguments = []
+        for customer in shop.customers:
+            arguments += [f"{customer.scenario.item}=3", f"{customer.scenario.item}=4"]
+            customer.sent += 7
+        shadow = next(c for c in shop.customers if c.stage is Stage.SHADOW)
+        standin.faults.refuse(
+            path=rf"/v1/subscription_items/{shadow.scenario.item}/usage_records",
+            status=500,
+            type="api_error",
+            message="injected",
+            count=1,
+        )
+        result = subprocess.run(
+            [str(python), "examples/sdk_hook.py", *arguments],
+            cwd=REPO,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.splitlines()) == len(arguments)
+        assert standin.faults.injected.get("refused") == 1  # the SDK retried it
+        totals = wait_for_totals(standin_url, shop)
+        assert totals["held"] == totals["wanted"]
