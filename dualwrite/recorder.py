@@ -31,10 +31,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from dualwrite.config import Settings, UsageRoute
 from dualwrite.engine import DualWriteEngine
@@ -215,14 +215,50 @@ class Recorder(_EventMaker):
         await self.aclose()
 
 
+class _LoopThread:
+    """An event loop running in a daemon thread of its own."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coroutine`` on the loop; its future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def finish(self, coroutine: Coroutine[Any, Any, None], *, timeout: float) -> None:
+        """Run ``coroutine`` (a close) for at most ``timeout`` seconds, then stop the loop."""
+        try:
+            self.submit(coroutine).result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            log.warning("dualwrite recorder did not close within %.0f s; leaving it", timeout)
+        except Exception:
+            log.exception("closing the dualwrite recorder failed")
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the loop and its thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=CLOSE_TIMEOUT)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 @dataclass(slots=True)
-class _Loop:
-    """One process's event loop thread and the ``Recorder`` living on it."""
+class _Running:
+    """One process's recorder: the ``Recorder`` on its loop thread, and the outbox worker's engine
+    on a loop thread of its own (so that deliveries never hold up a ``record`` call)."""
 
     pid: int
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
+    records: _LoopThread
     recorder: Recorder
+    deliveries: _LoopThread | None = None
+    worker: DualWriteEngine | None = None
 
 
 # Every SyncRecorder, so that a forked child forgets its parent's loops and the process's exit
@@ -230,7 +266,7 @@ class _Loop:
 _LIVE: weakref.WeakSet[SyncRecorder] = weakref.WeakSet()
 # A forked child's copies of its parent's loops and connections: kept referenced (never collected,
 # never closed) so that nothing in the child writes to sockets its parent still uses.
-_INHERITED: list[_Loop] = []
+_INHERITED: list[_Running] = []
 
 
 class SyncRecorder(_EventMaker):
@@ -249,7 +285,7 @@ class SyncRecorder(_EventMaker):
         self.settings = config or Settings.load()
         self._clock = clock
         self._lock = threading.Lock()
-        self._running: _Loop | None = None
+        self._running: _Running | None = None
         self._closed = False
         _LIVE.add(self)
 
@@ -285,23 +321,22 @@ class SyncRecorder(_EventMaker):
         """Run ``call(recorder)`` on the recorder's loop and wait for its result (what the WSGI
         middleware and the SDK hook build on)."""
         running = self._ensure_running()
-        if threading.current_thread() is running.thread:
+        if threading.current_thread() is running.records.thread:
             msg = "SyncRecorder called from its own event loop: await the Recorder instead"
             raise DualwriteError(msg)
-        return asyncio.run_coroutine_threadsafe(_call(call, running), running.loop).result()
+        return running.records.submit(_call(call, running)).result()
 
     async def run_async(self, call: Callable[[Recorder], Awaitable[T]]) -> T:
         """``run`` for a caller on another event loop: awaits instead of blocking it."""
         running = self._ensure_running()
-        future = asyncio.run_coroutine_threadsafe(_call(call, running), running.loop)
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(running.records.submit(_call(call, running)))
 
     def start(self) -> None:
         """Start the loop thread, the engine and its outbox worker now rather than at the first
         call (e.g. in gunicorn's ``post_fork`` hook); idempotent."""
         self._ensure_running()
 
-    def _ensure_running(self) -> _Loop:
+    def _ensure_running(self) -> _Running:
         running = self._running
         if running is not None:
             return running
@@ -313,41 +348,56 @@ class SyncRecorder(_EventMaker):
                 self._running = self._start()
             return self._running
 
-    def _start(self) -> _Loop:
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(
-            target=_serve_loop, args=(loop,), name="dualwrite-recorder", daemon=True
+    def _start(self) -> _Running:
+        # The record path's engine runs no worker; the outbox worker gets its own engine and loop.
+        outbox = self.settings.outbox
+        quiet = self.settings.model_copy(
+            update={"outbox": outbox.model_copy(update={"run_in_process": False})}
         )
-        thread.start()
 
         async def open_recorder() -> Recorder:
-            recorder = Recorder(config=self.settings, clock=self._clock)
+            recorder = Recorder(config=quiet, clock=self._clock)
             await recorder.start()
             return recorder
 
+        async def open_worker() -> DualWriteEngine:
+            engine = DualWriteEngine.from_settings(self.settings, clock=self._clock)
+            await engine.start()
+            return engine
+
+        records = _LoopThread("dualwrite-recorder")
+        running: _Running | None = None
         try:
-            recorder = asyncio.run_coroutine_threadsafe(open_recorder(), loop).result()
+            running = _Running(os.getpid(), records, records.submit(open_recorder()).result())
+            if outbox.run_in_process:
+                running.deliveries = _LoopThread("dualwrite-outbox")
+                running.worker = running.deliveries.submit(open_worker()).result()
         except BaseException:
-            _stop_loop(loop, thread)
+            if running is not None:
+                self._stop(running, timeout=CLOSE_TIMEOUT)
+            else:
+                records.stop()
             raise
-        return _Loop(os.getpid(), loop, thread, recorder)
+        return running
 
     def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop the outbox worker (its unfinished entries stay pending for another), close the
-        engine and stop the loop thread. Idempotent; ``record`` raises afterwards."""
+        engine and stop the loop threads. Idempotent; ``record`` raises afterwards."""
         with self._lock:
             self._closed = True
             running, self._running = self._running, None
-        if running is None:
-            return
-        future = asyncio.run_coroutine_threadsafe(running.recorder.aclose(), running.loop)
-        try:
-            future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            log.warning("dualwrite recorder did not close within %.0f s; leaving it", timeout)
-        except Exception:
-            log.exception("closing the dualwrite recorder failed")
-        _stop_loop(running.loop, running.thread)
+        if running is not None:
+            self._stop(running, timeout=timeout)
+
+    @staticmethod
+    def _stop(running: _Running, *, timeout: float) -> None:
+        if running.deliveries is not None:
+            worker = running.worker
+            if worker is not None:
+                running.deliveries.finish(worker.aclose(), timeout=timeout)
+            else:
+                running.deliveries.stop()
+        running.records.finish(running.recorder.aclose(), timeout=timeout)
 
     def __enter__(self) -> SyncRecorder:
         return self
@@ -368,20 +418,8 @@ class SyncRecorder(_EventMaker):
             self._running = None
 
 
-async def _call(call: Callable[[Recorder], Awaitable[T]], running: _Loop) -> T:
+async def _call(call: Callable[[Recorder], Awaitable[T]], running: _Running) -> T:
     return await call(running.recorder)
-
-
-def _serve_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    loop.run_forever()
-
-
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=CLOSE_TIMEOUT)
-    if not thread.is_alive():
-        loop.close()
 
 
 def _after_fork_in_child() -> None:

@@ -256,6 +256,7 @@ def gunicorn(
         "warning",
         "--graceful-timeout",
         "20",
+        "--no-control-socket",  # gunicorn 25.1+: one control socket per user, shared otherwise
         *(["--preload"] if preload else []),
         app,
     ]

@@ -83,9 +83,11 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
         time.sleep(0.02)
 
 
-def recorder_threads() -> list[threading.Thread]:
-    """The SyncRecorder loop threads alive in this process."""
-    return [t for t in threading.enumerate() if t.name == "dualwrite-recorder"]
+def recorder_threads() -> list[str]:
+    """The names of the SyncRecorder loop threads alive in this process (the record path's and
+    the outbox worker's), sorted."""
+    names = ("dualwrite-recorder", "dualwrite-outbox")
+    return sorted(t.name for t in threading.enumerate() if t.name in names)
 
 
 class TestRecorder:
@@ -249,7 +251,7 @@ class TestSyncRecorder:
         for thread in threads:
             thread.join(timeout=60)
         assert errors == []
-        assert len(recorder_threads()) == 1
+        assert recorder_threads() == ["dualwrite-outbox", "dualwrite-recorder"]  # one of each
         assert standin.legacy_total(sync_scenario.item) == 10 * sum(range(1, 9))
 
     async def test_shadow_is_delivered_by_its_own_worker(self, settings, engine, scenario, standin):
@@ -288,7 +290,7 @@ class TestSyncRecorder:
                 quantity=1,
                 event_name=EVENT_NAME,
             )
-            assert len(recorder_threads()) == 1
+            assert recorder_threads() == ["dualwrite-outbox", "dualwrite-recorder"]
         assert recorder_threads() == []
         with pytest.raises(DualwriteError, match="closed"):
             recorder.record(
@@ -347,7 +349,7 @@ class TestSyncRecorder:
                 os.close(read)
                 signal.alarm(20)  # a child reusing the parent's dead loop would hang here
                 outcome = sync_recorder.record(quantity=10, identifier="child-1", **fields)
-                os.write(write, f"{outcome.accepted} {len(recorder_threads())}".encode())
+                os.write(write, f"{outcome.accepted} {len(recorder_threads())}".encode())  # 2
                 sync_recorder.close()
                 code = 0
             finally:
@@ -357,7 +359,7 @@ class TestSyncRecorder:
         with os.fdopen(read) as pipe:
             report = pipe.read()
         assert os.waitstatus_to_exitcode(status) == 0, report
-        assert report == "True 1"
+        assert report == "True 2"  # its own record and delivery threads, started after the fork
         sync_recorder.record(quantity=100, identifier="parent-2", **fields)
         assert standin.legacy_total(sync_scenario.item) == 111
 
