@@ -30,26 +30,14 @@ import time
 import uuid
 from typing import Any
 
-from _load import REDIS_URL, child, cleanup, free_port, http_request, measure, summary
-from _scenario import EVENT_NAME, KEY, USAGE_ROUTE, Catalog, run_standin
+from _load import child, cleanup, free_port, http_request, measure, summary
+from _scenario import EVENT_NAME, KEY, Catalog, run_standin
+from usage_routes import _settings  # the usage route, limits off, no spool
 
 APPS = ("bare", "wrapped")
 THROUGHPUT_TARGET = 0.97
 LATENCY_TARGET = 1.02
 BENCH = os.path.dirname(os.path.abspath(__file__))
-
-
-def _settings(prefix: str, upstream: str, *, worker: bool = True) -> Any:
-    from dualwrite import Settings
-
-    return Settings(
-        redis={"url": REDIS_URL, "key_prefix": prefix},
-        stripe={"api_base": upstream},
-        limits={"legacy_per_second": 0, "meter_per_second": 0, "stream_events_per_second": 0},
-        outbox={"spool": False, "run_in_process": worker},
-        routes=[USAGE_ROUTE],
-        meters=[{"event_name": EVENT_NAME}],
-    )
 
 
 def build_app(mode: str) -> Any:
@@ -70,7 +58,7 @@ def build_app(mode: str) -> Any:
 
     if mode == "wrapped":
         # Never called: only non-usage requests are sent.
-        settings = _settings(os.environ["BENCH_PREFIX"], "http://127.0.0.1:9")
+        settings = _settings(os.environ["BENCH_PREFIX"], "http://127.0.0.1:9", worker=True)
         app.wsgi_app = DualWriteMiddleware(app.wsgi_app, config=settings)  # type: ignore[method-assign]
     return app
 
@@ -85,7 +73,9 @@ def in_process_us(prefix: str, calls: int, runs: int) -> dict[str, list[float]]:
 
     apps: dict[str, Any] = {
         "bare": bare,
-        "wrapped": DualWriteMiddleware(bare, config=_settings(prefix, "http://127.0.0.1:9")),
+        "wrapped": DualWriteMiddleware(
+            bare, config=_settings(prefix, "http://127.0.0.1:9", worker=True)
+        ),
     }
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/hello", "QUERY_STRING": ""}
     times: dict[str, list[float]] = {name: [] for name in APPS}

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypedDict, TypeVar, Unpack
 
 from dualwrite.config import Settings, UsageRoute
 from dualwrite.engine import DualWriteEngine
@@ -42,7 +42,7 @@ from dualwrite.exceptions import DualwriteError, UsageInputError
 from dualwrite.models import Action, RecordOutcome, UsageEvent
 from dualwrite.routes import RouteMatch, build_event
 
-__all__ = ["CLOSE_TIMEOUT", "Recorder", "SyncRecorder"]
+__all__ = ["CLOSE_TIMEOUT", "Recorder", "SyncRecorder", "UsageFields"]
 
 log = logging.getLogger(__name__)
 
@@ -70,40 +70,35 @@ _ARGUMENTS_MATCH = RouteMatch(
 )
 
 
+class UsageFields(TypedDict, total=False):
+    """``record()``'s keyword arguments besides ``quantity`` (see ``Recorder.record``)."""
+
+    customer: str | None
+    subscription_item: str | None
+    event_name: str | None
+    identifier: str | None
+    timestamp: int | None
+    action: Action
+
+
 class _EventMaker:
     """``event()``: ``record()``'s arguments, checked and made into a ``UsageEvent``."""
 
     settings: Settings
     _clock: Callable[[], float]
 
-    def event(
-        self,
-        *,
-        quantity: int,
-        customer: str | None = None,
-        subscription_item: str | None = None,
-        event_name: str | None = None,
-        identifier: str | None = None,
-        timestamp: int | None = None,
-        action: Action = "increment",
-    ) -> UsageEvent:
+    def event(self, *, quantity: int, **fields: Unpack[UsageFields]) -> UsageEvent:
         """The ``UsageEvent`` that ``record`` with these arguments writes (checked, not written).
 
         Raises:
-            UsageInputError: an argument is missing, of the wrong type or out of range
+            UsageInputError: an argument is unknown, missing, of the wrong type or out of range
                 (``param`` names it).
         """
-        fields: dict[str, object] = {
-            "quantity": quantity,
-            "customer": customer,
-            "subscription_item": subscription_item,
-            "event_name": event_name,
-            "identifier": identifier,
-            "timestamp": timestamp,
-            "action": action,
-        }
         given: dict[str, object] = {}
-        for name, value in fields.items():
+        for name, value in {"quantity": quantity, **fields}.items():
+            if name not in _ARGUMENTS:
+                msg = f"unknown argument {name}; record() takes {', '.join(_ARGUMENTS)}"
+                raise UsageInputError(msg, param=name, code="parameter_unknown")
             if value is None:
                 continue
             if not isinstance(value, str | int | float):
@@ -145,17 +140,7 @@ class Recorder(_EventMaker):
         self._owns_engine = engine is None
         self._clock = clock
 
-    async def record(
-        self,
-        *,
-        quantity: int,
-        customer: str | None = None,
-        subscription_item: str | None = None,
-        event_name: str | None = None,
-        identifier: str | None = None,
-        timestamp: int | None = None,
-        action: Action = "increment",
-    ) -> RecordOutcome:
+    async def record(self, *, quantity: int, **fields: Unpack[UsageFields]) -> RecordOutcome:
         """Record usage at the customer's stage and return the outcome.
 
         Args:
@@ -175,15 +160,7 @@ class Recorder(_EventMaker):
             IdempotencyError: ``identifier`` was used before for different usage.
             ConflictError: ``identifier`` is being recorded by another call right now.
         """
-        event = self.event(
-            quantity=quantity,
-            customer=customer,
-            subscription_item=subscription_item,
-            event_name=event_name,
-            identifier=identifier,
-            timestamp=timestamp,
-            action=action,
-        )
+        event = self.event(quantity=quantity, **fields)
         return await self.record_event(event)
 
     async def record_event(self, event: UsageEvent) -> RecordOutcome:
@@ -289,28 +266,10 @@ class SyncRecorder(_EventMaker):
         self._closed = False
         _LIVE.add(self)
 
-    def record(
-        self,
-        *,
-        quantity: int,
-        customer: str | None = None,
-        subscription_item: str | None = None,
-        event_name: str | None = None,
-        identifier: str | None = None,
-        timestamp: int | None = None,
-        action: Action = "increment",
-    ) -> RecordOutcome:
+    def record(self, *, quantity: int, **fields: Unpack[UsageFields]) -> RecordOutcome:
         """Record usage at the customer's stage and return the outcome (``Recorder.record``'s
         arguments, errors and outcome); blocks until the authoritative write has answered."""
-        event = self.event(
-            quantity=quantity,
-            customer=customer,
-            subscription_item=subscription_item,
-            event_name=event_name,
-            identifier=identifier,
-            timestamp=timestamp,
-            action=action,
-        )
+        event = self.event(quantity=quantity, **fields)
         return self.record_event(event)
 
     def record_event(self, event: UsageEvent) -> RecordOutcome:

@@ -105,6 +105,7 @@ class DualWriteMiddleware:
         self.app = app
         self.settings = config or (recorder.settings if recorder else Settings.load())
         self.recorder = recorder or SyncRecorder(config=self.settings, clock=clock)
+        self._owns_recorder = recorder is None
         self._gate = _UsageGate(self.settings, self.recorder, clock)
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
@@ -124,8 +125,10 @@ class DualWriteMiddleware:
         self.recorder.start()
 
     def close(self) -> None:
-        """Stop this process's outbox worker and close the engine."""
-        self.recorder.close()
+        """Stop this process's outbox worker and close the engine, if the middleware made the
+        recorder (a shared one is closed by whoever made it)."""
+        if self._owns_recorder:
+            self.recorder.close()
 
     def _usage(
         self, match: RouteMatch, environ: WSGIEnvironment, start_response: StartResponse

@@ -14,8 +14,7 @@ import pytest
 import redis
 
 from dualwrite.config import Settings
-from tests.conftest import SettingsFactory
-from tests.examples_support import (
+from tests.apps_support import (
     REPO,
     Shop,
     consumer_pid,
@@ -25,6 +24,7 @@ from tests.examples_support import (
     send_usage,
     wait_for_totals,
 )
+from tests.conftest import SettingsFactory
 
 #: README blocks that show a file: a ``<!-- file: PATH -->`` line, then a fenced block.
 FILE_BLOCK = re.compile(r"<!-- file: (?P<path>\S+) -->\n```\w*\n(?P<body>.*?)```", re.DOTALL)

@@ -9,8 +9,7 @@ import pytest
 
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
-from tests.conftest import SettingsFactory
-from tests.examples_support import (
+from tests.apps_support import (
     Shop,
     consumer_pid,
     example_environment,
@@ -19,6 +18,7 @@ from tests.examples_support import (
     send_usage,
     wait_for_totals,
 )
+from tests.conftest import SettingsFactory
 
 WORKERS = 4
 CUSTOMERS_PER_STAGE = 2

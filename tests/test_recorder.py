@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -26,7 +25,8 @@ from dualwrite.exceptions import (
 from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.recorder import Recorder, SyncRecorder
-from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.apps_support import make_scenario
+from tests.conftest import SettingsFactory
 from tests.support import (
     EVENT_NAME,
     Scenario,
@@ -48,12 +48,7 @@ async def scenario(builder: ScenarioBuilder) -> Scenario:
 @pytest.fixture
 def sync_scenario(standin_url: str, standin) -> Scenario:
     """A customer on a legacy metered price, for the synchronous tests."""
-
-    async def make() -> Scenario:
-        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
-            return await builder.customer()
-
-    return asyncio.run(make())
+    return make_scenario(standin_url)
 
 
 @pytest.fixture
@@ -158,6 +153,7 @@ class TestRecorder:
             ({"action": "add"}, "action"),
             ({"timestamp": int(time.time()) + 3600}, "timestamp"),
             ({"identifier": ["a"]}, "identifier"),
+            ({"customr": "cus_typo"}, "customr"),
         ],
     )
     async def test_bad_input_names_the_argument_and_writes_nothing(

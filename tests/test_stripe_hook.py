@@ -24,26 +24,15 @@ from dualwrite.exceptions import ConfigError
 from dualwrite.models import Stage
 from dualwrite.recorder import SyncRecorder
 from dualwrite.stripe_hook import DualWriteHTTPClient, install, uninstall
+from tests.apps_support import make_scenario, put_at
 from tests.conftest import STRIPE_KEY, SettingsFactory
-from tests.support import (
-    EVENT_NAME,
-    LEGACY_VERSION,
-    Scenario,
-    ScenarioBuilder,
-    make_settings,
-    set_stage,
-)
+from tests.support import EVENT_NAME, LEGACY_VERSION, Scenario, make_settings
 
 
 @pytest.fixture
 def scenario(standin_url: str, standin) -> Scenario:
     """A customer on a legacy metered price."""
-
-    async def make() -> Scenario:
-        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
-            return await builder.customer()
-
-    return asyncio.run(make())
+    return make_scenario(standin_url)
 
 
 @pytest.fixture
@@ -90,20 +79,6 @@ def usage_record(
         **options,
     )
     return client.deserialize(response, api_mode="V1")
-
-
-def put_at(settings: Settings, customer: str, stage: Stage) -> None:
-    """Move ``customer`` to ``stage`` through a short-lived engine."""
-    from dualwrite.engine import DualWriteEngine
-
-    async def run() -> None:
-        engine = DualWriteEngine.from_settings(settings)
-        try:
-            await set_stage(engine, customer, stage)
-        finally:
-            await engine.aclose()
-
-    asyncio.run(run())
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -319,7 +294,7 @@ class TestStripe11:
     def test_sdk_hook_example_on_stripe_11(self, redis_url, key_prefix, standin_url, standin):
         """Module-level create_usage_record and the client's usage_records.create are
         dual-written at every stage; a 500 the SDK retries records once."""
-        from tests.examples_support import REPO, Shop, example_environment, wait_for_totals
+        from tests.apps_support import REPO, Shop, example_environment, wait_for_totals
 
         python = stripe11_python()
         version = subprocess.run(

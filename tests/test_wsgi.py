@@ -3,7 +3,6 @@ stand-in (in-process WSGI calls; ``tests/test_examples.py`` runs them under guni
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import threading
@@ -20,8 +19,9 @@ from dualwrite.config import Settings
 from dualwrite.models import RecordOutcome, Stage
 from dualwrite.recorder import SyncRecorder
 from dualwrite.wsgi import ENVIRON_KEY, DualWriteMiddleware
-from tests.conftest import STRIPE_KEY, SettingsFactory
-from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, cli_environment, set_stage
+from tests.apps_support import make_scenario, put_at
+from tests.conftest import SettingsFactory
+from tests.support import EVENT_NAME, Scenario, cli_environment
 
 USAGE_ROUTE = {
     "method": "POST",
@@ -74,12 +74,7 @@ def settings(standin_settings: SettingsFactory) -> Settings:
 @pytest.fixture
 def scenario(standin_url: str, standin) -> Scenario:
     """A customer on a legacy metered price."""
-
-    async def make() -> Scenario:
-        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
-            return await builder.customer()
-
-    return asyncio.run(make())
+    return make_scenario(standin_url)
 
 
 @pytest.fixture
@@ -97,20 +92,6 @@ def wrapped(recorder: SyncRecorder) -> tuple[Client, list[str], DualWriteMiddlew
     middleware = DualWriteMiddleware(app.wsgi_app, recorder=recorder)
     app.wsgi_app = middleware  # type: ignore[method-assign]
     return Client(app), calls, middleware
-
-
-def stage(settings: Settings, customer: str, to: Stage) -> None:
-    """Put ``customer`` at stage ``to`` (through a short-lived engine)."""
-    from dualwrite.engine import DualWriteEngine
-
-    async def run() -> None:
-        engine = DualWriteEngine.from_settings(settings)
-        try:
-            await set_stage(engine, customer, to)
-        finally:
-            await engine.aclose()
-
-    asyncio.run(run())
 
 
 def start_response_ignored(
@@ -241,7 +222,7 @@ class TestUsageRoutes:
     def test_shadow_is_delivered_by_the_process_worker(self, wrapped, settings, scenario, standin):
         """At shadow, the recorder's in-process worker writes the meter event."""
         client, _, _ = wrapped
-        stage(settings, scenario.customer, Stage.SHADOW)
+        put_at(settings, scenario.customer, Stage.SHADOW)
         response = client.post(
             f"/usage/{scenario.customer}", json={"item": scenario.item, "quantity": 3}
         )

@@ -1,5 +1,6 @@
-"""What the tests of the examples share: their environment, customers at every stage, Stripe's
-totals read through the stand-in's summary endpoints, and gunicorn as a child process."""
+"""What the tests of the other Python apps share (the direct API, WSGI, the SDK hook, the examples):
+a customer made or moved from synchronous code, the examples' environment, customers at every
+stage, Stripe's totals read through the stand-in's summary endpoints, and gunicorn as a child."""
 
 from __future__ import annotations
 
@@ -44,6 +45,29 @@ LEGS = {
     Stage.PRIMARY: (True, True),
     Stage.METER: (False, True),
 }
+
+
+def make_scenario(standin_url: str) -> Scenario:
+    """A customer on a legacy metered price, made through the SDK (from synchronous code)."""
+
+    async def make() -> Scenario:
+        async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
+            return await builder.customer()
+
+    return asyncio.run(make())
+
+
+def put_at(settings: Settings, customer: str, stage: Stage) -> None:
+    """Move ``customer`` to ``stage`` (through a short-lived engine, from synchronous code)."""
+
+    async def run() -> None:
+        engine = DualWriteEngine.from_settings(settings)
+        try:
+            await set_stage(engine, customer, stage)
+        finally:
+            await engine.aclose()
+
+    asyncio.run(run())
 
 
 def example_environment(
@@ -311,7 +335,9 @@ __all__ = [
     "consumer_pid",
     "example_environment",
     "gunicorn",
+    "make_scenario",
     "outbox_consumers",
+    "put_at",
     "send_usage",
     "stripe_totals",
     "wait_for_totals",
