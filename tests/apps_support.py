@@ -176,10 +176,16 @@ def wait_for_totals(standin_url: str, shop: Shop, *, timeout: float = 60.0) -> d
         time.sleep(0.25)
 
 
+#: What a client sends again, with the same Idempotency-Key (Stripe's retryable statuses).
+RETRYABLE = frozenset({409, 429, 500, 502, 503, 504})
+RETRIES = 6
+
+
 def send_usage(url: str, shop: Shop, *, per_customer: int, threads: int = 8) -> int:
     """POST ``per_customer`` usage requests for each customer to ``url``'s usage route, from
     ``threads`` threads; every 20th is sent again after its reply, with its Idempotency-Key (a
-    client's retry), which must not count again. Returns how many requests were sent."""
+    client's retry), which must not count again, and a retryable refusal is retried with its key.
+    Returns how many usage requests were sent (retries of refusals not counted)."""
     plan: list[tuple[Customer, int, str, int]] = []
     for index in range(per_customer):
         for number, customer in enumerate(shop.customers):
@@ -192,11 +198,19 @@ def send_usage(url: str, shop: Shop, *, per_customer: int, threads: int = 8) -> 
         with httpx.Client(base_url=url, timeout=30) as http:
             for customer, quantity, key, sends in chunk:
                 for _ in range(sends):
-                    response = http.post(
-                        f"/api/usage/{customer.scenario.customer}",
-                        json={"subscription_item": customer.scenario.item, "quantity": quantity},
-                        headers={"Idempotency-Key": key},
-                    )
+                    for attempt in range(RETRIES + 1):
+                        response = http.post(
+                            f"/api/usage/{customer.scenario.customer}",
+                            json={
+                                "subscription_item": customer.scenario.item,
+                                "quantity": quantity,
+                            },
+                            headers={"Idempotency-Key": key},
+                        )
+                        # As a client should: a retryable refusal is sent again, same key.
+                        if response.status_code not in RETRYABLE or attempt == RETRIES:
+                            break
+                        time.sleep(0.05 * 2**attempt)
                     assert response.status_code == 200, response.text
                     assert response.json()["recorded"] is True
 
