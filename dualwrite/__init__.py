@@ -33,6 +33,7 @@ from dualwrite.models import (
     plan_for,
 )
 from dualwrite.outbox import Outbox, OutboxDepth, OutboxWorker
+from dualwrite.recorder import Recorder, SyncRecorder
 from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "OutboxWorker",
     "PriceError",
     "RecordOutcome",
+    "Recorder",
     "RedisFlagStore",
     "Report",
     "Resolution",
@@ -65,6 +67,7 @@ __all__ = [
     "StoreUnavailableError",
     "StripeFailure",
     "StripeStandinError",
+    "SyncRecorder",
     "UsageEvent",
     "UsageInputError",
     "UsageRoute",

@@ -26,7 +26,7 @@ from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputErro
 from dualwrite.models import RecordOutcome
 from dualwrite.routes import RouteMatch, RouteTable, build_event
 
-__all__ = ["STATE_KEY", "DualWriteMiddleware", "stripe_error"]
+__all__ = ["STATE_KEY", "DualWriteMiddleware", "refusal", "stripe_error", "usage_error"]
 
 log = logging.getLogger(__name__)
 
@@ -141,21 +141,11 @@ class DualWriteMiddleware:
                 items=self.settings.items,
             )
             outcome = await self.engine.record(event)
-        except IdempotencyError as exc:
-            await stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)(
-                scope, receive, send
-            )
-            return
-        except UsageInputError as exc:
-            await stripe_error(400, exc.message, code=exc.code, param=exc.param)(
-                scope, receive, send
-            )
-            return
-        except ConflictError as exc:
-            await stripe_error(409, str(exc), code="idempotency_key_in_use")(scope, receive, send)
+        except (UsageInputError, ConflictError) as exc:
+            await usage_error(exc)(scope, receive, send)
             return
         if not outcome.accepted:
-            await _refusal(outcome)(scope, receive, send)
+            await refusal(outcome)(scope, receive, send)
             return
         scope.setdefault("state", {})[STATE_KEY] = outcome
         await self.app(scope, _replay(body, receive), send)
@@ -202,7 +192,17 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _refusal(outcome: RecordOutcome) -> JSONResponse:
+def usage_error(exc: UsageInputError | ConflictError) -> JSONResponse:
+    """The reply to usage the engine would not record (the WSGI middleware's too): 400 naming the
+    field, 400 ``idempotency_error`` for a reused identifier, 409 while it is being recorded."""
+    if isinstance(exc, IdempotencyError):
+        return stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)
+    if isinstance(exc, UsageInputError):
+        return stripe_error(400, exc.message, code=exc.code, param=exc.param)
+    return stripe_error(409, str(exc), code="idempotency_key_in_use")
+
+
+def refusal(outcome: RecordOutcome) -> JSONResponse:
     """Stripe's own status and error, for an authoritative write Stripe refused."""
     failure = outcome.authoritative.failure
     if failure is None:  # pragma: no cover - a refused write always carries its failure

@@ -26,6 +26,7 @@ REQUIRED = {
     "Outbox",
     "OutboxWorker",
     "RecordOutcome",
+    "Recorder",
     "RedisFlagStore",
     "Report",
     "Settings",
@@ -34,6 +35,7 @@ REQUIRED = {
     "StoreUnavailableError",
     "StripeFailure",
     "StripeStandinError",
+    "SyncRecorder",
     "UsageEvent",
     "UsageInputError",
     "WriteResult",
@@ -74,7 +76,8 @@ class TestExports:
         assert len(set(dualwrite.__all__)) == len(dualwrite.__all__)
 
     def test_required_names_are_exported(self):
-        """The engine, middleware, settings, models, every error, flags, ledger, outbox, report."""
+        """The engine, middleware, recorders, settings, models, every error, flags, ledger, outbox,
+        report."""
         assert set(dualwrite.__all__) >= REQUIRED
 
     def test_every_exception_is_exported(self):

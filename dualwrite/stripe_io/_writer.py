@@ -308,13 +308,16 @@ class StripeWriter:
             "api_key": api_key,
             "stripe_version": self._settings.legacy_api_version,
         }
+        # stripe-python 11.x (an app using the SDK hook may run it) has these services on the
+        # client itself; 12+ under ``v1``.
+        services = getattr(self._client, "v1", self._client)
         try:
-            found = await self._client.v1.subscription_items.retrieve_async(
+            found = await services.subscription_items.retrieve_async(
                 item,
                 options=options,  # type: ignore[arg-type]
             )
             subscription_id = str(found["subscription"])
-            subscription = await self._client.v1.subscriptions.retrieve_async(
+            subscription = await services.subscriptions.retrieve_async(
                 subscription_id,
                 options=options,  # type: ignore[arg-type]
             )

@@ -1,0 +1,1 @@
+"""Runnable examples of dualwrite in Python apps (README "Other Python apps"); the tests run them."""
