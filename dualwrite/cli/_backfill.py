@@ -12,16 +12,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dualwrite.cli._common import (
+    MIGRATE,
     Actor,
     actor_name,
     app,
     console,
-    format_when,
     load_settings,
     run_async,
 )
 from dualwrite.migrate import BackfillResult, run_backfill
 from dualwrite.migrate._export import parse_time
+from dualwrite.models import utc_time
 
 _CUSTOMER = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
 #: Exit status when Stripe refused at least one event for good.
@@ -35,14 +36,14 @@ def _table(result: BackfillResult) -> Table:
             escape(event.source),
             escape(event.event_name),
             str(event.quantity),
-            format_when(event.timestamp),
+            utc_time(event.timestamp),
             event.status,
             escape(event.note),
         )
     return table
 
 
-@app.command("backfill")
+@app.command("backfill", rich_help_panel=MIGRATE)
 def backfill(
     ctx: typer.Context,
     customer: Annotated[

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dualwrite.cli._common import Actor, actor_name, app, console, load_settings, run_async
+from dualwrite.cli._common import MIGRATE, Actor, actor_name, app, console, load_settings, run_async
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError
 from dualwrite.keys import KeySpace
@@ -29,7 +29,7 @@ meters_app = typer.Typer(
     help="Billing meters for the legacy metered prices: plan what to create, then apply it.",
     no_args_is_help=True,
 )
-app.add_typer(meters_app, name="meters")
+app.add_typer(meters_app, name="meters", rich_help_panel=MIGRATE)
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dualwrite.cli._common import app, console, err_console, load_settings, run_async
+from dualwrite.cli._common import INSPECT, app, console, err_console, load_settings, run_async
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.pricing import format_amount
 from dualwrite.reconcile import (
@@ -35,7 +35,7 @@ BAD_ARGUMENTS = 2
 STORE_UNAVAILABLE = 3
 
 
-@app.command("reconcile")
+@app.command("reconcile", rich_help_panel=INSPECT)
 def reconcile(
     ctx: typer.Context,
     period: Annotated[

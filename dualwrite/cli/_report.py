@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dualwrite.cli._common import app, console, load_settings, run_async
+from dualwrite.cli._common import INSPECT, app, console, load_settings, run_async
 from dualwrite.flags import StageResolver
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
@@ -18,7 +18,7 @@ from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report, render_csv, render_table
 
 
-@app.command("report")
+@app.command("report", rich_help_panel=INSPECT)
 def report(
     ctx: typer.Context,
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,

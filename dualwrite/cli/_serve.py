@@ -6,10 +6,10 @@ from typing import Annotated
 
 import typer
 
-from dualwrite.cli._common import ConfigPath, app, console, load_settings, run_async
+from dualwrite.cli._common import SERVE, ConfigPath, app, console, load_settings, run_async
 
 
-@app.command("demo")
+@app.command("demo", rich_help_panel=SERVE)
 def demo(
     ctx: typer.Context,
     customers: Annotated[int, typer.Option(min=1, max=200, help="Customers per stage.")] = 3,
@@ -25,7 +25,7 @@ def demo(
     run_async(run_demo(settings, options, console=console))
 
 
-@app.command("stripe-standin")
+@app.command("stripe-standin", rich_help_panel=SERVE)
 def stripe_standin(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 12111,
@@ -43,7 +43,7 @@ def stripe_standin(
 # ----------------------------------------------------------------------------------------- proxy
 
 
-@app.command("serve")
+@app.command("serve", rich_help_panel=SERVE)
 def serve(
     ctx: typer.Context,
     config: ConfigPath = None,
