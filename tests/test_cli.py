@@ -235,6 +235,10 @@ class TestBadInput:
             (("flags", "history", "--limit", "0"), "Invalid value for '--limit'"),
             (("report", "--since", "yesterday"), "--since 'yesterday': write a day as YYYY-MM-DD"),
             (("report", "--until", "2026-13-01"), "--until '2026-13-01'"),
+            (
+                ("report", "--since", "2026-12-01", "--until", "2026-11-01"),
+                "--since 2026-12-01 is after --until 2026-11-01; give the earlier day first",
+            ),
         ],
     )
     def test_usage_errors(self, cli, args, expected):
@@ -387,6 +391,13 @@ class TestReport:
         assert shown("--stage", "meter") == set()
         assert shown("--divergent") == set()
         assert shown("--since", "2000-01-01", "--until", "2000-12-31") == set()
+        assert shown("--stage", "SHADOW") == {customers["shadow"], customers["pending"]}
+
+    def test_unknown_customer(self, cli, customers):
+        """--customer naming a customer the report holds nothing for: a message, exit 1."""
+        result = cli("report", "--customer", "cus_nobody")
+        assert result.exit_code == 1
+        assert "no such customer 'cus_nobody': dualwrite holds no usage for it" in text(result)
 
     def test_table_lists_the_customers(self, cli, customers):
         """Without --json, a table with a line per customer, its stage and status."""

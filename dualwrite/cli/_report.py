@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dualwrite.cli._common import INSPECT, app, console, load_settings, run_async
+from dualwrite.cli._common import INSPECT, app, console, err_console, load_settings, run_async
 from dualwrite.flags import StageResolver
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
@@ -17,12 +17,17 @@ from dualwrite.periods import Period
 from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report, render_csv, render_table
 
+#: Exit status: --customer names a customer the report holds nothing for.
+UNKNOWN_CUSTOMER = 1
+
 
 @app.command("report", rich_help_panel=INSPECT)
 def report(
     ctx: typer.Context,
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
-    stage: Annotated[Stage | None, typer.Option(help="Only customers now at this stage.")] = None,
+    stage: Annotated[
+        Stage | None, typer.Option(case_sensitive=False, help="Only customers now at this stage.")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="First period (YYYY-MM-DD, UTC).")] = None,
     until: Annotated[str | None, typer.Option(help="Last period (YYYY-MM-DD, UTC).")] = None,
     period: Annotated[
@@ -55,6 +60,9 @@ def report(
                 datetime.strptime(value, "%Y-%m-%d")
             except ValueError:
                 raise typer.BadParameter(f"{name} {value!r}: write a day as YYYY-MM-DD") from None
+    if since is not None and until is not None and since > until:
+        msg = f"--since {since} is after --until {until}; give the earlier day first"
+        raise typer.BadParameter(msg)
 
     async def run() -> None:
         redis = open_redis(settings.redis)
@@ -76,6 +84,14 @@ def report(
             )
         finally:
             await redis.aclose()
+        if customer is not None and not result.customers:
+            err_console.print(
+                f"[red]error:[/red] no such customer {customer!r}: dualwrite holds no usage for it"
+                + (f" from {since} to {until}" if since or until else "")
+                + " (check the id, or `dualwrite flags get` it)",
+                highlight=False,
+            )
+            raise typer.Exit(UNKNOWN_CUSTOMER)
         if as_json:
             typer.echo(result.model_dump_json(indent=2))
         elif as_csv:
