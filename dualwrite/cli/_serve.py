@@ -13,7 +13,12 @@ from dualwrite.cli._common import SERVE, ConfigPath, app, console, load_settings
 def demo(
     ctx: typer.Context,
     customers: Annotated[int, typer.Option(min=1, max=200, help="Customers per stage.")] = 3,
-    events: Annotated[int, typer.Option(min=1, max=100_000, help="Usage requests to send.")] = 400,
+    events: Annotated[
+        int,
+        typer.Option(
+            min=1, max=100_000, help="Usage requests to send (and 2 Stripe refuses on purpose)."
+        ),
+    ] = 400,
     seed: Annotated[int, typer.Option(help="Seed for traffic and injected faults.")] = 7,
 ) -> None:
     """Run the whole dual write on an embedded default: Redis, a local Stripe stand-in, traffic for
