@@ -14,6 +14,7 @@ from rich.table import Table
 from dualwrite.cli._common import (
     MIGRATE,
     Actor,
+    Reason,
     actor_name,
     app,
     console,
@@ -70,6 +71,7 @@ def backfill(
         bool, typer.Option("--dry-run", help="Show what would be sent; send and count nothing.")
     ] = False,
     actor: Actor = None,
+    reason: Reason = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Replay usage already reported to the legacy path as meter events, within Stripe's 35 days.
@@ -110,6 +112,7 @@ def backfill(
                 export=from_export,
                 dry_run=dry_run,
                 actor=actor_name(actor),
+                reason=reason,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         )
