@@ -11,43 +11,14 @@ from pathlib import Path
 
 import pytest
 from typer.main import get_command
-from typer.testing import CliRunner, Result
 
 from dualwrite.cli import app
 from tests.support import audit_entries
+from tests.test_cli import cli, ok, text
+
+__all__ = ["cli"]  # the fixture, shared with tests/test_cli.py
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
-
-
-@pytest.fixture
-def cli(redis_url: str, key_prefix: str):
-    """Runs ``dualwrite ARGS`` on the test Redis under this test's key prefix."""
-    runner = CliRunner()
-
-    def invoke(*args: str, **env: str) -> Result:
-        environment = {
-            "DUALWRITE_REDIS__URL": redis_url,
-            "DUALWRITE_REDIS__KEY_PREFIX": key_prefix,
-            "COLUMNS": "200",
-            **env,
-        }
-        return runner.invoke(app, list(args), env=environment)
-
-    return invoke
-
-
-def flat(result: Result) -> str:
-    """Everything printed, on one line, without rich's boxes."""
-    output = result.output
-    for box in "│╭╮╰╯─┃━┏┓┗┛":
-        output = output.replace(box, " ")
-    return " ".join(output.split())
-
-
-def ok(result: Result) -> str:
-    """The output of a command that must have succeeded."""
-    assert result.exit_code == 0, result.output
-    return flat(result)
 
 
 def every_command() -> list[list[str]]:
@@ -111,7 +82,7 @@ class TestConfigAnywhere:
         path.write_text("[redis]\nshards = 0\n", encoding="utf-8")
         result = cli(*[arg.format(path=path) for arg in args])
         assert result.exit_code == 2
-        assert f"invalid configuration in {path}" in flat(result)
+        assert f"invalid configuration in {path}" in text(result)
 
 
 class TestReadsAsJson:
@@ -164,7 +135,7 @@ class TestChanges:
             ("flags", "schedule", "cus_A1", "meter", "--at", "2099-01-01T00:00:00Z"),
         ):
             refused = cli(*args)
-            assert refused.exit_code == 2 and "one stage at a time" in flat(refused), args
+            assert refused.exit_code == 2 and "one stage at a time" in text(refused), args
         assert json.loads(cli("flags", "history", "--json").output) == []
         ok(cli("flags", "set", "cus_A1", "primary", "--force"))
         assert "cus_A1 primary override" in ok(cli("flags", "get", "cus_A1"))
@@ -174,12 +145,12 @@ class TestChanges:
         ok(cli("flags", "schedule", "cus_A1", "shadow", "--at", "2099-01-01T00:00:00Z"))
         ok(cli("flags", "schedule", "cus_A1", "PRIMARY", "--at", "2099-02-01T00:00:00Z"))
         refused = cli("flags", "schedule", "cus_A1", "meter", "--at", "2099-01-15T00:00:00Z")
-        assert refused.exit_code == 2 and "cus_A1 is at shadow" in flat(refused)
+        assert refused.exit_code == 2 and "cus_A1 is at shadow" in text(refused)
 
     def test_schedule_in_the_past(self, cli):
         """A past time is refused (with ISO times, not Unix seconds); --at now moves at once."""
         refused = cli("flags", "schedule", "cus_A1", "shadow", "--at", "1700000000")
-        output = flat(refused)
+        output = text(refused)
         assert refused.exit_code == 2
         assert "--at 2023-11-14T22:13:20Z is in the past (now is 20" in output
         assert "1700000000" not in output
@@ -193,7 +164,7 @@ class TestChanges:
         """cutover's refusal of a past time shows ISO 8601, not Unix seconds."""
         refused = cli("cutover", "cus_A1", "--to", "shadow", "--at", "2020-01-01T00:00:00Z")
         assert refused.exit_code == 2
-        assert "--at 2020-01-01T00:00:00Z is in the past (now is 20" in flat(refused)
+        assert "--at 2020-01-01T00:00:00Z is in the past (now is 20" in text(refused)
 
     def test_guard_and_dead_letters_take_actor_and_reason(self, cli, redis_url, key_prefix):
         """guard --once and dead retry|drop take --actor and --reason (the audit note); the
@@ -205,5 +176,5 @@ class TestChanges:
         )
         assert "no dead letters" in ok(cli("dead", "list", "--kind", "expired"))
         refused = cli("dead", "list", "--reason", "expired")
-        assert refused.exit_code == 2 and "No such option: --reason" in flat(refused)
+        assert refused.exit_code == 2 and "No such option: --reason" in text(refused)
         assert audit_entries(redis_url, key_prefix) == []  # nothing retried, nothing audited

@@ -19,24 +19,15 @@ from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import (
-    EVENT_NAME,
     ScenarioBuilder,
     make_settings,
     refuse_meter_event,
     set_stage,
     usage,
 )
+from tests.test_middleware import USAGE_ROUTE
 
 pytestmark = pytest.mark.anyio
-
-ROUTE = {
-    "method": "POST",
-    "path": "/usage/{customer}",
-    "customer": "path:customer",
-    "subscription_item": "json:item",
-    "quantity": "json:quantity",
-    "event_name": f"const:{EVENT_NAME}",
-}
 
 
 def app_with(middleware_settings) -> DualWriteMiddleware:
@@ -47,6 +38,16 @@ def app_with(middleware_settings) -> DualWriteMiddleware:
 
     inner = Starlette(routes=[Route("/usage/{customer}", usage_endpoint, methods=["POST"])])
     return DualWriteMiddleware(inner, config=middleware_settings)
+
+
+async def post_usage(app: DualWriteMiddleware) -> httpx.Response:
+    """One usage request through ``app``, which is closed afterwards."""
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.post("/usage/cus_1", json={"item": "si_1", "quantity": 3})
+    finally:
+        await app.aclose()
 
 
 class TestMiddlewareWithoutKey:
@@ -61,17 +62,12 @@ class TestMiddlewareWithoutKey:
             prefix=key_prefix,
             api_base=standin_url,
             api_key=None,
-            routes=(ROUTE,),
+            routes=(USAGE_ROUTE,),
         )
         with caplog.at_level(logging.WARNING, logger="dualwrite"):
             app = app_with(settings)
         assert any("STRIPE_API_KEY is not set" in r.getMessage() for r in caplog.records)
-        transport = httpx.ASGITransport(app=app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                response = await client.post("/usage/cus_1", json={"item": "si_1", "quantity": 3})
-        finally:
-            await app.aclose()
+        response = await post_usage(app)
         assert response.status_code == 503
         body = response.text
         assert response.json()["error"]["type"] == "api_error"
@@ -87,15 +83,10 @@ class TestMiddlewareWithoutKey:
             prefix=key_prefix,
             api_base=standin_url,
             api_key="sk_test_notTheStandinsKey000000000000000",
-            routes=(ROUTE,),
+            routes=(USAGE_ROUTE,),
         )
         app = app_with(settings)
-        transport = httpx.ASGITransport(app=app)
-        try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                response = await client.post("/usage/cus_1", json={"item": "si_1", "quantity": 3})
-        finally:
-            await app.aclose()
+        response = await post_usage(app)
         assert response.status_code == 503
         assert "sk_test_" not in response.text and "API Key" not in response.text
 

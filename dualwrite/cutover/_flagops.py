@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 __all__ = ["clear_override", "schedule_stage", "set_default"]
 
 
+def _unchanged(line: str, actor: str, reason: str, dry_run: bool) -> OperationResult:
+    """A change that would change nothing, and why."""
+    return OperationResult(
+        operation="rollout", dry_run=dry_run, actor=actor, reason=reason, unchanged=[line]
+    )
+
+
 async def set_default(
     ops: CutoverOps,
     stage: Stage,
@@ -38,13 +45,7 @@ async def set_default(
     old = await ops.store.get_default()
     why = reason_text(f"default {stage.value}", reason)
     if old is stage:
-        return OperationResult(
-            operation="rollout",
-            dry_run=dry_run,
-            actor=actor,
-            reason=why,
-            unchanged=[f"the default is already {stage.value}"],
-        )
+        return _unchanged(f"the default is already {stage.value}", actor, why, dry_run)
     check_move("every customer on the default", old, stage, force=force)
     change = FlagChange(kind="default", customer="*", old=old.value, new=stage.value)
     return await finish(ops.store, "rollout", [change], actor=actor, reason=why, dry_run=dry_run)
@@ -64,13 +65,7 @@ async def clear_override(
     current, snapshot = await ops.stage_of(customer)
     why = reason_text(f"remove the override of {customer}", reason)
     if snapshot.override is None:
-        return OperationResult(
-            operation="rollout",
-            dry_run=dry_run,
-            actor=actor,
-            reason=why,
-            unchanged=[f"{customer} has no override"],
-        )
+        return _unchanged(f"{customer} has no override", actor, why, dry_run)
     after = resolve_snapshot(
         customer,
         snapshot.model_copy(update={"override": None}),
