@@ -117,8 +117,12 @@ def utc_day(timestamp: int) -> str:
 
 def utc_time(timestamp: float) -> str:
     """A Unix time as ISO 8601 UTC to the second (``2026-12-01T00:00:00Z``): how every message,
-    table and audit text shows an instant."""
-    return datetime.fromtimestamp(int(timestamp), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    table and audit text shows an instant (past the year 9999, which ISO 8601 cannot write without
+    an agreement, as Unix seconds)."""
+    try:
+        return datetime.fromtimestamp(int(timestamp), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"{int(timestamp)} (Unix seconds)"
 
 
 def _digest(*parts: str) -> str:

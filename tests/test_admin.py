@@ -274,6 +274,18 @@ class TestCutoverRules:
         assert [change["kind"] for change in data["changes"]] == [changed]
         assert await self.history(client) == []
 
+    async def test_schedule_past_the_year_9999(self, client: httpx.AsyncClient) -> None:
+        """A schedule the store accepts but ISO 8601 cannot write (year 23897) is answered, its
+        audit text in Unix seconds, never a 500 (found by schemathesis)."""
+        response = await client.post(
+            f"{ROOT}/customers/cus_A1/schedule",
+            json={"stage": "shadow", "at": 691_951_167_735},
+            headers=AUTH,
+        )
+        assert response.status_code == 200, response.text
+        [entry] = await self.history(client)
+        assert "691951167735 (Unix seconds)" in entry["reason"]
+
     async def test_one_stage_at_a_time_and_never_in_the_past(
         self, client: httpx.AsyncClient
     ) -> None:
