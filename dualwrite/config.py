@@ -9,6 +9,7 @@ Every validation failure becomes a ``ConfigError`` naming the key, the value and
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -73,19 +74,31 @@ _VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Attribute docstrings become field descriptions: the config template's comments
+    # (``dualwrite.config_template``) are written from them.
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class RedisSettings(_Frozen):
     """Where shared state lives."""
 
-    url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
-    """One server (``redis://host:port/db``) or a Redis Cluster's seed nodes
-    (``redis+cluster://h1:7000,h2:7000``; see ``dualwrite.redis_url``)."""
+    url: str = Field(
+        default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
+        examples=[DEFAULT_REDIS_URL],
+    )
+    """Where shared state lives (flags, outbox, ledger, divergence log); defaults to $REDIS_URL,
+    else redis://127.0.0.1:6379/0. One server (``redis://host:port/db``, ``rediss://`` for TLS,
+    ``unix:///path/to/socket``) or a Redis Cluster's seed nodes
+    (``redis+cluster://10.0.0.1:7000,10.0.0.2:7000``, ``rediss+cluster://`` for TLS)."""
     key_prefix: str = Field(default="dualwrite", min_length=1, max_length=64)
+    """Every key starts with this (letters, digits, '_', '-', '.'); give each environment its own."""
     shards: int = Field(default=1, ge=1, le=1024)
+    """Customers are spread over this many shards (outbox streams, ledgers), each one Redis Cluster
+    slot; on a cluster, a few per master (16 for three masters)."""
     socket_timeout: float = Field(default=1.0, gt=0, le=60)
+    """Seconds before a Redis call gives up; on the request path a timeout means "safe stage"."""
     connect_timeout: float = Field(default=1.0, gt=0, le=60)
+    """Seconds before connecting to Redis gives up."""
 
     @field_validator("url")
     @classmethod
@@ -114,12 +127,18 @@ class StripeSettings(_Frozen):
     """How dualwrite reaches Stripe (or the local stand-in)."""
 
     api_base: str = "https://api.stripe.com"
-    meter_events_base: str | None = None
+    """Where Stripe is (point it at ``dualwrite stripe-standin`` for tests and demos)."""
+    meter_events_base: str | None = Field(
+        default=None, examples=["https://meter-events.stripe.com"]
+    )
     """Base address of the v2 meter event stream; defaults to ``https://meter-events.stripe.com``
     for Stripe and to ``api_base`` for anything else (the stand-in serves both)."""
     legacy_api_version: str = DEFAULT_LEGACY_API_VERSION
+    """Usage records only exist up to this API version; it is sent on every legacy write."""
     timeout: float = Field(default=20.0, gt=0, le=300)
+    """Seconds one Stripe call may take; the outbox retries shadow writes that time out."""
     max_connections: int = Field(default=200, ge=1, le=10_000)
+    """Size of the HTTP connection pool to Stripe."""
     meter_path: Literal["v1", "v2"] = "v1"
     """How meter events are sent: ``v1`` (one synchronous, validated call per event; 1,000/s and one
     call per customer at a time) or ``v2`` (the meter event stream: batches of 100, 10,000 events/s,
@@ -176,18 +195,26 @@ class OutboxSettings(_Frozen):
     run_in_process: bool = True
     """Start a worker inside the ASGI lifespan (the middleware and ``dualwrite serve``)."""
     batch_size: int = Field(default=100, ge=1, le=10_000)
+    """Outbox entries a worker reads at once."""
     concurrency: int = Field(default=16, ge=1, le=1_000)
+    """Stripe calls in flight per worker."""
     block_ms: int = Field(default=500, ge=1, le=60_000)
+    """Milliseconds a worker waits for new entries in one read of the outbox stream."""
     claim_idle_seconds: float = Field(default=30.0, gt=0)
+    """Entries a dead worker left pending are claimed after this many idle seconds."""
     backoff_base: float = Field(default=0.5, gt=0)
+    """Retry backoff of a failed shadow write: this * 2^attempt seconds, with jitter, and at least
+    Stripe's Retry-After."""
     backoff_max: float = Field(default=60.0, gt=0)
+    """The longest retry backoff, in seconds."""
     max_age_seconds: float = Field(default=3 * 86400, gt=0)
     """An entry still failing after this long is dead-lettered."""
     spool: bool = True
     """Keep commits locally (fsynced) while Redis is unreachable, and replay them when it returns."""
-    spool_dir: Path | None = None
+    spool_dir: Path | None = Field(default=None, examples=["/var/lib/dualwrite/spool"])
     """Where (default: ``$XDG_STATE_HOME/dualwrite/spool``, else ``~/.local/state/dualwrite/spool``)."""
     spool_replay_seconds: float = Field(default=2.0, gt=0)
+    """How often (seconds) a spool holding commits tries to replay them into Redis."""
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
     """The spool directory's cap: once full, new usage is refused with a retryable 503 before
     anything is written (back-pressure, never loss), until a replay empties it."""
@@ -202,7 +229,10 @@ class LedgerSettings(_Frozen):
     divergence_maxlen: int = Field(default=100_000, ge=100)
     """Approximate cap of the divergence stream per shard (older entries are trimmed; counts stay)."""
     idempotency_ttl_seconds: int = Field(default=48 * 3600, ge=60)
+    """How long an Idempotency-Key is remembered (Stripe keeps its own for at least 24 hours)."""
     inflight_lease_seconds: int = Field(default=60, ge=1)
+    """A request that died mid-write lets a retry take over its identifier after this many
+    seconds."""
 
 
 class LimitSettings(_Frozen):
@@ -244,6 +274,7 @@ class GuardrailSettings(_Frozen):
     enabled: bool = True
     """Run the guard inside ``dualwrite worker`` every ``interval_seconds``."""
     interval_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    """Seconds between two guard passes."""
     max_divergent_events: int = Field(default=0, ge=0)
     """A customer with more divergent events than this (failed or late-refused writes included)
     goes back one stage."""
@@ -297,7 +328,9 @@ class FieldSource(_Frozen):
     """Where one ``UsageEvent`` field comes from in a request: ``kind:name`` in the config file."""
 
     kind: SourceKind
+    """path, query, json (dotted paths for nested objects), form, header or const."""
     name: str
+    """The parameter, field or header name (or the literal value, for const)."""
 
     @classmethod
     def parse(cls, spec: str) -> FieldSource:
@@ -327,16 +360,28 @@ class UsageRoute(_Frozen):
     """A request of the user's app that reports usage, and where each event field lives in it."""
 
     method: str = "POST"
-    path: str
-    customer: FieldSource | None = None
-    event_name: FieldSource | None = None
-    subscription_item: FieldSource | None = None
-    quantity: FieldSource
-    timestamp: FieldSource | None = None
-    action: FieldSource | None = None
-    identifier: FieldSource | None = None
+    """The HTTP method of the usage request."""
+    path: str = Field(examples=["/api/usage/{customer}"])
+    """Its path template, with ``{name}`` parameters."""
+    customer: FieldSource | None = Field(default=None, examples=["path:customer"])
+    """Where the Stripe customer id is. A source is ``kind:name`` with kind one of path, query,
+    json (dotted paths for nested objects), form, header, or const (a literal value)."""
+    event_name: FieldSource | None = Field(default=None, examples=["const:api_requests"])
+    """The meter event name (or let [items] map the subscription item to it)."""
+    subscription_item: FieldSource | None = Field(default=None, examples=["json:subscription_item"])
+    """The legacy subscription item (si_...)."""
+    quantity: FieldSource = Field(examples=["json:quantity"])
+    """How much usage."""
+    timestamp: FieldSource | None = Field(default=None, examples=["json:timestamp"])
+    """Unix seconds or "now" (default: now, fixed once at intercept)."""
+    action: FieldSource | None = Field(default=None, examples=["json:action"])
+    """increment or set (default: default_action)."""
+    identifier: FieldSource | None = Field(default=None, examples=["header:Idempotency-Key"])
+    """The event's identifier (default: the Idempotency-Key header, else one is minted)."""
     default_action: Action = "increment"
+    """The action when the request names none."""
     max_body_bytes: int = Field(default=64 * 1024, ge=1, le=16 * 1024 * 1024)
+    """Larger bodies get HTTP 413."""
 
     @field_validator(*_ROUTE_FIELDS, mode="before")
     @classmethod
@@ -382,15 +427,23 @@ class UsageRoute(_Frozen):
 class MeterMapping(_Frozen):
     """A Billing Meter and how legacy usage maps onto it."""
 
-    event_name: str = Field(min_length=1, max_length=100)
+    event_name: str = Field(min_length=1, max_length=100, examples=["api_requests"])
+    """The Billing Meter's event name."""
     customer_payload_key: str = "stripe_customer_id"
+    """The meter's payload key for the customer (as configured on the meter in Stripe)."""
     value_payload_key: str = "value"
+    """The meter's payload key for the value."""
     set_policy: SetPolicy = "translate"
-    legacy_prices: tuple[str, ...] = ()
+    """Legacy ``action=set`` has no meter twin: ``translate`` sends the difference from the value
+    last set at that timestamp (``sum`` meters; logged as divergence of kind "translated");
+    ``refuse`` answers HTTP 400 for customers whose stage writes meter events."""
+    legacy_prices: tuple[str, ...] = Field(default=(), examples=[["price_1LegacyApiCalls"]])
     """Legacy metered price ids whose usage records belong to this meter (used by the proxy)."""
     lookup_keys: tuple[str, ...] = ()
     """Price lookup keys whose usage records belong to this meter (used by the proxy)."""
-    meter_prices: dict[str, str] = Field(default_factory=dict)
+    meter_prices: dict[str, str] = Field(
+        default_factory=dict, examples=[{"price_1LegacyApiCalls": "price_1MeteredApiCalls"}]
+    )
     """Legacy price id → the meter-backed price that replaces it (``meters apply`` writes it;
     ``reconcile --money`` prices the meter leg with it)."""
 
@@ -398,8 +451,12 @@ class MeterMapping(_Frozen):
 class ItemMapping(_Frozen):
     """A subscription item known in advance: its customer and meter event name."""
 
-    customer: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", max_length=255)
-    event_name: str = Field(pattern=r"^[A-Za-z0-9_\-.:]+$", max_length=100)
+    customer: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", max_length=255, examples=["cus_Example"])
+    """The customer the item belongs to."""
+    event_name: str = Field(
+        pattern=r"^[A-Za-z0-9_\-.:]+$", max_length=100, examples=["api_requests"]
+    )
+    """The meter event name its usage goes to."""
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -432,6 +489,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        use_attribute_docstrings=True,
     )
 
     _file_data: ClassVar[dict[str, Any]] = {}
@@ -447,12 +505,19 @@ class Settings(BaseSettings):
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     routes: tuple[UsageRoute, ...] = ()
+    """Usage routes of your app (the middleware): method, path template, and where each field of
+    the usage event comes from."""
     meters: tuple[MeterMapping, ...] = ()
+    """Meters: one table per Billing Meter event name."""
     items: dict[str, ItemMapping] = Field(default_factory=dict)
+    """Subscription items known in advance (lets a route omit customer or event_name, and the
+    proxy skip a Stripe read)."""
     stripe_api_key: SecretStr | None = Field(default=None, validation_alias="STRIPE_API_KEY")
+    """The Stripe secret key (the middleware's writes, the workers, the operator commands)."""
     stripe_webhook_secret: SecretStr | None = Field(
         default=None, validation_alias="STRIPE_WEBHOOK_SECRET"
     )
+    """The signing secret of the event destination receiving Stripe's error reports."""
     report_token: SecretStr | None = Field(default=None, validation_alias="DUALWRITE_REPORT_TOKEN")
     """The bearer token of the report page (``dualwrite.web``); unset, the page refuses everyone."""
     admin_token: SecretStr | None = Field(default=None, validation_alias="DUALWRITE_ADMIN_TOKEN")
@@ -587,17 +652,24 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+#: Where every key is listed, for error messages: a command that exists wherever dualwrite is
+#: installed (``config/dualwrite.toml`` is only in the source repository).
+TEMPLATE_HINT = "`dualwrite config init -` prints every key with its default"
+
+
 def _describe(exc: ValidationError, *, source: str | None) -> str:
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
         value = error.get("input")
         shown = "<secret>" if "api_key" in key.lower() else _short(value)
         reason = error["msg"].removeprefix("Value error, ")
         if "api_key" in key.lower():
             fix = "set the Stripe key in the STRIPE_API_KEY environment variable only"
         elif error["type"] == "extra_forbidden":
-            fix = "remove it or correct its spelling (config/dualwrite.toml lists every key)"
+            lines.append(f"{key}: no such key; fix: {_unknown_key_fix(loc)}")
+            continue
         else:
             fix = _FIXES.get(key, _generic_fix(key))
         lines.append(f"{key} = {shown}: {reason}; fix: {fix}")
@@ -605,12 +677,69 @@ def _describe(exc: ValidationError, *, source: str | None) -> str:
     return f"invalid configuration{where}:\n  " + "\n  ".join(lines)
 
 
+def keys_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the config accepts beside the one at ``loc`` (``("redis", "urll")``: the
+    ``[redis]`` keys); empty when ``loc`` leads nowhere known."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int) or part.isdigit():
+            continue  # an index into [[routes]] or [[meters]]: same model
+        field = model.model_fields.get(str(part))
+        if field is None:
+            if model is Settings:
+                return []
+            continue  # an [items.<si>] name
+        inner = model_of(field.annotation)
+        if inner is None:
+            return []
+        model = inner
+    return [
+        name
+        for name, field in model.model_fields.items()
+        if not (model is Settings and field.validation_alias)
+    ]
+
+
+def model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds (directly, or as the items of a tuple or dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def did_you_mean(name: str, choices: list[str]) -> str | None:
+    """The closest of ``choices`` to a misspelled ``name``, if one is close enough."""
+    lowered = {choice.lower(): choice for choice in choices}
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[match[0]] if match else None
+
+
+def _unknown_key_fix(loc: tuple[str | int, ...]) -> str:
+    name = str(loc[-1]) if loc else ""
+    known = keys_at(loc)
+    guess = did_you_mean(name, known)
+    where = (
+        f"[{'.'.join(str(p) for p in loc[:-1] if not isinstance(p, int))}]"
+        if len(loc) > 1
+        else "the top level"
+    )
+    if guess is not None:
+        return f"did you mean {guess!r}? ({TEMPLATE_HINT})"
+    if known:
+        return f"remove it; the keys of {where} are {', '.join(known)}"
+    return f"remove it or correct its spelling ({TEMPLATE_HINT})"
+
+
 def _generic_fix(key: str) -> str:
     top = key.split(".")[0]
     env = ENV_PREFIX + "__".join(part.upper() for part in key.split(".") if not part.isdigit())
     if top in {"routes", "meters", "items"}:
-        return f"correct [{top}] in the config file (see config/dualwrite.toml)"
-    return f"correct it in the config file or set {env} (see config/dualwrite.toml)"
+        return f"correct [{top}] in the config file ({TEMPLATE_HINT})"
+    return f"correct it in the config file or set {env} ({TEMPLATE_HINT})"
 
 
 _URL_PASSWORD_RE = re.compile(r"(://[^/:@\s]*:)[^@/\s]+@")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import secrets
 import tempfile
@@ -24,7 +25,6 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import redis
@@ -34,27 +34,25 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dualwrite.config import DEFAULT_LEGACY_API_VERSION, MeterMapping, Settings, UsageRoute
+from dualwrite.demo_summary import DEMO_PREFIX, print_summary
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage, utc_day
-from dualwrite.pricing import format_amount
 from dualwrite.reconcile import MoneyCheck, Reconciler
 from dualwrite.redis_url import CLUSTER_SCHEMES
-from dualwrite.report import Report, build_report, render_table
+from dualwrite.report import Report, build_report
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
-__all__ = ["DemoOptions", "DemoResult", "run_demo"]
+__all__ = ["DEMO_PREFIX", "DemoOptions", "DemoResult", "run_demo"]
 
-DEMO_PREFIX = "dualwrite-demo"
 EVENT_NAME = "api_requests"
 LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
 RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
@@ -94,6 +92,16 @@ class DemoResult:
     stripe_legacy: dict[str, int] = field(default_factory=dict)
     stripe_meter: dict[str, int] = field(default_factory=dict)
     caller_errors: int = 0
+    requests: int = 0
+    """Usage requests sent (each counted once, however often the client retried it)."""
+    caller_retries: int = 0
+    """Retries the client made (same Idempotency-Key) after a retryable answer."""
+    faults: dict[str, int] = field(default_factory=dict)
+    """Faults the stand-in injected, by kind (``refused``: permanent refusals)."""
+    write_calls: int = 0
+    """Usage-record and meter-event calls Stripe (the stand-in) received, retries included."""
+    writes: int = 0
+    """Distinct writes among them (one per Idempotency-Key and path)."""
     redis_url: str = ""
     money: dict[str, MoneyCheck] = field(default_factory=dict)
     """Each customer's invoices on the two paths (``reconcile --money``)."""
@@ -135,6 +143,19 @@ def demo_redis(settings: Settings, console: Console) -> Iterator[str]:
             yield f"unix://{server.socket_file}"
         finally:
             _shut_down(server.socket_file)
+
+
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """dualwrite's warnings (the dead letters the demo causes on purpose, each retried fault)
+    would cut through its 80 columns: the summary states them; errors still print."""
+    logger = logging.getLogger("dualwrite")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _shut_down(socket_file: str) -> None:
@@ -250,8 +271,11 @@ def demo_settings(
     )
 
 
-async def _send(client: httpx.AsyncClient, customer: DemoCustomer, quantity: int, key: str) -> bool:
-    """One usage request, retried like an SDK does (same Idempotency-Key) on retryable errors."""
+async def _send(
+    client: httpx.AsyncClient, customer: DemoCustomer, quantity: int, key: str
+) -> tuple[bool, int]:
+    """One usage request, retried like an SDK does (same Idempotency-Key) on retryable errors;
+    whether it was recorded, and how many retries it took."""
     for attempt in range(8):
         response = await client.post(
             f"/usage/{customer.customer}",
@@ -259,11 +283,11 @@ async def _send(client: httpx.AsyncClient, customer: DemoCustomer, quantity: int
             headers={"Idempotency-Key": key},
         )
         if response.status_code == 200:
-            return True
+            return True, attempt
         if response.status_code not in RETRYABLE_STATUSES:
-            return False
+            return False, attempt
         await asyncio.sleep(0.02 * 2**attempt)
-    return False
+    return False, 7
 
 
 async def run_demo(
@@ -274,7 +298,11 @@ async def run_demo(
     rng = random.Random(options.seed)
     api_key = f"sk_test_demo{secrets.token_hex(12)}"
     standin = StripeStandin(api_keys=[api_key], seed=options.seed)
-    with demo_redis(settings, console) as redis_url, serve_standin(standin) as running:
+    with (
+        _quiet_logs(),
+        demo_redis(settings, console) as redis_url,
+        serve_standin(standin) as running,
+    ):
         _clear_prefix(redis_url, DEMO_PREFIX)
         console.print(f"Stripe: a local stand-in on {running.url}")
         async with AsyncExitStack() as stack:
@@ -303,13 +331,24 @@ async def run_demo(
                         reason="demo cohort",
                     )
             _inject_faults(standin, customers, options)
-            errors = await _traffic(config, engine, customers, options, rng, console)
+            sent = await _traffic(config, engine, customers, options, rng, console)
             await _wait_for_outbox(engine, console)
+            faults = dict(standin.faults.injected)
             standin.faults.clear()
             money = await _reconcile_money(config, engine, console)
             report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
+        calls, writes = _write_calls(standin)
         result = DemoResult(
-            report, customers, caller_errors=errors, redis_url=redis_url, money=money
+            report,
+            customers,
+            caller_errors=sent.refused,
+            requests=sent.requests,
+            caller_retries=sent.retries,
+            faults=faults,
+            write_calls=calls,
+            writes=writes,
+            redis_url=redis_url,
+            money=money,
         )
         for demo_customer in customers:
             result.stripe_legacy[demo_customer.customer] = standin.legacy_total(
@@ -318,7 +357,7 @@ async def run_demo(
             result.stripe_meter[demo_customer.customer] = int(
                 standin.meter_total(demo_customer.customer, EVENT_NAME)
             )
-        _print(console, result)
+        print_summary(console, result)
     return result
 
 
@@ -363,6 +402,28 @@ def _inject_faults(
     )
 
 
+def _write_calls(standin: StripeStandin) -> tuple[int, int]:
+    """The usage-record and meter-event calls the stand-in received, and how many distinct
+    writes they were (a retry repeats its write's Idempotency-Key on the same path)."""
+    calls = [
+        entry
+        for entry in standin.requests
+        if entry.method == "POST"
+        and (entry.path.endswith("/usage_records") or entry.path == "/v1/billing/meter_events")
+    ]
+    writes = {(entry.path, entry.idempotency_key or entry.request_id) for entry in calls}
+    return len(calls), len(writes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """The usage requests sent: how many, how many the caller saw refused, retries made."""
+
+    requests: int
+    refused: int
+    retries: int
+
+
 async def _traffic(
     config: Settings,
     engine: DualWriteEngine,
@@ -370,14 +431,21 @@ async def _traffic(
     options: DemoOptions,
     rng: random.Random,
     console: Console,
-) -> int:
-    """Send the usage requests; returns how many the caller finally saw refused."""
+) -> _Sent:
+    """Send the usage requests; say how many first, and count them as they go."""
     app = DualWriteMiddleware(_demo_app(), config=config, engine=engine)
     plan = [(rng.choice(customers), rng.randint(1, 20)) for _ in range(options.events)]
     legacy = next(c for c in customers if c.stage is Stage.LEGACY)
     plan += [(legacy, REFUSED_QUANTITY)] * REFUSED_REQUESTS  # refused for good (_inject_faults)
+    console.print(
+        f"Sending {len(plan)} usage requests: {options.events} at random to "
+        f"{len(customers)} customers, and {REFUSED_REQUESTS} that Stripe refuses on purpose. "
+        f"About {options.fault_rate:.0%} of Stripe calls fail on the way (500, 429, timeouts).",
+        highlight=False,
+    )
     gate = asyncio.Semaphore(options.concurrency)
     errors = 0
+    retries = 0
     transport = httpx.ASGITransport(app=app)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -391,17 +459,18 @@ async def _traffic(
             task = progress.add_task("usage requests", total=len(plan))
 
             async def one(index: int, customer: DemoCustomer, quantity: int) -> None:
-                nonlocal errors
+                nonlocal errors, retries
                 async with gate:
                     key = f"demo-{options.seed}-{index}"
-                    if not await _send(client, customer, quantity, key):
-                        errors += 1
+                    recorded, tries = await _send(client, customer, quantity, key)
+                    errors += not recorded
+                    retries += tries
                 progress.advance(task)
 
             async with asyncio.TaskGroup() as group:
                 for index, (customer, quantity) in enumerate(plan):
                     group.create_task(one(index, customer, quantity))
-    return errors
+    return _Sent(requests=len(plan), refused=errors, retries=retries)
 
 
 async def _wait_for_outbox(engine: DualWriteEngine, console: Console) -> None:
@@ -423,64 +492,3 @@ async def _reconcile_money(
         finally:
             await reconciler.aclose()
     return {record.customer: record.money for record in run.records if record.money is not None}
-
-
-def _invoice_cell(money: MoneyCheck | None) -> str:
-    """A customer's invoice difference (meter minus legacy), in cents, for the last table."""
-    if money is None or money.skipped == "one_leg":
-        return "[dim]one leg[/]"
-    if money.skipped is not None or money.currency is None or money.difference is None:
-        return f"[dim]{money.skipped or 'not priced'}[/]"
-    text = format_amount(money.difference, money.currency, signed=bool(money.difference))
-    return f"[bold red]{text}[/]" if money.difference else f"[green]{text}[/]"
-
-
-def _print(console: Console, result: DemoResult) -> None:
-    console.print()
-    console.print(render_table(result.report))
-    check = Table(title="cross-check with Stripe's own totals (the stand-in)", title_justify="left")
-    for column in (
-        "customer",
-        "stage",
-        "ledger legacy",
-        "Stripe legacy",
-        "ledger meter",
-        "Stripe meter",
-        "agree",
-        "invoice difference",
-    ):
-        check.add_column(column)
-    rows: dict[str, Any] = {row.customer: row for row in result.report.customers}
-    for customer in result.customers:
-        row = rows.get(customer.customer)
-        ledger_legacy = row.legacy.accepted_qty if row else 0
-        ledger_meter = row.meter.accepted_qty if row else 0
-        stripe_legacy = result.stripe_legacy.get(customer.customer, 0)
-        stripe_meter = result.stripe_meter.get(customer.customer, 0)
-        agree = ledger_legacy == stripe_legacy and ledger_meter == stripe_meter
-        check.add_row(
-            customer.customer,
-            customer.stage.value,
-            str(ledger_legacy),
-            str(stripe_legacy),
-            str(ledger_meter),
-            str(stripe_meter),
-            "[green]yes[/]" if agree else "[bold red]NO[/]",
-            _invoice_cell(result.money.get(customer.customer)),
-        )
-    console.print(check)
-    console.print(
-        "invoice difference: what the meter-backed price would bill minus what the legacy price "
-        "bills, for each leg's total (`dualwrite reconcile --money`)"
-    )
-    console.print(
-        f"{result.caller_errors} usage request(s) were refused to the caller (injected authoritative "
-        f"refusals); {result.report.divergent_customers} customer(s) diverged (injected shadow "
-        "refusals)."
-    )
-    if result.redis_url.startswith("unix://"):
-        console.print("The embedded Redis is gone with the demo; start Redis to keep a report.")
-    else:
-        console.print(
-            f"See it again with: DUALWRITE_REDIS__KEY_PREFIX={DEMO_PREFIX} dualwrite report"
-        )

@@ -80,6 +80,13 @@ class DualWriteMiddleware:
         self._clock = clock
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
+        self._keyless = self.engine.settings.api_key() is None
+        if self._keyless and self.routes.routes:
+            log.warning(
+                "STRIPE_API_KEY is not set: usage requests on the %d configured route(s) will be "
+                "answered 503 and nothing recorded until it is set in the app's environment",
+                len(self.routes.routes),
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -120,6 +127,11 @@ class DualWriteMiddleware:
             await self.engine.aclose()
 
     async def _usage(self, match: RouteMatch, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._keyless:
+            # The caller learns nothing about the server's configuration; the log says what.
+            log.error("usage request refused: STRIPE_API_KEY is not set")
+            await _unavailable()(scope, receive, send)
+            return
         await self._ensure_started()
         limit = match.route.max_body_bytes
         body = await _read_body(receive, limit)
@@ -202,6 +214,15 @@ def usage_error(exc: UsageInputError | ConflictError) -> JSONResponse:
     return stripe_error(409, str(exc), code="idempotency_key_in_use")
 
 
+def _unavailable() -> JSONResponse:
+    """503: usage cannot be recorded now, for a reason of the server's own (its log says which)."""
+    return stripe_error(
+        503,
+        "Usage cannot be recorded right now; nothing was recorded. Retry later.",
+        error_type="api_error",
+    )
+
+
 def refusal(outcome: RecordOutcome) -> JSONResponse:
     """Stripe's own status and error, for an authoritative write Stripe refused."""
     failure = outcome.authoritative.failure
@@ -213,5 +234,10 @@ def refusal(outcome: RecordOutcome) -> JSONResponse:
     if failure.retry_after is not None:
         headers["Retry-After"] = f"{failure.retry_after:g}"
     headers["Stripe-Should-Retry"] = "true" if failure.retryable else "false"
+    if failure.http_status in (401, 403) or failure.type == "authentication_error":
+        # Stripe refused the server's own key: the caller's request is not at fault, and the
+        # message (which names the key) is the server's business.
+        log.error("Stripe refused the server's key: %s", failure.message)
+        return _unavailable()
     status = failure.http_status or 502  # no status: the network failed on the way to Stripe
     return JSONResponse(failure.error_body(), status_code=status, headers=headers)

@@ -31,6 +31,7 @@ __all__ = [
     "mint_identifier",
     "plan_for",
     "utc_day",
+    "utc_time",
 ]
 
 #: Stripe refuses meter values with more than 15 significant digits (API 2026-04-22.dahlia).
@@ -58,6 +59,13 @@ class Stage(StrEnum):
     SHADOW = "shadow"
     PRIMARY = "primary"
     METER = "meter"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Stage | None:
+        # Stage names are case-insensitive everywhere (config, CLI, admin API): "Shadow" is shadow.
+        if isinstance(value, str):
+            return cls.__members__.get(value.strip().upper())
+        return None
 
     @property
     def rank(self) -> int:
@@ -105,6 +113,16 @@ def mint_identifier() -> str:
 def utc_day(timestamp: int) -> str:
     """The UTC calendar day (``YYYY-MM-DD``) a Unix timestamp falls in: the ledger's default period."""
     return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d")
+
+
+def utc_time(timestamp: float) -> str:
+    """A Unix time as ISO 8601 UTC to the second (``2026-12-01T00:00:00Z``): how every message,
+    table and audit text shows an instant (past the year 9999, which ISO 8601 cannot write without
+    an agreement, as Unix seconds)."""
+    try:
+        return datetime.fromtimestamp(int(timestamp), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        return f"{int(timestamp)} (Unix seconds)"
 
 
 def _digest(*parts: str) -> str:

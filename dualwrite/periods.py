@@ -22,6 +22,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
+from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.models import UsageEvent, utc_day
 from dualwrite.redis_client import as_str, store_errors
@@ -185,6 +186,9 @@ class PeriodResolver:
             return Period.day_of(event.timestamp)
         try:
             periods = await self._item_periods(item, event.timestamp, api_key)
+        except StoreUnavailableError as exc:  # expected while Redis is down: no traceback
+            log.warning("billing period of %s unavailable (%s); using the UTC day", item, exc)
+            periods = None
         except Exception:  # a ledger period must never fail a recorded event
             log.warning("billing period of %s unavailable; using the UTC day", item, exc_info=True)
             periods = None

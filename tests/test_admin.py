@@ -140,21 +140,23 @@ class TestOperations:
             json={"stage": "shadow", "actor": "ops@example.com", "reason": "pilot"},
             headers=AUTH,
         )
-        assert response.json() == {"stage": "shadow"}
-        assert (await client.get(f"{ROOT}/flags/default", headers=AUTH)).json() == {
-            "stage": "shadow"
-        }
+        assert response.json()["stage"] == "shadow" and response.json()["dry_run"] is False
+        assert [change["new"] for change in response.json()["changes"]] == ["shadow"]
+        assert (await client.get(f"{ROOT}/flags/default", headers=AUTH)).json()["stage"] == (
+            "shadow"
+        )
         response = await client.put(
             f"{ROOT}/flags/rollout", json={"stage": "primary", "percent": 12.5}, headers=AUTH
         )
-        assert response.json() == {"shadow": 0.0, "primary": 12.5, "meter": 0.0}
+        shares = {name: response.json()[name] for name in ("shadow", "primary", "meter")}
+        assert shares == {"shadow": 0.0, "primary": 12.5, "meter": 0.0}
         response = await client.put(f"{ROOT}/flags/kill", json={"on": True}, headers=AUTH)
-        assert response.json() == {"on": True}
+        assert response.json()["on"] is True
         listing = (await client.get(f"{ROOT}/flags", headers=AUTH)).json()
         assert listing["default"] == "shadow"
         assert listing["kill"] is True
         assert listing["rollout"]["primary"] == 12.5
-        assert (await client.get(f"{ROOT}/flags/kill", headers=AUTH)).json() == {"on": True}
+        assert (await client.get(f"{ROOT}/flags/kill", headers=AUTH)).json()["on"] is True
         assert (await client.get(f"{ROOT}/flags/rollout", headers=AUTH)).json()["primary"] == 12.5
 
     async def test_customer_override_schedule_and_resolution(
@@ -166,7 +168,9 @@ class TestOperations:
 
         view = (
             await client.put(
-                f"{ROOT}/customers/cus_A1/override", json={"stage": "meter"}, headers=AUTH
+                f"{ROOT}/customers/cus_A1/override",
+                json={"stage": "meter", "force": True},
+                headers=AUTH,
             )
         ).json()
         assert (view["stage"], view["reason"], view["override"]) == ("meter", "override", "meter")
@@ -174,7 +178,7 @@ class TestOperations:
         view = (
             await client.post(
                 f"{ROOT}/customers/cus_A1/schedule",
-                json={"stage": "primary", "at": 1_000_000},
+                json={"stage": "primary", "at": 1_000_000, "force": True},
                 headers=AUTH,
             )
         ).json()
@@ -183,7 +187,11 @@ class TestOperations:
 
         response = await client.delete(
             f"{ROOT}/customers/cus_A1/override",
-            params={"actor": "ops@example.com", "reason": "let the schedule decide"},
+            params={
+                "actor": "ops@example.com",
+                "reason": "let the schedule decide",
+                "force": "true",
+            },
             headers=AUTH,
         )
         view = response.json()
@@ -211,8 +219,14 @@ class TestOperations:
             await client.get(f"{ROOT}/history", params={"customer": "cus_B2"}, headers=AUTH)
         ).json()["entries"]
         assert [(e["actor"], e["action"], e["old"], e["new"], e["reason"]) for e in entries] == [
-            ("bob", "set_override", "shadow", "primary", "second"),
-            ("alice", "set_override", None, "shadow", "first"),
+            (
+                "bob",
+                "set_override",
+                "shadow",
+                "primary",
+                "rollout primary for a cohort of 1: second",
+            ),
+            ("alice", "set_override", None, "shadow", "rollout shadow for a cohort of 1: first"),
         ]
         everything = (
             await client.get(f"{ROOT}/history", params={"limit": "1"}, headers=AUTH)
@@ -220,6 +234,81 @@ class TestOperations:
         assert [(e["actor"], e["action"], e["new"]) for e in everything] == [
             ("admin-api", "set_kill", "1")
         ]
+
+
+class TestCutoverRules:
+    """Flag changes through the API follow the CLI's rules: ?dry_run=true, force, no past."""
+
+    async def history(self, client: httpx.AsyncClient) -> list[dict[str, Any]]:
+        """The audit log."""
+        entries: list[dict[str, Any]] = (await client.get(f"{ROOT}/history", headers=AUTH)).json()[
+            "entries"
+        ]
+        return entries
+
+    @pytest.mark.parametrize(
+        ("method", "path", "body", "changed"),
+        [
+            ("PUT", "/flags/default", {"stage": "shadow"}, "default"),
+            ("PUT", "/flags/rollout", {"stage": "shadow", "percent": 10}, "rollout"),
+            ("PUT", "/flags/kill", {"on": True}, "kill"),
+            ("PUT", "/customers/cus_A1/override", {"stage": "Shadow"}, "set_override"),
+            (
+                "POST",
+                "/customers/cus_A1/schedule",
+                {"stage": "shadow", "at": 4_000_000_000},
+                "schedule",
+            ),
+        ],
+    )
+    async def test_dry_run_changes_nothing(
+        self, client: httpx.AsyncClient, method, path, body, changed
+    ) -> None:
+        """?dry_run=true answers with the change it would make, and makes none."""
+        response = await client.request(
+            method, f"{ROOT}{path}", params={"dry_run": "true"}, json=body, headers=AUTH
+        )
+        assert response.status_code == 200, response.text
+        data = response.json()
+        assert data["dry_run"] is True
+        assert [change["kind"] for change in data["changes"]] == [changed]
+        assert await self.history(client) == []
+
+    async def test_schedule_past_the_year_9999(self, client: httpx.AsyncClient) -> None:
+        """A schedule the store accepts but ISO 8601 cannot write (year 23897) is answered, its
+        audit text in Unix seconds, never a 500 (found by schemathesis)."""
+        response = await client.post(
+            f"{ROOT}/customers/cus_A1/schedule",
+            json={"stage": "shadow", "at": 691_951_167_735},
+            headers=AUTH,
+        )
+        assert response.status_code == 200, response.text
+        [entry] = await self.history(client)
+        assert "691951167735 (Unix seconds)" in entry["reason"]
+
+    async def test_one_stage_at_a_time_and_never_in_the_past(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """A jump of stages or a past schedule is a 400 naming the field, unless force."""
+        jump = await client.put(
+            f"{ROOT}/customers/cus_A1/override", json={"stage": "meter"}, headers=AUTH
+        )
+        assert jump.status_code == 400 and jump.json()["error"]["param"] == "stage"
+        assert "one stage at a time" in jump.json()["error"]["message"]
+        default = await client.put(f"{ROOT}/flags/default", json={"stage": "primary"}, headers=AUTH)
+        assert default.status_code == 400 and default.json()["error"]["param"] == "stage"
+        past = await client.post(
+            f"{ROOT}/customers/cus_A1/schedule", json={"stage": "shadow", "at": 1_000}, headers=AUTH
+        )
+        assert past.status_code == 400 and past.json()["error"]["param"] == "at"
+        assert "1970-01-01T00:16:40Z is in the past" in past.json()["error"]["message"]
+        assert await self.history(client) == []
+        forced = await client.put(
+            f"{ROOT}/customers/cus_A1/override",
+            json={"stage": "meter", "force": True},
+            headers=AUTH,
+        )
+        assert forced.status_code == 200 and forced.json()["stage"] == "meter"
 
 
 BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str | None]] = [
@@ -334,7 +423,9 @@ class TestInTheProxy:
             async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as http:
                 assert_stripe_error(await http.get(f"{ROOT}/flags"), 401)
                 response = await http.put(
-                    f"{ROOT}/customers/cus_D4/override", json={"stage": "meter"}, headers=AUTH
+                    f"{ROOT}/customers/cus_D4/override",
+                    json={"stage": "meter", "force": True},
+                    headers=AUTH,
                 )
                 assert response.json()["stage"] == "meter"
                 document = (await http.get(f"{ROOT}/openapi.json", headers=AUTH)).json()

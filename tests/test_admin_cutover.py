@@ -410,7 +410,7 @@ BAD: list[tuple[str, dict[str, Any], str, str, tuple[str, ...]]] = [
         "/customers/cus_p/cutover",
         {"to": "meter", "at": "2020-01-01T00:00:00Z"},
         "at",
-        "--at 1577836800 is in the past",
+        "--at 2020-01-01T00:00:00Z is in the past",
         ("cutover", "cus_p", "--to", "meter", "--at", "2020-01-01T00:00:00Z"),
     ),
     (

@@ -58,6 +58,11 @@ def ok(result: Result) -> str:
     return text(result)
 
 
+def cohort(stage: str) -> str:
+    """The audit reason's prefix of ``flags set`` (it moves a cohort of one)."""
+    return f"rollout {stage} for a cohort of 1"
+
+
 def history_rows(cli) -> list[list[str]]:
     """The rows of ``flags history``, as lists of cells."""
     result = cli("flags", "history")
@@ -80,9 +85,12 @@ class TestFlags:
         assert "cus_B2 legacy default" in output
 
     def test_set_clear_removes_the_override(self, cli):
-        """set --clear drops the override, and the customer falls back to the default."""
-        ok(cli("flags", "set", "cus_A1", "meter", "--actor", "alice"))
-        assert ok(cli("flags", "set", "cus_A1", "--clear", "--actor", "bob")) == (
+        """set --clear drops the override, and the customer falls back to the default; a fall
+        back is a rollback, so it needs --force."""
+        ok(cli("flags", "set", "cus_A1", "shadow", "--actor", "alice"))
+        refused = cli("flags", "set", "cus_A1", "--clear", "--actor", "bob")
+        assert refused.exit_code == 2 and "is a rollback" in text(refused)
+        assert ok(cli("flags", "set", "cus_A1", "--clear", "--force", "--actor", "bob")) == (
             "cus_A1: no override"
         )
         assert "cus_A1 legacy default" in ok(cli("flags", "get", "cus_A1"))
@@ -90,10 +98,10 @@ class TestFlags:
     def test_default(self, cli):
         """default shows the global default, and sets it when given a stage."""
         assert ok(cli("flags", "default")) == "default stage: legacy"
-        assert ok(cli("flags", "default", "primary", "--actor", "carol")) == (
-            "default stage: primary"
+        assert ok(cli("flags", "default", "shadow", "--actor", "carol")) == (
+            "default stage: shadow"
         )
-        assert "cus_new primary default" in ok(cli("flags", "get", "cus_new"))
+        assert "cus_new shadow default" in ok(cli("flags", "get", "cus_new"))
 
     def test_rollout(self, cli):
         """rollout shows every rollout stage's share, and sets one ("25%" or "12.5")."""
@@ -109,37 +117,36 @@ class TestFlags:
                 "flags",
                 "schedule",
                 "cus_A1",
-                "meter",
+                "shadow",
                 "--at",
                 "2030-01-01T00:00:00Z",
                 "--actor",
                 "e",
             )
         )
-        assert output == "cus_A1: meter from 2030-01-01 00:00:00 UTC"
+        assert output == "cus_A1: shadow from 2030-01-01T00:00:00Z"
         output = ok(
             cli("flags", "schedule", "cus_A1", "primary", "--at", "1900000000", "--actor", "e")
         )
-        assert output == "cus_A1: primary from 2030-03-17 17:46:40 UTC"
+        assert output == "cus_A1: primary from 2030-03-17T17:46:40Z"
         output = ok(cli("flags", "schedule", "cus_B2", "shadow", "--at", "2030-06-01T12:00:00"))
-        assert output == "cus_B2: shadow from 2030-06-01 12:00:00 UTC"
+        assert output == "cus_B2: shadow from 2030-06-01T12:00:00Z"
         output = ok(cli("flags", "schedule", "cus_C3", "shadow", "--at", "2030-06-01T14:00+02:00"))
-        assert output == "cus_C3: shadow from 2030-06-01 12:00:00 UTC"
+        assert output == "cus_C3: shadow from 2030-06-01T12:00:00Z"
         listing = ok(cli("flags", "list"))
         assert (
-            "cus_A1 meter from 2030-01-01 00:00:00 UTC, primary from 2030-03-17 17:46:40 UTC"
-            in listing
+            "cus_A1 shadow from 2030-01-01T00:00:00Z, primary from 2030-03-17T17:46:40Z" in listing
         )
 
     def test_schedule_clear(self, cli):
         """schedule --clear removes every entry of the customer."""
-        ok(cli("flags", "schedule", "cus_A1", "meter", "--at", "1900000000"))
+        ok(cli("flags", "schedule", "cus_A1", "shadow", "--at", "1900000000"))
         assert ok(cli("flags", "schedule", "cus_A1", "--clear")) == "cus_A1: schedule cleared"
         assert "cus_A1" not in ok(cli("flags", "list"))
 
     def test_kill_switch(self, cli):
         """kill on sends everyone to legacy; kill shows the state; kill off lifts it."""
-        ok(cli("flags", "set", "cus_A1", "meter", "--actor", "a"))
+        ok(cli("flags", "set", "cus_A1", "shadow", "--actor", "a"))
         assert ok(cli("flags", "kill")) == "kill switch: off"
         assert ok(cli("flags", "kill", "on", "--actor", "oncall", "--reason", "incident")) == (
             "kill switch: ON (everyone legacy)"
@@ -147,19 +154,19 @@ class TestFlags:
         assert ok(cli("flags", "kill")) == "kill switch: ON (everyone legacy)"
         assert "cus_A1 legacy kill" in ok(cli("flags", "get", "cus_A1"))
         assert ok(cli("flags", "kill", "off", "--actor", "oncall")) == "kill switch: off"
-        assert "cus_A1 meter override" in ok(cli("flags", "get", "cus_A1"))
+        assert "cus_A1 shadow override" in ok(cli("flags", "get", "cus_A1"))
 
     def test_list(self, cli):
         """list shows the default, kill switch, rollout, overrides and schedules."""
         ok(cli("flags", "default", "shadow", "--actor", "a"))
-        ok(cli("flags", "rollout", "meter", "5", "--actor", "a"))
+        ok(cli("flags", "rollout", "meter", "5", "--actor", "a", "--force"))
         ok(cli("flags", "set", "cus_A1", "primary", "--actor", "a"))
-        ok(cli("flags", "schedule", "cus_B2", "meter", "--at", "1900000000", "--actor", "a"))
+        ok(cli("flags", "schedule", "cus_B2", "primary", "--at", "1900000000", "--actor", "a"))
         output = ok(cli("flags", "list"))
         assert "default: shadow kill switch: off" in output
         assert "rollout: shadow 0 %, primary 0 %, meter 5 %" in output
         assert "cus_A1 primary" in output
-        assert "cus_B2 meter from 2030-03-17 17:46:40 UTC" in output
+        assert "cus_B2 primary from 2030-03-17T17:46:40Z" in output
 
     def test_history_records_actor_and_reason(self, cli):
         """history lists each change newest first, with actor, action, old, new and reason."""
@@ -169,15 +176,22 @@ class TestFlags:
         rows = history_rows(cli)
         assert [row[1:] for row in rows] == [
             ["oncall", "set_kill", "*", "", "1", "incident"],
-            ["bob", "set_override", "cus_A1", "shadow", "primary", "cut over"],
-            ["alice", "set_override", "cus_A1", "", "shadow", "pilot"],
+            [
+                "bob",
+                "set_override",
+                "cus_A1",
+                "shadow",
+                "primary",
+                f"{cohort('primary')}: cut over",
+            ],
+            ["alice", "set_override", "cus_A1", "", "shadow", f"{cohort('shadow')}: pilot"],
         ]
-        assert all(row[0].endswith(" UTC") for row in rows)
+        assert all(row[0].endswith("Z") and "T" in row[0] for row in rows)
 
     def test_history_for_one_customer(self, cli):
         """history --customer keeps only that customer's changes."""
         ok(cli("flags", "set", "cus_A1", "shadow", "--actor", "alice"))
-        ok(cli("flags", "set", "cus_B2", "meter", "--actor", "bob"))
+        ok(cli("flags", "set", "cus_B2", "shadow", "--actor", "bob"))
         output = ok(cli("flags", "history", "--customer", "cus_B2"))
         assert "cus_B2" in output and "bob" in output
         assert "cus_A1" not in output and "alice" not in output
@@ -196,10 +210,17 @@ class TestBadInput:
         ("args", "expected"),
         [
             (("flags", "set", "cus_A1", "beta"), "Invalid value for 'stage': 'beta' is not one of"),
+            (("flags", "set", "cus_A1", "primary"), "moves go one stage at a time (next: shadow)"),
+            (("flags", "default", "meter"), "moves go one stage at a time"),
+            (
+                ("flags", "schedule", "cus_A1", "shadow", "--at", "2020-01-01T00:00:00Z"),
+                "--at 2020-01-01T00:00:00Z is in the past",
+            ),
+            (("flags", "schedule", "cus_A1", "meter", "--at", "now"), "one stage at a time"),
             (("flags", "set", "cus_A1", "shadow", "--clear"), "give a STAGE, or --clear"),
             (("flags", "set", "cus_A1"), "give a STAGE, or --clear"),
             (("flags", "default", "beta"), "Invalid value for 'stage'"),
-            (("flags", "rollout", "shadow", "abc"), "PERCENT 'abc' is not a number"),
+            (("flags", "rollout", "shadow", "abc"), "percentage 'abc' is not a number"),
             (("flags", "rollout", "shadow"), "give both STAGE and PERCENT"),
             (
                 ("flags", "schedule", "cus_A1", "meter", "--at", "yesterday"),
@@ -210,10 +231,14 @@ class TestBadInput:
                 ("flags", "schedule", "cus_A1", "meter", "--clear"),
                 "--clear takes no STAGE or --at",
             ),
-            (("flags", "kill", "maybe"), "STATE must be on, off or status"),
+            (("flags", "kill", "maybe"), "'maybe' is not one of 'on', 'off', 'status'"),
             (("flags", "history", "--limit", "0"), "Invalid value for '--limit'"),
             (("report", "--since", "yesterday"), "--since 'yesterday': write a day as YYYY-MM-DD"),
             (("report", "--until", "2026-13-01"), "--until '2026-13-01'"),
+            (
+                ("report", "--since", "2026-12-01", "--until", "2026-11-01"),
+                "--since 2026-12-01 is after --until 2026-11-01; give the earlier day first",
+            ),
         ],
     )
     def test_usage_errors(self, cli, args, expected):
@@ -225,9 +250,9 @@ class TestBadInput:
     @pytest.mark.parametrize(
         ("args", "expected"),
         [
-            (("flags", "rollout", "shadow", "150"), "between 0 and 100"),
+            (("flags", "rollout", "shadow", "150"), "must be 0 to 100"),
             (("flags", "set", "bad customer!", "shadow"), "got 'bad customer!'"),
-            (("flags", "schedule", "cus_A1", "meter", "--at", "0"), "schedule time"),
+            (("flags", "schedule", "cus_A1", "shadow", "--at", "0", "--force"), "schedule time"),
         ],
     )
     def test_values_refused_by_the_store(self, cli, args, expected):
@@ -366,6 +391,13 @@ class TestReport:
         assert shown("--stage", "meter") == set()
         assert shown("--divergent") == set()
         assert shown("--since", "2000-01-01", "--until", "2000-12-31") == set()
+        assert shown("--stage", "SHADOW") == {customers["shadow"], customers["pending"]}
+
+    def test_unknown_customer(self, cli, customers):
+        """--customer naming a customer the report holds nothing for: a message, exit 1."""
+        result = cli("report", "--customer", "cus_nobody")
+        assert result.exit_code == 1
+        assert "no such customer 'cus_nobody': dualwrite holds no usage for it" in text(result)
 
     def test_table_lists_the_customers(self, cli, customers):
         """Without --json, a table with a line per customer, its stage and status."""

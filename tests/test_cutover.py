@@ -358,7 +358,7 @@ class TestCommands:
         bad.write_text("cus_ok\nnot a customer\n", encoding="utf-8")
         result = cli("rollout", "shadow", "--file", str(bad))
         assert result.exit_code == 2 and "bad.txt line 2" in flat(result)
-        assert cli("flags", "set", "cus_b1", "primary").exit_code == 0
+        assert cli("flags", "set", "cus_b1", "primary", "--force").exit_code == 0
         result = cli("cutover", "cus_b1", "--to", "shadow", "--at", "now")
         assert result.exit_code == 2
         assert "moving it back to shadow is a rollback" in flat(result)
@@ -399,7 +399,7 @@ class TestCommands:
         """`rollback --all` sends everyone back (--force: primary to legacy at once); `--dry-run`
         first changes nothing."""
         assert cli("flags", "rollout", "shadow", "50").exit_code == 0
-        assert cli("flags", "set", "cus_x", "primary").exit_code == 0
+        assert cli("flags", "set", "cus_x", "primary", "--force").exit_code == 0
         refused = cli("rollback", "--all", "--dry-run")
         assert refused.exit_code == 2 and "more than one stage at once" in flat(refused)
         dry = cli("rollback", "--all", "--force", "--dry-run")

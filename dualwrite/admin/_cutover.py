@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dualwrite.admin._api import AdminContext, ApiError, Call, Endpoint
-from dualwrite.admin._flags import CustomerPath, _Change, _Input
+from dualwrite.admin._flag_models import CustomerPath, _Change, _Input
 from dualwrite.cutover import (
     CutoverInputError,
     CutoverOps,

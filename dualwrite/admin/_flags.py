@@ -17,173 +17,59 @@ GET     ``/history``                            the audit log, newest first
 ======  ======================================  ===============================================
 
 Changes name who made them (``actor``, default ``admin-api``) and why (``reason``): in the JSON
-body, or in the query string for DELETE.
+body, or in the query string for DELETE. They follow the cutover rules: one stage forward at a
+time unless ``force`` (a move back is a rollback), no schedule in the past; ``?dry_run=true``
+changes nothing and answers with the changes it would make (``changes``, ``dry_run: true``).
 """
 
 from __future__ import annotations
 
-import unicodedata
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from dualwrite.admin._api import AdminContext, ApiError, Call, Endpoint
-from dualwrite.cutover import CutoverOps
-from dualwrite.flags import AuditEntry, ResolutionReason, resolve_snapshot
-from dualwrite.flags._codec import format_percent
+from dualwrite.admin._flag_models import (
+    ChangeQuery,
+    CustomerPath,
+    CustomerView,
+    DefaultView,
+    DryRunQuery,
+    FlagsView,
+    HistoryQuery,
+    HistoryView,
+    KillChange,
+    KillView,
+    RolloutChange,
+    RolloutView,
+    ScheduleChange,
+    ScheduledStage,
+    StageChange,
+)
+from dualwrite.cutover import (
+    CutoverInputError,
+    CutoverOps,
+    FlagChange,
+    OperationResult,
+    clear_override as clear_override_op,
+    schedule_stage,
+    set_default as set_default_op,
+)
+from dualwrite.cutover._plans import clear_schedule_change
+from dualwrite.flags import resolve_snapshot
 from dualwrite.models import Stage
 
 __all__ = ["FLAG_ENDPOINTS"]
 
-CUSTOMER_PATTERN = r"^[A-Za-z0-9_\-]{1,255}$"
-DEFAULT_ACTOR = "admin-api"
-RolloutStage = Literal["shadow", "primary", "meter"]
-
-
-class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _Change(_Input):
-    actor: str = Field(
-        default=DEFAULT_ACTOR,
-        min_length=1,
-        max_length=200,
-        pattern=r"\S",
-        description="Who makes the change (kept in the audit log).",
-    )
-    reason: str = Field(default="", max_length=1000, description="Why (kept in the audit log).")
-
-    @field_validator("actor")
-    @classmethod
-    def _printable_actor(cls, value: str) -> str:
-        # The schema's pattern is ECMA's \S, for which separators such as U+001C are not space;
-        # the flag store strips them and refuses what is left empty. Control characters have no
-        # business in an audit log's "who" either.
-        if not value.strip() or any(unicodedata.category(char)[0] == "C" for char in value):
-            raise ValueError("actor must be printable text naming who makes the change")
-        return value
-
-
-class CustomerPath(_Input):
-    """The customer in the path."""
-
-    customer: str = Field(pattern=CUSTOMER_PATTERN, description="A Stripe customer id.")
-
-
-class ChangeQuery(_Change):
-    """Who removes something, and why (query string)."""
-
-
-class StageChange(_Change):
-    """A stage to set."""
-
-    stage: Stage
-
-
-class KillChange(_Change):
-    """The kill switch's new state."""
-
-    on: bool = Field(description="true: every customer resolves to legacy.")
-
-
-class RolloutChange(_Change):
-    """One rollout stage's new percentage."""
-
-    stage: RolloutStage
-    percent: float = Field(
-        ge=0, le=100, multiple_of=0.01, description="Share of customers, 0 to 100, two decimals."
-    )
-
-    @field_validator("percent", mode="before")
-    @classmethod
-    def _two_decimals(cls, value: object) -> object:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                format_percent(Stage.SHADOW, value)
-            except ValueError as exc:
-                raise ValueError(str(exc).replace("rollout percent ", "")) from None
-        return value
-
-
-class ScheduleChange(_Change):
-    """A scheduled stage: ``stage`` from Unix time ``at`` on."""
-
-    stage: Stage
-    at: int = Field(gt=0, lt=2**40, description="Unix time in whole seconds.")
-
-
-class HistoryQuery(_Input):
-    """Which audit entries to list."""
-
-    customer: str | None = Field(
-        default=None,
-        pattern=r"^(\*|[A-Za-z0-9_\-]{1,255})$",
-        description="Only changes about this customer (``*``: global changes).",
-    )
-    limit: int = Field(default=50, ge=1, le=10_000)
-
-
-class _Output(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class ScheduledStage(_Output):
-    """One scheduled entry."""
-
-    at: int
-    stage: Stage
-
-
-class DefaultView(_Output):
-    """The global default stage."""
-
-    stage: Stage
-
-
-class KillView(_Output):
-    """The kill switch."""
-
-    on: bool
-
-
-class RolloutView(_Output):
-    """Each rollout stage's percentage of customers."""
-
-    shadow: float
-    primary: float
-    meter: float
-
-
-class FlagsView(_Output):
-    """Every flag: what ``dualwrite flags list`` shows."""
-
-    default: Stage
-    kill: bool
-    rollout: RolloutView
-    overrides: dict[str, Stage]
-    schedules: dict[str, list[ScheduledStage]]
-
-
-class CustomerView(_Output):
-    """A customer's stage now, the rule that decided it, and its own flags."""
-
-    customer: str
-    stage: Stage
-    reason: ResolutionReason
-    detail: str
-    valid_until: float | None = Field(description="When a scheduled change may alter the stage.")
-    override: Stage | None
-    schedule: list[ScheduledStage]
-
-
-class HistoryView(_Output):
-    """Flag changes, newest first."""
-
-    entries: list[AuditEntry]
-
-
 # -- handlers ------------------------------------------------------------------------------------
+
+
+def _ops(ctx: AdminContext) -> CutoverOps:
+    return CutoverOps(ctx.redis, ctx.keys, ctx.settings, clock=ctx.clock)
+
+
+def _changed(result: OperationResult) -> dict[str, object]:
+    return {"dry_run": result.dry_run, "changes": result.changes}
+
+
+def _refused(exc: CutoverInputError, param: str) -> ApiError:
+    return ApiError(400, str(exc), param=param)
 
 
 async def _customer_view(ctx: AdminContext, customer: str) -> CustomerView:
@@ -233,9 +119,19 @@ async def get_default(ctx: AdminContext, call: Call) -> DefaultView:
 
 async def set_default(ctx: AdminContext, call: Call) -> DefaultView:
     """Set the default stage."""
-    body = call.body_as(StageChange)
-    await ctx.flags.set_default(body.stage, actor=body.actor, reason=body.reason)
-    return DefaultView(stage=await ctx.flags.get_default())
+    body, query = call.body_as(StageChange), call.query_as(DryRunQuery)
+    try:
+        result = await set_default_op(
+            _ops(ctx),
+            body.stage,
+            actor=body.actor,
+            reason=body.reason,
+            force=body.force,
+            dry_run=query.dry_run,
+        )
+    except CutoverInputError as exc:
+        raise _refused(exc, "stage") from None
+    return DefaultView(stage=await ctx.flags.get_default(), **_changed(result))
 
 
 async def get_kill(ctx: AdminContext, call: Call) -> KillView:
@@ -245,13 +141,16 @@ async def get_kill(ctx: AdminContext, call: Call) -> KillView:
 
 async def set_kill(ctx: AdminContext, call: Call) -> KillView:
     """Turn the kill switch on or off."""
-    body = call.body_as(KillChange)
+    body, query = call.body_as(KillChange), call.query_as(DryRunQuery)
+    changes: list[FlagChange] = []
     if body.on:  # also cancels pending cutovers (their Stripe schedules released), audited
-        ops = CutoverOps(ctx.redis, ctx.keys, ctx.settings, clock=ctx.clock)
-        await ops.kill(actor=body.actor, reason=body.reason)
-    else:
-        await ctx.flags.set_kill(False, actor=body.actor, reason=body.reason)
-    return KillView(on=await ctx.flags.get_kill())
+        result = await _ops(ctx).kill(actor=body.actor, reason=body.reason, dry_run=query.dry_run)
+        changes = result.changes
+    elif await ctx.flags.get_kill():
+        changes = [FlagChange(kind="kill", customer="*", old="on", new="off")]
+        if not query.dry_run:
+            await ctx.flags.set_kill(False, actor=body.actor, reason=body.reason)
+    return KillView(on=await ctx.flags.get_kill(), dry_run=query.dry_run, changes=changes)
 
 
 async def get_rollout(ctx: AdminContext, call: Call) -> RolloutView:
@@ -261,14 +160,19 @@ async def get_rollout(ctx: AdminContext, call: Call) -> RolloutView:
 
 async def set_rollout(ctx: AdminContext, call: Call) -> RolloutView:
     """Set one rollout stage's percentage."""
-    body = call.body_as(RolloutChange)
+    body, query = call.body_as(RolloutChange), call.query_as(DryRunQuery)
     try:
-        await ctx.flags.set_rollout(
-            Stage(body.stage), body.percent, actor=body.actor, reason=body.reason
+        result = await _ops(ctx).rollout_percent(
+            Stage(body.stage),
+            body.percent,
+            actor=body.actor,
+            reason=body.reason,
+            force=body.force,
+            dry_run=query.dry_run,
         )
-    except ValueError as exc:
+    except ValueError as exc:  # CutoverInputError included
         raise ApiError(400, str(exc), param="percent") from None
-    return await _rollout(ctx)
+    return (await _rollout(ctx)).model_copy(update=_changed(result))
 
 
 async def get_customer(ctx: AdminContext, call: Call) -> CustomerView:
@@ -279,29 +183,70 @@ async def get_customer(ctx: AdminContext, call: Call) -> CustomerView:
 async def set_override(ctx: AdminContext, call: Call) -> CustomerView:
     """Pin a customer to a stage."""
     customer, body = call.path_as(CustomerPath).customer, call.body_as(StageChange)
-    await ctx.flags.set_override(customer, body.stage, actor=body.actor, reason=body.reason)
-    return await _customer_view(ctx, customer)
+    dry_run = call.query_as(DryRunQuery).dry_run
+    try:
+        result = await _ops(ctx).move_customers(
+            [customer],
+            body.stage,
+            actor=body.actor,
+            reason=body.reason,
+            force=body.force,
+            dry_run=dry_run,
+        )
+    except CutoverInputError as exc:
+        raise _refused(exc, "stage") from None
+    return (await _customer_view(ctx, customer)).model_copy(update=_changed(result))
 
 
 async def clear_override(ctx: AdminContext, call: Call) -> CustomerView:
     """Remove a customer's override."""
     customer, query = call.path_as(CustomerPath).customer, call.query_as(ChangeQuery)
-    await ctx.flags.set_override(customer, None, actor=query.actor, reason=query.reason)
-    return await _customer_view(ctx, customer)
+    try:
+        result = await clear_override_op(
+            _ops(ctx),
+            customer,
+            actor=query.actor,
+            reason=query.reason,
+            force=query.force,
+            dry_run=query.dry_run,
+        )
+    except CutoverInputError as exc:
+        raise _refused(exc, "force") from None
+    return (await _customer_view(ctx, customer)).model_copy(update=_changed(result))
 
 
 async def add_schedule(ctx: AdminContext, call: Call) -> CustomerView:
     """Schedule a stage for a customer."""
     customer, body = call.path_as(CustomerPath).customer, call.body_as(ScheduleChange)
-    await ctx.flags.schedule(customer, body.stage, body.at, actor=body.actor, reason=body.reason)
-    return await _customer_view(ctx, customer)
+    dry_run = call.query_as(DryRunQuery).dry_run
+    try:
+        result = await schedule_stage(
+            _ops(ctx),
+            customer,
+            body.stage,
+            body.at,
+            actor=body.actor,
+            reason=body.reason,
+            force=body.force,
+            dry_run=dry_run,
+        )
+    except CutoverInputError as exc:
+        raise _refused(exc, "at" if "in the past" in str(exc) else "stage") from None
+    return (await _customer_view(ctx, customer)).model_copy(update=_changed(result))
 
 
 async def clear_schedule(ctx: AdminContext, call: Call) -> CustomerView:
     """Remove a customer's schedule."""
     customer, query = call.path_as(CustomerPath).customer, call.query_as(ChangeQuery)
-    await ctx.flags.clear_schedule(customer, actor=query.actor, reason=query.reason)
-    return await _customer_view(ctx, customer)
+    view = await _customer_view(ctx, customer)
+    changes = []
+    if view.schedule:
+        entries = [(entry.at, entry.stage) for entry in view.schedule]
+        changes = [clear_schedule_change(customer, entries)]
+    if not query.dry_run:
+        await ctx.flags.clear_schedule(customer, actor=query.actor, reason=query.reason)
+        view = await _customer_view(ctx, customer)
+    return view.model_copy(update={"dry_run": query.dry_run, "changes": changes})
 
 
 async def history(ctx: AdminContext, call: Call) -> HistoryView:
@@ -315,11 +260,23 @@ FLAG_ENDPOINTS = (
     Endpoint("GET", "/flags", list_flags, "Every flag", FlagsView),
     Endpoint("GET", "/flags/default", get_default, "The default stage", DefaultView),
     Endpoint(
-        "PUT", "/flags/default", set_default, "Set the default stage", DefaultView, body=StageChange
+        "PUT",
+        "/flags/default",
+        set_default,
+        "Set the default stage",
+        DefaultView,
+        query=DryRunQuery,
+        body=StageChange,
     ),
     Endpoint("GET", "/flags/kill", get_kill, "The kill switch", KillView),
     Endpoint(
-        "PUT", "/flags/kill", set_kill, "Turn the kill switch on or off", KillView, body=KillChange
+        "PUT",
+        "/flags/kill",
+        set_kill,
+        "Turn the kill switch on or off",
+        KillView,
+        query=DryRunQuery,
+        body=KillChange,
     ),
     Endpoint("GET", "/flags/rollout", get_rollout, "The rollout percentages", RolloutView),
     Endpoint(
@@ -328,6 +285,7 @@ FLAG_ENDPOINTS = (
         set_rollout,
         "Set one stage's rollout percentage",
         RolloutView,
+        query=DryRunQuery,
         body=RolloutChange,
     ),
     Endpoint(
@@ -345,6 +303,7 @@ FLAG_ENDPOINTS = (
         "Pin a customer to a stage",
         CustomerView,
         path_params=CustomerPath,
+        query=DryRunQuery,
         body=StageChange,
     ),
     Endpoint(
@@ -363,6 +322,7 @@ FLAG_ENDPOINTS = (
         "Move a customer to a stage at a given time",
         CustomerView,
         path_params=CustomerPath,
+        query=DryRunQuery,
         body=ScheduleChange,
         errors=(409,),
     ),

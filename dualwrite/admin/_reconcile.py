@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dualwrite.admin._api import AdminContext, Call, Endpoint
-from dualwrite.admin._flags import CUSTOMER_PATTERN
+from dualwrite.admin._flag_models import CUSTOMER_PATTERN
 from dualwrite.reconcile import PeriodChoice, ReconciliationRecord, read_reconciliation
 
 __all__ = ["RECONCILE_ENDPOINTS"]

@@ -4,13 +4,16 @@ Every command reads its settings once (``--config`` / ``DUALWRITE_CONFIG`` plus 
 hands them to the library; the commands themselves only parse arguments and print. One module per
 group of commands: ``_flags`` (stages), ``_report``, ``_reconcile``, ``_ops`` (worker, dead
 letters), ``_serve`` (serve, demo, the stand-in), ``_meters`` (meters plan|apply),
-``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard).
+``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard), ``_config`` (config init|check).
+``_common`` also holds the conventions every command follows: ``-c/--config`` before or after
+the command, ``-h``, ``--version``, commands listed by section, values shown as what to type.
 """
 
 from __future__ import annotations
 
 from dualwrite.cli import (
     _backfill,
+    _config,
     _cutover,
     _flags,
     _meters,
@@ -24,7 +27,17 @@ from dualwrite.cli._common import app
 __all__ = ["app", "main"]
 
 # Imported for the commands they register on ``app``.
-_COMMANDS = (_backfill, _cutover, _flags, _meters, _ops, _reconcile, _report, _serve)
+_COMMANDS = (
+    _backfill,
+    _config,
+    _cutover,
+    _flags,
+    _meters,
+    _ops,
+    _reconcile,
+    _report,
+    _serve,
+)
 
 
 def main() -> None:

@@ -12,16 +12,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dualwrite.cli._common import (
+    MIGRATE,
     Actor,
+    Reason,
     actor_name,
     app,
     console,
-    format_when,
     load_settings,
     run_async,
 )
 from dualwrite.migrate import BackfillResult, run_backfill
 from dualwrite.migrate._export import parse_time
+from dualwrite.models import utc_time
 
 _CUSTOMER = re.compile(r"^[A-Za-z0-9_\-]{1,255}$")
 #: Exit status when Stripe refused at least one event for good.
@@ -35,14 +37,14 @@ def _table(result: BackfillResult) -> Table:
             escape(event.source),
             escape(event.event_name),
             str(event.quantity),
-            format_when(event.timestamp),
+            utc_time(event.timestamp),
             event.status,
             escape(event.note),
         )
     return table
 
 
-@app.command("backfill")
+@app.command("backfill", rich_help_panel=MIGRATE)
 def backfill(
     ctx: typer.Context,
     customer: Annotated[
@@ -69,6 +71,7 @@ def backfill(
         bool, typer.Option("--dry-run", help="Show what would be sent; send and count nothing.")
     ] = False,
     actor: Actor = None,
+    reason: Reason = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Replay usage already reported to the legacy path as meter events, within Stripe's 35 days.
@@ -109,6 +112,7 @@ def backfill(
                 export=from_export,
                 dry_run=dry_run,
                 actor=actor_name(actor),
+                reason=reason,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         )

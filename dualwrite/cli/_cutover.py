@@ -12,39 +12,38 @@ from pydantic import BaseModel
 from rich.markup import escape
 
 from dualwrite.cli._common import (
+    MIGRATE,
+    OPERATE,
     Actor,
+    AsJson,
+    DryRun,
     Reason,
     actor_name,
     app,
+    checked,
     console,
-    format_when,
+    customer_list,
     load_settings,
     run_async,
 )
 from dualwrite.config import Settings
 from dualwrite.cutover import (
-    CutoverInputError,
+    GUARD_ACTOR,
     CutoverOps,
     GuardResult,
     OperationResult,
     parse_at,
-    parse_customers,
     parse_percent,
     parse_stage,
     read_cohort_file,
 )
 from dualwrite.keys import KeySpace
-from dualwrite.models import Stage
+from dualwrite.models import Stage, utc_time
 from dualwrite.redis_client import open_redis
 
 R = TypeVar("R", bound=BaseModel)
-T = TypeVar("T")
 
-DryRun = Annotated[
-    bool, typer.Option("--dry-run", help="Print exactly what would change (and the Stripe calls).")
-]
 Force = Annotated[bool, typer.Option("--force", help="Allow moves other than one stage forward.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
 @asynccontextmanager
@@ -81,22 +80,15 @@ def _run(
         show(result)
 
 
-def _checked(parse: Callable[[], T]) -> T:
-    """Parse command-line input; a ``CutoverInputError`` becomes a usage error (exit 2)."""
-    try:
-        return parse()
-    except CutoverInputError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _print(result: OperationResult) -> None:
+def print_result(result: OperationResult) -> None:
+    """An operation's result for people: Stripe calls, changes, what stayed, notes."""
     verb = "would change" if result.dry_run else "changed"
     for call in result.stripe_calls:
         made = f" -> {call.result_id}" if call.result_id and not result.dry_run else ""
         version = f" (Stripe-Version {call.stripe_version})" if call.stripe_version else ""
         console.print(f"stripe: {escape(call.describe())}{version}{made}", highlight=False)
     for change in result.changes:
-        when = f" from {format_when(change.at)}" if change.at is not None else ""
+        when = f" from {utc_time(change.at)}" if change.at is not None else ""
         console.print(f"{verb}: {escape(change.describe())}{when}", highlight=False)
     for line in result.unchanged:
         console.print(f"unchanged: {escape(line)}", highlight=False)
@@ -112,13 +104,23 @@ def _print(result: OperationResult) -> None:
         )
 
 
-@app.command("rollout")
+@app.command("rollout", rich_help_panel=MIGRATE)
 def rollout(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Argument(help="shadow, primary or meter")],
-    percent: Annotated[str | None, typer.Argument(help="Share of all customers, e.g. 25%")] = None,
+    stage: Annotated[
+        str, typer.Argument(help="The stage (any case).", metavar="shadow|primary|meter")
+    ],
+    percent: Annotated[
+        str | None, typer.Argument(help="Share of all customers, e.g. 25%", metavar="PERCENT")
+    ] = None,
     customers: Annotated[
-        str | None, typer.Option("--customers", help="Comma-separated ids: cus_a,cus_b")
+        list[str] | None,
+        typer.Option(
+            "--customer",
+            "--customers",
+            help="Customer ids: repeat the option, or separate them with commas.",
+            metavar="CUSTOMER",
+        ),
     ] = None,
     file: Annotated[
         Path | None, typer.Option("--file", help="A file with one customer id per line.")
@@ -134,16 +136,16 @@ def rollout(
     A percentage only ever adds customers (lowering it needs --force); named customers are pinned
     by override.
     """
-    target = _checked(lambda: parse_stage(stage))
+    target = checked(lambda: parse_stage(stage))
     given = [value for value in (percent, customers, file) if value is not None]
     if len(given) != 1:
         raise typer.BadParameter("give exactly one of PERCENT, --customers or --file")
-    share = _checked(lambda: parse_percent(percent)) if percent is not None else None
+    share = checked(lambda: parse_percent(percent)) if percent is not None else None
     cohort = None
     if customers is not None:
-        cohort = _checked(lambda: parse_customers(customers))
+        cohort = customer_list(customers)
     elif file is not None:
-        cohort = _checked(lambda: read_cohort_file(file))
+        cohort = checked(lambda: read_cohort_file(file))
     _run(
         ctx,
         lambda ops: ops.rollout(
@@ -156,17 +158,29 @@ def rollout(
             dry_run=dry_run,
         ),
         as_json=as_json,
-        show=_print,
+        show=print_result,
     )
 
 
-@app.command("cutover")
+@app.command("cutover", rich_help_panel=MIGRATE)
 def cutover(
     ctx: typer.Context,
     customer: Annotated[str, typer.Argument(help="The customer, e.g. cus_123")],
-    to: Annotated[str, typer.Option("--to", help="The stage to move to (one forward).")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The stage to move to (one forward; any case).",
+            metavar="shadow|primary|meter",
+        ),
+    ],
     at: Annotated[
-        str, typer.Option("--at", help="period-end (from Stripe), now, or an ISO 8601 time.")
+        str,
+        typer.Option(
+            "--at",
+            help="period-end (from Stripe), now, or an ISO 8601 time (not in the past).",
+            metavar="period-end|now|TIME",
+        ),
     ] = "period-end",
     with_schedule: Annotated[
         bool,
@@ -186,8 +200,8 @@ def cutover(
     as_json: AsJson = False,
 ) -> None:
     """Move one customer to a stage at its billing period's end (or now, or a given time)."""
-    target = _checked(lambda: parse_stage(to, what="--to stage"))
-    when = _checked(lambda: parse_at(at))
+    target = checked(lambda: parse_stage(to, what="--to stage"))
+    when = checked(lambda: parse_at(at))
     _run(
         ctx,
         lambda ops: ops.cutover(
@@ -202,16 +216,24 @@ def cutover(
             dry_run=dry_run,
         ),
         as_json=as_json,
-        show=_print,
+        show=print_result,
     )
 
 
-@app.command("rollback")
+@app.command("rollback", rich_help_panel=MIGRATE)
 def rollback(
     ctx: typer.Context,
-    customers: Annotated[list[str] | None, typer.Argument(help="Customers to roll back.")] = None,
+    customers: Annotated[
+        list[str] | None,
+        typer.Argument(help="Customers to roll back, separated by spaces or commas."),
+    ] = None,
     to: Annotated[
-        str | None, typer.Option("--to", help="legacy or shadow (default: one stage back).")
+        str | None,
+        typer.Option(
+            "--to",
+            help="The stage to go back to (default: one stage back).",
+            metavar="legacy|shadow|primary",
+        ),
     ] = None,
     everyone: Annotated[
         bool, typer.Option("--all", help="Everyone: rollouts, default, overrides, schedules.")
@@ -236,8 +258,8 @@ def rollback(
     """
     if bool(customers) == everyone:
         raise typer.BadParameter("give customers, or --all")
-    target = _checked(lambda: parse_stage(to, what="--to stage")) if to is not None else None
-    named = _checked(lambda: parse_customers(",".join(customers or []))) if customers else []
+    target = checked(lambda: parse_stage(to, what="--to stage")) if to is not None else None
+    named = customer_list(customers) if customers else []
     who, why = actor_name(actor), reason
 
     async def action(ops: CutoverOps) -> OperationResult:
@@ -249,14 +271,19 @@ def rollback(
             named, to=target, actor=who, reason=why, force=force, dry_run=dry_run
         )
 
-    _run(ctx, action, as_json=as_json, show=_print)
+    _run(ctx, action, as_json=as_json, show=print_result)
 
 
-@app.command("guard")
+@app.command("guard", rich_help_panel=OPERATE)
 def guard(
     ctx: typer.Context,
     once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
     dry_run: DryRun = False,
+    actor: Annotated[
+        str | None,
+        typer.Option(help="Who runs the pass (default: dualwrite-guard).", metavar="NAME"),
+    ] = None,
+    reason: Reason = "",
     as_json: AsJson = False,
 ) -> None:
     """Roll back customers (or the rollout) whose divergence crossed the guardrails.
@@ -271,7 +298,7 @@ def guard(
 
         async def loop() -> None:
             async with cutover_ops(settings) as ops:
-                await ops.guard().run()
+                await ops.guard().run(actor=actor or GUARD_ACTOR, reason=reason)
 
         console.print(
             f"guard checking every {settings.guardrails.interval_seconds:g} s (Ctrl-C stops)"
@@ -281,7 +308,12 @@ def guard(
         except KeyboardInterrupt:
             console.print("guard stopped")
         return
-    _run(ctx, lambda ops: ops.guard_once(dry_run=dry_run), as_json=as_json, show=_print_guard)
+    _run(
+        ctx,
+        lambda ops: ops.guard_once(dry_run=dry_run, actor=actor or GUARD_ACTOR, reason=reason),
+        as_json=as_json,
+        show=_print_guard,
+    )
 
 
 def _print_guard(result: GuardResult) -> None:
@@ -298,6 +330,6 @@ def _print_guard(result: GuardResult) -> None:
         )
     for action in result.actions:
         if action.changes:
-            _print(action)
+            print_result(action)
     if result.dry_run:
         console.print("dry run: nothing was changed")

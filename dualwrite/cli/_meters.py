@@ -10,7 +10,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dualwrite.cli._common import Actor, actor_name, app, console, load_settings, run_async
+from dualwrite.cli._common import (
+    MIGRATE,
+    Actor,
+    AsJson,
+    Reason,
+    actor_name,
+    app,
+    console,
+    load_settings,
+    run_async,
+)
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError
 from dualwrite.keys import KeySpace
@@ -29,9 +39,7 @@ meters_app = typer.Typer(
     help="Billing meters for the legacy metered prices: plan what to create, then apply it.",
     no_args_is_help=True,
 )
-app.add_typer(meters_app, name="meters")
-
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+app.add_typer(meters_app, name="meters", rich_help_panel=MIGRATE)
 
 
 def _api_key(settings: Settings) -> str:
@@ -111,7 +119,9 @@ def plan(ctx: typer.Context, as_json: AsJson = False) -> None:
     )
 
 
-async def _apply(settings: Settings, path: Path, *, dry_run: bool, actor: str) -> ApplyResult:
+async def _apply(
+    settings: Settings, path: Path, *, dry_run: bool, actor: str, reason: str
+) -> ApplyResult:
     async with MigrationStripe(settings.stripe, api_key=_api_key(settings)) as stripe:
         found = await build_plan(stripe, settings.meters)
         result = await apply_plan(found, stripe, config_path=path, dry_run=dry_run)
@@ -128,6 +138,7 @@ async def _apply(settings: Settings, path: Path, *, dry_run: bool, actor: str) -
             "prices_existing": result.prices_existing,
             "config_changes": result.config_changes,
             "refused": {",".join(m.prices): m.reason for m in result.refused},
+            "reason": reason,
         }
         await OpsAudit(redis, keys).record("meters.apply", actor=actor, details=details)
     finally:
@@ -142,6 +153,7 @@ def apply(
         bool, typer.Option("--dry-run", help="Print the API calls and config changes; make none.")
     ] = False,
     actor: Actor = None,
+    reason: Reason = "",
     as_json: AsJson = False,
 ) -> None:
     """Create the planned meters (an existing meter with the event name is reused) and their
@@ -155,7 +167,9 @@ def apply(
             param_hint="--config",
         )
     settings = load_settings(ctx)
-    result = run_async(_apply(settings, Path(path), dry_run=dry_run, actor=actor_name(actor)))
+    result = run_async(
+        _apply(settings, Path(path), dry_run=dry_run, actor=actor_name(actor), reason=reason)
+    )
     if as_json:
         typer.echo(json.dumps(result.model_dump(), indent=2))
         return

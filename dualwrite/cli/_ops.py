@@ -10,40 +10,49 @@ from pydantic import TypeAdapter
 from rich.table import Table
 
 from dualwrite.cli._common import (
+    OPERATE,
+    Actor,
+    AsJson,
+    DryRun,
+    Reason,
+    actor_name,
     app,
     console,
     err_console,
-    format_when,
     load_settings,
     run_async,
 )
 from dualwrite.deadletters import RETIRED, DeadLetter, DeadLetters
 from dualwrite.exceptions import DualwriteError
 from dualwrite.keys import KeySpace
+from dualwrite.migrate import OpsAudit
+from dualwrite.models import utc_time
 from dualwrite.redis_client import open_redis
 
 dead_app = typer.Typer(
     help="Shadow writes Stripe refused for good, or that expired: list, show, retry, drop.",
     no_args_is_help=True,
 )
-app.add_typer(dead_app, name="dead")
+app.add_typer(dead_app, name="dead", rich_help_panel=OPERATE)
 
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")]
-Ids = Annotated[list[str] | None, typer.Argument(help="Dead letter ids (see `dead list`).")]
+Ids = Annotated[
+    list[str] | None, typer.Argument(help="Dead letter ids (see `dead list`).", metavar="ID")
+]
 All = Annotated[
     bool, typer.Option("--all", help="Every dead letter (or every one shown by filters).")
 ]
 Customer = Annotated[str | None, typer.Option(help="Only this customer's dead letters.")]
-Reason = Annotated[
-    str | None,
+Kind = Annotated[
+    Literal["refused", "expired", "retired", "unreadable"] | None,
     typer.Option(
-        help="Only refused, expired, retired or unreadable (retired writes are left out unless "
-        "named: they are not failures)."
+        "--kind",
+        help="Only dead letters of this kind (retired writes are left out unless named: they "
+        "are not failures).",
     ),
 ]
 
 
-@app.command("worker")
+@app.command("worker", rich_help_panel=OPERATE)
 def worker(
     ctx: typer.Context,
     name: Annotated[
@@ -90,12 +99,12 @@ def worker(
 
 
 def _table(letters: list[DeadLetter]) -> Table:
-    table = Table("id", "when", "reason", "customer", "leg", "quantity", "error")
+    table = Table("id", "when", "kind", "customer", "leg", "quantity", "error")
     for letter in letters:
         entry = letter.entry
         table.add_row(
             letter.id,
-            format_when(letter.at) if letter.at else "",
+            utc_time(letter.at) if letter.at else "",
             letter.reason,
             entry.event.customer if entry else "?",
             entry.leg.value if entry else "?",
@@ -108,9 +117,7 @@ def _table(letters: list[DeadLetter]) -> Table:
 def _select(ids: list[str] | None, everything: bool) -> list[str] | None:
     """The ids to act on (None: every one the filters select)."""
     if bool(ids) == everything:
-        raise typer.BadParameter(
-            "give dead letter ids, or --all (with --customer/--reason filters)"
-        )
+        raise typer.BadParameter("give dead letter ids, or --all (with --customer/--kind filters)")
     return ids or None
 
 
@@ -118,22 +125,31 @@ async def _run_on_letters(
     ctx: typer.Context,
     ids: list[str] | None,
     customer: str | None,
-    reason: str | None,
+    kind: str | None,
     action: Literal["retry", "drop"],
+    *,
     dry_run: bool,
+    actor: str,
+    reason: str,
 ) -> list[DeadLetter]:
     settings = load_settings(ctx)
     redis = open_redis(settings.redis)
     try:
-        letters = DeadLetters(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
+        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+        letters = DeadLetters(redis, keys)
         if ids is None:
             ids = [
                 letter.id
-                for letter in await letters.find(limit=10**9, customer=customer, reason=reason)
+                for letter in await letters.find(limit=10**9, customer=customer, reason=kind)
             ]
         if action == "retry":
-            return await letters.retry(ids, dry_run=dry_run)
-        return await letters.drop(ids, dry_run=dry_run)
+            done = await letters.retry(ids, dry_run=dry_run)
+        else:
+            done = await letters.drop(ids, dry_run=dry_run)
+        if done and not dry_run:
+            details = {"ids": [letter.id for letter in done], "reason": reason}
+            await OpsAudit(redis, keys).record(f"dead.{action}", actor=actor, details=details)
+        return done
     finally:
         await redis.aclose()
 
@@ -142,9 +158,9 @@ async def _run_on_letters(
 def dead_list(
     ctx: typer.Context,
     customer: Customer = None,
-    reason: Reason = None,
+    kind: Kind = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The newest dead letters, with Stripe's error."""
     settings = load_settings(ctx)
@@ -153,8 +169,8 @@ def dead_list(
         redis = open_redis(settings.redis)
         try:
             letters = DeadLetters(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
-            found = await letters.find(limit=limit, customer=customer, reason=reason)
-            hidden = 0 if reason else (await letters.counts(customer=customer)).get(RETIRED, 0)
+            found = await letters.find(limit=limit, customer=customer, reason=kind)
+            hidden = 0 if kind else (await letters.counts(customer=customer)).get(RETIRED, 0)
             return found, hidden
         finally:
             await redis.aclose()
@@ -167,14 +183,15 @@ def dead_list(
     if retired:
         console.print(
             f"{retired} retired legacy write(s) not shown: not failures, Stripe refused them "
-            "because the item moved to its meter-backed price (--reason retired lists them)",
+            "because the item moved to its meter-backed price (--kind retired lists them)",
             highlight=False,
         )
 
 
 @dead_app.command("show")
 def dead_show(
-    ctx: typer.Context, dead_id: Annotated[str, typer.Argument(help="A dead letter id.")]
+    ctx: typer.Context,
+    dead_id: Annotated[str, typer.Argument(help="A dead letter id.", metavar="ID")],
 ) -> None:
     """One dead letter in full: the event, both legs' details, the error."""
     settings = load_settings(ctx)
@@ -197,11 +214,14 @@ def dead_retry(
     ids: Ids = None,
     everything: All = False,
     customer: Customer = None,
-    reason: Reason = None,
+    kind: Kind = None,
     dry_run: DryRun = False,
+    actor: Actor = None,
+    reason: Reason = "",
 ) -> None:
-    """Put dead letters back in the outbox (their failure leaves the ledger until they fail again)."""
-    _act(ctx, ids, everything, customer, reason, "retry", dry_run)
+    """Put dead letters back in the outbox (their failure leaves the ledger until they fail again).
+    Audited."""
+    _act(ctx, ids, everything, customer, kind, "retry", dry_run, actor_name(actor), reason)
 
 
 @dead_app.command("drop")
@@ -210,11 +230,13 @@ def dead_drop(
     ids: Ids = None,
     everything: All = False,
     customer: Customer = None,
-    reason: Reason = None,
+    kind: Kind = None,
     dry_run: DryRun = False,
+    actor: Actor = None,
+    reason: Reason = "",
 ) -> None:
-    """Delete dead letters for good (the ledger keeps counting them as failed)."""
-    _act(ctx, ids, everything, customer, reason, "drop", dry_run)
+    """Delete dead letters for good (the ledger keeps counting them as failed). Audited."""
+    _act(ctx, ids, everything, customer, kind, "drop", dry_run, actor_name(actor), reason)
 
 
 def _act(
@@ -222,13 +244,24 @@ def _act(
     ids: list[str] | None,
     everything: bool,
     customer: str | None,
-    reason: str | None,
+    kind: str | None,
     action: Literal["retry", "drop"],
     dry_run: bool,
+    actor: str,
+    reason: str,
 ) -> None:
     """Retry or drop the chosen dead letters, and say what was (or would be) done."""
     done = run_async(
-        _run_on_letters(ctx, _select(ids, everything), customer, reason, action, dry_run)
+        _run_on_letters(
+            ctx,
+            _select(ids, everything),
+            customer,
+            kind,
+            action,
+            dry_run=dry_run,
+            actor=actor,
+            reason=reason,
+        )
     )
     past = {"retry": "retried", "drop": "dropped"}[action]
     console.print(_table(done) if done else f"nothing to {action}")

@@ -11,7 +11,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dualwrite.cli._common import app, console, err_console, load_settings, run_async
+from dualwrite.cli._common import (
+    INSPECT,
+    app,
+    console,
+    customer_list,
+    err_console,
+    load_settings,
+    run_async,
+)
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.pricing import format_amount
 from dualwrite.reconcile import (
@@ -33,9 +41,12 @@ DRIFT_FOUND = 1
 BAD_ARGUMENTS = 2
 #: Exit status: Redis could not be reached.
 STORE_UNAVAILABLE = 3
+#: Exit status: nothing was compared (no usage in the period, every leg skipped, or a --customer
+#: dualwrite holds nothing for): "no drift" would claim a parity nobody checked.
+NOTHING_COMPARED = 4
 
 
-@app.command("reconcile")
+@app.command("reconcile", rich_help_panel=INSPECT)
 def reconcile(
     ctx: typer.Context,
     period: Annotated[
@@ -50,7 +61,11 @@ def reconcile(
     customers: Annotated[
         list[str] | None,
         typer.Option(
-            "--customer", help="Only this customer (repeat for more).", show_default=False
+            "--customer",
+            "--customers",
+            help="Only these customers (repeat the option, or separate ids with commas).",
+            show_default=False,
+            metavar="CUSTOMER",
         ),
     ] = None,
     settle_seconds: Annotated[
@@ -89,12 +104,14 @@ def reconcile(
 
     Exit status: 0 no drift, 1 drift found (or, with --money, an invoice difference above
     \\[report] readiness_max_money_difference), 2 bad arguments or configuration, 3 Redis
-    unreachable.
+    unreachable, 4 nothing compared (no usage in the period, every leg skipped, or an unknown
+    --customer).
     """
     try:
         PeriodChoice.parse(period)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--period") from None
+    named = customer_list(customers) if customers else None
     settings = load_settings(ctx)
 
     async def run() -> ReconciliationRun | None:
@@ -120,7 +137,7 @@ def reconcile(
                     task = bar.add_task(period, total=None)
                     return await reconciler.run(
                         period,
-                        customers=customers or None,
+                        customers=named,
                         progress=lambda done, total: bar.update(task, completed=done, total=total),
                     )
             finally:
@@ -144,7 +161,49 @@ def reconcile(
     else:
         _print(result, tolerance=tolerance)
     differs = result.drifted or result.money_differs(tolerance)
-    raise typer.Exit(DRIFT_FOUND if differs else NO_DRIFT)
+    if differs:
+        raise typer.Exit(DRIFT_FOUND)
+    if _nothing_compared(result, named):
+        raise typer.Exit(NOTHING_COMPARED)
+    raise typer.Exit(NO_DRIFT)
+
+
+def _nothing_compared(result: ReconciliationRun, named: list[str] | None) -> bool:
+    """Say (on stderr) what was not compared, and whether that makes the run a non-answer."""
+    seen = {record.customer for record in result.records}
+    unknown = [customer for customer in named or [] if customer not in seen]
+    if unknown:
+        err_console.print(
+            f"[red]error:[/red] nothing to compare for {', '.join(unknown)} in {result.period}: "
+            "dualwrite recorded no usage of this customer there (check the id and --period)",
+            highlight=False,
+        )
+        return True
+    compared = [
+        record for record in result.records if record.legacy.compared or record.meter.compared
+    ]
+    if compared:
+        return False
+    if not result.records:
+        why = f"dualwrite recorded no usage in {result.period}"
+    else:
+        reasons = sorted(
+            {
+                str(leg.skipped)
+                for record in result.records
+                for leg in (record.legacy, record.meter)
+                if leg.skipped
+            }
+        )
+        why = (
+            f"every leg of {len(result.records)} record(s) was skipped ({', '.join(reasons)}; "
+            "a period is compared once it ended --settle-seconds ago)"
+        )
+    err_console.print(
+        f"[red]error:[/red] nothing was compared: {why}; this is not a clean bill",
+        highlight=False,
+    )
+    return True
 
 
 def _leg(leg: LegCheck) -> str:
@@ -244,8 +303,10 @@ def _print(result: ReconciliationRun, *, tolerance: int = 0) -> None:
                 console.print(f"  {record.customer} {name}: {escape(leg.detail)}", highlight=False)
     _money_notes(result.records)
     drifted = result.drifted
+    compared = any(record.legacy.compared or record.meter.compared for record in result.records)
+    verdict = "[green]no drift[/green]" if compared else "[yellow]nothing compared[/yellow]"
     summary = f"{result.customers} customer(s), {len(result.records)} record(s), " + (
-        f"[red]{len(drifted)} with drift[/red]" if drifted else "[green]no drift[/green]"
+        f"[red]{len(drifted)} with drift[/red]" if drifted else verdict
     )
     if priced:
         differing = result.money_differs(tolerance)

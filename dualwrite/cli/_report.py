@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 
-from dualwrite.cli._common import app, console, load_settings, run_async
+from dualwrite.cli._common import INSPECT, app, console, err_console, load_settings, run_async
+from dualwrite.config import Settings
 from dualwrite.flags import StageResolver
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
@@ -17,12 +20,17 @@ from dualwrite.periods import Period
 from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report, render_csv, render_table
 
+#: Exit status: --customer names a customer the report holds nothing for.
+UNKNOWN_CUSTOMER = 1
 
-@app.command("report")
+
+@app.command("report", rich_help_panel=INSPECT)
 def report(
     ctx: typer.Context,
     customer: Annotated[str | None, typer.Option(help="Only this customer.")] = None,
-    stage: Annotated[Stage | None, typer.Option(help="Only customers now at this stage.")] = None,
+    stage: Annotated[
+        Stage | None, typer.Option(case_sensitive=False, help="Only customers now at this stage.")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="First period (YYYY-MM-DD, UTC).")] = None,
     until: Annotated[str | None, typer.Option(help="Last period (YYYY-MM-DD, UTC).")] = None,
     period: Annotated[
@@ -39,12 +47,23 @@ def report(
     limit: Annotated[
         int, typer.Option(min=1, help="Customers in the table (those needing a look first).")
     ] = 50,
+    web: Annotated[
+        bool,
+        typer.Option(
+            "--web",
+            help="Serve the report page on this machine (until Ctrl-C) instead of printing.",
+        ),
+    ] = False,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="The page's port (--web).")] = 8765,
 ) -> None:
     """Per customer: stage, totals on each leg, difference, failures by code, the latest divergent
     events, and whether it is ready for its next stage (the rule is printed with the table)."""
     settings = load_settings(ctx)
     if as_json and as_csv:
         raise typer.BadParameter("choose one of --json and --csv")
+    if web:
+        _serve_page(settings, port=port)
+        return
     if period is not None:
         if since is not None or until is not None:
             raise typer.BadParameter("--period replaces --since and --until; give one or the other")
@@ -55,6 +74,9 @@ def report(
                 datetime.strptime(value, "%Y-%m-%d")
             except ValueError:
                 raise typer.BadParameter(f"{name} {value!r}: write a day as YYYY-MM-DD") from None
+    if since is not None and until is not None and since > until:
+        msg = f"--since {since} is after --until {until}; give the earlier day first"
+        raise typer.BadParameter(msg)
 
     async def run() -> None:
         redis = open_redis(settings.redis)
@@ -76,6 +98,14 @@ def report(
             )
         finally:
             await redis.aclose()
+        if customer is not None and not result.customers:
+            err_console.print(
+                f"[red]error:[/red] no such customer {customer!r}: dualwrite holds no usage for it"
+                + (f" from {since} to {until}" if since or until else "")
+                + " (check the id, or `dualwrite flags get` it)",
+                highlight=False,
+            )
+            raise typer.Exit(UNKNOWN_CUSTOMER)
         if as_json:
             typer.echo(result.model_dump_json(indent=2))
         elif as_csv:
@@ -98,3 +128,31 @@ def _period_days(period: str) -> tuple[str, str]:
         raise typer.BadParameter(msg) from None
     last = max(span.start, span.end - 1)
     return utc_day(span.start), utc_day(last)
+
+
+def _serve_page(settings: Settings, *, port: int) -> None:
+    """The report page on 127.0.0.1 until Ctrl-C, behind DUALWRITE_REPORT_TOKEN or, without one,
+    a token made for this run and printed in the address (it opens the page once)."""
+    import uvicorn
+
+    from dualwrite.logging import log_config
+    from dualwrite.web import report_app
+
+    token = settings.report_token_value() or secrets.token_urlsafe(24)
+    served = settings.model_copy(update={"report_token": SecretStr(token)})
+    address = f"http://127.0.0.1:{port}/"
+    shown = address if settings.report_token_value() else f"{address}?token={token}"
+    console.print(
+        f"report page on {shown} (prefix {settings.redis.key_prefix!r}; Ctrl-C stops)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    config = uvicorn.Config(
+        report_app(served),
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        access_log=False,
+        log_config=log_config(settings.log_format, level="WARNING"),
+    )
+    uvicorn.Server(config).run()

@@ -6,14 +6,19 @@ from typing import Annotated
 
 import typer
 
-from dualwrite.cli._common import ConfigPath, app, console, load_settings, run_async
+from dualwrite.cli._common import SERVE, ConfigPath, app, console, load_settings, run_async
 
 
-@app.command("demo")
+@app.command("demo", rich_help_panel=SERVE)
 def demo(
     ctx: typer.Context,
     customers: Annotated[int, typer.Option(min=1, max=200, help="Customers per stage.")] = 3,
-    events: Annotated[int, typer.Option(min=1, max=100_000, help="Usage requests to send.")] = 400,
+    events: Annotated[
+        int,
+        typer.Option(
+            min=1, max=100_000, help="Usage requests to send (and 2 Stripe refuses on purpose)."
+        ),
+    ] = 400,
     seed: Annotated[int, typer.Option(help="Seed for traffic and injected faults.")] = 7,
 ) -> None:
     """Run the whole dual write on an embedded default: Redis, a local Stripe stand-in, traffic for
@@ -25,7 +30,7 @@ def demo(
     run_async(run_demo(settings, options, console=console))
 
 
-@app.command("stripe-standin")
+@app.command("stripe-standin", rich_help_panel=SERVE)
 def stripe_standin(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 12111,
@@ -43,7 +48,7 @@ def stripe_standin(
 # ----------------------------------------------------------------------------------------- proxy
 
 
-@app.command("serve")
+@app.command("serve", rich_help_panel=SERVE)
 def serve(
     ctx: typer.Context,
     config: ConfigPath = None,

@@ -17,6 +17,7 @@ from dualwrite.cutover._cohorts import (
     STAGE_ORDER,
     At,
     CutoverInputError,
+    check_move,
     next_stage,
     parse_at,
     parse_customers,
@@ -25,6 +26,7 @@ from dualwrite.cutover._cohorts import (
     previous_stage,
     read_cohort_file,
 )
+from dualwrite.cutover._flagops import clear_override, schedule_stage, set_default
 from dualwrite.cutover._guard import GUARD_ACTOR, Guard
 from dualwrite.cutover._models import (
     CustomerTrip,
@@ -50,6 +52,8 @@ __all__ = [
     "GuardResult",
     "OperationResult",
     "StripeCall",
+    "check_move",
+    "clear_override",
     "next_stage",
     "parse_at",
     "parse_customers",
@@ -58,4 +62,6 @@ __all__ = [
     "plan_schedule",
     "previous_stage",
     "read_cohort_file",
+    "schedule_stage",
+    "set_default",
 ]

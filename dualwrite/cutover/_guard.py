@@ -42,6 +42,7 @@ from dualwrite.cutover._stripe import CutoverStripeError
 from dualwrite.engine import StageSource
 from dualwrite.exceptions import DualwriteError
 from dualwrite.ledger import Ledger
+from dualwrite.metrics import count_guard_rollback
 from dualwrite.models import Stage, utc_day
 from dualwrite.redis_client import as_str, store_errors
 from dualwrite.report import CustomerReport, build_report
@@ -142,8 +143,14 @@ class Guard:
         async with store_errors("writing the guard's state"):
             await self._ops.redis.hset(self._ops.keys.guard_state, trip.customer, json.dumps(state))
 
-    async def check(self, *, dry_run: bool = False) -> GuardResult:
-        """One pass: find the customers over a threshold and roll them (or everyone) back."""
+    async def check(
+        self, *, dry_run: bool = False, actor: str = GUARD_ACTOR, reason: str = ""
+    ) -> GuardResult:
+        """One pass: find the customers over a threshold and roll them (or everyone) back.
+
+        ``actor`` and ``reason`` (a person running the pass) go to the audit log with each
+        rollback's own reason."""
+        note = f" ({reason})" if reason else ""
         now = self._clock()
         since = utc_day(int(now) - self._settings.lookback_days * 86_400)
         report = await build_report(
@@ -153,8 +160,8 @@ class Guard:
         checked = [line for line in report.customers if line.stage is not Stage.LEGACY]
         trips: list[CustomerTrip] = []
         for line in checked:
-            reason = self._trip_reason(line, baselines.get(line.customer))
-            if reason is not None:
+            why = self._trip_reason(line, baselines.get(line.customer))
+            if why is not None:
                 trips.append(
                     CustomerTrip(
                         customer=line.customer,
@@ -162,7 +169,7 @@ class Guard:
                         rolled_back_to=previous_stage(line.stage),
                         divergent_events=line.divergent_events,
                         difference_pct=line.difference_pct,
-                        reason=reason,
+                        reason=why,
                     )
                 )
         share = round(len(trips) * 100 / len(checked), 2) if checked else 0.0
@@ -172,15 +179,19 @@ class Guard:
         )
         actions: list[OperationResult] = []
         if global_trip:
-            actions.append(await self._global(share, len(trips), len(checked), dry_run=dry_run))
+            actions.append(
+                await self._global(
+                    share, len(trips), len(checked), dry_run=dry_run, actor=actor, note=note
+                )
+            )
         done: list[CustomerTrip] = []
         for trip in trips:
             try:
                 result = await self._ops.rollback(
                     [trip.customer],
                     to=trip.rolled_back_to,
-                    actor=GUARD_ACTOR,
-                    reason=f"guardrail crossed: {trip.reason}",
+                    actor=actor,
+                    reason=f"guardrail crossed: {trip.reason}{note}",
                     dry_run=dry_run,
                     operation="guard rollback",
                 )
@@ -217,6 +228,7 @@ class Guard:
                     },
                 )
             elif result.changes:
+                count_guard_rollback("customer")
                 logger.warning(
                     "guard: %s rolled back from %s to %s (%s)",
                     trip.customer,
@@ -244,17 +256,18 @@ class Guard:
         )
 
     async def _global(
-        self, share: float, tripped: int, checked: int, *, dry_run: bool
+        self, share: float, tripped: int, checked: int, *, dry_run: bool, actor: str, note: str
     ) -> OperationResult:
         limit = self._settings.max_divergent_share_pct
         reason = f"guardrail crossed: {tripped} of {checked} customers diverged ({share:g}% > {limit:g}%)"
         if self._settings.global_action == "kill":
-            result = await self._ops.kill(actor=GUARD_ACTOR, reason=reason, dry_run=dry_run)
+            result = await self._ops.kill(actor=actor, reason=reason + note, dry_run=dry_run)
         else:
             result = await self._ops.step_back_all(
-                actor=GUARD_ACTOR, reason=reason, dry_run=dry_run
+                actor=actor, reason=reason + note, dry_run=dry_run
             )
         if result.changes and not dry_run:
+            count_guard_rollback("global")
             logger.warning(
                 "guard: %s; the rollout goes back (%s)",
                 reason,
@@ -271,7 +284,9 @@ class Guard:
             )
         return result
 
-    async def run(self, *, interval: float | None = None) -> None:
+    async def run(
+        self, *, interval: float | None = None, actor: str = GUARD_ACTOR, reason: str = ""
+    ) -> None:
         """Check every ``interval`` seconds (default: the setting) until cancelled; a failed pass
         is logged and the next one runs on time. Of several processes running this, one passes
         per interval (a lease in Redis)."""
@@ -289,7 +304,7 @@ class Guard:
                         self._ops.keys.guard_lease, "1", nx=True, px=lease_ms
                     )
                 if mine:
-                    await self.check()
+                    await self.check(actor=actor, reason=reason)
             except DualwriteError as exc:
                 logger.warning(
                     "guard pass failed (%s): %s",

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from dualwrite.config import Settings
 from dualwrite.cutover._apply import finish, kill_switch_notes, plan_each
 from dualwrite.cutover._cohorts import At, CutoverInputError, check_move
-from dualwrite.cutover._guard import Guard
+from dualwrite.cutover._guard import GUARD_ACTOR, Guard
 from dualwrite.cutover._models import FlagChange, GuardResult, OperationResult, StripeCall
 from dualwrite.cutover._plans import (
     check_rollout,
@@ -50,7 +50,7 @@ from dualwrite.flags import (
 )
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
-from dualwrite.models import Stage
+from dualwrite.models import Stage, utc_time
 
 __all__ = ["CutoverOps"]
 
@@ -93,6 +93,11 @@ class CutoverOps:
     def keys(self) -> KeySpace:
         """The key layout."""
         return self._keys
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the operations read (flag salt, Stripe, guardrails)."""
+        return self._settings
 
     @property
     def store(self) -> RedisFlagStore:
@@ -255,9 +260,12 @@ class CutoverOps:
             else:
                 when = int(at)
                 if when < now:
-                    msg = f"--at {when} is in the past (now is {now}); use --at now"
+                    msg = (
+                        f"--at {utc_time(when)} is in the past (now is {utc_time(now)}); "
+                        "use --at now to move it at once"
+                    )
                     raise CutoverInputError(msg)
-            why = reason_text(f"cutover {customer} to {stage.value} at {when}", reason)
+            why = reason_text(f"cutover {customer} to {stage.value} at {utc_time(when)}", reason)
             changes = cutover_changes(customer, snapshot, current, stage, when, now)
             if not dry_run and stripe is not None and with_schedule and price is not None:
                 made = await stripe.schedule_price_move(period, price=price, at=when)
@@ -357,6 +365,8 @@ class CutoverOps:
             clock=self._clock,
         )
 
-    async def guard_once(self, *, dry_run: bool = False) -> GuardResult:
+    async def guard_once(
+        self, *, dry_run: bool = False, actor: str = GUARD_ACTOR, reason: str = ""
+    ) -> GuardResult:
         """One guard pass: roll back the customers (or the rollout) over the guardrails."""
-        return await self.guard().check(dry_run=dry_run)
+        return await self.guard().check(dry_run=dry_run, actor=actor, reason=reason)

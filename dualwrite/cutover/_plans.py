@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dualwrite.cutover._cohorts import CutoverInputError, previous_stage
 from dualwrite.cutover._models import FlagChange
 from dualwrite.flags import ROLLOUT_STAGES, FlagSnapshot
-from dualwrite.models import Stage
+from dualwrite.models import Stage, utc_time
 
 __all__ = [
     "check_rollout",
@@ -128,7 +128,7 @@ def refuse(problems: list[str]) -> None:
 
 def schedule_text(entries: Sequence[tuple[int, Stage]]) -> str:
     """A schedule as text: ``primary@1764547200, …``."""
-    return ", ".join(f"{stage.value}@{at}" for at, stage in entries)
+    return ", ".join(f"{stage.value}@{utc_time(at)}" for at, stage in entries)
 
 
 def override_change(customer: str, old: Stage | None, stage: Stage, current: Stage) -> FlagChange:

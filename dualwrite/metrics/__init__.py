@@ -15,7 +15,15 @@ call on a pre-bound labelled child):
 * ``dualwrite_divergences_total{kind}`` (``translated``, ``shadow_refused``, ``shadow_expired``,
   ``late_refusal``) and ``dualwrite_dead_letters_total{path,reason}``;
 * ``dualwrite_rate_limit_waits_total{limit}``, ``dualwrite_rate_limit_wait_seconds{limit}`` and
-  ``dualwrite_rate_limit_held_back_total{limit}``.
+  ``dualwrite_rate_limit_held_back_total{limit}``;
+* ``dualwrite_redis_persistence`` (2 append-only file, 1 RDB only, 0 none, -1 unknown) and
+  ``dualwrite_redis_data_lost`` (1 while the data-loss marker says so), set by
+  ``dualwrite.durability``, and ``dualwrite_redis_data_losses_total``, the losses it detected;
+* ``dualwrite_guard_rollbacks_total{scope}``: the guard's rollbacks (``customer``, ``global``);
+* ``dualwrite_proxy_requests_total{route,status}`` and ``dualwrite_proxy_request_seconds{route}``:
+  what the proxy answered (``RequestObserver``, which also writes the access log), and
+  ``dualwrite_unmapped_usage_total``: usage records it forwarded to the legacy path only;
+* ``dualwrite_build_info{version,python}``: always 1.
 
 Read at scrape time, costing the request path nothing:
 
@@ -30,7 +38,8 @@ Read at scrape time, costing the request path nothing:
 ``DUALWRITE_METRICS_TOKEN`` set it asks for ``Authorization: Bearer <token>``.
 
 Modules: ``_hooks`` (the registry, the definitions, the hooks), ``_endpoint`` (the app, the
-sampler, the worker's server).
+sampler, the worker's server), ``_requests`` (``RequestObserver``: request metrics and the access
+log).
 """
 
 from __future__ import annotations
@@ -46,25 +55,40 @@ from dualwrite.metrics._hooks import (
     REGISTRY,
     count_authoritative,
     count_dead,
+    count_guard_rollback,
     count_late_refusal,
     count_rate_limit,
+    count_redis_data_loss,
+    count_request,
     count_shadow,
     count_translation,
+    count_unmapped,
+    set_redis_data_lost,
+    set_redis_persistence,
     track_resolver,
 )
+from dualwrite.metrics._requests import RequestObserver, path_template
 
 __all__ = [
     "REGISTRY",
     "SAMPLE_TIMEOUT",
     "MetricsApp",
     "OutboxSampler",
+    "RequestObserver",
     "count_authoritative",
     "count_dead",
+    "count_guard_rollback",
     "count_late_refusal",
     "count_rate_limit",
+    "count_redis_data_loss",
+    "count_request",
     "count_shadow",
     "count_translation",
+    "count_unmapped",
     "metrics_app",
+    "path_template",
     "serve_metrics",
+    "set_redis_data_lost",
+    "set_redis_persistence",
     "track_resolver",
 ]

@@ -3,9 +3,11 @@ rate limits and the stage resolver call (see ``dualwrite.metrics``)."""
 
 from __future__ import annotations
 
+import platform
 import time
 import weakref
 from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
 from itertools import product
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,7 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -30,10 +33,16 @@ __all__ = [
     "REGISTRY",
     "count_authoritative",
     "count_dead",
+    "count_guard_rollback",
     "count_late_refusal",
     "count_rate_limit",
+    "count_redis_data_loss",
+    "count_request",
     "count_shadow",
     "count_translation",
+    "count_unmapped",
+    "set_redis_data_lost",
+    "set_redis_persistence",
     "track_resolver",
 ]
 
@@ -98,6 +107,68 @@ _held_back = Counter(
     ["limit"],
     registry=REGISTRY,
 )
+
+_redis_persistence = Gauge(
+    "dualwrite_redis_persistence",
+    "Redis persistence as this process last read it (CONFIG GET): 2 append-only file, 1 RDB "
+    "snapshots only, 0 none (a restart loses everything), -1 unknown (CONFIG not readable).",
+    registry=REGISTRY,
+)
+_redis_persistence.set(-1)
+_redis_data_lost = Gauge(
+    "dualwrite_redis_data_lost",
+    "1 while Redis's data-loss marker says data was lost (the ledger is incomplete until "
+    "`dualwrite reconcile`, then `dualwrite durability --clear-loss`).",
+    registry=REGISTRY,
+)
+_redis_data_losses = Counter(
+    "dualwrite_redis_data_losses",
+    "Redis data losses this process detected: a marker gone, replaced or rolled back.",
+    registry=REGISTRY,
+)
+_guard_rollbacks = Counter(
+    "dualwrite_guard_rollbacks",
+    "Rollbacks the guard made: one customer back a stage (scope customer), or the whole "
+    "rollout (scope global).",
+    ["scope"],
+    registry=REGISTRY,
+)
+_requests = Counter(
+    "dualwrite_proxy_requests",
+    "Requests the proxy answered, by route class (usage_record, stripe: forwarded, webhook, "
+    "admin, report, health, metrics) and HTTP status.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+_request_seconds = Histogram(
+    "dualwrite_proxy_request_seconds",
+    "Time the proxy took to answer, by route class.",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+_unmapped = Counter(
+    "dualwrite_unmapped_usage",
+    "Usage records the proxy forwarded to the legacy path only: their item maps to no meter, "
+    "it could not be read, or the request was a Connect one.",
+    registry=REGISTRY,
+)
+_build_info = Gauge(
+    "dualwrite_build_info",
+    "Always 1; the labels say which dualwrite and Python this process runs.",
+    ["version", "python"],
+    registry=REGISTRY,
+)
+
+
+def _version() -> str:
+    try:
+        return version("dualwrite")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+_build_info.labels(_version(), platform.python_version()).set(1)
 
 # Every labelled child is bound once, here: a hook is a dict lookup and an increment.
 _WRITES = {
@@ -176,6 +247,42 @@ def count_rate_limit(limit: str, waited: float, held_back: bool) -> None:
     if waits is not None and seconds is not None:
         waits.inc()
         seconds.observe(waited)
+
+
+def set_redis_persistence(level: int) -> None:
+    """Record Redis's persistence: 2 append-only file, 1 RDB only, 0 none, -1 unknown."""
+    _redis_persistence.set(level)
+
+
+def set_redis_data_lost(lost: bool) -> None:
+    """Record whether the data-loss marker says Redis lost data."""
+    _redis_data_lost.set(1 if lost else 0)
+
+
+def count_redis_data_loss() -> None:
+    """Count a Redis data loss this process detected."""
+    _redis_data_losses.inc()
+
+
+_GUARD_ROLLBACKS = {scope: _guard_rollbacks.labels(scope) for scope in ("customer", "global")}
+
+
+def count_guard_rollback(scope: str) -> None:
+    """Count a rollback the guard made (``customer`` or ``global``)."""
+    child = _GUARD_ROLLBACKS.get(scope)
+    if child is not None:
+        child.inc()
+
+
+def count_request(route: str, status: int, seconds: float) -> None:
+    """Count one request the proxy answered, and how long it took."""
+    _requests.labels(route, str(status)).inc()
+    _request_seconds.labels(route).observe(seconds)
+
+
+def count_unmapped() -> None:
+    """Count a usage record forwarded to the legacy path only (no meter for it)."""
+    _unmapped.inc()
 
 
 # -- resolvers (read at scrape time) -------------------------------------------------------------

@@ -205,6 +205,7 @@ async def run_backfill(
     export: Path | None = None,
     dry_run: bool = False,
     actor: str = "dualwrite",
+    reason: str = "",
     progress: Progress | None = None,
 ) -> BackfillResult:
     """Replay a customer's legacy usage into meter events, each counted once in the ledger.
@@ -263,6 +264,7 @@ async def run_backfill(
                 **{status: counts[status] for status in _STATUSES},
                 "sent_qty": result.quantity("sent"),
                 "too_old_qty": result.quantity("too_old"),
+                "reason": reason,
             }
             audit_id = await OpsAudit(engine.redis, engine.keys).record(
                 "backfill", actor=actor, details=details

@@ -138,10 +138,25 @@ def slug(text: str) -> str:
 
 def _configured(price: LegacyPrice, configured: tuple[MeterMapping, ...]) -> MeterMapping | None:
     for mapping in configured:
-        if price.id in mapping.legacy_prices or (
-            price.lookup_key is not None and price.lookup_key in mapping.lookup_keys
+        if (
+            price.id in mapping.legacy_prices
+            or price.id in mapping.meter_prices
+            or (price.lookup_key is not None and price.lookup_key in mapping.lookup_keys)
         ):
             return mapping
+    return None
+
+
+def _billed_by(
+    price: LegacyPrice, meters: list[StripeMeter], existing: list[MeterPrice]
+) -> StripeMeter | None:
+    """The active meter whose meter-backed price already replaces ``price`` (``meters apply``
+    names the legacy price it replaces), if any."""
+    for twin in existing:
+        if twin.active and twin.replaces == price.id:
+            for meter in meters:
+                if meter.id == twin.price.meter and meter.status == "active":
+                    return meter
     return None
 
 
@@ -240,6 +255,27 @@ async def build_plan(stripe: MigrationStripe, configured: tuple[MeterMapping, ..
     for price in prices:
         mapping = _configured(price, configured)
         name = _name_of(price, mapping)
+        billed = _billed_by(price, meters, existing)
+        if billed is not None and name != billed.event_name:
+            if mapping is None:
+                name = billed.event_name  # its meter exists: never propose a second one
+            else:
+                reason = (
+                    f"[[meters]] maps it to {name!r}, but meter {billed.id} "
+                    f"({billed.event_name!r}) already bills it through a meter-backed price: map "
+                    f"it to {billed.event_name!r} instead (a second meter would count it twice)"
+                )
+                planned.append(
+                    PlannedMeter(
+                        event_name=name,
+                        display_name=price.product_name or price.id,
+                        prices=[price.id],
+                        formula=None,
+                        action="refused",
+                        reason=reason,
+                    )
+                )
+                continue
         base: dict[str, Any] = {
             "event_name": name or "?",
             "display_name": price.product_name or price.id,

@@ -379,8 +379,26 @@ class OutboxWorker:
         done = await self.outbox.settle(
             shard, entry_id, update, divergence=divergence, dead=dead, turn=turn
         )
-        if done:
+        if done:  # once: only the settle that dead-letters the entry gets here
             metrics.count_dead(entry.leg, dead["reason"])
+            log.log(
+                logging.INFO if retired else logging.WARNING,
+                "shadow %s write of %s for %s dead-lettered (%s, %s): %s",
+                entry.leg.value,
+                entry.event.identifier,
+                entry.event.customer,
+                dead["reason"],
+                code,
+                dead["error"] or "no error from Stripe",
+                extra={
+                    "event": "dualwrite.dead_letter",
+                    "customer": entry.event.customer,
+                    "identifier": entry.event.identifier,
+                    "leg": entry.leg.value,
+                    "reason": dead["reason"],
+                    "code": code,
+                },
+            )
         return "dead" if done else "skipped"
 
     async def _dead_unreadable(self, shard: ShardKeys, entry_id: str, payload: str) -> Disposition:

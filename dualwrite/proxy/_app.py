@@ -23,7 +23,7 @@ from dualwrite.admin import admin_app
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.metrics import metrics_app
+from dualwrite.metrics import RequestObserver, metrics_app
 from dualwrite.middleware import stripe_error
 from dualwrite.proxy._items import ItemResolver
 from dualwrite.proxy._upstream import Upstream, request_target
@@ -69,6 +69,8 @@ class ProxyApp:
         max_body_bytes: larger request bodies get 413 (streamed bodies are cut off there).
         max_usage_body_bytes: the same for usage-record requests, which are read whole.
         clock: where "now" comes from.
+        access_log: log one ``dualwrite.access`` line per request (requests are counted in the
+            metrics either way).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ProxyApp:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_usage_body_bytes: int = DEFAULT_MAX_USAGE_BODY_BYTES,
         clock: Callable[[], float] = time.time,
+        access_log: bool = False,
     ):
         self.settings = settings
         self.engine = engine or DualWriteEngine.from_settings(settings, clock=clock)
@@ -103,11 +106,30 @@ class ProxyApp:
         self.admin = admin_app(settings, engine=self.engine)
         self.metrics = metrics_app(settings, engine=self.engine)
         self._owns_engine = engine is None
+        self._observed = RequestObserver(
+            self._http, route_of=self.route_of, log_requests=access_log
+        )
+
+    def route_of(self, method: str, path: str) -> str:
+        """The route class of a request (a label of the request metrics)."""
+        if method == "POST" and USAGE_PATH_RE.fullmatch(path):
+            return "usage_record"
+        if path == self.settings.webhooks.path:
+            return "webhook"
+        if path == METRICS_PATH:
+            return "metrics"
+        if path == HEALTH_PATH:
+            return "health"
+        if path == ADMIN_ROOT or path.startswith(f"{ADMIN_ROOT}/"):
+            return "admin"
+        if path.startswith(RESERVED_PREFIX) or path == REPORT_ROOT:
+            return "report"
+        return "stripe"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            await self._observed(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:  # websockets: Stripe's API has none

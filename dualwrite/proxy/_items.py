@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.keys import KeySpace
+from dualwrite.metrics import count_unmapped
 from dualwrite.models import StripeFailure
 from dualwrite.redis_client import as_str, store_errors
 from dualwrite.stripe_io import ItemDetails
@@ -153,6 +154,7 @@ class ItemResolver:
 
     async def count_unmapped(self, item: str, reason: str) -> None:
         """Count one usage request forwarded untouched for ``item`` (logged once per item)."""
+        count_unmapped()
         if item not in self._warned and len(self._warned) < _WARNED_MAX:
             self._warned.add(item)
             log.warning(

@@ -92,7 +92,8 @@ def _config(
         ws="none",
         http=HTTP_IMPLEMENTATION,
         loop=LOOP_IMPLEMENTATION,
-        access_log=access_log,
+        # The app writes its own access lines (path templates, durations: ``dualwrite.access``).
+        access_log=False,
         # Stripe's own Server and Date headers are passed through; uvicorn must not add its own.
         server_header=False,
         date_header=False,
@@ -122,7 +123,7 @@ def run_proxy(
         quiet=False,
         access_log=access_log,
         graceful_seconds=graceful_seconds,
-        app_options={"max_body_bytes": max_body_bytes},
+        app_options={"max_body_bytes": max_body_bytes, "access_log": access_log},
     )
     uvicorn.Server(config).run()
 

@@ -33,7 +33,7 @@ from dualwrite.report._models import (
     legacy_held,
 )
 from dualwrite.report._readiness import ReadinessRule
-from dualwrite.report._render import CSV_COLUMNS, render_csv, render_table
+from dualwrite.report._render import CSV_COLUMNS, attention_rank, render_csv, render_table
 
 __all__ = [
     "CSV_COLUMNS",
@@ -47,6 +47,7 @@ __all__ = [
     "Report",
     "UnmappedItems",
     "Verdict",
+    "attention_rank",
     "build_report",
     "legacy_held",
     "read_backpressure",

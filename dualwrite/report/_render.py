@@ -13,7 +13,7 @@ from rich.text import Text
 from dualwrite.pricing import format_amount
 from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerReport, Report
 
-__all__ = ["CSV_COLUMNS", "render_csv", "render_table"]
+__all__ = ["CSV_COLUMNS", "attention_rank", "render_csv", "render_table"]
 
 _STATUS_STYLE = {"parity": "green", "pending": "yellow", "diverged": "bold red"}
 _STATUS_ORDER = {"diverged": 0, "pending": 1, "parity": 2}
@@ -60,7 +60,10 @@ CSV_COLUMNS = (
 )
 
 
-def _rank(line: CustomerReport) -> tuple[int, bool, int, str]:
+def attention_rank(line: CustomerReport) -> tuple[int, bool, int, str]:
+    """The order of customers that need a look first (the table's, and the report page's
+    default): diverged, then pending; within each, drift from Stripe first, then the largest
+    differences, then the customer id."""
     money = line.drift.money if line.drift is not None else None
     differs = money is not None and bool(money.differing or money.currency_differs)
     drifted = line.drift is not None and (line.drift.drifted or differs)
@@ -71,8 +74,8 @@ def _ranked(report: Report, limit: int | None) -> list[CustomerReport]:
     """Diverged first, then pending; within each, drift from Stripe first, then the largest
     differences."""
     if limit is None:
-        return sorted(report.customers, key=_rank)
-    return heapq.nsmallest(limit, report.customers, key=_rank)
+        return sorted(report.customers, key=attention_rank)
+    return heapq.nsmallest(limit, report.customers, key=attention_rank)
 
 
 def _drift_cell(line: CustomerReport) -> Text:

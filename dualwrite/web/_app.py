@@ -42,6 +42,7 @@ from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report
 from dualwrite.web._auth import TokenGate
 from dualwrite.web._chart import divergence_chart
+from dualwrite.web._progress import migration_progress
 from dualwrite.web._render import page
 from dualwrite.web._views import (
     PAGE_SIZE,
@@ -66,6 +67,8 @@ CUSTOMER_HISTORY = 50
 #: Flag history entries per page (``?limit=`` up to ``MAX_HISTORY``).
 HISTORY = 200
 MAX_HISTORY = 2000
+#: Days the migration-progress page goes back.
+PROGRESS_DAYS = 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,7 @@ class _Pages:
     def __init__(self, source: _Source, settings: Settings) -> None:
         self.source = source
         self.report_settings = settings.report
+        self.flag_salt = settings.flags.rollout_salt
 
     async def overview(self, request: Request) -> Response:
         filters = _filters(request)
@@ -184,6 +188,27 @@ class _Pages:
             divergences=report.divergences,
             history=history,
             readiness_rule=report.readiness_rule,
+        )
+
+    async def progress(self, request: Request) -> Response:
+        source = self.source
+        report = await build_report(
+            source.ledger, source.resolver, divergence_limit=0, settings=self.report_settings
+        )
+        customers = {line.customer for line in report.customers}
+        customers |= set(await source.flags.overrides()) | set(await source.flags.schedules())
+        now = time.time()
+        days = await migration_progress(
+            source.flags, sorted(customers), now=now, salt=self.flag_salt, days=PROGRESS_DAYS
+        )
+        return page(
+            "progress.html",
+            root=_root(request),
+            nav="progress",
+            generated_at=now,
+            days=days,
+            stages=[stage.value for stage in Stage],
+            customers=len(customers),
         )
 
     async def flags(self, request: Request) -> Response:
@@ -281,6 +306,7 @@ class ReportApp:
                 Route("/", pages.overview, name="overview"),
                 Route("/customers/{customer:path}", pages.customer, name="customer"),
                 Route("/flags", pages.flags, name="flags"),
+                Route("/progress", pages.progress, name="progress"),
             ],
             exception_handlers={HTTPException: _http_error, StoreUnavailableError: _unavailable},
             lifespan=lifespan,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -17,6 +16,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
+from dualwrite.models import utc_time
 from dualwrite.pricing import format_amount
 from dualwrite.redaction import redact
 
@@ -46,7 +46,12 @@ def _percent(value: float) -> str:
 
 
 def _when(at: float) -> str:
-    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return utc_time(at)
+
+
+def _share(percent: float) -> str:
+    # A rollout share as `dualwrite flags rollout` prints it: 25 %, 12.5 %.
+    return f"{percent:g} %"
 
 
 def _period(period: str) -> str:
@@ -79,6 +84,7 @@ def _environment() -> Environment:
         signed=_signed,
         percent=_percent,
         when=_when,
+        share=_share,
         period=_period,
         money=_money,
         urlpart=_urlpart,

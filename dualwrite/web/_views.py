@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage
-from dualwrite.report import CustomerReport, LegTotals, Report, legacy_held
+from dualwrite.report import CustomerReport, LegTotals, Report, attention_rank, legacy_held
 
 __all__ = [
     "PAGE_SIZE",
@@ -29,11 +29,11 @@ __all__ = [
 
 PAGE_SIZE = 200
 MAX_CUSTOMER_LENGTH = 255
-SortOrder = Literal["customer", "status", "difference"]
+SortOrder = Literal["attention", "customer", "difference"]
+"""``attention``: the customers that need a look first, in the CLI table's order (the default)."""
 _SORTS: tuple[SortOrder, ...] = get_args(SortOrder)
 _DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _COUNT_RE = re.compile(r"^[0-9]{1,9}$")
-_STATUS_ORDER = {"diverged": 0, "pending": 1, "parity": 2}
 _TRUE = {"1", "on", "true", "yes"}
 
 
@@ -62,7 +62,7 @@ class Filters:
     divergent: bool = False
     since: str | None = None
     until: str | None = None
-    sort: SortOrder = "customer"
+    sort: SortOrder = "attention"
     page: int = 1
 
     @classmethod
@@ -87,7 +87,8 @@ class Filters:
                 msg = f"{name}: write a day as YYYY-MM-DD"
                 raise BadQueryError(msg)
             days[name] = value or None
-        sort = query.get("sort", "") or "customer"
+        sort = query.get("sort", "") or "attention"
+        sort = "attention" if sort == "status" else sort  # the name of links made before 0.2
         if sort not in _SORTS:
             msg = f"sort: one of {', '.join(_SORTS)}"
             raise BadQueryError(msg)
@@ -119,7 +120,7 @@ class Filters:
             ("divergent", "1" if changed.divergent else ""),
             ("since", changed.since or ""),
             ("until", changed.until or ""),
-            ("sort", "" if changed.sort == "customer" else changed.sort),
+            ("sort", "" if changed.sort == "attention" else changed.sort),
             ("page", "" if changed.page == 1 else str(changed.page)),
         ]
         return urlencode([(name, value) for name, value in pairs if value])
@@ -198,9 +199,10 @@ def summarise(report: Report) -> Summary:
 
 
 def sort_customers(customers: Sequence[CustomerReport], order: SortOrder) -> list[CustomerReport]:
-    """Customer id order (the report's), diverged first, or largest difference first."""
-    if order == "status":
-        return sorted(customers, key=lambda c: (_STATUS_ORDER.get(c.status, 3), c.customer))
+    """Those needing a look first (the CLI table's order), customer id order (the report's), or
+    largest difference first."""
+    if order == "attention":
+        return sorted(customers, key=attention_rank)
     if order == "difference":
         return sorted(customers, key=lambda c: (-abs(c.difference), c.customer))
     return list(customers)
