@@ -278,7 +278,7 @@ def flags_schedule(
             raise typer.BadParameter("--clear takes no STAGE or --at")
     elif stage is None or at is None:
         raise typer.BadParameter("give both STAGE and --at (or --clear)")
-    when = (int(time.time()) if at == "now" else parse_when(at)) if at is not None else 0
+    when = None if at in (None, "now") else parse_when(at)
     settings = load_settings(ctx)
     who = actor_name(actor)
 
@@ -298,7 +298,7 @@ def flags_schedule(
         console.print(f"{customer}: schedule {verb}")
         return
     assert stage is not None
-    _show(result, f"{customer}: {stage.value} from {utc_time(when)}")
+    _show(result, f"{customer}: {stage.value} from {'now' if when is None else utc_time(when)}")
 
 
 @flags_app.command("kill")

@@ -88,21 +88,24 @@ async def schedule_stage(
     ops: CutoverOps,
     customer: str,
     stage: Stage,
-    at: int,
+    at: int | None,
     *,
     actor: str,
     reason: str = "",
     force: bool = False,
     dry_run: bool = False,
 ) -> OperationResult:
-    """Add one schedule entry: ``customer`` at ``stage`` from ``at`` on.
+    """Add one schedule entry: ``customer`` at ``stage`` from ``at`` on (``None``: from now).
 
     Refused unless ``force``: ``at`` already past (it would apply at once, unannounced; give
-    ``at=now`` for that), or ``stage`` more than one stage forward (or back) from the stage the
-    customer resolves to just before ``at``.
+    ``None``, the CLI's ``--at now``, for that), or ``stage`` more than one stage forward (or back)
+    from the stage the customer resolves to just before ``at``.
     """
     now = ops.now()
-    if at < now and not force:
+    if at is None:
+        # Read here, not by the caller: "now" read earlier is already past under load.
+        at = int(now)
+    elif at < now and not force:
         msg = (
             f"--at {utc_time(at)} is in the past (now is {utc_time(now)}): the schedule would "
             "apply at once; use --at now to move it now, or --force"
