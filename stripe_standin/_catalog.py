@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from dualwrite.testing._clock import Interval
-from dualwrite.testing._errors import StripeApiError, invalid, missing_param, no_such
-from dualwrite.testing._objects import (
+from stripe_standin._clock import Interval
+from stripe_standin._errors import StripeApiError, invalid, missing_param, no_such
+from stripe_standin._objects import (
     paginate,
     render_customer,
     render_item,
@@ -18,7 +18,7 @@ from dualwrite.testing._objects import (
     render_product,
     render_subscription,
 )
-from dualwrite.testing._state import (
+from stripe_standin._state import (
     Call,
     Customer,
     Price,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dualwrite.testing._meters import (
+from stripe_standin._meters import (
     IDENTIFIER_WINDOW,
     Refusal,
     find_meter,
@@ -21,8 +21,8 @@ from dualwrite.testing._meters import (
     resolve,
     timestamp_refusal,
 )
-from dualwrite.testing._objects import render_meter_event_session
-from dualwrite.testing._state import Call, MeterEvent, MeterSession, Store
+from stripe_standin._objects import render_meter_event_session
+from stripe_standin._state import Call, MeterEvent, MeterSession, Store
 
 __all__ = ["SESSION_LIFETIME", "create_meter_session", "expire_sessions", "stream_meter_events"]
 

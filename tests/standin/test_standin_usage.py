@@ -7,8 +7,8 @@ import pytest
 import stripe
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing import StripeStandin, serve_standin
-from tests.testing.standin_support import (
+from stripe_standin import StripeStandin, serve_standin
+from tests.standin.standin_support import (
     BASIL,
     MONTH_LATER,
     SDK_WARNING,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dualwrite.testing._errors import invalid, no_such
-from dualwrite.testing._objects import paginate, render_usage_record, render_usage_summary
-from dualwrite.testing._state import Call, Store, SubscriptionItem, UsageRecord, is_basil_or_later
+from stripe_standin._errors import invalid, no_such
+from stripe_standin._objects import paginate, render_usage_record, render_usage_summary
+from stripe_standin._state import Call, Store, SubscriptionItem, UsageRecord, is_basil_or_later
 
 __all__ = ["create_usage_record", "item_total", "list_usage_summaries"]
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import stripe
 
-from dualwrite.testing import FaultInjector, RunningStandin, StripeStandin
-from tests.testing.standin_support import (
+from stripe_standin import FaultInjector, RunningStandin, StripeStandin
+from tests.standin.standin_support import (
     ACACIA,
     API_KEY,
     SDK_WARNING,

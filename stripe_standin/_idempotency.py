@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualwrite.testing._errors import StripeApiError
+from stripe_standin._errors import StripeApiError
 
 __all__ = ["IdempotencyStore", "SavedReply"]
 

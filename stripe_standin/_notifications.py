@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing._clock import format_iso
-from dualwrite.testing._errors import no_such
-from dualwrite.testing._meters import ASYNC_ERROR_CODES, Refusal, record_async_error
-from dualwrite.testing._objects import render_thin_event, render_v2_event
-from dualwrite.testing._state import Call, EventDestination, Store
+from stripe_standin._clock import format_iso
+from stripe_standin._errors import no_such
+from stripe_standin._meters import ASYNC_ERROR_CODES, Refusal, record_async_error
+from stripe_standin._objects import render_thin_event, render_v2_event
+from stripe_standin._state import Call, EventDestination, Store
 
 __all__ = [
     "DELIVERY_TIMEOUT",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dualwrite.testing import (
+from stripe_standin import (
     _catalog as catalog,
     _meters as meters,
     _notifications as notifications,
@@ -22,7 +22,7 @@ from dualwrite.testing import (
     _streams as streams,
     _usage as usage,
 )
-from dualwrite.testing._params import (
+from stripe_standin._params import (
     Param,
     boolean,
     date_time,
@@ -36,7 +36,7 @@ from dualwrite.testing._params import (
     string_map,
     timestamp,
 )
-from dualwrite.testing._state import Call, Store
+from stripe_standin._state import Call, Store
 
 __all__ = ["ENDPOINTS", "Auth", "Endpoint", "Handler", "match_endpoint"]
 

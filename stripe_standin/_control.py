@@ -25,7 +25,7 @@ from starlette.routing import Route
 from dualwrite.exceptions import StripeStandinError
 
 if TYPE_CHECKING:
-    from dualwrite.testing._standin import StripeStandin
+    from stripe_standin._standin import StripeStandin
 
 __all__ = ["control_routes"]
 

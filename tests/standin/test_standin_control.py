@@ -10,11 +10,11 @@ import pytest
 import stripe
 from hypothesis import given, strategies as st
 
-import dualwrite.testing
+import stripe_standin
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing import RunningStandin, StandinClock, StripeStandin, serve_standin
-from dualwrite.testing._clock import add_interval, period_containing
-from tests.testing.standin_support import SDK_WARNING, START, Scenario, usage_record
+from stripe_standin import RunningStandin, StandinClock, StripeStandin, serve_standin
+from stripe_standin._clock import add_interval, period_containing
+from tests.standin.standin_support import SDK_WARNING, START, Scenario, usage_record
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
 
@@ -148,9 +148,9 @@ class TestPublicApi:
 
     def test_all_is_sorted_and_complete(self) -> None:
         """``__all__`` is sorted and every name in it exists."""
-        names = dualwrite.testing.__all__
+        names = stripe_standin.__all__
         assert names == sorted(names)
-        assert all(hasattr(dualwrite.testing, name) for name in names)
+        assert all(hasattr(stripe_standin, name) for name in names)
 
     @pytest.mark.parametrize(
         "kwargs",

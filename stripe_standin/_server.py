@@ -9,8 +9,8 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing._standin import StripeStandin
 from dualwrite.threaded import serve_in_thread
+from stripe_standin._standin import StripeStandin
 
 __all__ = ["RunningStandin", "run_standin", "serve_app", "serve_standin"]
 

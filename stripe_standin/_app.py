@@ -28,16 +28,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dualwrite.testing._control import control_routes
-from dualwrite.testing._endpoints import Auth, Endpoint, match_endpoint
-from dualwrite.testing._errors import StripeApiError
-from dualwrite.testing._faults import fault_error
-from dualwrite.testing._params import decode_form, flatten, json_type, validate
-from dualwrite.testing._schedules import apply_due_phases
-from dualwrite.testing._state import Call, parse_version
+from stripe_standin._control import control_routes
+from stripe_standin._endpoints import Auth, Endpoint, match_endpoint
+from stripe_standin._errors import StripeApiError
+from stripe_standin._faults import fault_error
+from stripe_standin._params import decode_form, flatten, json_type, validate
+from stripe_standin._schedules import apply_due_phases
+from stripe_standin._state import Call, parse_version
 
 if TYPE_CHECKING:
-    from dualwrite.testing._standin import StripeStandin
+    from stripe_standin._standin import StripeStandin
 
 __all__ = ["RequestLogEntry", "Wakeup", "build_app", "mask_key"]
 

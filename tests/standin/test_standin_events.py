@@ -19,8 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing import RunningStandin, StripeStandin, serve_app
-from tests.testing.standin_support import (
+from stripe_standin import RunningStandin, StripeStandin, serve_app
+from tests.standin.standin_support import (
     API_KEY,
     SDK_WARNING,
     Scenario,

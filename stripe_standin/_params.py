@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from dualwrite.testing._clock import parse_iso
-from dualwrite.testing._errors import StripeApiError, invalid, missing_param, unknown_param
+from stripe_standin._clock import parse_iso
+from stripe_standin._errors import StripeApiError, invalid, missing_param, unknown_param
 
 __all__ = [
     "Param",

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import stripe
 
-from dualwrite.testing import StripeStandin
-from tests.testing.standin_support import (
+from stripe_standin import StripeStandin
+from tests.standin.standin_support import (
     BASIL,
     MONTH_LATER,
     SDK_WARNING,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import stripe
 
-from dualwrite.testing import StripeStandin
-from tests.testing.standin_support import SDK_WARNING, START, Scenario
+from stripe_standin import StripeStandin
+from tests.standin.standin_support import SDK_WARNING, START, Scenario
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
 

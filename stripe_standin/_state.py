@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from dualwrite.testing._clock import Interval, StandinClock, period_containing
-from dualwrite.testing._errors import invalid
+from stripe_standin._clock import Interval, StandinClock, period_containing
+from stripe_standin._errors import invalid
 
 __all__ = [
     "BASIL",

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import stripe
 
-from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
-from tests.testing.standin_support import ACACIA, API_KEY, SDK_WARNING, Scenario
+from stripe_standin import RunningStandin, StripeStandin, serve_standin
+from tests.standin.standin_support import ACACIA, API_KEY, SDK_WARNING, Scenario
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
 

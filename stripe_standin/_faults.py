@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing._errors import StripeApiError
+from stripe_standin._errors import StripeApiError
 
 __all__ = ["FAULT_KINDS", "FaultInjector", "RefusalRule", "fault_error"]
 

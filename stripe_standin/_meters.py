@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from dualwrite.testing._errors import StripeApiError, invalid, missing_param, no_such
-from dualwrite.testing._objects import (
+from stripe_standin._errors import StripeApiError, invalid, missing_param, no_such
+from stripe_standin._objects import (
     paginate,
     render_event_summary,
     render_meter,
     render_meter_event,
     render_meter_event_adjustment,
 )
-from dualwrite.testing._state import Call, Meter, MeterEvent, Store
+from stripe_standin._state import Call, Meter, MeterEvent, Store
 
 __all__ = [
     "ASYNC_ERROR_CODES",

@@ -17,10 +17,10 @@ import anyio
 import httpx
 import pytest
 
-from dualwrite.testing import StripeStandin
-from dualwrite.testing._endpoints import ENDPOINTS, Endpoint
-from dualwrite.testing._objects import OBJECT_RENDERERS
-from tests.testing.conformance_support import (
+from stripe_standin import StripeStandin
+from stripe_standin._endpoints import ENDPOINTS, Endpoint
+from stripe_standin._objects import OBJECT_RENDERERS
+from tests.standin.conformance_support import (
     FIXTURES,
     OPENAPI,
     OPERATIONS,

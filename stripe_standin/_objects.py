@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from dualwrite.testing._clock import format_iso
-from dualwrite.testing._errors import no_such
-from dualwrite.testing._schedules import render_schedule
-from dualwrite.testing._state import (
+from stripe_standin._clock import format_iso
+from stripe_standin._errors import no_such
+from stripe_standin._schedules import render_schedule
+from stripe_standin._state import (
     Customer,
     Meter,
     MeterEvent,

@@ -7,8 +7,8 @@ import pytest
 import stripe
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing import FaultInjector, RunningStandin, StripeStandin
-from tests.testing.standin_support import ACACIA, API_KEY, SDK_WARNING, Scenario
+from stripe_standin import FaultInjector, RunningStandin, StripeStandin
+from tests.standin.standin_support import ACACIA, API_KEY, SDK_WARNING, Scenario
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import stripe
 
-from dualwrite.testing import RunningStandin, StripeStandin, serve_standin
-from tests.testing.standin_support import ACACIA, API_KEY, START, Scenario, make_scenario
+from stripe_standin import RunningStandin, StripeStandin, serve_standin
+from tests.standin.standin_support import ACACIA, API_KEY, START, Scenario, make_scenario
 
 
 @pytest.fixture

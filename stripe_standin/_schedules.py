@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dualwrite.testing._clock import add_interval
-from dualwrite.testing._errors import invalid, no_such
-from dualwrite.testing._params import (
+from stripe_standin._clock import add_interval
+from stripe_standin._errors import invalid, no_such
+from stripe_standin._params import (
     Param,
     boolean,
     expand,
@@ -29,7 +29,7 @@ from dualwrite.testing._params import (
     string,
     timestamp,
 )
-from dualwrite.testing._state import Call, Store, Subscription, is_basil_or_later
+from stripe_standin._state import Call, Store, Subscription, is_basil_or_later
 
 __all__ = [
     "SCHEDULE_ENDPOINTS",

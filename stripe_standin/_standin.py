@@ -10,22 +10,22 @@ from typing import Any
 from starlette.applications import Starlette
 
 from dualwrite.exceptions import StripeStandinError
-from dualwrite.testing._app import RequestLogEntry, Wakeup, build_app
-from dualwrite.testing._clock import StandinClock
-from dualwrite.testing._errors import StripeApiError
-from dualwrite.testing._faults import FaultInjector
-from dualwrite.testing._idempotency import IdempotencyStore
-from dualwrite.testing._meters import aggregate, find_meter
-from dualwrite.testing._notifications import (
+from stripe_standin._app import RequestLogEntry, Wakeup, build_app
+from stripe_standin._clock import StandinClock
+from stripe_standin._errors import StripeApiError
+from stripe_standin._faults import FaultInjector
+from stripe_standin._idempotency import IdempotencyStore
+from stripe_standin._meters import aggregate, find_meter
+from stripe_standin._notifications import (
     DELIVERY_TIMEOUT,
     add_destination,
     build_reports,
     deliver,
     refuse_accepted,
 )
-from dualwrite.testing._state import Store, SubscriptionItem, parse_version
-from dualwrite.testing._streams import expire_sessions
-from dualwrite.testing._usage import item_total
+from stripe_standin._state import Store, SubscriptionItem, parse_version
+from stripe_standin._streams import expire_sessions
+from stripe_standin._usage import item_total
 
 __all__ = ["StripeStandin"]
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dualwrite.testing._params import Param
+from stripe_standin._params import Param
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "stripe"
 OPENAPI = SHARED / "openapi"

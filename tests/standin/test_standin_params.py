@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
-from dualwrite.testing._errors import StripeApiError
-from dualwrite.testing._params import (
+from stripe_standin._errors import StripeApiError
+from stripe_standin._params import (
     decode_form,
     flatten,
     integer,
