@@ -15,7 +15,6 @@ from dualwrite.exceptions import (
     DualwriteError,
     IdempotencyError,
     StoreUnavailableError,
-    StripeStandinError,
     UsageInputError,
 )
 from dualwrite.flags import AuditEntry, RedisFlagStore, Resolution, StageResolver
@@ -62,7 +61,6 @@ __all__ = [
     "StageSource",
     "StoreUnavailableError",
     "StripeFailure",
-    "StripeStandinError",
     "UsageEvent",
     "UsageInputError",
     "UsageRoute",

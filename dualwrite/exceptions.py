@@ -7,9 +7,9 @@ The tree::
     ├── UsageInputError        a usage request cannot become a UsageEvent (names the field)
     ├── IdempotencyError       an identifier was reused with different parameters
     ├── ConflictError          the same identifier is being recorded right now by another request
-    ├── StoreUnavailableError  Redis cannot be reached or answered with an error
-    └── StripeStandinError     the local Stripe stand-in was misused (test set-up errors)
+    └── StoreUnavailableError  Redis cannot be reached or answered with an error
 
+The Stripe stand-in (``stripe_standin``, a package of its own) has its own error, ``StandinError``.
 Stripe's own refusals are not exceptions here: writers return them as ``WriteResult`` values
 (``dualwrite.models``), so that the engine can record them and hand them back to the caller.
 """
@@ -22,7 +22,6 @@ __all__ = [
     "DualwriteError",
     "IdempotencyError",
     "StoreUnavailableError",
-    "StripeStandinError",
     "UsageInputError",
 ]
 
@@ -58,7 +57,3 @@ class ConflictError(DualwriteError):
 
 class StoreUnavailableError(DualwriteError):
     """Redis could not be reached, or refused a command."""
-
-
-class StripeStandinError(DualwriteError):
-    """The local Stripe stand-in was configured or driven incorrectly."""

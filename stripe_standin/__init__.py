@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from stripe_standin._app import RequestLogEntry
 from stripe_standin._clock import StandinClock
+from stripe_standin._errors import StandinError
 from stripe_standin._faults import FAULT_KINDS, FaultInjector
 from stripe_standin._meters import ASYNC_ERROR_CODES
 from stripe_standin._server import RunningStandin, run_standin, serve_app, serve_standin
@@ -44,6 +45,7 @@ __all__ = [
     "RequestLogEntry",
     "RunningStandin",
     "StandinClock",
+    "StandinError",
     "StripeStandin",
     "legacy_price_params",
     "meter_params",

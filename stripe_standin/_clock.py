@@ -13,8 +13,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from dualwrite.exceptions import StripeStandinError
 from dualwrite.periods import Interval, add_interval, period_containing
+from stripe_standin._errors import StandinError
 
 __all__ = [
     "Interval",
@@ -45,7 +45,7 @@ class StandinClock:
         """Move the clock forward by ``seconds`` and return the new now."""
         if seconds < 0:
             msg = f"clock.advance() takes a non-negative number of seconds, got {seconds}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         with self._lock:
             self._base += int(seconds)
             return int(self._base + time.monotonic() - self._started)

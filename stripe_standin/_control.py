@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dualwrite.exceptions import StripeStandinError
+from stripe_standin._errors import StandinError
 
 if TYPE_CHECKING:
     from stripe_standin._standin import StripeStandin
@@ -45,10 +45,10 @@ async def _json_object(request: Request) -> dict[str, Any]:
         data = json.loads(body)
     except ValueError as exc:
         msg = f"the body must be a JSON object: {exc}"
-        raise StripeStandinError(msg) from exc
+        raise StandinError(msg) from exc
     if not isinstance(data, dict):
         msg = "the body must be a JSON object"
-        raise StripeStandinError(msg)
+        raise StandinError(msg)
     return data
 
 
@@ -56,7 +56,7 @@ def _integer(data: dict[str, Any], name: str) -> int:
     value = data.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         msg = f"`{name}` must be an integer, got {value!r}"
-        raise StripeStandinError(msg)
+        raise StandinError(msg)
     return value
 
 
@@ -64,7 +64,7 @@ def _text(data: dict[str, Any], name: str) -> str:
     value = data.get(name)
     if not isinstance(value, str):
         msg = f"`{name}` must be a string, got {value!r}"
-        raise StripeStandinError(msg)
+        raise StandinError(msg)
     return value
 
 
@@ -84,7 +84,7 @@ def control_routes(standin: StripeStandin) -> list[Route]:
         try:
             seconds = _integer(await _json_object(request), "seconds")
             now = standin.clock.advance(seconds)
-        except StripeStandinError as exc:
+        except StandinError as exc:
             return _refuse(str(exc))
         return JSONResponse({"clock": now})
 
@@ -92,7 +92,7 @@ def control_routes(standin: StripeStandin) -> list[Route]:
         """POST /_standin/clock/set ``{"timestamp": T}``."""
         try:
             standin.clock.set(_integer(await _json_object(request), "timestamp"))
-        except StripeStandinError as exc:
+        except StandinError as exc:
             return _refuse(str(exc))
         return JSONResponse({"clock": standin.clock.now()})
 
@@ -103,12 +103,12 @@ def control_routes(standin: StripeStandin) -> list[Route]:
             unknown = sorted(set(data) - _FAULT_OPTIONS)
             if unknown:
                 msg = f"unknown fault options {unknown}; known: {sorted(_FAULT_OPTIONS)}"
-                raise StripeStandinError(msg)
+                raise StandinError(msg)
             if "rate" not in data:
                 msg = "`rate` is required"
-                raise StripeStandinError(msg)
+                raise StandinError(msg)
             standin.faults.configure(**data)
-        except (StripeStandinError, TypeError) as exc:
+        except (StandinError, TypeError) as exc:
             return _refuse(str(exc))
         return JSONResponse({"faults": standin.faults.describe()})
 
@@ -132,7 +132,7 @@ def control_routes(standin: StripeStandin) -> list[Route]:
             data = await _json_object(request)
             url = _text(data, "url")
             destination = standin.add_event_destination(url, _text(data, "secret"))
-        except StripeStandinError as exc:
+        except StandinError as exc:
             return _refuse(str(exc))
         return JSONResponse({"id": destination, "url": url})
 
@@ -144,7 +144,7 @@ def control_routes(standin: StripeStandin) -> list[Route]:
             error = standin.refuse_later(
                 _text(data, "identifier"), code=code, message=_optional_text(data, "message")
             )
-        except StripeStandinError as exc:
+        except StandinError as exc:
             return _refuse(str(exc))
         return JSONResponse({"error": error})
 

@@ -1,4 +1,9 @@
-"""Stripe's error replies, raised inside the stand-in and turned into ``{"error": {...}}`` bodies.
+"""The stand-in's errors: its own misuse (``StandinError``) and Stripe's error replies.
+
+``StandinError`` is what a test gets for driving the stand-in wrongly (a bad option, an unknown
+object id); it is the stand-in's only exception root (the stand-in shares nothing with dualwrite,
+not even its error tree). ``StripeApiError`` is a Stripe refusal, raised inside the stand-in and
+turned into an ``{"error": {...}}`` body; it never escapes the app.
 
 Every refusal the stand-in makes goes through ``StripeApiError`` so that the status, the
 ``type``/``code``/``param`` triple and the message are shaped exactly as Stripe shapes them. API v2
@@ -11,7 +16,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["StripeApiError", "invalid", "missing_param", "no_such", "unknown_param"]
+__all__ = [
+    "StandinError",
+    "StripeApiError",
+    "invalid",
+    "missing_param",
+    "no_such",
+    "unknown_param",
+]
+
+
+class StandinError(Exception):
+    """The stand-in was configured or driven incorrectly (a test set-up error)."""
 
 
 class StripeApiError(Exception):

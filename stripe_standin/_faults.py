@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dualwrite.exceptions import StripeStandinError
-from stripe_standin._errors import StripeApiError
+from stripe_standin._errors import StandinError, StripeApiError
 
 __all__ = ["FAULT_KINDS", "FaultInjector", "RefusalRule", "fault_error"]
 
@@ -90,17 +89,17 @@ class FaultInjector:
         """Fail a share ``rate`` of the calls under ``paths``, with a kind drawn from ``kinds``."""
         if not 0.0 <= rate <= 1.0:
             msg = f"faults rate must be between 0 and 1, got {rate!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         unknown = sorted(set(kinds) - set(FAULT_KINDS))
         if unknown or not kinds:
             msg = f"fault kinds must be a non-empty subset of {FAULT_KINDS}, got {list(kinds)!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         if isinstance(paths, str) or not paths:
             msg = f"fault paths must be a non-empty list of path prefixes, got {paths!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         if timeout_seconds < 0:
             msg = f"timeout_seconds must not be negative, got {timeout_seconds!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         with self._lock:
             self._rate = float(rate)
             self._kinds = tuple(kinds)
@@ -126,10 +125,10 @@ class FaultInjector:
             pattern = re.compile(path)
         except re.error as exc:
             msg = f"refuse(path=...) is not a valid regular expression: {path!r} ({exc})"
-            raise StripeStandinError(msg) from exc
+            raise StandinError(msg) from exc
         if not 400 <= status <= 599 or (count is not None and count < 1):
             msg = f"refuse() needs a 4xx/5xx status and a positive count, got {status}, {count}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         rule = RefusalRule(pattern, dict(where or {}), status, type, code, message, count)
         with self._lock:
             self._rules.append(rule)

@@ -24,9 +24,8 @@ from typing import Any
 
 import httpx
 
-from dualwrite.exceptions import StripeStandinError
 from stripe_standin._clock import format_iso
-from stripe_standin._errors import no_such
+from stripe_standin._errors import StandinError, no_such
 from stripe_standin._meters import ASYNC_ERROR_CODES, Refusal, record_async_error
 from stripe_standin._objects import render_thin_event, render_v2_event
 from stripe_standin._state import Call, EventDestination, Store
@@ -56,10 +55,10 @@ def add_destination(store: Store, url: str, secret: str) -> EventDestination:
     """Register a webhook destination; refuse a URL that is not http(s) or an empty secret."""
     if not url.startswith(("http://", "https://")):
         msg = f"an event destination needs an http:// or https:// URL, got {url!r}"
-        raise StripeStandinError(msg)
+        raise StandinError(msg)
     if not secret.strip():
         msg = "an event destination needs a signing secret (Stripe's start with whsec_)"
-        raise StripeStandinError(msg)
+        raise StandinError(msg)
     with store.lock:
         destination = EventDestination(store.new_id("ed_test", 24), url, secret)
         store.destinations.append(destination)
@@ -188,13 +187,13 @@ def refuse_accepted(
     next report (Stripe can refuse an event after a first look let it through)."""
     if code not in ASYNC_ERROR_CODES:
         msg = f"refuse_later() takes one of {ASYNC_ERROR_CODES}, got {code!r}"
-        raise StripeStandinError(msg)
+        raise StandinError(msg)
     with store.lock:
         event = store.events_by_identifier.get(identifier)
         if event is None or not event.counted:
             state = "no meter event" if event is None else "no counted meter event"
             msg = f"the stand-in has {state} with identifier {identifier!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         meter = store.meters.get(event.meter or "")
         key = meter.customer_key if meter is not None else "stripe_customer_id"
         if message is None:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dualwrite.exceptions import StripeStandinError
-from dualwrite.threaded import serve_in_thread
+from stripe_standin._errors import StandinError
 from stripe_standin._standin import StripeStandin
 
 __all__ = ["RunningStandin", "run_standin", "serve_app", "serve_standin"]
 
 GRACEFUL_SHUTDOWN = 2
 """Seconds uvicorn waits for in-flight replies when stopping."""
+STARTUP_TIMEOUT = 10.0
+"""Seconds a server may take to start listening."""
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
 
 
@@ -78,6 +81,25 @@ def _base_url(host: str, port: int) -> str:
 
 
 @contextmanager
+def _in_thread(server: uvicorn.Server, failure: Exception) -> Iterator[int]:
+    """Run ``server`` in a daemon thread until the block ends; yield the port it listens on."""
+    thread = threading.Thread(target=server.run, name="stripe-standin", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=STARTUP_TIMEOUT)
+            raise failure
+        time.sleep(0.005)
+    try:
+        yield int(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=STARTUP_TIMEOUT + GRACEFUL_SHUTDOWN)
+
+
+@contextmanager
 def _serving(
     app: ASGIApp,
     host: str,
@@ -89,10 +111,8 @@ def _serving(
 ) -> Iterator[int]:
     """Run ``app`` with uvicorn in a background thread; yield the port it listens on."""
     server = uvicorn.Server(_config(app, host, port, quiet=True, lifespan=lifespan))
-    failure = StripeStandinError(f"{what} could not start listening on {host}:{port}")
-    with serve_in_thread(
-        server, name="stripe-standin", failure=failure, grace=GRACEFUL_SHUTDOWN
-    ) as bound:
+    failure = StandinError(f"{what} could not start listening on {host}:{port}")
+    with _in_thread(server, failure) as bound:
         try:
             yield bound
         finally:

@@ -9,10 +9,9 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from dualwrite.exceptions import StripeStandinError
 from stripe_standin._app import RequestLogEntry, Wakeup, build_app
 from stripe_standin._clock import StandinClock
-from stripe_standin._errors import StripeApiError
+from stripe_standin._errors import StandinError, StripeApiError
 from stripe_standin._faults import FaultInjector
 from stripe_standin._idempotency import IdempotencyStore
 from stripe_standin._meters import aggregate, find_meter
@@ -56,10 +55,10 @@ class StripeStandin:
             parse_version(default_api_version)
         except StripeApiError as exc:
             msg = f"default_api_version {default_api_version!r} is not a Stripe API version"
-            raise StripeStandinError(msg) from exc
+            raise StandinError(msg) from exc
         if isinstance(api_keys, str):
             msg = "api_keys takes a collection of keys, not a single string"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         self._api_keys = None if api_keys is None else frozenset(api_keys)
         self.default_api_version = default_api_version
         self.latency_seconds = latency_seconds
@@ -82,7 +81,7 @@ class StripeStandin:
         """Set the delay (seconds, not negative)."""
         if value < 0:
             msg = f"latency_seconds must not be negative, got {value!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         self._latency = float(value)
 
     def accepts_key(self, key: str) -> bool:
@@ -111,7 +110,7 @@ class StripeStandin:
         item = self._store.items.get(subscription_item)
         if item is None:
             msg = f"the stand-in has no subscription item {subscription_item!r}"
-            raise StripeStandinError(msg)
+            raise StandinError(msg)
         return item
 
     def legacy_total(self, subscription_item: str, period_start: int | None = None) -> int:

@@ -33,7 +33,6 @@ REQUIRED = {
     "StageResolver",
     "StoreUnavailableError",
     "StripeFailure",
-    "StripeStandinError",
     "UsageEvent",
     "UsageInputError",
     "WriteResult",

@@ -11,8 +11,7 @@ import stripe
 from hypothesis import given, strategies as st
 
 import stripe_standin
-from dualwrite.exceptions import StripeStandinError
-from stripe_standin import RunningStandin, StandinClock, StripeStandin, serve_standin
+from stripe_standin import RunningStandin, StandinClock, StandinError, StripeStandin, serve_standin
 from stripe_standin._clock import add_interval, period_containing
 from tests.standin.standin_support import SDK_WARNING, START, Scenario, usage_record
 
@@ -115,7 +114,7 @@ class TestClock:
         assert clock.advance(100) >= START + 100
         clock.set(10)
         assert clock.now() < 15
-        with pytest.raises(StripeStandinError):
+        with pytest.raises(StandinError):
             clock.advance(-1)
 
     def test_month_end_anchor(self) -> None:
@@ -157,8 +156,8 @@ class TestPublicApi:
         [{"default_api_version": "latest"}, {"api_keys": "sk_test_x"}, {"latency_seconds": -1}],
     )
     def test_bad_settings(self, kwargs: dict[str, object]) -> None:
-        """Misconfiguration raises ``StripeStandinError``."""
-        with pytest.raises(StripeStandinError):
+        """Misconfiguration raises ``StandinError``."""
+        with pytest.raises(StandinError):
             StripeStandin(**kwargs)  # type: ignore[arg-type]
 
     def test_swap(self) -> None:

@@ -18,8 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dualwrite.exceptions import StripeStandinError
-from stripe_standin import RunningStandin, StripeStandin, serve_app
+from stripe_standin import RunningStandin, StandinError, StripeStandin, serve_app
 from tests.standin.standin_support import (
     API_KEY,
     SDK_WARNING,
@@ -276,9 +275,9 @@ class TestDestinations:
         assert standin.event_destinations == [
             {"id": destination, "url": "http://127.0.0.1:9/hook", "secret": SECRET}
         ]
-        with pytest.raises(StripeStandinError):
+        with pytest.raises(StandinError):
             standin.add_event_destination("ftp://example.com", SECRET)
-        with pytest.raises(StripeStandinError):
+        with pytest.raises(StandinError):
             standin.add_event_destination("http://127.0.0.1:9/hook", " ")
         async with httpx.AsyncClient(base_url=running.url) as raw:
             refused = await raw.post("/_standin/event_destinations", json={"url": "x"})
@@ -348,5 +347,5 @@ class TestRefuseLater:
     ) -> None:
         """Unknown identifiers, events not counted and unknown codes are set-up errors."""
         await _refuse_some(client, scenario)
-        with pytest.raises(StripeStandinError):
+        with pytest.raises(StandinError):
             standin.refuse_later(identifier, code=code)

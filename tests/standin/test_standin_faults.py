@@ -6,8 +6,7 @@ import httpx
 import pytest
 import stripe
 
-from dualwrite.exceptions import StripeStandinError
-from stripe_standin import FaultInjector, RunningStandin, StripeStandin
+from stripe_standin import FaultInjector, RunningStandin, StandinError, StripeStandin
 from tests.standin.standin_support import ACACIA, API_KEY, SDK_WARNING, Scenario
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
@@ -110,8 +109,8 @@ class TestRejectingFaults:
         ],
     )
     def test_misconfiguration(self, options: dict[str, object]) -> None:
-        """Bad settings raise ``StripeStandinError`` instead of silently doing nothing."""
-        with pytest.raises(StripeStandinError):
+        """Bad settings raise ``StandinError`` instead of silently doing nothing."""
+        with pytest.raises(StandinError):
             FaultInjector().configure(**options)  # type: ignore[arg-type]
 
 
@@ -220,7 +219,7 @@ class TestRefusalRules:
 
     def test_bad_rules(self) -> None:
         """An invalid regex or status is a set-up error."""
-        with pytest.raises(StripeStandinError):
+        with pytest.raises(StandinError):
             FaultInjector().refuse(path="(")
-        with pytest.raises(StripeStandinError):
+        with pytest.raises(StandinError):
             FaultInjector().refuse(path="/v1/x", status=200)

@@ -6,8 +6,7 @@ import httpx
 import pytest
 import stripe
 
-from dualwrite.exceptions import StripeStandinError
-from stripe_standin import StripeStandin, serve_standin
+from stripe_standin import StandinError, StripeStandin, serve_standin
 from tests.standin.standin_support import (
     BASIL,
     MONTH_LATER,
@@ -133,7 +132,7 @@ class TestRecording:
 
     async def test_unknown_item_for_helpers(self, standin: StripeStandin) -> None:
         """The assertion helpers name a missing item instead of returning 0."""
-        with pytest.raises(StripeStandinError, match="si_nope"):
+        with pytest.raises(StandinError, match="si_nope"):
             standin.legacy_total("si_nope")
 
 
