@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from stripe_standin._clock import Interval
+from stripe_standin._calendar import Interval
 from stripe_standin._errors import StripeApiError, invalid, missing_param, no_such
 from stripe_standin._objects import (
     paginate,

@@ -1,10 +1,7 @@
-"""The stand-in's clock and billing-period arithmetic.
+"""The stand-in's clock, and API v2's date-time strings.
 
 The clock runs with real time from its start (so a demo's "now" keeps moving) and can be moved
-forward or set, as Stripe's test clocks are. Billing periods are computed from a subscription's
-anchor: ``[anchor + k·interval, anchor + (k+1)·interval)``, by calendar arithmetic in UTC for months
-and years (the anchor's day of month is kept, clamped to short months) and by seconds for days and
-weeks.
+forward or set. Billing periods live in ``_calendar``; Stripe's own test clocks in ``_test_clocks``.
 """
 
 from __future__ import annotations
@@ -13,17 +10,9 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from dualwrite.periods import Interval, add_interval, period_containing
 from stripe_standin._errors import StandinError
 
-__all__ = [
-    "Interval",
-    "StandinClock",
-    "add_interval",
-    "format_iso",
-    "parse_iso",
-    "period_containing",
-]
+__all__ = ["StandinClock", "format_iso", "parse_iso"]
 
 
 class StandinClock:

@@ -14,6 +14,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from stripe_standin._calendar import (
+    DAY,
+    MAX_EVENT_AGE,
+    MAX_EVENT_LEAD,
+    is_aligned,
+    meter_event_problem,
+)
 from stripe_standin._errors import StripeApiError, invalid, missing_param, no_such
 from stripe_standin._objects import (
     paginate,
@@ -44,11 +51,6 @@ __all__ = [
     "timestamp_refusal",
 ]
 
-DAY = 86_400
-PAST_WINDOW = 35 * DAY
-"""Meter event timestamps may be up to 35 days old."""
-FUTURE_WINDOW = 300
-"""…and up to 5 minutes ahead."""
 IDENTIFIER_WINDOW = DAY
 """Identifiers are unique for (at least) 24 hours; cancellations work within 24 hours."""
 MAX_DIGITS = 15
@@ -170,19 +172,20 @@ def read_value(raw: str, key: str) -> Decimal | Refusal:
 
 
 def timestamp_refusal(ts: int, now: int) -> Refusal | None:
-    """Why ``ts`` is outside the window (35 days back, 5 minutes ahead), or None."""
-    if ts < now - PAST_WINDOW:
+    """Why ``ts`` is outside the window (35 days back, 5 minutes ahead: ``_calendar``), or None."""
+    problem = meter_event_problem(ts, now=now)
+    if problem == "too_old":
         # Stripe's wording (the-answerai/theanswer#624).
         msg = (
             "The event timestamp cannot be more than 35 days in past. Expected a timestamp "
-            f"greater than or equal to {now - PAST_WINDOW}."
+            f"greater than or equal to {now - MAX_EVENT_AGE}."
         )
         return Refusal("timestamp_too_far_in_past", msg)
-    if ts > now + FUTURE_WINDOW:
+    if problem == "future":
         # UNVERIFIED wording, modelled on the 35-day message above.
         msg = (
             "The event timestamp cannot be more than 5 minutes in the future. Expected a "
-            f"timestamp less than or equal to {now + FUTURE_WINDOW}."
+            f"timestamp less than or equal to {now + MAX_EVENT_LEAD}."
         )
         return Refusal("timestamp_in_future", msg)
     return None
@@ -340,9 +343,9 @@ def list_event_summaries(store: Store, call: Call) -> dict[str, Any]:
     grouping = p.get("value_grouping_window")
     # UNVERIFIED wording for the alignment refusals; the rules are in Stripe's API reference.
     for name, ts in (("start_time", start), ("end_time", end)):
-        if ts % 60:
+        if not is_aligned(ts, "minute"):
             raise invalid(f"Invalid {name}: must be aligned with minute boundaries.", param=name)
-        if grouping is not None and ts % _WINDOW_SECONDS[grouping]:
+        if grouping is not None and not is_aligned(ts, grouping):
             msg = (
                 f"Invalid {name}: must be aligned with {grouping} boundaries (UTC) when "
                 f"value_grouping_window={grouping}."

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from stripe_standin._clock import add_interval
+from stripe_standin._calendar import boundary
 from stripe_standin._errors import invalid, no_such
 from stripe_standin._params import (
     Param,
@@ -154,7 +154,7 @@ def _phase(
             raise invalid(msg, param=param)
     end = raw.get("end_date")
     if end is None:
-        end = add_interval(start, sub.interval, sub.interval_count * raw.get("iterations", 1))
+        end = _phase_end(sub, start, raw.get("iterations", 1))
     if end <= start:
         msg = f"The end_date of {where} must be after its start_date."
         raise invalid(msg, param=f"{where}[end_date]")
@@ -165,6 +165,19 @@ def _phase(
         proration_behavior=raw.get("proration_behavior", "create_prorations"),
         metadata=dict(raw.get("metadata") or {}),
     )
+
+
+def _phase_end(sub: Subscription, start: int, iterations: int) -> int:
+    """Where a phase of ``iterations`` billing periods ends. From a period boundary it ends on the
+    subscription's own boundaries, counted from its anchor (docs.stripe.com/billing/subscriptions/
+    billing-cycle: anchored on Jan 31, the period after Feb 28 ends on Mar 31, not Mar 28); from
+    elsewhere, ``iterations`` intervals after its start (UNVERIFIED: Stripe's rule there)."""
+    if sub.period(start)[0] != start:
+        return boundary(start, sub.interval, sub.interval_count, iterations)
+    end = start
+    for _ in range(iterations):
+        end = sub.period(end)[1]
+    return end
 
 
 def update_schedule(store: Store, call: Call) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from stripe_standin._clock import Interval, StandinClock, period_containing
+from stripe_standin._calendar import Interval, subscription_period
+from stripe_standin._clock import StandinClock
 from stripe_standin._errors import invalid
 
 __all__ = [
@@ -126,8 +127,14 @@ class Subscription:
     """The subscription schedule attached to it (``_schedules``), if any."""
 
     def period(self, ts: int) -> tuple[int, int]:
-        """The billing period ``[start, end)`` holding ``ts``."""
-        return period_containing(self.anchor, self.interval, self.interval_count, ts)
+        """The billing period ``[start, end)`` holding ``ts`` (``_calendar``)."""
+        return subscription_period(
+            created=self.created,
+            anchor=self.anchor,
+            interval=self.interval,
+            interval_count=self.interval_count,
+            ts=ts,
+        )
 
 
 @dataclass(slots=True)

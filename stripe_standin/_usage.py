@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stripe_standin._calendar import usage_record_problem
 from stripe_standin._errors import invalid, no_such
 from stripe_standin._objects import paginate, render_usage_record, render_usage_summary
 from stripe_standin._state import Call, Store, SubscriptionItem, UsageRecord, is_basil_or_later
@@ -59,9 +60,10 @@ def create_usage_record(store: Store, call: Call) -> dict[str, Any]:
     raw_ts = p.get("timestamp", "now")
     ts = call.now if raw_ts == "now" else int(raw_ts)
     start, _ = store.subscriptions[item.subscription].period(call.now)
-    if ts > call.now:
+    problem = usage_record_problem(ts, now=call.now, period_start=start)
+    if problem == "future":
         raise invalid(IN_FUTURE.format(now=call.now), param="timestamp")
-    if ts < start:
+    if problem == "before_period":
         raise invalid(BEFORE_PERIOD, param="timestamp")
     record = UsageRecord(
         id=store.new_id("mbur", 24),

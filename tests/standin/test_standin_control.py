@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import anyio
 import httpx
 import pytest
 import stripe
-from hypothesis import given, strategies as st
 
 import stripe_standin
 from stripe_standin import RunningStandin, StandinClock, StandinError, StripeStandin, serve_standin
-from stripe_standin._clock import add_interval, period_containing
 from tests.standin.standin_support import SDK_WARNING, START, Scenario, usage_record
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
@@ -105,7 +101,7 @@ class TestControlEndpoints:
 
 
 class TestClock:
-    """The stand-in's clock and calendar arithmetic."""
+    """The stand-in's clock (its calendar: ``test_calendar.py``)."""
 
     def test_clock_ticks_from_its_start(self) -> None:
         """The clock starts where asked and moves forward."""
@@ -116,30 +112,6 @@ class TestClock:
         assert clock.now() < 15
         with pytest.raises(StandinError):
             clock.advance(-1)
-
-    def test_month_end_anchor(self) -> None:
-        """An anchor on the 31st lands on each month's last day, never drifting."""
-        jan_31 = int(datetime(2025, 1, 31, 8, tzinfo=UTC).timestamp())
-        dates = [datetime.fromtimestamp(add_interval(jan_31, "month", k), UTC) for k in range(4)]
-        assert [(d.month, d.day) for d in dates] == [(1, 31), (2, 28), (3, 31), (4, 30)]
-        assert add_interval(jan_31, "year", -1) == int(
-            datetime(2024, 1, 31, 8, tzinfo=UTC).timestamp()
-        )
-
-    @given(
-        anchor=st.integers(min_value=0, max_value=4_000_000_000),
-        offset=st.integers(min_value=-400_000_000, max_value=400_000_000),
-        interval=st.sampled_from(["day", "week", "month", "year"]),
-        count=st.integers(min_value=1, max_value=3),
-    )
-    def test_period_holds_its_timestamp(
-        self, anchor: int, offset: int, interval: str, count: int
-    ) -> None:
-        """The period found for a time contains it, and starts on an anchor step."""
-        ts = max(anchor + offset, 0)
-        start, end = period_containing(anchor, interval, count, ts)  # type: ignore[arg-type]
-        assert start <= ts < end
-        assert period_containing(anchor, interval, count, start) == (start, end)  # type: ignore[arg-type]
 
 
 class TestPublicApi:
