@@ -37,6 +37,7 @@ from stripe_standin._meters import ASYNC_ERROR_CODES
 from stripe_standin._server import RunningStandin, run_standin, serve_app, serve_standin
 from stripe_standin._setup import legacy_price_params, meter_params
 from stripe_standin._standin import StripeStandin
+from stripe_standin.checking import SpecChecker
 
 __all__ = [
     "ASYNC_ERROR_CODES",
@@ -44,6 +45,7 @@ __all__ = [
     "FaultInjector",
     "RequestLogEntry",
     "RunningStandin",
+    "SpecChecker",
     "StandinClock",
     "StandinError",
     "StripeStandin",

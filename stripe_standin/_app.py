@@ -35,6 +35,7 @@ from stripe_standin._faults import fault_error
 from stripe_standin._params import decode_form, flatten, json_type, validate
 from stripe_standin._schedules import apply_due_phases
 from stripe_standin._state import Call, parse_version
+from stripe_standin.checking import Exchange, SpecChecker, active_checker
 
 if TYPE_CHECKING:
     from stripe_standin._standin import StripeStandin
@@ -165,6 +166,17 @@ async def _json_params(request: Request) -> dict[str, Any]:
     return {**raw, **data}
 
 
+async def _params(request: Request, *, json_body: bool) -> dict[str, Any]:
+    """The call's parameters: a v2 JSON body, or a v1 query string and form body."""
+    if json_body:
+        return await _json_params(request)
+    pairs = parse_qsl(request.url.query, keep_blank_values=True)
+    body = await request.body()
+    if body:
+        pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return decode_form(pairs)
+
+
 class _StripeApi:
     """The ``/v1`` and ``/v2`` pipeline bound to one stand-in."""
 
@@ -219,6 +231,8 @@ class _StripeApi:
             out.headers["Idempotency-Key"] = idem_key
         raw: dict[str, Any] = {}
         v2 = path.startswith("/v2/")
+        matched = None
+        parsed = False
         try:
             matched = match_endpoint(method, path)
             auth: Auth = matched[0].auth if matched is not None else "secret_key"
@@ -231,19 +245,16 @@ class _StripeApi:
                 )
                 raise StripeApiError(404, msg)
             endpoint, path_args = matched
-            if endpoint.json:
-                raw = await _json_params(request)
-            else:
-                pairs = parse_qsl(request.url.query, keep_blank_values=True)
-                body = await request.body()
-                if body:
-                    pairs += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-                raw = decode_form(pairs)
+            raw = await _params(request, json_body=endpoint.json)
+            parsed = True
             call = _Request(path, path_args, scope, raw, request_id, version, idem_key, v2)
             await self._run(out, endpoint, call)
         except StripeApiError as exc:
             out.status, out.body = exc.status, exc.body(v2=v2)
             out.headers.update(exc.headers)
+        checker = s.spec_checker or active_checker()
+        if checker is not None:
+            await self._check(checker, request, raw if parsed else None, version, matched, out)
         events = raw.get("events") if path == _STREAM else None
         s._record(
             RequestLogEntry(
@@ -267,6 +278,26 @@ class _StripeApi:
         if not out.delayed:
             await s._wakeup.sleep(s.latency_seconds)
         return JSONResponse(out.body, status_code=out.status, headers=out.headers)
+
+    async def _check(
+        self,
+        checker: SpecChecker,
+        request: Request,
+        raw: dict[str, Any] | None,
+        version: str,
+        matched: tuple[Endpoint, dict[str, str]] | None,
+        out: _Outcome,
+    ) -> None:
+        """Show the answered call to the spec checker; a call refused before its parameters were
+        read (a bad key, say) has them read here, for the checker only."""
+        path = request.url.path
+        v2 = path.startswith("/v2/")
+        if raw is None:
+            with contextlib.suppress(StripeApiError, UnicodeDecodeError):
+                raw = await _params(request, json_body=v2)
+        template = matched[0].path if matched is not None else None
+        exchange = Exchange(request.method, path, version, raw, out.status, out.body, template, v2)
+        checker.observe(exchange)
 
     async def _run(self, out: _Outcome, endpoint: Endpoint, req: _Request) -> None:
         """Faults, idempotency, validation and execution of one routed call."""

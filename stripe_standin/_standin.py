@@ -25,6 +25,7 @@ from stripe_standin._notifications import (
 from stripe_standin._state import Store, SubscriptionItem, parse_version
 from stripe_standin._streams import expire_sessions
 from stripe_standin._usage import item_total
+from stripe_standin.checking import SpecChecker
 
 __all__ = ["StripeStandin"]
 
@@ -40,6 +41,7 @@ class StripeStandin:
 
     ``api_keys=None`` accepts any key starting with ``sk_test_`` or ``rk_test_``; otherwise only the
     keys given. Requests without a ``Stripe-Version`` header use ``default_api_version``.
+    ``spec_checker`` checks each call against Stripe's published spec (``checking``).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class StripeStandin:
         default_api_version: str = "2025-02-24.acacia",
         latency_seconds: float = 0.0,
         seed: int = 0,
+        spec_checker: SpecChecker | None = None,
     ) -> None:
         try:
             parse_version(default_api_version)
@@ -69,6 +72,8 @@ class StripeStandin:
         self._wakeup = Wakeup()
         self._log: deque[RequestLogEntry] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._log_lock = threading.Lock()
+        self.spec_checker = spec_checker
+        """Checks every call against Stripe's spec (None: the one ``checking.install`` set)."""
         self.app: Starlette = build_app(self)
 
     @property

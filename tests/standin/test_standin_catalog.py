@@ -8,7 +8,7 @@ import httpx
 import pytest
 import stripe
 
-from stripe_standin import StripeStandin
+from stripe_standin import SpecChecker, StripeStandin
 from tests.standin.standin_support import (
     BASIL,
     MONTH_LATER,
@@ -146,9 +146,14 @@ class TestParameterErrors:
         )
         assert reply.json()["error"]["param"] == "recurring[color]"
 
-    async def test_missing_parameter(self, client: stripe.StripeClient) -> None:
-        """A missing required parameter is ``parameter_missing``."""
-        with pytest.raises(stripe.InvalidRequestError) as caught:
+    async def test_missing_parameter(
+        self, client: stripe.StripeClient, stripe_spec: SpecChecker
+    ) -> None:
+        """A missing required parameter is ``parameter_missing`` (a request sent bad on purpose)."""
+        with (
+            stripe_spec.expect_invalid_requests(),
+            pytest.raises(stripe.InvalidRequestError) as caught,
+        ):
             await client.v1.billing.meters.create_async(
                 {"display_name": "x", "default_aggregation": {"formula": "sum"}}  # type: ignore[typeddict-item]
             )

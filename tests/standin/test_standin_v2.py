@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 import stripe
 
-from stripe_standin import FaultInjector, RunningStandin, StripeStandin
+from stripe_standin import FaultInjector, RunningStandin, SpecChecker, StripeStandin
 from tests.standin.standin_support import (
     ACACIA,
     API_KEY,
@@ -166,20 +167,29 @@ class TestStream:
         assert standin.requests[-1].event_count == 101
 
     @pytest.mark.parametrize(
-        ("body", "mentions"),
+        ("body", "mentions", "spec_refuses"),
         [
-            (b"events=1", "JSON"),
-            ([1, 2], "JSON object"),
-            ({}, "events"),
-            ({"events": []}, "at least 1"),
-            ({"events": "x"}, "events"),
-            ({"events": [{"payload": {"value": "1"}}]}, "events[0][event_name]"),
-            ({"events": [{"event_name": "api_calls"}]}, "events[0][payload]"),
-            ({"events": [{"event_name": "api_calls", "payload": {"v": 1}}]}, "[payload][v]"),
-            ({"events": [{"event_name": "e", "payload": {}, "when": "now"}]}, "events[0][when]"),
-            ({"events": [{"event_name": "e", "payload": {}, "timestamp": "soon"}]}, "timestamp"),
-            ({"events": [{"event_name": "e", "payload": {}, "timestamp": 1}]}, "timestamp"),
-            ({"events": [], "extra": 1}, "extra"),
+            (b"events=1", "JSON", False),  # not JSON: nothing the spec can judge
+            ([1, 2], "JSON object", False),
+            ({}, "events", True),
+            ({"events": []}, "at least 1", False),  # the spec states no minimum
+            ({"events": "x"}, "events", True),
+            ({"events": [{"payload": {"value": "1"}}]}, "events[0][event_name]", True),
+            ({"events": [{"event_name": "api_calls"}]}, "events[0][payload]", True),
+            (
+                {"events": [{"event_name": "api_calls", "payload": {"v": 1}}]},
+                "[payload][v]",
+                True,
+            ),
+            # The spec lets events carry other fields; the stand-in refuses them (UNVERIFIED).
+            ({"events": [{"event_name": "e", "payload": {}, "when": "now"}]}, "[when]", False),
+            (
+                {"events": [{"event_name": "e", "payload": {}, "timestamp": "soon"}]},
+                "timestamp",
+                True,
+            ),
+            ({"events": [{"event_name": "e", "payload": {}, "timestamp": 1}]}, "timestamp", True),
+            ({"events": [], "extra": 1}, "extra", True),
         ],
     )
     async def test_structural_errors(
@@ -187,12 +197,17 @@ class TestStream:
         running: RunningStandin,
         client: stripe.StripeClient,
         standin: StripeStandin,
+        stripe_spec: SpecChecker,
         body: Any,
         mentions: str,
+        spec_refuses: bool,
     ) -> None:
-        """Malformed requests are a 400 in v2's shape, naming what is wrong."""
+        """Malformed requests are a 400 in v2's shape, naming what is wrong (those Stripe's spec
+        refuses are sent as declared bad requests)."""
         token = await new_session_token(client)
-        reply = await _raw_stream(running, token, body)
+        declared = stripe_spec.expect_invalid_requests() if spec_refuses else nullcontext()
+        with declared:
+            reply = await _raw_stream(running, token, body)
         assert reply.status_code == 400
         error = reply.json()["error"]
         assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_fields")

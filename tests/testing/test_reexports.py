@@ -40,7 +40,8 @@ class TestReexports:
 
     def test_stand_in_names_are_the_packages_own_objects(self) -> None:
         """A re-exported stand-in name is the very object of ``stripe_standin``, not a copy."""
-        shared = set(dualwrite.testing.__all__) & set(stripe_standin.__all__)
-        assert shared == set(stripe_standin.__all__)
+        own = {"RedisServerError", "RedisServerProcess", "redis_binary"}
+        shared = set(dualwrite.testing.__all__) - own
+        assert shared <= set(stripe_standin.__all__)
         for name in shared:
             assert getattr(dualwrite.testing, name) is getattr(stripe_standin, name)
