@@ -143,12 +143,22 @@ class TestEvents:
             "The value in the event payload can have at most 15 digits. Received 1234567890123456."
         )
 
-    @pytest.mark.parametrize("value", ["123456789012345", "-3", "2.0"])
+    @pytest.mark.parametrize(
+        ("value", "total"), [("123456789012345", 123456789012345.0), ("-3", -3.0), ("2.0", 2.0)]
+    )
     async def test_whole_values_accepted(
-        self, client: stripe.StripeClient, scenario: Scenario, value: str
+        self,
+        client: stripe.StripeClient,
+        scenario: Scenario,
+        standin: StripeStandin,
+        value: str,
+        total: float,
     ) -> None:
-        """Fifteen digits, negative and ``2.0`` are whole numbers."""
-        await _event(client, scenario, value)
+        """Fifteen digits, negative and ``2.0`` are whole numbers: accepted as sent, and counted."""
+        event = await _event(client, scenario, value, identifier="whole")
+        assert event["payload"]["value"] == value
+        assert standin.meter_total(scenario.customer, scenario.event_name) == total
+        assert standin.async_errors == []
 
     async def test_async_failures_are_accepted_but_not_counted(
         self, client: stripe.StripeClient, scenario: Scenario, standin: StripeStandin
