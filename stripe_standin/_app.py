@@ -35,6 +35,7 @@ from stripe_standin._faults import fault_error
 from stripe_standin._params import decode_form, flatten, json_type, validate
 from stripe_standin._schedules import apply_due_phases
 from stripe_standin._state import Call, parse_version
+from stripe_standin._test_clocks import settle_test_clocks
 from stripe_standin.checking import Exchange, SpecChecker, active_checker
 
 if TYPE_CHECKING:
@@ -332,7 +333,8 @@ class _StripeApi:
             extra_headers: dict[str, str] = {}
             with s._store.lock:
                 call = Call(s.clock.now(), req.version, req.path, req.path_args, params)
-                apply_due_phases(s._store, call.now)  # subscription schedules follow the clock
+                settle_test_clocks(s._store)  # advances that are done
+                apply_due_phases(s._store, call.now)  # subscription schedules follow the clocks
                 out.executed = True
                 try:
                     out.body = endpoint.handler(s._store, call)

@@ -85,9 +85,13 @@ def _get_item(store: Store, item_id: str, param: str = "id") -> SubscriptionItem
 def create_customer(store: Store, call: Call) -> dict[str, Any]:
     """POST /v1/customers."""
     p = call.params
+    clock = p.get("test_clock")
+    if clock is not None and clock not in store.test_clocks:
+        raise no_such("test_helpers.test_clock", clock, param="test_clock")
     customer = Customer(
         id=store.new_id("cus"),
-        created=call.now,
+        created=store.time_on(clock, call.now),
+        test_clock=clock,
         name=p.get("name"),
         email=p.get("email"),
         description=p.get("description"),
@@ -104,9 +108,13 @@ def retrieve_customer(store: Store, call: Call) -> dict[str, Any]:
 
 
 def list_customers(store: Store, call: Call) -> dict[str, Any]:
-    """GET /v1/customers (newest first; optional ``email`` filter)."""
-    email = call.params.get("email")
-    found = [c for c in reversed(store.customers.values()) if email is None or c.email == email]
+    """GET /v1/customers (newest first; optional ``email`` and ``test_clock`` filters)."""
+    email, clock = call.params.get("email"), call.params.get("test_clock")
+    found = [
+        c
+        for c in reversed(store.customers.values())
+        if email in (None, c.email) and clock in (None, c.test_clock)
+    ]
     return paginate([render_customer(c) for c in found], call.params, call.path, "customer")
 
 
@@ -324,11 +332,13 @@ def create_subscription(store: Store, call: Call) -> dict[str, Any]:
             msg = "Currency and interval fields must match across all plans on this subscription."
             raise invalid(msg, param="items")
         prices.append(price)
+    now = store.time_on(customer.test_clock, call.now)  # a customer's clock sets its "now"
     sub = Subscription(
         id=store.new_id("sub", 24),
-        created=call.now,
+        created=now,
         customer=customer.id,
-        anchor=p.get("billing_cycle_anchor", call.now),
+        anchor=p.get("billing_cycle_anchor", now),
+        test_clock=customer.test_clock,
         interval=cast(Interval, prices[0].interval),
         interval_count=prices[0].interval_count,
         currency=prices[0].currency,
@@ -338,7 +348,7 @@ def create_subscription(store: Store, call: Call) -> dict[str, Any]:
         quantity = None if price.usage_type == "metered" else entry.get("quantity", 1)
         item = SubscriptionItem(
             id=store.new_id("si"),
-            created=call.now,
+            created=now,
             subscription=sub.id,
             price=price.id,
             quantity=quantity,
@@ -359,12 +369,14 @@ def retrieve_subscription(store: Store, call: Call) -> dict[str, Any]:
 
 
 def list_subscriptions(store: Store, call: Call) -> dict[str, Any]:
-    """GET /v1/subscriptions (filters: customer, price, status; every subscription is active)."""
+    """GET /v1/subscriptions (filters: customer, price, status, test_clock; every subscription
+    is active)."""
     p = call.params
     found = [
         sub
         for sub in reversed(store.subscriptions.values())
         if p.get("customer") in (None, sub.customer)
+        and p.get("test_clock") in (None, sub.test_clock)
         and (p.get("price") is None or any(store.items[i].price == p["price"] for i in sub.items))
         and p.get("status", "active") in ("active", "all")
     ]

@@ -20,6 +20,7 @@ from stripe_standin import (
     _notifications as notifications,
     _schedules as schedules,
     _streams as streams,
+    _test_clocks as test_clocks,
     _usage as usage,
 )
 from stripe_standin._params import (
@@ -82,11 +83,17 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
             "description": string(),
             "phone": string(max_length=20),
             "metadata": metadata(),
+            "test_clock": string(),
             **_EXPAND,
         },
         catalog.create_customer,
     ),
-    ("GET", "/v1/customers", {"email": string(max_length=512), **_PAGE}, catalog.list_customers),
+    (
+        "GET",
+        "/v1/customers",
+        {"email": string(max_length=512), "test_clock": string(), **_PAGE},
+        catalog.list_customers,
+    ),
     ("GET", "/v1/customers/{id}", _EXPAND, catalog.retrieve_customer),
     (
         "POST",
@@ -175,6 +182,7 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
             "status": string(
                 choices=("active", "all", "canceled", "ended", "incomplete", "past_due", "trialing")
             ),
+            "test_clock": string(),
             **_PAGE,
         },
         catalog.list_subscriptions,
@@ -283,6 +291,7 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
         meters.create_adjustment,
     ),
     *schedules.SCHEDULE_ENDPOINTS,
+    *test_clocks.TEST_CLOCK_ENDPOINTS,
 )
 
 _V2_TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler, Auth], ...] = (

@@ -40,6 +40,7 @@ __all__ = [
     "create_meter",
     "create_meter_event",
     "deactivate_meter",
+    "event_time",
     "find_meter",
     "list_event_summaries",
     "list_meters",
@@ -207,17 +208,26 @@ def record_async_error(
     )
 
 
+def event_time(store: Store, meter: Meter | None, payload: dict[str, str], now: int) -> int:
+    """The "now" an event's timestamp is judged by: its customer's test clock's frozen time, else
+    ``now`` (UNVERIFIED for test clocks: ``_test_clocks``)."""
+    key = meter.customer_key if meter is not None else "stripe_customer_id"
+    customer = store.customers.get(payload.get(key, ""))
+    return store.time_on(customer.test_clock if customer is not None else None, now)
+
+
 def create_meter_event(store: Store, call: Call) -> dict[str, Any]:
     """POST /v1/billing/meter_events."""
     p = call.params
     now = call.now
-    ts: int = p.get("timestamp", now)
-    late = timestamp_refusal(ts, now)
-    if late is not None:
-        raise invalid(late.message, param="timestamp")
     event_name: str = p["event_name"]
     payload: dict[str, str] = p["payload"]
     meter = find_meter(store, event_name)
+    at = event_time(store, meter, payload, now)
+    ts: int = p.get("timestamp", at)
+    late = timestamp_refusal(ts, at)
+    if late is not None:
+        raise invalid(late.message, param="timestamp")
     value_key = meter.value_key if meter is not None else "value"
     value = None
     if value_key in payload and (meter is None or meter.formula != "count"):

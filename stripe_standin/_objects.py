@@ -24,6 +24,7 @@ from stripe_standin._state import (
     Store,
     Subscription,
     SubscriptionItem,
+    TestClock,
     UsageRecord,
     is_basil_or_later,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "render_price",
     "render_product",
     "render_subscription",
+    "render_test_clock",
     "render_thin_event",
     "render_usage_record",
     "render_usage_summary",
@@ -92,7 +94,7 @@ def render_customer(customer: Customer) -> dict[str, Any]:
         "preferred_locales": [],
         "shipping": None,
         "tax_exempt": "none",
-        "test_clock": None,
+        "test_clock": customer.test_clock,
     }
 
 
@@ -161,7 +163,8 @@ def render_price(price: Price, version: str) -> dict[str, Any]:
 def render_item(item: SubscriptionItem, store: Store, now: int, version: str) -> dict[str, Any]:
     """A ``subscription_item``; metered items carry no ``quantity``, as on Stripe."""
     price = store.prices[item.price]
-    start, end = store.subscriptions[item.subscription].period(now)
+    sub = store.subscriptions[item.subscription]
+    start, end = sub.period(store.time_of(sub, now))
     rendered: dict[str, Any] = {
         "id": item.id,
         "object": "subscription_item",
@@ -181,8 +184,9 @@ def render_item(item: SubscriptionItem, store: Store, now: int, version: str) ->
 
 
 def render_subscription(sub: Subscription, store: Store, now: int, version: str) -> dict[str, Any]:
-    """A ``subscription`` with its items (periods on the subscription and on each item)."""
-    start, end = sub.period(now)
+    """A ``subscription`` with its items (periods on the subscription and on each item, on its
+    test clock's time if it has one)."""
+    start, end = sub.period(store.time_of(sub, now))
     items = [render_item(store.items[item_id], store, now, version) for item_id in sub.items]
     return {
         "id": sub.id,
@@ -213,6 +217,7 @@ def render_subscription(sub: Subscription, store: Store, now: int, version: str)
         "schedule": sub.schedule,
         "start_date": sub.created,
         "status": "active",
+        "test_clock": sub.test_clock,
         "trial_end": None,
         "trial_start": None,
     }
@@ -345,6 +350,24 @@ def render_v2_event(
     return event
 
 
+def render_test_clock(clock: TestClock) -> dict[str, Any]:
+    """A ``test_helpers.test_clock``."""
+    details: dict[str, Any] = {}
+    if clock.status == "advancing" and clock.target is not None:
+        details["advancing"] = {"target_frozen_time": clock.target}
+    return {
+        "id": clock.id,
+        "object": "test_helpers.test_clock",
+        "created": clock.created,
+        "deletes_after": clock.deletes_after,
+        "frozen_time": clock.frozen_time,
+        "livemode": False,
+        "name": clock.name,
+        "status": clock.status,
+        "status_details": details,
+    }
+
+
 def render_thin_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """The thin payload an event destination receives: the event without ``data``/``changes``."""
     return {key: value for key, value in event.items() if key not in ("data", "changes")}
@@ -361,6 +384,7 @@ OBJECT_RENDERERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "subscription": render_subscription,
     "subscription_item": render_item,
     "subscription_schedule": render_schedule,
+    "test_helpers.test_clock": render_test_clock,
     "usage_record": render_usage_record,
     "usage_record_summary": render_usage_summary,
     "v2.billing.meter_event_session": render_meter_event_session,

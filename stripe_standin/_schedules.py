@@ -73,6 +73,12 @@ class Schedule:
     metadata: dict[str, str] = field(default_factory=dict)
     released_at: int | None = None
     completed_at: int | None = None
+    test_clock: str | None = None
+    """Its subscription's test clock: its phases start and end on that clock's time."""
+
+    def now(self, store: Store, now: int) -> int:
+        """The schedule's "now": its test clock's frozen time, else ``now``."""
+        return store.time_on(self.test_clock, now)
 
 
 def _schedule(store: Store, call: Call) -> Schedule:
@@ -111,24 +117,27 @@ def create_schedule(store: Store, call: Call) -> dict[str, Any]:
             f"`{sub.schedule}`."
         )
         raise invalid(msg, param="from_subscription")
-    start, end = sub.period(call.now)
+    now = store.time_of(sub, call.now)
+    start, end = sub.period(now)
     schedule = Schedule(
         id=store.new_id("sub_sched", 24),
-        created=call.now,
+        created=now,
         customer=sub.customer,
         subscription=sub.id,
         phases=[Phase(start, end, _current_items(store, sub), applied=True)],
         end_behavior=p.get("end_behavior", "release"),
         metadata=dict(p.get("metadata") or {}),
+        test_clock=sub.test_clock,
     )
     store.schedules[schedule.id] = schedule
     sub.schedule = schedule.id
-    return render_schedule(schedule, call.now)
+    return render_schedule(schedule, now)
 
 
 def retrieve_schedule(store: Store, call: Call) -> dict[str, Any]:
     """GET /v1/subscription_schedules/{id}."""
-    return render_schedule(_schedule(store, call), call.now)
+    schedule = _schedule(store, call)
+    return render_schedule(schedule, schedule.now(store, call.now))
 
 
 def _phase(
@@ -191,13 +200,14 @@ def update_schedule(store: Store, call: Call) -> dict[str, Any]:
         )
         raise invalid(msg)
     sub = store.subscriptions[schedule.subscription]
+    now = schedule.now(store, call.now)
     if "phases" in p:
         raws: list[dict[str, Any]] = list(p["phases"])
         if not raws:
             raise invalid("Missing required param: phases.", param="phases")
-        current = next((ph for ph in schedule.phases if ph.start <= call.now < ph.end), None)
+        current = next((ph for ph in schedule.phases if ph.start <= now < ph.end), None)
         phases: list[Phase] = []
-        start = int(raws[0].get("start_date", current.start if current else call.now))
+        start = int(raws[0].get("start_date", current.start if current else now))
         if current is not None and start != current.start:
             msg = (
                 "You can not modify the start date of the current phase: it must stay "
@@ -218,7 +228,7 @@ def update_schedule(store: Store, call: Call) -> dict[str, Any]:
         schedule.end_behavior = p["end_behavior"]
     if "metadata" in p:
         schedule.metadata.update(p["metadata"])
-    return render_schedule(schedule, call.now)
+    return render_schedule(schedule, now)
 
 
 def release_schedule(store: Store, call: Call) -> dict[str, Any]:
@@ -230,8 +240,9 @@ def release_schedule(store: Store, call: Call) -> dict[str, Any]:
             f"`{schedule.status}` status."
         )
         raise invalid(msg)
-    _release(store, schedule, call.now)
-    return render_schedule(schedule, call.now)
+    now = schedule.now(store, call.now)
+    _release(store, schedule, now)
+    return render_schedule(schedule, now)
 
 
 def _release(store: Store, schedule: Schedule, now: int) -> None:
@@ -259,15 +270,16 @@ def _apply(store: Store, sub: Subscription, phase: Phase) -> None:
     phase.applied = True
 
 
-def apply_due_phases(store: Store, now: int) -> None:
-    """Apply every phase that has started, and end schedules past their last phase (call with
-    ``store.lock`` held)."""
+def apply_due_phases(store: Store, real_now: int) -> None:
+    """Apply every phase that has started, and end schedules past their last phase, each on its
+    own time (a test clock's, else ``real_now``; call with ``store.lock`` held)."""
     for schedule in store.schedules.values():
         if schedule.status != "active":
             continue
         sub = store.subscriptions.get(schedule.subscription)
         if sub is None:
             continue
+        now = schedule.now(store, real_now)
         for phase in schedule.phases:
             if not phase.applied and phase.start <= now:
                 _apply(store, sub, phase)
@@ -347,7 +359,7 @@ def render_schedule(schedule: Schedule, now: int) -> dict[str, Any]:
         "released_subscription": schedule.subscription if schedule.status == "released" else None,
         "status": schedule.status,
         "subscription": schedule.subscription if schedule.status == "active" else None,
-        "test_clock": None,
+        "test_clock": schedule.test_clock,
     }
 
 

@@ -24,6 +24,7 @@ from stripe_standin._notifications import (
 )
 from stripe_standin._state import Store, SubscriptionItem, parse_version
 from stripe_standin._streams import expire_sessions
+from stripe_standin._test_clocks import settle_test_clocks
 from stripe_standin._usage import item_total
 from stripe_standin.checking import SpecChecker
 
@@ -42,6 +43,7 @@ class StripeStandin:
     ``api_keys=None`` accepts any key starting with ``sk_test_`` or ``rk_test_``; otherwise only the
     keys given. Requests without a ``Stripe-Version`` header use ``default_api_version``.
     ``spec_checker`` checks each call against Stripe's published spec (``checking``).
+    ``test_clock_advance_seconds``: how long a Stripe test clock takes to advance.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class StripeStandin:
         latency_seconds: float = 0.0,
         seed: int = 0,
         spec_checker: SpecChecker | None = None,
+        test_clock_advance_seconds: float = 0.0,
     ) -> None:
         try:
             parse_version(default_api_version)
@@ -68,6 +71,7 @@ class StripeStandin:
         self.clock = StandinClock(start_time)
         self.faults = FaultInjector(seed=seed)
         self._store = Store(clock=self.clock, seed=seed)
+        self.test_clock_advance_seconds = test_clock_advance_seconds
         self._idempotency = IdempotencyStore()
         self._wakeup = Wakeup()
         self._log: deque[RequestLogEntry] = deque(maxlen=MAX_LOGGED_REQUESTS)
@@ -88,6 +92,20 @@ class StripeStandin:
             msg = f"latency_seconds must not be negative, got {value!r}"
             raise StandinError(msg)
         self._latency = float(value)
+
+    @property
+    def test_clock_advance_seconds(self) -> float:
+        """How long (real seconds) a test clock stays ``advancing`` after an advance; settable
+        (0: it is ``ready`` at the next call)."""
+        return self._store.advance_seconds
+
+    @test_clock_advance_seconds.setter
+    def test_clock_advance_seconds(self, value: float) -> None:
+        """Set the delay (seconds, not negative)."""
+        if value < 0:
+            msg = f"test_clock_advance_seconds must not be negative, got {value!r}"
+            raise StandinError(msg)
+        self._store.advance_seconds = float(value)
 
     def accepts_key(self, key: str) -> bool:
         """Whether ``key`` is a valid API key for this stand-in."""
@@ -119,11 +137,16 @@ class StripeStandin:
         return item
 
     def legacy_total(self, subscription_item: str, period_start: int | None = None) -> int:
-        """``total_usage`` of the item's period holding ``period_start`` (default: the current one)."""
+        """``total_usage`` of the item's period holding ``period_start`` (default: the current one,
+        on its test clock's time if it has one)."""
         with self._store.lock:
+            settle_test_clocks(self._store)
             item = self._item(subscription_item)
-            at = self.clock.now() if period_start is None else period_start
-            start, end = self._store.subscriptions[item.subscription].period(at)
+            sub = self._store.subscriptions[item.subscription]
+            at = (
+                self._store.time_of(sub, self.clock.now()) if period_start is None else period_start
+            )
+            start, end = sub.period(at)
             return item_total(self._store, item, start, end)
 
     def meter_total(
@@ -265,6 +288,7 @@ class StripeStandin:
                 "meter_sessions": len(st.meter_sessions),
                 "v2_events": len(st.v2_events),
                 "event_destinations": len(st.destinations),
+                "test_clocks": len(st.test_clocks),
                 "requests": len(self._log),
             }
         return {

@@ -34,6 +34,7 @@ __all__ = [
     "Store",
     "Subscription",
     "SubscriptionItem",
+    "TestClock",
     "UsageRecord",
     "is_basil_or_later",
     "parse_version",
@@ -70,6 +71,24 @@ class Customer:
     description: str | None = None
     phone: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    test_clock: str | None = None
+    """The test clock the customer lives on (its objects follow the clock's frozen time)."""
+
+
+@dataclass(slots=True)
+class TestClock:
+    """A Stripe test clock: a frozen time that moves only when advanced (``_test_clocks``)."""
+
+    id: str
+    created: int
+    deletes_after: int
+    frozen_time: int
+    name: str | None = None
+    status: str = "ready"
+    target: int | None = None
+    """The frozen time an advance is moving to (while ``status`` is ``advancing``)."""
+    ready_at: float = 0.0
+    """When (``time.monotonic()``) the advance completes."""
 
 
 @dataclass(slots=True)
@@ -125,6 +144,8 @@ class Subscription:
     metadata: dict[str, str] = field(default_factory=dict)
     schedule: str | None = None
     """The subscription schedule attached to it (``_schedules``), if any."""
+    test_clock: str | None = None
+    """Its customer's test clock: its periods follow that clock's frozen time."""
 
     def period(self, ts: int) -> tuple[int, int]:
         """The billing period ``[start, end)`` holding ``ts`` (``_calendar``)."""
@@ -250,6 +271,9 @@ class Store:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     schedules: dict[str, Any] = field(default_factory=dict)
     """Subscription schedules by id (``_schedules.Schedule``)."""
+    test_clocks: dict[str, TestClock] = field(default_factory=dict)
+    advance_seconds: float = 0.0
+    """How long (real seconds) a test clock takes to advance."""
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -267,6 +291,15 @@ class Store:
         if session is None:
             return "unknown"
         return "valid" if now < session.expires_at else "expired"
+
+    def time_on(self, test_clock: str | None, now: int) -> int:
+        """What "now" is for objects on ``test_clock``: its frozen time (``now`` off a clock)."""
+        clock = self.test_clocks.get(test_clock) if test_clock is not None else None
+        return now if clock is None else clock.frozen_time
+
+    def time_of(self, sub: Subscription, now: int) -> int:
+        """What "now" is for a subscription: its test clock's frozen time, else ``now``."""
+        return self.time_on(sub.test_clock, now)
 
     def new_uuid(self) -> str:
         """A UUID-4-shaped identifier from the seeded generator (for generated meter identifiers)."""

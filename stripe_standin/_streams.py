@@ -16,6 +16,7 @@ from typing import Any
 from stripe_standin._meters import (
     IDENTIFIER_WINDOW,
     Refusal,
+    event_time,
     find_meter,
     read_value,
     resolve,
@@ -67,10 +68,11 @@ def _ingest(store: Store, spec: dict[str, Any], now: int) -> None:
         return
     event_name: str = spec["event_name"]
     payload: dict[str, str] = spec["payload"]
-    ts: int = spec.get("timestamp", now)
-    event = MeterEvent(identifier, event_name, dict(payload), ts, now, len(store.events))
     meter = find_meter(store, event_name)
-    problem = timestamp_refusal(ts, now)
+    at = event_time(store, meter, payload, now)
+    ts: int = spec.get("timestamp", at)
+    event = MeterEvent(identifier, event_name, dict(payload), ts, now, len(store.events))
+    problem = timestamp_refusal(ts, at)
     value = None
     if meter is not None and meter.formula != "count" and meter.value_key in payload:
         read = read_value(payload[meter.value_key], meter.value_key)

@@ -57,12 +57,14 @@ def create_usage_record(store: Store, call: Call) -> dict[str, Any]:
     if not store.prices[item.price].legacy_metered:
         raise invalid(NOT_LEGACY.format(item=item_id))
     p = call.params
+    sub = store.subscriptions[item.subscription]
+    now = store.time_of(sub, call.now)  # on a test clock, "now" is its frozen time
     raw_ts = p.get("timestamp", "now")
-    ts = call.now if raw_ts == "now" else int(raw_ts)
-    start, _ = store.subscriptions[item.subscription].period(call.now)
-    problem = usage_record_problem(ts, now=call.now, period_start=start)
+    ts = now if raw_ts == "now" else int(raw_ts)
+    start, _ = sub.period(now)
+    problem = usage_record_problem(ts, now=now, period_start=start)
     if problem == "future":
-        raise invalid(IN_FUTURE.format(now=call.now), param="timestamp")
+        raise invalid(IN_FUTURE.format(now=now), param="timestamp")
     if problem == "before_period":
         raise invalid(BEFORE_PERIOD, param="timestamp")
     record = UsageRecord(
@@ -71,7 +73,7 @@ def create_usage_record(store: Store, call: Call) -> dict[str, Any]:
         quantity=p["quantity"],
         timestamp=ts,
         action=p.get("action", "increment"),
-        created=call.now,
+        created=now,
     )
     store.usage.setdefault(item_id, []).append(record)
     return render_usage_record(record)
@@ -120,8 +122,9 @@ def list_usage_summaries(store: Store, call: Call) -> dict[str, Any]:
     if item is None:
         raise no_such("subscription item", item_id, param="subscription_item")
     sub = store.subscriptions[item.subscription]
-    first_start, _ = sub.period(min(item.created, call.now))
-    start, end = sub.period(call.now)
+    now = store.time_of(sub, call.now)
+    first_start, _ = sub.period(min(item.created, now))
+    start, end = sub.period(now)
     summaries: list[dict[str, Any]] = []
     closed = False
     while len(summaries) < MAX_SUMMARY_PERIODS:

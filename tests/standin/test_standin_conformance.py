@@ -154,6 +154,19 @@ def _steps(now: int) -> list[tuple[Key, Callable[[dict[str, str]], dict[str, str
         (("POST", "/v1/subscription_items/{id}"), lambda ids: {"price": ids["meter_price"]}, None),
         (("POST", "/v1/billing/meters/{id}/deactivate"), fixed({}), None),
         (("POST", "/v1/billing/meters/{id}/reactivate"), fixed({}), None),
+        (
+            ("POST", "/v1/test_helpers/test_clocks"),
+            fixed({"frozen_time": str(now), "name": "rehearsal"}),
+            "clock",
+        ),
+        (("GET", "/v1/test_helpers/test_clocks"), fixed({}), None),
+        (
+            ("POST", "/v1/test_helpers/test_clocks/{id}/advance"),
+            fixed({"frozen_time": str(now + 60)}),
+            None,
+        ),
+        (("GET", "/v1/test_helpers/test_clocks/{id}"), fixed({}), None),
+        (("DELETE", "/v1/test_helpers/test_clocks/{id}"), fixed({}), None),
     ]
 
 
@@ -165,6 +178,7 @@ _PATH_ID = {
     "/v1/subscription_items/": "item",
     "/v1/subscription_schedules/": "schedule",
     "/v1/billing/meters/": "meter",
+    "/v1/test_helpers/test_clocks/": "clock",
 }
 
 
@@ -259,6 +273,7 @@ class TestCoverage:
         assert "/v1/billing/meters/{id}/event_summaries" in covered
         assert "/v2/billing/meter_event_session" in covered
         assert "/v2/billing/meter_event_stream" in covered
+        assert "/v1/test_helpers/test_clocks/{id}/advance" in covered
 
     def test_every_endpoint_is_exercised(self, replies: dict[Key, list[Any]]) -> None:
         """The reply run calls every implemented endpoint, so none escapes the checks."""
