@@ -117,6 +117,15 @@ async def usage_record(
     return client.deserialize(response, api_mode="V1")
 
 
+async def usage_summaries(client: stripe.StripeClient, item: str) -> list[dict[str, Any]]:
+    """``usage_record_summaries`` of an item, newest period first (as dualwrite's reconcile
+    reads them: ``raw_request`` with a pre-basil version)."""
+    response = await client.raw_request_async(
+        "get", f"/v1/subscription_items/{item}/usage_record_summaries", stripe_version=ACACIA
+    )
+    return [s.to_dict() for s in client.deserialize(response, api_mode="V1")["data"]]
+
+
 def v2_event(
     scenario: Scenario,
     value: str = "1",

@@ -33,6 +33,7 @@ from tests.standin.standin_support import (
     Scenario,
     legacy_price_params,
     usage_record,
+    usage_summaries,
 )
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
@@ -68,16 +69,6 @@ AGGREGATES = {
 }
 
 
-async def _summaries(client: stripe.StripeClient, item: str) -> list[dict[str, Any]]:
-    """``usage_record_summaries``, newest period first, as dualwrite's reconcile reads them."""
-    response = await client.raw_request_async(
-        "get",
-        f"/v1/subscription_items/{item}/usage_record_summaries",
-        stripe_version="2025-02-24.acacia",
-    )
-    return [s.to_dict() for s in client.deserialize(response, api_mode="V1")["data"]]
-
-
 class TestUsageRecordSummaries:
     """Every ``aggregate_usage`` mode over three periods."""
 
@@ -98,7 +89,7 @@ class TestUsageRecordSummaries:
         for ts, quantity, action in SECOND_PERIOD:
             await usage_record(client, item, quantity, timestamp=ts, action=action)
         standin.clock.set(MARCH_15 + 5 * DAY)
-        third, second, first = await _summaries(client, item)
+        third, second, first = await usage_summaries(client, item)
         assert [s["period"] for s in (first, second, third)] == [
             {"start": START, "end": MONTH_LATER},
             {"start": MONTH_LATER, "end": MARCH_15},

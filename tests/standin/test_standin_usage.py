@@ -15,6 +15,7 @@ from tests.standin.standin_support import (
     Scenario,
     legacy_price_params,
     usage_record,
+    usage_summaries,
 )
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
@@ -25,15 +26,6 @@ def hour_in(scenario: Scenario, standin: StripeStandin) -> Scenario:
     """The scenario, an hour into its first period (so earlier timestamps are in the past)."""
     standin.clock.advance(3600)
     return scenario
-
-
-async def _summaries(client: stripe.StripeClient, item: str) -> list[dict[str, object]]:
-    response = await client.raw_request_async(
-        "get",
-        f"/v1/subscription_items/{item}/usage_record_summaries",
-        stripe_version="2025-02-24.acacia",
-    )
-    return [s.to_dict() for s in client.deserialize(response, api_mode="V1")["data"]]
 
 
 async def _price(client: stripe.StripeClient, product: str, aggregate_usage: str) -> str:
@@ -89,7 +81,7 @@ class TestRecording:
         await usage_record(client, hour_in.item, 7, timestamp=START + 60)
         standin.clock.set(MONTH_LATER + 100)
         await usage_record(client, hour_in.item, 2, timestamp=MONTH_LATER + 50)
-        current, closed = await _summaries(client, hour_in.item)
+        current, closed = await usage_summaries(client, hour_in.item)
         assert current["invoice"] is None
         assert current["period"] == {
             "start": MONTH_LATER,
@@ -202,7 +194,7 @@ class TestRefusals:
             hour_in.item, {"price": hour_in.meter_price}
         )
         assert standin.legacy_total(hour_in.item) == 6
-        (summary,) = await _summaries(client, hour_in.item)
+        (summary,) = await usage_summaries(client, hour_in.item)
         assert summary["total_usage"] == 6
 
     async def test_negative_quantity(self, client: stripe.StripeClient, scenario: Scenario) -> None:

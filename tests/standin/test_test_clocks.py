@@ -14,7 +14,7 @@ import pytest
 import stripe
 
 from stripe_standin import StripeStandin
-from tests.standin.standin_support import SDK_WARNING, Scenario, usage_record
+from tests.standin.standin_support import SDK_WARNING, Scenario, usage_record, usage_summaries
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
 
@@ -192,12 +192,7 @@ class TestObjectsOnTheClock:
         await usage_record(client, item, 5, timestamp=FEB_29 + 60)
         assert standin.legacy_total(item) == 5
         assert standin.legacy_total(item, period_start=JAN_31) == 3
-        response = await client.raw_request_async(
-            "get",
-            f"/v1/subscription_items/{item}/usage_record_summaries",
-            stripe_version="2025-02-24.acacia",
-        )
-        data = client.deserialize(response, api_mode="V1")["data"]
+        data = await usage_summaries(client, item)
         periods = [(s["period"]["start"], s["period"]["end"], s["total_usage"]) for s in data]
         assert periods == [(FEB_29, MAR_31, 5), (JAN_31, FEB_29, 3)]
 
