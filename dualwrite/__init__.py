@@ -16,7 +16,6 @@ from dualwrite.exceptions import (
     IdempotencyError,
     PriceError,
     StoreUnavailableError,
-    StripeStandinError,
     UsageInputError,
 )
 from dualwrite.flags import AuditEntry, RedisFlagStore, Resolution, StageResolver
@@ -66,7 +65,6 @@ __all__ = [
     "StageSource",
     "StoreUnavailableError",
     "StripeFailure",
-    "StripeStandinError",
     "SyncRecorder",
     "UsageEvent",
     "UsageInputError",

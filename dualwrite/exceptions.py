@@ -8,9 +8,9 @@ The tree::
     ├── IdempotencyError       an identifier was reused with different parameters
     ├── ConflictError          the same identifier is being recorded right now by another request
     ├── StoreUnavailableError  Redis cannot be reached or answered with an error
-    ├── PriceError             a Stripe price (or usage) dualwrite cannot turn into an amount
-    └── StripeStandinError     the local Stripe stand-in was misused (test set-up errors)
+    └── PriceError             a Stripe price (or usage) dualwrite cannot turn into an amount
 
+The Stripe stand-in (``stripe_standin``, a package of its own) has its own error, ``StandinError``.
 Stripe's own refusals are not exceptions here: writers return them as ``WriteResult`` values
 (``dualwrite.models``), so that the engine can record them and hand them back to the caller.
 """
@@ -24,7 +24,6 @@ __all__ = [
     "IdempotencyError",
     "PriceError",
     "StoreUnavailableError",
-    "StripeStandinError",
     "UsageInputError",
 ]
 
@@ -65,7 +64,3 @@ class StoreUnavailableError(DualwriteError):
 class PriceError(DualwriteError):
     """A price cannot be turned into an amount (a field missing or outside what Stripe allows), or
     usage cannot be billed by it; the message names the price and the field."""
-
-
-class StripeStandinError(DualwriteError):
-    """The local Stripe stand-in was configured or driven incorrectly."""

@@ -1,7 +1,9 @@
-"""Shared fixtures: a real Redis server (each test under its own key prefix) and the Stripe stand-in."""
+"""Shared fixtures: a real Redis server (each test under its own key prefix), the Stripe stand-in,
+and the check of every call a stand-in answers against Stripe's published spec."""
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import uuid
@@ -22,6 +24,7 @@ from dualwrite.testing import (
     StripeStandin,
     serve_standin,
 )
+from stripe_standin.checking import SpecChecker, install
 from tests.cluster_support import LocalCluster
 from tests.support import STRIPE_KEY, ScenarioBuilder, make_settings
 
@@ -106,6 +109,61 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+# ------------------------------------------------------------------- Stripe's spec, every call
+
+_SPEC_CHECKER = pytest.StashKey[SpecChecker]()
+_SPEC_TOTALS: dict[str, collections.Counter[str]] = {
+    "checked": collections.Counter(),
+    "uncovered": collections.Counter(),
+}
+
+
+@pytest.fixture(autouse=True)
+def stripe_spec(request: pytest.FixtureRequest) -> Iterator[SpecChecker]:
+    """Every request any stand-in receives during the test, and every reply it sends, is checked
+    against Stripe's published spec (``stripe_standin.checking``); a violation fails the test.
+    A test that sends a bad request on purpose wraps it in ``expect_invalid_requests()``; a fuzzer
+    whose garbage reaches the stand-in is marked ``stripe_spec_unchecked_requests(reason)``
+    (its replies are still checked)."""
+    marker = request.node.get_closest_marker("stripe_spec_unchecked_requests")
+    reason = None if marker is None else str(marker.kwargs.get("reason") or marker.args[0])
+    checker = SpecChecker(excuse_requests=reason)
+    previous = install(checker)
+    request.node.stash[_SPEC_CHECKER] = checker
+    yield checker
+    install(previous)
+    _SPEC_TOTALS["checked"].update(checker.checked)
+    _SPEC_TOTALS["uncovered"].update(checker.uncovered)
+    if checker.violations:  # calls answered during teardown
+        pytest.fail(checker.report(), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail the test itself (not its teardown) for the violations its body caused."""
+    result = yield
+    checker = item.stash.get(_SPEC_CHECKER, None)
+    if checker is not None and checker.violations:
+        report = checker.report()
+        checker.clear()
+        pytest.fail(report, pytrace=False)
+    return result
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many calls were checked against Stripe's spec, and which the spec does not cover."""
+    checked, uncovered = _SPEC_TOTALS["checked"], _SPEC_TOTALS["uncovered"]
+    if not checked and not uncovered:
+        return
+    terminalreporter.write_sep("-", "Stripe spec check (stripe_standin.checking)")
+    terminalreporter.write_line(
+        f"checked against the vendored spec: {checked['request']} requests, "
+        f"{checked['reply']} replies; calls the spec does not describe:"
+    )
+    for key, count in sorted(uncovered.items()):
+        terminalreporter.write_line(f"  {count:6d}  {key}")
 
 
 # ------------------------------------------------------------------------------ Stripe stand-in

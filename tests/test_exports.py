@@ -34,7 +34,6 @@ REQUIRED = {
     "StageResolver",
     "StoreUnavailableError",
     "StripeFailure",
-    "StripeStandinError",
     "SyncRecorder",
     "UsageEvent",
     "UsageInputError",

@@ -175,6 +175,9 @@ class TestUsageRecordFuzz:
         await oracle.check(before, response, scenario=scenario, dual_written=True)
 
     @FUZZ
+    @pytest.mark.stripe_spec_unchecked_requests(
+        reason="the proxy forwards the fuzzer's malformed usage records to the stand-in as sent"
+    )
     @given(
         who=st.integers(min_value=0, max_value=2),
         junk=st.text(min_size=1, max_size=12),

@@ -18,8 +18,8 @@ from dualwrite.metrics import REGISTRY
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import Stage
 from dualwrite.testing import StripeStandin, serve_app
-from dualwrite.testing._notifications import signature_header
-from dualwrite.testing._objects import render_thin_event
+from stripe_standin._notifications import signature_header
+from stripe_standin._objects import render_thin_event
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, make_settings, set_stage, usage
 

@@ -37,7 +37,7 @@ def stripe_standin(
     seed: Annotated[int, typer.Option(help="Seed for injected faults.")] = 0,
 ) -> None:
     """Serve the local Stripe stand-in (usage records, meters, meter events) for tests and demos."""
-    from dualwrite.testing import StripeStandin, run_standin
+    from stripe_standin import StripeStandin, run_standin
 
     console.print(
         f"Stripe stand-in on http://{host}:{port} (any sk_test_ key; /_standin/ controls)"

