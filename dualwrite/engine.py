@@ -58,6 +58,9 @@ __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
 log = logging.getLogger(__name__)
 
+#: How many times a subscription item is read before its billing period is given up on (and
+#: computed from the anchor already known, if any).
+ITEM_READ_ATTEMPTS = 3
 
 LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
 """Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
@@ -74,6 +77,8 @@ def _periods_of(details: ItemDetails | StripeFailure) -> ItemPeriods | None:
         end=details.period_end,
         interval=details.interval,  # checked against INTERVALS above
         interval_count=details.interval_count,
+        anchor=details.billing_cycle_anchor,
+        customer=details.customer,
     )
 
 
@@ -385,12 +390,24 @@ class DualWriteEngine:
         key = api_key or self.settings.api_key()
         if key is None:
             return None
-        return _periods_of(await self.writer.retrieve_item(item, api_key=key))
+        return _periods_of(await self._read_item(item, key))
+
+    async def _read_item(self, item: str, api_key: str) -> ItemDetails | StripeFailure:
+        """Read a subscription item, retrying what Stripe says is worth retrying (429, 5xx, the
+        network): many customers sharing an anchor roll over, and read, together."""
+        wait = self.settings.stripe.request_retry_wait
+        for attempt in range(ITEM_READ_ATTEMPTS):
+            details = await self.writer.retrieve_item(item, api_key=api_key)
+            if isinstance(details, ItemDetails) or not details.retryable:
+                return details
+            if attempt + 1 < ITEM_READ_ATTEMPTS:
+                await asyncio.sleep(max(wait * 2**attempt, min(details.retry_after or 0.0, 2.0)))
+        return details
 
     async def retrieve_item(self, item: str, *, api_key: str) -> ItemDetails | StripeFailure:
         """Read a subscription item from Stripe (the proxy maps usage with it), keeping its billing
         period for the ledger, so that one read serves both."""
-        details = await self.writer.retrieve_item(item, api_key=api_key)
+        details = await self._read_item(item, api_key)
         periods = _periods_of(details)
         if periods is not None:
             try:

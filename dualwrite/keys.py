@@ -30,7 +30,8 @@ key                                     type               what
 ``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
 ``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
-``P:{items}:period:<item>``             string (TTL)       an item's billing period and interval (ledger)
+``P:{items}:period:<item>``             string (TTL)       an item's billing period, anchor, interval (ledger)
+``P:{items}:customer-period:<cus>``     string (TTL)       the same, for a customer's items never read
 ``P:{items}:unmapped``                  hash               proxy: item → usage requests forwarded unmapped
 ``P:{sN}:spooled:<id>``                 string (TTL)       a commit already applied (spool replay; lost reply)
 ``P:{sN}:late:<meter id>``              string (TTL)       a meter event already marked as refused late
@@ -248,6 +249,11 @@ class KeySpace:
     def item_periods(self, subscription_item: str) -> str:
         """An item's current billing period and interval, read from Stripe (ledger periods)."""
         return f"{self.prefix}:{{items}}:period:{subscription_item}"
+
+    def customer_periods(self, customer: str) -> str:
+        """The billing period and anchor of the customer's last item read (a fallback for its
+        other items when Stripe cannot be read)."""
+        return f"{self.prefix}:{{items}}:customer-period:{customer}"
 
     def item_mapping(self, subscription_item: str) -> str:
         """The proxy's cached mapping of one subscription item (never a key or a secret)."""

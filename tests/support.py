@@ -4,8 +4,10 @@ stand-in faults, the operations audit, and the environment of a CLI run."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Self
 
 import stripe
@@ -222,4 +224,26 @@ def usage(
         quantity=quantity,
         timestamp=timestamp or int(time.time()),
         action=action,
+    )
+
+
+def utc(text: str) -> int:
+    """``2027-01-31`` or ``2027-01-31T08:00:00`` (UTC) as Unix seconds."""
+    moment = datetime.fromisoformat(text)
+    return calendar.timegm(moment.replace(tzinfo=UTC).utctimetuple())
+
+
+async def anchored_on(builder: ScenarioBuilder, standin: StripeStandin, anchor: int) -> Scenario:
+    """A customer on the legacy price whose subscription starts (and is anchored) at ``anchor``,
+    the stand-in's clock moved there to create it."""
+    catalog = await builder.customer("catalog")  # the meter and the prices, made once
+    standin.clock.set(anchor)
+    customer = await builder.client.v1.customers.create_async({"name": "month end"})
+    subscription = await builder.client.v1.subscriptions.create_async(
+        {"customer": customer.id, "items": [{"price": catalog.legacy_price}]},
+        {"stripe_version": LEGACY_VERSION},
+    )
+    item = subscription["items"]["data"][0]["id"]
+    return Scenario(
+        customer.id, subscription.id, item, catalog.legacy_price, catalog.meter_price, catalog.meter
     )

@@ -41,6 +41,8 @@ class ItemDetails:
     interval: str | None = None
     """The price's billing interval (day, week, month, year) and how many of them make a period."""
     interval_count: int = 1
+    billing_cycle_anchor: int | None = None
+    """The subscription's anchor: every billing period follows from it."""
 
 
 class StripeWriter:
@@ -328,6 +330,7 @@ class StripeWriter:
             "current_period_start"
         )
         end = item_body.get("current_period_end") or subscription_body.get("current_period_end")
+        anchor = subscription_body.get("billing_cycle_anchor")
         return ItemDetails(
             item=item,
             subscription=subscription_id,
@@ -338,6 +341,7 @@ class StripeWriter:
             period_end=int(end) if end else None,
             interval=str(recurring["interval"]) if recurring.get("interval") else None,
             interval_count=int(recurring.get("interval_count") or 1),
+            billing_cycle_anchor=int(anchor) if isinstance(anchor, int) else None,
         )
 
     def _options(
