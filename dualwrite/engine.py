@@ -147,6 +147,7 @@ class DualWriteEngine:
             api_key=settings.api_key(),
             meters=settings.meter,
             limits=WriteLimits(redis, keys, settings.limits),
+            clock=clock,
         )
         engine = cls(settings, redis=redis, resolver=resolver, writer=writer, clock=clock)
         engine._owns_resources = True
@@ -232,6 +233,13 @@ class DualWriteEngine:
     ) -> None:
         await self.aclose()
 
+    def now(self) -> int:
+        """The instant a usage ``timestamp`` of ``now`` (or none) is fixed to at intercept:
+        Stripe's clock as its replies tell it, never later than Stripe's own now
+        (``StripeClock``); this host's clock until Stripe has answered once (``record`` then
+        looks at Stripe's clock first and fixes the instant again)."""
+        return self.writer.clock.now()
+
     async def record(
         self,
         event: UsageEvent,
@@ -257,6 +265,9 @@ class DualWriteEngine:
             IdempotencyError: the identifier was used before for different usage.
             ConflictError: the identifier is being recorded by another request right now.
         """
+        if event.timestamp_source == "intercept" and not self.writer.clock.known:
+            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
+            event = event.model_copy(update={"timestamp": await self.writer.stripe_now()})
         stage = await self.resolver.resolve(event.customer)
         plan = plan_for(stage)
         self._check_writable(event, stage, plan)

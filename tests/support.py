@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -247,3 +248,49 @@ async def anchored_on(builder: ScenarioBuilder, standin: StripeStandin, anchor: 
     return Scenario(
         customer.id, subscription.id, item, catalog.legacy_price, catalog.meter_price, catalog.meter
     )
+
+
+async def legacy_summaries(client: stripe.StripeClient, item: str) -> dict[tuple[int, int], int]:
+    """Stripe's legacy totals of ``item`` per billing period, from its usage record summaries
+    (``GET /v1/subscription_items/{si}/usage_record_summaries``, every page)."""
+    totals: dict[tuple[int, int], int] = {}
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        response = await client.raw_request_async(
+            "get",
+            f"/v1/subscription_items/{item}/usage_record_summaries",
+            stripe_version=LEGACY_VERSION,
+            **params,
+        )
+        page = json.loads(response.body)
+        for summary in page["data"]:
+            period = summary["period"]
+            totals[(period["start"], period["end"])] = summary["total_usage"]
+        if not page["has_more"]:
+            return totals
+        params["starting_after"] = page["data"][-1]["id"]
+
+
+async def meter_summary(
+    client: stripe.StripeClient, meter: str, customer: str, start: int, end: int
+) -> float:
+    """Stripe's meter total for ``customer`` over ``[start, end)`` (minute-aligned outward), from
+    ``GET /v1/billing/meters/{id}/event_summaries``."""
+    low, high = start - start % 60, end + (-end % 60)
+    found = await client.v1.billing.meters.event_summaries.list_async(
+        meter, {"customer": customer, "start_time": low, "end_time": high}
+    )
+    return float(sum(summary.aggregated_value for summary in found.data))
+
+
+async def summary_totals(
+    client: stripe.StripeClient, scenario: Scenario, *, days: int = 40
+) -> tuple[int, float]:
+    """The scenario's legacy total (every period) and meter total (the ``days`` around now) as
+    Stripe's summary endpoints report them."""
+    legacy = sum((await legacy_summaries(client, scenario.item)).values())
+    now = int(time.time())
+    meter = await meter_summary(
+        client, scenario.meter, scenario.customer, now - days * 86_400, now + days * 86_400
+    )
+    return legacy, meter

@@ -25,8 +25,7 @@ import json
 import logging
 import re
 import secrets
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -164,7 +163,6 @@ class UsageInterceptor:
         items: maps the subscription item to a customer and meter event name.
         max_body: the largest usage-record body read (they are a few dozen bytes).
         legacy_api_version: the ``Stripe-Version`` our own replies carry when the caller sent none.
-        clock: where "now" comes from.
     """
 
     def __init__(
@@ -175,7 +173,6 @@ class UsageInterceptor:
         *,
         max_body: int,
         legacy_api_version: str,
-        clock: Callable[[], float] = time.time,
     ):
         self._engine = engine
         self._upstream = upstream
@@ -183,7 +180,6 @@ class UsageInterceptor:
         self._max_body = max_body
         self._version = legacy_api_version
         self._route = _ROUTE.model_copy(update={"max_body_bytes": max_body})
-        self._clock = clock
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, *, item: str, raw_target: bytes
@@ -234,7 +230,7 @@ class UsageInterceptor:
                 query_string=b"",
                 headers=headers,
                 body=body,
-                now=int(self._clock()),
+                now=self._engine.now(),
                 items={item: mapping},
             )
         except UsageInputError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from dualwrite.config import MeterMapping, StripeSettings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.models import Leg, StripeFailure, UsageEvent, WriteResult
+from dualwrite.stripe_io._clock import StripeClock
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception, refused
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
 from dualwrite.stripe_io._stream import MeterStream, iso_timestamp
@@ -23,6 +26,9 @@ __all__ = ["ItemDetails", "StripeWriter"]
 log = logging.getLogger(__name__)
 
 _NO_KEY = "sk_unset_dualwrite"
+#: How long the first look at Stripe's clock may take, and how soon a failed one is tried again.
+_PROBE_TIMEOUT = 2.0
+_PROBE_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,7 @@ class StripeWriter:
             (the proxy passes its caller's own).
         meters: maps a meter event name to its payload keys.
         limits: the shared rate limits every write waits for (none: unlimited).
+        clock: this process's clock, against which Stripe's is tracked (``clock``).
     """
 
     def __init__(
@@ -64,15 +71,21 @@ class StripeWriter:
         api_key: str | None,
         meters: Callable[[str], MeterMapping],
         limits: WriteLimits | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self._settings = settings
         self._api_key = api_key
         self._meters = meters
         self.limits = limits
+        self.clock = StripeClock(local=clock)
+        """Stripe's clock, from the ``Date`` of every reply this writer (and the proxy) reads."""
+        self._probe_lock = asyncio.Lock()
+        self._probed_at = -_PROBE_RETRY_SECONDS
         self._http = PooledAIOHTTPClient(
             timeout=settings.timeout,
             max_connections=settings.max_connections,
             verify_tls=settings.api_base.startswith("https://"),
+            on_date=self.clock.observe,
         )
         self._client = stripe.StripeClient(
             api_key or _NO_KEY,
@@ -96,6 +109,26 @@ class StripeWriter:
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.close_async()
+
+    async def stripe_now(self) -> int:
+        """Stripe's now (never later than its clock): the instant a ``timestamp`` of ``now`` is
+        fixed to. Before any reply was seen, one unauthenticated request (no key is sent; Stripe
+        answers 401 with its ``Date``) reads the clock; if Stripe cannot be reached, the local
+        clock stands in."""
+        if not self.clock.known:
+            await self._probe_clock()
+        return self.clock.now()
+
+    async def _probe_clock(self) -> None:
+        async with self._probe_lock:
+            if self.clock.known or time.monotonic() - self._probed_at < _PROBE_RETRY_SECONDS:
+                return
+            self._probed_at = time.monotonic()
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    await self._http.request_async("get", f"{self._settings.api_base}/v1", {})
+            except (stripe.StripeError, TimeoutError):
+                log.warning("Stripe's clock could not be read; using this host's clock meanwhile")
 
     async def write(
         self,
