@@ -1,9 +1,11 @@
 """What ``DualWriteEngine.record()`` persists once the authoritative write has answered.
 
 * an accepted write becomes one ``Commit`` (ledger update, shadow outbox entry, translation log of a
-  ``set``, idempotency record and ``set`` value), applied in one Redis transaction, or spooled when
-  Redis is down so the shadow is delayed, not lost;
-* a refused write releases its idempotency claim and is counted in the ledger;
+  ``set``, the claim resolved: its outcome kept for a caller's retry, or dropped when minted),
+  applied in one Redis transaction, or spooled when Redis is down so the shadow is delayed, not
+  lost;
+* a refused write releases its claim (kept due for recovery when no answer came: it may have been
+  written) and is counted in the ledger;
 * a full spool holds usage back with a retryable 503.
 
 Nothing here can fail the caller's request: Redis being down is logged, never raised.
@@ -19,11 +21,12 @@ import redis.asyncio as aioredis
 from dualwrite import metrics
 from dualwrite.commit import Commit, CommitWriter
 from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, IdempotencyStore
+from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, Claim, IdempotencyStore, claim_member
 from dualwrite.keys import ShardKeys
 from dualwrite.late import LateRefusals
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, failure_code
 from dualwrite.models import (
+    EventPlan,
     Leg,
     RecordOutcome,
     Stage,
@@ -76,11 +79,19 @@ async def count_refusal(
     event: UsageEvent,
     result: WriteResult,
     *,
+    claim: Claim,
+    now: float,
     period: Callable[[], Awaitable[str]],
 ) -> None:
-    """Release the refused event's idempotency claim and count the refusal in its ledger period."""
+    """Release the refused event's claim and count the refusal in its ledger period.
+
+    A write that got no answer at all (a timeout, a dropped connection) may have reached Stripe:
+    its claim stays due for recovery, which replays it under the same key.
+    """
+    failure = result.failure
+    in_doubt = failure is not None and failure.http_status is None and failure.retryable
     try:
-        await idempotency.release(shard, event)
+        await idempotency.release(shard, event, claim, in_doubt=in_doubt, now=now)
         update = LedgerUpdate(shard, event, await period()).refused(
             result.leg, failure_code(result.failure)
         )
@@ -95,17 +106,18 @@ async def count_refusal(
 def build_commit(
     shard: ShardKeys,
     outcome: RecordOutcome,
-    plan: StagePlan,
+    plan: EventPlan,
     effective: int,
     period: str,
     *,
+    claim: Claim,
     now: float,
     idempotency_ttl: int,
 ) -> Commit:
-    """The ledger update, shadow entry, translation log and idempotency record, as one value."""
+    """The ledger update, shadow entry, translation log and claim resolution, as one value."""
     event = outcome.event
     update = LedgerUpdate(shard, event, period).recorded(
-        outcome.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
+        plan.stage, plan.authoritative, plan.shadow, effective, translated=outcome.translated
     )
     entry = None
     if plan.shadow is not None:
@@ -113,23 +125,29 @@ def build_commit(
             event=event,
             leg=plan.shadow,
             value=effective,
-            stage=outcome.stage,
+            stage=plan.stage,
             authoritative_id=outcome.authoritative.stripe_id,
             enqueued_at=now,
             period=period,
+            set_seq=claim.set_seq,
         )
     tracked = event.identifier_source != "minted"
+    claimed = claim.held
     is_set = event.action == "set" and event.subscription_item is not None
     return Commit.of_update(
         update,
         outbox_payload=entry.payload() if entry else None,
         divergence=_translation(outcome, effective, now) if outcome.translated else None,
-        idempotency_key=shard.idempotency(event.identifier) if tracked else None,
+        idempotency_key=shard.idempotency(event.identifier) if tracked or claimed else None,
         outcome_json=outcome.model_dump_json() if tracked else None,
         idempotency_ttl=idempotency_ttl,
         set_key=shard.set_value(event.subscription_item or "", event.timestamp) if is_set else None,
-        set_value=event.quantity if is_set else None,
+        set_value=event.quantity if is_set and not claimed else None,
         set_ttl=SET_VALUE_TTL_SECONDS,
+        claimed=claimed,
+        claim_member=claim_member(event) if claimed else None,
+        drop_claim=claimed and not tracked,
+        set_seq=claim.set_seq if claimed else None,
     )
 
 

@@ -14,6 +14,7 @@ authoritative write has answered (the commit, refusal counting, back-pressure) i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,23 +34,25 @@ from dualwrite.exceptions import (
     UsageInputError,
 )
 from dualwrite.flags import StageResolver
-from dualwrite.idempotency import Claim, IdempotencyStore
+from dualwrite.idempotency import Claim, IdempotencyStore, SetOrder
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late import LateRefusals
 from dualwrite.ledger import Ledger
 from dualwrite.limits import WriteLimits
 from dualwrite.models import (
+    EventPlan,
     Leg,
     RecordOutcome,
+    ShadowStatus,
     Stage,
     StagePlan,
     StripeFailure,
     UsageEvent,
     WriteResult,
-    plan_for,
 )
 from dualwrite.outbox import Outbox, OutboxWorker
 from dualwrite.periods import INTERVALS, ItemPeriods, PeriodResolver
+from dualwrite.recovery import recover_due
 from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import ItemDetails, StripeWriter
@@ -118,6 +121,7 @@ class DualWriteEngine:
             ttl_seconds=settings.ledger.idempotency_ttl_seconds,
             lease_seconds=settings.ledger.inflight_lease_seconds,
         )
+        self.set_order = SetOrder(redis, lease_seconds=settings.limits.turn_lease_seconds)
         self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
         self.late = LateRefusals(redis, self.keys, writer, settings, clock=clock)
         self.periods = PeriodResolver(redis, self.keys, self._item_periods, clock=clock)
@@ -193,6 +197,8 @@ class DualWriteEngine:
             clock=self._clock,
             max_wait=self.settings.limits.worker_max_wait,
             on_meter_accepted=self.late.remember,
+            recover=self.recover,
+            set_turns=self.set_order,
         )
 
     async def _replay_spool(self, spool: Spool) -> None:
@@ -246,14 +252,17 @@ class DualWriteEngine:
         *,
         api_key: str | None = None,
         legacy_write: LegacyWrite | None = None,
+        legacy_expand: tuple[str, ...] = (),
     ) -> RecordOutcome:
-        """Record one usage event at the customer's stage.
+        """Record one usage event at the customer's stage (or, for a retry, with the plan of its
+        first intercept).
 
         Args:
             event: the usage, fixed at intercept.
             api_key: a Stripe key to write with instead of ``STRIPE_API_KEY`` (the proxy's caller's).
             legacy_write: makes the authoritative legacy write instead of the engine's own writer,
-                once, without in-request retries (the proxy forwards its caller's request as is).
+                once, without in-request retries (the proxy forwards its caller's request, under
+                the caller's own Idempotency-Key, with ``legacy_expand``).
 
         Returns:
             The outcome; ``outcome.accepted`` is False when Stripe refused the authoritative write
@@ -263,24 +272,39 @@ class DualWriteEngine:
             UsageInputError: the event cannot be written at this stage (e.g. no subscription item
                 for a legacy write, or a ``set`` on a meter whose policy refuses it).
             IdempotencyError: the identifier was used before for different usage.
-            ConflictError: the identifier is being recorded by another request right now.
+            ConflictError: the identifier is being recorded by another request right now (or, for
+                a ``set``, another set at its item and timestamp is).
         """
         if event.timestamp_source == "intercept" and not self.writer.clock.known:
             # The first usage of this process: fix "now" to Stripe's clock, not this host's.
             event = event.model_copy(update={"timestamp": await self.writer.stripe_now()})
         stage = await self.resolver.resolve(event.customer)
-        plan = plan_for(stage)
-        self._check_writable(event, stage, plan)
+        plan = EventPlan.at(stage)
+        if legacy_write is not None and plan.authoritative is Leg.LEGACY:
+            caller_key = event.identifier_source == "idempotency_key"
+            plan = plan.model_copy(
+                update={
+                    "legacy_key": event.identifier if caller_key else None,
+                    "legacy_expand": legacy_expand,
+                }
+            )
+        self._check_writable(event, stage, plan.legs)
         shard = self.keys.for_customer(event.customer)
         if self.spool is not None and self.spool.full():
             return held_back(
-                event, stage, plan, retry_after=self.settings.outbox.spool_replay_seconds
+                event, stage, plan.legs, retry_after=self.settings.outbox.spool_replay_seconds
             )
-        claim = await self._claim(shard, event)
+        claim = await self._claim(shard, event, plan)
         if claim.state == "done" and claim.outcome is not None:
             return claim.outcome.model_copy(update={"replayed": True})
-        if claim.state == "busy":
-            msg = f"usage with identifier {event.identifier!r} is being recorded by another request; retry"
+        if claim.state in ("busy", "set_busy"):
+            msg = (
+                f"usage with identifier {event.identifier!r} is being recorded by another "
+                "request; retry"
+                if claim.state == "busy"
+                else f"another set on {event.subscription_item} at {event.timestamp} is being "
+                "recorded; retry"
+            )
             raise ConflictError(msg)
         if claim.state == "mismatch":
             msg = (
@@ -288,17 +312,66 @@ class DualWriteEngine:
                 "use a new Idempotency-Key for new usage"
             )
             raise IdempotencyError(msg)
-
         if claim.event is not None:
             event = claim.event  # a retry writes the event as first intercepted (same "now")
-        effective = event.quantity - claim.previous_set if event.action == "set" else event.quantity
+        if claim.plan is not None:
+            plan = claim.plan  # ... and its legs, under its keys, whatever the stage is now
+        return await self._drive(
+            shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write
+        )
+
+    async def redrive(self, shard: ShardKeys, claim: Claim) -> RecordOutcome | None:
+        """Finish an event whose claim recovery took over (``dualwrite.recovery``): replay its
+        authoritative write under the same key (Stripe answers with the original result) and
+        commit it with its shadow."""
+        if claim.event is None or claim.plan is None:
+            return None
+        return await self._drive(shard, claim.event, claim.plan, claim, api_key=None)
+
+    async def recover(self, *, limit: int = 100) -> int:
+        """Re-drive the claims due for recovery (the workers call this); returns how many."""
+        return await recover_due(
+            self.idempotency, self.keys, self.redrive, now=self._clock(), limit=limit
+        )
+
+    async def _drive(
+        self,
+        shard: ShardKeys,
+        event: UsageEvent,
+        plan: EventPlan,
+        claim: Claim,
+        *,
+        api_key: str | None,
+        legacy_write: LegacyWrite | None = None,
+    ) -> RecordOutcome:
+        """The authoritative write of a claimed event, then its commit (or its release)."""
+        effective = event.quantity - claim.set_previous if event.action == "set" else event.quantity
         translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
         started = time.perf_counter()
+        if not await self._set_turn(shard, event, plan, claim):
+            # Nothing was written now; an earlier attempt (a retry's, a recovery's) may have been.
+            with contextlib.suppress(StoreUnavailableError):
+                await self.idempotency.release(
+                    shard, event, claim, in_doubt=claim.event is not None, now=self._clock()
+                )
+            msg = f"another set on {event.subscription_item} at {event.timestamp} is being written"
+            raise ConflictError(msg)
         if legacy_write is not None and plan.authoritative is Leg.LEGACY:
             result = await legacy_write(event)
         else:
-            result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
-        metrics.count_authoritative(result, stage, started)
+            result = await self._write_authoritative(plan, event, effective, api_key)
+        metrics.count_authoritative(result, plan.stage, started)
+        shadow_status: ShadowStatus = "enqueued" if plan.shadow else "not_applicable"
+        if not result.accepted:
+            shadow_status = "skipped" if plan.shadow else "not_applicable"
+        outcome = RecordOutcome(
+            event=event,
+            stage=plan.stage,
+            authoritative=result,
+            shadow_leg=plan.shadow,
+            shadow_status=shadow_status,
+            translated=translated,
+        )
         if not result.accepted:
             await count_refusal(
                 self.redis,
@@ -306,24 +379,11 @@ class DualWriteEngine:
                 shard,
                 event,
                 result,
+                claim=claim,
+                now=self._clock(),
                 period=lambda: self._period(event, api_key),
             )
-            return RecordOutcome(
-                event=event,
-                stage=stage,
-                authoritative=result,
-                shadow_leg=plan.shadow,
-                shadow_status="skipped" if plan.shadow else "not_applicable",
-                translated=translated,
-            )
-        outcome = RecordOutcome(
-            event=event,
-            stage=stage,
-            authoritative=result,
-            shadow_leg=plan.shadow,
-            shadow_status="enqueued" if plan.shadow else "not_applicable",
-            translated=translated,
-        )
+            return outcome
         period = await self._period(event, api_key)
         commit = build_commit(
             shard,
@@ -331,6 +391,7 @@ class DualWriteEngine:
             plan,
             effective,
             period,
+            claim=claim,
             now=self._clock(),
             idempotency_ttl=self.idempotency.ttl_seconds,
         )
@@ -338,8 +399,27 @@ class DualWriteEngine:
             commit, outcome, period, commits=self.commits, late=self.late, spool=self.spool
         )
 
+    async def _set_turn(
+        self, shard: ShardKeys, event: UsageEvent, plan: EventPlan, claim: Claim
+    ) -> bool:
+        """A ``set`` written to the legacy leg now waits for any other legacy write of a set at
+        its item and timestamp (a shadow still in flight): Stripe keeps the last one to arrive.
+        The turn is given back by the commit (or the release). False: it did not come in time."""
+        if event.action != "set" or claim.set_seq is None or plan.authoritative is not Leg.LEGACY:
+            return True
+        token = shard.idempotency(event.identifier)
+        deadline = time.monotonic() + self.settings.limits.request_max_wait
+        try:
+            while await self.set_order.begin(shard, event, claim.set_seq, token) == "busy":
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.02)
+        except StoreUnavailableError:
+            log.warning("Redis unavailable: set %s written without its turn", event.identifier)
+        return True
+
     async def _write_authoritative(
-        self, leg: Leg, event: UsageEvent, value: int, api_key: str | None
+        self, plan: EventPlan, event: UsageEvent, value: int, api_key: str | None
     ) -> WriteResult:
         """Write the authoritative leg, retrying retryable failures a few times within the request.
 
@@ -350,8 +430,9 @@ class DualWriteEngine:
             self.settings.stripe.request_retries,
             self.settings.stripe.request_retry_wait,
         )
+        leg = plan.authoritative
         for attempt in range(retries + 1):
-            result = await self.writer.write(leg, event, value=value, api_key=api_key)
+            result = await self.writer.write(leg, event, value=value, api_key=api_key, plan=plan)
             failure = result.failure
             if result.accepted or failure is None or not failure.retryable or attempt == retries:
                 return result
@@ -380,9 +461,9 @@ class DualWriteEngine:
                 msg = "action=set needs subscription_item (the value is set per item and timestamp)"
                 raise UsageInputError(msg, param="subscription_item", code="parameter_missing")
 
-    async def _claim(self, shard: ShardKeys, event: UsageEvent) -> Claim:
+    async def _claim(self, shard: ShardKeys, event: UsageEvent, plan: EventPlan) -> Claim:
         try:
-            return await self.idempotency.claim(shard, event, now=self._clock())
+            return await self.idempotency.claim(shard, event, plan, now=self._clock())
         except StoreUnavailableError:
             # Stripe's own idempotency on the per-leg keys still stops a retried write counting twice.
             log.warning(

@@ -8,8 +8,9 @@ from dualwrite's own ledger.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -25,10 +26,20 @@ from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
+from dualwrite.proxy import serve_proxy
+from dualwrite.report import build_report
 from dualwrite.stripe_io import StripeClock
 from dualwrite.testing import StripeStandin
-from tests.conftest import SettingsFactory
-from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, set_stage, summary_totals
+from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.support import (
+    EVENT_NAME,
+    Scenario,
+    ScenarioBuilder,
+    set_stage,
+    summary_totals,
+    usage,
+)
+from tests.test_proxy import proxy_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +167,179 @@ class TestStripeClock:
         assert clock.now() == 994  # within the window the larger bound holds
         await anyio.sleep(0.1)
         assert clock.now() == 983
+
+
+def usage_path(scenario: Scenario) -> str:
+    """The legacy usage-record endpoint of the scenario's item (what the proxy intercepts)."""
+    return f"/v1/subscription_items/{scenario.item}/usage_records"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, seconds: float = 15.0) -> None:
+    """Wait until ``check()`` holds (another thread or process delivers shadow writes)."""
+    with anyio.fail_after(seconds):
+        while True:  # polls: the proxy's worker runs in its own thread
+            if await check():
+                return
+            await anyio.sleep(0.05)
+
+
+class TestPlanFixedAtFirstIntercept:
+    """Case 1: every attempt of an event writes the legs of its first intercept, under its keys."""
+
+    async def test_proxy_retry_across_stage_change_writes_legacy_once(
+        self,
+        redis_url,
+        key_prefix,
+        standin_url,
+        builder: ScenarioBuilder,
+        standin: StripeStandin,
+        engine,
+    ):
+        """At shadow, Stripe's answer to the forwarded usage record comes after the proxy's
+        timeout (504); the customer moves to primary; the caller retries with the same key: the
+        legacy total holds the quantity once (Stripe replays the first write), the meter once."""
+        scenario = await builder.customer()
+        settings = proxy_settings(
+            redis_url,
+            key_prefix,
+            standin_url,
+            legacy_price=scenario.legacy_price,
+            stripe={"timeout": 0.5},
+            flags={"cache_ttl": 0},
+        )
+        await set_stage(engine, scenario.customer, Stage.SHADOW)
+        standin.faults.configure(
+            rate=1.0, kinds=["timeout"], paths=[usage_path(scenario)], timeout_seconds=2
+        )
+        headers = {"Authorization": f"Bearer {STRIPE_KEY}", "Idempotency-Key": "crossing-1"}
+        with serve_proxy(settings) as proxy:
+            async with httpx.AsyncClient(base_url=proxy.url, headers=headers) as client:
+                first = await client.post(usage_path(scenario), data={"quantity": "7"})
+                assert first.status_code == 504
+                standin.faults.clear()
+                await set_stage(engine, scenario.customer, Stage.PRIMARY)
+                retry = await client.post(usage_path(scenario), data={"quantity": "7"})
+                assert retry.status_code == 200, retry.text
+
+            async def settled() -> bool:
+                return (await summary_totals(builder.client, scenario))[1] == 7
+
+            await eventually(settled)
+        assert await summary_totals(builder.client, scenario) == (7, 7)
+        assert len(standin.usage_records(scenario.item)) == 1
+
+    async def test_retry_across_stage_change_keeps_first_plan(
+        self, app_with_clock, builder: ScenarioBuilder, standin: StripeStandin
+    ):
+        """Middleware: the first attempt at shadow gets no answer in time; at primary the retry
+        is still the shadow-stage event (legacy authoritative, meter shadow), written once."""
+        app = app_with_clock(time.time)
+        await app.engine.start(worker=False)
+        scenario = await builder.customer()
+        await set_stage(app.engine, scenario.customer, Stage.SHADOW)
+        standin.faults.configure(
+            rate=1.0, kinds=["timeout"], paths=[usage_path(scenario)], timeout_seconds=2
+        )
+        headers = {"Idempotency-Key": "crossing-2"}
+        body = {"item": scenario.item, "quantity": 6}
+        first = await app.client.post(f"/usage/{scenario.customer}", json=body, headers=headers)
+        assert first.status_code >= 500
+        standin.faults.clear()
+        await set_stage(app.engine, scenario.customer, Stage.PRIMARY)
+        retry = await app.client.post(f"/usage/{scenario.customer}", json=body, headers=headers)
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["stage"] == "shadow"
+        await app.deliver()
+        assert await summary_totals(builder.client, scenario) == (6, 6)
+        [row] = await app.engine.ledger.rows(customer=scenario.customer)
+        assert row["stage_shadow_events"] == 1 and row["stage_primary_events"] == 0
+        assert row["legacy_accepted_qty"] == row["meter_accepted_qty"] == 6
+
+
+class TestOneInstant:
+    """Case 5: through the proxy, ``timestamp=now`` (or none) is one instant on both legs."""
+
+    @pytest.mark.parametrize("form", [{"timestamp": "now"}, {}])
+    async def test_proxy_now_is_one_instant_on_both_legs(
+        self, form, redis_url, key_prefix, standin_url, builder, standin: StripeStandin, engine
+    ):
+        """At shadow, with Stripe answering 1.1 s after the request arrives, the usage record and
+        the meter event carry the same timestamp (the forwarded request names it, under a key
+        Stripe keeps even when the caller sent none)."""
+        scenario = await builder.customer()
+        await set_stage(engine, scenario.customer, Stage.SHADOW)
+        settings = proxy_settings(
+            redis_url, key_prefix, standin_url, legacy_price=scenario.legacy_price
+        )
+        with serve_proxy(settings) as proxy:
+            async with httpx.AsyncClient(
+                base_url=proxy.url, headers={"Authorization": f"Bearer {STRIPE_KEY}"}
+            ) as client:
+                await client.get(f"/v1/customers/{scenario.customer}")  # Stripe's clock, seen
+                standin.latency_seconds = 1.1
+                response = await client.post(usage_path(scenario), data={"quantity": "3", **form})
+                assert response.status_code == 200, response.text
+                standin.latency_seconds = 0.0
+
+            async def delivered() -> bool:
+                return len(standin.meter_events(scenario.customer)) == 1
+
+            await eventually(delivered)
+        [record] = standin.usage_records(scenario.item)
+        [meter_event] = standin.meter_events(scenario.customer)
+        assert record["timestamp"] == meter_event["timestamp"]
+        [sent] = [r for r in standin.requests if r.path == usage_path(scenario)]
+        assert sent.params["timestamp"] == str(record["timestamp"])
+        assert sent.idempotency_key is not None and sent.idempotency_key.startswith("dw-legacy-")
+
+
+class TestRecovery:
+    """Case 2: an event left between its authoritative write and its commit is finished by the
+    workers, without a caller; until then the report calls its customer pending."""
+
+    @pytest.mark.parametrize("identifier", ["caller-key-1", None])
+    async def test_crash_between_write_and_commit_is_recovered(
+        self, identifier, standin_settings, builder: ScenarioBuilder, standin: StripeStandin
+    ):
+        """The holder dies (its task is cancelled) after Stripe executed the usage record and
+        before the commit; the caller never retries. The report says pending, never parity;
+        a worker replays the write under the same key and commits it with its shadow: each leg
+        holds the quantity once."""
+        settings = standin_settings(
+            ledger={"inflight_lease_seconds": 1}, stripe={"timeout": 10, "request_retries": 0}
+        )
+        engine = DualWriteEngine.from_settings(settings)
+        await engine.start(worker=False)
+        try:
+            scenario = await builder.customer()
+            await set_stage(engine, scenario.customer, Stage.SHADOW)
+            standin.faults.configure(
+                rate=1.0, kinds=["timeout"], paths=[usage_path(scenario)], timeout_seconds=5
+            )
+            holder = asyncio.create_task(engine.record(usage(scenario, 9, identifier=identifier)))
+
+            async def written() -> bool:
+                return bool(standin.usage_records(scenario.item))
+
+            await eventually(written, seconds=5)
+            holder.cancel()  # the process dies: nothing after the write runs
+            await asyncio.gather(holder, return_exceptions=True)
+            standin.faults.clear()
+            [line] = (await build_report(engine.ledger, engine.resolver)).customers
+            assert line.status == "pending" and line.unfinished_events == 1
+            worker = engine.new_worker()
+            await worker.start()
+            try:
+
+                async def recovered() -> bool:
+                    return await summary_totals(builder.client, scenario) == (9, 9)
+
+                await eventually(recovered)
+            finally:
+                await worker.aclose()
+            [line] = (await build_report(engine.ledger, engine.resolver)).customers
+            assert line.status == "parity" and line.unfinished_events == 0
+            assert len(standin.usage_records(scenario.item)) == 1
+            assert await engine.redis.zcard(engine.keys.for_customer(scenario.customer).claims) == 0
+        finally:
+            await engine.aclose()

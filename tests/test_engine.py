@@ -10,7 +10,7 @@ import pytest
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
 from dualwrite.flags import RedisFlagStore
-from dualwrite.models import Leg, Stage
+from dualwrite.models import EventPlan, Leg, Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
@@ -140,7 +140,7 @@ class TestIdempotency:
         scenario = await builder.customer()
         event = usage(scenario, 1, identifier="busy")
         shard = engine.keys.for_customer(scenario.customer)
-        await engine.idempotency.claim(shard, event, now=time.time())
+        await engine.idempotency.claim(shard, event, EventPlan.at(Stage.LEGACY), now=time.time())
         with pytest.raises(ConflictError):
             await engine.record(event)
 

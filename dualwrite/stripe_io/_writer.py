@@ -15,7 +15,7 @@ import stripe
 from dualwrite.config import MeterMapping, StripeSettings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
-from dualwrite.models import Leg, StripeFailure, UsageEvent, WriteResult
+from dualwrite.models import EventPlan, Leg, StripeFailure, UsageEvent, WriteResult
 from dualwrite.stripe_io._clock import StripeClock
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception, refused
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
@@ -138,14 +138,18 @@ class StripeWriter:
         value: int | None = None,
         api_key: str | None = None,
         max_wait: float | None = None,
+        plan: EventPlan | None = None,
     ) -> WriteResult:
         """Write ``event`` to ``leg`` within the shared rate limits.
 
         ``value`` overrides the meter value (a translated ``set``); ``max_wait`` bounds the wait for
         a rate-limit turn (default: the request path's), after which the write is refused with a
-        retryable local 429.
+        retryable local 429; ``plan`` names the legacy write's key and ``expand`` when they are the
+        proxy's caller's.
         """
-        delivery = self.delivery(leg, event, value=value, api_key=api_key, max_wait=max_wait)
+        delivery = self.delivery(
+            leg, event, value=value, api_key=api_key, max_wait=max_wait, plan=plan
+        )
         async with delivery as (result, _turn):
             return result
 
@@ -158,6 +162,7 @@ class StripeWriter:
         value: int | None = None,
         api_key: str | None = None,
         max_wait: float | None = None,
+        plan: EventPlan | None = None,
     ) -> AsyncIterator[tuple[WriteResult, MeterTurn | None]]:
         """``write``, still holding the v1 meter turn (if one was taken) inside the block.
 
@@ -176,7 +181,7 @@ class StripeWriter:
                 yield held, None
                 return
             if leg is Leg.LEGACY:
-                result = await self.write_legacy(event, api_key=api_key)
+                result = await self.write_legacy(event, api_key=api_key, plan=plan)
             else:
                 result = await self.write_meter(event, value=value, api_key=api_key)
             yield result, turn
@@ -205,11 +210,18 @@ class StripeWriter:
             log.warning("rate limits unavailable (Redis); writing without them")
         return turn
 
-    async def write_legacy(self, event: UsageEvent, *, api_key: str | None = None) -> WriteResult:
-        """Create a usage record on the event's subscription item."""
+    async def write_legacy(
+        self, event: UsageEvent, *, api_key: str | None = None, plan: EventPlan | None = None
+    ) -> WriteResult:
+        """Create a usage record on the event's subscription item (under the key ``plan`` names,
+        with its ``expand``: a replay of the proxy's forwarded request sends what it sent)."""
         options = self._options(event, Leg.LEGACY, api_key)
         if isinstance(options, WriteResult):
             return options
+        if plan is not None:
+            options["idempotency_key"] = plan.legacy_idempotency_key(event)
+            if plan.legacy_expand:
+                options["expand"] = list(plan.legacy_expand)
         if event.subscription_item is None:
             failure = StripeFailure(
                 http_status=400,
