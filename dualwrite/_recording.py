@@ -39,7 +39,7 @@ from dualwrite.outbox import OutboxEntry
 from dualwrite.redis_client import store_errors
 from dualwrite.spool import Spool
 
-__all__ = ["apply_commit", "build_commit", "count_refusal", "held_back"]
+__all__ = ["apply_commit", "build_commit", "count_refusal", "held_back", "refused_before_writing"]
 
 # The engine's logger: these records come from record() and keep the name operators filter on.
 log = logging.getLogger("dualwrite.engine")
@@ -62,7 +62,16 @@ def held_back(
         retryable=True,
         retry_after=retry_after,
     )
-    result = WriteResult(leg=plan.authoritative, accepted=False, http_status=503, failure=failure)
+    return refused_before_writing(event, stage, plan, failure)
+
+
+def refused_before_writing(
+    event: UsageEvent, stage: Stage, plan: StagePlan, failure: StripeFailure
+) -> RecordOutcome:
+    """The outcome of usage refused before anything was written (the caller gets ``failure``)."""
+    result = WriteResult(
+        leg=plan.authoritative, accepted=False, http_status=failure.http_status, failure=failure
+    )
     return RecordOutcome(
         event=event,
         stage=stage,

@@ -24,7 +24,13 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from dualwrite import metrics
-from dualwrite._recording import apply_commit, build_commit, count_refusal, held_back
+from dualwrite._recording import (
+    apply_commit,
+    build_commit,
+    count_refusal,
+    held_back,
+    refused_before_writing,
+)
 from dualwrite.commit import CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
@@ -35,6 +41,7 @@ from dualwrite.exceptions import (
 )
 from dualwrite.flags import StageResolver
 from dualwrite.idempotency import Claim, IdempotencyStore, SetOrder
+from dualwrite.items import ItemReads
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late import LateRefusals
 from dualwrite.ledger import Ledger
@@ -51,7 +58,7 @@ from dualwrite.models import (
     WriteResult,
 )
 from dualwrite.outbox import Outbox, OutboxWorker
-from dualwrite.periods import INTERVALS, ItemPeriods, PeriodResolver
+from dualwrite.periods import PeriodResolver
 from dualwrite.recovery import recover_due
 from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir
@@ -61,28 +68,9 @@ __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
 log = logging.getLogger(__name__)
 
-#: How many times a subscription item is read before its billing period is given up on (and
-#: computed from the anchor already known, if any).
-ITEM_READ_ATTEMPTS = 3
 
 LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
 """Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
-
-
-def _periods_of(details: ItemDetails | StripeFailure) -> ItemPeriods | None:
-    """An item's current period and interval, when Stripe's reply has them."""
-    if not isinstance(details, ItemDetails) or details.interval not in INTERVALS:
-        return None
-    if details.period_start is None or details.period_end is None:
-        return None
-    return ItemPeriods(
-        start=details.period_start,
-        end=details.period_end,
-        interval=details.interval,  # checked against INTERVALS above
-        interval_count=details.interval_count,
-        anchor=details.billing_cycle_anchor,
-        customer=details.customer,
-    )
 
 
 class StageSource(Protocol):
@@ -124,7 +112,9 @@ class DualWriteEngine:
         self.set_order = SetOrder(redis, lease_seconds=settings.limits.turn_lease_seconds)
         self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
         self.late = LateRefusals(redis, self.keys, writer, settings, clock=clock)
-        self.periods = PeriodResolver(redis, self.keys, self._item_periods, clock=clock)
+        self.items = ItemReads(settings, writer)
+        self.periods = PeriodResolver(redis, self.keys, self.items.periods, clock=clock)
+        self.items.attach(self.periods)
         self.spool: Spool | None = None
         if settings.outbox.spool:
             self.spool = Spool(
@@ -270,7 +260,8 @@ class DualWriteEngine:
 
         Raises:
             UsageInputError: the event cannot be written at this stage (e.g. no subscription item
-                for a legacy write, or a ``set`` on a meter whose policy refuses it).
+                for a legacy write, or a ``set`` on a meter whose policy refuses it), or its
+                subscription item belongs to another customer.
             IdempotencyError: the identifier was used before for different usage.
             ConflictError: the identifier is being recorded by another request right now (or, for
                 a ``set``, another set at its item and timestamp is).
@@ -289,6 +280,9 @@ class DualWriteEngine:
                 }
             )
         self._check_writable(event, stage, plan.legs)
+        unreadable = await self.items.check_owner(event, api_key=api_key)
+        if unreadable is not None:  # the item's owner could not be read: retry, nothing written
+            return refused_before_writing(event, stage, plan.legs, unreadable)
         shard = self.keys.for_customer(event.customer)
         if self.spool is not None and self.spool.full():
             return held_back(
@@ -477,33 +471,7 @@ class DualWriteEngine:
             return event.period
         return (await self.periods.period_for(event, api_key=api_key)).id
 
-    async def _item_periods(self, item: str, api_key: str | None) -> ItemPeriods | None:
-        """Read an item's billing period from Stripe (for ``PeriodResolver``)."""
-        key = api_key or self.settings.api_key()
-        if key is None:
-            return None
-        return _periods_of(await self._read_item(item, key))
-
-    async def _read_item(self, item: str, api_key: str) -> ItemDetails | StripeFailure:
-        """Read a subscription item, retrying what Stripe says is worth retrying (429, 5xx, the
-        network): many customers sharing an anchor roll over, and read, together."""
-        wait = self.settings.stripe.request_retry_wait
-        for attempt in range(ITEM_READ_ATTEMPTS):
-            details = await self.writer.retrieve_item(item, api_key=api_key)
-            if isinstance(details, ItemDetails) or not details.retryable:
-                return details
-            if attempt + 1 < ITEM_READ_ATTEMPTS:
-                await asyncio.sleep(max(wait * 2**attempt, min(details.retry_after or 0.0, 2.0)))
-        return details
-
     async def retrieve_item(self, item: str, *, api_key: str) -> ItemDetails | StripeFailure:
         """Read a subscription item from Stripe (the proxy maps usage with it), keeping its billing
-        period for the ledger, so that one read serves both."""
-        details = await self._read_item(item, api_key)
-        periods = _periods_of(details)
-        if periods is not None:
-            try:
-                await self.periods.remember(item, periods)
-            except StoreUnavailableError:
-                log.warning("Redis unavailable: billing period of %s not cached", item)
-        return details
+        period and customer for the ledger and the ownership check, so that one read serves all."""
+        return await self.items.retrieve(item, api_key=api_key)

@@ -254,6 +254,23 @@ class PeriodResolver:
             )
         return fallback
 
+    async def cached(self, item: str) -> ItemPeriods | None:
+        """What is kept of ``item`` (its period may be over), without asking Stripe.
+
+        Raises:
+            StoreUnavailableError: Redis could not be reached.
+        """
+        known = self._local.get(item)
+        if known is not None:
+            return known
+        async with store_errors("reading an item's billing period"):
+            raw = as_str(await self._redis.get(self._keys.item_periods(item)))
+        if raw is None:
+            return None
+        cached = ItemPeriods.model_validate_json(raw)
+        self._keep(item, cached)
+        return cached
+
     def _keep(self, item: str, periods: ItemPeriods) -> None:
         # Bounded: past the cap the local copies are dropped and re-read from Redis as needed.
         if len(self._local) >= LOCAL_PERIODS_MAX and item not in self._local:

@@ -416,3 +416,31 @@ class TestSetTranslation:
         standin.faults.clear()
         assert await summary_totals(builder.client, scenario) == (75, 75)
         assert (await app.engine.outbox.depth()).dead == 0
+
+
+class TestItemOwnership:
+    """Case 6: usage naming one customer and another customer's item is refused, never split."""
+
+    @pytest.mark.parametrize("stage", [Stage.LEGACY, Stage.SHADOW, Stage.PRIMARY])
+    async def test_customer_item_mismatch_is_refused_and_writes_nothing(
+        self, stage, app_with_clock, builder: ScenarioBuilder, standin: StripeStandin
+    ):
+        """``POST /usage/cus_A`` with cus_B's subscription item: Stripe's 400 naming
+        ``subscription_item``, no usage record, no meter event, nothing queued; the customer's
+        own item still works."""
+        app = app_with_clock(time.time)
+        await app.engine.start(worker=False)
+        a, b = await builder.customer("A"), await builder.customer("B")
+        await set_stage(app.engine, a.customer, stage)
+        response = await app.client.post(
+            f"/usage/{a.customer}", json={"item": b.item, "quantity": 8}
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "subscription_item" and error["type"] == "invalid_request_error"
+        await app.deliver()
+        for scenario in (a, b):
+            assert await summary_totals(builder.client, scenario) == (0, 0)
+        assert standin.usage_records() == [] and standin.meter_events() == []
+        assert (await app.engine.outbox.depth()).outstanding == 0
+        assert (await app.usage(a, 2)).status_code == 200
