@@ -1,4 +1,7 @@
-"""What ``DualWriteEngine.record()`` persists once the authoritative write has answered.
+"""Recording one claimed event: its authoritative write, then what is persisted once it answered.
+
+``Recorder.drive`` takes an event ``record()`` (or a recovery) has claimed, writes its authoritative
+leg under the keys of its plan (a ``set`` waits for its turn at its item and timestamp), then:
 
 * an accepted write becomes one ``Commit`` (ledger update, shadow outbox entry, translation log of a
   ``set``, the claim resolved: its outcome kept for a caller's retry, or dropped when minted),
@@ -8,20 +11,31 @@
   written) and is counted in the ledger;
 * a full spool holds usage back with a retryable 503.
 
-Nothing here can fail the caller's request: Redis being down is logged, never raised.
+Redis being down after Stripe accepted the write never fails the caller's request: it is logged.
+A ``set`` that does not get its turn in time is refused (``ConflictError``), nothing written.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
 from dualwrite import metrics
 from dualwrite.commit import Commit, CommitWriter
-from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.idempotency import SET_VALUE_TTL_SECONDS, Claim, IdempotencyStore, claim_member
+from dualwrite.config import Settings
+from dualwrite.exceptions import ConflictError, StoreUnavailableError
+from dualwrite.idempotency import (
+    SET_VALUE_TTL_SECONDS,
+    Claim,
+    IdempotencyStore,
+    SetOrder,
+    claim_member,
+)
 from dualwrite.keys import ShardKeys
 from dualwrite.late import LateRefusals
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, failure_code
@@ -29,6 +43,7 @@ from dualwrite.models import (
     EventPlan,
     Leg,
     RecordOutcome,
+    ShadowStatus,
     Stage,
     StagePlan,
     StripeFailure,
@@ -38,8 +53,17 @@ from dualwrite.models import (
 from dualwrite.outbox import OutboxEntry
 from dualwrite.redis_client import store_errors
 from dualwrite.spool import Spool
+from dualwrite.stripe_io import StripeWriter
 
-__all__ = ["apply_commit", "build_commit", "count_refusal", "held_back", "refused_before_writing"]
+__all__ = [
+    "LegacyWrite",
+    "Recorder",
+    "apply_commit",
+    "build_commit",
+    "count_refusal",
+    "held_back",
+    "refused_before_writing",
+]
 
 # The engine's logger: these records come from record() and keep the name operators filter on.
 log = logging.getLogger("dualwrite.engine")
@@ -217,3 +241,149 @@ def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str
         note=f"set {outcome.event.quantity} sent to the meter as {effective:+d}",
         at=now,
     )
+
+
+LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
+"""Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
+
+PeriodOf = Callable[[UsageEvent, str | None], Awaitable[str]]
+"""The ledger period of an event (written with an API key, or None for the configured one)."""
+
+
+class Recorder:
+    """Drives one claimed event to its end: the authoritative write (a ``set`` in its turn),
+    then the commit with its shadow, or the release of its claim. ``record()`` drives the events
+    it intercepts, ``dualwrite.recovery`` the ones their first holder left unfinished."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis: aioredis.Redis,
+        writer: StripeWriter,
+        idempotency: IdempotencyStore,
+        set_order: SetOrder,
+        commits: CommitWriter,
+        late: LateRefusals,
+        spool: Spool | None,
+        period: PeriodOf,
+        clock: Callable[[], float],
+    ):
+        self._settings = settings
+        self._redis = redis
+        self._writer = writer
+        self._idempotency = idempotency
+        self._set_order = set_order
+        self._commits = commits
+        self._late = late
+        self._spool = spool
+        self._period = period
+        self._clock = clock
+
+    async def drive(
+        self,
+        shard: ShardKeys,
+        event: UsageEvent,
+        plan: EventPlan,
+        claim: Claim,
+        *,
+        api_key: str | None,
+        legacy_write: LegacyWrite | None = None,
+    ) -> RecordOutcome:
+        """The authoritative write of a claimed event, then its commit (or its release)."""
+        effective = event.quantity - claim.set_previous if event.action == "set" else event.quantity
+        translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
+        started = time.perf_counter()
+        if not await self._set_turn(shard, event, plan, claim):
+            # Nothing was written now; an earlier attempt (a retry's, a recovery's) may have been.
+            with contextlib.suppress(StoreUnavailableError):
+                await self._idempotency.release(
+                    shard, event, claim, in_doubt=claim.event is not None, now=self._clock()
+                )
+            msg = f"another set on {event.subscription_item} at {event.timestamp} is being written"
+            raise ConflictError(msg)
+        if legacy_write is not None and plan.authoritative is Leg.LEGACY:
+            result = await legacy_write(event)
+        else:
+            result = await self._write_authoritative(plan, event, effective, api_key)
+        metrics.count_authoritative(result, plan.stage, started)
+        shadow_status: ShadowStatus = "enqueued" if plan.shadow else "not_applicable"
+        if not result.accepted:
+            shadow_status = "skipped" if plan.shadow else "not_applicable"
+        outcome = RecordOutcome(
+            event=event,
+            stage=plan.stage,
+            authoritative=result,
+            shadow_leg=plan.shadow,
+            shadow_status=shadow_status,
+            translated=translated,
+        )
+        if not result.accepted:
+            await count_refusal(
+                self._redis,
+                self._idempotency,
+                shard,
+                event,
+                result,
+                claim=claim,
+                now=self._clock(),
+                period=lambda: self._period(event, api_key),
+            )
+            return outcome
+        period = await self._period(event, api_key)
+        commit = build_commit(
+            shard,
+            outcome,
+            plan,
+            effective,
+            period,
+            claim=claim,
+            now=self._clock(),
+            idempotency_ttl=self._idempotency.ttl_seconds,
+        )
+        return await apply_commit(
+            commit, outcome, period, commits=self._commits, late=self._late, spool=self._spool
+        )
+
+    async def _set_turn(
+        self, shard: ShardKeys, event: UsageEvent, plan: EventPlan, claim: Claim
+    ) -> bool:
+        """A ``set`` written to the legacy leg now waits for any other legacy write of a set at
+        its item and timestamp (a shadow still in flight): Stripe keeps the last one to arrive.
+        The turn is given back by the commit (or the release). False: it did not come in time."""
+        if event.action != "set" or claim.set_seq is None or plan.authoritative is not Leg.LEGACY:
+            return True
+        token = shard.idempotency(event.identifier)
+        deadline = time.monotonic() + self._settings.limits.request_max_wait
+        try:
+            while await self._set_order.begin(shard, event, claim.set_seq, token) == "busy":
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.02)
+        except StoreUnavailableError:
+            log.warning("Redis unavailable: set %s written without its turn", event.identifier)
+        return True
+
+    async def _write_authoritative(
+        self, plan: EventPlan, event: UsageEvent, value: int, api_key: str | None
+    ) -> WriteResult:
+        """Write the authoritative leg, retrying retryable failures a few times within the request.
+
+        Every attempt carries the same idempotency key, so an attempt that reached Stripe but whose
+        answer was lost (a timeout) is replayed by Stripe rather than counted again.
+        """
+        retries, wait = (
+            self._settings.stripe.request_retries,
+            self._settings.stripe.request_retry_wait,
+        )
+        leg = plan.authoritative
+        for attempt in range(retries + 1):
+            result = await self._writer.write(leg, event, value=value, api_key=api_key, plan=plan)
+            failure = result.failure
+            if result.accepted or failure is None or not failure.retryable or attempt == retries:
+                return result
+            delay = wait * 2**attempt
+            if failure.retry_after is not None and failure.retry_after > 4 * delay:
+                return result  # Stripe asks for a longer pause than a request should hold
+            await asyncio.sleep(max(delay, failure.retry_after or 0.0))
+        return result

@@ -14,23 +14,15 @@ authoritative write has answered (the commit, refusal counting, back-pressure) i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from dualwrite import metrics
-from dualwrite._recording import (
-    apply_commit,
-    build_commit,
-    count_refusal,
-    held_back,
-    refused_before_writing,
-)
+from dualwrite._recording import LegacyWrite, Recorder, held_back, refused_before_writing
 from dualwrite.commit import CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
@@ -50,12 +42,10 @@ from dualwrite.models import (
     EventPlan,
     Leg,
     RecordOutcome,
-    ShadowStatus,
     Stage,
     StagePlan,
     StripeFailure,
     UsageEvent,
-    WriteResult,
 )
 from dualwrite.outbox import Outbox, OutboxWorker
 from dualwrite.periods import PeriodResolver
@@ -67,10 +57,6 @@ from dualwrite.stripe_io import ItemDetails, StripeWriter
 __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
 log = logging.getLogger(__name__)
-
-
-LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
-"""Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
 
 
 class StageSource(Protocol):
@@ -121,6 +107,18 @@ class DualWriteEngine:
                 settings.outbox.spool_dir or default_spool_dir(),
                 max_bytes=settings.outbox.spool_max_bytes,
             )
+        self.recorder = Recorder(
+            settings,
+            redis=redis,
+            writer=writer,
+            idempotency=self.idempotency,
+            set_order=self.set_order,
+            commits=self.commits,
+            late=self.late,
+            spool=self.spool,
+            period=self._period,
+            clock=clock,
+        )
         self.worker: OutboxWorker | None = None
         self._clock = clock
         self._owns_resources = False
@@ -310,7 +308,7 @@ class DualWriteEngine:
             event = claim.event  # a retry writes the event as first intercepted (same "now")
         if claim.plan is not None:
             plan = claim.plan  # ... and its legs, under its keys, whatever the stage is now
-        return await self._drive(
+        return await self.recorder.drive(
             shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write
         )
 
@@ -320,121 +318,13 @@ class DualWriteEngine:
         commit it with its shadow."""
         if claim.event is None or claim.plan is None:
             return None
-        return await self._drive(shard, claim.event, claim.plan, claim, api_key=None)
+        return await self.recorder.drive(shard, claim.event, claim.plan, claim, api_key=None)
 
     async def recover(self, *, limit: int = 100) -> int:
         """Re-drive the claims due for recovery (the workers call this); returns how many."""
         return await recover_due(
             self.idempotency, self.keys, self.redrive, now=self._clock(), limit=limit
         )
-
-    async def _drive(
-        self,
-        shard: ShardKeys,
-        event: UsageEvent,
-        plan: EventPlan,
-        claim: Claim,
-        *,
-        api_key: str | None,
-        legacy_write: LegacyWrite | None = None,
-    ) -> RecordOutcome:
-        """The authoritative write of a claimed event, then its commit (or its release)."""
-        effective = event.quantity - claim.set_previous if event.action == "set" else event.quantity
-        translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
-        started = time.perf_counter()
-        if not await self._set_turn(shard, event, plan, claim):
-            # Nothing was written now; an earlier attempt (a retry's, a recovery's) may have been.
-            with contextlib.suppress(StoreUnavailableError):
-                await self.idempotency.release(
-                    shard, event, claim, in_doubt=claim.event is not None, now=self._clock()
-                )
-            msg = f"another set on {event.subscription_item} at {event.timestamp} is being written"
-            raise ConflictError(msg)
-        if legacy_write is not None and plan.authoritative is Leg.LEGACY:
-            result = await legacy_write(event)
-        else:
-            result = await self._write_authoritative(plan, event, effective, api_key)
-        metrics.count_authoritative(result, plan.stage, started)
-        shadow_status: ShadowStatus = "enqueued" if plan.shadow else "not_applicable"
-        if not result.accepted:
-            shadow_status = "skipped" if plan.shadow else "not_applicable"
-        outcome = RecordOutcome(
-            event=event,
-            stage=plan.stage,
-            authoritative=result,
-            shadow_leg=plan.shadow,
-            shadow_status=shadow_status,
-            translated=translated,
-        )
-        if not result.accepted:
-            await count_refusal(
-                self.redis,
-                self.idempotency,
-                shard,
-                event,
-                result,
-                claim=claim,
-                now=self._clock(),
-                period=lambda: self._period(event, api_key),
-            )
-            return outcome
-        period = await self._period(event, api_key)
-        commit = build_commit(
-            shard,
-            outcome,
-            plan,
-            effective,
-            period,
-            claim=claim,
-            now=self._clock(),
-            idempotency_ttl=self.idempotency.ttl_seconds,
-        )
-        return await apply_commit(
-            commit, outcome, period, commits=self.commits, late=self.late, spool=self.spool
-        )
-
-    async def _set_turn(
-        self, shard: ShardKeys, event: UsageEvent, plan: EventPlan, claim: Claim
-    ) -> bool:
-        """A ``set`` written to the legacy leg now waits for any other legacy write of a set at
-        its item and timestamp (a shadow still in flight): Stripe keeps the last one to arrive.
-        The turn is given back by the commit (or the release). False: it did not come in time."""
-        if event.action != "set" or claim.set_seq is None or plan.authoritative is not Leg.LEGACY:
-            return True
-        token = shard.idempotency(event.identifier)
-        deadline = time.monotonic() + self.settings.limits.request_max_wait
-        try:
-            while await self.set_order.begin(shard, event, claim.set_seq, token) == "busy":
-                if time.monotonic() >= deadline:
-                    return False
-                await asyncio.sleep(0.02)
-        except StoreUnavailableError:
-            log.warning("Redis unavailable: set %s written without its turn", event.identifier)
-        return True
-
-    async def _write_authoritative(
-        self, plan: EventPlan, event: UsageEvent, value: int, api_key: str | None
-    ) -> WriteResult:
-        """Write the authoritative leg, retrying retryable failures a few times within the request.
-
-        Every attempt carries the same idempotency key, so an attempt that reached Stripe but whose
-        answer was lost (a timeout) is replayed by Stripe rather than counted again.
-        """
-        retries, wait = (
-            self.settings.stripe.request_retries,
-            self.settings.stripe.request_retry_wait,
-        )
-        leg = plan.authoritative
-        for attempt in range(retries + 1):
-            result = await self.writer.write(leg, event, value=value, api_key=api_key, plan=plan)
-            failure = result.failure
-            if result.accepted or failure is None or not failure.retryable or attempt == retries:
-                return result
-            delay = wait * 2**attempt
-            if failure.retry_after is not None and failure.retry_after > 4 * delay:
-                return result  # Stripe asks for a longer pause than a request should hold
-            await asyncio.sleep(max(delay, failure.retry_after or 0.0))
-        return result
 
     def _check_writable(self, event: UsageEvent, stage: Stage, plan: StagePlan) -> None:
         legs = {plan.authoritative, plan.shadow}
