@@ -118,11 +118,18 @@ async def count_refusal(
 ) -> None:
     """Release the refused event's claim and count the refusal in its ledger period.
 
-    A write that got no answer at all (a timeout, a dropped connection) may have reached Stripe:
-    its claim stays due for recovery, which replays it under the same key.
+    A write that got no answer at all (a timeout, a dropped connection), or Stripe's 409 (the key
+    is in use by an earlier attempt still executing, or a lock), may have been written: its claim
+    stays due for recovery, which replays it under the same key. So does any retryable failure
+    (a 429, a 5xx, a turn not given in time) of a later attempt: the first one may have written.
     """
     failure = result.failure
-    in_doubt = failure is not None and failure.http_status is None and failure.retryable
+    retried = claim.event is not None  # an earlier attempt of this event existed
+    in_doubt = (
+        failure is not None
+        and failure.retryable
+        and (retried or failure.http_status in (None, 409))
+    )
     try:
         await idempotency.release(shard, event, claim, in_doubt=in_doubt, now=now)
         update = LedgerUpdate(shard, event, await period()).refused(

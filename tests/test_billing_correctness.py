@@ -9,11 +9,13 @@ from dualwrite's own ledger.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,10 +30,11 @@ from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
-from dualwrite.proxy import serve_proxy
+from dualwrite.proxy import HEALTH_PATH, serve_proxy
 from dualwrite.report import build_report
 from dualwrite.stripe_io import StripeClock
 from dualwrite.testing import StripeStandin
+from tests.cluster_support import free_port_pair
 from tests.conftest import STRIPE_KEY, SettingsFactory
 from tests.support import (
     EVENT_NAME,
@@ -41,6 +44,7 @@ from tests.support import (
     summary_totals,
     usage,
 )
+from tests.test_multiprocess import Processes, wait_until_up
 from tests.test_proxy import proxy_settings
 
 pytestmark = pytest.mark.anyio
@@ -444,3 +448,157 @@ class TestItemOwnership:
         assert standin.usage_records() == [] and standin.meter_events() == []
         assert (await app.engine.outbox.depth()).outstanding == 0
         assert (await app.usage(a, 2)).status_code == 200
+
+
+def crash_config(
+    path: Path, *, redis_url: str, prefix: str, standin: str, scenarios: list[Scenario]
+) -> Path:
+    """The config every process of a crash test reads: short claim leases, no in-process worker,
+    the items mapped in advance (nothing but the usage itself waits for the slow Stripe)."""
+    items = "".join(
+        f'\n[items.{s.item}]\ncustomer = "{s.customer}"\nevent_name = "{EVENT_NAME}"\n'
+        for s in scenarios
+    )
+    path.write_text(
+        f'[redis]\nurl = "{redis_url}"\nkey_prefix = "{prefix}"\nshards = 4\n\n'
+        f'[stripe]\napi_base = "{standin}"\ntimeout = 15.0\n\n'
+        "[flags]\ncache_ttl = 600\n\n"
+        "[outbox]\nrun_in_process = false\nblock_ms = 50\nbackoff_base = 0.05\n"
+        "backoff_max = 0.5\nclaim_idle_seconds = 1.0\n\n"
+        "[ledger]\ninflight_lease_seconds = 3\n\n"
+        # A dead process's meter turns run out in 5 s (30 s by default).
+        "[limits]\nlegacy_per_second = 0\nturn_lease_seconds = 5\n\n"
+        f'[[meters]]\nevent_name = "{EVENT_NAME}"\nlegacy_prices = ["{scenarios[0].legacy_price}"]\n'
+        + items
+    )
+    return path
+
+
+def base4_digits(total: float) -> dict[int, int]:
+    """Each power of four in ``total`` and how many times it is there (quantities are distinct
+    powers of four per customer: a digit of 2 is an event counted twice)."""
+    value, digits, power = int(total), {}, 0
+    assert value == total, total
+    while value:
+        value, digit = divmod(value, 4)
+        if digit:
+            digits[power] = digit
+        power += 1
+    return digits
+
+
+async def unfinished_claims(engine: DualWriteEngine) -> int:
+    """Events claimed and not yet committed, over every shard."""
+    return sum([await engine.redis.zcard(shard.claims) for shard in engine.keys.all_shards()])
+
+
+@pytest.mark.slow
+class TestCrashRecovery:
+    """Case 2 at scale: the proxy SIGKILLed with hundreds of usage requests in flight."""
+
+    async def test_sigkill_with_requests_in_flight_loses_and_doubles_nothing(
+        self, tmp_path, redis_url, key_prefix, standin_url, builder, standin: StripeStandin
+    ):
+        """30 customers (20 at shadow, 10 at primary), 240 usage requests in flight against a
+        Stripe answering in 1 s (half without an Idempotency-Key), the proxy SIGKILLed, callers
+        that never retry; then one worker. Per customer, through Stripe's summary endpoints: the
+        legacy and meter totals are equal, no event is counted twice (quantities are distinct
+        powers of four), every acknowledged event is there, and the report said pending, never
+        parity, until the worker recovered the unfinished events."""
+        scenarios = [await builder.customer(f"crash {n}") for n in range(30)]
+        config = crash_config(
+            tmp_path / "dualwrite.toml",
+            redis_url=redis_url,
+            prefix=key_prefix,
+            standin=standin_url,
+            scenarios=scenarios,
+        )
+        engine = DualWriteEngine.from_settings(Settings.load(config))
+        await engine.start(worker=False)
+        env = {
+            **os.environ,
+            "STRIPE_API_KEY": STRIPE_KEY,
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+            "DUALWRITE_CONFIG": str(config),
+        }
+        processes = Processes(tmp_path, env)
+        sent: dict[str, list[int]] = {s.customer: [] for s in scenarios}
+        acked: dict[str, list[int]] = {s.customer: [] for s in scenarios}
+        try:
+            for n, scenario in enumerate(scenarios):
+                stage = Stage.SHADOW if n < 20 else Stage.PRIMARY
+                await set_stage(engine, scenario.customer, stage)
+            port = free_port_pair()
+            processes.start("proxy", "serve", "--port", str(port), "--no-access-log")
+            url = f"http://127.0.0.1:{port}"
+            await wait_until_up(url + HEALTH_PATH, "proxy", processes)
+            auth = {"Authorization": f"Bearer {STRIPE_KEY}"}
+            limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+            async with httpx.AsyncClient(
+                base_url=url, headers=auth, timeout=30, limits=limits
+            ) as client:
+                # Stripe's clock, seen once through the proxy before Stripe slows down.
+                assert (await client.get(f"/v1/customers/{scenarios[0].customer}")).is_success
+                standin.latency_seconds = 1.0
+
+                async def one(scenario: Scenario, power: int, keyed: bool) -> None:
+                    quantity = 4**power
+                    sent[scenario.customer].append(power)
+                    headers = {"Idempotency-Key": f"crash-{scenario.customer}-{power}"}
+                    try:
+                        response = await client.post(
+                            usage_path(scenario),
+                            data={"quantity": str(quantity)},
+                            headers=headers if keyed else {},
+                        )
+                    except httpx.TransportError:
+                        return  # in doubt: the proxy died with it
+                    if response.status_code == 200:
+                        acked[scenario.customer].append(power)
+
+                async with anyio.create_task_group() as group:
+                    for power in range(8):
+                        for n, scenario in enumerate(scenarios):
+                            group.start_soon(one, scenario, power, (n + power) % 2 == 0)
+                            await anyio.sleep(0.005)  # 240 requests over about 1.2 s
+
+                    async def held() -> bool:  # the proxy holds at least 200 of them
+                        return await unfinished_claims(engine) >= 200
+
+                    await eventually(held)
+                    processes.running["proxy"].kill()  # SIGKILL: every request still in flight
+                    processes.running.pop("proxy").wait()
+            standin.latency_seconds = 0.05
+            assert sum(len(powers) for powers in sent.values()) == 240
+            report = await build_report(engine.ledger, engine.resolver)
+            unfinished = [line for line in report.customers if line.unfinished_events]
+            assert sum(line.unfinished_events for line in unfinished) >= 200
+            assert all(line.status != "parity" for line in unfinished)
+
+            processes.start("worker", "worker", "--name", "recovery")
+
+            async def recovered() -> bool:
+                depth = await engine.outbox.depth()
+                claims = await unfinished_claims(engine)
+                return claims == 0 and depth.outstanding == 0 and depth.pending == 0
+
+            await eventually(recovered, seconds=120)
+            assert processes.stop("worker") == 0
+            report = await build_report(engine.ledger, engine.resolver)
+            dead = (await engine.outbox.depth()).dead
+        finally:
+            standin.latency_seconds = 0.0
+            processes.stop_all()
+            await engine.aclose()
+        assert dead == 0
+        assert all(line.status == "parity" for line in report.customers)
+        landed_unacked = 0
+        for scenario in scenarios:
+            legacy, meter = await summary_totals(builder.client, scenario)
+            assert legacy == meter, (scenario.customer, legacy, meter)
+            digits = base4_digits(legacy)
+            assert set(digits.values()) <= {1}, (scenario.customer, digits)  # none twice
+            assert set(acked[scenario.customer]) <= set(digits)  # none acknowledged lost
+            assert set(digits) <= set(sent[scenario.customer])
+            landed_unacked += len(set(digits) - set(acked[scenario.customer]))
+        assert landed_unacked >= 100  # recovery, not the callers, finished most of them
