@@ -321,7 +321,13 @@ class DualWriteEngine:
         return await self.recorder.drive(shard, claim.event, claim.plan, claim, api_key=None)
 
     async def recover(self, *, limit: int = 100) -> int:
-        """Re-drive the claims due for recovery (the workers call this); returns how many."""
+        """Re-drive the claims due for recovery (the workers call this); returns how many.
+
+        Without ``STRIPE_API_KEY`` nothing is re-driven (every write would be refused, and a
+        refusal must not resolve a claim whose first attempt may have been written).
+        """
+        if self.settings.api_key() is None:
+            return 0
         return await recover_due(
             self.idempotency, self.keys, self.redrive, now=self._clock(), limit=limit
         )
