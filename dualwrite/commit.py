@@ -1,10 +1,12 @@
 """The Redis side of recording one accepted event, as a value: applied atomically, or spooled.
 
 After Stripe accepted the authoritative write, the engine must, together: update the ledger, enqueue
-the shadow write, log a translation as divergence, store the outcome under the caller's identifier,
-and remember a ``set`` value. A ``Commit`` holds all of that; ``CommitWriter.apply`` runs it as one
-Lua script in the customer's shard. When Redis cannot be reached, the same value goes to the local
-spool (``dualwrite.spool``) and is applied later, exactly once thanks to a marker key.
+the shadow write, log a translation as divergence, and resolve the event's claim (keep the outcome
+for the caller's retries, or drop a minted claim; leave the claims index; for a ``set``, give its
+turn back and mark it the last committed). A ``Commit`` holds all of that; ``CommitWriter.apply``
+runs it as one Lua script in the customer's shard, and only while the claim is unresolved, so a
+recovery and a late holder never both count the event. When Redis cannot be reached, the same value
+goes to the local spool (``dualwrite.spool``) and is applied later, exactly once.
 """
 
 from __future__ import annotations

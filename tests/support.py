@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import stripe
 from pydantic import SecretStr
+from stripe.params import SubscriptionCreateParams
 
 from dualwrite.config import (
     DEFAULT_LEGACY_API_VERSION,
@@ -171,13 +172,16 @@ class ScenarioBuilder:
             self._prices = (legacy.id, metered.id, meter.id)
         return self._prices
 
-    async def customer(self, name: str = "Test customer") -> Scenario:
-        """A new customer subscribed to the legacy metered price."""
+    async def customer(self, name: str = "Test customer", *, anchor: int | None = None) -> Scenario:
+        """A new customer subscribed to the legacy metered price (its billing cycle anchored at
+        ``anchor``, default: the stand-in's now)."""
         legacy, metered, meter = await self._catalog()
         customer = await self.client.v1.customers.create_async({"name": name})
+        params: SubscriptionCreateParams = {"customer": customer.id, "items": [{"price": legacy}]}
+        if anchor is not None:
+            params["billing_cycle_anchor"] = anchor
         subscription = await self.client.v1.subscriptions.create_async(
-            {"customer": customer.id, "items": [{"price": legacy}]},
-            {"stripe_version": LEGACY_VERSION},
+            params, {"stripe_version": LEGACY_VERSION}
         )
         item = subscription["items"]["data"][0]["id"]
         return Scenario(customer.id, subscription.id, item, legacy, metered, meter)
@@ -237,17 +241,8 @@ def utc(text: str) -> int:
 async def anchored_on(builder: ScenarioBuilder, standin: StripeStandin, anchor: int) -> Scenario:
     """A customer on the legacy price whose subscription starts (and is anchored) at ``anchor``,
     the stand-in's clock moved there to create it."""
-    catalog = await builder.customer("catalog")  # the meter and the prices, made once
     standin.clock.set(anchor)
-    customer = await builder.client.v1.customers.create_async({"name": "month end"})
-    subscription = await builder.client.v1.subscriptions.create_async(
-        {"customer": customer.id, "items": [{"price": catalog.legacy_price}]},
-        {"stripe_version": LEGACY_VERSION},
-    )
-    item = subscription["items"]["data"][0]["id"]
-    return Scenario(
-        customer.id, subscription.id, item, catalog.legacy_price, catalog.meter_price, catalog.meter
-    )
+    return await builder.customer("month end")
 
 
 async def legacy_summaries(client: stripe.StripeClient, item: str) -> dict[tuple[int, int], int]:

@@ -44,21 +44,14 @@ from tests.support import (
     summary_totals,
     usage,
 )
+from tests.test_middleware import USAGE_ROUTE as MIDDLEWARE_ROUTE
 from tests.test_multiprocess import Processes, wait_until_up
 from tests.test_proxy import proxy_settings
 
 pytestmark = pytest.mark.anyio
 
-USAGE_ROUTE = {
-    "method": "POST",
-    "path": "/usage/{customer}",
-    "customer": "path:customer",
-    "subscription_item": "json:item",
-    "quantity": "json:quantity",
-    "timestamp": "json:timestamp",
-    "action": "json:action",
-    "event_name": f"const:{EVENT_NAME}",
-}
+#: The middleware tests' usage route, reading a timestamp and an action as well.
+USAGE_ROUTE = {**MIDDLEWARE_ROUTE, "timestamp": "json:timestamp", "action": "json:action"}
 
 
 def usage_app() -> Starlette:
@@ -366,6 +359,23 @@ async def usage_until_accepted(app: App, scenario: Scenario, quantity: int, **fi
     pytest.fail("a set never got its turn")
 
 
+async def set_up_sets(
+    app_with_clock: Callable[[Callable[[], float]], App],
+    builder: ScenarioBuilder,
+    standin: StripeStandin,
+    stage: Stage,
+) -> tuple[App, Scenario, int]:
+    """The app, a customer at ``stage``, and its subscription's start, 30 s in the past (sets at
+    timestamps of those 30 seconds are in its current period)."""
+    app = app_with_clock(time.time)
+    await app.engine.start(worker=False)
+    scenario = await builder.customer()
+    await set_stage(app.engine, scenario.customer, stage)
+    start = standin.clock.now()
+    standin.clock.advance(30)
+    return app, scenario, start
+
+
 class TestSetTranslation:
     """Case 3: ``set`` usage keeps the legacy value and the meter's sum of differences equal."""
 
@@ -375,12 +385,7 @@ class TestSetTranslation:
         """Ten timestamps, two concurrent sets (10 and 15) at each, at shadow: the previous
         value is read and replaced in one step, so the meter's differences add up to the value
         legacy keeps (whichever set came last)."""
-        app = app_with_clock(time.time)
-        await app.engine.start(worker=False)
-        scenario = await builder.customer()
-        await set_stage(app.engine, scenario.customer, Stage.SHADOW)
-        start = standin.clock.now()
-        standin.clock.advance(30)  # ten past seconds of the subscription's first period
+        app, scenario, start = await set_up_sets(app_with_clock, builder, standin, Stage.SHADOW)
         for offset in range(10):
             async with anyio.create_task_group() as group:
                 for quantity in (10, 15):
@@ -404,12 +409,7 @@ class TestSetTranslation:
         """At primary, five sequential sets at each of five timestamps, then delivery with 40 %
         of the legacy shadow writes failing (retried out of order): a later set supersedes an
         earlier undelivered one, and legacy keeps each timestamp's last value, as the meter."""
-        app = app_with_clock(time.time)
-        await app.engine.start(worker=False)
-        scenario = await builder.customer()
-        await set_stage(app.engine, scenario.customer, Stage.PRIMARY)
-        start = standin.clock.now()
-        standin.clock.advance(30)  # five past seconds of the subscription's first period
+        app, scenario, start = await set_up_sets(app_with_clock, builder, standin, Stage.PRIMARY)
         for offset in range(5):
             for quantity in (10, 20, 5, 40, 15):
                 await usage_until_accepted(

@@ -32,7 +32,6 @@ from dualwrite.testing import StripeStandin
 from tests.cluster_support import free_port_pair
 from tests.conftest import STRIPE_KEY
 from tests.support import (
-    LEGACY_VERSION,
     Scenario,
     ScenarioBuilder,
     legacy_summaries,
@@ -141,32 +140,8 @@ class Callers:
 async def minute_anchored(builder: ScenarioBuilder, standin: StripeStandin) -> list[Scenario]:
     """``CUSTOMERS`` customers on the legacy price, anchored on the last whole minute (so that
     meter event summaries can be cut on their periods)."""
-    catalog = await builder.customer("catalog")
     now = standin.clock.now()
-    anchor = now - now % 60
-    scenarios = []
-    for n in range(CUSTOMERS):
-        customer = await builder.client.v1.customers.create_async({"name": f"volume {n}"})
-        subscription = await builder.client.v1.subscriptions.create_async(
-            {
-                "customer": customer.id,
-                "items": [{"price": catalog.legacy_price}],
-                "billing_cycle_anchor": anchor,
-            },
-            {"stripe_version": LEGACY_VERSION},
-        )
-        item = subscription["items"]["data"][0]["id"]
-        scenarios.append(
-            Scenario(
-                customer.id,
-                subscription.id,
-                item,
-                catalog.legacy_price,
-                catalog.meter_price,
-                catalog.meter,
-            )
-        )
-    return scenarios
+    return [await builder.customer(f"volume {n}", anchor=now - now % 60) for n in range(CUSTOMERS)]
 
 
 async def test_cases_1_to_4_at_volume_intended_equals_legacy_equals_meter(
@@ -297,7 +272,7 @@ async def test_cases_1_to_4_at_volume_intended_equals_legacy_equals_meter(
                 # The stand-in's clock jumped (Stripe's never does): let each app see it in a
                 # reply before its callers send timestamps of the new period.
                 for engine in engines:
-                    await engine.items.read(scenarios[0].item, api_key=STRIPE_KEY)
+                    await engine.retrieve_item(scenarios[0].item, api_key=STRIPE_KEY)
                 assert callers.proxy is not None
                 assert (
                     await callers.proxy.get(f"/v1/customers/{scenarios[0].customer}")
