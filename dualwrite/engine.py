@@ -1,14 +1,18 @@
-"""``record(event)``: resolve the customer's stage, make the authoritative write, enqueue the shadow.
+"""``record(event)``: claim the event with its plan, make the authoritative write, enqueue the shadow.
 
-The authoritative write is synchronous and its result is what the caller sees. The shadow write is
-enqueued only when the authoritative one succeeded (so both legs hold the same usage), in one Redis
-transaction with the ledger update and the idempotency record, and delivered by an ``OutboxWorker``.
-Nothing about the shadow leg can fail the request: if Redis is down after Stripe accepted the
-authoritative write, the caller still gets its success and the loss is logged loudly.
+The event is first claimed in Redis with the plan of its first intercept (``dualwrite.idempotency``):
+a caller's retry, whatever the customer's stage has become, writes the same legs under the same
+keys, and an event whose holder died before its commit is finished by the workers
+(``dualwrite.recovery``). The authoritative write is synchronous and its result is what the caller
+sees. The shadow write is enqueued only when the authoritative one succeeded (so both legs hold the
+same usage), in one Redis transaction with the ledger update and the claim's resolution, and
+delivered by an ``OutboxWorker``. Nothing about the shadow leg can fail the request: if Redis is
+down after Stripe accepted the authoritative write, the caller still gets its success and the
+commit is spooled (or, with no spool, the loss is logged loudly).
 
-This module holds the orchestration and the engine's lifecycle; what is persisted once the
-authoritative write has answered (the commit, refusal counting, back-pressure) is in
-``dualwrite._recording``.
+This module holds the claim and the engine's lifecycle; the write and what is persisted once it
+answered (the commit, refusal counting, back-pressure) are in ``dualwrite._recording``; item reads
+(billing periods, ownership) in ``dualwrite.items``.
 """
 
 from __future__ import annotations

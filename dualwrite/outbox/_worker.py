@@ -85,6 +85,7 @@ class OutboxWorker:
         self._recover = recover
         self._set_turns = set_turns
         self._last_recover = 0.0
+        self._recovering = False
         self.writer = writer
         self.settings = outbox.settings
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -190,9 +191,12 @@ class OutboxWorker:
     def _recover_when_due(self, now: float) -> None:
         """Every ``claim_idle_seconds / 2``, re-drive the events whose claims fell due (their
         holder died before the commit, or Stripe never answered): ``dualwrite.recovery``."""
-        if self._recover is None or now - self._last_recover < self.settings.claim_idle_seconds / 2:
+        if self._recover is None or self._recovering:  # one recovery at a time
+            return
+        if now - self._last_recover < self.settings.claim_idle_seconds / 2:
             return
         self._last_recover = now
+        self._recovering = True
         self._spawn(self._recover_logged(self._recover))
 
     async def _recover_logged(self, recover: Callable[[], Awaitable[int]]) -> None:
@@ -202,6 +206,8 @@ class OutboxWorker:
             log.warning("recovering unfinished events paused: %s", exc)
         except Exception:
             log.exception("recovering unfinished events failed; will retry")
+        finally:
+            self._recovering = False
 
     def _spawn(self, delivery: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(delivery)
