@@ -1,10 +1,12 @@
 """The Redis side of recording one accepted event, as a value: applied atomically, or spooled.
 
 After Stripe accepted the authoritative write, the engine must, together: update the ledger, enqueue
-the shadow write, log a translation as divergence, store the outcome under the caller's identifier,
-and remember a ``set`` value. A ``Commit`` holds all of that; ``CommitWriter.apply`` runs it as one
-Lua script in the customer's shard. When Redis cannot be reached, the same value goes to the local
-spool (``dualwrite.spool``) and is applied later, exactly once thanks to a marker key.
+the shadow write, log a translation as divergence, and resolve the event's claim (keep the outcome
+for the caller's retries, or drop a minted claim; leave the claims index; for a ``set``, give its
+turn back and mark it the last committed). A ``Commit`` holds all of that; ``CommitWriter.apply``
+runs it as one Lua script in the customer's shard, and only while the claim is unresolved, so a
+recovery and a late holder never both count the event. When Redis cannot be reached, the same value
+goes to the local spool (``dualwrite.spool``) and is applied later, exactly once.
 """
 
 from __future__ import annotations
@@ -34,21 +36,29 @@ SPOOL_MARKER_TTL = 30 * 86400
 #: the client's retry and a spool replay after a short outage, at one small key per event.
 IN_DOUBT_MARKER_TTL = 600
 
-# KEYS: ledger hash, ledger index, outbox, divergence, idempotency record, set value, marker, rollup,
-#       rollup index
+# KEYS: ledger hash, ledger index, outbox, divergence, claim record, set value, marker, rollup,
+#       rollup index, claims index
 # ARGV: marker ttl (0: none), index member, index score, divergence maxlen, idempotency ttl,
 #       set value ('' none), set ttl, outcome JSON ('' none), outbox payload ('' none),
+#       claimed (1/0), claims index member, drop the claim (1/0), set position ('' none),
 #       then a count and name/amount pairs (ledger), then a count and name/value pairs (divergence)
 _APPLY = (
     ROLLUP_LUA
     + """
--- A caller's retry may have recorded this identifier while the commit waited in the spool (its
--- first attempt found Redis down, so nothing marked it in flight): count it once.
-if ARGV[8] ~= '' and redis.call('HGET', KEYS[5], 'state') == 'done' then return 0 end
+if ARGV[10] == '1' then
+  -- The claim is held: the commit applies only while it is unresolved. A recovery or a caller's
+  -- retry that committed first makes this one a no-op (a minted claim is gone once committed).
+  local state = redis.call('HGET', KEYS[5], 'state')
+  if not state or state == 'done' then return 0 end
+elseif ARGV[8] ~= '' and redis.call('HGET', KEYS[5], 'state') == 'done' then
+  -- A caller's retry may have recorded this identifier while the commit waited in the spool (its
+  -- first attempt found Redis down, so nothing claimed it): count it once.
+  return 0
+end
 if ARGV[1] ~= '0' then
   if not redis.call('SET', KEYS[7], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 end
-local i = 10
+local i = 14
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
 if n > 0 then
@@ -62,10 +72,31 @@ if d > 0 then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 end
 if ARGV[9] ~= '' then redis.call('XADD', KEYS[3], '*', 'entry', ARGV[9]) end
-if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6], 'EX', ARGV[7]) end
+if ARGV[6] ~= '' then
+  -- A set recorded without a claim (Redis was down then): its value, for the next one.
+  if redis.call('TYPE', KEYS[6])['ok'] == 'string' then redis.call('DEL', KEYS[6]) end
+  redis.call('HSET', KEYS[6], 'value', ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
+end
+if ARGV[10] == '1' then
+  redis.call('ZREM', KEYS[10], ARGV[11])
+  if ARGV[13] ~= '' and redis.call('TYPE', KEYS[6])['ok'] == 'hash' then
+    if redis.call('HGET', KEYS[6], 'holder') == KEYS[5] then redis.call('HDEL', KEYS[6], 'holder') end
+    if redis.call('HGET', KEYS[6], 'sending') == KEYS[5] then
+      redis.call('HDEL', KEYS[6], 'sending', 'sending_until')
+    end
+    if tonumber(ARGV[13]) > tonumber(redis.call('HGET', KEYS[6], 'committed') or '0') then
+      redis.call('HSET', KEYS[6], 'committed', ARGV[13])
+    end
+  end
+end
 if ARGV[8] ~= '' then
+  -- Kept for the caller's retries: the fingerprint and the outcome (which holds the event).
   redis.call('HSET', KEYS[5], 'state', 'done', 'outcome', ARGV[8])
+  redis.call('HDEL', KEYS[5], 'event', 'plan', 'lease', 'owner', 'set_seq', 'set_prev')
   redis.call('EXPIRE', KEYS[5], ARGV[5])
+elseif ARGV[12] == '1' then
+  redis.call('DEL', KEYS[5])
 end
 return 1
 """
@@ -91,7 +122,17 @@ class Commit(BaseModel):
     idempotency_ttl: int = 0
     set_key: str | None = None
     set_value: int | None = None
+    """The quantity of a ``set`` recorded without a claim (Redis was down then); a claimed set's
+    value was replaced in its claim."""
     set_ttl: int = 0
+    claimed: bool = False
+    """A claim record (``idempotency_key``) holds the event: the commit resolves it, and applies
+    only while it is unresolved."""
+    claim_member: str | None = None
+    drop_claim: bool = False
+    """Delete the claim record once committed (a minted identifier: nobody can retry it)."""
+    set_seq: int | None = None
+    """A claimed ``set``'s position at its item and timestamp (it becomes the last committed)."""
 
     @classmethod
     def of_update(cls, update: LedgerUpdate, **fields: Any) -> Commit:
@@ -131,11 +172,11 @@ class CommitWriter:
     async def apply(self, commit: Commit, *, once: bool = False) -> bool:
         """Apply ``commit`` in one script; with ``once``, only if it was never applied before.
 
-        Returns False when ``once`` found it already applied, or when the event's identifier is
-        already recorded (a caller's retry got there first while this commit was spooled). Applying
-        the same commit again is always a no-op: a tracked event is guarded by its identifier's
-        record, an untracked one by a marker kept ``IN_DOUBT_MARKER_TTL`` seconds (``once``:
-        ``SPOOL_MARKER_TTL``).
+        Returns False when ``once`` found it already applied, or when the event is already
+        recorded (a caller's retry or a recovery got there first). Applying the same commit again
+        is always a no-op: a claimed event is guarded by its claim, an event recorded while Redis
+        was down by its identifier's record or a marker kept ``IN_DOUBT_MARKER_TTL`` seconds
+        (``once``: ``SPOOL_MARKER_TTL``).
 
         Raises:
             StoreUnavailableError: Redis could not be reached or did not answer; the commit may
@@ -154,8 +195,11 @@ class CommitWriter:
             # existed replay into them too.
             rollup_key(shard, commit.index_member.split("|", 1)[0]),
             shard.rollup_index,
+            shard.claims,
         ]
-        marker_ttl = IN_DOUBT_MARKER_TTL if commit.outcome_json is None else 0
+        marker_ttl = (
+            IN_DOUBT_MARKER_TTL if commit.outcome_json is None and not commit.claimed else 0
+        )
         if once:
             marker_ttl = SPOOL_MARKER_TTL
         args: list[str | int] = [
@@ -168,6 +212,10 @@ class CommitWriter:
             commit.set_ttl,
             commit.outcome_json or "",
             commit.outbox_payload or "",
+            "1" if commit.claimed else "0",
+            commit.claim_member or "",
+            "1" if commit.drop_claim else "0",
+            "" if commit.set_seq is None else commit.set_seq,
             len(commit.increments),
         ]
         for name, amount in commit.increments.items():

@@ -1,14 +1,18 @@
-"""``record(event)``: resolve the customer's stage, make the authoritative write, enqueue the shadow.
+"""``record(event)``: claim the event with its plan, make the authoritative write, enqueue the shadow.
 
-The authoritative write is synchronous and its result is what the caller sees. The shadow write is
-enqueued only when the authoritative one succeeded (so both legs hold the same usage), in one Redis
-transaction with the ledger update and the idempotency record, and delivered by an ``OutboxWorker``.
-Nothing about the shadow leg can fail the request: if Redis is down after Stripe accepted the
-authoritative write, the caller still gets its success and the loss is logged loudly.
+The event is first claimed in Redis with the plan of its first intercept (``dualwrite.idempotency``):
+a caller's retry, whatever the customer's stage has become, writes the same legs under the same
+keys, and an event whose holder died before its commit is finished by the workers
+(``dualwrite.recovery``). The authoritative write is synchronous and its result is what the caller
+sees. The shadow write is enqueued only when the authoritative one succeeded (so both legs hold the
+same usage), in one Redis transaction with the ledger update and the claim's resolution, and
+delivered by an ``OutboxWorker``. Nothing about the shadow leg can fail the request: if Redis is
+down after Stripe accepted the authoritative write, the caller still gets its success and the
+commit is spooled (or, with no spool, the loss is logged loudly).
 
-This module holds the orchestration and the engine's lifecycle; what is persisted once the
-authoritative write has answered (the commit, refusal counting, back-pressure) is in
-``dualwrite._recording``.
+This module holds the claim and the engine's lifecycle; the write and what is persisted once it
+answered (the commit, refusal counting, back-pressure) are in ``dualwrite._recording``; item reads
+(billing periods, ownership) in ``dualwrite.items``.
 """
 
 from __future__ import annotations
@@ -16,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from dualwrite import metrics
-from dualwrite._recording import apply_commit, build_commit, count_refusal, held_back
+from dualwrite._recording import ClaimDriver, LegacyWrite, held_back, refused_before_writing
 from dualwrite.commit import CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
@@ -33,23 +36,24 @@ from dualwrite.exceptions import (
     UsageInputError,
 )
 from dualwrite.flags import StageResolver
-from dualwrite.idempotency import Claim, IdempotencyStore
+from dualwrite.idempotency import Claim, IdempotencyStore, SetOrder
+from dualwrite.items import ItemReads
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late import LateRefusals
 from dualwrite.ledger import Ledger
 from dualwrite.limits import WriteLimits
 from dualwrite.models import (
+    EventPlan,
     Leg,
     RecordOutcome,
     Stage,
     StagePlan,
     StripeFailure,
     UsageEvent,
-    WriteResult,
-    plan_for,
 )
 from dualwrite.outbox import Outbox, OutboxWorker
-from dualwrite.periods import INTERVALS, ItemPeriods, PeriodResolver
+from dualwrite.periods import PeriodResolver
+from dualwrite.recovery import recover_due
 from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import ItemDetails, StripeWriter
@@ -57,24 +61,6 @@ from dualwrite.stripe_io import ItemDetails, StripeWriter
 __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
 log = logging.getLogger(__name__)
-
-
-LegacyWrite = Callable[[UsageEvent], Awaitable[WriteResult]]
-"""Makes the authoritative legacy write for ``record()`` (the proxy: forward the caller's request)."""
-
-
-def _periods_of(details: ItemDetails | StripeFailure) -> ItemPeriods | None:
-    """An item's current period and interval, when Stripe's reply has them."""
-    if not isinstance(details, ItemDetails) or details.interval not in INTERVALS:
-        return None
-    if details.period_start is None or details.period_end is None:
-        return None
-    return ItemPeriods(
-        start=details.period_start,
-        end=details.period_end,
-        interval=details.interval,  # checked against INTERVALS above
-        interval_count=details.interval_count,
-    )
 
 
 class StageSource(Protocol):
@@ -113,15 +99,30 @@ class DualWriteEngine:
             ttl_seconds=settings.ledger.idempotency_ttl_seconds,
             lease_seconds=settings.ledger.inflight_lease_seconds,
         )
+        self.set_order = SetOrder(redis, lease_seconds=settings.limits.turn_lease_seconds)
         self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
         self.late = LateRefusals(redis, self.keys, writer, settings, clock=clock)
-        self.periods = PeriodResolver(redis, self.keys, self._item_periods, clock=clock)
+        self.items = ItemReads(settings, writer)
+        self.periods = PeriodResolver(redis, self.keys, self.items.periods, clock=clock)
+        self.items.attach(self.periods)
         self.spool: Spool | None = None
         if settings.outbox.spool:
             self.spool = Spool(
                 settings.outbox.spool_dir or default_spool_dir(),
                 max_bytes=settings.outbox.spool_max_bytes,
             )
+        self.driver = ClaimDriver(
+            settings,
+            redis=redis,
+            writer=writer,
+            idempotency=self.idempotency,
+            set_order=self.set_order,
+            commits=self.commits,
+            late=self.late,
+            spool=self.spool,
+            period=self._period,
+            clock=clock,
+        )
         self.worker: OutboxWorker | None = None
         self._clock = clock
         self._owns_resources = False
@@ -142,6 +143,7 @@ class DualWriteEngine:
             api_key=settings.api_key(),
             meters=settings.meter,
             limits=WriteLimits(redis, keys, settings.limits),
+            clock=clock,
         )
         engine = cls(settings, redis=redis, resolver=resolver, writer=writer, clock=clock)
         engine._owns_resources = True
@@ -187,6 +189,8 @@ class DualWriteEngine:
             clock=self._clock,
             max_wait=self.settings.limits.worker_max_wait,
             on_meter_accepted=self.late.remember,
+            recover=self.recover,
+            set_turns=self.set_order,
         )
 
     async def _replay_spool(self, spool: Spool) -> None:
@@ -227,20 +231,30 @@ class DualWriteEngine:
     ) -> None:
         await self.aclose()
 
+    def now(self) -> int:
+        """The instant a usage ``timestamp`` of ``now`` (or none) is fixed to at intercept:
+        Stripe's clock as its replies tell it, never later than Stripe's own now
+        (``StripeClock``); this host's clock until Stripe has answered once (``record`` then
+        looks at Stripe's clock first and fixes the instant again)."""
+        return self.writer.clock.now()
+
     async def record(
         self,
         event: UsageEvent,
         *,
         api_key: str | None = None,
         legacy_write: LegacyWrite | None = None,
+        legacy_expand: tuple[str, ...] = (),
     ) -> RecordOutcome:
-        """Record one usage event at the customer's stage.
+        """Record one usage event at the customer's stage (or, for a retry, with the plan of its
+        first intercept).
 
         Args:
             event: the usage, fixed at intercept.
             api_key: a Stripe key to write with instead of ``STRIPE_API_KEY`` (the proxy's caller's).
             legacy_write: makes the authoritative legacy write instead of the engine's own writer,
-                once, without in-request retries (the proxy forwards its caller's request as is).
+                once, without in-request retries (the proxy forwards its caller's request, under
+                the caller's own Idempotency-Key, with ``legacy_expand``).
 
         Returns:
             The outcome; ``outcome.accepted`` is False when Stripe refused the authoritative write
@@ -248,23 +262,45 @@ class DualWriteEngine:
 
         Raises:
             UsageInputError: the event cannot be written at this stage (e.g. no subscription item
-                for a legacy write, or a ``set`` on a meter whose policy refuses it).
+                for a legacy write, or a ``set`` on a meter whose policy refuses it), or its
+                subscription item belongs to another customer.
             IdempotencyError: the identifier was used before for different usage.
-            ConflictError: the identifier is being recorded by another request right now.
+            ConflictError: the identifier is being recorded by another request right now (or, for
+                a ``set``, another set at its item and timestamp is).
         """
+        if event.timestamp_source == "intercept" and not self.writer.clock.known:
+            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
+            event = event.model_copy(update={"timestamp": await self.writer.stripe_now()})
         stage = await self.resolver.resolve(event.customer)
-        plan = plan_for(stage)
-        self._check_writable(event, stage, plan)
+        plan = EventPlan.at(stage)
+        if legacy_write is not None and plan.authoritative is Leg.LEGACY:
+            caller_key = event.identifier_source == "idempotency_key"
+            plan = plan.model_copy(
+                update={
+                    "legacy_key": event.identifier if caller_key else None,
+                    "legacy_expand": legacy_expand,
+                }
+            )
+        self._check_writable(event, stage, plan.legs)
+        unreadable = await self.items.check_owner(event, api_key=api_key)
+        if unreadable is not None:  # the item's owner could not be read: retry, nothing written
+            return refused_before_writing(event, stage, plan.legs, unreadable)
         shard = self.keys.for_customer(event.customer)
         if self.spool is not None and self.spool.full():
             return held_back(
-                event, stage, plan, retry_after=self.settings.outbox.spool_replay_seconds
+                event, stage, plan.legs, retry_after=self.settings.outbox.spool_replay_seconds
             )
-        claim = await self._claim(shard, event)
+        claim = await self._claim(shard, event, plan)
         if claim.state == "done" and claim.outcome is not None:
             return claim.outcome.model_copy(update={"replayed": True})
-        if claim.state == "busy":
-            msg = f"usage with identifier {event.identifier!r} is being recorded by another request; retry"
+        if claim.state in ("busy", "set_busy"):
+            msg = (
+                f"usage with identifier {event.identifier!r} is being recorded by another "
+                "request; retry"
+                if claim.state == "busy"
+                else f"another set on {event.subscription_item} at {event.timestamp} is being "
+                "recorded; retry"
+            )
             raise ConflictError(msg)
         if claim.state == "mismatch":
             msg = (
@@ -272,78 +308,33 @@ class DualWriteEngine:
                 "use a new Idempotency-Key for new usage"
             )
             raise IdempotencyError(msg)
-
         if claim.event is not None:
             event = claim.event  # a retry writes the event as first intercepted (same "now")
-        effective = event.quantity - claim.previous_set if event.action == "set" else event.quantity
-        translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
-        started = time.perf_counter()
-        if legacy_write is not None and plan.authoritative is Leg.LEGACY:
-            result = await legacy_write(event)
-        else:
-            result = await self._write_authoritative(plan.authoritative, event, effective, api_key)
-        metrics.count_authoritative(result, stage, started)
-        if not result.accepted:
-            await count_refusal(
-                self.redis,
-                self.idempotency,
-                shard,
-                event,
-                result,
-                period=lambda: self._period(event, api_key),
-            )
-            return RecordOutcome(
-                event=event,
-                stage=stage,
-                authoritative=result,
-                shadow_leg=plan.shadow,
-                shadow_status="skipped" if plan.shadow else "not_applicable",
-                translated=translated,
-            )
-        outcome = RecordOutcome(
-            event=event,
-            stage=stage,
-            authoritative=result,
-            shadow_leg=plan.shadow,
-            shadow_status="enqueued" if plan.shadow else "not_applicable",
-            translated=translated,
-        )
-        period = await self._period(event, api_key)
-        commit = build_commit(
-            shard,
-            outcome,
-            plan,
-            effective,
-            period,
-            now=self._clock(),
-            idempotency_ttl=self.idempotency.ttl_seconds,
-        )
-        return await apply_commit(
-            commit, outcome, period, commits=self.commits, late=self.late, spool=self.spool
+        if claim.plan is not None:
+            plan = claim.plan  # ... and its legs, under its keys, whatever the stage is now
+        return await self.driver.drive(
+            shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write
         )
 
-    async def _write_authoritative(
-        self, leg: Leg, event: UsageEvent, value: int, api_key: str | None
-    ) -> WriteResult:
-        """Write the authoritative leg, retrying retryable failures a few times within the request.
+    async def redrive(self, shard: ShardKeys, claim: Claim) -> RecordOutcome | None:
+        """Finish an event whose claim recovery took over (``dualwrite.recovery``): replay its
+        authoritative write under the same key (Stripe answers with the original result) and
+        commit it with its shadow."""
+        if claim.event is None or claim.plan is None:
+            return None
+        return await self.driver.drive(shard, claim.event, claim.plan, claim, api_key=None)
 
-        Every attempt carries the same idempotency key, so an attempt that reached Stripe but whose
-        answer was lost (a timeout) is replayed by Stripe rather than counted again.
+    async def recover(self, *, limit: int = 100) -> int:
+        """Re-drive the claims due for recovery (the workers call this); returns how many.
+
+        Without ``STRIPE_API_KEY`` nothing is re-driven (every write would be refused, and a
+        refusal must not resolve a claim whose first attempt may have been written).
         """
-        retries, wait = (
-            self.settings.stripe.request_retries,
-            self.settings.stripe.request_retry_wait,
+        if self.settings.api_key() is None:
+            return 0
+        return await recover_due(
+            self.idempotency, self.keys, self.redrive, now=self._clock(), limit=limit
         )
-        for attempt in range(retries + 1):
-            result = await self.writer.write(leg, event, value=value, api_key=api_key)
-            failure = result.failure
-            if result.accepted or failure is None or not failure.retryable or attempt == retries:
-                return result
-            delay = wait * 2**attempt
-            if failure.retry_after is not None and failure.retry_after > 4 * delay:
-                return result  # Stripe asks for a longer pause than a request should hold
-            await asyncio.sleep(max(delay, failure.retry_after or 0.0))
-        return result
 
     def _check_writable(self, event: UsageEvent, stage: Stage, plan: StagePlan) -> None:
         legs = {plan.authoritative, plan.shadow}
@@ -364,9 +355,9 @@ class DualWriteEngine:
                 msg = "action=set needs subscription_item (the value is set per item and timestamp)"
                 raise UsageInputError(msg, param="subscription_item", code="parameter_missing")
 
-    async def _claim(self, shard: ShardKeys, event: UsageEvent) -> Claim:
+    async def _claim(self, shard: ShardKeys, event: UsageEvent, plan: EventPlan) -> Claim:
         try:
-            return await self.idempotency.claim(shard, event, now=self._clock())
+            return await self.idempotency.claim(shard, event, plan, now=self._clock())
         except StoreUnavailableError:
             # Stripe's own idempotency on the per-leg keys still stops a retried write counting twice.
             log.warning(
@@ -380,21 +371,7 @@ class DualWriteEngine:
             return event.period
         return (await self.periods.period_for(event, api_key=api_key)).id
 
-    async def _item_periods(self, item: str, api_key: str | None) -> ItemPeriods | None:
-        """Read an item's billing period from Stripe (for ``PeriodResolver``)."""
-        key = api_key or self.settings.api_key()
-        if key is None:
-            return None
-        return _periods_of(await self.writer.retrieve_item(item, api_key=key))
-
     async def retrieve_item(self, item: str, *, api_key: str) -> ItemDetails | StripeFailure:
         """Read a subscription item from Stripe (the proxy maps usage with it), keeping its billing
-        period for the ledger, so that one read serves both."""
-        details = await self.writer.retrieve_item(item, api_key=api_key)
-        periods = _periods_of(details)
-        if periods is not None:
-            try:
-                await self.periods.remember(item, periods)
-            except StoreUnavailableError:
-                log.warning("Redis unavailable: billing period of %s not cached", item)
-        return details
+        period and customer for the ledger and the ownership check, so that one read serves all."""
+        return await self.items.retrieve(item, api_key=api_key)

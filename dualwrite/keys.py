@@ -27,10 +27,12 @@ key                                     type               what
 ``P:{sN}:recon-rollup:<first>:<last>``  hash               JSON copies of recon hashes spanning those days
 ``P:{sN}:recon-rollup-index``           sorted set         reconciliation rollups by first day (score)
 ``P:{sN}:recon-rollup-ready``           string             set once older reconciliation hashes are copied in
-``P:{sN}:idem:<digest>``                hash (TTL)         identifier → fingerprint, state, outcome
-``P:{sN}:set:<item>:<ts>``              string (TTL)       last quantity ``set`` at a timestamp (translation)
+``P:{sN}:idem:<digest>``                hash (TTL)         an event's claim: fingerprint, state, plan, outcome
+``P:{sN}:claims``                       sorted set         claims not yet committed (score = due for recovery)
+``P:{sN}:set:<item>:<ts>``              hash (TTL)         last quantity ``set`` at a timestamp, its order
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name
-``P:{items}:period:<item>``             string (TTL)       an item's billing period and interval (ledger)
+``P:{items}:period:<item>``             string (TTL)       an item's billing period, anchor, interval (ledger)
+``P:{items}:customer-period:<cus>``     string (TTL)       the same, for a customer's items never read
 ``P:{items}:unmapped``                  hash               proxy: item → usage requests forwarded unmapped
 ``P:{sN}:spooled:<id>``                 string (TTL)       a commit already applied (spool replay; lost reply)
 ``P:{sN}:late:<meter id>``              string (TTL)       a meter event already marked as refused late
@@ -63,7 +65,12 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["KeySpace", "ShardKeys"]
+__all__ = ["KeySpace", "ShardKeys", "claim_digest"]
+
+
+def claim_digest(identifier: str) -> str:
+    """The digest naming an identifier's claim record."""
+    return hashlib.sha256(identifier.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +154,19 @@ class ShardKeys:
         return f"{self.tag}:recon-rollup-ready"
 
     def idempotency(self, identifier: str) -> str:
-        """The record of one identifier (hashed: identifiers are caller-chosen and unbounded)."""
-        digest = hashlib.sha256(identifier.encode()).hexdigest()[:32]
+        """The record (claim) of one identifier (hashed: identifiers are caller-chosen and
+        unbounded)."""
+        return self.claim_record(claim_digest(identifier))
+
+    def claim_record(self, digest: str) -> str:
+        """The claim record named by its digest (``claim_digest``)."""
         return f"{self.tag}:idem:{digest}"
+
+    @property
+    def claims(self) -> str:
+        """Claims not yet committed, scored by when the workers re-drive them (members:
+        ``<digest>|<customer>|<event name>``)."""
+        return f"{self.tag}:claims"
 
     def late_marker(self, meter_identifier: str) -> str:
         """Set once a meter event is marked as refused late (a second report changes nothing)."""
@@ -164,7 +181,8 @@ class ShardKeys:
         return f"{self.tag}:backfill:{identifier}"
 
     def set_value(self, subscription_item: str, timestamp: int) -> str:
-        """The last quantity ``set`` on an item at one timestamp (for ``set`` translation)."""
+        """The last quantity ``set`` on an item at one timestamp (for ``set`` translation), the
+        order of the sets there, and who may write one now."""
         return f"{self.tag}:set:{subscription_item}:{timestamp}"
 
 
@@ -248,6 +266,11 @@ class KeySpace:
     def item_periods(self, subscription_item: str) -> str:
         """An item's current billing period and interval, read from Stripe (ledger periods)."""
         return f"{self.prefix}:{{items}}:period:{subscription_item}"
+
+    def customer_periods(self, customer: str) -> str:
+        """The billing period and anchor of the customer's last item read (a fallback for its
+        other items when Stripe cannot be read)."""
+        return f"{self.prefix}:{{items}}:customer-period:{customer}"
 
     def item_mapping(self, subscription_item: str) -> str:
         """The proxy's cached mapping of one subscription item (never a key or a secret)."""

@@ -61,7 +61,8 @@ class DualWriteMiddleware:
         engine: an engine to share; whoever built it starts and closes it. By default the middleware
             builds one from ``config``, starts it with the app's lifespan (or at the first usage
             request when the server runs no lifespan) and closes it at shutdown.
-        clock: where "now" comes from (tests).
+        clock: this host's clock, for the engine the middleware builds (Stripe's own clock,
+            tracked against it, fixes the instant of a usage timestamp of ``now``).
     """
 
     def __init__(
@@ -77,7 +78,6 @@ class DualWriteMiddleware:
         self.engine = engine or DualWriteEngine.from_settings(self.settings, clock=clock)
         self.routes = RouteTable(self.settings.routes)
         self._owns_engine = engine is None
-        self._clock = clock
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
         self._keyless = self.engine.settings.api_key() is None
@@ -149,7 +149,7 @@ class DualWriteMiddleware:
                 query_string=scope.get("query_string", b""),
                 headers=scope.get("headers", []),
                 body=body,
-                now=int(self._clock()),
+                now=self.engine.now(),
                 items=self.settings.items,
             )
             outcome = await self.engine.record(event)

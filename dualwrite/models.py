@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "MAX_METER_VALUE",
     "Action",
+    "EventPlan",
     "IdentifierSource",
     "Leg",
     "RecordOutcome",
@@ -103,6 +104,41 @@ _PLANS = {
 def plan_for(stage: Stage) -> StagePlan:
     """Return which leg is authoritative and which (if any) is the shadow at ``stage``."""
     return _PLANS[stage]
+
+
+class EventPlan(BaseModel):
+    """What one event writes, fixed when it is first intercepted and kept with its claim.
+
+    Every later attempt of the event (a caller's retry, a recovery after a crash) writes these
+    legs under these Stripe idempotency keys, whatever the customer's stage has become: a retry
+    that crossed a stage change must never write the legacy leg a second time under another key.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: Stage
+    authoritative: Leg
+    shadow: Leg | None
+    legacy_key: str | None = None
+    """The ``Idempotency-Key`` of the authoritative legacy write when it is not the derived one
+    (the proxy forwards its caller's request under the caller's own key)."""
+    legacy_expand: tuple[str, ...] = ()
+    """The ``expand[]`` that request carried: a replay must send the same parameters."""
+
+    @classmethod
+    def at(cls, stage: Stage, **fields: Any) -> EventPlan:
+        """The plan of an event first intercepted at ``stage``."""
+        legs = plan_for(stage)
+        return cls(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow, **fields)
+
+    @property
+    def legs(self) -> StagePlan:
+        """The authoritative and shadow legs."""
+        return StagePlan(authoritative=self.authoritative, shadow=self.shadow)
+
+    def legacy_idempotency_key(self, event: UsageEvent) -> str:
+        """The key the event's legacy write goes under (the caller's, or the derived one)."""
+        return self.legacy_key or event.idempotency_key(Leg.LEGACY)
 
 
 def mint_identifier() -> str:

@@ -2,8 +2,9 @@
 
 Totals are compared per period because that is how Stripe bills (and how its legacy usage summaries
 are cut). An event on a subscription item belongs to the item's billing period, read from Stripe once
-per item and period and cached in Redis (and in memory) until the period ends; an event without an
-item, or whose item cannot be read, belongs to its UTC day.
+per item and period and cached in Redis (and in memory); periods other than the current one follow
+from the subscription's billing cycle anchor, as Stripe computes them. An event without an item, or
+of a customer whose periods could never be read, belongs to its UTC day.
 
 Period ids: ``2026-11-25`` for a UTC day, ``20261101T000000Z/20261201T000000Z`` for a billing period
 (start included, end excluded).
@@ -28,6 +29,7 @@ from dualwrite.models import UsageEvent, utc_day
 from dualwrite.redis_client import as_str, store_errors
 
 __all__ = [
+    "ANCHOR_KEEP_SECONDS",
     "INTERVALS",
     "LOCAL_PERIODS_MAX",
     "Interval",
@@ -47,6 +49,9 @@ Interval = Literal["day", "week", "month", "year"]
 INTERVALS = ("day", "week", "month", "year")
 #: Items whose current period a process keeps in memory (beyond it, they are re-read from Redis).
 LOCAL_PERIODS_MAX = 100_000
+#: How long an item's billing cycle is kept past its current period's end, so that the next
+#: period follows from the anchor when Stripe cannot be read at the rollover.
+ANCHOR_KEEP_SECONDS = 35 * 86_400
 
 _SECONDS = {"day": 86_400, "week": 7 * 86_400}
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -136,7 +141,8 @@ def _unstamp(text: str) -> int:
 
 
 class ItemPeriods(BaseModel):
-    """What is cached per subscription item: its current period and its interval."""
+    """What is cached per subscription item: its current period, its interval, its subscription's
+    billing cycle anchor and its customer."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -144,10 +150,23 @@ class ItemPeriods(BaseModel):
     end: int
     interval: Interval
     interval_count: int = 1
+    anchor: int | None = None
+    """The subscription's ``billing_cycle_anchor``: every other period follows from it (None in
+    entries cached before it was kept: the current period's start stands in)."""
+    customer: str | None = None
+    """The customer the item's subscription belongs to."""
 
     def containing(self, timestamp: int) -> Period:
-        """The billing period holding ``timestamp`` (earlier and later periods included)."""
-        start, end = period_containing(self.start, self.interval, self.interval_count, timestamp)
+        """The billing period holding ``timestamp`` (earlier and later periods included).
+
+        The current period is Stripe's own (a first, partial period included); the others are
+        computed from the anchor as Stripe computes them, never from a neighbouring period: a
+        subscription anchored on the 31st bills on Feb 28 and then on Mar 31 again.
+        """
+        if self.start <= timestamp < self.end:
+            return Period(start=self.start, end=self.end, kind="billing")
+        anchor = self.start if self.anchor is None else self.anchor
+        start, end = period_containing(anchor, self.interval, self.interval_count, timestamp)
         return Period(start=start, end=end, kind="billing")
 
 
@@ -158,6 +177,12 @@ the configured one); None when it cannot."""
 
 class PeriodResolver:
     """Finds an event's ledger period.
+
+    An item's entry is kept ``ANCHOR_KEEP_SECONDS`` past its period's end: when the read at a
+    rollover fails (a 500, a 429 when many customers share an anchor), the next period still
+    follows from the known anchor, and an item never read before falls back to the periods of its
+    customer's other items. Only usage of a customer whose periods were never read counts in its
+    UTC day.
 
     Args:
         redis: the shared cache.
@@ -185,7 +210,9 @@ class PeriodResolver:
         if item is None:
             return Period.day_of(event.timestamp)
         try:
-            periods = await self._item_periods(item, event.timestamp, api_key)
+            periods = await self.item_periods(
+                item, event.timestamp, api_key=api_key, customer=event.customer
+            )
         except StoreUnavailableError as exc:  # expected while Redis is down: no traceback
             log.warning("billing period of %s unavailable (%s); using the UTC day", item, exc)
             periods = None
@@ -196,27 +223,57 @@ class PeriodResolver:
             return Period.day_of(event.timestamp)
         return periods.containing(event.timestamp)
 
-    async def _item_periods(
-        self, item: str, timestamp: int, api_key: str | None
+    async def item_periods(
+        self, item: str, timestamp: int, *, api_key: str | None, customer: str | None = None
     ) -> ItemPeriods | None:
-        # Earlier periods follow from the cached one; a timestamp past its end asks Stripe again
+        """What is known of ``item`` for usage at ``timestamp``: cached, else read from Stripe,
+        else (the read failed) the last known entry of the item or of ``customer``.
+
+        Raises:
+            StoreUnavailableError: Redis could not be reached.
+        """
+        # Earlier periods follow from the cached entry; a timestamp past its end asks Stripe again
         # (once per item and period), as the subscription may have changed at the boundary.
         known = self._local.get(item)
         if known is not None and timestamp < known.end:
             return known
-        key = self._keys.item_periods(item)
         async with store_errors("reading an item's billing period"):
-            raw = as_str(await self._redis.get(key))
-        if raw is not None:
-            cached = ItemPeriods.model_validate_json(raw)
-            if timestamp < cached.end:
-                self._keep(item, cached)
-                return cached
+            raw = as_str(await self._redis.get(self._keys.item_periods(item)))
+        cached = ItemPeriods.model_validate_json(raw) if raw is not None else None
+        if cached is not None and timestamp < cached.end:
+            self._keep(item, cached)
+            return cached
         found = await self._lookup(item, api_key)
-        if found is None:
+        if found is not None:
+            await self.remember(item, found)
+            return found
+        fallback = cached or known
+        if fallback is None and customer is not None:
+            async with store_errors("reading a customer's billing periods"):
+                raw = as_str(await self._redis.get(self._keys.customer_periods(customer)))
+            fallback = ItemPeriods.model_validate_json(raw) if raw is not None else None
+        if fallback is not None:
+            log.warning(
+                "billing period of %s could not be read; computed from its known anchor", item
+            )
+        return fallback
+
+    async def cached(self, item: str) -> ItemPeriods | None:
+        """What is kept of ``item`` (its period may be over), without asking Stripe.
+
+        Raises:
+            StoreUnavailableError: Redis could not be reached.
+        """
+        known = self._local.get(item)
+        if known is not None:
+            return known
+        async with store_errors("reading an item's billing period"):
+            raw = as_str(await self._redis.get(self._keys.item_periods(item)))
+        if raw is None:
             return None
-        await self.remember(item, found)
-        return found
+        cached = ItemPeriods.model_validate_json(raw)
+        self._keep(item, cached)
+        return cached
 
     def _keep(self, item: str, periods: ItemPeriods) -> None:
         # Bounded: past the cap the local copies are dropped and re-read from Redis as needed.
@@ -227,6 +284,11 @@ class PeriodResolver:
     async def remember(self, item: str, periods: ItemPeriods) -> None:
         """Keep an item's current period, read from Stripe by someone else (the proxy's mapping)."""
         self._keep(item, periods)
-        ttl = max(60, int(periods.end - self._clock()) + 3600)
+        ttl = max(60, int(periods.end - self._clock())) + ANCHOR_KEEP_SECONDS
+        value = periods.model_dump_json()
         async with store_errors("caching an item's billing period"):
-            await self._redis.set(self._keys.item_periods(item), periods.model_dump_json(), ex=ttl)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._keys.item_periods(item), value, ex=ttl)
+            if periods.customer is not None:
+                pipe.set(self._keys.customer_periods(periods.customer), value, ex=ttl)
+            await pipe.execute()

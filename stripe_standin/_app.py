@@ -20,6 +20,7 @@ import secrets
 import threading
 import weakref
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -278,6 +279,7 @@ class _StripeApi:
             await s._wakeup.sleep(s.faults.timeout_seconds)
         if not out.delayed:
             await s._wakeup.sleep(s.latency_seconds)
+        out.headers["Date"] = formatdate(s.clock.now(), usegmt=True)  # Stripe's clock: ours
         return JSONResponse(out.body, status_code=out.status, headers=out.headers)
 
     async def _check(

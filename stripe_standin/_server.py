@@ -55,7 +55,7 @@ class RunningStandin:
 
 
 def _config(
-    app: ASGIApp, host: str, port: int, *, quiet: bool, lifespan: bool = False
+    app: ASGIApp, host: str, port: int, *, quiet: bool, lifespan: bool = False, date: bool = True
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -70,6 +70,7 @@ def _config(
         # Tests must not have uvicorn reconfigure the process's logging.
         log_config=None if quiet else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+        date_header=date,  # the stand-in sends its own clock's Date, as Stripe sends Stripe's
     )
 
 
@@ -108,9 +109,10 @@ def _serving(
     what: str,
     on_stop: Callable[[], None],
     lifespan: bool = False,
+    date: bool = True,
 ) -> Iterator[int]:
     """Run ``app`` with uvicorn in a background thread; yield the port it listens on."""
-    server = uvicorn.Server(_config(app, host, port, quiet=True, lifespan=lifespan))
+    server = uvicorn.Server(_config(app, host, port, quiet=True, lifespan=lifespan, date=date))
     failure = StandinError(f"{what} could not start listening on {host}:{port}")
     with _in_thread(server, failure) as bound:
         try:
@@ -131,7 +133,9 @@ def serve_standin(
     def stop() -> None:
         running.standin._wakeup.close()
 
-    with _serving(running._asgi, host, port, what="the Stripe stand-in", on_stop=stop) as bound:
+    with _serving(
+        running._asgi, host, port, what="the Stripe stand-in", on_stop=stop, date=False
+    ) as bound:
         running.port = bound
         yield running
 
@@ -151,4 +155,4 @@ def serve_app(
 
 def run_standin(standin: StripeStandin, host: str = "127.0.0.1", port: int = 12111) -> None:
     """Serve ``standin`` in the foreground until interrupted (``dualwrite stripe-standin``)."""
-    uvicorn.Server(_config(standin.app, host, port, quiet=False)).run()
+    uvicorn.Server(_config(standin.app, host, port, quiet=False, date=False)).run()

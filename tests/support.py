@@ -4,12 +4,16 @@ stand-in faults, the operations audit, and the environment of a CLI run."""
 from __future__ import annotations
 
 import asyncio
+import calendar
+import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Self
 
 import stripe
 from pydantic import SecretStr
+from stripe.params import SubscriptionCreateParams
 
 from dualwrite.config import (
     DEFAULT_LEGACY_API_VERSION,
@@ -168,10 +172,11 @@ class ScenarioBuilder:
             self._prices = (legacy.id, metered.id, meter.id)
         return self._prices
 
-    async def customer(self, name: str = "Test customer") -> Scenario:
-        """A new customer subscribed to the legacy metered price."""
+    async def customer(self, name: str = "Test customer", *, anchor: int | None = None) -> Scenario:
+        """A new customer subscribed to the legacy metered price (its billing cycle anchored at
+        ``anchor``, default: the stand-in's now)."""
         legacy, metered, meter = await self._catalog()
-        return await self.subscribe(name, legacy, meter_price=metered, meter=meter)
+        return await self.subscribe(name, legacy, anchor=anchor, meter_price=metered, meter=meter)
 
     async def subscribe(
         self,
@@ -185,7 +190,7 @@ class ScenarioBuilder:
         """A new customer subscribed to the legacy metered ``price``, its billing periods starting
         at ``anchor`` when given (so that several customers share one period)."""
         customer = await self.client.v1.customers.create_async({"name": name})
-        params: Any = {"customer": customer.id, "items": [{"price": price}]}
+        params: SubscriptionCreateParams = {"customer": customer.id, "items": [{"price": price}]}
         if anchor is not None:
             params["billing_cycle_anchor"] = anchor
         subscription = await self.client.v1.subscriptions.create_async(
@@ -248,3 +253,62 @@ def usage(
         timestamp=timestamp or int(time.time()),
         action=action,
     )
+
+
+def utc(text: str) -> int:
+    """``2027-01-31`` or ``2027-01-31T08:00:00`` (UTC) as Unix seconds."""
+    moment = datetime.fromisoformat(text)
+    return calendar.timegm(moment.replace(tzinfo=UTC).utctimetuple())
+
+
+async def anchored_on(builder: ScenarioBuilder, standin: StripeStandin, anchor: int) -> Scenario:
+    """A customer on the legacy price whose subscription starts (and is anchored) at ``anchor``,
+    the stand-in's clock moved there to create it."""
+    standin.clock.set(anchor)
+    return await builder.customer("month end")
+
+
+async def legacy_summaries(client: stripe.StripeClient, item: str) -> dict[tuple[int, int], int]:
+    """Stripe's legacy totals of ``item`` per billing period, from its usage record summaries
+    (``GET /v1/subscription_items/{si}/usage_record_summaries``, every page)."""
+    totals: dict[tuple[int, int], int] = {}
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        response = await client.raw_request_async(
+            "get",
+            f"/v1/subscription_items/{item}/usage_record_summaries",
+            stripe_version=LEGACY_VERSION,
+            **params,
+        )
+        page = json.loads(response.body)
+        for summary in page["data"]:
+            period = summary["period"]
+            totals[(period["start"], period["end"])] = summary["total_usage"]
+        if not page["has_more"]:
+            return totals
+        params["starting_after"] = page["data"][-1]["id"]
+
+
+async def meter_summary(
+    client: stripe.StripeClient, meter: str, customer: str, start: int, end: int
+) -> float:
+    """Stripe's meter total for ``customer`` over ``[start, end)`` (minute-aligned outward), from
+    ``GET /v1/billing/meters/{id}/event_summaries``."""
+    low, high = start - start % 60, end + (-end % 60)
+    found = await client.v1.billing.meters.event_summaries.list_async(
+        meter, {"customer": customer, "start_time": low, "end_time": high}
+    )
+    return float(sum(summary.aggregated_value for summary in found.data))
+
+
+async def summary_totals(
+    client: stripe.StripeClient, scenario: Scenario, *, days: int = 40
+) -> tuple[int, float]:
+    """The scenario's legacy total (every period) and meter total (the ``days`` around now) as
+    Stripe's summary endpoints report them."""
+    legacy = sum((await legacy_summaries(client, scenario.item)).values())
+    now = int(time.time())
+    meter = await meter_summary(
+        client, scenario.meter, scenario.customer, now - days * 86_400, now + days * 86_400
+    )
+    return legacy, meter

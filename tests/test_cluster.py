@@ -22,8 +22,9 @@ from dualwrite.deadletters import DeadLetters
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConfigError
 from dualwrite.flags import RedisFlagStore
+from dualwrite.idempotency import claim_member
 from dualwrite.keys import KeySpace, ShardKeys
-from dualwrite.models import Stage, UsageEvent
+from dualwrite.models import EventPlan, Stage, UsageEvent
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy import serve_proxy
 from dualwrite.reconcile import ReconciliationRecord, read_reconciliation, save_records
@@ -405,14 +406,27 @@ class TestFailurePaths:
             timestamp=1_700_000_000,
         )
         shard = engine.keys.for_customer(event.customer)
-        keys = [shard.idempotency(event.identifier), shard.set_value("si_resent", 1)]
+        keys = [shard.idempotency(event.identifier), shard.set_value("si_resent", 1), shard.claims]
         fingerprint, event_json = event.fingerprint(), event.model_dump_json()
-        args: list[str | int] = [fingerprint, 100, 60, 600, "0", event_json, "token-a"]
+        plan = EventPlan.at(Stage.SHADOW).model_dump_json()
+        member = claim_member(event)
+        args: list[str | int] = [
+            fingerprint,
+            100,
+            60,
+            600,
+            "",
+            event_json,
+            "token-a",
+            plan,
+            member,
+            60,
+        ]
         try:
             script = engine.idempotency._claim
             first = await script(keys=keys, args=args)
             resent = await script(keys=keys, args=args)
-            other = await script(keys=keys, args=[*args[:-1], "token-b"])
+            other = await script(keys=keys, args=[*args[:6], "token-b", *args[7:]])
         finally:
             await engine.aclose()
         assert first[0] == resent[0] == "new" and other[0] == "busy"

@@ -25,7 +25,7 @@ from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
-from tests.support import ScenarioBuilder, cli_environment
+from tests.support import ScenarioBuilder, anchored_on, cli_environment, utc
 
 SAMPLE = [f"cus_sample{index:04d}" for index in range(400)]
 
@@ -230,6 +230,27 @@ class TestCutover:
         assert all(r.method == "GET" for r in standin.requests)
         rolled = await ops.rollback_all(actor="ann", dry_run=True)
         assert rolled.changes and await ops.store.snapshot(scenario.customer) == before
+
+    async def test_schedule_for_month_end_anchor_ends_on_the_right_day(
+        self, ops: CutoverOps, builder: ScenarioBuilder, standin: StripeStandin
+    ) -> None:
+        """Anchored on Jan 31, a cutover at the Feb 28 period end gets a next phase ending on
+        Mar 31 (Stripe's next period end), not on Mar 28 (issue 21, item 4)."""
+        scenario = await anchored_on(builder, standin, utc("2027-01-31"))
+        standin.clock.set(utc("2027-02-10"))
+        await ops.store.set_override(scenario.customer, Stage.SHADOW, actor="t")
+        result = await ops.cutover(
+            scenario.customer,
+            Stage.PRIMARY,
+            at="period-end",
+            with_schedule=True,
+            price=scenario.meter_price,
+            actor="ann",
+            dry_run=True,
+        )
+        phases = [c for c in result.stripe_calls if c.method == "POST"][1].params["phases"]
+        assert phases[0]["end_date"] == phases[1]["start_date"] == utc("2027-02-28")
+        assert phases[1]["end_date"] == utc("2027-03-31")
 
     async def test_stripe_refusals_change_no_flag(
         self, ops: CutoverOps, builder: ScenarioBuilder, standin: StripeStandin

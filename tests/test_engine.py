@@ -10,7 +10,7 @@ import pytest
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
 from dualwrite.flags import RedisFlagStore
-from dualwrite.models import Leg, Stage
+from dualwrite.models import EventPlan, Leg, Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
@@ -140,7 +140,7 @@ class TestIdempotency:
         scenario = await builder.customer()
         event = usage(scenario, 1, identifier="busy")
         shard = engine.keys.for_customer(scenario.customer)
-        await engine.idempotency.claim(shard, event, now=time.time())
+        await engine.idempotency.claim(shard, event, EventPlan.at(Stage.LEGACY), now=time.time())
         with pytest.raises(ConflictError):
             await engine.record(event)
 
@@ -148,7 +148,7 @@ class TestIdempotency:
         """After retryable refusals outlast the in-request retries, the caller's retry writes once."""
         scenario = await builder.customer()
         standin.faults.refuse(
-            path=r"/v1/subscription_items/.*", status=500, count=3, message="boom"
+            path=r"/v1/subscription_items/.*/usage_records", status=500, count=3, message="boom"
         )
         event = usage(scenario, 5, identifier="retry-me")
         first = await engine.record(event)
@@ -160,14 +160,18 @@ class TestIdempotency:
     async def test_transient_failure_is_retried_within_the_request(self, engine, builder, standin):
         """One 503 on the authoritative write is retried in place: the caller sees success."""
         scenario = await builder.customer()
-        standin.faults.refuse(path=r"/v1/subscription_items/.*", status=503, count=1, message="x")
+        standin.faults.refuse(
+            path=r"/v1/subscription_items/.*/usage_records", status=503, count=1, message="x"
+        )
         outcome = await engine.record(usage(scenario, 4))
         assert outcome.accepted and standin.legacy_total(scenario.item) == 4
 
     async def test_caller_retry_reuses_the_first_instant(self, engine, builder, standin):
         """A retry of a failed "now" event is written with the first attempt's timestamp."""
         scenario = await builder.customer()
-        standin.faults.refuse(path=r"/v1/subscription_items/.*", status=500, count=3, message="x")
+        standin.faults.refuse(
+            path=r"/v1/subscription_items/.*/usage_records", status=500, count=3, message="x"
+        )
         first = usage(scenario, 2, identifier="late-retry").model_copy(
             update={"timestamp_source": "intercept"}
         )

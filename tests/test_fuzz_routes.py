@@ -19,7 +19,14 @@ from urllib.parse import quote, urlencode
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, event, given, settings as hypothesis_settings, strategies as st
+from hypothesis import (
+    HealthCheck,
+    event,
+    example,
+    given,
+    settings as hypothesis_settings,
+    strategies as st,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -488,6 +495,17 @@ async def world(
         yield client, Oracle(engine, standin, scenarios, stages)
 
 
+async def untouched_non_usage_path(
+    oracle: Oracle, before: Snapshot, response: httpx.Response
+) -> None:
+    """A customer holding a slash: the escaped slash is decoded into the path, which then matches
+    no usage route, so the app answers as it would without the middleware (404, or Starlette's
+    307 to the path without its trailing slash, whose empty body is what failed this test under
+    an oracle that read every reply as JSON), and nothing is written."""
+    assert response.status_code in (307, 404), (response.status_code, response.text[:200])
+    oracle.check_refused(before, await oracle.observe(response))
+
+
 def pick(oracle: Oracle, index: int, junk: str) -> tuple[str, str]:
     """A real customer and item (index 0, 1), the other customer's item (2) or junk (3)."""
     scenarios = oracle.scenarios
@@ -541,6 +559,17 @@ class TestMiddlewareFuzz:
         key=IDEMPOTENCY_KEYS,
         raw=mostly(st.none(), st.binary(max_size=20)),
     )
+    # The reply with an empty body (issue 13, case 8): the app's 307 for a customer ending in "/".
+    @example(
+        who=3,
+        junk="x/",
+        quantity=1,
+        timestamp="now",
+        action="increment",
+        extra=[],
+        key=None,
+        raw=None,
+    )
     async def test_json_route(self, world, who, junk, quantity, timestamp, action, extra, key, raw):
         """JSON bodies: wrong types, huge and fractional numbers, duplicates, bad timestamps."""
         client, oracle = world
@@ -556,8 +585,9 @@ class TestMiddlewareFuzz:
         response = await client.post(
             f"/usage/{quote(customer, safe='')}", content=body, headers=headers
         )
-        if response.status_code == 404 and quote(customer, safe="") != customer:
-            return  # an escaped slash: neither the app nor the middleware has such a route
+        if "/" in customer:
+            await untouched_non_usage_path(oracle, before, response)
+            return
         await oracle.check(before, response)
 
     @FUZZ
@@ -627,6 +657,7 @@ class TestMiddlewareFuzz:
         before = await oracle.snapshot()
         path = f"/q/{quote(customer, safe='')}/usage?{urlencode(fields)}"
         response = await client.put(path)
-        if response.status_code == 404 and quote(customer, safe="") != customer:
+        if "/" in customer:
+            await untouched_non_usage_path(oracle, before, response)
             return
         await oracle.check(before, response)

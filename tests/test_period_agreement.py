@@ -23,16 +23,8 @@ pytestmark = pytest.mark.anyio
 
 HOUR = 3600
 PERIODS = 12
-MONTH_END = pytest.mark.xfail(strict=True, reason="issue 13: month-end periods")
-"""dualwrite's ledger carries a clamped day forward (Feb 28 -> Mar 28); the issue-13 branch fixes
-it. Only the 29th of a leap year escapes (February has a 29th)."""
-ANCHORS = [
-    pytest.param(
-        datetime(year, 1, day, tzinfo=UTC), marks=() if (year, day) == (2024, 29) else MONTH_END
-    )
-    for year in (2024, 2025)
-    for day in (29, 30, 31)
-]
+"""A year of monthly periods: a clamped day (Feb 28) must not be carried forward (Mar 28)."""
+ANCHORS = [datetime(year, 1, day, tzinfo=UTC) for year in (2024, 2025) for day in (29, 30, 31)]
 
 
 @pytest.mark.parametrize("anchor", ANCHORS, ids=lambda d: d.date().isoformat())

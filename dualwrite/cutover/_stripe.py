@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from dualwrite.cutover._cohorts import CutoverInputError
 from dualwrite.cutover._models import StripeCall
-from dualwrite.periods import INTERVALS, Interval, add_interval
+from dualwrite.periods import INTERVALS, Interval, add_interval, period_containing
 from dualwrite.stripe_io import AccountStripe, StripeCallError
 
 __all__ = [
@@ -72,6 +72,9 @@ class SubscriptionPeriod:
     interval_count: int
     schedule: str | None
     items: tuple[SubscriptionItemPrice, ...]
+    billing_cycle_anchor: int | None = None
+    """Every billing period follows from it (a subscription anchored on the 31st bills on Feb 28,
+    then on Mar 31)."""
 
     @property
     def legacy_items(self) -> list[SubscriptionItemPrice]:
@@ -114,7 +117,12 @@ def plan_schedule(
     moved = [
         _phase_item(item, price if item.legacy_metered else item.price) for item in period.items
     ]
-    next_end = add_interval(at, period.interval, period.interval_count)
+    if period.billing_cycle_anchor is None:
+        next_end = add_interval(at, period.interval, period.interval_count)
+    else:  # from the anchor, as Stripe bills: never by adding an interval to a clamped day
+        _, next_end = period_containing(
+            period.billing_cycle_anchor, period.interval, period.interval_count, at
+        )
     create = StripeCall(
         method="POST",
         path=_SCHEDULES,
@@ -301,6 +309,7 @@ def _period(customer: str, sub: dict[str, Any]) -> SubscriptionPeriod:
     first = entries[0] if entries else {}
     start = sub.get("current_period_start", first.get("current_period_start"))
     end = sub.get("current_period_end", first.get("current_period_end"))
+    anchor = sub.get("billing_cycle_anchor")
     if start is None or end is None or interval not in INTERVALS:
         msg = f"subscription {sub.get('id')} of {customer} shows no current period in Stripe"
         raise CutoverStripeError(msg)
@@ -313,6 +322,7 @@ def _period(customer: str, sub: dict[str, Any]) -> SubscriptionPeriod:
         interval_count=interval_count,
         schedule=str(sub["schedule"]) if sub.get("schedule") else None,
         items=tuple(items),
+        billing_cycle_anchor=anchor if isinstance(anchor, int) else None,
     )
 
 

@@ -101,6 +101,8 @@ class OutboxEntry(BaseModel):
     last_error: str | None = None
     period: str | None = None
     """The ledger period the event was recorded in (None: its UTC day)."""
+    set_seq: int | None = None
+    """A ``set``'s position among the sets at its item and timestamp (``SetOrder``)."""
 
     def payload(self) -> str:
         """The JSON stored in the stream."""

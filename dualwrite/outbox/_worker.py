@@ -11,7 +11,7 @@ import socket
 import time
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, Protocol
 
 from dualwrite import metrics
@@ -41,6 +41,18 @@ Disposition = Literal["accepted", "retry", "dead", "skipped"]
 _PROMOTE_EVERY = 0.1
 
 
+class SetTurns(Protocol):
+    """Orders the legacy writes of ``set`` usage (``dualwrite.idempotency.SetOrder``)."""
+
+    async def begin(
+        self, shard: ShardKeys, event: UsageEvent, seq: int, token: str
+    ) -> Literal["go", "superseded", "busy"]:
+        """Whether the set at position ``seq`` may be written now (taking the turn)."""
+
+    async def end(self, shard: ShardKeys, event: UsageEvent, token: str) -> None:
+        """Give the turn back."""
+
+
 class MeterAccepted(Protocol):
     """Called after a meter write is settled as accepted (late-refusal tracking)."""
 
@@ -64,10 +76,16 @@ class OutboxWorker:
         rng: random.Random | None = None,
         max_wait: float = 30.0,
         on_meter_accepted: MeterAccepted | None = None,
+        recover: Callable[[], Awaitable[int]] | None = None,
+        set_turns: SetTurns | None = None,
     ):
         self.outbox = outbox
         self.max_wait = max_wait
         self._on_meter_accepted = on_meter_accepted
+        self._recover = recover
+        self._set_turns = set_turns
+        self._last_recover = 0.0
+        self._recovering = False
         self.writer = writer
         self.settings = outbox.settings
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -144,6 +162,7 @@ class OutboxWorker:
         if promote or ticked - self._last_promote >= _PROMOTE_EVERY:
             self._last_promote = ticked
             await self.outbox.promote_due(now=now)
+        self._recover_when_due(now)
         batch: list[tuple[ShardKeys, str, str]] = []
         if now - self._last_claim >= self.settings.claim_idle_seconds / 2:
             self._last_claim = now
@@ -168,6 +187,27 @@ class OutboxWorker:
         for start in range(0, len(streamed), MAX_STREAM_BATCH):
             self._spawn(self._deliver_stream_logged(streamed[start : start + MAX_STREAM_BATCH]))
         return len(batch)
+
+    def _recover_when_due(self, now: float) -> None:
+        """Every ``claim_idle_seconds / 2``, re-drive the events whose claims fell due (their
+        holder died before the commit, or Stripe never answered): ``dualwrite.recovery``."""
+        if self._recover is None or self._recovering:  # one recovery at a time
+            return
+        if now - self._last_recover < self.settings.claim_idle_seconds / 2:
+            return
+        self._last_recover = now
+        self._recovering = True
+        self._spawn(self._recover_logged(self._recover))
+
+    async def _recover_logged(self, recover: Callable[[], Awaitable[int]]) -> None:
+        try:
+            await recover()
+        except StoreUnavailableError as exc:
+            log.warning("recovering unfinished events paused: %s", exc)
+        except Exception:
+            log.exception("recovering unfinished events failed; will retry")
+        finally:
+            self._recovering = False
 
     def _spawn(self, delivery: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(delivery)
@@ -234,6 +274,8 @@ class OutboxWorker:
         except ValueError:
             log.error("outbox entry %s is unreadable; dead-lettering it", entry_id)
             return await self._dead_unreadable(shard, entry_id, payload)
+        if self._set_turns is not None and entry.leg is Leg.LEGACY and entry.set_seq is not None:
+            return await self._deliver_set(shard, entry_id, entry, self._set_turns, entry.set_seq)
         # The settle releases the v1 meter turn in its own round trip; the turn is held until then.
         async with self.writer.delivery(
             entry.leg, entry.event, value=entry.value, max_wait=self.max_wait
@@ -244,6 +286,34 @@ class OutboxWorker:
         if disposition == "accepted":
             await self._notify_accepted(entry)
         return disposition
+
+    async def _deliver_set(
+        self, shard: ShardKeys, entry_id: str, entry: OutboxEntry, turns: SetTurns, seq: int
+    ) -> Disposition:
+        """A ``set``'s legacy shadow, in intercept order: skipped (settled as accepted: the later
+        set's value is what Stripe must keep) once a later set at its item and timestamp was
+        committed; written only while no other legacy write there is in flight."""
+        token = uuid.uuid4().hex
+        verdict = await turns.begin(shard, entry.event, seq, token)
+        if verdict == "superseded":
+            update = LedgerUpdate(shard, entry.event, entry.period)
+            update.shadow_accepted(entry.leg, entry.value)
+            done = await self.outbox.settle(shard, entry_id, update)
+            return "accepted" if done else "skipped"
+        if verdict == "busy":  # not an attempt: come back once the other write is done
+            due = self._clock() + self._backoff(0, None)
+            return (
+                "retry"
+                if await self.outbox.reschedule(shard, entry_id, entry, due=due)
+                else "skipped"
+            )
+        try:
+            async with self.writer.delivery(
+                entry.leg, entry.event, value=entry.value, max_wait=self.max_wait
+            ) as (result, turn):
+                return await self._settle_result(shard, entry_id, entry, result, turn=turn)
+        finally:
+            await turns.end(shard, entry.event, token)
 
     async def deliver_stream(
         self, items: list[tuple[ShardKeys, str, OutboxEntry]]

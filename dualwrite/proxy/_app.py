@@ -68,7 +68,7 @@ class ProxyApp:
             server runs no lifespan), and closes it at shutdown.
         max_body_bytes: larger request bodies get 413 (streamed bodies are cut off there).
         max_usage_body_bytes: the same for usage-record requests, which are read whole.
-        clock: where "now" comes from.
+        clock: this host's clock (Stripe's, tracked against it, fixes a usage timestamp of now).
         access_log: log one ``dualwrite.access`` line per request (requests are counted in the
             metrics either way).
     """
@@ -86,7 +86,8 @@ class ProxyApp:
         self.settings = settings
         self.engine = engine or DualWriteEngine.from_settings(settings, clock=clock)
         self.max_body_bytes = max_body_bytes
-        self.upstream = Upstream(settings.stripe)
+        # Every reply's Date keeps the engine's view of Stripe's clock current.
+        self.upstream = Upstream(settings.stripe, on_date=self.engine.writer.clock.observe)
         self.items = ItemResolver(
             # The engine's read also keeps the item's billing period for the ledger.
             settings,
@@ -100,7 +101,6 @@ class ProxyApp:
             self.items,
             max_body=max_usage_body_bytes,
             legacy_api_version=settings.stripe.legacy_api_version,
-            clock=clock,
         )
         self.report = report_app(settings, engine=self.engine)
         self.admin = admin_app(settings, engine=self.engine)

@@ -18,7 +18,7 @@ or a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -167,9 +167,13 @@ class Upstream:
 
     Args:
         settings: ``api_base`` (the only destination), ``timeout`` and ``max_connections``.
+        on_date: told every reply's ``Date`` header (the engine follows Stripe's clock with it).
     """
 
-    def __init__(self, settings: StripeSettings):
+    def __init__(
+        self, settings: StripeSettings, *, on_date: Callable[[str | None], None] | None = None
+    ):
+        self._on_date = on_date
         base = URL(settings.api_base)
         # Only the path and query of a request are appended; the origin never comes from it.
         self._prefix = str(base.origin()) + base.raw_path.rstrip("/")
@@ -252,6 +256,7 @@ class Upstream:
             elif not state.caller_gone:
                 await send_reply(_gateway_error(exc, method, scope["path"]), send)
             return
+        self._saw_reply(response)
         try:
             if state.too_large or state.caller_gone:
                 response.close()
@@ -283,10 +288,15 @@ class Upstream:
             async with self._client().request(
                 method, self.url(raw_target), headers=headers, data=body, allow_redirects=False
             ) as response:
+                self._saw_reply(response)
                 content = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _gateway_error(exc, method, scope["path"])
         return UpstreamReply(response.status, reply_headers(response.raw_headers), content)
+
+    def _saw_reply(self, response: aiohttp.ClientResponse) -> None:
+        if self._on_date is not None:
+            self._on_date(response.headers.get("Date"))
 
 
 async def _relay(response: aiohttp.ClientResponse, send: Send) -> None:

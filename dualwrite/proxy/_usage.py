@@ -2,11 +2,13 @@
 
 The form (``quantity``, ``timestamp`` as an integer or ``now``, ``action``, ``expand[]``) becomes a
 ``UsageEvent`` whose identifier is the caller's ``Idempotency-Key`` (minted when absent) and whose
-``now`` is fixed here, once. The engine then writes it at the customer's stage, with the caller's
-own key:
+``now`` is fixed here, once, to Stripe's clock. The engine then writes it at the customer's stage
+(or, for a retry, with the plan of its first intercept), with the caller's own key:
 
-* legacy authoritative (``legacy``, ``shadow``): the caller's request goes to Stripe unchanged and
-  the caller gets Stripe's own reply, status, body and headers, byte for byte;
+* legacy authoritative (``legacy``, ``shadow``): the caller's request goes to Stripe with the
+  instant fixed here in place of ``now`` (so that both legs land in one billing period) and under
+  the caller's Idempotency-Key (the event's derived key when it sent none, so that a recovery can
+  replay it), and the caller gets Stripe's own reply, status, body and headers, byte for byte;
 * meter authoritative (``primary``, ``meter``): the caller gets a ``usage_record``-shaped reply with
   Stripe's field names and types and an id of our own (``mbur_dw_…``, stable across retries).
 
@@ -25,10 +27,9 @@ import json
 import logging
 import re
 import secrets
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlencode
 
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -164,7 +165,6 @@ class UsageInterceptor:
         items: maps the subscription item to a customer and meter event name.
         max_body: the largest usage-record body read (they are a few dozen bytes).
         legacy_api_version: the ``Stripe-Version`` our own replies carry when the caller sent none.
-        clock: where "now" comes from.
     """
 
     def __init__(
@@ -175,7 +175,6 @@ class UsageInterceptor:
         *,
         max_body: int,
         legacy_api_version: str,
-        clock: Callable[[], float] = time.time,
     ):
         self._engine = engine
         self._upstream = upstream
@@ -183,7 +182,6 @@ class UsageInterceptor:
         self._max_body = max_body
         self._version = legacy_api_version
         self._route = _ROUTE.model_copy(update={"max_body_bytes": max_body})
-        self._clock = clock
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, *, item: str, raw_target: bytes
@@ -234,7 +232,7 @@ class UsageInterceptor:
                 query_string=b"",
                 headers=headers,
                 body=body,
-                now=int(self._clock()),
+                now=self._engine.now(),
                 items={item: mapping},
             )
         except UsageInputError as exc:
@@ -255,14 +253,23 @@ class UsageInterceptor:
         body: bytes,
     ) -> None:
         stripe_replies: list[UpstreamReply] = []
+        expand = _expand(body)
 
         async def legacy_write(event: UsageEvent) -> WriteResult:
-            reply = await self._upstream.exchange(scope, raw_target=raw_target, body=body)
+            # The instant fixed at intercept (never "now": both legs carry one instant), under a
+            # key Stripe keeps (the caller's, else the event's derived one): a retry or a recovery
+            # replays exactly these parameters, and Stripe answers with the first result.
+            forwarded = {**scope, "headers": _forwarded_headers(scope["headers"], event)}
+            reply = await self._upstream.exchange(
+                forwarded, raw_target=raw_target, body=_legacy_form(event, expand)
+            )
             stripe_replies.append(reply)
             return legacy_result(reply, event)
 
         try:
-            outcome = await self._engine.record(event, api_key=api_key, legacy_write=legacy_write)
+            outcome = await self._engine.record(
+                event, api_key=api_key, legacy_write=legacy_write, legacy_expand=expand
+            )
         except IdempotencyError as exc:
             response = stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)
         except UsageInputError as exc:
@@ -332,6 +339,41 @@ def _refusal(failure: StripeFailure) -> JSONResponse:
             502, "The proxy could not reach Stripe.", error_type="api_error", headers=headers
         )
     return JSONResponse(failure.error_body(), status_code=failure.http_status, headers=headers)
+
+
+def _expand(body: bytes) -> tuple[str, ...]:
+    """The ``expand[]`` values of a form body, in order."""
+    values = []
+    for chunk in body.split(b"&"):
+        name, _, value = chunk.partition(b"=")
+        if unquote_plus(name.decode("latin-1")).startswith("expand["):
+            values.append(unquote_plus(value.decode("latin-1")))
+    return tuple(values)
+
+
+def _legacy_form(event: UsageEvent, expand: tuple[str, ...]) -> bytes:
+    """The usage record's parameters as forwarded: the concrete instant, the action spelled out,
+    as the engine's own legacy writer sends them (a recovery's replay matches it)."""
+    pairs = [
+        ("quantity", str(event.quantity)),
+        ("timestamp", str(event.timestamp)),
+        ("action", event.action),
+        # Indexed, as the Stripe SDK (the engine's legacy writer) encodes a list.
+        *((f"expand[{index}]", value) for index, value in enumerate(expand)),
+    ]
+    return urlencode(pairs).encode()
+
+
+def _forwarded_headers(
+    headers: list[tuple[bytes, bytes]], event: UsageEvent
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers for the forwarded usage record: a form body, and an Idempotency-Key
+    (the event's derived legacy key when the caller sent none)."""
+    kept = [(name, value) for name, value in headers if name.lower() != b"content-type"]
+    kept.append((b"content-type", _FORM_TYPE.encode()))
+    if not any(name.lower() == b"idempotency-key" for name, _ in kept):
+        kept.append((b"idempotency-key", event.idempotency_key(Leg.LEGACY).encode()))
+    return kept
 
 
 def _check_params(headers: list[tuple[bytes, bytes]], body: bytes) -> None:

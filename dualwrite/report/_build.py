@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 
 from dualwrite.config import ReportSettings
 from dualwrite.engine import StageSource
+from dualwrite.idempotency import IdempotencyStore
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import DivergenceRecord, Ledger, LedgerRow
 from dualwrite.models import Stage
@@ -35,7 +37,7 @@ from dualwrite.report._models import (
 from dualwrite.report._readiness import ReadinessRule
 from dualwrite.rollups import collector_paused
 
-__all__ = ["build_report", "read_backpressure", "read_unmapped"]
+__all__ = ["build_report", "read_backpressure", "read_unfinished", "read_unmapped"]
 
 #: How many of a customer's latest divergent events its line carries.
 RECENT_DIVERGENCES = 3
@@ -96,13 +98,34 @@ def _pending(leg: Mapping[str, int]) -> bool:
     return leg["expected_events"] != settled
 
 
-def _status(legacy: Mapping[str, int], meter: Mapping[str, int], divergent: int) -> CustomerStatus:
-    """A line's status from its legs' counters (``LegTotals`` fields)."""
+def _status(
+    legacy: Mapping[str, int], meter: Mapping[str, int], divergent: int, unfinished: int
+) -> CustomerStatus:
+    """A line's status from its legs' counters (``LegTotals`` fields) and its events claimed
+    and not yet committed (never ``parity`` while one may hold units that no leg shows yet)."""
     if divergent or legacy["failed_events"] or meter["failed_events"]:
         return "diverged"
-    if _pending(legacy) or _pending(meter):
+    if unfinished or _pending(legacy) or _pending(meter):
         return "pending"
     return "parity"
+
+
+async def read_unfinished(
+    ledger: Ledger, store: IdempotencyStore | None, customer: str | None
+) -> dict[str, Counter[str]]:
+    """Per customer, the meter event names of its events claimed and not yet committed (in flight,
+    or waiting for recovery: ``dualwrite.recovery``)."""
+    found: dict[str, Counter[str]] = {}
+    if store is None:
+        return found
+    keys = ledger.keys
+    shards = [keys.for_customer(customer)] if customer else keys.all_shards()
+    for shard in shards:
+        for member in await store.unresolved(shard):
+            parts = member.split("|", 2)
+            if len(parts) == 3 and customer in (None, parts[1]):
+                found.setdefault(parts[1], Counter())[parts[2]] += 1
+    return found
 
 
 _LEG_FIELDS = tuple(LegTotals.model_fields)
@@ -161,10 +184,11 @@ def _line(
     rule: ReadinessRule,
     recent: list[DivergenceRecord],
     drift: CustomerDrift | None,
+    unfinished: Counter[str] | None = None,
 ) -> CustomerReport:
     # This runs for each of 100,000 customers: one sum per counter, and models built from values
     # computed here (ints from the ledger), without validating them again.
-    sums = _summed(rows)
+    sums = _summed(rows) if rows else {}
     values = _LINE_VALUES({**_ZEROS, **sums})
     legacy = dict(zip(_LEG_FIELDS, values[:_LEGS], strict=True))
     meter = dict(zip(_LEG_FIELDS, values[_LEGS : 2 * _LEGS], strict=True))
@@ -183,14 +207,15 @@ def _line(
         else (0.0 if both else None)
     )
     periods = _by_period(rows) if stage in _BY_PERIOD_STAGES else {}
+    unfinished_total = sum((unfinished or {}).values())
     return trusted(
         CustomerReport,
         {
             "customer": name,
             "stage": stage,
             "event_names": [rows[0].event_name]
-            if len(rows) == 1
-            else sorted({row.event_name for row in rows}),
+            if len(rows) == 1 and not unfinished
+            else sorted({row.event_name for row in rows} | set(unfinished or ())),
             "periods": [rows[0].period] if len(rows) == 1 else sorted({row.period for row in rows}),
             "events": events,
             "quantity": quantity,
@@ -199,7 +224,8 @@ def _line(
             "translated_events": translated,
             "divergent_events": divergent,
             "delayed_events": delayed,
-            "status": _status(legacy, meter, divergent),
+            "unfinished_events": unfinished_total,
+            "status": _status(legacy, meter, divergent, unfinished_total),
             "difference_pct": difference_pct,
             "failures": dict(sorted(failures.items())),
             "recent_divergences": recent,
@@ -222,6 +248,7 @@ async def build_report(
     divergence_limit: int = 20,
     settings: ReportSettings | None = None,
     now: float | None = None,
+    claims: IdempotencyStore | None = None,
 ) -> Report:
     """Read the ledger into a per-customer report.
 
@@ -230,6 +257,8 @@ async def build_report(
         customer, stage, only_divergent: filters (stage: the customer's stage now).
         divergence_limit: how many of the latest divergent events the report lists.
         settings: the readiness rule (default: ``ReportSettings()``).
+        claims: where events claimed and not yet committed are found (a customer with one is
+            ``pending``, never ``parity``); default: the ledger's Redis.
     """
     rule = ReadinessRule(settings or ReportSettings(), now=time.time() if now is None else now)
     rows = await ledger.rows(since=since, until=until, customer=customer)
@@ -243,7 +272,10 @@ async def build_report(
         )
         recon = [record.to_fields() for record in records]
     drifts = customer_drifts(recon)
-    by_customer: dict[str, list[LedgerRow]] = {}
+    if claims is None:
+        claims = IdempotencyStore(ledger.redis, ttl_seconds=1, lease_seconds=1)
+    unfinished = await read_unfinished(ledger, claims, customer)
+    by_customer: dict[str, list[LedgerRow]] = {name: [] for name in unfinished}
     with collector_paused():
         for row in rows:
             by_customer.setdefault(row.customer, []).append(row)
@@ -262,7 +294,13 @@ async def build_report(
             if stage is not None and current is not stage:
                 continue
             line = _line(
-                name, current, by_customer[name], rule, recent.get(name, []), drifts.get(name)
+                name,
+                current,
+                by_customer[name],
+                rule,
+                recent.get(name, []),
+                drifts.get(name),
+                unfinished.get(name),
             )
             if only_divergent and line.status != "diverged":
                 continue

@@ -25,8 +25,10 @@ __all__ = [
 ]
 
 CustomerStatus = Literal["parity", "pending", "diverged"]
-"""``parity``: each leg holds what it should; ``pending``: shadow writes still queued or retrying;
-``diverged``: a write was refused for good, expired, or refused late."""
+"""``parity``: each leg holds what it should; ``pending``: shadow writes still queued or retrying,
+or events claimed and not yet committed (in flight, or waiting for recovery after a crash or a
+write Stripe never answered); ``diverged``: a write was refused for good, expired, or refused
+late."""
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -219,6 +221,9 @@ class CustomerReport(BaseModel):
     divergent_events: int
     delayed_events: int = 0
     """Events whose record waited in a local spool while Redis was down."""
+    unfinished_events: int = 0
+    """Events claimed and not yet committed: in flight now, or waiting for recovery (their
+    holder died, or Stripe never answered their authoritative write). No leg shows them yet."""
     status: CustomerStatus
     difference_pct: float | None = None
     """The difference as a percentage of the larger leg (None when a leg is not written)."""

@@ -10,6 +10,9 @@ This is the only package that imports ``stripe``. Stripe's exceptions are turned
 stripe-python 12+ has no usage-record methods, so the legacy writer calls the endpoint through
 ``raw_request_async`` with a pinned pre-basil ``Stripe-Version``.
 
+``StripeClock`` follows Stripe's clock from the ``Date`` of its replies: a usage timestamp of
+``now`` is fixed to it, never to a host clock that may be ahead of Stripe's.
+
 ``StripeWriter.retrieve_item`` reads a subscription item for the proxy (its price and lookup key, and
 its subscription's customer), with the proxy's caller's key. ``StripeReader`` makes the reads of
 ``dualwrite reconcile``: usage record summaries, meters, meter event summaries, a customer's items,
@@ -21,6 +24,7 @@ version, page by page, their errors a ``StripeCallError`` carrying the ``StripeF
 from __future__ import annotations
 
 from dualwrite.stripe_io._account import AccountStripe, StripeCallError
+from dualwrite.stripe_io._clock import StripeClock
 from dualwrite.stripe_io._events import (
     ERROR_REPORT_EVENT,
     EventFetchError,
@@ -58,6 +62,7 @@ __all__ = [
     "PreviewLine",
     "ReadThrottle",
     "StripeCallError",
+    "StripeClock",
     "StripeReadError",
     "StripeReader",
     "StripeWriter",

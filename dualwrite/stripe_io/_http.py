@@ -1,8 +1,11 @@
-"""The HTTP client under the SDK: aiohttp, with a connection pool sized for the load."""
+"""The HTTP client under the SDK: aiohttp, with a connection pool sized for the load, reporting
+each reply's ``Date`` header (Stripe's clock, ``_clock``)."""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import aiohttp
 import stripe
@@ -18,11 +21,30 @@ class PooledAIOHTTPClient(stripe.AIOHTTPClient):
     must sustain Stripe's 1,000 meter events/s on one core.
     """
 
-    def __init__(self, *, timeout: float, max_connections: int, verify_tls: bool):
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        max_connections: int,
+        verify_tls: bool,
+        on_date: Callable[[str | None], None] | None = None,
+    ):
         super().__init__(timeout=aiohttp.ClientTimeout(total=timeout))
         self._max_connections = max_connections
         self._verify_tls = verify_tls
+        self._on_date = on_date
         self._own_session: aiohttp.ClientSession | None = None
+
+    async def request_stream_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+    ) -> tuple[Any, int, Mapping[str, str]]:
+        """The SDK's request, reporting the reply's ``Date`` before handing the reply on."""
+        content, status, reply_headers = await super().request_stream_async(
+            method, url, headers, post_data=post_data
+        )
+        if self._on_date is not None:
+            self._on_date(reply_headers.get("Date"))
+        return content, status, reply_headers
 
     @property
     def _session(self) -> aiohttp.ClientSession:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -13,7 +15,8 @@ import stripe
 from dualwrite.config import MeterMapping, StripeSettings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
-from dualwrite.models import Leg, StripeFailure, UsageEvent, WriteResult
+from dualwrite.models import EventPlan, Leg, StripeFailure, UsageEvent, WriteResult
+from dualwrite.stripe_io._clock import StripeClock
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception, refused
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
 from dualwrite.stripe_io._stream import MeterStream, iso_timestamp
@@ -23,6 +26,9 @@ __all__ = ["ItemDetails", "StripeWriter"]
 log = logging.getLogger(__name__)
 
 _NO_KEY = "sk_unset_dualwrite"
+#: How long the first look at Stripe's clock may take, and how soon a failed one is tried again.
+_PROBE_TIMEOUT = 2.0
+_PROBE_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,8 @@ class ItemDetails:
     interval: str | None = None
     """The price's billing interval (day, week, month, year) and how many of them make a period."""
     interval_count: int = 1
+    billing_cycle_anchor: int | None = None
+    """The subscription's anchor: every billing period follows from it."""
 
 
 class StripeWriter:
@@ -53,6 +61,7 @@ class StripeWriter:
             (the proxy passes its caller's own).
         meters: maps a meter event name to its payload keys.
         limits: the shared rate limits every write waits for (none: unlimited).
+        clock: this process's clock, against which Stripe's is tracked (``clock``).
     """
 
     def __init__(
@@ -62,15 +71,21 @@ class StripeWriter:
         api_key: str | None,
         meters: Callable[[str], MeterMapping],
         limits: WriteLimits | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self._settings = settings
         self._api_key = api_key
         self._meters = meters
         self.limits = limits
+        self.clock = StripeClock(local=clock)
+        """Stripe's clock, from the ``Date`` of every reply this writer (and the proxy) reads."""
+        self._probe_lock = asyncio.Lock()
+        self._probed_at = -_PROBE_RETRY_SECONDS
         self._http = PooledAIOHTTPClient(
             timeout=settings.timeout,
             max_connections=settings.max_connections,
             verify_tls=settings.api_base.startswith("https://"),
+            on_date=self.clock.observe,
         )
         self._client = stripe.StripeClient(
             api_key or _NO_KEY,
@@ -95,6 +110,26 @@ class StripeWriter:
         """Close the connection pool."""
         await self._http.close_async()
 
+    async def stripe_now(self) -> int:
+        """Stripe's now (never later than its clock): the instant a ``timestamp`` of ``now`` is
+        fixed to. Before any reply was seen, one unauthenticated request (no key is sent; Stripe
+        answers 401 with its ``Date``) reads the clock; if Stripe cannot be reached, the local
+        clock stands in."""
+        if not self.clock.known:
+            await self._probe_clock()
+        return self.clock.now()
+
+    async def _probe_clock(self) -> None:
+        async with self._probe_lock:
+            if self.clock.known or time.monotonic() - self._probed_at < _PROBE_RETRY_SECONDS:
+                return
+            self._probed_at = time.monotonic()
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    await self._http.request_async("get", f"{self._settings.api_base}/v1", {})
+            except (stripe.StripeError, TimeoutError):
+                log.warning("Stripe's clock could not be read; using this host's clock meanwhile")
+
     async def write(
         self,
         leg: Leg,
@@ -103,14 +138,18 @@ class StripeWriter:
         value: int | None = None,
         api_key: str | None = None,
         max_wait: float | None = None,
+        plan: EventPlan | None = None,
     ) -> WriteResult:
         """Write ``event`` to ``leg`` within the shared rate limits.
 
         ``value`` overrides the meter value (a translated ``set``); ``max_wait`` bounds the wait for
         a rate-limit turn (default: the request path's), after which the write is refused with a
-        retryable local 429.
+        retryable local 429; ``plan`` names the legacy write's key and ``expand`` when they are the
+        proxy's caller's.
         """
-        delivery = self.delivery(leg, event, value=value, api_key=api_key, max_wait=max_wait)
+        delivery = self.delivery(
+            leg, event, value=value, api_key=api_key, max_wait=max_wait, plan=plan
+        )
         async with delivery as (result, _turn):
             return result
 
@@ -123,6 +162,7 @@ class StripeWriter:
         value: int | None = None,
         api_key: str | None = None,
         max_wait: float | None = None,
+        plan: EventPlan | None = None,
     ) -> AsyncIterator[tuple[WriteResult, MeterTurn | None]]:
         """``write``, still holding the v1 meter turn (if one was taken) inside the block.
 
@@ -141,7 +181,7 @@ class StripeWriter:
                 yield held, None
                 return
             if leg is Leg.LEGACY:
-                result = await self.write_legacy(event, api_key=api_key)
+                result = await self.write_legacy(event, api_key=api_key, plan=plan)
             else:
                 result = await self.write_meter(event, value=value, api_key=api_key)
             yield result, turn
@@ -170,11 +210,18 @@ class StripeWriter:
             log.warning("rate limits unavailable (Redis); writing without them")
         return turn
 
-    async def write_legacy(self, event: UsageEvent, *, api_key: str | None = None) -> WriteResult:
-        """Create a usage record on the event's subscription item."""
+    async def write_legacy(
+        self, event: UsageEvent, *, api_key: str | None = None, plan: EventPlan | None = None
+    ) -> WriteResult:
+        """Create a usage record on the event's subscription item (under the key ``plan`` names,
+        with its ``expand``: a replay of the proxy's forwarded request sends what it sent)."""
         options = self._options(event, Leg.LEGACY, api_key)
         if isinstance(options, WriteResult):
             return options
+        if plan is not None:
+            options["idempotency_key"] = plan.legacy_idempotency_key(event)
+            if plan.legacy_expand:
+                options["expand"] = list(plan.legacy_expand)
         if event.subscription_item is None:
             failure = StripeFailure(
                 http_status=400,
@@ -331,6 +378,7 @@ class StripeWriter:
             "current_period_start"
         )
         end = item_body.get("current_period_end") or subscription_body.get("current_period_end")
+        anchor = subscription_body.get("billing_cycle_anchor")
         return ItemDetails(
             item=item,
             subscription=subscription_id,
@@ -341,6 +389,7 @@ class StripeWriter:
             period_end=int(end) if end else None,
             interval=str(recurring["interval"]) if recurring.get("interval") else None,
             interval_count=int(recurring.get("interval_count") or 1),
+            billing_cycle_anchor=int(anchor) if isinstance(anchor, int) else None,
         )
 
     def _options(
