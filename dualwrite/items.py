@@ -94,7 +94,9 @@ class ItemReads:
 
         Items mapped in ``[items]`` were checked when the event was built; others are read once
         (then kept). Returns Stripe's failure when the item could not be read for a reason worth
-        retrying (the usage is then refused, retryably, and nothing is written).
+        retrying, or because Stripe refused the key itself (the usage is then refused with that
+        failure, and nothing is written: a refused key is the key holder's business, not a fault
+        of the item the caller named).
 
         Raises:
             UsageInputError: the item belongs to another customer, or Stripe has no such item;
@@ -114,7 +116,7 @@ class ItemReads:
         if owner is None:
             details = await self.retrieve(item, api_key=key)
             if isinstance(details, StripeFailure):
-                if details.retryable:
+                if details.retryable or details.refused_key:
                     return details
                 msg = f"subscription_item {item} could not be read: {details.message}"
                 code = details.code or "resource_missing"

@@ -234,7 +234,7 @@ def refusal(outcome: RecordOutcome) -> JSONResponse:
     if failure.retry_after is not None:
         headers["Retry-After"] = f"{failure.retry_after:g}"
     headers["Stripe-Should-Retry"] = "true" if failure.retryable else "false"
-    if failure.http_status in (401, 403) or failure.type == "authentication_error":
+    if failure.refused_key:
         # Stripe refused the server's own key: the caller's request is not at fault, and the
         # message (which names the key) is the server's business.
         log.error("Stripe refused the server's key: %s", failure.message)

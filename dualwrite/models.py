@@ -231,6 +231,11 @@ class StripeFailure(BaseModel):
     retry_after: float | None = None
     request_id: str | None = None
 
+    @property
+    def refused_key(self) -> bool:
+        """Whether Stripe refused the API key itself (not the request made with it)."""
+        return self.http_status in (401, 403) or self.type == "authentication_error"
+
     def error_body(self) -> dict[str, Any]:
         """Stripe's error shape (``{"error": {...}}``), for handing the refusal back to a caller."""
         error: dict[str, Any] = {"type": self.type, "message": self.message}

@@ -87,7 +87,7 @@ class TestMiddlewareWithoutKey:
         )
         app = app_with(settings)
         response = await post_usage(app)
-        assert response.status_code == 503
+        assert response.status_code == 503, response.text
         assert "sk_test_" not in response.text and "API Key" not in response.text
 
 
