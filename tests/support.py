@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
+import anyio
+import pytest
 import stripe
 from pydantic import SecretStr
 
@@ -223,3 +226,16 @@ def usage(
         timestamp=timestamp or int(time.time()),
         action=action,
     )
+
+
+async def eventually(check: Callable[[], bool], *, within: float, what: str) -> None:
+    """Wait until ``check()`` holds, polling (what it waits for runs in another thread or
+    process, with nothing to await on); fails naming ``what`` after ``within`` seconds."""
+    try:
+        with anyio.fail_after(within):
+            while True:
+                if check():
+                    return
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"{what} did not happen within {within:g} s")
