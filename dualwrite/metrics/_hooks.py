@@ -15,6 +15,7 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -32,8 +33,11 @@ __all__ = [
     "count_dead",
     "count_late_refusal",
     "count_rate_limit",
+    "count_redis_data_loss",
     "count_shadow",
     "count_translation",
+    "set_redis_data_lost",
+    "set_redis_persistence",
     "track_resolver",
 ]
 
@@ -96,6 +100,25 @@ _held_back = Counter(
     "dualwrite_rate_limit_held_back",
     "Writes refused locally because their turn did not come within the allowed wait.",
     ["limit"],
+    registry=REGISTRY,
+)
+
+_redis_persistence = Gauge(
+    "dualwrite_redis_persistence",
+    "Redis persistence as this process last read it (CONFIG GET): 2 append-only file, 1 RDB "
+    "snapshots only, 0 none (a restart loses everything), -1 unknown (CONFIG not readable).",
+    registry=REGISTRY,
+)
+_redis_persistence.set(-1)
+_redis_data_lost = Gauge(
+    "dualwrite_redis_data_lost",
+    "1 while Redis's data-loss marker says data was lost (the ledger is incomplete until "
+    "`dualwrite reconcile`, then `dualwrite durability --clear-loss`).",
+    registry=REGISTRY,
+)
+_redis_data_losses = Counter(
+    "dualwrite_redis_data_losses",
+    "Redis data losses this process detected: a marker gone, replaced or rolled back.",
     registry=REGISTRY,
 )
 
@@ -176,6 +199,21 @@ def count_rate_limit(limit: str, waited: float, held_back: bool) -> None:
     if waits is not None and seconds is not None:
         waits.inc()
         seconds.observe(waited)
+
+
+def set_redis_persistence(level: int) -> None:
+    """Record Redis's persistence: 2 append-only file, 1 RDB only, 0 none, -1 unknown."""
+    _redis_persistence.set(level)
+
+
+def set_redis_data_lost(lost: bool) -> None:
+    """Record whether the data-loss marker says Redis lost data."""
+    _redis_data_lost.set(1 if lost else 0)
+
+
+def count_redis_data_loss() -> None:
+    """Count a Redis data loss this process detected."""
+    _redis_data_losses.inc()
 
 
 # -- resolvers (read at scrape time) -------------------------------------------------------------

@@ -33,7 +33,7 @@ SortOrder = Literal["customer", "status", "difference"]
 _SORTS: tuple[SortOrder, ...] = get_args(SortOrder)
 _DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _COUNT_RE = re.compile(r"^[0-9]{1,9}$")
-_STATUS_ORDER = {"diverged": 0, "pending": 1, "parity": 2}
+_STATUS_ORDER = {"diverged": 0, "pending": 1, "unverified": 2, "parity": 3}
 _TRUE = {"1", "on", "true", "yes"}
 
 
@@ -178,7 +178,7 @@ def summarise(report: Report) -> Summary:
     """Count customers per stage and status, and add up both legs."""
     customers = report.customers
     by_stage = dict.fromkeys((stage.value for stage in Stage), 0)
-    by_status = dict.fromkeys(("parity", "pending", "diverged"), 0)
+    by_status = dict.fromkeys(("parity", "pending", "diverged", "unverified"), 0)
     for customer in customers:
         by_stage[customer.stage.value] = by_stage.get(customer.stage.value, 0) + 1
         by_status[customer.status] = by_status.get(customer.status, 0) + 1
