@@ -134,7 +134,7 @@ class ProxySettings(_Frozen):
     max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     """Connections open at once; more are answered 503 and closed. ``dualwrite serve`` raises
     the process's open-file limit to fit, or lowers this (with a warning) when it cannot."""
-    keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)
+    keep_alive_timeout: int = Field(default=5, ge=1, le=3600)
     """Seconds an idle keep-alive connection is kept open after a response."""
 
 
