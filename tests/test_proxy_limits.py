@@ -6,7 +6,9 @@ are served, the webhook receiver's body cap, and unmapped usage counted only onc
 from __future__ import annotations
 
 import json
+import logging
 import resource
+import secrets
 import subprocess
 import sys
 import time
@@ -20,10 +22,15 @@ import anyio.lowlevel
 import httpx
 import pytest
 from anyio.abc import SocketStream
+from pydantic import SecretStr
 
 from dualwrite.config import Settings
-from dualwrite.proxy import HEALTH_PATH, RunningProxy, serve_proxy
+from dualwrite.keys import KeySpace
+from dualwrite.late import MAX_EVENT_BYTES
+from dualwrite.proxy import HEALTH_PATH, RunningProxy, _items as items_module, serve_proxy
+from dualwrite.proxy._items import OTHER_ITEMS
 from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.test_proxy import proxy_settings
 from tests.test_proxy_serve import clean_env, free_port, write_config
 
 pytestmark = pytest.mark.anyio
@@ -312,3 +319,110 @@ async def normal_calls(url: str, *, count: int, spacing: float) -> list[Any]:
                 answers.append(type(exc).__name__)
         await anyio.sleep(spacing)
     return answers
+
+
+# ----------------------------------------------------------------------- the webhook receiver
+
+
+async def post_partially(proxy: RunningProxy, path: str, *, declared: int, sent: int) -> bytes:
+    """POST ``path`` declaring ``declared`` body bytes and sending ``sent``; the reply (the server
+    must answer without the rest)."""
+    stream = await connect(proxy)
+    try:
+        await stream.send(
+            f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Length: {declared}\r\n"
+            "Content-Type: application/json\r\n\r\n".encode()
+        )
+        for _ in range(sent // 65536):
+            await stream.send(b"x" * 65536)
+        return await until_closed(stream, within=5)
+    finally:
+        await stream.aclose()
+
+
+class TestWebhookReceiver:
+    """The events endpoint never reads a body it does not need."""
+
+    async def test_no_secret_means_404_without_reading(self, standin_settings):
+        """No STRIPE_WEBHOOK_SECRET: 404 at once for a 400 MiB POST, none of it read."""
+        settings = standin_settings(proxy={**LIMITS, "body_timeout": 30})
+        with proxy_with(settings) as proxy:
+            reply = await post_partially(
+                proxy, settings.webhooks.path, declared=400 * 1024 * 1024, sent=1024 * 1024
+            )
+        assert status_of(reply) == 404
+
+    async def test_body_capped_before_reading(self, standin_settings):
+        """With a secret, a body over MAX_EVENT_BYTES gets 413 as soon as it passes the cap."""
+        settings = standin_settings(proxy={**LIMITS, "body_timeout": 30}).model_copy(
+            update={"stripe_webhook_secret": SecretStr("whsec_test_limits")}
+        )
+        with proxy_with(settings) as proxy:
+            reply = await post_partially(
+                proxy, settings.webhooks.path, declared=400 * 1024 * 1024, sent=4 * MAX_EVENT_BYTES
+            )
+        assert status_of(reply) == 413
+        assert f"at most {MAX_EVENT_BYTES} bytes".encode() in reply
+
+
+# ------------------------------------------------------------------ unmapped usage, counted
+
+
+def unmapped_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The proxy's "forwarded, not dual-written" lines."""
+    return [r.getMessage() for r in caplog.records if "not dual-written" in r.getMessage()]
+
+
+class TestUnmappedCounting:
+    """Unmapped usage is counted only once Stripe accepted it, in a capped set, logged sparingly."""
+
+    @pytest.fixture
+    def proxy(self, redis_url, key_prefix, standin_url) -> Iterator[RunningProxy]:
+        """A proxy whose meter maps no price (every item is unmapped)."""
+        with proxy_with(proxy_settings(redis_url, key_prefix, standin_url)) as running:
+            yield running
+
+    async def test_anonymous_callers_write_nothing(self, proxy, redis_client, key_prefix, caplog):
+        """200 usage requests with a made-up key, Stripe-Account and random 2 KB item ids: Stripe
+        refuses them all (401), so nothing is counted, and at most one line is logged."""
+        keys = KeySpace(key_prefix)
+        with caplog.at_level(logging.WARNING, logger="dualwrite.proxy"):
+            async with httpx.AsyncClient(base_url=proxy.url) as client:
+                for _ in range(200):
+                    item = "si_" + secrets.token_hex(1024)
+                    response = await client.post(
+                        f"/v1/subscription_items/{item}/usage_records",
+                        data={"quantity": "1"},
+                        headers={
+                            "Authorization": "Bearer sk_test_madeUpKey0000000000000000",
+                            "Stripe-Account": "acct_madeup",
+                        },
+                    )
+                    assert response.status_code == 401
+        assert await redis_client.exists(keys.items_unmapped) == 0
+        assert len(unmapped_warnings(caplog)) <= 1
+
+    async def test_count_is_capped_and_the_line_rate_limited(
+        self, proxy, builder, redis_client, key_prefix, caplog, monkeypatch
+    ):
+        """Five items Stripe accepted usage for, with a cap of three: three counted by name, two
+        together; one warning line for the five."""
+        monkeypatch.setattr(items_module, "UNMAPPED_ITEMS_MAX", 3)
+        scenarios = [await builder.customer(f"unmapped {index}") for index in range(5)]
+        with caplog.at_level(logging.WARNING, logger="dualwrite.proxy"):
+            async with httpx.AsyncClient(
+                base_url=proxy.url, headers={"Authorization": f"Bearer {STRIPE_KEY}"}
+            ) as client:
+                for scenario in scenarios:
+                    response = await client.post(
+                        f"/v1/subscription_items/{scenario.item}/usage_records",
+                        data={"quantity": "2"},
+                        headers={"Stripe-Account": "acct_connected"},
+                    )
+                    assert response.status_code == 200
+        counts = await redis_client.hgetall(KeySpace(key_prefix).items_unmapped)
+        assert counts == {
+            **{scenario.item: "1" for scenario in scenarios[:3]},
+            OTHER_ITEMS: "2",
+        }
+        assert len(unmapped_warnings(caplog)) == 1

@@ -16,8 +16,9 @@ memory as long as it likes. ``LimitedHttpToolsProtocol`` answers as HTTP servers
   while thousands of slow connections contend for the rest: a connection stays evictable only
   until its headers are in.
 
-The keep-alive timeout is uvicorn's own (``timeout_keep_alive``). Replies are JSON in Stripe's
-error shape, so that SDKs show the message.
+A connection whose request was answered before its body was all in (413, 404) is closed rather
+than read to the end. The keep-alive timeout is uvicorn's own (``timeout_keep_alive``). Replies
+are JSON in Stripe's error shape, so that SDKs show the message.
 """
 
 from __future__ import annotations
@@ -144,7 +145,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._in_head and not self.pipeline and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and cycle.more_body:
+            # Answered before its body was all in (413, 404...): the rest is not read.
+            self._cancel_timers()
+            self.transport.close()
+        elif self._in_head and not self.pipeline:
             self._wait()  # idle on keep-alive until the next request
 
     def send_400_response(self, msg: str) -> None:
