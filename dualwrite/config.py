@@ -35,7 +35,13 @@ from pydantic_settings import (
 from dualwrite.exceptions import ConfigError
 from dualwrite.models import Action, Stage
 from dualwrite.redaction import redact
-from dualwrite.redis_url import CLUSTER_SCHEMES, SINGLE_SCHEMES, parse_cluster_url
+from dualwrite.redis_url import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    SINGLE_SCHEMES,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 __all__ = [
     "DEFAULT_LEGACY_API_VERSION",
@@ -81,8 +87,9 @@ class RedisSettings(_Frozen):
     """Where shared state lives."""
 
     url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
-    """One server (``redis://host:port/db``) or a Redis Cluster's seed nodes
-    (``redis+cluster://h1:7000,h2:7000``; see ``dualwrite.redis_url``)."""
+    """One server (``redis://host:port/db``), a Redis Cluster's seed nodes
+    (``redis+cluster://h1:7000,h2:7000``) or Redis Sentinel and the master it watches
+    (``redis+sentinel://s1:26379,s2:26379/mymaster``); see ``dualwrite.redis_url``."""
     key_prefix: str = Field(default="dualwrite", min_length=1, max_length=64)
     shards: int = Field(default=1, ge=1, le=1024)
     socket_timeout: float = Field(default=1.0, gt=0, le=60)
@@ -97,11 +104,15 @@ class RedisSettings(_Frozen):
     def _redis_scheme(cls, value: str) -> str:
         if value.startswith(CLUSTER_SCHEMES):
             parse_cluster_url(value)  # raises ValueError naming the fix
+        elif value.startswith(SENTINEL_SCHEMES):
+            parse_sentinel_url(value)
         elif not value.startswith(SINGLE_SCHEMES):
             msg = (
                 "must start with redis://, rediss:// or unix:// (one server, e.g. "
-                "redis://127.0.0.1:6379/0) or redis+cluster:// / rediss+cluster:// (a Redis "
-                "Cluster's seed nodes, e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000)"
+                "redis://127.0.0.1:6379/0), redis+cluster:// / rediss+cluster:// (a Redis "
+                "Cluster's seed nodes, e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000) or "
+                "redis+sentinel:// / rediss+sentinel:// (sentinels and the master's name, e.g. "
+                "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster)"
             )
             raise ValueError(msg)
         return value

@@ -46,7 +46,7 @@ from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
-from dualwrite.redis_url import CLUSTER_SCHEMES
+from dualwrite.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES
 from dualwrite.report import Report, build_report, render_table
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
@@ -97,9 +97,9 @@ class DemoResult:
 def demo_redis(settings: Settings, console: Console) -> Iterator[str]:
     """The configured Redis if it answers, else an embedded one started for the demo."""
     url = settings.redis.url
-    if url.startswith(CLUSTER_SCHEMES):
+    if url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
         msg = (
-            "the demo runs on one Redis server, not a cluster: set [redis] url (or "
+            "the demo runs on one Redis server, not a cluster or Sentinel: set [redis] url (or "
             "DUALWRITE_REDIS__URL) to redis://host:port/0, or unset it to use an embedded one"
         )
         raise DualwriteError(msg)
