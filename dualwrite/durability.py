@@ -489,6 +489,13 @@ class DurabilityGuard:
                 for key in keys:
                     await self._record(keys=[key], args=[recorded.since, recorded.detected_at])
             self._report(recorded, gone)
+        elif recorded is not None and self.lost is None:
+            log.warning(
+                "Redis lost data after %s (recorded in its data-loss markers): the report does "
+                "not claim parity; %s",
+                _utc(recorded.since),
+                RECLEAR_HINT,
+            )
         self.lost = recorded
         metrics.set_redis_data_lost(recorded is not None)
         return recorded
