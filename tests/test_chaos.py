@@ -13,12 +13,14 @@ every leg must hold exactly what the callers were told.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ import httpx
 import pytest
 import stripe
 
-from bench.soak import Customer, Load, one_request
 from dualwrite.config import RedisSettings, Settings
 from dualwrite.durability import read_loss
 from dualwrite.engine import DualWriteEngine
@@ -53,6 +54,49 @@ CUSTOMERS = 6
 REQUESTS = 300
 RATE = 30.0
 AUTH = {"Authorization": f"Bearer {STRIPE_KEY}"}
+
+
+@dataclass(frozen=True)
+class Customer:
+    """A customer of the run: its id, legacy item and stage."""
+
+    id: str
+    item: str
+    stage: Stage
+
+
+@dataclass
+class Load:
+    """What callers sent and were told."""
+
+    intended: Counter[str] = field(default_factory=Counter)
+    sent: int = 0
+    given_up: int = 0
+    refused: Counter[int] = field(default_factory=Counter)
+
+
+async def caller(client: httpx.AsyncClient, customer: Customer, quantity: int, load: Load) -> None:
+    """One usage record as an SDK sends it: retried with its Idempotency-Key on 409, 429, 5xx
+    and network errors for up to a minute; counted as told once answered 2xx."""
+    headers = {"Idempotency-Key": f"chaos-{uuid.uuid4().hex}", "Stripe-Version": LEGACY_VERSION}
+    path = f"/v1/subscription_items/{customer.item}/usage_records"
+    load.sent += 1
+    with anyio.move_on_after(60):
+        for attempt in itertools.count():
+            try:
+                response = await client.post(path, data={"quantity": quantity}, headers=headers)
+            except httpx.TransportError:
+                status = None
+            else:
+                status = response.status_code
+                if status < 300:
+                    load.intended[customer.id] += quantity
+                    return
+                if status not in (409, 429) and status < 500:
+                    load.refused[status] += 1
+                    return
+            await anyio.sleep(min(0.1 * 2**attempt, 2.0))
+    load.given_up += 1
 
 
 @dataclass
@@ -166,7 +210,7 @@ async def traffic(rig: Rig, *, restart_after: int) -> Load:
             if wait > 0:
                 await anyio.sleep(wait)
             customer = rig.customers[index % len(rig.customers)]
-            group.start_soon(one_request, client, customer, 1 + index % 7, load)
+            group.start_soon(caller, client, customer, 1 + index % 7, load)
     return load
 
 
