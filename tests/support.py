@@ -4,6 +4,7 @@ stand-in faults, the operations audit, and the environment of a CLI run."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from dualwrite.config import (
     UsageRoute,
 )
 from dualwrite.engine import DualWriteEngine
+from dualwrite.exceptions import ConflictError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.migrate import OpsAudit, OpsAuditEntry
-from dualwrite.models import Stage, UsageEvent
+from dualwrite.models import RecordOutcome, Stage, UsageEvent
 from dualwrite.redis_client import open_redis
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params
 
@@ -239,3 +241,25 @@ async def eventually(check: Callable[[], bool], *, within: float, what: str) -> 
                 await anyio.sleep(0.02)
     except TimeoutError:
         pytest.fail(f"{what} did not happen within {within:g} s")
+
+
+async def record_as_caller(
+    engine: DualWriteEngine, event: UsageEvent, *, attempts: int = 100
+) -> RecordOutcome:
+    """Record ``event`` as a caller retrying with its Idempotency-Key does: again after a 409 (the
+    same key in flight) or a refusal, until accepted; fails the test after ``attempts`` tries."""
+    for _ in range(attempts):
+        try:
+            outcome = await engine.record(event)
+        except ConflictError:
+            await anyio.sleep(0.1)
+            continue
+        if outcome.accepted:
+            return outcome
+        await anyio.sleep(0.1)
+    pytest.fail(f"usage {event.identifier} was never recorded")
+
+
+def dualwrite_command(*args: str) -> list[str]:
+    """``dualwrite ARGS`` as a process of its own (this interpreter, this checkout)."""
+    return [sys.executable, "-c", "from dualwrite.cli import main; main()", *args]

@@ -14,11 +14,10 @@ every leg must hold exactly what the callers were told.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from dualwrite.reconcile import Reconciler
 from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report
 from dualwrite.testing import StripeStandin
+from tests import test_multiprocess
 from tests.cluster_support import free_port_pair
 from tests.conftest import STRIPE_KEY, OwnRedis
 from tests.support import EVENT_NAME, LEGACY_VERSION, ScenarioBuilder, eventually
@@ -49,6 +49,8 @@ from tests.test_reconcile import SETTLE, anchored_customer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
+#: The child processes' fixture, shared with the multi-process test.
+processes = test_multiprocess.processes
 PREFIX = "dwtest-chaos"
 CUSTOMERS = 6
 REQUESTS = 300
@@ -125,20 +127,6 @@ def write_config(path: Path, redis_url: str, api_base: str, legacy_price: str) -
         f'[[meters]]\nevent_name = "{EVENT_NAME}"\nlegacy_prices = ["{legacy_price}"]\n',
         encoding="utf-8",
     )
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    """The run's child processes (the test key, a private spool, the config file)."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("DUALWRITE_")},
-        "STRIPE_API_KEY": STRIPE_KEY,
-        "XDG_STATE_HOME": str(tmp_path / "state"),
-        "DUALWRITE_CONFIG": str(tmp_path / "dualwrite.toml"),
-    }
-    running = Processes(tmp_path, env)
-    yield running
-    running.stop_all()
 
 
 @asynccontextmanager
@@ -269,37 +257,28 @@ async def current_period(rig: Rig) -> Period:
 
 
 @pytest.fixture
-async def persistent_rig(
-    tmp_path, processes, standin: StripeStandin, standin_url
+async def rig(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    processes: Processes,
+    standin: StripeStandin,
+    standin_url: str,
 ) -> AsyncIterator[Rig]:
-    """The rig on an append-only Redis (appendfsync always)."""
-    server = OwnRedis(tmp_path / "redis", appendonly=True)
+    """The rig on a Redis of its own: append-only (fsync always) when the test is parametrized
+    with ``True``, without persistence with ``False``."""
+    server = OwnRedis(tmp_path / "redis", appendonly=request.param)
     server.start()
     try:
-        async with rig_on(server, processes, standin, standin_url) as rig:
-            yield rig
+        async with rig_on(server, processes, standin, standin_url) as running:
+            yield running
     finally:
         server.stop()
 
 
-@pytest.fixture
-async def volatile_rig(
-    tmp_path, processes, standin: StripeStandin, standin_url
-) -> AsyncIterator[Rig]:
-    """The rig on a Redis without persistence."""
-    server = OwnRedis(tmp_path / "redis", appendonly=False)
-    server.start()
-    try:
-        async with rig_on(server, processes, standin, standin_url) as rig:
-            yield rig
-    finally:
-        server.stop()
-
-
-async def test_restart_with_append_only_file_loses_and_doubles_nothing(persistent_rig: Rig):
+@pytest.mark.parametrize("rig", [True], indirect=True)
+async def test_restart_with_append_only_file_loses_and_doubles_nothing(rig: Rig):
     """appendonly yes, appendfsync always: after a restart mid-traffic, every customer's legacy
     and meter summaries hold exactly what callers were told; nothing is dead, no loss reported."""
-    rig = persistent_rig
     load = await traffic(rig, restart_after=REQUESTS // 3)
     assert load.given_up == 0 and not load.refused, load
     health = await drained(rig)
@@ -312,12 +291,10 @@ async def test_restart_with_append_only_file_loses_and_doubles_nothing(persisten
         assert await stripe_summaries(rig, customer, period) == (told, told), customer
 
 
-async def test_empty_restart_is_detected_reported_and_reconciled(
-    volatile_rig: Rig, standin: StripeStandin
-):
+@pytest.mark.parametrize("rig", [False], indirect=True)
+async def test_empty_restart_is_detected_reported_and_reconciled(rig: Rig, standin: StripeStandin):
     """Redis restarted empty: health says redis_data_lost, every process logged it, the report
     claims no parity, Stripe holds no unit twice, and reconcile names every customer."""
-    rig = volatile_rig
     load = await traffic(rig, restart_after=REQUESTS // 3)
     assert load.given_up == 0 and not load.refused, load
     await drained(rig)

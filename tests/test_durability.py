@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +45,7 @@ from tests.support import (
     Scenario,
     ScenarioBuilder,
     audit_entries,
+    dualwrite_command,
     eventually,
     make_settings,
     set_stage,
@@ -193,22 +193,11 @@ def private_redis(tmp_path: Path):
 EVICTING = ("--maxmemory-policy", "allkeys-lru", "--maxmemory", "64mb")
 
 
-def dualwrite_command() -> list[str]:
-    """``dualwrite`` in a process of its own."""
-    return [sys.executable, "-c", "from dualwrite.cli import main; main()"]
-
-
 def serve_command(config: Path, port: int) -> list[str]:
     """``dualwrite serve`` in a process of its own."""
-    return [
-        *dualwrite_command(),
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--no-access-log",
-    ]
+    return dualwrite_command(
+        "serve", "--config", str(config), "--port", str(port), "--no-access-log"
+    )
 
 
 def config_file(path: Path, redis_url: str, api_base: str, *, allow_eviction: bool = False) -> Path:
@@ -249,7 +238,7 @@ class TestStartupChecks:
         server = private_redis(*EVICTING)
         config = config_file(tmp_path / "dw.toml", server.url, standin_url)
         done = subprocess.run(
-            [*dualwrite_command(), "--config", str(config), "worker"],
+            dualwrite_command("--config", str(config), "worker"),
             env={**clean_env(), "STRIPE_API_KEY": STRIPE_KEY},
             capture_output=True,
             text=True,

@@ -5,6 +5,7 @@ are served, the webhook receiver's body cap, and unmapped usage counted only onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -30,6 +31,7 @@ from dualwrite.late import MAX_EVENT_BYTES
 from dualwrite.proxy import HEALTH_PATH, RunningProxy, _items as items_module, serve_proxy
 from dualwrite.proxy._items import OTHER_ITEMS
 from tests.conftest import STRIPE_KEY, SettingsFactory
+from tests.support import dualwrite_command
 from tests.test_proxy import proxy_settings
 from tests.test_proxy_serve import clean_env, free_port, write_config
 
@@ -246,17 +248,9 @@ def serve_with_open_files(
 
     with log.open("wb") as handle:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from dualwrite.cli import main; main()",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-                "--no-access-log",
-            ],
+            dualwrite_command(
+                "serve", "--config", str(config), "--port", str(port), "--no-access-log"
+            ),
             env={**clean_env(), "STRIPE_API_KEY": STRIPE_KEY},
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -333,8 +327,9 @@ async def post_partially(proxy: RunningProxy, path: str, *, declared: int, sent:
             f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Length: {declared}\r\n"
             "Content-Type: application/json\r\n\r\n".encode()
         )
-        for _ in range(sent // 65536):
-            await stream.send(b"x" * 65536)
+        with contextlib.suppress(anyio.BrokenResourceError):
+            for _ in range(sent // 65536):
+                await stream.send(b"x" * 65536)
         return await until_closed(stream, within=5)
     finally:
         await stream.aclose()

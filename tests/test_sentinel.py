@@ -14,7 +14,7 @@ import pytest
 
 from dualwrite.config import RedisSettings, Settings
 from dualwrite.engine import DualWriteEngine
-from dualwrite.exceptions import ConfigError, ConflictError
+from dualwrite.exceptions import ConfigError
 from dualwrite.models import Stage
 from dualwrite.periods import Period
 from dualwrite.reconcile import Reconciler
@@ -28,6 +28,7 @@ from tests.support import (
     ScenarioBuilder,
     eventually,
     make_settings,
+    record_as_caller,
     set_stage,
     usage,
 )
@@ -120,18 +121,10 @@ class TestFailover:
 
             async def send(index: int, scenario, quantity: int) -> None:
                 async with gate:
-                    event = usage(scenario, quantity, identifier=f"sentinel-{index}")
-                    for _ in range(100):  # a caller retrying with its Idempotency-Key
-                        try:
-                            outcome = await engine.record(event)
-                        except ConflictError:
-                            await anyio.sleep(0.1)
-                            continue
-                        if outcome.accepted:
-                            told[scenario.item] += quantity
-                            return
-                        await anyio.sleep(0.1)
-                    raise AssertionError(f"usage {index} was never recorded")
+                    await record_as_caller(
+                        engine, usage(scenario, quantity, identifier=f"s-{index}")
+                    )
+                    told[scenario.item] += quantity
 
             async def fail_over() -> None:
                 await eventually(

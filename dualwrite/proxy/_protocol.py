@@ -16,9 +16,10 @@ memory as long as it likes. ``LimitedHttpToolsProtocol`` answers as HTTP servers
   while thousands of slow connections contend for the rest: a connection stays evictable only
   until its headers are in.
 
-A connection whose request was answered before its body was all in (413, 404) is closed rather
-than read to the end. The keep-alive timeout is uvicorn's own (``timeout_keep_alive``). Replies
-are JSON in Stripe's error shape, so that SDKs show the message.
+A connection whose request was answered before its body was all in (413, 404) is not read to the
+end: the proxy stops writing, discards what still arrives for ``LINGER_SECONDS`` (so that the
+caller reads the reply rather than a reset) and closes it. The keep-alive timeout is uvicorn's own
+(``timeout_keep_alive``). Replies are JSON in Stripe's error shape, so that SDKs show the message.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from dualwrite.config import ProxySettings
 
-__all__ = ["LimitedHttpToolsProtocol", "limited_protocol"]
+__all__ = ["LINGER_SECONDS", "LimitedHttpToolsProtocol", "limited_protocol"]
+
+#: How long a connection answered before its body was in stays open, discarding, before closing.
+LINGER_SECONDS = 2.0
 
 
 class _RefusedError(Exception):
@@ -149,9 +153,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_complete and cycle.more_body:
-            # Answered before its body was all in (413, 404...): the rest is not read.
+            # Answered before its body was all in (413, 404...): the rest is discarded as it
+            # comes (the parser drops a finished request's body) until the connection closes.
             self._cancel_timers()
-            self.transport.close()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
         elif self._in_head and not self.pipeline:
             self._wait()  # idle on keep-alive until the next request
 
