@@ -8,13 +8,18 @@ Idempotency-Key, as an SDK does. Each fault cycle (one per minute) injects, in t
 failures (5xx, 429, late replies) through its control API, a Redis restart, and a ``kill -9`` of a
 worker followed by its restart.
 
+With ``--slowloris N``, ``bench/_slowloris.py`` holds N slow connections to the proxy for the
+whole run beside the load (each reopened as soon as the proxy closes it): every normal request
+must still be served.
+
 At the end it waits for the outbox to drain and checks exact totals: what the callers were told was
 recorded == the ledger == the stand-in's own totals, on both paths, per customer. It samples the
 RSS of the proxy and the workers and Redis's DBSIZE and stream memory every few seconds, and prints
 first/last/max and the slope of each. Exit status 1 when any total disagrees.
 
-    python bench/soak.py --minutes 1       # quick check
-    python bench/soak.py                   # 10 minutes
+    python bench/soak.py --minutes 1                   # quick check
+    python bench/soak.py                               # 10 minutes
+    python bench/soak.py --slowloris 1000              # 10 minutes beside a slowloris
 """
 
 from __future__ import annotations
@@ -133,6 +138,26 @@ class Services:
         self.standin_url = f"http://127.0.0.1:{port}"
         self.spawn("standin", ["stripe-standin", "--port", str(port)])
         wait_http(self.standin_url + "/_standin/state")
+
+    def start_slowloris(self, connections: int, seconds: float) -> None:
+        """``bench/_slowloris.py`` against the proxy, its JSON tally to ``slowloris.log``."""
+        port = self.proxy_url.rsplit(":", 1)[1]
+        script = Path(__file__).resolve().parent / "_slowloris.py"
+        log = (self.directory / "slowloris.log").open("ab")
+        self.processes["slowloris"] = subprocess.Popen(
+            [sys.executable, str(script), "127.0.0.1", port, str(connections), f"{seconds:g}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def slowloris_tally(self) -> dict[str, Any] | None:
+        """What the slowloris saw (once it ended), or None when it was not run."""
+        process = self.processes.get("slowloris")
+        if process is None:
+            return None
+        process.wait(timeout=120)
+        lines = (self.directory / "slowloris.log").read_text().strip().splitlines()
+        return dict(json.loads(lines[-1])) if lines else {"error": "no tally"}
 
     def start_dualwrite(self, legacy_price: str) -> None:
         """The config (mapping ``legacy_price`` to the meter), the proxy and two workers."""
@@ -403,13 +428,15 @@ def slope(series: list[tuple[float, float]]) -> float:
 
 
 def describe(name: str, series: list[tuple[float, float]], unit: str) -> str:
-    """first / last / max and slope of a series."""
+    """first / last / max and slope of a series, and the slope of its second half (growth that
+    goes on after warm-up is what a leak looks like)."""
     if not series:
         return f"{name}: no samples"
     values = [y for _, y in series]
     return (
         f"{name:<18} first {values[0]:9.1f}  last {values[-1]:9.1f}  max {max(values):9.1f} {unit}"
         f"  slope {slope(series):+8.2f} {unit}/min"
+        f"  (second half {slope(series[len(series) // 2 :]):+8.2f})"
     )
 
 
@@ -512,6 +539,8 @@ async def soak(args: argparse.Namespace) -> int:
         )
         await set_stages(services.redis.url, customers)
         services.start_dualwrite(price)
+        if args.slowloris:
+            services.start_slowloris(args.slowloris, args.minutes * 60)
         load, samples = Load(), Samples()
         faults: list[str] = []
         until = time.monotonic() + args.minutes * 60
@@ -537,6 +566,9 @@ async def soak(args: argparse.Namespace) -> int:
             f"{load.given_up} given up, refused {dict(load.refused)}"
         )
         print("faults:", *faults, sep="\n  ")
+        tally = services.slowloris_tally()
+        if tally is not None:
+            print(f"slowloris ({args.slowloris} connections held for the run): {json.dumps(tally)}")
         print(f"outbox at the end: {json.dumps(outbox)}")
         for name, series in sorted(samples.rss.items()):
             print(describe(f"RSS {name}", series, "MiB"))
@@ -551,6 +583,8 @@ async def soak(args: argparse.Namespace) -> int:
             f"stand-in legacy {sum(int(v) for v in state['legacy_totals'].values())}, "
             f"stand-in meter {sum(int(v.get(EVENT_NAME, 0)) for v in state['meter_totals'].values())}"
         )
+        if load.refused:
+            problems.append(f"normal requests refused: {dict(load.refused)}")
         if problems or load.given_up:
             print("TOTALS DISAGREE:" if problems else "requests given up (outcome unknown)")
             for problem in problems:
@@ -573,9 +607,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second (default 20)")
     parser.add_argument("--customers", type=int, default=20, help="customers (default 20)")
     parser.add_argument("--keep", action="store_true", help="keep the logs and Redis files")
+    parser.add_argument(
+        "--slowloris", type=int, default=0, help="slow connections held beside the load (0: none)"
+    )
     args = parser.parse_args()
     if args.minutes <= 0 or args.minutes > 120 or args.rate <= 0 or args.rate > 500:
         parser.error("--minutes must be in (0, 120] and --rate in (0, 500]")
+    if not 0 <= args.slowloris <= 20_000:
+        parser.error("--slowloris must be in [0, 20000]")
     sys.exit(asyncio.run(soak(args)))
 
 

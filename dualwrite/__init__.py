@@ -15,6 +15,7 @@ from dualwrite.exceptions import (
     DualwriteError,
     IdempotencyError,
     PriceError,
+    RedisEvictionError,
     StoreUnavailableError,
     UsageInputError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "PriceError",
     "RecordOutcome",
     "Recorder",
+    "RedisEvictionError",
     "RedisFlagStore",
     "Report",
     "Resolution",

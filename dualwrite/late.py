@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from dualwrite import metrics
+from dualwrite._http import read_body
 from dualwrite.config import Settings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace
@@ -40,9 +41,13 @@ from dualwrite.stripe_io import (
     fetch_error_report,
 )
 
-__all__ = ["LateRefusalResult", "LateRefusals", "TrackedMeterEvent"]
+__all__ = ["MAX_EVENT_BYTES", "LateRefusalResult", "LateRefusals", "TrackedMeterEvent"]
 
 log = logging.getLogger(__name__)
+
+#: The largest pushed event read: Stripe's thin events are a few hundred bytes (the full event is
+#: fetched from Stripe), so anything much larger is refused before it is read.
+MAX_EVENT_BYTES = 64 * 1024
 
 # KEYS: marker, ledger hash, ledger index, divergence, rollup, rollup index; ARGV: marker ttl,
 # index member, index score, divergence maxlen, then a count and name/amount pairs, then a count and
@@ -201,17 +206,20 @@ class LateRefusals:
         return "marked"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The receiving endpoint: ``POST`` a pushed event; 400 on a bad signature, 502 when the
-        event cannot be fetched or recorded (Stripe then delivers it again)."""
+        """The receiving endpoint: ``POST`` a pushed event; 413 over ``MAX_EVENT_BYTES`` (read no
+        further), 400 on a bad signature, 502 when the event cannot be fetched or recorded
+        (Stripe then delivers it again)."""
         request = Request(scope, receive)
         response: Response
         if request.method != "POST":
             response = JSONResponse({"error": {"message": "POST Stripe events here."}}, 405)
+        elif (body := await read_body(receive, MAX_EVENT_BYTES)) is None:
+            message = f"A Stripe event is at most {MAX_EVENT_BYTES} bytes."
+            error = {"type": "invalid_request_error", "message": message}
+            response = JSONResponse({"error": error}, 413)
         else:
             try:
-                result = await self.handle(
-                    await request.body(), request.headers.get("stripe-signature")
-                )
+                result = await self.handle(body, request.headers.get("stripe-signature"))
                 response = JSONResponse(result.model_dump())
             except EventSignatureError as exc:
                 response = JSONResponse(

@@ -7,7 +7,8 @@ Stripe-style error body naming the field, and nothing is written. An authoritati
 refuses returns Stripe's status and error to the caller, and the app is not called. Every other
 request, streaming responses and websockets included, goes straight to the app untouched.
 
-The middleware also handles the lifespan scope, so the engine's worker starts and stops with the app.
+The middleware also handles the lifespan scope, so the engine's worker starts and stops with the app,
+after Redis's durability settings are checked (an evicting ``maxmemory-policy`` fails the start).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dualwrite._http import read_body
 from dualwrite.config import Settings
+from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
 from dualwrite.models import RecordOutcome
@@ -78,6 +81,8 @@ class DualWriteMiddleware:
         self.engine = engine or DualWriteEngine.from_settings(self.settings, clock=clock)
         self.routes = RouteTable(self.settings.routes)
         self._owns_engine = engine is None
+        self._clock = clock
+        self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, self.settings.redis)
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
         self._keyless = self.engine.settings.api_key() is None
@@ -107,6 +112,7 @@ class DualWriteMiddleware:
         async def lifespan_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                await self._check_durability()
                 await self._ensure_started()
             return message
 
@@ -117,12 +123,24 @@ class DualWriteMiddleware:
 
         await self.app(scope, lifespan_receive, lifespan_send)
 
+    async def _check_durability(self) -> None:
+        """Check Redis's settings and watch for data loss (``dualwrite.durability``); a refused
+        start closes what the middleware opened."""
+        if not self._owns_engine:  # whoever built a shared engine checks its Redis
+            return
+        try:
+            await self.durability.start()
+        except BaseException:
+            await self.aclose()
+            raise
+
     async def _ensure_started(self) -> None:
         if self._owns_engine:  # a shared engine is started and closed by whoever built it
             await self.engine.start_once()
 
     async def aclose(self) -> None:
         """Stop the engine's worker and close the engine if the middleware built it."""
+        await self.durability.aclose()
         if self._owns_engine:
             await self.engine.aclose()
 
@@ -134,7 +152,7 @@ class DualWriteMiddleware:
             return
         await self._ensure_started()
         limit = match.route.max_body_bytes
-        body = await _read_body(receive, limit)
+        body = await read_body(receive, limit)
         if body is None:
             response = stripe_error(
                 413,
@@ -170,24 +188,6 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root) :] or "/"
     return path
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None once it exceeds ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

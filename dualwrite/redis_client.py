@@ -1,7 +1,10 @@
 """Opening Redis connections and mapping redis-py's errors onto ours, at one boundary.
 
-One configuration reaches either a single server (``redis://``) or a Redis Cluster
-(``redis+cluster://seed1,seed2``, see ``dualwrite.redis_url``). The storage modules are written
+One configuration reaches a single server (``redis://``), a Redis Cluster
+(``redis+cluster://seed1,seed2``) or a master watched by Redis Sentinel
+(``redis+sentinel://s1,s2/mymaster``), see ``dualwrite.redis_url``. A Sentinel-managed client is a
+plain ``redis.asyncio.Redis`` whose pool asks the sentinels for the master, and again when a
+connection fails or finds a replica where the master was (a failover). The storage modules are written
 against ``redis.asyncio.Redis``; ``RedisCluster`` shares its command mixins, and the places where a
 cluster differs go through the helpers here: reading several outbox streams at once
 (``read_groups``), walking every key (``scan_keys``), subscribing (``open_pubsub``) and telling the
@@ -31,13 +34,19 @@ from redis.asyncio.cluster import (
     TransactionStrategy,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.typing import KeyT, StreamIdT
 
 from dualwrite.config import RedisSettings
 from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.redis_url import CLUSTER_SCHEMES, parse_cluster_url
+from dualwrite.redis_url import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 __all__ = [
     "RedisError",
@@ -72,6 +81,8 @@ def open_redis(settings: RedisSettings, *, max_connections: int = 256) -> aiored
     """
     if settings.url.startswith(CLUSTER_SCHEMES):
         return _open_cluster(settings, max_connections=max_connections)
+    if settings.url.startswith(SENTINEL_SCHEMES):
+        return _open_sentinel(settings, max_connections=max_connections)
     return aioredis.Redis.from_url(
         settings.url,
         decode_responses=True,
@@ -83,6 +94,49 @@ def open_redis(settings: RedisSettings, *, max_connections: int = 256) -> aiored
         # retries, up to 1 s apart) would hold a usage request for seconds during an outage.
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
     )
+
+
+class _SentinelRedis(aioredis.Redis):
+    """The master's client, closing its sentinels' connections with its own."""
+
+    watched_by: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the master's pool, then the connections to the sentinels."""
+        await super().aclose(close_connection_pool)
+        if self.watched_by is not None:
+            for client in self.watched_by.sentinels:
+                await client.aclose()
+
+
+def _open_sentinel(settings: RedisSettings, *, max_connections: int) -> aioredis.Redis:
+    address = parse_sentinel_url(settings.url)
+    timeouts = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+    }
+    sentinel = Sentinel(
+        list(address.sentinels),
+        sentinel_kwargs=dict(timeouts),
+        socket_timeout=settings.socket_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+    )
+    client: _SentinelRedis = sentinel.master_for(
+        address.service,
+        redis_class=_SentinelRedis,
+        db=address.db,
+        username=address.username,
+        password=address.password,
+        ssl=address.tls,
+        decode_responses=True,
+        max_connections=max_connections,
+        health_check_interval=30,
+        # As for one server; a connection refused by the old master (or answering READONLY, a
+        # replica now) asks the sentinels again on the next attempt.
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
+    )
+    client.watched_by = sentinel
+    return client
 
 
 class _SlotTransaction(TransactionStrategy):

@@ -1,10 +1,11 @@
 """A delivery worker as a process of its own (``dualwrite worker``).
 
 Any number of these, on any machine, share one Redis and one consumer group with the workers that
-run inside apps. Each delivers outbox entries, claims what dead workers left pending, replays the
-local spool and checks the guardrails (``[guardrails]``: divergence rolls customers back). On
-SIGTERM or SIGINT it finishes the batch in hand and stops; whatever it had not settled stays
-pending and another worker claims it.
+run inside apps. Each checks Redis's durability settings at start and watches its data-loss
+markers (``dualwrite.durability``), delivers outbox entries, claims what dead workers left
+pending, replays the local spool and checks the guardrails (``[guardrails]``: divergence rolls
+customers back). On SIGTERM or SIGINT it finishes the batch in hand and stops; whatever it had not
+settled stays pending and another worker claims it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 from collections.abc import Callable
 
 from dualwrite.config import Settings
+from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 
 __all__ = ["run_worker"]
@@ -31,7 +33,14 @@ async def run_worker(
     on_ready: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Deliver outbox entries until ``stop`` is set (or SIGTERM/SIGINT arrives); returns the counts
-    of what this worker did (accepted, retry, dead, skipped)."""
+    of what this worker did (accepted, retry, dead, skipped).
+
+    Redis's durability settings are checked first and its data-loss markers watched throughout
+    (``dualwrite.durability``).
+
+    Raises:
+        RedisEvictionError: Redis may evict keys and ``[redis] allow_eviction`` is off.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -41,7 +50,9 @@ async def run_worker(
     if not settings.api_key():
         log.warning("STRIPE_API_KEY is not set: every shadow write will be refused")
     engine = DualWriteEngine.from_settings(settings)
+    durability = DurabilityGuard(engine.redis, engine.keys, settings.redis)
     try:
+        await durability.start()
         await engine.start(worker=False)  # this process's worker is started below, by name
         worker = engine.new_worker(consumer=consumer)
         await worker.start()
@@ -56,6 +67,7 @@ async def run_worker(
         await worker.aclose()
         return {str(name): count for name, count in worker.counts.items()}
     finally:
+        await durability.aclose()
         await engine.aclose()
 
 

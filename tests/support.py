@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import calendar
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
 
+import anyio
+import pytest
 import stripe
 from pydantic import SecretStr
 from stripe.params import SubscriptionCreateParams
@@ -23,10 +27,11 @@ from dualwrite.config import (
     UsageRoute,
 )
 from dualwrite.engine import DualWriteEngine
+from dualwrite.exceptions import ConflictError
 from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.migrate import OpsAudit, OpsAuditEntry
-from dualwrite.models import Stage, UsageEvent
+from dualwrite.models import RecordOutcome, Stage, UsageEvent
 from dualwrite.redis_client import open_redis
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params
 
@@ -312,3 +317,38 @@ async def summary_totals(
         client, scenario.meter, scenario.customer, now - days * 86_400, now + days * 86_400
     )
     return legacy, meter
+
+
+async def eventually(check: Callable[[], bool], *, within: float, what: str) -> None:
+    """Wait until ``check()`` holds, polling (what it waits for runs in another thread or
+    process, with nothing to await on); fails naming ``what`` after ``within`` seconds."""
+    try:
+        with anyio.fail_after(within):
+            while True:
+                if check():
+                    return
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"{what} did not happen within {within:g} s")
+
+
+async def record_as_caller(
+    engine: DualWriteEngine, event: UsageEvent, *, attempts: int = 100
+) -> RecordOutcome:
+    """Record ``event`` as a caller retrying with its Idempotency-Key does: again after a 409 (the
+    same key in flight) or a refusal, until accepted; fails the test after ``attempts`` tries."""
+    for _ in range(attempts):
+        try:
+            outcome = await engine.record(event)
+        except ConflictError:
+            await anyio.sleep(0.1)
+            continue
+        if outcome.accepted:
+            return outcome
+        await anyio.sleep(0.1)
+    pytest.fail(f"usage {event.identifier} was never recorded")
+
+
+def dualwrite_command(*args: str) -> list[str]:
+    """``dualwrite ARGS`` as a process of its own (this interpreter, this checkout)."""
+    return [sys.executable, "-c", "from dualwrite.cli import main; main()", *args]

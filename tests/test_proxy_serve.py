@@ -16,7 +16,9 @@ import uvloop
 from anyio.abc import Process
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dualwrite.config import ProxySettings
 from dualwrite.proxy import HEALTH_PATH, ProxyApp, RunningProxy, create_app, serve_proxy
+from dualwrite.proxy._protocol import LimitedHttpToolsProtocol
 from dualwrite.proxy._server import _config
 from tests.conftest import STRIPE_KEY
 from tests.support import ScenarioBuilder
@@ -137,8 +139,9 @@ class TestLifespanAndFactory:
         assert app.settings.redis.key_prefix == key_prefix
 
     async def test_server_runs_httptools_on_uvloop(self, redis_url, key_prefix, standin_url):
-        """The proxy's uvicorn parses HTTP with httptools (C) and runs on uvloop, not on h11 and
-        asyncio's loop, which cost it about twice the CPU per forwarded call."""
+        """The proxy's uvicorn parses HTTP with httptools (C, with the [proxy] limits) and runs on
+        uvloop, not on h11 and asyncio's loop, which cost it about twice the CPU per forwarded
+        call."""
         running = RunningProxy("127.0.0.1")
         config = _config(
             running,
@@ -153,5 +156,10 @@ class TestLifespanAndFactory:
         config.load()
         assert isinstance(running.app, ProxyApp)
         await running.app.aclose()
-        assert config.http_protocol_class is HttpToolsProtocol
+        assert issubclass(config.http_protocol_class, LimitedHttpToolsProtocol)
+        assert issubclass(config.http_protocol_class, HttpToolsProtocol)
+        limits = config.http_protocol_class.limits  # max_connections fits the open-file limit
+        assert limits.model_dump(exclude={"max_connections"}) == ProxySettings().model_dump(
+            exclude={"max_connections"}
+        )
         assert config.get_loop_factory() is uvloop.new_event_loop

@@ -4,7 +4,8 @@ Every command reads its settings once (``--config`` / ``DUALWRITE_CONFIG`` plus 
 hands them to the library; the commands themselves only parse arguments and print. One module per
 group of commands: ``_flags`` (stages), ``_report``, ``_reconcile``, ``_ops`` (worker, dead
 letters), ``_serve`` (serve, demo, the stand-in), ``_meters`` (meters plan|apply),
-``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard), ``_config`` (config init|check).
+``_backfill``, ``_cutover`` (rollout, cutover, rollback, guard), ``_config`` (config init|check),
+``_durability`` (Redis's settings and data-loss record).
 ``_common`` also holds the conventions every command follows: ``-c/--config`` before or after
 the command, ``-h``, ``--version``, commands listed by section, values shown as what to type.
 """
@@ -15,6 +16,7 @@ from dualwrite.cli import (
     _backfill,
     _config,
     _cutover,
+    _durability,
     _flags,
     _meters,
     _ops,
@@ -31,6 +33,7 @@ _COMMANDS = (
     _backfill,
     _config,
     _cutover,
+    _durability,
     _flags,
     _meters,
     _ops,

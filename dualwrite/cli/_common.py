@@ -44,6 +44,7 @@ _ORDER = (
     "dead",
     "report",
     "reconcile",
+    "durability",
     "serve",
     "demo",
     "stripe-standin",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
@@ -12,6 +13,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from dualwrite.config import OutboxSettings
+from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import Ledger, LedgerUpdate
 from dualwrite.limits import MeterTurn
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 OUTBOX_GROUP = "dualwrite-workers"
 DEAD_MAXLEN = 1_000_000
+
+_T = TypeVar("_T")
 
 # KEYS: outbox, ledger hash, ledger index, divergence, dead letters, rollup, rollup index,
 #       [meter turn]
@@ -223,20 +227,41 @@ class Outbox:
                         raise
         self._groups_ready = True
 
+    async def _mending_groups(self, action: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``action``; if Redis answers NOGROUP (a stream and its group are gone: Redis lost
+        its data, or was replaced by an empty one), create the groups again and run it once more.
+
+        Acknowledgements need no mending: XACK on a missing group answers 0, which settles
+        nothing (the entry went with the stream).
+        """
+        try:
+            return await action()
+        except StoreUnavailableError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        log.warning("the outbox consumer group is gone (Redis lost its data?): creating it again")
+        self._groups_ready = False
+        await self.ensure_groups()
+        return await action()
+
     async def read(
         self, consumer: str, *, count: int, block_ms: int | None
     ) -> list[tuple[ShardKeys, str, str]]:
         """New entries for ``consumer``: (shard, entry id, payload)."""
         shards = {shard.outbox: shard for shard in self.keys.all_shards()}
-        async with store_errors("reading the outbox"):
-            reply = await read_groups(
-                self._redis,
-                OUTBOX_GROUP,
-                consumer,
-                dict.fromkeys(shards, ">"),
-                count=count,
-                block_ms=block_ms,
-            )
+
+        async def read() -> object:
+            async with store_errors("reading the outbox"):
+                return await read_groups(
+                    self._redis,
+                    OUTBOX_GROUP,
+                    consumer,
+                    dict.fromkeys(shards, ">"),
+                    count=count,
+                    block_ms=block_ms,
+                )
+
+        reply = await self._mending_groups(read)
         return [
             (shards[stream], entry_id, fields.get("entry", ""))
             for stream, entries in streams_reply(reply)
@@ -247,15 +272,24 @@ class Outbox:
         self, consumer: str, *, min_idle_ms: int, count: int
     ) -> list[tuple[ShardKeys, str, str]]:
         """Take over entries another worker left pending for longer than ``min_idle_ms``."""
-        claimed: list[tuple[ShardKeys, str, str]] = []
-        async with store_errors("claiming stale outbox entries"):
-            for shard in self.keys.all_shards():
-                reply = await self._redis.xautoclaim(
-                    shard.outbox, OUTBOX_GROUP, consumer, min_idle_ms, start_id="0-0", count=count
-                )
-                for entry_id, fields in stream_entries(reply[1] if len(reply) > 1 else []):
-                    claimed.append((shard, entry_id, fields.get("entry", "")))
-        return claimed
+
+        async def claim() -> list[tuple[ShardKeys, str, str]]:
+            claimed: list[tuple[ShardKeys, str, str]] = []
+            async with store_errors("claiming stale outbox entries"):
+                for shard in self.keys.all_shards():
+                    reply = await self._redis.xautoclaim(
+                        shard.outbox,
+                        OUTBOX_GROUP,
+                        consumer,
+                        min_idle_ms,
+                        start_id="0-0",
+                        count=count,
+                    )
+                    for entry_id, fields in stream_entries(reply[1] if len(reply) > 1 else []):
+                        claimed.append((shard, entry_id, fields.get("entry", "")))
+            return claimed
+
+        return await self._mending_groups(claim)
 
     async def promote_due(self, *, now: float, limit: int = 500) -> int:
         """Move retries whose backoff has passed back into their stream."""

@@ -29,12 +29,17 @@ from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
 from dualwrite.outbox._store import Outbox, OutboxEntry
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
 
-__all__ = ["Disposition", "MeterAccepted", "OutboxWorker"]
+__all__ = ["Disposition", "MeterAccepted", "OutboxWorker", "WorkerState"]
 
 log = logging.getLogger(__name__)
 
 
 Disposition = Literal["accepted", "retry", "dead", "skipped"]
+WorkerState = Literal["healthy", "failing"]
+"""``failing`` from a failed round until the next good one."""
+
+#: While failing, the worker says so again at most this often (seconds).
+FAILING_REMINDER_SECONDS = 60.0
 
 # Due retries are promoted at most this often (seconds) while the worker is busy: a backoff is
 # seconds long, and a Lua call on every shard per read cost v1 delivery a round trip per event.
@@ -98,6 +103,11 @@ class OutboxWorker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._backlog = False  # the last read was full: more entries are probably waiting
         self.counts: dict[Disposition, int] = {"accepted": 0, "retry": 0, "dead": 0, "skipped": 0}
+        self.state: WorkerState = "healthy"
+        self.failing_since: float | None = None
+        """When the current run of failed rounds began (``time.monotonic``)."""
+        self._failed_rounds = 0
+        self._last_reminder = 0.0
 
     async def start(self) -> None:
         """Run the delivery loop in a background task."""
@@ -119,21 +129,15 @@ class OutboxWorker:
         self._task = None
 
     async def _run(self) -> None:
-        failures = 0
         try:
             while not self._stopping.is_set():
                 backlog = False
                 try:
                     await self._fill(block_ms=None if self._inflight else self.settings.block_ms)
                     backlog, self._backlog = self._backlog, False
-                    failures = 0
-                except StoreUnavailableError as exc:
-                    failures += 1
-                    if failures == 1 or failures % 50 == 0:  # an outage must not flood the log
-                        log.warning("outbox worker paused: %s (%d round(s) so far)", exc, failures)
-                except Exception:
-                    failures += 1
-                    log.exception("outbox worker round failed")
+                    self._round_succeeded()
+                except Exception as exc:  # logged on each change of state, not every round
+                    self._round_failed(exc)
                 if backlog and len(self._inflight) < self.settings.concurrency:
                     # A full read (a v2 read is capped by batch_size) leaves entries waiting and
                     # slots free: read again now rather than after the next delivery finishes.
@@ -142,13 +146,46 @@ class OutboxWorker:
                     # Read more as soon as any delivery frees a slot: a slow call to Stripe never
                     # holds up the others.
                     await asyncio.wait(self._inflight, timeout=0.05, return_when=FIRST_COMPLETED)
-                elif failures:
-                    delay = min(5.0, 0.05 * 2 ** min(failures, 10))
+                elif self._failed_rounds:
+                    delay = min(5.0, 0.05 * 2 ** min(self._failed_rounds, 10))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
         finally:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def _round_failed(self, exc: Exception) -> None:
+        """Log a failed round when the worker starts failing (and a reminder every minute while
+        it keeps failing), not every round: an outage must not flood the log."""
+        self._failed_rounds += 1
+        now = time.monotonic()
+        store = isinstance(exc, StoreUnavailableError)
+        if self.state == "healthy":
+            self.state, self.failing_since, self._last_reminder = "failing", now, now
+            if store:
+                log.warning("outbox worker %s failing: %s", self.consumer, exc)
+            else:
+                log.error("outbox worker %s failing", self.consumer, exc_info=exc)
+        elif now - self._last_reminder >= FAILING_REMINDER_SECONDS:
+            self._last_reminder = now
+            log.warning(
+                "outbox worker %s still failing after %d round(s) in %.0f s: %s",
+                self.consumer,
+                self._failed_rounds,
+                now - (self.failing_since or now),
+                exc if store else repr(exc),
+            )
+
+    def _round_succeeded(self) -> None:
+        """Log the way back to healthy, once."""
+        if self.state == "failing":
+            log.warning(
+                "outbox worker %s healthy again after %d failed round(s) in %.1f s",
+                self.consumer,
+                self._failed_rounds,
+                time.monotonic() - (self.failing_since or time.monotonic()),
+            )
+        self.state, self.failing_since, self._failed_rounds = "healthy", None, 0
 
     async def _fill(self, *, block_ms: int | None, promote: bool = False) -> int:
         """Promote due retries (every ``_PROMOTE_EVERY`` seconds, or now if ``promote``), claim

@@ -21,8 +21,9 @@ from starlette.types import Receive, Scope, Send
 
 from dualwrite.admin import admin_app
 from dualwrite.config import Settings
+from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
-from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.exceptions import DualwriteError, StoreUnavailableError
 from dualwrite.metrics import RequestObserver, metrics_app
 from dualwrite.middleware import stripe_error
 from dualwrite.proxy._items import ItemResolver
@@ -56,6 +57,7 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: The largest usage-record body read for interception (a real one is a few dozen bytes).
 DEFAULT_MAX_USAGE_BODY_BYTES = 64 * 1024
 _USAGE_SUFFIX = "/usage_records"
+_WORKER_STATES = {"healthy": "running", "failing": "failing"}
 
 
 class ProxyApp:
@@ -105,7 +107,10 @@ class ProxyApp:
         self.report = report_app(settings, engine=self.engine)
         self.admin = admin_app(settings, engine=self.engine)
         self.metrics = metrics_app(settings, engine=self.engine)
+        self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, settings.redis)
         self._owns_engine = engine is None
+        # Stripe's error-report events are received only once a signing secret is configured.
+        self._events_path = settings.webhooks.path if settings.webhook_secret() else None
         self._observed = RequestObserver(
             self._http, route_of=self.route_of, log_requests=access_log
         )
@@ -148,9 +153,15 @@ class ProxyApp:
                 await self._ensure_started()
                 await self.usage(scope, receive, send, item=match["item"], raw_target=raw_target)
                 return
-        if path == self.settings.webhooks.path:  # Stripe's error-report events (late refusals)
+        if path == self._events_path:  # Stripe's error-report events (late refusals)
             await self._ensure_started()
             await self.engine.late(scope, receive, send)
+            return
+        if path == self.settings.webhooks.path:
+            # No signing secret: nothing to receive here (and no body is read).
+            await stripe_error(404, f"Unrecognized request URL ({scope['method']}: {path}).")(
+                scope, receive, send
+            )
             return
         if path == METRICS_PATH:
             await self.metrics(scope, receive, send)
@@ -179,13 +190,18 @@ class ProxyApp:
         await response(scope, receive, send)
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        """200 and the outbox depth when Redis answers; 503 when it does not."""
+        """200 when Redis answers (``status`` ``degraded`` with the ``problems`` found: Redis lost
+        data, the outbox worker is failing; ``warnings`` for settings that risk data: no
+        persistence, eviction); 503 when it does not."""
         worker = self.engine.worker
         report: dict[str, Any] = {
             "status": "ok",
             "redis": "ok",
-            "worker": "running" if worker is not None else "off",
+            "worker": "off" if worker is None else _WORKER_STATES[worker.state],
             "outbox": None,
+            **self.durability.health(),
+            "problems": [],
+            "warnings": self.durability.warnings(),
         }
         try:
             async with store_errors("checking health"):
@@ -195,6 +211,11 @@ class ProxyApp:
             report.update(status="unavailable", redis="unavailable")
             return 503, report
         report["outbox"] = depth.model_dump() | {"outstanding": depth.outstanding}
+        problems = self.durability.problems()
+        if worker is not None and worker.state == "failing":
+            problems.append("worker_failing")
+        if problems:
+            report.update(status="degraded", problems=problems)
         return 200, report
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -203,6 +224,10 @@ class ProxyApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
+                except DualwriteError as exc:  # says what to fix: no traceback (the server logs it)
+                    await self.aclose()
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 except Exception as exc:
                     log.exception("the proxy could not start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -214,13 +239,19 @@ class ProxyApp:
                 return
 
     async def startup(self) -> None:
-        """Start the engine (and its outbox worker) if the app owns it; warn about a missing key."""
+        """Check Redis's durability settings and watch for data loss (``dualwrite.durability``),
+        then start the engine (and its outbox worker) if the app owns it; warn about a missing key.
+
+        Raises:
+            RedisEvictionError: Redis may evict keys and ``[redis] allow_eviction`` is off.
+        """
         if self.settings.api_key() is None:
             log.warning(
                 "STRIPE_API_KEY is not set: callers' requests are forwarded with their own keys, "
                 "but shadow writes (written later by the outbox worker, which never sees a "
                 "caller's key) will fail until it is set in the proxy's environment"
             )
+        await self.durability.start()
         await self._ensure_started()
 
     async def _ensure_started(self) -> None:
@@ -229,6 +260,7 @@ class ProxyApp:
 
     async def aclose(self) -> None:
         """Stop the engine's worker and close the engine (if the app built it) and the pool."""
+        await self.durability.aclose()
         if self._owns_engine:
             await self.engine.aclose()
         await self.upstream.aclose()

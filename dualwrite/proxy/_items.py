@@ -8,8 +8,9 @@ key, names the meter through ``settings.meters`` (``legacy_prices`` / ``lookup_k
 What is cached is the mapping and a digest of the meter configuration it came from (a changed
 mapping invalidates it), never the caller's key. An item whose price maps to no meter is remembered
 as unmapped for a few minutes, so that its usage is forwarded without a Stripe read on every
-request. Every usage request forwarded without a mapping is counted per item
-(``P:{items}:unmapped``); the report shows the count.
+request. Every usage request forwarded without a mapping that Stripe accepted is counted per item
+(``P:{items}:unmapped``, at most ``UNMAPPED_ITEMS_MAX`` items, the rest together); the report
+shows the count.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -33,7 +35,10 @@ from dualwrite.stripe_io import ItemDetails
 
 __all__ = [
     "ITEM_CACHE_TTL_SECONDS",
+    "OTHER_ITEMS",
     "UNMAPPED_CACHE_TTL_SECONDS",
+    "UNMAPPED_ITEMS_MAX",
+    "UNMAPPED_LOG_SECONDS",
     "ItemLookup",
     "ItemResolver",
     "LookupFailed",
@@ -49,7 +54,21 @@ log = logging.getLogger("dualwrite.proxy")
 ITEM_CACHE_TTL_SECONDS = 7 * 86400
 #: How long "this item maps to no meter" is remembered (adding a mapping takes effect after this).
 UNMAPPED_CACHE_TTL_SECONDS = 300
-_WARNED_MAX = 10_000
+#: Distinct items counted as unmapped; past it, further items are counted together.
+UNMAPPED_ITEMS_MAX = 10_000
+#: The field the items past ``UNMAPPED_ITEMS_MAX`` are counted in.
+OTHER_ITEMS = "(other items)"
+#: At most one "forwarded, not dual-written" line per this many seconds (per process).
+UNMAPPED_LOG_SECONDS = 60.0
+
+# KEYS: the unmapped counts; ARGV: item, cap, the overflow field. The item's own count while the
+# hash holds fewer than ``cap`` items (or already holds it), else the overflow field's.
+_COUNT_UNMAPPED = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 or redis.call('HLEN', KEYS[1]) < tonumber(ARGV[2]) then
+  return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
+return redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +153,9 @@ class ItemResolver:
         self._unmapped_ttl = unmapped_ttl
         # One Stripe read per item (and caller key) at a time, however many requests wait for it.
         self._inflight: dict[tuple[str, str], asyncio.Future[Resolution]] = {}
-        self._warned: set[str] = set()
+        self._count_unmapped = redis.register_script(_COUNT_UNMAPPED)
+        self._logged_at = -UNMAPPED_LOG_SECONDS
+        self._unlogged = 0
 
     async def resolve(self, item: str, *, api_key: str) -> Resolution:
         """The mapping of ``item``: from config, the cache, or Stripe (read with ``api_key``)."""
@@ -153,16 +174,27 @@ class ItemResolver:
         return await asyncio.shield(future)
 
     async def count_unmapped(self, item: str, reason: str) -> None:
-        """Count one usage request forwarded untouched for ``item`` (logged once per item)."""
+        """Count one usage request Stripe accepted for ``item`` without a dual write (the count
+        set holds at most ``UNMAPPED_ITEMS_MAX`` items; the line saying so is logged at most
+        once a minute, with how many it stood for)."""
         count_unmapped()
-        if item not in self._warned and len(self._warned) < _WARNED_MAX:
-            self._warned.add(item)
+        now = time.monotonic()
+        if now - self._logged_at < UNMAPPED_LOG_SECONDS:
+            self._unlogged += 1
+        else:
+            more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
             log.warning(
-                "usage for subscription item %s is forwarded, not dual-written: %s", item, reason
+                "usage for subscription item %s is forwarded, not dual-written: %s%s",
+                item,
+                reason,
+                more,
             )
+            self._logged_at, self._unlogged = now, 0
         try:
             async with store_errors("counting an unmapped item"):
-                await self._redis.hincrby(self._keys.items_unmapped, item, 1)
+                await self._count_unmapped(
+                    keys=[self._keys.items_unmapped], args=[item, UNMAPPED_ITEMS_MAX, OTHER_ITEMS]
+                )
         except StoreUnavailableError:
             log.warning("Redis unavailable: unmapped usage for %s not counted", item)
 

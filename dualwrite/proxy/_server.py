@@ -6,6 +6,11 @@ worker, and on SIGTERM uvicorn stops accepting, lets in-flight requests finish (
 ``graceful_seconds``), then runs the lifespan shutdown, which stops the worker; outbox entries it
 had not finished stay pending and another worker claims them.
 
+The server's HTTP protocol is uvicorn's httptools one with the ``[proxy]`` limits
+(``dualwrite.proxy._protocol``: header size and count, time to receive headers and body,
+connections, keep-alive), and ``run_proxy`` raises the process's open-file limit to fit the
+connections (or lowers the connection cap, with a warning, when the hard limit is lower).
+
 The server parses HTTP with httptools and runs on uvloop (where uvloop exists: not on Windows),
 rather than uvicorn's pure-Python h11 and asyncio's loop: with aiohttp upstream, that halves the
 proxy's CPU per forwarded call (``bench/proxy_overhead.py``). ``dualwrite serve
@@ -16,17 +21,24 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
 
-from dualwrite.config import Settings
+from dualwrite.config import ProxySettings, Settings
 from dualwrite.exceptions import DualwriteError
 from dualwrite.logging import LogFormat, log_config
 from dualwrite.proxy._app import DEFAULT_MAX_BODY_BYTES, ProxyApp
+from dualwrite.proxy._protocol import limited_protocol
 from dualwrite.threaded import serve_in_thread
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows has no resource module (nor RLIMIT_NOFILE)
+    resource = None  # type: ignore[assignment]
 
 __all__ = ["HTTP_IMPLEMENTATION", "LOOP_IMPLEMENTATION", "RunningProxy", "run_proxy", "serve_proxy"]
 
@@ -36,6 +48,12 @@ HTTP_IMPLEMENTATION = "httptools"
 LOOP_IMPLEMENTATION = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 _ANY_ADDRESS = {"", "0.0.0.0", "::"}
+#: Descriptors kept free beside the callers' connections and the pools (Redis's, two to Stripe).
+FD_SPARE = 64
+#: The Redis pool of one process (``open_redis``'s default).
+_REDIS_POOL = 256
+
+log = logging.getLogger("dualwrite.proxy")
 
 
 class RunningProxy:
@@ -90,7 +108,9 @@ def _config(
         port=port,
         lifespan="on",
         ws="none",
-        http=HTTP_IMPLEMENTATION,
+        # httptools, with the [proxy] limits (uvicorn's own has none on headers or slow callers).
+        http=limited_protocol(fit_connections(settings)),
+        timeout_keep_alive=settings.proxy.keep_alive_timeout,
         loop=LOOP_IMPLEMENTATION,
         # The app writes its own access lines (path templates, durations: ``dualwrite.access``).
         access_log=False,
@@ -102,6 +122,41 @@ def _config(
         log_config=None if quiet else _log_config(settings.log_format),
         timeout_graceful_shutdown=int(graceful_seconds),
     )
+
+
+def fit_connections(settings: Settings) -> ProxySettings:
+    """``[proxy]`` with a connection cap the process can hold beside its own pools (Redis, and
+    Stripe twice: the upstream and the writer): the open-file limit is raised, up to the hard
+    limit, to fit; when it cannot go that high the cap is lowered, with a warning (past the cap
+    callers get 503, never a refused accept)."""
+    limits = settings.proxy
+    if resource is None:  # pragma: no cover - Windows
+        return limits
+    reserve = _REDIS_POOL + 2 * settings.stripe.max_connections + FD_SPARE
+    wanted = limits.max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return limits
+    fitted = max(16, soft - reserve)
+    log.warning(
+        "the open-file limit (%d, hard %s) holds %d caller connections beside the Redis and "
+        "Stripe pools, not [proxy] max_connections = %d: past %d the oldest connections still "
+        "waiting for headers make room, else callers get 503 (raise the limit: ulimit -n, "
+        "LimitNOFILE=)",
+        soft,
+        hard,
+        fitted,
+        limits.max_connections,
+        fitted,
+    )
+    return limits.model_copy(update={"max_connections": fitted})
 
 
 def run_proxy(

@@ -200,10 +200,8 @@ class UsageInterceptor:
             await self._forward(scope, send, raw_target, body)
             return
         if any(name.lower() in _CONNECT_HEADERS for name, _ in headers):
-            await self._items.count_unmapped(
-                item, "Connect requests (Stripe-Account, Stripe-Context) are not dual-written"
-            )
-            await self._forward(scope, send, raw_target, body)
+            reason = "Connect requests (Stripe-Account, Stripe-Context) are not dual-written"
+            await self._forward(scope, send, raw_target, body, unmapped=(item, reason))
             return
         resolution = await self._items.resolve(item, api_key=api_key)
         if isinstance(resolution, LookupFailed):
@@ -211,16 +209,12 @@ class UsageInterceptor:
             if failure.retryable:
                 await _refusal(failure)(scope, receive, send)
                 return
-            if failure.http_status not in (401, 404):
-                # Stripe may accept the usage record with this key: it reaches legacy only.
-                await self._items.count_unmapped(
-                    item, f"the item could not be read ({failure.type}: {failure.message})"
-                )
-            await self._forward(scope, send, raw_target, body)
+            # Stripe may accept the usage record with this key: it reaches legacy only.
+            reason = f"the item could not be read ({failure.type}: {failure.message})"
+            await self._forward(scope, send, raw_target, body, unmapped=(item, reason))
             return
         if isinstance(resolution, Unmapped):
-            await self._items.count_unmapped(item, resolution.reason)
-            await self._forward(scope, send, raw_target, body)
+            await self._forward(scope, send, raw_target, body, unmapped=(item, resolution.reason))
             return
         mapping = ItemMapping.model_construct(
             customer=resolution.customer, event_name=resolution.event_name
@@ -288,10 +282,21 @@ class UsageInterceptor:
             response = self._own_reply(outcome, scope["headers"])
         await response(scope, receive, send)
 
-    async def _forward(self, scope: Scope, send: Send, raw_target: bytes, body: bytes) -> None:
-        await send_reply(
-            await self._upstream.exchange(scope, raw_target=raw_target, body=body), send
-        )
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        raw_target: bytes,
+        body: bytes,
+        *,
+        unmapped: tuple[str, str] | None = None,
+    ) -> None:
+        """Forward the caller's request as it is; ``unmapped`` (item, why) is counted only once
+        Stripe accepted the usage (a refused or anonymous request counts nothing)."""
+        reply = await self._upstream.exchange(scope, raw_target=raw_target, body=body)
+        if unmapped is not None and reply.failure is None and 200 <= reply.status < 300:
+            await self._items.count_unmapped(*unmapped)
+        await send_reply(reply, send)
 
     def _own_reply(
         self, outcome: RecordOutcome, request_headers: list[tuple[bytes, bytes]]

@@ -15,6 +15,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from dualwrite.config import ReportSettings
+from dualwrite.durability import RECLEAR_HINT, DataLoss, read_durability, read_loss
 from dualwrite.engine import StageSource
 from dualwrite.idempotency import IdempotencyStore
 from dualwrite.keys import KeySpace
@@ -31,6 +32,7 @@ from dualwrite.report._models import (
     LegTotals,
     Report,
     UnmappedItems,
+    Verdict,
     legacy_held,
     trusted,
 )
@@ -78,6 +80,20 @@ async def read_unmapped(redis: aioredis.Redis, keys: KeySpace) -> UnmappedItems:
     counts = {str(as_str(item)): as_int(count) for item, count in raw.items()}
     top = dict(sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:10])
     return UnmappedItems(items=len(counts), requests=sum(counts.values()), top=top)
+
+
+def _unverified(line: CustomerReport, loss: DataLoss) -> CustomerReport:
+    """A line once Redis lost data: ``parity`` becomes ``unverified`` and nobody is ready."""
+    if line.status != "parity" and not line.verdict.ready:
+        return line
+    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(loss.since))
+    verdict = Verdict(
+        ready=False,
+        next_stage=line.verdict.next_stage,
+        reason=f"ledger incomplete since {since} (Redis data lost): {RECLEAR_HINT}",
+    )
+    status = "unverified" if line.status == "parity" else line.status
+    return line.model_copy(update={"status": status, "verdict": verdict})
 
 
 async def _stages(resolver: StageSource, customers: Sequence[str]) -> dict[str, Stage]:
@@ -287,6 +303,7 @@ async def build_report(
         mine = recent.setdefault(record.customer, [])
         if len(mine) < RECENT_DIVERGENCES:
             mine.append(record)
+    loss = await read_loss(ledger.redis, ledger.keys)
     customers: list[CustomerReport] = []
     with collector_paused():
         for name in names:
@@ -304,7 +321,7 @@ async def build_report(
             )
             if only_divergent and line.status != "diverged":
                 continue
-            customers.append(line)
+            customers.append(line if loss is None else _unverified(line, loss))
     divergences = log[: max(divergence_limit, 0)]
     if stage is not None or only_divergent:
         shown = {line.customer for line in customers}
@@ -319,4 +336,6 @@ async def build_report(
         unmapped=await read_unmapped(ledger.redis, ledger.keys),
         backpressure=await read_backpressure(ledger.redis, ledger.keys),
         readiness_rule=rule.describe(),
+        redis_persistence=(await read_durability(ledger.redis)).persistence,
+        ledger_incomplete_since=loss.since if loss is not None else None,
     )

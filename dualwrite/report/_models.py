@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any, Literal, TypeVar
 
@@ -24,11 +25,12 @@ __all__ = [
     "legacy_held",
 ]
 
-CustomerStatus = Literal["parity", "pending", "diverged"]
+CustomerStatus = Literal["parity", "pending", "diverged", "unverified"]
 """``parity``: each leg holds what it should; ``pending``: shadow writes still queued or retrying,
 or events claimed and not yet committed (in flight, or waiting for recovery after a crash or a
 write Stripe never answered); ``diverged``: a write was refused for good, expired, or refused
-late."""
+late; ``unverified``: the legs look equal but Redis lost data (``Report.ledger_incomplete_since``),
+so the ledger cannot vouch for it."""
 
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -276,6 +278,38 @@ class Report(BaseModel):
     ``<limit>_waited_ms``, ``<limit>_held_back``."""
     readiness_rule: str = ""
     """The rule the verdicts follow, in words."""
+    redis_persistence: Literal["aof", "rdb", "none", "unknown"] | None = None
+    """What survives a Redis restart (``dualwrite.durability``): an append-only file, RDB
+    snapshots only, nothing, or unknown (``CONFIG`` refused); None when not read."""
+    ledger_incomplete_since: float | None = None
+    """When Redis lost data (Unix seconds), as its data-loss markers record: the ledger may miss
+    usage from then on, so no customer is at ``parity`` (``unverified`` instead) and none is ready,
+    until ``dualwrite reconcile`` and ``dualwrite durability --clear-loss``."""
+
+    @property
+    def redis_warnings(self) -> list[str]:
+        """What the report must say first about Redis: a data loss, no persistence."""
+        found = []
+        if self.ledger_incomplete_since is not None:
+            since = time.strftime(
+                "%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.ledger_incomplete_since)
+            )
+            found.append(
+                f"ledger incomplete since {since} (Redis data lost): no customer is shown at "
+                "parity. Run `dualwrite reconcile` for the periods since then, then "
+                "`dualwrite durability --clear-loss`"
+            )
+        if self.redis_persistence == "none":
+            found.append(
+                "Redis has no persistence: a restart loses the outbox, the ledger and every "
+                "stage (set appendonly yes, appendfsync everysec)"
+            )
+        elif self.redis_persistence == "rdb":
+            found.append(
+                "Redis keeps RDB snapshots only: a restart loses what was written since the last "
+                "snapshot (set appendonly yes, appendfsync everysec)"
+            )
+        return found
 
     @property
     def divergent_customers(self) -> int:

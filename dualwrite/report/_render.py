@@ -15,8 +15,13 @@ from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerRepor
 
 __all__ = ["CSV_COLUMNS", "attention_rank", "render_csv", "render_table"]
 
-_STATUS_STYLE = {"parity": "green", "pending": "yellow", "diverged": "bold red"}
-_STATUS_ORDER = {"diverged": 0, "pending": 1, "parity": 2}
+_STATUS_STYLE = {
+    "parity": "green",
+    "pending": "yellow",
+    "diverged": "bold red",
+    "unverified": "yellow",
+}
+_STATUS_ORDER = {"diverged": 0, "pending": 1, "unverified": 2, "parity": 3}
 
 CSV_COLUMNS = (
     "customer",
@@ -147,7 +152,10 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
             _drift_cell(line),
             _money_cell(line),
         )
-    parts: list[Table | Text] = [table]
+    parts: list[Table | Text] = [
+        Text(f"WARNING: {warning}", style="bold red") for warning in report.redis_warnings
+    ]
+    parts.append(table)
     counts = {status: 0 for status in _STATUS_ORDER}
     for line in report.customers:
         counts[line.status] += 1

@@ -181,7 +181,7 @@ def summarise(report: Report) -> Summary:
     """Count customers per stage and status, and add up both legs."""
     customers = report.customers
     by_stage = dict.fromkeys((stage.value for stage in Stage), 0)
-    by_status = dict.fromkeys(("parity", "pending", "diverged"), 0)
+    by_status = dict.fromkeys(("parity", "pending", "diverged", "unverified"), 0)
     for customer in customers:
         by_stage[customer.stage.value] = by_stage.get(customer.stage.value, 0) + 1
         by_status[customer.status] = by_status.get(customer.status, 0) + 1
