@@ -13,7 +13,7 @@ from rich.console import Console
 
 from dualwrite.config import ReportSettings, Settings
 from dualwrite.engine import DualWriteEngine
-from dualwrite.models import Leg, RecordOutcome, Stage, utc_day
+from dualwrite.models import Leg, Stage, utc_day
 from dualwrite.outbox import OutboxWorker
 from dualwrite.report import (
     CSV_COLUMNS,
@@ -26,6 +26,7 @@ from dualwrite.report import (
 )
 from dualwrite.testing import StripeStandin
 from tests.conftest import SettingsFactory
+from tests.oracle import Oracle
 from tests.support import (
     EVENT_NAME,
     Scenario,
@@ -56,10 +57,10 @@ async def drain(engine: DualWriteEngine) -> None:
 
 @dataclass
 class Traffic:
-    """What was sent: a scenario per role, and every outcome ``engine.record()`` returned."""
+    """What was sent: a scenario per role, and what each caller was told (the oracle)."""
 
     scenarios: dict[str, Scenario]
-    outcomes: list[RecordOutcome] = field(default_factory=list)
+    oracle: Oracle = field(default_factory=Oracle)
     old_period: str = ""
 
     def customer(self, role: str) -> str:
@@ -83,6 +84,30 @@ QUANTITIES = {
 }
 
 
+async def send(
+    engine: DualWriteEngine,
+    sent: Traffic,
+    role: str,
+    quantity: int,
+    *,
+    accepted: bool = True,
+    timestamp: int | None = None,
+) -> None:
+    """Record usage through the engine, check the caller gets the answer the test planned, and tell
+    the oracle (the planned answer and the planned fate of the shadow, not the engine's outcome)."""
+    event = usage(sent.scenarios[role], quantity, timestamp=timestamp)
+    outcome = await engine.record(event)
+    assert outcome.accepted is accepted, outcome.authoritative.failure
+    refused = role == "refused" and quantity == REFUSED_QTY
+    sent.oracle.tell(
+        sent.scenarios[role],
+        quantity,
+        timestamp=event.timestamp,
+        accepted=accepted,
+        shadow="refused" if refused else "accepted",
+    )
+
+
 @pytest.fixture
 async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
     """Usage for a customer at each stage (two at shadow), not yet drained.
@@ -94,39 +119,24 @@ async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
     sent = Traffic({role: await builder.customer(role.title()) for role in ROLES})
     for role, stage in ROLES.items():
         await set_stage(engine, sent.customer(role), stage)
+        sent.oracle.set_stage(sent.scenarios[role], stage)
     refuse_meter_event(standin, sent.customer("refused"), REFUSED_QTY)
     refuse_usage_record_once(standin, sent.scenarios["legacy"].item)
-    sent.outcomes.append(await engine.record(usage(sent.scenarios["legacy"], 50)))
-    assert not sent.outcomes[-1].accepted
+    await send(engine, sent, "legacy", 50, accepted=False)
     for role, quantities in QUANTITIES.items():
         for quantity in quantities:
-            sent.outcomes.append(await engine.record(usage(sent.scenarios[role], quantity)))
+            await send(engine, sent, role, quantity)
     old = int(time.time()) - 2 * DAY
     sent.old_period = utc_day(old)
-    sent.outcomes.append(await engine.record(usage(sent.scenarios["meter"], 4, timestamp=old)))
+    await send(engine, sent, "meter", 4, timestamp=old)
     return sent
 
 
 def expected_legs(traffic: Traffic, customer: str) -> dict[Leg, LegTotals]:
-    """Each leg's totals as the outcomes say they must be once drained."""
-    sums = {leg: dict.fromkeys(LegTotals.model_fields, 0) for leg in Leg}
-    for outcome in traffic.outcomes:
-        if outcome.event.customer != customer:
-            continue
-        authoritative = outcome.authoritative.leg
-        if not outcome.accepted:
-            sums[authoritative]["refused_events"] += 1
-            continue
-        quantity = outcome.event.quantity
-        legs = [authoritative] + ([outcome.shadow_leg] if outcome.shadow_leg else [])
-        for leg in legs:
-            sums[leg]["expected_events"] += 1
-            sums[leg]["expected_qty"] += quantity
-            refused = customer == traffic.customer("refused") and leg is Leg.METER
-            outcome_kind = "failed" if refused and quantity == REFUSED_QTY else "accepted"
-            sums[leg][f"{outcome_kind}_events"] += 1
-            sums[leg][f"{outcome_kind}_qty"] += quantity
-    return {leg: LegTotals(**values) for leg, values in sums.items()}
+    """Each leg's totals once drained, from what callers were told at the stages the test set."""
+    return {
+        leg: LegTotals.model_validate(dict(traffic.oracle.expected(customer, leg))) for leg in Leg
+    }
 
 
 def rows_by_customer(report: Report) -> dict[str, CustomerReport]:
@@ -137,9 +147,12 @@ def rows_by_customer(report: Report) -> dict[str, CustomerReport]:
 class TestTotals:
     """The report's totals are the sum of what engine.record() reported, per customer and leg."""
 
-    async def test_totals_equal_recorded_outcomes(self, engine, traffic, standin):
-        """After draining, each leg's counters equal the outcomes', and Stripe's own totals."""
+    async def test_totals_equal_what_callers_were_told(self, engine, builder, traffic, standin):
+        """After draining, each leg's counters equal what callers were told at the stages the test
+        set, and so do Stripe's own summaries and every ledger row."""
         await drain(engine)
+        await traffic.oracle.assert_stripe(builder.client)
+        await traffic.oracle.assert_ledger(engine.ledger)
         report = await build_report(engine.ledger, engine.resolver)
         rows = rows_by_customer(report)
         assert set(rows) == {traffic.customer(role) for role in ROLES}
@@ -147,9 +160,9 @@ class TestTotals:
             scenario = traffic.scenarios[role]
             row = rows[scenario.customer]
             accepted = [
-                o.event.quantity
-                for o in traffic.outcomes
-                if o.event.customer == scenario.customer and o.accepted
+                told.quantity
+                for told in traffic.oracle.told
+                if told.scenario is scenario and told.accepted
             ]
             expected = expected_legs(traffic, scenario.customer)
             assert row.stage is stage
