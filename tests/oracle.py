@@ -145,8 +145,9 @@ class Oracle:
                         name: row[f"{leg.value}_{name}"]
                         for name in (*want, "accepted_qty", "failed_qty", "retired_qty")
                     }
-                    assert got == {name: want[name] for name in got}, (
-                        f"ledger of {customer} in {row.period}, {leg.value} leg"
+                    wanted = {name: want[name] for name in got}
+                    assert got == wanted, (
+                        f"ledger of {customer} in {row.period}, {leg.value} leg: {got} != {wanted}"
                     )
                 told = list(self._of(customer, span.start, span.end))
                 accepted = [t for t in told if t.accepted]
