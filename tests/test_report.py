@@ -19,6 +19,7 @@ from dualwrite.report import (
     CSV_COLUMNS,
     CustomerReport,
     LegTotals,
+    ReadinessRule,
     Report,
     build_report,
     render_csv,
@@ -439,3 +440,57 @@ class TestReadiness:
             )
         )
         assert not later[traffic.customer("shadow")].verdict.ready
+
+
+def clean_period(stage: Stage, legacy: int, meter: int) -> dict[str, int]:
+    """One period's counters: ``events`` at ``stage``, each leg settled with what it expected."""
+    return {
+        "events": 4,
+        "quantity": legacy,
+        f"stage_{stage.value}_events": 4,
+        "legacy_expected_qty": legacy,
+        "legacy_accepted_qty": legacy,
+        "meter_expected_qty": meter,
+        "meter_accepted_qty": meter,
+    }
+
+
+#: Closed UTC days, long past whatever ``now`` a test runs at.
+CLOSED_DAYS = ("2025-01-05", "2025-01-06", "2025-01-07", "2025-01-08")
+
+
+class TestReadinessRule:
+    """The verdict's rule itself, on counters the test writes: each clause decides on its own."""
+
+    @pytest.mark.parametrize(
+        ("max_pct", "meter", "ready"),
+        [(5, 97, True), (2, 97, False), (0, 100, True), (0, 99, False), (3, 97, True)],
+    )
+    def test_the_difference_allowed_between_legs(self, max_pct, meter, ready):
+        """A settled period whose legs hold 100 and ``meter`` counts only within max_difference_pct."""
+        rule = ReadinessRule(ReportSettings(readiness_max_difference_pct=max_pct), now=time.time())
+        verdict = rule.verdict_by_period(
+            Stage.SHADOW, {CLOSED_DAYS[0]: clean_period(Stage.SHADOW, 100, meter)}
+        )
+        assert (verdict.ready, verdict.next_stage) == (ready, Stage.PRIMARY)
+
+    @pytest.mark.parametrize("dead_at", [0, 3])
+    @pytest.mark.parametrize("stage", [Stage.SHADOW, Stage.PRIMARY])
+    def test_a_dead_letter_is_never_outweighed(self, stage, dead_at):
+        """Three clean closed periods and one with a dead letter (first or last): not ready, even
+        when one clean period is all the rule asks for."""
+        rule = ReadinessRule(ReportSettings(readiness_closed_periods=1), now=time.time())
+        periods = {day: clean_period(stage, 10, 10) for day in CLOSED_DAYS}
+        periods[CLOSED_DAYS[dead_at]] |= {"meter_failed_events": 1, "meter_failed_qty": 10}
+        verdict = rule.verdict_by_period(stage, periods)
+        assert not verdict.ready
+        periods[CLOSED_DAYS[dead_at]] = clean_period(stage, 10, 10)
+        assert rule.verdict_by_period(stage, periods).ready  # the dead letter alone decided
+
+    def test_closed_periods_counted_at_the_stage_only(self):
+        """Periods spent partly at another stage do not count towards the required number."""
+        rule = ReadinessRule(ReportSettings(readiness_closed_periods=2), now=time.time())
+        periods = {day: clean_period(Stage.SHADOW, 10, 10) for day in CLOSED_DAYS[:2]}
+        assert rule.verdict_by_period(Stage.SHADOW, periods).ready
+        periods[CLOSED_DAYS[1]] = {**periods[CLOSED_DAYS[1]], "stage_shadow_events": 3}
+        assert not rule.verdict_by_period(Stage.SHADOW, periods).ready
