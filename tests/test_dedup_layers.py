@@ -82,6 +82,17 @@ async def staged(engine: DualWriteEngine, scenario: Scenario, stage: Stage) -> O
     return oracle
 
 
+async def accepted(
+    engine: DualWriteEngine, oracle: Oracle, scenario: Scenario, quantity: int, identifier: str
+) -> None:
+    """Record usage (sent now) through the engine, check it was accepted, tell the oracle."""
+    sent_at = int(time.time())
+    event = usage(scenario, quantity, identifier=identifier, timestamp=sent_at)
+    outcome = await engine.record(event)
+    assert outcome.accepted, outcome.authoritative.failure
+    oracle.tell(scenario, quantity, timestamp=sent_at, accepted=True)
+
+
 def caller_event(scenario: Scenario, quantity: int, key: str, *, at: int) -> UsageEvent:
     """Usage with the caller's Idempotency-Key, its timestamp ``now`` fixed at intercept ``at``."""
     return usage(scenario, quantity, identifier=key, timestamp=at).model_copy(
@@ -191,11 +202,8 @@ class TestMeterIdentifier:
         scenario = await builder.customer()
         async with engine_on(settings) as engine:
             oracle = await staged(engine, scenario, Stage.SHADOW)
-            sent_at = int(time.time())
             for index, quantity in enumerate((3, 5)):
-                event = usage(scenario, quantity, identifier=f"stream-{index}", timestamp=sent_at)
-                assert (await engine.record(event)).accepted
-                oracle.tell(scenario, quantity, timestamp=sent_at, accepted=True)
+                await accepted(engine, oracle, scenario, quantity, f"stream-{index}")
             lose_replies(standin, STREAM_PATH)
             worker = engine.new_worker(consumer="streamer")
             with anyio.fail_after(10):
@@ -217,11 +225,7 @@ class TestMeterIdentifier:
         the v2 stream, which carries no Idempotency-Key: the identifier dedupes it."""
         scenario = await builder.customer()
         oracle = await staged(engine, scenario, Stage.SHADOW)
-        sent_at = int(time.time())
-        assert (
-            await engine.record(usage(scenario, 7, identifier="deploy", timestamp=sent_at))
-        ).accepted
-        oracle.tell(scenario, 7, timestamp=sent_at, accepted=True)
+        await accepted(engine, oracle, scenario, 7, "deploy")
         lose_replies(standin, METER_PATH)
         worker = OutboxWorker(engine.outbox, engine.writer, consumer="v1")
         with anyio.fail_after(10):
@@ -247,11 +251,7 @@ class TestXackGuard:
         it; the first then delivers it too. Stripe dedupes the write; the ledger counts it once."""
         scenario = await builder.customer()
         oracle = await staged(engine, scenario, Stage.SHADOW)
-        sent_at = int(time.time())
-        assert (
-            await engine.record(usage(scenario, 5, identifier="xack", timestamp=sent_at))
-        ).accepted
-        oracle.tell(scenario, 5, timestamp=sent_at, accepted=True)
+        await accepted(engine, oracle, scenario, 5, "xack")
         await engine.outbox.ensure_groups()
         [(shard, entry_id, payload)] = await engine.outbox.read("stalled", count=1, block_ms=None)
         claimer = OutboxWorker(engine.outbox, engine.writer, consumer="claimer")
