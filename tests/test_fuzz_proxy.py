@@ -222,7 +222,9 @@ class TestUsageRecordFuzz:
             f"/v1/subscription_items/{item}/usage_records", content=body, headers=headers
         )
         dual_written = not connect and auth in ("bearer", "basic")
-        sent = Sent.in_pairs(fields) if raw is None else None
+        # Only what the proxy parses is read by the test: a request it forwards as is (Connect,
+        # another key) is parsed by Stripe, whose rules (a repeated field) are Stripe's.
+        sent = Sent.in_pairs(fields) if raw is None and dual_written else None
         await oracle.check(
             before, response, scenario=scenario, dual_written=dual_written, sent=sent
         )
