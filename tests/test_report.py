@@ -494,3 +494,17 @@ class TestReadinessRule:
         assert rule.verdict_by_period(Stage.SHADOW, periods).ready
         periods[CLOSED_DAYS[1]] = {**periods[CLOSED_DAYS[1]], "stage_shadow_events": 3}
         assert not rule.verdict_by_period(Stage.SHADOW, periods).ready
+
+    @pytest.mark.parametrize("leg", ["legacy", "meter"])
+    def test_a_leg_still_pending_is_not_ready(self, leg):
+        """Both legs hold 5, but one still expects 10 (a shadow in flight): not settled, not ready."""
+        rule = ReadinessRule(ReportSettings(), now=time.time())
+        period = clean_period(Stage.SHADOW, 5, 5) | {f"{leg}_expected_qty": 10}
+        assert not rule.verdict_by_period(Stage.SHADOW, {CLOSED_DAYS[0]: period}).ready
+
+    def test_a_period_of_one_event_counts(self):
+        """One event, settled on both legs, makes a closed period that counts."""
+        rule = ReadinessRule(ReportSettings(), now=time.time())
+        period = clean_period(Stage.PRIMARY, 3, 3) | {"events": 1, "stage_primary_events": 1}
+        verdict = rule.verdict_by_period(Stage.PRIMARY, {CLOSED_DAYS[0]: period})
+        assert (verdict.ready, verdict.next_stage) == (True, Stage.METER)
