@@ -10,6 +10,7 @@ the reply says happened.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -86,6 +87,8 @@ ROUTES = (JSON_ROUTE, FORM_ROUTE, QUERY_ROUTE)
 NOW = int(time.time())
 HOSTILE_TEXT = st.one_of(
     st.text(max_size=30),
+    # Digits with leading zeros: valid, and easy for a parser to misread.
+    st.integers(min_value=0, max_value=10**9).map(lambda n: "0" * 5 + str(n)),
     st.sampled_from(
         [
             "",
@@ -167,6 +170,56 @@ def json_text(pairs: list[tuple[str, Any]]) -> str:
     return "{" + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in pairs) + "}"
 
 
+def whole_number(value: Any) -> int | None:
+    """The quantity a sent value stands for, read by the test itself (not by dualwrite's parser):
+    a JSON integer or integral float, or a string of ASCII digits, within ``0..MAX_METER_VALUE``;
+    None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not value.is_integer():
+            return None
+        value = int(value)
+    if isinstance(value, str):
+        if re.fullmatch(r"[0-9]+", value) is None:
+            return None
+        value = int(value)
+    if not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_METER_VALUE else None
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The quantity a request carried: the whole number it stands for, or None when the request
+    holds no single valid quantity (it must then be refused)."""
+
+    quantity: int | None
+
+    @classmethod
+    def of(cls, values: list[Any]) -> Sent:
+        """From every value the request sent as its quantity (a repeated field is refused)."""
+        return cls(whole_number(values[0]) if len(values) == 1 else None)
+
+    @classmethod
+    def in_pairs(cls, pairs: list[tuple[str, Any]], name: str = "quantity") -> Sent:
+        """From the values of ``name`` among form or query pairs."""
+        return cls.of([value for key, value in pairs if key == name])
+
+    def check(self, parsed: int) -> None:
+        """An accepted request's quantity is exactly the one sent."""
+        assert self.quantity is not None, f"accepted with no valid quantity sent (parsed {parsed})"
+        assert parsed == self.quantity, f"sent {self.quantity}, recorded {parsed}"
+
+
+def sent_in_usage(fields: list[tuple[str, Any]]) -> Sent:
+    """The quantity of a JSON body whose ``usage`` object holds it (``usage.quantity``)."""
+    usages = [value for key, value in fields if key == "usage"]
+    if len(usages) != 1 or not isinstance(usages[0], dict) or "quantity" not in usages[0]:
+        return Sent(None)
+    return Sent.of([usages[0]["quantity"]])
+
+
 # --------------------------------------------------------------------------------- build_event
 
 
@@ -178,6 +231,11 @@ JSON_TABLE = _route(JSON_ROUTE)
 FORM_TABLE = _route(FORM_ROUTE)
 QUERY_TABLE = _route(QUERY_ROUTE)
 ITEMS = {"si_known": ItemMapping(customer="cus_known", event_name=EVENT_NAME)}
+
+
+def pairs_or_raw_query(query: list[tuple[str, str]] | bytes) -> bytes:
+    """A query string: the pairs url-encoded, or raw bytes as they came."""
+    return query if isinstance(query, bytes) else urlencode(query).encode()
 
 
 def check_event_or_refusal(call: Any) -> UsageEvent | None:
@@ -196,8 +254,45 @@ def check_event_or_refusal(call: Any) -> UsageEvent | None:
     return event
 
 
+#: Every way a valid quantity may be written: integers up to 15 digits, integral floats (JSON),
+#: digit strings with and without leading zeros.
+VALID_QUANTITIES = st.one_of(
+    st.integers(min_value=0, max_value=MAX_METER_VALUE),
+    st.integers(min_value=0, max_value=10**6).map(float),
+    st.integers(min_value=0, max_value=MAX_METER_VALUE).map(str),
+    st.tuples(st.integers(min_value=1, max_value=30), st.integers(0, 10**9)).map(
+        lambda zeros_and_n: "0" * zeros_and_n[0] + str(zeros_and_n[1])
+    ),
+)
+
+
 class TestBuildEventFuzz:
     """``build_event`` returns a valid event or a ``UsageInputError``, whatever the request holds."""
+
+    @hypothesis_settings(max_examples=300, deadline=None)
+    @given(quantity=VALID_QUANTITIES, where=st.sampled_from(["json", "form", "query"]))
+    def test_valid_quantities_are_read_exactly(self, quantity, where):
+        """A valid quantity, however written, becomes exactly the number sent, on every route."""
+        expected = whole_number(quantity)
+        assert expected is not None  # the strategy makes valid quantities only
+        # Form and query values are text: a number is written in digits there (no "2.0").
+        text = quantity if isinstance(quantity, str) else str(expected)
+        if where == "json":
+            match = JSON_TABLE.match("POST", "/usage/cus_known")
+            body, query, headers = json_text([("usage", {"quantity": quantity})]).encode(), b"", []
+        elif where == "form":
+            match = FORM_TABLE.match("POST", "/form/usage")
+            body = urlencode([("item", "si_known"), ("quantity", text)]).encode()
+            query, headers = b"", [(b"x-customer", b"cus_known")]
+        else:
+            match = QUERY_TABLE.match("PUT", "/q/cus_known/usage")
+            body, headers = b"", []
+            query = urlencode([("item", "si_known"), ("quantity", text)]).encode()
+        assert match is not None
+        event = build_event(
+            match, query_string=query, headers=headers, body=body, now=NOW, items=ITEMS
+        )
+        assert event.quantity == expected
 
     @hypothesis_settings(max_examples=400, deadline=None)
     @given(
@@ -222,9 +317,11 @@ class TestBuildEventFuzz:
         match.path_params["customer"] = customer
         fields = [("usage", usage), ("timestamp", timestamp), ("action", action), *pairs]
         body = raw if raw is not None else json_text(fields).encode()
-        check_event_or_refusal(
+        event = check_event_or_refusal(
             lambda: build_event(match, query_string=b"", headers=[], body=body, now=NOW)
         )
+        if event is not None and raw is None:
+            sent_in_usage(fields).check(event.quantity)
 
     @hypothesis_settings(max_examples=400, deadline=None)
     @given(
@@ -259,6 +356,8 @@ class TestBuildEventFuzz:
         )
         if event is not None:
             assert len(body) <= 4096 and len(customers) <= 1
+            if raw is None:
+                Sent.in_pairs(pairs).check(event.quantity)
 
     @hypothesis_settings(max_examples=300, deadline=None)
     @given(
@@ -267,7 +366,7 @@ class TestBuildEventFuzz:
             st.lists(
                 st.tuples(st.sampled_from(["item", "quantity", "id", "zz"]), HOSTILE_TEXT),
                 max_size=6,
-            ).map(lambda pairs: urlencode(pairs).encode()),
+            ),
             st.binary(max_size=40),
         ),
         key=IDEMPOTENCY_KEYS,
@@ -278,11 +377,18 @@ class TestBuildEventFuzz:
         assert match is not None
         match.path_params["customer"] = customer
         headers = [] if key is None else [(b"idempotency-key", key.encode("latin-1"))]
-        check_event_or_refusal(
+        event = check_event_or_refusal(
             lambda: build_event(
-                match, query_string=query, headers=headers, body=b"", now=NOW, items=ITEMS
+                match,
+                query_string=pairs_or_raw_query(query),
+                headers=headers,
+                body=b"",
+                now=NOW,
+                items=ITEMS,
             )
         )
+        if event is not None and not isinstance(query, bytes):
+            Sent.in_pairs(query).check(event.quantity)
 
 
 # ---------------------------------------------------------------------- the middleware end to end
@@ -411,12 +517,17 @@ class Observer:
 class Oracle(Observer):
     """Checks one request's reply against what it did to Stripe and Redis."""
 
-    async def check(self, before: Snapshot, response: httpx.Response) -> None:
-        """A 2xx wrote exactly the recorded usage; a 4xx wrote none; nothing is a 5xx."""
+    async def check(
+        self, before: Snapshot, response: httpx.Response, sent: Sent | None = None
+    ) -> None:
+        """A 2xx wrote exactly the quantity ``sent`` (None: the test cannot tell, raw bytes), as
+        the app was told; a 4xx wrote none; nothing is a 5xx."""
         after = await self.observe(response)
         if 200 <= response.status_code < 300:
             data = response.json()
             assert data["recorded"] is True, data
+            if sent is not None:
+                sent.check(data["quantity"])
             self._check_written(data, before[0], after[0], before[2], after[2])
             return
         error = response.json()["error"]
@@ -543,7 +654,7 @@ class TestMiddlewareFuzz:
             headers[b"Idempotency-Key"] = key.encode("latin-1")
         before = await oracle.snapshot()
         response = await client.post(f"/usage/{customer}", content=body, headers=headers)
-        await oracle.check(before, response)
+        await oracle.check(before, response, Sent.of([quantity]))
 
     @FUZZ
     @given(
@@ -588,7 +699,11 @@ class TestMiddlewareFuzz:
         if "/" in customer:
             await untouched_non_usage_path(oracle, before, response)
             return
-        await oracle.check(before, response)
+        if response.status_code == 404 and quote(customer, safe="") != customer:
+            return  # an escaped character: neither the app nor the middleware has such a route
+        await oracle.check(
+            before, response, None if raw is not None else sent_in_usage(pairs + extra)
+        )
 
     @FUZZ
     @given(
@@ -630,7 +745,7 @@ class TestMiddlewareFuzz:
         response = await client.post(
             "/form/usage", content=urlencode(fields).encode(), headers=headers
         )
-        await oracle.check(before, response)
+        await oracle.check(before, response, Sent.in_pairs(fields))
 
     @FUZZ
     @given(
@@ -660,4 +775,4 @@ class TestMiddlewareFuzz:
         if "/" in customer:
             await untouched_non_usage_path(oracle, before, response)
             return
-        await oracle.check(before, response)
+        await oracle.check(before, response, Sent.in_pairs(fields))

@@ -66,7 +66,10 @@ class TestRates:
         """A rate of 0 turns the limit off."""
         limits = limits_for(clients[0], key_prefix, stream_events_per_second=0)
         for _ in range(100):
-            await limits.take("stream", cost=100, max_wait=0)
+            await limits.take("stream", cost=100, max_wait=0)  # raises if anything is limited
+        assert limits.stats.grants.get("stream", 0) == 0  # never asked the shared rate
+        assert limits.stats.refused == 0 and not limits.stats.waits
+        assert await clients[1].exists(KeySpace(key_prefix).rate_limit("stream")) == 0
 
     async def test_a_batch_costs_its_size(self, clients, key_prefix):
         """A cost larger than the burst still passes once, and uses up the allowance."""
@@ -180,11 +183,17 @@ class TestMeterTurns:
     async def test_other_customers_do_not_wait(self, clients, key_prefix):
         """A held turn for one customer leaves another customer free."""
         limits = limits_for(clients[0], key_prefix)
+        keys = KeySpace(key_prefix)
         async with (
-            limits.meter_turn("cus_1", "api", max_wait=0),
-            limits.meter_turn("cus_2", "api", max_wait=0),
+            limits.meter_turn("cus_1", "api", max_wait=0) as first,
+            limits.meter_turn("cus_2", "api", max_wait=0) as second,
         ):
-            pass
+            # Both held at once, each on its own lease: neither waited, neither was refused.
+            assert first is not None and second is not None and first.key != second.key
+            for customer, turn in (("cus_1", first), ("cus_2", second)):
+                key = keys.for_customer(customer).meter_turn(customer, "api")
+                assert turn.key == key and await clients[1].get(key) == turn.token
+        assert limits.stats.refused == 0 and not limits.stats.waits
 
     async def test_busy_turn_refused_after_max_wait(self, clients, key_prefix):
         """A turn held longer than max_wait refuses the second caller."""
@@ -195,21 +204,33 @@ class TestMeterTurns:
                     pass
 
     async def test_dead_holders_lease_expires(self, clients, key_prefix):
-        """A turn never released (its process died) frees itself after the lease."""
-        limits = limits_for(clients[0], key_prefix, turn_lease_seconds=0.2)
-        key = KeySpace(key_prefix).for_customer("cus_9").meter_turn("cus_9", "api")
-        await clients[0].set(key, "dead-process", px=200)
-        async with limits.meter_turn("cus_9", "api", max_wait=2):
-            pass
+        """A turn never released (its process died) frees itself after the lease: the lease is
+        set on the turn when it is taken, and another process gets the turn once it runs out."""
+        dead, alive = (limits_for(client, key_prefix, turn_lease_seconds=0.3) for client in clients)
+        async with dead.meter_turn("cus_9", "api", max_wait=0) as turn:
+            assert turn is not None
+            turn.released = True  # the process dies holding it: nothing releases it on leaving
+        assert await clients[1].get(turn.key) == turn.token  # still held by the dead process
+        assert 0 < await clients[1].pttl(turn.key) <= 300  # ...on a lease, not forever
+        with pytest.raises(RateLimitedError):  # held: the living wait
+            async with alive.meter_turn("cus_9", "api", max_wait=0):
+                pass
+        async with alive.meter_turn("cus_9", "api", max_wait=5) as taken:
+            assert taken is not None and taken.token != turn.token
+            assert await clients[0].get(taken.key) == taken.token
+        assert alive.stats.waits.get("meter_turn", 0) == 1
 
     async def test_turns_can_be_switched_off(self, clients, key_prefix):
         """With one_meter_call_per_customer off, turns never block."""
         limits = limits_for(clients[0], key_prefix, one_meter_call_per_customer=False)
         async with (
-            limits.meter_turn("cus_1", "api", max_wait=0),
-            limits.meter_turn("cus_1", "api", max_wait=0),
+            limits.meter_turn("cus_1", "api", max_wait=0) as first,
+            limits.meter_turn("cus_1", "api", max_wait=0) as second,
         ):
-            pass
+            assert first is None and second is None  # no turn taken, none to wait for
+        key = KeySpace(key_prefix).for_customer("cus_1").meter_turn("cus_1", "api")
+        assert await clients[1].exists(key) == 0
+        assert limits.stats.refused == 0 and not limits.stats.waits
 
 
 class TestBackpressure:

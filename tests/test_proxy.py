@@ -28,6 +28,7 @@ from dualwrite.proxy import HEALTH_PATH, RunningProxy, create_proxy_app, record_
 from dualwrite.report import build_report, render_table
 from dualwrite.testing import StripeStandin, serve_standin
 from tests.conftest import STRIPE_KEY
+from tests.oracle import Oracle
 from tests.support import (
     EVENT_NAME,
     LEGACY_VERSION,
@@ -74,6 +75,25 @@ def stripe_client(url: str) -> tuple[stripe.StripeClient, stripe.HTTPXClient]:
     http_client = stripe.HTTPXClient()
     client = stripe.StripeClient(STRIPE_KEY, base_addresses={"api": url}, http_client=http_client)
     return client, http_client
+
+
+async def settled(engine: DualWriteEngine) -> None:
+    """Wait until the outbox holds nothing ready, pending or scheduled: every shadow write the proxy
+    enqueued (before it replied) is settled, so nothing more can reach Stripe."""
+    with anyio.fail_after(10):
+        while True:
+            depth = await engine.outbox.depth()
+            if depth.outstanding == 0 and depth.pending == 0:
+                return
+            await anyio.sleep(0.02)
+
+
+def told_at(scenario: Scenario, stage: Stage, quantity: int, timestamp: int) -> Oracle:
+    """An oracle told that one caller at ``stage`` had ``quantity`` accepted at ``timestamp``."""
+    oracle = Oracle()
+    oracle.set_stage(scenario, stage)
+    oracle.tell(scenario, quantity, timestamp=timestamp, accepted=True)
+    return oracle
 
 
 async def prefix_values(redis_url: str, prefix: str) -> list[str]:
@@ -266,13 +286,16 @@ class TestStagesThroughTheSDK:
     async def test_each_stage_replies_and_writes_its_legs(self, sdk, engine, builder, standin):
         """legacy/shadow get Stripe's record; primary/meter ours; both legs hold the right totals."""
         customers = {stage: await builder.customer(stage.value) for stage in Stage}
+        oracle = Oracle()
         for stage, scenario in customers.items():
             await set_stage(engine, scenario.customer, stage)
+            oracle.set_stage(scenario, stage)
         replies = {}
         for stage, scenario in customers.items():
             response = await post_usage(sdk, scenario, 7, key=f"sdk-{stage.value}")
             assert response.code == 200, response.body
             replies[stage] = (json.loads(response.body), response.headers)
+            oracle.tell(scenario, 7, timestamp=replies[stage][0]["timestamp"], accepted=True)
 
         for stage in (Stage.LEGACY, Stage.SHADOW):
             body, headers = replies[stage]
@@ -312,8 +335,10 @@ class TestStagesThroughTheSDK:
             }
 
         await eventually(lambda: totals() == expected)
-        await anyio.sleep(0.2)  # nothing more arrives
+        await settled(engine)  # nothing left to deliver: nothing more can arrive
         assert totals() == expected
+        await oracle.assert_stripe(builder.client)
+        await oracle.assert_ledger(engine.ledger)
 
     async def test_meter_leg_carries_the_intercept_instant(self, sdk, engine, scenario, standin):
         """timestamp=now becomes one instant, fixed at intercept, in the reply and the meter event."""
@@ -330,7 +355,7 @@ class TestIdempotency:
 
     @pytest.mark.parametrize("stage", list(Stage))
     async def test_retries_write_once_and_reply_the_same(
-        self, stage, sdk, engine, scenario, standin
+        self, stage, sdk, engine, builder, scenario, standin
     ):
         """Three sends with one key: identical replies, each leg written once."""
         await set_stage(engine, scenario.customer, stage)
@@ -341,17 +366,20 @@ class TestIdempotency:
         legacy = 4 if stage is not Stage.METER else 0
         meter = 4 if stage is not Stage.LEGACY else 0
 
-        def settled() -> bool:
+        def written() -> bool:
             return bool(
                 standin.legacy_total(scenario.item) == legacy
                 and standin.meter_total(scenario.customer, EVENT_NAME) == meter
             )
 
-        await eventually(settled)
-        await anyio.sleep(0.2)
-        assert settled()
+        await eventually(written)
+        await settled(engine)  # nothing left to deliver: nothing more can arrive
+        assert written()
         assert len(standin.usage_records(scenario.item)) == (1 if legacy else 0)
         assert len(standin.meter_events(scenario.customer)) == (1 if meter else 0)
+        oracle = told_at(scenario, stage, 4, bodies[0]["timestamp"])
+        await oracle.assert_stripe(builder.client)
+        await oracle.assert_ledger(engine.ledger)
 
     async def test_replay_says_so(self, http, engine, scenario):
         """Our own replay carries Idempotent-Replayed, like Stripe's."""
@@ -462,9 +490,14 @@ class TestUpstreamFailures:
         assert response.json() == {"error": {"type": "api_error", "message": "Boom."}}
         assert response.headers["Request-Id"].startswith("req_")
         assert not response.headers["Request-Id"].startswith("req_dw_")
-        await anyio.sleep(0.2)
+        # The refusal was counted before the reply, with nothing expected on either leg, and the
+        # outbox holds nothing that could still reach Stripe.
+        [row] = await engine.ledger.rows(customer=scenario.customer)
+        assert row["legacy_refused_events"] == 1 and row["events"] == 0
+        assert row["legacy_expected_events"] == row["meter_expected_events"] == 0
+        depth = await engine.outbox.depth()
+        assert depth.outstanding == depth.pending == depth.dead == 0
         assert standin.meter_events(scenario.customer) == []
-        assert (await engine.outbox.depth()).outstanding == 0
 
     @pytest.mark.parametrize("stage", [Stage.LEGACY, Stage.SHADOW])
     async def test_429_keeps_should_retry(self, stage, http, engine, scenario, standin):

@@ -309,6 +309,9 @@ class TestReconcile:
             run = await reconciler.run(period.id)
         finally:
             await reconciler.aclose()
+        assert {record.customer for record in run.records} == {
+            shop.customer(name) for name in QUANTITIES
+        }
         for record in run.records:
             assert record.legacy.skipped == "open_period"
             assert "open period" in record.legacy.detail
@@ -649,6 +652,9 @@ class TestDriftInReport:
         period = await shop.period()
         await shop.reconcile(period.id)
         report = await build_report(shop.engine.ledger, shop.engine.resolver)
+        assert {line.customer for line in report.customers} == {
+            shop.customer(name) for name in QUANTITIES
+        }
         for line in report.customers:
             assert line.drift is not None and not line.drift.drifted
             assert line.drift.legacy.stripe_qty is None and line.drift.legacy.drift is None

@@ -13,12 +13,13 @@ from rich.console import Console
 
 from dualwrite.config import ReportSettings, Settings
 from dualwrite.engine import DualWriteEngine
-from dualwrite.models import Leg, RecordOutcome, Stage, utc_day
+from dualwrite.models import Leg, Stage, utc_day
 from dualwrite.outbox import OutboxWorker
 from dualwrite.report import (
     CSV_COLUMNS,
     CustomerReport,
     LegTotals,
+    ReadinessRule,
     Report,
     build_report,
     render_csv,
@@ -26,6 +27,7 @@ from dualwrite.report import (
 )
 from dualwrite.testing import StripeStandin
 from tests.conftest import SettingsFactory
+from tests.oracle import Oracle
 from tests.support import (
     EVENT_NAME,
     Scenario,
@@ -56,10 +58,10 @@ async def drain(engine: DualWriteEngine) -> None:
 
 @dataclass
 class Traffic:
-    """What was sent: a scenario per role, and every outcome ``engine.record()`` returned."""
+    """What was sent: a scenario per role, and what each caller was told (the oracle)."""
 
     scenarios: dict[str, Scenario]
-    outcomes: list[RecordOutcome] = field(default_factory=list)
+    oracle: Oracle = field(default_factory=Oracle)
     old_period: str = ""
 
     def customer(self, role: str) -> str:
@@ -83,6 +85,30 @@ QUANTITIES = {
 }
 
 
+async def send(
+    engine: DualWriteEngine,
+    sent: Traffic,
+    role: str,
+    quantity: int,
+    *,
+    accepted: bool = True,
+    timestamp: int | None = None,
+) -> None:
+    """Record usage through the engine, check the caller gets the answer the test planned, and tell
+    the oracle (the planned answer and the planned fate of the shadow, not the engine's outcome)."""
+    event = usage(sent.scenarios[role], quantity, timestamp=timestamp)
+    outcome = await engine.record(event)
+    assert outcome.accepted is accepted, outcome.authoritative.failure
+    refused = role == "refused" and quantity == REFUSED_QTY
+    sent.oracle.tell(
+        sent.scenarios[role],
+        quantity,
+        timestamp=event.timestamp,
+        accepted=accepted,
+        shadow="refused" if refused else "accepted",
+    )
+
+
 @pytest.fixture
 async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
     """Usage for a customer at each stage (two at shadow), not yet drained.
@@ -94,39 +120,24 @@ async def traffic(engine, builder, standin: StripeStandin) -> Traffic:
     sent = Traffic({role: await builder.customer(role.title()) for role in ROLES})
     for role, stage in ROLES.items():
         await set_stage(engine, sent.customer(role), stage)
+        sent.oracle.set_stage(sent.scenarios[role], stage)
     refuse_meter_event(standin, sent.customer("refused"), REFUSED_QTY)
     refuse_usage_record_once(standin, sent.scenarios["legacy"].item)
-    sent.outcomes.append(await engine.record(usage(sent.scenarios["legacy"], 50)))
-    assert not sent.outcomes[-1].accepted
+    await send(engine, sent, "legacy", 50, accepted=False)
     for role, quantities in QUANTITIES.items():
         for quantity in quantities:
-            sent.outcomes.append(await engine.record(usage(sent.scenarios[role], quantity)))
+            await send(engine, sent, role, quantity)
     old = int(time.time()) - 2 * DAY
     sent.old_period = utc_day(old)
-    sent.outcomes.append(await engine.record(usage(sent.scenarios["meter"], 4, timestamp=old)))
+    await send(engine, sent, "meter", 4, timestamp=old)
     return sent
 
 
 def expected_legs(traffic: Traffic, customer: str) -> dict[Leg, LegTotals]:
-    """Each leg's totals as the outcomes say they must be once drained."""
-    sums = {leg: dict.fromkeys(LegTotals.model_fields, 0) for leg in Leg}
-    for outcome in traffic.outcomes:
-        if outcome.event.customer != customer:
-            continue
-        authoritative = outcome.authoritative.leg
-        if not outcome.accepted:
-            sums[authoritative]["refused_events"] += 1
-            continue
-        quantity = outcome.event.quantity
-        legs = [authoritative] + ([outcome.shadow_leg] if outcome.shadow_leg else [])
-        for leg in legs:
-            sums[leg]["expected_events"] += 1
-            sums[leg]["expected_qty"] += quantity
-            refused = customer == traffic.customer("refused") and leg is Leg.METER
-            outcome_kind = "failed" if refused and quantity == REFUSED_QTY else "accepted"
-            sums[leg][f"{outcome_kind}_events"] += 1
-            sums[leg][f"{outcome_kind}_qty"] += quantity
-    return {leg: LegTotals(**values) for leg, values in sums.items()}
+    """Each leg's totals once drained, from what callers were told at the stages the test set."""
+    return {
+        leg: LegTotals.model_validate(dict(traffic.oracle.expected(customer, leg))) for leg in Leg
+    }
 
 
 def rows_by_customer(report: Report) -> dict[str, CustomerReport]:
@@ -137,9 +148,12 @@ def rows_by_customer(report: Report) -> dict[str, CustomerReport]:
 class TestTotals:
     """The report's totals are the sum of what engine.record() reported, per customer and leg."""
 
-    async def test_totals_equal_recorded_outcomes(self, engine, traffic, standin):
-        """After draining, each leg's counters equal the outcomes', and Stripe's own totals."""
+    async def test_totals_equal_what_callers_were_told(self, engine, builder, traffic, standin):
+        """After draining, each leg's counters equal what callers were told at the stages the test
+        set, and so do Stripe's own summaries and every ledger row."""
         await drain(engine)
+        await traffic.oracle.assert_stripe(builder.client)
+        await traffic.oracle.assert_ledger(engine.ledger)
         report = await build_report(engine.ledger, engine.resolver)
         rows = rows_by_customer(report)
         assert set(rows) == {traffic.customer(role) for role in ROLES}
@@ -147,9 +161,9 @@ class TestTotals:
             scenario = traffic.scenarios[role]
             row = rows[scenario.customer]
             accepted = [
-                o.event.quantity
-                for o in traffic.outcomes
-                if o.event.customer == scenario.customer and o.accepted
+                told.quantity
+                for told in traffic.oracle.told
+                if told.scenario is scenario and told.accepted
             ]
             expected = expected_legs(traffic, scenario.customer)
             assert row.stage is stage
@@ -426,3 +440,71 @@ class TestReadiness:
             )
         )
         assert not later[traffic.customer("shadow")].verdict.ready
+
+
+def clean_period(stage: Stage, legacy: int, meter: int) -> dict[str, int]:
+    """One period's counters: ``events`` at ``stage``, each leg settled with what it expected."""
+    return {
+        "events": 4,
+        "quantity": legacy,
+        f"stage_{stage.value}_events": 4,
+        "legacy_expected_qty": legacy,
+        "legacy_accepted_qty": legacy,
+        "meter_expected_qty": meter,
+        "meter_accepted_qty": meter,
+    }
+
+
+#: Closed UTC days, long past whatever ``now`` a test runs at.
+CLOSED_DAYS = ("2025-01-05", "2025-01-06", "2025-01-07", "2025-01-08")
+
+
+class TestReadinessRule:
+    """The verdict's rule itself, on counters the test writes: each clause decides on its own."""
+
+    @pytest.mark.parametrize(
+        ("max_pct", "meter", "ready"),
+        [(5, 97, True), (2, 97, False), (0, 100, True), (0, 99, False), (3, 97, True)],
+    )
+    def test_the_difference_allowed_between_legs(self, max_pct, meter, ready):
+        """A settled period whose legs hold 100 and ``meter`` counts only within max_difference_pct."""
+        rule = ReadinessRule(ReportSettings(readiness_max_difference_pct=max_pct), now=time.time())
+        verdict = rule.verdict_by_period(
+            Stage.SHADOW, {CLOSED_DAYS[0]: clean_period(Stage.SHADOW, 100, meter)}
+        )
+        assert (verdict.ready, verdict.next_stage) == (ready, Stage.PRIMARY)
+
+    @pytest.mark.parametrize("dead_at", [0, 3])
+    @pytest.mark.parametrize("stage", [Stage.SHADOW, Stage.PRIMARY])
+    def test_a_dead_letter_is_never_outweighed(self, stage, dead_at):
+        """Three clean closed periods and one with a dead letter (first or last): not ready, even
+        when one clean period is all the rule asks for."""
+        rule = ReadinessRule(ReportSettings(readiness_closed_periods=1), now=time.time())
+        periods = {day: clean_period(stage, 10, 10) for day in CLOSED_DAYS}
+        periods[CLOSED_DAYS[dead_at]] |= {"meter_failed_events": 1, "meter_failed_qty": 10}
+        verdict = rule.verdict_by_period(stage, periods)
+        assert not verdict.ready
+        periods[CLOSED_DAYS[dead_at]] = clean_period(stage, 10, 10)
+        assert rule.verdict_by_period(stage, periods).ready  # the dead letter alone decided
+
+    def test_closed_periods_counted_at_the_stage_only(self):
+        """Periods spent partly at another stage do not count towards the required number."""
+        rule = ReadinessRule(ReportSettings(readiness_closed_periods=2), now=time.time())
+        periods = {day: clean_period(Stage.SHADOW, 10, 10) for day in CLOSED_DAYS[:2]}
+        assert rule.verdict_by_period(Stage.SHADOW, periods).ready
+        periods[CLOSED_DAYS[1]] = {**periods[CLOSED_DAYS[1]], "stage_shadow_events": 3}
+        assert not rule.verdict_by_period(Stage.SHADOW, periods).ready
+
+    @pytest.mark.parametrize("leg", ["legacy", "meter"])
+    def test_a_leg_still_pending_is_not_ready(self, leg):
+        """Both legs hold 5, but one still expects 10 (a shadow in flight): not settled, not ready."""
+        rule = ReadinessRule(ReportSettings(), now=time.time())
+        period = clean_period(Stage.SHADOW, 5, 5) | {f"{leg}_expected_qty": 10}
+        assert not rule.verdict_by_period(Stage.SHADOW, {CLOSED_DAYS[0]: period}).ready
+
+    def test_a_period_of_one_event_counts(self):
+        """One event, settled on both legs, makes a closed period that counts."""
+        rule = ReadinessRule(ReportSettings(), now=time.time())
+        period = clean_period(Stage.PRIMARY, 3, 3) | {"events": 1, "stage_primary_events": 1}
+        verdict = rule.verdict_by_period(Stage.PRIMARY, {CLOSED_DAYS[0]: period})
+        assert (verdict.ready, verdict.next_stage) == (True, Stage.METER)
