@@ -1,7 +1,7 @@
 """The examples, run as written against the stand-in, with customers at all four stages: the Flask
 and Django apps under gunicorn, the Celery task in a real worker, the SDK hook and the direct API
 as scripts. Every customer's totals are read back through Stripe's summary endpoints. The README
-shows each example as it is in ``examples/``."""
+and the documentation show each example as it is in ``examples/``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.apps_support import (
 )
 from tests.conftest import SettingsFactory
 
-#: README blocks that show a file: a ``<!-- file: PATH -->`` line, then a fenced block.
+#: Blocks that show a file: a ``<!-- file: PATH -->`` line, then a fenced block.
 FILE_BLOCK = re.compile(r"<!-- file: (?P<path>\S+) -->\n```\w*\n(?P<body>.*?)```", re.DOTALL)
 
 
@@ -64,13 +64,18 @@ def run(argv: list[str], environment: dict[str, str]) -> str:
 
 
 class TestReadme:
-    """README's snippets are the example files, so the tests run what the README shows."""
+    """The README's and the documentation's snippets are the example files, so the tests run
+    what they show."""
 
-    def test_readme_blocks_equal_the_files(self):
-        """Every ``<!-- file: ... -->`` block is that file's content, byte for byte."""
-        readme = (REPO / "README.md").read_text()
-        blocks = list(FILE_BLOCK.finditer(readme))
-        shown = {match["path"] for match in blocks}
+    def test_blocks_equal_the_files(self):
+        """Every ``<!-- file: ... -->`` block of the README and of ``docs/`` is that file's
+        content, byte for byte; the documentation shows every example."""
+        pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+        shown: set[str] = set()
+        for page in pages:
+            for match in FILE_BLOCK.finditer(page.read_text()):
+                shown.add(match["path"])
+                assert match["body"] == (REPO / match["path"]).read_text(), (page, match["path"])
         assert {
             "examples/dualwrite.toml",
             "examples/record_usage.py",
@@ -81,8 +86,6 @@ class TestReadme:
             "examples/celery_task.py",
             "examples/sdk_hook.py",
         } <= shown
-        for match in blocks:
-            assert match["body"] == (REPO / match["path"]).read_text(), match["path"]
 
 
 class TestWebApps:
