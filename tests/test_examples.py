@@ -6,6 +6,7 @@ and the documentation show each example as it is in ``examples/``."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -19,10 +20,12 @@ from tests.apps_support import (
     Shop,
     consumer_pid,
     example_environment,
+    free_port,
     gunicorn,
     outbox_consumers,
     send_usage,
     wait_for_totals,
+    wait_listening,
 )
 from tests.conftest import SettingsFactory
 
@@ -85,6 +88,7 @@ class TestReadme:
             "examples/django_app/project/views.py",
             "examples/celery_task.py",
             "examples/sdk_hook.py",
+            "examples/starlette_app.py",
         } <= shown
 
 
@@ -108,6 +112,23 @@ class TestWebApps:
             assert pids and set(pids) <= server.workers
             assert len(pids) == len(set(pids))  # once per process
             assert server.process.pid not in pids  # never the master, before the fork
+
+
+class TestAsgiApp:
+    """The Starlette example under uvicorn (the middleware's lifespan starts its worker)."""
+
+    def test_app_records_every_stage(self, environment, shop, standin_url):
+        """Usage posted to examples/starlette_app.py is written at each customer's stage."""
+        port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", "examples.starlette_app:app", "--port", str(port)]
+        process = subprocess.Popen([*argv, "--log-level", "warning"], cwd=REPO, env=environment)
+        try:
+            wait_listening(port, process)
+            send_usage(f"http://127.0.0.1:{port}", shop, per_customer=10, threads=4)
+            assert_totals(standin_url, shop)
+        finally:
+            process.terminate()  # uvicorn shuts down gracefully, then re-raises the signal
+            assert process.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
 class TestScripts:

@@ -34,18 +34,10 @@ from dualwrite.spool import Spool
 from dualwrite.worker import WorkerStatus, run_worker, worker_endpoints
 from tests.conftest import STRIPE_KEY, OwnRedis
 from tests.support import cli_environment, dualwrite_command, eventually, make_settings
+from tests.test_middleware import USAGE_ROUTE
 from tests.test_proxy_serve import clean_env, free_port
 
 pytestmark = pytest.mark.anyio
-
-USAGE_ROUTE = {
-    "method": "POST",
-    "path": "/usage/{customer}",
-    "customer": "path:customer",
-    "subscription_item": "json:item",
-    "quantity": "json:quantity",
-    "event_name": "const:api_requests",
-}
 
 
 @pytest.fixture
