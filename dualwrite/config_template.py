@@ -1,10 +1,11 @@
 """The config template: every key of the settings models, with its default and what it does.
 
 ``render_template()`` writes it from ``dualwrite.config.Settings`` (the field docstrings are the
-comments), so a key added to a model is in the template as soon as it is regenerated; the copy
-shipped in the package (``config_template.toml``, what ``dualwrite config init`` writes) and the
-repository's ``config/dualwrite.toml`` are that text, and a test fails while either differs.
-Regenerate both with::
+comments; ``config_tables()`` is the walk it shares with the documentation's reference page), so
+a key added to a model is in the template as soon as it is regenerated; the copy shipped in the
+package (``config_template.toml``, what ``dualwrite config init`` writes) and the repository's
+``config/dualwrite.toml`` are that text, and a test fails while either differs. Regenerate both
+with::
 
     python -m dualwrite.config_template
 
@@ -18,18 +19,29 @@ import json
 import math
 import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import Enum
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from dualwrite.config import ENV_PREFIX, Settings, model_of
 
-__all__ = ["REGENERATE", "REPOSITORY_COPY", "TEMPLATE_NAME", "packaged_template", "render_template"]
+__all__ = [
+    "REGENERATE",
+    "REPOSITORY_COPY",
+    "TEMPLATE_NAME",
+    "ConfigTable",
+    "config_tables",
+    "describe",
+    "environment_only",
+    "packaged_template",
+    "render_template",
+    "shown_value",
+]
 
 #: The packaged template's file name, beside this module.
 TEMPLATE_NAME = "config_template.toml"
@@ -55,45 +67,88 @@ def packaged_template() -> str:
     return files("dualwrite").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
 
 
-def render_template() -> str:
-    """The template, written from ``Settings`` now."""
-    lines: list[str] = []
-    for paragraph in _HEADER:
-        lines += [*_comment(paragraph), "#"]
-    for field in Settings.model_fields.values():
-        if field.validation_alias:
-            lines += _comment(f"  {field.validation_alias}: {_describe(field)}", indent="    ")
-    lines.append("")
-    sections: list[tuple[str, FieldInfo, type[BaseModel]]] = []
+@dataclass(frozen=True, slots=True)
+class ConfigTable:
+    """One table of the settings as the template and the reference show it: its keys, with their
+    fields (defaults, descriptions, examples)."""
+
+    name: str
+    """The table's name (``""``: the keys at the top of the file)."""
+    header: str
+    """How the template writes it: ``[redis]``, ``[[meters]]``, ``[items.si_Example]``."""
+    description: str
+    example: bool
+    """A list or map of tables: written as a commented-out example."""
+    keys: tuple[tuple[str, FieldInfo], ...]
+
+
+def environment_only() -> list[tuple[str, str]]:
+    """The values read only from the environment (secrets): variable, what it is."""
+    return [
+        (str(field.validation_alias), describe(field))
+        for field in Settings.model_fields.values()
+        if field.validation_alias
+    ]
+
+
+def config_tables() -> list[ConfigTable]:
+    """Every key of ``Settings``, by table: the top-level keys first, then each section."""
+    top: list[tuple[str, FieldInfo]] = []
+    tables: list[ConfigTable] = []
     for name, field in Settings.model_fields.items():
         if field.validation_alias:
             continue
         model = model_of(field.annotation)
         if model is None:
-            lines += [*_comment(_describe(field)), _assignment(name, field), ""]
-        else:
-            sections.append((name, field, model))
-    for name, field, model in sections:
-        lines += _section(name, field, model)
+            top.append((name, field))
+            continue
+        origin = getattr(field.annotation, "__origin__", None)
+        if origin is None:  # one table: [redis]
+            header, description = f"[{name}]", _docstring(model.__doc__)
+        else:  # a list ([[meters]]) or a map ([items.<si>]) of tables: an example
+            header = f"[{name}.si_Example]" if origin is dict else f"[[{name}]]"
+            description = describe(field)
+        keys = tuple(model.model_fields.items())
+        tables.append(ConfigTable(name, header, description, origin is not None, keys))
+    return [ConfigTable("", "", "", False, tuple(top)), *tables]
+
+
+def shown_value(field: FieldInfo, *, example: bool = False) -> str | None:
+    """The key's value as the template shows it, in TOML (None: no default)."""
+    value = _shown_value(field, example=example)
+    return None if value is None else _toml(value)
+
+
+def render_template() -> str:
+    """The template, written from ``Settings`` now."""
+    lines: list[str] = []
+    for paragraph in _HEADER:
+        lines += [*_comment(paragraph), "#"]
+    for variable, description in environment_only():
+        lines += _comment(f"  {variable}: {description}", indent="    ")
+    lines.append("")
+    top, *tables = config_tables()
+    for key, field in top.keys:
+        lines += [*_comment(describe(field)), _assignment(key, field), ""]
+    for table in tables:
+        lines += _table(table)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _section(name: str, field: FieldInfo, model: type[BaseModel]) -> list[str]:
-    origin = getattr(field.annotation, "__origin__", None)
-    if origin is None:  # one table: [redis]
-        lines = [*_comment(_docstring(model.__doc__)), f"[{name}]"]
-        for key, inner in model.model_fields.items():
-            lines += [*_comment(_describe(inner)), _assignment(key, inner)]
+def _table(table: ConfigTable) -> list[str]:
+    if not table.example:
+        lines = [*_comment(table.description), table.header]
+        for key, inner in table.keys:
+            lines += [*_comment(describe(inner)), _assignment(key, inner)]
         return [*lines, ""]
-    # A list ([[meters]]) or a map ([items.<si>]) of tables: a commented-out example.
-    header = f"[{name}.si_Example]" if origin is dict else f"[[{name}]]"
-    lines = [*_comment(_describe(field)), f"# {header}"]
-    for key, inner in model.model_fields.items():
-        lines += [*_comment(_describe(inner)), f"# {_assignment(key, inner, example=True)}"]
+    lines = [*_comment(table.description), f"# {table.header}"]
+    for key, inner in table.keys:
+        lines += [*_comment(describe(inner)), f"# {_assignment(key, inner, example=True)}"]
     return [*lines, ""]
 
 
-def _describe(field: FieldInfo) -> str:
+def describe(field: FieldInfo) -> str:
+    """A field's docstring on one line, its RST literals as Markdown ones."""
     return _docstring(field.description or "")
 
 

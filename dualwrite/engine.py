@@ -174,11 +174,7 @@ class DualWriteEngine:
         run_worker = self.settings.outbox.run_in_process if worker is None else worker
         if run_worker and self.worker is None:
             self.worker = self.new_worker()
-            try:
-                await self.worker.start()
-            except StoreUnavailableError:
-                log.warning("outbox worker could not create its consumer group yet; it will retry")
-                self.worker = None
+            await self.worker.start()  # Redis down: it starts all the same and waits for Redis
 
     def new_worker(self, *, consumer: str | None = None) -> OutboxWorker:
         """An outbox worker on this engine's outbox and writer (not started)."""

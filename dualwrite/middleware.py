@@ -8,7 +8,9 @@ refuses returns Stripe's status and error to the caller, and the app is not call
 request, streaming responses and websockets included, goes straight to the app untouched.
 
 The middleware also handles the lifespan scope, so the engine's worker starts and stops with the app,
-after Redis's durability settings are checked (an evicting ``maxmemory-policy`` fails the start).
+after Redis's durability settings are checked (an evicting ``maxmemory-policy`` fails the start),
+and answers ``/_dualwrite/live``, ``/ready`` and ``/health`` under the app's own paths
+(``dualwrite.health``).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualwrite._http import read_body
+from dualwrite._http import read_body, stripe_error
 from dualwrite.config import Settings
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
+from dualwrite.health import PATHS, HealthCheck
+from dualwrite.metrics import OutboxSampler
 from dualwrite.models import RecordOutcome
+from dualwrite.outbox import OutboxWorker
 from dualwrite.routes import RouteMatch, RouteTable, build_event
 
 __all__ = ["STATE_KEY", "DualWriteMiddleware", "refusal", "stripe_error", "usage_error"]
@@ -35,24 +39,6 @@ log = logging.getLogger(__name__)
 
 #: The key under ``request.state`` (``scope["state"]``) where the app finds the ``RecordOutcome``.
 STATE_KEY = "dualwrite"
-
-
-def stripe_error(
-    status: int,
-    message: str,
-    *,
-    error_type: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """A response with Stripe's error shape: ``{"error": {"type", "message", "code", "param"}}``."""
-    error: dict[str, Any] = {"type": error_type, "message": message}
-    if code:
-        error["code"] = code
-    if param:
-        error["param"] = param
-    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 class DualWriteMiddleware:
@@ -66,6 +52,8 @@ class DualWriteMiddleware:
             request when the server runs no lifespan) and closes it at shutdown.
         clock: this host's clock, for the engine the middleware builds (Stripe's own clock,
             tracked against it, fixes the instant of a usage timestamp of ``now``).
+        health: answer ``/_dualwrite/live``, ``/_dualwrite/ready`` and ``/_dualwrite/health``
+            (below the app's root path); False leaves those paths to the app.
     """
 
     def __init__(
@@ -75,6 +63,7 @@ class DualWriteMiddleware:
         config: Settings | None = None,
         engine: DualWriteEngine | None = None,
         clock: Callable[[], float] = time.time,
+        health: bool = True,
     ):
         self.app = app
         self.settings = config or (engine.settings if engine else Settings.load())
@@ -86,12 +75,30 @@ class DualWriteMiddleware:
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
         self._keyless = self.engine.settings.api_key() is None
+        self.stopping = False
+        """Set when shutdown begins: readiness answers 503 from then on."""
+        self.checks = HealthCheck(
+            role="middleware",
+            watched=self,
+            sampler=OutboxSampler.of(self.settings, self.engine),
+            worker_expected=self._owns_engine and self.settings.outbox.run_in_process,
+            key_needed=bool(self.routes.routes),
+            has_key=not self._keyless,
+            spool=self.engine.spool,
+            prepare=self._ensure_started,
+        )
+        self._health_paths = PATHS if health else frozenset()
         if self._keyless and self.routes.routes:
             log.warning(
                 "STRIPE_API_KEY is not set: usage requests on the %d configured route(s) will be "
                 "answered 503 and nothing recorded until it is set in the app's environment",
                 len(self.routes.routes),
             )
+
+    @property
+    def worker(self) -> OutboxWorker | None:
+        """The engine's in-process outbox worker (None: not running)."""
+        return self.engine.worker
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -103,6 +110,9 @@ class DualWriteMiddleware:
             if path == self._events_path:
                 await self.engine.late(scope, receive, send)
                 return
+            if path in self._health_paths:
+                await self.checks(path, scope, receive, send)
+                return
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
@@ -112,6 +122,7 @@ class DualWriteMiddleware:
         async def lifespan_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.stopping = False
                 await self._check_durability()
                 await self._ensure_started()
             return message
@@ -140,6 +151,7 @@ class DualWriteMiddleware:
 
     async def aclose(self) -> None:
         """Stop the engine's worker and close the engine if the middleware built it."""
+        self.stopping = True
         await self.durability.aclose()
         if self._owns_engine:
             await self.engine.aclose()

@@ -1,11 +1,12 @@
 """The examples, run as written against the stand-in, with customers at all four stages: the Flask
 and Django apps under gunicorn, the Celery task in a real worker, the SDK hook and the direct API
 as scripts. Every customer's totals are read back through Stripe's summary endpoints. The README
-shows each example as it is in ``examples/``."""
+and the documentation show each example as it is in ``examples/``."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -19,14 +20,16 @@ from tests.apps_support import (
     Shop,
     consumer_pid,
     example_environment,
+    free_port,
     gunicorn,
     outbox_consumers,
     send_usage,
     wait_for_totals,
+    wait_listening,
 )
 from tests.conftest import SettingsFactory
 
-#: README blocks that show a file: a ``<!-- file: PATH -->`` line, then a fenced block.
+#: Blocks that show a file: a ``<!-- file: PATH -->`` line, then a fenced block.
 FILE_BLOCK = re.compile(r"<!-- file: (?P<path>\S+) -->\n```\w*\n(?P<body>.*?)```", re.DOTALL)
 
 
@@ -64,13 +67,18 @@ def run(argv: list[str], environment: dict[str, str]) -> str:
 
 
 class TestReadme:
-    """README's snippets are the example files, so the tests run what the README shows."""
+    """The README's and the documentation's snippets are the example files, so the tests run
+    what they show."""
 
-    def test_readme_blocks_equal_the_files(self):
-        """Every ``<!-- file: ... -->`` block is that file's content, byte for byte."""
-        readme = (REPO / "README.md").read_text()
-        blocks = list(FILE_BLOCK.finditer(readme))
-        shown = {match["path"] for match in blocks}
+    def test_blocks_equal_the_files(self):
+        """Every ``<!-- file: ... -->`` block of the README and of ``docs/`` is that file's
+        content, byte for byte; the documentation shows every example."""
+        pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+        shown: set[str] = set()
+        for page in pages:
+            for match in FILE_BLOCK.finditer(page.read_text()):
+                shown.add(match["path"])
+                assert match["body"] == (REPO / match["path"]).read_text(), (page, match["path"])
         assert {
             "examples/dualwrite.toml",
             "examples/record_usage.py",
@@ -80,9 +88,8 @@ class TestReadme:
             "examples/django_app/project/views.py",
             "examples/celery_task.py",
             "examples/sdk_hook.py",
+            "examples/starlette_app.py",
         } <= shown
-        for match in blocks:
-            assert match["body"] == (REPO / match["path"]).read_text(), match["path"]
 
 
 class TestWebApps:
@@ -105,6 +112,23 @@ class TestWebApps:
             assert pids and set(pids) <= server.workers
             assert len(pids) == len(set(pids))  # once per process
             assert server.process.pid not in pids  # never the master, before the fork
+
+
+class TestAsgiApp:
+    """The Starlette example under uvicorn (the middleware's lifespan starts its worker)."""
+
+    def test_app_records_every_stage(self, environment, shop, standin_url):
+        """Usage posted to examples/starlette_app.py is written at each customer's stage."""
+        port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", "examples.starlette_app:app", "--port", str(port)]
+        process = subprocess.Popen([*argv, "--log-level", "warning"], cwd=REPO, env=environment)
+        try:
+            wait_listening(port, process)
+            send_usage(f"http://127.0.0.1:{port}", shop, per_customer=10, threads=4)
+            assert_totals(standin_url, shop)
+        finally:
+            process.terminate()  # uvicorn shuts down gracefully, then re-raises the signal
+            assert process.wait(timeout=60) in (0, -signal.SIGTERM)
 
 
 class TestScripts:

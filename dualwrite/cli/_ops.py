@@ -60,7 +60,12 @@ def worker(
     ] = None,
     metrics_port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="Serve Prometheus /metrics on this port."),
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus /metrics and the health endpoints (/_dualwrite/live, "
+            "/_dualwrite/ready, /_dualwrite/health) on this port.",
+        ),
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Interface for --metrics-port.")] = "127.0.0.1",
 ) -> None:
@@ -70,7 +75,7 @@ def worker(
     """
     from dualwrite.logging import configure_logging
     from dualwrite.metrics import serve_metrics
-    from dualwrite.worker import run_worker
+    from dualwrite.worker import WorkerStatus, run_worker, worker_endpoints
 
     settings = load_settings(ctx)
     configure_logging(settings.log_format)
@@ -80,17 +85,22 @@ def worker(
             f"worker {consumer} delivering from {settings.redis.key_prefix} (Ctrl-C stops)"
         )
 
+    status = WorkerStatus()
     with contextlib.ExitStack() as stack:
         if metrics_port is not None:
+            endpoints = worker_endpoints(settings, status)
             try:
                 port = stack.enter_context(
-                    serve_metrics(settings, host=metrics_host, port=metrics_port)
+                    serve_metrics(settings, host=metrics_host, port=metrics_port, app=endpoints)
                 )
             except DualwriteError as exc:
                 err_console.print(f"[red]error:[/red] {exc}", highlight=False)
                 raise typer.Exit(1) from None
-            console.print(f"metrics on http://{metrics_host}:{port}/metrics", highlight=False)
-        counts = run_async(run_worker(settings, consumer=name, on_ready=ready))
+            console.print(
+                f"metrics on http://{metrics_host}:{port}/metrics, readiness on /_dualwrite/ready",
+                highlight=False,
+            )
+        counts = run_async(run_worker(settings, consumer=name, on_ready=ready, status=status))
     console.print(
         "stopped: "
         + ", ".join(f"{count} {what}" for what, count in counts.items())

@@ -69,7 +69,7 @@ def serve(
     settings = load_settings(ctx)
     console.print(
         f"dualwrite proxy on http://{host}:{port}, forwarding to {settings.stripe.api_base} "
-        "(health: /_dualwrite/health)",
+        "(probes: /_dualwrite/live, /_dualwrite/ready; detail: /_dualwrite/health)",
         highlight=False,
     )
     run_proxy(settings, host=host, port=port, access_log=access_log, max_body_bytes=max_body_bytes)

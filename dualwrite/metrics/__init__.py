@@ -47,6 +47,7 @@ from __future__ import annotations
 from dualwrite.metrics._endpoint import (
     SAMPLE_TIMEOUT,
     MetricsApp,
+    OutboxReading,
     OutboxSampler,
     metrics_app,
     serve_metrics,
@@ -73,6 +74,7 @@ __all__ = [
     "REGISTRY",
     "SAMPLE_TIMEOUT",
     "MetricsApp",
+    "OutboxReading",
     "OutboxSampler",
     "RequestObserver",
     "count_authoritative",

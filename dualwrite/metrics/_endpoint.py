@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.metrics._hooks import REGISTRY
+from dualwrite.redis_client import store_errors
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -26,15 +28,33 @@ if TYPE_CHECKING:
     from dualwrite.config import Settings
     from dualwrite.engine import DualWriteEngine
     from dualwrite.keys import KeySpace
-    from dualwrite.outbox import Outbox
+    from dualwrite.outbox import Outbox, OutboxDepth
 
-__all__ = ["SAMPLE_TIMEOUT", "MetricsApp", "OutboxSampler", "metrics_app", "serve_metrics"]
+__all__ = [
+    "SAMPLE_TIMEOUT",
+    "MetricsApp",
+    "OutboxReading",
+    "OutboxSampler",
+    "metrics_app",
+    "serve_metrics",
+]
 
 #: The longest a scrape waits for Redis before answering without the outbox gauges.
 SAMPLE_TIMEOUT = 2.0
 
 
 # -- Redis state (read at scrape time) -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxReading:
+    """The outbox as one read saw it."""
+
+    depth: OutboxDepth
+    oldest_age: float
+    """Seconds since the oldest outstanding entry was enqueued (0: none)."""
+    divergences: int
+    """Entries in the divergence log, over all shards."""
 
 
 class OutboxSampler:
@@ -85,49 +105,36 @@ class OutboxSampler:
         async with self._lock:
             try:
                 async with asyncio.timeout(SAMPLE_TIMEOUT):
-                    self._families = await self._read()
+                    self._families = _families(await self.read())
             except (StoreUnavailableError, RedisError, OSError, TimeoutError):
                 self._families = [_gauge("dualwrite_redis_up", "Whether Redis answered.", 0)]
 
-    async def _read(self) -> list[Metric]:
-        depth = await self._outbox.depth()
-        oldest: float | None = None
-        divergences = 0
-        for shard in self._keys.all_shards():
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xrange(shard.outbox, count=1)
-            pipe.zrange(shard.retry, 0, 0)
-            pipe.zrange(shard.retry, -1, -1)
-            pipe.xlen(shard.divergence)
-            head, first_retry, last_retry, length = await pipe.execute()
-            divergences += int(length or 0)
-            payloads = [fields.get("entry", "") for _, fields in head or []]
-            for payload in [*payloads, *(first_retry or []), *(last_retry or [])]:
-                enqueued = _enqueued_at(payload)
-                if enqueued is not None and (oldest is None or enqueued < oldest):
-                    oldest = enqueued
-        entries = GaugeMetricFamily(
-            "dualwrite_outbox_entries",
-            "Outbox entries by state, over all shards.",
-            labels=["state"],
-        )
-        for state in ("ready", "pending", "scheduled", "dead"):
-            entries.add_metric([state], getattr(depth, state))
+    async def read(self) -> OutboxReading:
+        """The outbox's depth, its oldest entry's age and the divergence log's length, read now
+        (the health checks read it too).
+
+        Raises:
+            StoreUnavailableError: Redis could not be reached.
+        """
+        async with store_errors("reading the outbox"):
+            depth = await self._outbox.depth()
+            oldest: float | None = None
+            divergences = 0
+            for shard in self._keys.all_shards():
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.xrange(shard.outbox, count=1)
+                pipe.zrange(shard.retry, 0, 0)
+                pipe.zrange(shard.retry, -1, -1)
+                pipe.xlen(shard.divergence)
+                head, first_retry, last_retry, length = await pipe.execute()
+                divergences += int(length or 0)
+                payloads = [fields.get("entry", "") for _, fields in head or []]
+                for payload in [*payloads, *(first_retry or []), *(last_retry or [])]:
+                    enqueued = _enqueued_at(payload)
+                    if enqueued is not None and (oldest is None or enqueued < oldest):
+                        oldest = enqueued
         age = 0.0 if oldest is None else max(0.0, self._clock() - oldest)
-        return [
-            _gauge("dualwrite_redis_up", "Whether Redis answered.", 1),
-            entries,
-            _gauge(
-                "dualwrite_outbox_oldest_age_seconds",
-                "Age of the oldest outstanding outbox entry (0: none).",
-                age,
-            ),
-            _gauge(
-                "dualwrite_divergence_log_entries",
-                "Entries in the divergence log (capped), over all shards.",
-                divergences,
-            ),
-        ]
+        return OutboxReading(depth=depth, oldest_age=age, divergences=divergences)
 
     def families(self) -> list[Metric]:
         """The gauges of the last ``refresh()``."""
@@ -137,6 +144,31 @@ class OutboxSampler:
         """Close the Redis connection the sampler opened (none when it shares an engine's)."""
         if self._owned:
             await self._redis.aclose()
+
+
+def _families(reading: OutboxReading) -> list[Metric]:
+    """The gauges of one reading."""
+    entries = GaugeMetricFamily(
+        "dualwrite_outbox_entries",
+        "Outbox entries by state, over all shards.",
+        labels=["state"],
+    )
+    for state in ("ready", "pending", "scheduled", "dead"):
+        entries.add_metric([state], getattr(reading.depth, state))
+    return [
+        _gauge("dualwrite_redis_up", "Whether Redis answered.", 1),
+        entries,
+        _gauge(
+            "dualwrite_outbox_oldest_age_seconds",
+            "Age of the oldest outstanding outbox entry (0: none).",
+            reading.oldest_age,
+        ),
+        _gauge(
+            "dualwrite_divergence_log_entries",
+            "Entries in the divergence log (capped), over all shards.",
+            reading.divergences,
+        ),
+    ]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -259,9 +291,14 @@ def metrics_app(
 
 
 @contextmanager
-def serve_metrics(settings: Settings, *, host: str, port: int) -> Iterator[int]:
+def serve_metrics(
+    settings: Settings, *, host: str, port: int, app: ASGIApp | None = None
+) -> Iterator[int]:
     """Serve ``/metrics`` with uvicorn in a background thread (``dualwrite worker
     --metrics-port``); yields the port it listens on (``port=0`` picks a free one).
+
+    ``app`` serves instead of ``MetricsApp(settings)`` (the worker's, with its health endpoints);
+    its lifespan runs, so it can close what it opened.
 
     Raises:
         DualwriteError: the server did not start listening.
@@ -272,7 +309,7 @@ def serve_metrics(settings: Settings, *, host: str, port: int) -> Iterator[int]:
     from dualwrite.threaded import serve_in_thread
 
     config = uvicorn.Config(
-        MetricsApp(settings),
+        app or MetricsApp(settings),
         host=host,
         port=port,
         lifespan="on",  # closes the sampler's Redis connection at shutdown

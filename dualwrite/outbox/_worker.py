@@ -109,9 +109,18 @@ class OutboxWorker:
         self._failed_rounds = 0
         self._last_reminder = 0.0
 
+    @property
+    def running(self) -> bool:
+        """Whether the delivery loop is running (started, and neither stopped nor crashed)."""
+        return self._task is not None and not self._task.done()
+
     async def start(self) -> None:
-        """Run the delivery loop in a background task."""
-        await self.outbox.ensure_groups()
+        """Run the delivery loop in a background task.
+
+        Redis being down is not fatal: the loop creates the consumer groups once it answers.
+        """
+        with contextlib.suppress(StoreUnavailableError):
+            await self.outbox.ensure_groups()
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"dualwrite-outbox-{self.consumer}")
 

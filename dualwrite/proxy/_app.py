@@ -1,7 +1,8 @@
 """``ProxyApp``: the ASGI app behind ``dualwrite serve``, a drop-in Stripe API endpoint.
 
 Routing is one string test per request: ``POST /v1/subscription_items/{si}/usage_records`` goes to
-the interceptor, ``/_dualwrite/health`` is answered here, ``/_dualwrite/admin/`` is the admin API
+the interceptor, ``/_dualwrite/live``, ``/ready`` and ``/health`` are answered here
+(``dualwrite.health``), ``/_dualwrite/admin/`` is the admin API
 (``dualwrite.admin``), ``/metrics`` the Prometheus metrics (``dualwrite.metrics``), the rest of
 ``/_dualwrite/`` is the report page (``dualwrite.web``; each behind its own bearer token), and
 everything else is streamed to the upstream untouched. The lifespan starts the engine (and with
@@ -16,20 +17,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from dualwrite.admin import admin_app
 from dualwrite.config import Settings
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
-from dualwrite.exceptions import DualwriteError, StoreUnavailableError
-from dualwrite.metrics import RequestObserver, metrics_app
+from dualwrite.exceptions import DualwriteError
+from dualwrite.health import HEALTH_PATH, PATHS, HealthCheck
+from dualwrite.metrics import OutboxSampler, RequestObserver, metrics_app
 from dualwrite.middleware import stripe_error
+from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy._items import ItemResolver
 from dualwrite.proxy._upstream import Upstream, request_target
 from dualwrite.proxy._usage import USAGE_PATH_RE, UsageInterceptor
-from dualwrite.redis_client import store_errors
 from dualwrite.web import report_app
 
 __all__ = [
@@ -45,7 +46,6 @@ log = logging.getLogger("dualwrite.proxy")
 
 #: The proxy's own endpoints live under this prefix, which Stripe's API never uses.
 RESERVED_PREFIX = "/_dualwrite/"
-HEALTH_PATH = "/_dualwrite/health"
 #: Where the report page is mounted (everything under the prefix but health and the webhook path).
 REPORT_ROOT = "/_dualwrite"
 #: Where the admin API is mounted (``dualwrite.admin``, behind its own bearer token).
@@ -57,7 +57,6 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: The largest usage-record body read for interception (a real one is a few dozen bytes).
 DEFAULT_MAX_USAGE_BODY_BYTES = 64 * 1024
 _USAGE_SUFFIX = "/usage_records"
-_WORKER_STATES = {"healthy": "running", "failing": "failing"}
 
 
 class ProxyApp:
@@ -109,11 +108,28 @@ class ProxyApp:
         self.metrics = metrics_app(settings, engine=self.engine)
         self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, settings.redis)
         self._owns_engine = engine is None
+        self.stopping = False
+        """Set when shutdown begins: readiness answers 503 from then on."""
+        self.checks = HealthCheck(
+            role="proxy",
+            watched=self,
+            sampler=OutboxSampler.of(settings, self.engine),
+            worker_expected=self._owns_engine and settings.outbox.run_in_process,
+            key_needed=True,
+            has_key=settings.api_key() is not None,
+            spool=self.engine.spool,
+            prepare=self._ensure_started,
+        )
         # Stripe's error-report events are received only once a signing secret is configured.
         self._events_path = settings.webhooks.path if settings.webhook_secret() else None
         self._observed = RequestObserver(
             self._http, route_of=self.route_of, log_requests=access_log
         )
+
+    @property
+    def worker(self) -> OutboxWorker | None:
+        """The engine's in-process outbox worker (None: not running)."""
+        return self.engine.worker
 
     def route_of(self, method: str, path: str) -> str:
         """The route class of a request (a label of the request metrics)."""
@@ -123,7 +139,7 @@ class ProxyApp:
             return "webhook"
         if path == METRICS_PATH:
             return "metrics"
-        if path == HEALTH_PATH:
+        if path in PATHS:
             return "health"
         if path == ADMIN_ROOT or path.startswith(f"{ADMIN_ROOT}/"):
             return "admin"
@@ -177,46 +193,16 @@ class ProxyApp:
         if path == ADMIN_ROOT or path.startswith(f"{ADMIN_ROOT}/"):
             await self.admin({**scope, "path": path, "root_path": ADMIN_ROOT}, receive, send)
             return
-        if path != HEALTH_PATH:
-            # The report page, mounted as Starlette's Mount would: full path, root_path the prefix.
-            report_scope = {**scope, "path": path, "root_path": REPORT_ROOT}
-            await self.report(report_scope, receive, send)
+        if path in PATHS:
+            await self.checks(path, scope, receive, send)
             return
-        if scope["method"] not in ("GET", "HEAD"):
-            response = stripe_error(405, f"{HEALTH_PATH} answers GET only.")
-        else:
-            status, report = await self.health()
-            response = JSONResponse(report, status_code=status)
-        await response(scope, receive, send)
+        # The report page, mounted as Starlette's Mount would: full path, root_path the prefix.
+        report_scope = {**scope, "path": path, "root_path": REPORT_ROOT}
+        await self.report(report_scope, receive, send)
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        """200 when Redis answers (``status`` ``degraded`` with the ``problems`` found: Redis lost
-        data, the outbox worker is failing; ``warnings`` for settings that risk data: no
-        persistence, eviction); 503 when it does not."""
-        worker = self.engine.worker
-        report: dict[str, Any] = {
-            "status": "ok",
-            "redis": "ok",
-            "worker": "off" if worker is None else _WORKER_STATES[worker.state],
-            "outbox": None,
-            **self.durability.health(),
-            "problems": [],
-            "warnings": self.durability.warnings(),
-        }
-        try:
-            async with store_errors("checking health"):
-                await self.engine.redis.ping()
-            depth = await self.engine.outbox.depth()
-        except StoreUnavailableError:
-            report.update(status="unavailable", redis="unavailable")
-            return 503, report
-        report["outbox"] = depth.model_dump() | {"outstanding": depth.outstanding}
-        problems = self.durability.problems()
-        if worker is not None and worker.state == "failing":
-            problems.append("worker_failing")
-        if problems:
-            report.update(status="degraded", problems=problems)
-        return 200, report
+        """The detailed health view (``dualwrite.health``): 503 when Redis does not answer."""
+        return await self.checks.health()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -251,6 +237,7 @@ class ProxyApp:
                 "but shadow writes (written later by the outbox worker, which never sees a "
                 "caller's key) will fail until it is set in the proxy's environment"
             )
+        self.stopping = False
         await self.durability.start()
         await self._ensure_started()
 
@@ -260,6 +247,7 @@ class ProxyApp:
 
     async def aclose(self) -> None:
         """Stop the engine's worker and close the engine (if the app built it) and the pool."""
+        self.stopping = True
         await self.durability.aclose()
         if self._owns_engine:
             await self.engine.aclose()
