@@ -34,13 +34,17 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Final, TypedDict, TypeVar, Unpack
 
 from dualwrite.config import Settings, UsageRoute
+from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError, UsageInputError
 from dualwrite.models import Action, RecordOutcome, UsageEvent
 from dualwrite.routes import RouteMatch, build_event
+
+if TYPE_CHECKING:
+    from dualwrite.outbox import OutboxWorker
 
 __all__ = ["CLOSE_TIMEOUT", "Recorder", "SyncRecorder", "UsageFields"]
 
@@ -124,7 +128,8 @@ class Recorder(_EventMaker):
         engine: an engine to share; whoever built it starts and closes it. By default the recorder
             builds one from ``config``, starts it (and its outbox worker, unless
             ``[outbox] run_in_process = false``) at the first ``record`` or on entering
-            ``async with``, and closes it in ``aclose()``.
+            ``async with``, and closes it in ``aclose()``. Starting it checks Redis's durability
+            as ``serve`` does (``dualwrite.durability``): an evicting Redis refuses the start.
         clock: where "now" comes from (tests).
     """
 
@@ -139,6 +144,9 @@ class Recorder(_EventMaker):
         self.engine = engine or DualWriteEngine.from_settings(self.settings, clock=clock)
         self._owns_engine = engine is None
         self._clock = clock
+        self.durability: DurabilityGuard | None = None
+        """The durability checks of the engine the recorder built (None: a shared engine, whose
+        builder checks its Redis), once started."""
 
     async def record(self, *, quantity: int, **fields: Unpack[UsageFields]) -> RecordOutcome:
         """Record usage at the customer's stage and return the outcome.
@@ -169,13 +177,25 @@ class Recorder(_EventMaker):
         return await self.engine.record(event)
 
     async def start(self) -> None:
-        """Start the engine (and its outbox worker) if the recorder built it; idempotent."""
-        if self._owns_engine:
-            await self.engine.start_once()
+        """Start the engine (and its outbox worker) if the recorder built it; idempotent.
+
+        Raises:
+            RedisEvictionError: Redis may evict dualwrite's keys (``dualwrite.durability``);
+                raised again at every call until Redis or ``[redis] allow_eviction`` changes.
+        """
+        if not self._owns_engine:
+            return
+        if self.durability is None:
+            guard = DurabilityGuard(self.engine.redis, self.engine.keys, self.settings.redis)
+            await guard.start()
+            self.durability = guard
+        await self.engine.start_once()
 
     async def aclose(self) -> None:
         """Stop the worker (its unfinished entries stay pending for another) and close the engine,
         if the recorder built it."""
+        if self.durability is not None:
+            await self.durability.aclose()
         if self._owns_engine:
             await self.engine.aclose()
 
@@ -294,6 +314,23 @@ class SyncRecorder(_EventMaker):
         """Start the loop thread, the engine and its outbox worker now rather than at the first
         call (e.g. in gunicorn's ``post_fork`` hook); idempotent."""
         self._ensure_running()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called (``record`` raises from then on)."""
+        return self._closed
+
+    @property
+    def outbox_worker(self) -> OutboxWorker | None:
+        """This process's outbox worker (None: not started, or ``run_in_process = false``)."""
+        running = self._running
+        return running.worker.worker if running is not None and running.worker else None
+
+    @property
+    def durability(self) -> DurabilityGuard | None:
+        """This process's durability checks (None until the recorder started)."""
+        running = self._running
+        return running.recorder.durability if running is not None else None
 
     def _ensure_running(self) -> _Running:
         running = self._running

@@ -18,6 +18,8 @@ from gunicorn's ``post_fork`` hook).
 from __future__ import annotations
 
 import io
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,14 +30,19 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message
 
 from dualwrite.config import Settings
-from dualwrite.exceptions import ConflictError, UsageInputError
+from dualwrite.exceptions import ConflictError, DualwriteError, UsageInputError
+from dualwrite.health import LIVE_PATH, PATHS, HealthCheck
+from dualwrite.metrics import OutboxSampler
 from dualwrite.middleware import refusal, stripe_error, usage_error
 from dualwrite.models import RecordOutcome
-from dualwrite.recorder import SyncRecorder
+from dualwrite.recorder import Recorder, SyncRecorder
 from dualwrite.routes import RouteMatch, RouteTable, build_event
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from dualwrite.durability import DurabilityGuard
+    from dualwrite.outbox import OutboxWorker
 
 __all__ = ["ENVIRON_KEY", "DualWriteDjangoMiddleware", "DualWriteMiddleware"]
 
@@ -44,6 +51,8 @@ ENVIRON_KEY: Final = "dualwrite"
 #: The largest body of a Stripe event pushed to the webhook path that is read.
 MAX_EVENT_BODY_BYTES: Final = 1024 * 1024
 _READ_CHUNK = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class _UsageGate:
@@ -92,6 +101,8 @@ class DualWriteMiddleware:
         recorder: a ``SyncRecorder`` to share (whoever built it closes it); by default the
             middleware makes one, closed with the process.
         clock: where "now" comes from (tests).
+        health: answer ``/_dualwrite/live``, ``/_dualwrite/ready`` and ``/_dualwrite/health``;
+            False leaves those paths to the app.
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class DualWriteMiddleware:
         config: Settings | None = None,
         recorder: SyncRecorder | None = None,
         clock: Callable[[], float] = time.time,
+        health: bool = True,
     ):
         self.app = app
         self.settings = config or (recorder.settings if recorder else Settings.load())
@@ -109,6 +121,14 @@ class DualWriteMiddleware:
         self._gate = _UsageGate(self.settings, self.recorder, clock)
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
+        self._probes = _Probes(self.recorder, key_needed=bool(self._gate.routes.routes))
+        self._health_paths = PATHS if health else frozenset()
+        if self.settings.api_key() is None and self._gate.routes.routes:
+            log.warning(
+                "STRIPE_API_KEY is not set: usage requests on the %d configured route(s) will be "
+                "refused and nothing recorded until it is set in the app's environment",
+                len(self._gate.routes.routes),
+            )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = _route_path(environ)
@@ -117,6 +137,10 @@ class DualWriteMiddleware:
             return self._usage(match, environ, start_response)
         if path == self._events_path:
             return self._events(environ, start_response)
+        if path in self._health_paths:
+            status, headers, content = self._probes.answer(path, environ["REQUEST_METHOD"])
+            start_response(_status_line(status), headers)
+            return [content]
         return self.app(environ, start_response)
 
     def start(self) -> None:
@@ -167,6 +191,66 @@ class DualWriteMiddleware:
         )
         start_response(_status_line(status), headers)
         return [content]
+
+
+class _Probes:
+    """The health paths of one WSGI process (``dualwrite.health``'s rules for the middleware),
+    checked on its recorder's loop."""
+
+    def __init__(self, recorder: SyncRecorder, *, key_needed: bool):
+        self._recorder = recorder
+        self._key_needed = key_needed
+
+    @property
+    def worker(self) -> OutboxWorker | None:
+        """The process's outbox worker."""
+        return self._recorder.outbox_worker
+
+    @property
+    def durability(self) -> DurabilityGuard | None:
+        """The process's durability checks."""
+        return self._recorder.durability
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the recorder was closed."""
+        return self._recorder.closed
+
+    def answer(self, path: str, method: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Status, headers and body of the reply to a probe of ``path``."""
+        scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": []}
+        if not self._recorder.closed:
+            try:
+                return self._recorder.run(lambda recorder: self._check(recorder, path, scope))
+            except DualwriteError:  # closed meanwhile
+                pass
+        # A closed recorder has no loop to check on: the process is stopping.
+        if path == LIVE_PATH:
+            return 200, _JSON, b'{"status":"ok"}'
+        body = {"status": "not_ready", "role": "middleware", "blocking": ["stopping"]}
+        return 503, _JSON, json.dumps(body).encode()
+
+    async def _check(
+        self, recorder: Recorder, path: str, scope: dict[str, Any]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        settings = self._recorder.settings
+        checks = HealthCheck(
+            role="middleware",
+            watched=self,
+            sampler=OutboxSampler.of(settings, recorder.engine),
+            worker_expected=settings.outbox.run_in_process,
+            key_needed=self._key_needed,
+            has_key=settings.api_key() is not None,
+            spool=recorder.engine.spool,
+        )
+
+        async def probe(scope: Any, receive: Any, send: Any) -> None:
+            await checks(path, scope, receive, send)
+
+        return await _asgi_exchange(probe, scope, b"")
+
+
+_JSON = [("content-type", "application/json"), ("cache-control", "no-store")]
 
 
 class DualWriteDjangoMiddleware:
@@ -284,6 +368,11 @@ def _read_body(environ: WSGIEnvironment, limit: int) -> bytes | JSONResponse:
     body = b"".join(chunks)
     if len(body) > limit:
         return _body_refusal(len(body), limit)
+    if not chunked and len(body) < length:
+        # The client went away mid-body: what arrived is not the request it meant to send.
+        return stripe_error(
+            400, f"The request body ended after {len(body)} of its {length} bytes (Content-Length)."
+        )
     return body
 
 

@@ -444,6 +444,18 @@ class TestDataLoss:
                 lambda: CliRunner().invoke(app, ["durability", "--json"], env=env)
             )
             assert shown.exit_code == 1 and json.loads(shown.output)["data_lost"] is not None
+            rehearsed = await anyio.to_thread.run_sync(
+                lambda: CliRunner().invoke(
+                    app, ["durability", "--clear-loss", "--dry-run", "--reason", "x"], env=env
+                )
+            )
+            assert rehearsed.exit_code == 1, rehearsed.output
+            assert "dry run: would clear the data loss recorded since" in rehearsed.output
+            assert "Redis lost data" in rehearsed.output
+            still = await anyio.to_thread.run_sync(
+                lambda: CliRunner().invoke(app, ["durability", "--json"], env=env)
+            )
+            assert json.loads(still.output)["data_lost"] is not None  # and nothing was audited
             cleared = await anyio.to_thread.run_sync(
                 lambda: CliRunner().invoke(
                     app,

@@ -201,6 +201,21 @@ class TestUsageRoutes:
         assert status == "200 OK", b"".join(chunks)
         assert calls == ["usage"] and standin.legacy_total(scenario.item) == 4
 
+    def test_body_cut_short_records_nothing(self, wrapped, scenario, standin):
+        """A client that goes away before the Content-Length it promised: a 400, and the part that
+        arrived (here a whole JSON object) is not recorded as if it were the request."""
+        _, calls, middleware = wrapped
+        body = json.dumps({"item": scenario.item, "quantity": 1}).encode()
+        environ = create_environ(
+            f"/usage/{scenario.customer}", method="POST", data=body, content_type="application/json"
+        )
+        environ["CONTENT_LENGTH"] = str(len(body) + 5)  # five more bytes promised, never sent
+        chunks, status, _ = run_wsgi_app(middleware, environ)
+        reply = json.loads(b"".join(chunks))
+        assert status.startswith("400"), reply
+        assert f"ended after {len(body)} of its {len(body) + 5} bytes" in reply["error"]["message"]
+        assert calls == [] and standin.legacy_total(scenario.item) == 0
+
     def test_stripe_refusal_returns_stripes_status_and_error(self, wrapped, scenario, standin):
         """Stripe refusing the usage record: its status and error, and the app is not called."""
         client, calls, _ = wrapped
@@ -232,6 +247,59 @@ class TestUsageRoutes:
             assert time.monotonic() < deadline, "the shadow write was not delivered"
             time.sleep(0.02)
         assert standin.legacy_total(scenario.item) == 3
+
+
+class TestHealth:
+    """The three probe paths, answered as the ASGI middleware answers them (``dualwrite.health``)."""
+
+    def probe(self, middleware: DualWriteMiddleware, path: str) -> tuple[int, dict[str, Any]]:
+        chunks, status, _ = run_wsgi_app(middleware, create_environ(path))
+        return int(status.split()[0]), json.loads(b"".join(chunks))
+
+    def test_live_ready_and_health(self, wrapped):
+        """Live answers 200; a probe starts the engine and its worker, as a usage request would;
+        health shows Redis and the worker."""
+        _, calls, middleware = wrapped
+        assert self.probe(middleware, "/_dualwrite/live") == (200, {"status": "ok"})
+        status, ready = self.probe(middleware, "/_dualwrite/ready")
+        assert status == 200 and ready["status"] in ("ready", "degraded"), ready
+        assert ready["role"] == "middleware" and ready["blocking"] == []
+        status, health = self.probe(middleware, "/_dualwrite/health")
+        assert status == 200 and health["redis"] == "ok" and health["worker"] == "running"
+        assert health["stripe_key"] == "ok" and "redis_persistence" in health
+        assert calls == []
+
+    def test_closed_recorder_is_not_ready(self, settings):
+        """After the recorder is closed (the process stopping): ready 503, live still 200."""
+        recorder = SyncRecorder(config=settings)
+        middleware = DualWriteMiddleware(build_flask_app([]).wsgi_app, recorder=recorder)
+        assert self.probe(middleware, "/_dualwrite/ready")[0] == 200
+        recorder.close()
+        status, ready = self.probe(middleware, "/_dualwrite/ready")
+        assert (status, ready["blocking"]) == (503, ["stopping"])
+        assert self.probe(middleware, "/_dualwrite/live")[0] == 200
+
+    def test_no_stripe_key_is_not_ready_and_warned(self, standin_settings, caplog):
+        """Usage routes and no STRIPE_API_KEY: a warning at construction, readiness 503."""
+        settings = standin_settings(routes=(USAGE_ROUTE,)).model_copy(
+            update={"stripe_api_key": None}
+        )
+        with (
+            caplog.at_level("WARNING", logger="dualwrite.wsgi"),
+            SyncRecorder(config=settings) as recorder,
+        ):
+            middleware = DualWriteMiddleware(build_flask_app([]).wsgi_app, recorder=recorder)
+            status, ready = self.probe(middleware, "/_dualwrite/ready")
+        assert status == 503 and ready["blocking"] == ["stripe_key_missing"], ready
+        assert "STRIPE_API_KEY is not set" in caplog.text
+
+    def test_health_false_leaves_the_paths_to_the_app(self, recorder):
+        """health=False: the app answers the probe paths (Flask's 404 here)."""
+        middleware = DualWriteMiddleware(
+            build_flask_app([]).wsgi_app, recorder=recorder, health=False
+        )
+        _, status, _ = run_wsgi_app(middleware, create_environ("/_dualwrite/ready"))
+        assert status.startswith("404")
 
 
 class TestPassThrough:

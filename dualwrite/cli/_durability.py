@@ -11,6 +11,8 @@ import typer
 from dualwrite.cli._common import (
     INSPECT,
     Actor,
+    DryRun,
+    Reason,
     actor_name,
     app,
     console,
@@ -36,8 +38,9 @@ def durability(
             "kept in the operations audit.",
         ),
     ] = False,
+    dry_run: DryRun = False,
     actor: Actor = None,
-    reason: Annotated[str, typer.Option(help="Why (with --clear-loss): kept in the audit.")] = "",
+    reason: Reason = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Show Redis's persistence and eviction settings (each master of a cluster) as `serve` and
@@ -60,7 +63,9 @@ def durability(
             found = await read_durability(redis)
             loss = await read_loss(redis, keys)
             cleared = None
-            if clear_loss and loss is not None:
+            if clear_loss and loss is not None and dry_run:
+                cleared = loss  # what would be forgotten; nothing is changed or audited
+            elif clear_loss and loss is not None:
                 cleared = await clear(redis, keys)
                 await OpsAudit(redis, keys).record(
                     "durability.clear_loss",
@@ -76,8 +81,9 @@ def durability(
                 "settings": found.describe(),
                 "evicting": [node.node for node in found.evicting],
                 "allow_eviction": settings.redis.allow_eviction,
-                "data_lost": loss.as_dict() if loss and not cleared else None,
+                "data_lost": loss.as_dict() if loss and (dry_run or not cleared) else None,
                 "cleared": cleared.as_dict() if cleared else None,
+                "dry_run": dry_run,
             }
         finally:
             await redis.aclose()
@@ -101,7 +107,13 @@ def _print(result: dict[str, Any]) -> None:
     if result["persistence"] == "none":
         console.print("[red]no persistence: a Redis restart loses everything[/red]")
     cleared = result["cleared"]
-    if cleared is not None:
+    if cleared is not None and result["dry_run"]:
+        console.print(
+            f"dry run: would clear the data loss recorded since {utc_time(cleared['since'])} "
+            "(nothing changed)",
+            highlight=False,
+        )
+    elif cleared is not None:
         console.print(
             f"cleared: the data loss recorded since {utc_time(cleared['since'])} "
             "(the report claims parity again where the ledger shows it)",
