@@ -10,8 +10,8 @@ on the meter. The line's quantity is the period's usage by that price: a legacy 
 customer's counted meter events, a licensed price's quantity (UNVERIFIED simplification: Stripe
 bills licensed prices in advance; the stand-in bills them with the period they cover). The amount
 is ``_pricing``'s. The invoice stays a ``draft`` for an hour (Stripe's default before it finalizes
-a subscription invoice), its lines recomputed as late usage arrives, then is finalized (``open``:
-the stand-in takes no payments). Stripe's first, creation-time invoice is not made.
+a subscription invoice), its lines priced whenever it is read so that late meter events count, then
+is finalized (``open``: the stand-in takes no payments). Stripe's creation-time invoice is not made.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ __all__ = [
     "billed_quantity",
     "create_preview",
     "list_invoices",
+    "refresh",
     "retrieve_invoice",
     "settle_invoices",
 ]
@@ -137,11 +138,18 @@ def settle_invoices(store: Store, real_now: int) -> None:
         if invoice.finalized_at is not None:
             continue
         owner = store.subscriptions.get(invoice.subscription)
-        if owner is None:
-            continue
-        invoice.lines = _period_lines(store, owner, invoice)
-        if store.time_of(owner, real_now) >= invoice.created + FINALIZE_AFTER:
+        if owner is not None and store.time_of(owner, real_now) >= invoice.created + FINALIZE_AFTER:
+            refresh(store, invoice)
             invoice.finalized_at = invoice.created + FINALIZE_AFTER
+
+
+def refresh(store: Store, invoice: Invoice) -> Invoice:
+    """A draft's lines computed on the usage so far (late meter events count until it is
+    finalized); a finalized invoice as it is. Drafts are priced when read, not at every call."""
+    owner = store.subscriptions.get(invoice.subscription)
+    if invoice.finalized_at is None and owner is not None:
+        invoice.lines = _period_lines(store, owner, invoice)
+    return invoice
 
 
 def _get_subscription(store: Store, sub_id: str) -> Subscription:
@@ -248,7 +256,7 @@ def list_invoices(store: Store, call: Call) -> dict[str, Any]:
         and p.get("status") in (None, invoice.status)
     ]
     found.sort(key=lambda invoice: -invoice.created)
-    rendered = [render_invoice(invoice, store, call.version) for invoice in found]
+    rendered = [render_invoice(refresh(store, invoice), store, call.version) for invoice in found]
     return paginate(rendered, p, call.path, "invoice")
 
 
@@ -257,7 +265,7 @@ def retrieve_invoice(store: Store, call: Call) -> dict[str, Any]:
     invoice = store.invoices.get(call.path_args["id"])
     if invoice is None:
         raise no_such("invoice", call.path_args["id"])
-    return render_invoice(invoice, store, call.version)
+    return render_invoice(refresh(store, invoice), store, call.version)
 
 
 _PAGE: dict[str, Param] = {

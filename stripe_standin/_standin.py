@@ -14,7 +14,7 @@ from stripe_standin._clock import StandinClock
 from stripe_standin._errors import StandinError, StripeApiError
 from stripe_standin._faults import FaultInjector
 from stripe_standin._idempotency import IdempotencyStore
-from stripe_standin._invoices import settle_invoices
+from stripe_standin._invoices import refresh, settle_invoices
 from stripe_standin._meters import aggregate, find_meter
 from stripe_standin._notifications import (
     DELIVERY_TIMEOUT,
@@ -219,7 +219,9 @@ class StripeStandin:
             apply_due_phases(self._store, self.clock.now())
             settle_invoices(self._store, self.clock.now())
             return [
-                render_invoice(invoice, self._store, version or self.default_api_version)
+                render_invoice(
+                    refresh(self._store, invoice), self._store, version or self.default_api_version
+                )
                 for invoice in self._store.invoices.values()
                 if customer in (None, invoice.customer)
             ]

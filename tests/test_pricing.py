@@ -1,8 +1,8 @@
 """Price math against a table of cases worked out by hand from Stripe's pricing documentation.
 
 Each case names the page its numbers come from. The prices are written as Stripe returns them
-(``price`` objects, ``tiers`` expanded): the table is meant to be shared with the stand-in's own
-price math (issue 16, phase 2), which must reach the same amounts independently.
+(``price`` objects, ``tiers`` expanded), in ``tests/pricing_cases.json``: the stand-in's own price
+math reaches the same amounts independently (tests/standin/test_standin_pricing.py).
 """
 
 from __future__ import annotations

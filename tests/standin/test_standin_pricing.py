@@ -256,6 +256,7 @@ class TestInvoices:
         standin.clock.set(MONTH_LATER + HOUR)
         [final] = (await invoices(http, status="open"))["data"]
         assert final["id"] == draft["id"] and final["status_transitions"]["finalized_at"]
+        assert [i["id"] for i in standin.invoices(customer=final["customer"])] == [final["id"]]
         [line] = final["lines"]["data"]
         assert (line["amount"], line["quantity"], line["subscription_item"]) == (4150, 6, item)
         assert line["period"] == {"start": START, "end": MONTH_LATER}
