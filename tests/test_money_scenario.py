@@ -2,8 +2,8 @@
 the period end, and the stand-in's own invoices for the month after it.
 
 Customers on a per-unit, a graduated (flat fees), a volume, a package (``transform_quantity``) and
-a decimal legacy metered price, each mapped to the meter-backed twin that ``Price.billing_params``
-proposes (what ``dualwrite meters plan`` does), and a sixth customer whose meter leg loses an event
+a decimal legacy metered price, each mapped to the meter-backed twin that ``dualwrite meters apply``
+creates, and a sixth customer whose meter leg loses an event
 (Stripe refuses it for good). Usage goes through the engine, shadow writes through an outbox
 worker, with a few per cent of Stripe's calls failing (500, 429, 409 and replies held past the
 client's timeout). Before the period ends ``reconcile --money --preview`` says the five bill the
@@ -15,14 +15,18 @@ bill what the legacy price would have billed for that month's usage, to the cent
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from typer.testing import CliRunner
 
-from dualwrite.config import MeterMapping
+from dualwrite.cli import app
+from dualwrite.config import Settings
 from dualwrite.cutover import CutoverOps
 from dualwrite.engine import DualWriteEngine
 from dualwrite.keys import KeySpace
@@ -30,13 +34,14 @@ from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.pricing import Price
 from dualwrite.reconcile import Reconciler, ReconciliationRecord
-from dualwrite.testing import StripeStandin, meter_params
+from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import (
     EVENT_NAME,
     LEGACY_VERSION,
     Scenario,
     ScenarioBuilder,
+    cli_environment,
     make_settings,
     record_as_caller,
     refuse_meter_event,
@@ -87,10 +92,8 @@ class Customer:
     """Per period start, the usage whose meter event Stripe refuses (``LOST`` at a time)."""
 
 
-async def create_prices(
-    builder: ScenarioBuilder, meter: str, product: str, name: str
-) -> tuple[Price, str]:
-    """The legacy metered price of ``name`` and its meter-backed twin (its billing terms)."""
+async def legacy_price(builder: ScenarioBuilder, product: str, name: str) -> Price:
+    """The legacy metered price of ``name``, as Stripe returns it (tiers expanded)."""
     client = builder.client
     params: Any = {
         "currency": "usd",
@@ -102,11 +105,21 @@ async def create_prices(
     read = await client.v1.prices.retrieve_async(
         created.id, {"expand": ["tiers"]}, {"stripe_version": LEGACY_VERSION}
     )
-    legacy = Price.from_stripe(read.to_dict())
-    twin: Any = legacy.billing_params() | {"product": product}
-    twin["recurring"] |= {"usage_type": "metered", "meter": meter}
-    metered = await client.v1.prices.create_async(twin)
-    return legacy, metered.id
+    return Price.from_stripe(read.to_dict())
+
+
+def meters_apply(config: Path, environment: dict[str, str]) -> dict[str, str]:
+    """``dualwrite meters apply``: the meter and each legacy price's meter-backed twin, mapped in
+    ``config``; returns the mapping (legacy price → twin)."""
+    result = CliRunner().invoke(
+        app, ["--config", str(config), "meters", "apply", "--json"], env=environment
+    )
+    assert result.exit_code == 0, result.output
+    [mapping] = Settings.load(config).meters
+    assert set(json.loads(result.output)["prices_created"].values()) == set(
+        mapping.meter_prices.values()
+    )
+    return dict(mapping.meter_prices)
 
 
 @dataclass
@@ -160,23 +173,33 @@ class Month:
 
 @pytest.fixture
 async def month(
-    redis_url: str, key_prefix: str, standin_url: str, standin: StripeStandin, builder
+    redis_url: str,
+    key_prefix: str,
+    standin_url: str,
+    standin: StripeStandin,
+    builder: ScenarioBuilder,
+    tmp_path: Path,
+    clean_environment: None,
 ) -> AsyncIterator[Month]:
-    """Six customers in shadow on one billing cycle, each on its legacy price mapped to its twin."""
-    meter = await builder.client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
+    """Six customers in shadow on one billing cycle, each on its legacy price mapped by
+    ``dualwrite meters apply`` to the meter-backed twin it created."""
     product = await builder.client.v1.products.create_async({"name": "API"})
+    legacy = {name: await legacy_price(builder, product.id, name) for name in PRICES}
+    config = tmp_path / "dualwrite.toml"
+    listed = ", ".join(f'"{price.id}"' for price in legacy.values())
+    config.write_text(f'[[meters]]\nevent_name = "{EVENT_NAME}"\nlegacy_prices = [{listed}]\n')
+    environment = cli_environment(redis_url, key_prefix, standin_url)
+    twins = await anyio.to_thread.run_sync(meters_apply, config, environment)
+    [meter] = (await builder.client.v1.billing.meters.list_async()).data
     now = standin.clock.now()
     anchor = now - now % 3600
     customers: dict[str, Customer] = {}
-    for name in PRICES:
-        legacy, metered = await create_prices(builder, meter.id, product.id, name)
+    for name, price in legacy.items():
+        twin = twins[price.id]
         scenario = await builder.subscribe(
-            name, legacy.id, anchor=anchor, meter_price=metered, meter=meter.id
+            name, price.id, anchor=anchor, meter_price=twin, meter=meter.id
         )
-        customers[name] = Customer(name, scenario, legacy, metered)
-    mapping = MeterMapping(
-        event_name=EVENT_NAME, meter_prices={c.legacy.id: c.meter_price for c in customers.values()}
-    )
+        customers[name] = Customer(name, scenario, price, twin)
     settings = make_settings(
         redis_url=redis_url,
         prefix=key_prefix,
@@ -185,7 +208,7 @@ async def month(
         stripe={"timeout": 0.5},
         flags={"cache_ttl": 0},
         reconcile={"settle_seconds": SETTLE, "reads_per_second": 0},
-    ).model_copy(update={"meters": (mapping,)})
+    ).model_copy(update={"meters": Settings.load(config).meters})
     engine = DualWriteEngine.from_settings(settings, clock=standin.clock.now)
     await engine.start(worker=False)
     item = await builder.client.v1.subscription_items.retrieve_async(
@@ -283,3 +306,9 @@ async def test_a_month_through_the_cutover_bills_to_the_cent(month: Month) -> No
         [old] = before_cutover["lines"]["data"]
         assert old["pricing"]["price_details"]["price"] == customer.legacy.id
         assert old["amount"] == customer.legacy.amount(customer.sent[anchor]), name
+
+    # Closed and settled, the first period priced from Stripe's own totals says the same.
+    closed = await month.reconcile(period, preview=False)
+    for name, record in closed.items():
+        assert record.money is not None and record.money.basis == "stripe", name
+        assert record.money.difference == (drift if name == "drifted" else 0), name
