@@ -227,14 +227,18 @@ def _exclusive(p: Mapping[str, Any], name: str, where: str) -> None:
 def _price_tiers(p: Mapping[str, Any]) -> tuple[PriceTier, ...]:
     """Check a tiered price's ``tiers`` and ``tiers_mode`` as Stripe does; the tiers, typed.
 
-    UNVERIFIED wording of every refusal here; the rules are the API reference's (create a price:
-    ``billing_scheme``, ``tiers``, ``tiers_mode``, ``transform_quantity``)."""
+    The rules are the API reference's (create a price: ``billing_scheme``, ``tiers``,
+    ``tiers_mode``, ``transform_quantity``); the wording is UNVERIFIED where no source is named."""
     if "tiers_mode" not in p:
         raise missing_param("tiers_mode")
     raws: list[dict[str, Any]] = p.get("tiers") or []
     if not raws:
         raise missing_param("tiers")
-    for name in ("unit_amount", "unit_amount_decimal", "transform_quantity"):
+    if "transform_quantity" in p:
+        # Stripe's wording (tierrun/node-sdk#15), param ``tiers``.
+        msg = "You may only specify one of these parameters: tiers, transform_quantity."
+        raise invalid(msg, param="tiers", code="parameters_exclusive")
+    for name in ("unit_amount", "unit_amount_decimal"):
         if name in p:
             msg = (
                 f"`{name}` cannot be set when `billing_scheme=tiered`: put the amounts in `tiers`."
@@ -267,8 +271,8 @@ def _price_tiers(p: Mapping[str, Any]) -> tuple[PriceTier, ...]:
         unit = raw.get("unit_amount_decimal", raw.get("unit_amount"))
         flat = raw.get("flat_amount_decimal", raw.get("flat_amount"))
         if unit is None and flat is None:
-            msg = f"{where} needs `unit_amount` or `flat_amount` (or their `_decimal` forms)."
-            raise invalid(msg, param=f"{where}[unit_amount]")
+            # Stripe's wording (lukasaron/terraform-provider-stripe#45); the param is UNVERIFIED.
+            raise invalid("An entry in the tiers array is missing an amount.", param="tiers")
         tiers.append(
             PriceTier(
                 up_to=up_to,

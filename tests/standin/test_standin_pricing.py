@@ -156,10 +156,10 @@ class TestPrices:
             ({"unit_amount": 5}, "unit_amount", "billing_scheme=tiered"),
             (
                 {"transform_quantity[divide_by]": 2, "transform_quantity[round]": "up"},
-                "transform_quantity",
-                "billing_scheme=tiered",
+                "tiers",
+                "one of these parameters: tiers, transform_quantity",
             ),
-            ({"tiers[0][unit_amount]": None}, "tiers[0][unit_amount]", "needs `unit_amount`"),
+            ({"tiers[0][unit_amount]": None}, "tiers", "tiers array is missing an amount"),
             ({"tiers[0][unit_amount_decimal]": "1.5"}, None, "only specify one"),
             (
                 {"tiers[0][unit_amount]": None, "tiers[0][unit_amount_decimal]": "0.1234567890123"},
