@@ -33,6 +33,7 @@ from stripe_standin._control import control_routes
 from stripe_standin._endpoints import Auth, Endpoint, match_endpoint
 from stripe_standin._errors import StripeApiError
 from stripe_standin._faults import fault_error
+from stripe_standin._invoices import settle_invoices
 from stripe_standin._params import decode_form, flatten, json_type, validate
 from stripe_standin._schedules import apply_due_phases
 from stripe_standin._state import Call, parse_version
@@ -337,6 +338,7 @@ class _StripeApi:
                 call = Call(s.clock.now(), req.version, req.path, req.path_args, params)
                 settle_test_clocks(s._store)  # advances that are done
                 apply_due_phases(s._store, call.now)  # subscription schedules follow the clocks
+                settle_invoices(s._store, call.now)  # and periods that ended are invoiced
                 out.executed = True
                 try:
                     out.body = endpoint.handler(s._store, call)

@@ -6,6 +6,8 @@ returns the JSON body of a 200 reply or raises ``StripeApiError``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, cast
 
 from stripe_standin._calendar import Interval
@@ -18,6 +20,7 @@ from stripe_standin._objects import (
     render_product,
     render_subscription,
 )
+from stripe_standin._pricing import PriceTier
 from stripe_standin._state import (
     Call,
     Customer,
@@ -47,6 +50,7 @@ __all__ = [
     "update_item",
 ]
 
+_DECIMAL_PLACES = 12
 _YEAR_IN_DAYS = {"day": 1, "week": 7, "month": 31, "year": 366}
 
 
@@ -206,26 +210,105 @@ def _recurring(store: Store, call: Call, recurring: dict[str, Any]) -> dict[str,
     }
 
 
+def _exclusive(p: Mapping[str, Any], name: str, where: str) -> None:
+    """Refuse ``name`` given both as an integer and as ``name_decimal`` (Stripe's wording), and a
+    decimal with more than 12 decimal places; ``where`` is the hash holding them (``tiers[0]``)."""
+    whole, exact = (f"{where}[{n}]" if where else n for n in (name, f"{name}_decimal"))
+    if name in p and f"{name}_decimal" in p:
+        msg = f"You may only specify one of these parameters: {whole}, {exact}."
+        raise invalid(msg, code="parameters_exclusive")
+    value = p.get(f"{name}_decimal")
+    if isinstance(value, Decimal) and -int(value.as_tuple().exponent) > _DECIMAL_PLACES:
+        # UNVERIFIED wording; the limit is the API reference's ("at most 12 decimal places").
+        msg = f"Invalid {exact}: at most {_DECIMAL_PLACES} decimal places are allowed."
+        raise invalid(msg, param=exact)
+
+
+def _price_tiers(p: Mapping[str, Any]) -> tuple[PriceTier, ...]:
+    """Check a tiered price's ``tiers`` and ``tiers_mode`` as Stripe does; the tiers, typed.
+
+    The rules are the API reference's (create a price: ``billing_scheme``, ``tiers``,
+    ``tiers_mode``, ``transform_quantity``); the wording is UNVERIFIED where no source is named."""
+    if "tiers_mode" not in p:
+        raise missing_param("tiers_mode")
+    raws: list[dict[str, Any]] = p.get("tiers") or []
+    if not raws:
+        raise missing_param("tiers")
+    if "transform_quantity" in p:
+        # Stripe's wording (tierrun/node-sdk#15), param ``tiers``.
+        msg = "You may only specify one of these parameters: tiers, transform_quantity."
+        raise invalid(msg, param="tiers", code="parameters_exclusive")
+    for name in ("unit_amount", "unit_amount_decimal"):
+        if name in p:
+            msg = (
+                f"`{name}` cannot be set when `billing_scheme=tiered`: put the amounts in `tiers`."
+            )
+            raise invalid(msg, param=name)
+    tiers: list[PriceTier] = []
+    below = 0
+    for index, raw in enumerate(raws):
+        where = f"tiers[{index}]"
+        last = index == len(raws) - 1
+        text = raw["up_to"]
+        if text == "inf":
+            up_to = None
+        elif text.isdigit():
+            up_to = int(text)
+        else:
+            msg = f"Invalid {where}[up_to]: must be a whole number or `inf`, not {text!r}."
+            raise invalid(msg, param=f"{where}[up_to]")
+        if last and up_to is not None:
+            msg = "The last tier of a tiered price must have `up_to` set to `inf`."
+            raise invalid(msg, param=f"{where}[up_to]")
+        if not last and (up_to is None or up_to <= below):
+            msg = (
+                f"Invalid {where}[up_to]: tiers must be in increasing order of `up_to` and only "
+                "the last may be `inf`."
+            )
+            raise invalid(msg, param=f"{where}[up_to]")
+        for name in ("unit_amount", "flat_amount"):
+            _exclusive(raw, name, f"{where}")
+        unit = raw.get("unit_amount_decimal", raw.get("unit_amount"))
+        flat = raw.get("flat_amount_decimal", raw.get("flat_amount"))
+        if unit is None and flat is None:
+            # Stripe's wording (lukasaron/terraform-provider-stripe#45); the param is UNVERIFIED.
+            raise invalid("An entry in the tiers array is missing an amount.", param="tiers")
+        tiers.append(
+            PriceTier(
+                up_to=up_to,
+                unit_amount=None if unit is None else Decimal(unit),
+                flat_amount=None if flat is None else Decimal(flat),
+            )
+        )
+        below = up_to or below
+    return tuple(tiers)
+
+
 def create_price(store: Store, call: Call) -> dict[str, Any]:
-    """POST /v1/prices: licensed, legacy metered (pre-basil) or meter-backed prices."""
+    """POST /v1/prices: licensed, legacy metered (pre-basil) or meter-backed prices; per unit
+    (``unit_amount`` or ``unit_amount_decimal``, optionally ``transform_quantity``) or tiered
+    (``tiers``, ``tiers_mode``)."""
     p = call.params
     if "product" in p and "product_data" in p:
         raise invalid(
             "You may only specify one of these parameters: product, product_data.",
             code="parameters_exclusive",
         )
-    if "unit_amount" in p and "unit_amount_decimal" in p:
-        raise invalid(
-            "You may only specify one of these parameters: unit_amount, unit_amount_decimal.",
-            code="parameters_exclusive",
-        )
-    if "unit_amount" not in p and "unit_amount_decimal" not in p:
-        raise missing_param("unit_amount")
+    _exclusive(p, "unit_amount", "")
     currency = p["currency"].lower()
     if len(currency) != 3 or not currency.isalpha():
         raise invalid(f"Invalid currency: {p['currency']}", param="currency")
-    if p.get("billing_scheme", "per_unit") != "per_unit":
-        raise invalid("The stand-in supports only billing_scheme=per_unit.", param="billing_scheme")
+    scheme = p.get("billing_scheme", "per_unit")
+    tiers = _price_tiers(p) if scheme == "tiered" else ()
+    if scheme == "per_unit":
+        for name in ("tiers", "tiers_mode"):
+            if name in p:
+                # UNVERIFIED wording.
+                msg = f"`{name}` can only be set when `billing_scheme=tiered`."
+                raise invalid(msg, param=name)
+        if "unit_amount" not in p and "unit_amount_decimal" not in p:
+            raise missing_param("unit_amount")
+    transform = p.get("transform_quantity")
     recurring = _recurring(store, call, p["recurring"]) if "recurring" in p else None
     lookup_key = p.get("lookup_key")
     if lookup_key is not None and any(x.lookup_key == lookup_key for x in store.prices.values()):
@@ -257,6 +340,10 @@ def create_price(store: Store, call: Call) -> dict[str, Any]:
         nickname=p.get("nickname"),
         active=p.get("active", True),
         metadata=_metadata(p.get("metadata")),
+        billing_scheme=scheme,
+        tiers_mode=p.get("tiers_mode"),
+        tiers=tiers,
+        transform=None if transform is None else (transform["divide_by"], transform["round"]),
     )
     if recurring is not None:
         price.interval = cast(Interval, recurring["interval"])
@@ -265,12 +352,18 @@ def create_price(store: Store, call: Call) -> dict[str, Any]:
         price.aggregate_usage = recurring["aggregate_usage"]
         price.meter = recurring["meter"]
     store.prices[price.id] = price
-    return render_price(price, call.version)
+    return render_price(price, call.version, tiers=_expands(call, "tiers"))
+
+
+def _expands(call: Call, name: str) -> bool:
+    """Whether the call asks for ``name`` to be expanded (``expand[]=tiers``)."""
+    return name in (call.params.get("expand") or [])
 
 
 def retrieve_price(store: Store, call: Call) -> dict[str, Any]:
     """GET /v1/prices/{id}."""
-    return render_price(_get_price(store, call.path_args["id"]), call.version)
+    price = _get_price(store, call.path_args["id"])
+    return render_price(price, call.version, tiers=_expands(call, "tiers"))
 
 
 def list_prices(store: Store, call: Call) -> dict[str, Any]:
@@ -285,7 +378,8 @@ def list_prices(store: Store, call: Call) -> dict[str, Any]:
         and (keys is None or price.lookup_key in keys)
         and p.get("type") in (None, "recurring" if price.interval else "one_time")
     ]
-    rendered = [render_price(price, call.version) for price in found]
+    tiers = _expands(call, "data.tiers")
+    rendered = [render_price(price, call.version, tiers=tiers) for price in found]
     return paginate(rendered, p, call.path, "price")
 
 
@@ -353,6 +447,7 @@ def create_subscription(store: Store, call: Call) -> dict[str, Any]:
             price=price.id,
             quantity=quantity,
             metadata=_metadata(entry.get("metadata")),
+            history=[(now, price.id)],
         )
         store.items[item.id] = item
         sub.items.append(item.id)
@@ -413,7 +508,7 @@ def update_item(store: Store, call: Call) -> dict[str, Any]:
             raise invalid(msg, param="price")
         if current.legacy_metered:
             item.legacy_price = current.id
-        item.price = price.id
+        item.move_to(price.id, store.time_of(sub, call.now))
     elif price.usage_type == "metered" and "quantity" in p:
         msg = "Quantity should not be specified where usage_type is `metered`. Remove quantity."
         raise invalid(msg, param="quantity")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from stripe_standin import (
     _catalog as catalog,
+    _invoices as invoices,
     _meters as meters,
     _notifications as notifications,
     _schedules as schedules,
@@ -131,6 +132,24 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
                 }
             ),
             "billing_scheme": string(choices=("per_unit", "tiered")),
+            "tiers": lst(
+                obj(
+                    {
+                        "up_to": string(required=True),  # a whole number or "inf"
+                        "unit_amount": integer(minimum=0),
+                        "unit_amount_decimal": decimal(),
+                        "flat_amount": integer(minimum=0),
+                        "flat_amount_decimal": decimal(),
+                    }
+                )
+            ),
+            "tiers_mode": string(choices=("graduated", "volume")),
+            "transform_quantity": obj(
+                {
+                    "divide_by": integer(required=True, minimum=1),
+                    "round": string(required=True, choices=("down", "up")),
+                }
+            ),
             "lookup_key": string(max_length=200),
             "nickname": string(),
             "active": boolean(),
@@ -291,6 +310,7 @@ _TABLE: tuple[tuple[str, str, Mapping[str, Param], Handler], ...] = (
         meters.create_adjustment,
     ),
     *schedules.SCHEDULE_ENDPOINTS,
+    *invoices.INVOICE_ENDPOINTS,
     *test_clocks.TEST_CLOCK_ENDPOINTS,
 )
 

@@ -36,6 +36,7 @@ __all__ = [
     "IDENTIFIER_WINDOW",
     "Refusal",
     "aggregate",
+    "aggregate_exact",
     "create_adjustment",
     "create_meter",
     "create_meter_event",
@@ -297,6 +298,11 @@ def resolve(
 
 def aggregate(meter: Meter, events: Iterable[MeterEvent]) -> float:
     """The meter's formula over counted, non-cancelled events (newest per window if windowed)."""
+    return float(aggregate_exact(meter, events))
+
+
+def aggregate_exact(meter: Meter, events: Iterable[MeterEvent]) -> Decimal:
+    """``aggregate``, exactly (what an invoice bills)."""
     kept = [e for e in events if e.counted and not e.cancelled]
     if meter.event_time_window is not None:
         width = _WINDOW_SECONDS[meter.event_time_window]
@@ -307,12 +313,12 @@ def aggregate(meter: Meter, events: Iterable[MeterEvent]) -> float:
                 newest[slot] = event
         kept = list(newest.values())
     if meter.formula == "count":
-        return float(len(kept))
+        return Decimal(len(kept))
     if not kept:
-        return 0.0
+        return Decimal(0)
     if meter.formula == "last":
-        return float(max(kept, key=lambda e: (e.timestamp, e.seq)).value or 0)
-    return float(sum((e.value or Decimal(0)) for e in kept))
+        return max(kept, key=lambda e: (e.timestamp, e.seq)).value or Decimal(0)
+    return sum((e.value or Decimal(0) for e in kept), Decimal(0))
 
 
 def create_adjustment(store: Store, call: Call) -> dict[str, Any]:

@@ -13,9 +13,12 @@ from typing import Any
 
 from stripe_standin._clock import format_iso
 from stripe_standin._errors import no_such
+from stripe_standin._pricing import PriceTier
 from stripe_standin._schedules import render_schedule
 from stripe_standin._state import (
     Customer,
+    Invoice,
+    InvoiceLine,
     Meter,
     MeterEvent,
     MeterSession,
@@ -36,6 +39,7 @@ __all__ = [
     "paginate",
     "render_customer",
     "render_event_summary",
+    "render_invoice",
     "render_item",
     "render_meter",
     "render_meter_event",
@@ -123,8 +127,27 @@ def render_product(product: Product) -> dict[str, Any]:
     }
 
 
-def render_price(price: Price, version: str) -> dict[str, Any]:
-    """A ``price`` object; ``recurring.aggregate_usage`` only exists before basil."""
+def _whole(value: Decimal | None) -> int | None:
+    """An amount as Stripe's integer field shows it: set only when it is a whole number."""
+    if value is None or value != value.to_integral_value():
+        return None
+    return int(value)
+
+
+def _render_tier(tier: PriceTier) -> dict[str, Any]:
+    """A ``price_tier`` (``up_to`` null for the last, ``inf`` tier)."""
+    return {
+        "flat_amount": _whole(tier.flat_amount),
+        "flat_amount_decimal": _decimal_text(tier.flat_amount, None),
+        "unit_amount": _whole(tier.unit_amount),
+        "unit_amount_decimal": _decimal_text(tier.unit_amount, None),
+        "up_to": tier.up_to,
+    }
+
+
+def render_price(price: Price, version: str, *, tiers: bool = False) -> dict[str, Any]:
+    """A ``price`` object; ``recurring.aggregate_usage`` only exists before basil, and ``tiers``
+    only when asked for (``expand[]=tiers``), as on Stripe."""
     recurring: dict[str, Any] | None = None
     if price.interval is not None:
         recurring = {
@@ -137,11 +160,12 @@ def render_price(price: Price, version: str) -> dict[str, Any]:
         }
         if is_basil_or_later(version):
             del recurring["aggregate_usage"]
-    return {
+    tiered = price.billing_scheme == "tiered"
+    rendered: dict[str, Any] = {
         "id": price.id,
         "object": "price",
         "active": price.active,
-        "billing_scheme": "per_unit",
+        "billing_scheme": price.billing_scheme,
         "created": price.created,
         "currency": price.currency,
         "custom_unit_amount": None,
@@ -152,12 +176,19 @@ def render_price(price: Price, version: str) -> dict[str, Any]:
         "product": price.product,
         "recurring": recurring,
         "tax_behavior": "unspecified",
-        "tiers_mode": None,
-        "transform_quantity": None,
+        "tiers_mode": price.tiers_mode,
+        "transform_quantity": None
+        if price.transform is None
+        else {"divide_by": price.transform[0], "round": price.transform[1]},
         "type": "one_time" if recurring is None else "recurring",
-        "unit_amount": price.unit_amount,
-        "unit_amount_decimal": _decimal_text(price.unit_amount_decimal, price.unit_amount),
+        "unit_amount": None if tiered else price.unit_amount,
+        "unit_amount_decimal": None
+        if tiered
+        else _decimal_text(price.unit_amount_decimal, price.unit_amount),
     }
+    if tiers and tiered:
+        rendered["tiers"] = [_render_tier(tier) for tier in price.tiers]
+    return rendered
 
 
 def render_item(item: SubscriptionItem, store: Store, now: int, version: str) -> dict[str, Any]:
@@ -223,6 +254,188 @@ def render_subscription(sub: Subscription, store: Store, now: int, version: str)
     }
 
 
+def _render_line(line: InvoiceLine, invoice: Invoice, store: Store, version: str) -> dict[str, Any]:
+    """A ``line_item`` of a subscription invoice: before basil it names its ``price`` and
+    ``subscription_item`` itself; from basil on, under ``pricing`` and ``parent``."""
+    price = store.prices[line.price]
+    product = store.products.get(price.product)
+    unit = Decimal(line.amount) / line.quantity if line.quantity else Decimal(0)
+    rendered: dict[str, Any] = {
+        "id": line.id,
+        "object": "line_item",
+        "amount": line.amount,
+        "currency": invoice.currency,
+        "description": f"{line.quantity} x {product.name if product else price.product}",
+        "discount_amounts": [],
+        "discountable": True,
+        "discounts": [],
+        "invoice": invoice.id,
+        "livemode": False,
+        "metadata": {},
+        "period": {"end": line.end, "start": line.start},
+        "pretax_credit_amounts": [],
+        "quantity": line.quantity,
+        "subscription": invoice.subscription,
+    }
+    if not is_basil_or_later(version):
+        return rendered | {
+            "amount_excluding_tax": line.amount,
+            "invoice_item": None,
+            "plan": None,
+            "price": render_price(price, version),
+            "proration": False,
+            "proration_details": {"credited_items": None},
+            "subscription_item": line.subscription_item,
+            "tax_amounts": [],
+            "tax_rates": [],
+            "type": "subscription",
+            "unit_amount_excluding_tax": _decimal_text(unit, None),
+        }
+    return rendered | {
+        "parent": {
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "invoice_item": None,
+                "proration": False,
+                "proration_details": {"credited_items": None},
+                "subscription": invoice.subscription,
+                "subscription_item": line.subscription_item,
+            },
+            "type": "subscription_item_details",
+        },
+        "pricing": {
+            "price_details": {"price": price.id, "product": price.product},
+            "type": "price_details",
+            "unit_amount_decimal": _decimal_text(unit, None),
+        },
+        "quantity_decimal": str(line.quantity),
+        "subtotal": line.amount,
+        "taxes": [],
+    }
+
+
+def render_invoice(invoice: Invoice, store: Store, version: str) -> dict[str, Any]:
+    """An ``invoice`` of a subscription's period (or a preview), in the caller's version's shape
+    (Stripe's fixtures for acacia and dahlia: ``spec/fixtures_billing.json``)."""
+    customer = store.customers.get(invoice.customer)
+    total = invoice.subtotal
+    finalized = invoice.finalized_at
+    lines = [_render_line(line, invoice, store, version) for line in invoice.lines]
+    rendered: dict[str, Any] = {
+        "id": invoice.id,
+        "object": "invoice",
+        "account_country": "US",
+        "account_name": None,
+        "account_tax_ids": None,
+        "amount_due": total,
+        "amount_paid": 0,
+        "amount_remaining": total,
+        "amount_shipping": 0,
+        "application": None,
+        "attempt_count": 0,
+        "attempted": False,
+        "auto_advance": finalized is None,
+        "automatic_tax": {
+            "disabled_reason": None,
+            "enabled": False,
+            "liability": None,
+            "status": None,
+        },
+        "automatically_finalizes_at": None if finalized is not None else invoice.created + 3600,
+        "billing_reason": invoice.billing_reason,
+        "collection_method": "charge_automatically",
+        "created": invoice.created,
+        "currency": invoice.currency,
+        "custom_fields": None,
+        "customer": invoice.customer,
+        "customer_address": None,
+        "customer_email": customer.email if customer else None,
+        "customer_name": customer.name if customer else None,
+        "customer_phone": customer.phone if customer else None,
+        "customer_shipping": None,
+        "customer_tax_exempt": "none",
+        "customer_tax_ids": [],
+        "default_payment_method": None,
+        "default_source": None,
+        "default_tax_rates": [],
+        "description": None,
+        "discounts": [],
+        "due_date": None,
+        "effective_at": finalized,
+        "ending_balance": None if finalized is None else 0,
+        "footer": None,
+        "from_invoice": None,
+        "hosted_invoice_url": None,
+        "invoice_pdf": None,
+        "issuer": {"type": "self"},
+        "last_finalization_error": None,
+        "latest_revision": None,
+        "lines": list_object(f"/v1/invoices/{invoice.id}/lines", lines, False),
+        "livemode": False,
+        "metadata": {},
+        "next_payment_attempt": None,
+        "number": None if finalized is None else invoice.id[-8:].upper() + "-0001",
+        "on_behalf_of": None,
+        "payment_settings": {
+            "default_mandate": None,
+            "payment_method_options": None,
+            "payment_method_types": None,
+        },
+        "period_end": invoice.period_end,
+        "period_start": invoice.period_start,
+        "post_payment_credit_notes_amount": 0,
+        "pre_payment_credit_notes_amount": 0,
+        "receipt_number": None,
+        "rendering": None,
+        "shipping_cost": None,
+        "shipping_details": None,
+        "starting_balance": 0,
+        "statement_descriptor": None,
+        "status": invoice.status,
+        "status_transitions": {
+            "finalized_at": finalized,
+            "marked_uncollectible_at": None,
+            "paid_at": None,
+            "voided_at": None,
+        },
+        "subtotal": total,
+        "subtotal_excluding_tax": total,
+        "test_clock": invoice.test_clock,
+        "total": total,
+        "total_discount_amounts": [],
+        "total_excluding_tax": total,
+        "total_pretax_credit_amounts": [],
+        "webhooks_delivered_at": invoice.created,
+    }
+    if not is_basil_or_later(version):
+        return rendered | {
+            "application_fee_amount": None,
+            "charge": None,
+            "discount": None,
+            "paid": False,
+            "paid_out_of_band": False,
+            "payment_intent": None,
+            "quote": None,
+            "subscription": invoice.subscription,
+            "subscription_details": {"metadata": None},
+            "tax": None,
+            "total_tax_amounts": [],
+            "transfer_data": None,
+        }
+    rendered["automatic_tax"]["provider"] = None
+    return rendered | {
+        "amount_overpaid": 0,
+        "customer_account": None,
+        "parent": {
+            "quote_details": None,
+            "subscription_details": {"metadata": None, "subscription": invoice.subscription},
+            "type": "subscription_details",
+        },
+        "subscription": None,  # moved under parent.subscription_details in basil
+        "total_taxes": [],
+    }
+
+
 def render_usage_record(record: UsageRecord) -> dict[str, Any]:
     """A legacy ``usage_record``."""
     return {
@@ -236,13 +449,13 @@ def render_usage_record(record: UsageRecord) -> dict[str, Any]:
 
 
 def render_usage_summary(
-    item_id: str, start: int, end: int, total: int, *, closed: bool
+    item_id: str, start: int, end: int, total: int, *, invoice: str | None = None
 ) -> dict[str, Any]:
     """A legacy ``usage_record_summary``; closed periods name the invoice that billed them."""
     return {
         "id": derived_id("sis", item_id, start),
         "object": "usage_record_summary",
-        "invoice": derived_id("in", item_id, start) if closed else None,
+        "invoice": invoice,
         "livemode": False,
         "period": {"end": end, "start": start},
         "subscription_item": item_id,
@@ -379,6 +592,8 @@ OBJECT_RENDERERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "billing.meter_event_adjustment": render_meter_event_adjustment,
     "billing.meter_event_summary": render_event_summary,
     "customer": render_customer,
+    "invoice": render_invoice,
+    "line_item": _render_line,
     "price": render_price,
     "product": render_product,
     "subscription": render_subscription,

@@ -264,7 +264,7 @@ def _apply(store: Store, sub: Subscription, phase: Phase) -> None:
         current = store.prices[item.price]
         if current.legacy_metered:
             item.legacy_price = current.id
-        item.price = arriving.pop(0)
+        item.move_to(arriving.pop(0), phase.start)
         if store.prices[item.price].usage_type == "metered":
             item.quantity = None
     phase.applied = True

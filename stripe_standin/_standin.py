@@ -14,6 +14,7 @@ from stripe_standin._clock import StandinClock
 from stripe_standin._errors import StandinError, StripeApiError
 from stripe_standin._faults import FaultInjector
 from stripe_standin._idempotency import IdempotencyStore
+from stripe_standin._invoices import refresh, settle_invoices
 from stripe_standin._meters import aggregate, find_meter
 from stripe_standin._notifications import (
     DELIVERY_TIMEOUT,
@@ -22,6 +23,8 @@ from stripe_standin._notifications import (
     deliver,
     refuse_accepted,
 )
+from stripe_standin._objects import render_invoice
+from stripe_standin._schedules import apply_due_phases
 from stripe_standin._state import Store, SubscriptionItem, parse_version
 from stripe_standin._streams import expire_sessions
 from stripe_standin._test_clocks import settle_test_clocks
@@ -204,6 +207,23 @@ class StripeStandin:
                 for item_id, records in self._store.usage.items()
                 if subscription_item in (None, item_id)
                 for r in records
+            ]
+
+    def invoices(
+        self, *, customer: str | None = None, version: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every invoice so far (periods that ended on their subscription's time), oldest first,
+        as ``GET /v1/invoices`` renders them for ``version`` (default: ``default_api_version``)."""
+        with self._store.lock:
+            settle_test_clocks(self._store)
+            apply_due_phases(self._store, self.clock.now())
+            settle_invoices(self._store, self.clock.now())
+            return [
+                render_invoice(
+                    refresh(self._store, invoice), self._store, version or self.default_api_version
+                )
+                for invoice in self._store.invoices.values()
+                if customer in (None, invoice.customer)
             ]
 
     @property

@@ -20,12 +20,15 @@ from typing import Any
 from stripe_standin._calendar import Interval, subscription_period
 from stripe_standin._clock import StandinClock
 from stripe_standin._errors import invalid
+from stripe_standin._pricing import PriceTier, Pricing
 
 __all__ = [
     "BASIL",
     "Call",
     "Customer",
     "EventDestination",
+    "Invoice",
+    "InvoiceLine",
     "Meter",
     "MeterEvent",
     "MeterSession",
@@ -122,6 +125,26 @@ class Price:
     nickname: str | None = None
     active: bool = True
     metadata: dict[str, str] = field(default_factory=dict)
+    billing_scheme: str = "per_unit"
+    tiers_mode: str | None = None
+    tiers: tuple[PriceTier, ...] = ()
+    transform: tuple[int, str] | None = None
+    """``transform_quantity``: ``(divide_by, round)``."""
+
+    @property
+    def pricing(self) -> Pricing:
+        """What decides the amount the price bills (``_pricing``)."""
+        unit = self.unit_amount_decimal
+        if unit is None and self.unit_amount is not None:
+            unit = Decimal(self.unit_amount)
+        return Pricing(
+            billing_scheme=self.billing_scheme,
+            unit_amount=unit,
+            tiers_mode=self.tiers_mode,
+            tiers=self.tiers,
+            divide_by=None if self.transform is None else self.transform[0],
+            round=None if self.transform is None else self.transform[1],
+        )
 
     @property
     def legacy_metered(self) -> bool:
@@ -144,6 +167,8 @@ class Subscription:
     metadata: dict[str, str] = field(default_factory=dict)
     schedule: str | None = None
     """The subscription schedule attached to it (``_schedules``), if any."""
+    invoiced_until: int | None = None
+    """The end of the last period invoiced (``_invoices``); None: none yet."""
     test_clock: str | None = None
     """Its customer's test clock: its periods follow that clock's frozen time."""
 
@@ -169,6 +194,60 @@ class SubscriptionItem:
     quantity: int | None
     metadata: dict[str, str] = field(default_factory=dict)
     legacy_price: str | None = None
+    history: list[tuple[int, str]] = field(default_factory=list)
+    """``(from, price)``: each price the item held and since when (its subscription's time)."""
+
+    def move_to(self, price: str, at: int) -> None:
+        """Hold ``price`` from ``at`` on (a cutover: ``_catalog``, ``_schedules``)."""
+        self.price = price
+        self.history.append((at, price))
+
+    def price_before(self, end: int) -> str:
+        """The price the item held at the last moment before ``end``: the one that bills the
+        period ending there (usage is billed in arrears, at the price the item has then)."""
+        held = [price for since, price in self.history if since < end]
+        return held[-1] if held else self.price
+
+
+@dataclass(slots=True)
+class InvoiceLine:
+    """One line of an invoice: a subscription item's usage (or quantity) for a period, priced."""
+
+    id: str
+    subscription_item: str
+    price: str
+    quantity: int
+    amount: int
+    start: int
+    end: int
+
+
+@dataclass(slots=True)
+class Invoice:
+    """An invoice (``_invoices``): a subscription's period, closed at its end (a ``draft`` for an
+    hour, then finalized), or a preview of the running period (never stored)."""
+
+    id: str
+    customer: str
+    subscription: str
+    currency: str
+    period_start: int
+    period_end: int
+    created: int
+    lines: list[InvoiceLine] = field(default_factory=list)
+    finalized_at: int | None = None
+    test_clock: str | None = None
+    billing_reason: str = "subscription_cycle"
+
+    @property
+    def status(self) -> str:
+        """``draft`` until finalized, then ``open`` (the stand-in takes no payments)."""
+        return "draft" if self.finalized_at is None else "open"
+
+    @property
+    def subtotal(self) -> int:
+        """The sum of the lines, in the currency's smallest unit."""
+        return sum(line.amount for line in self.lines)
 
 
 @dataclass(slots=True)
@@ -271,6 +350,8 @@ class Store:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     schedules: dict[str, Any] = field(default_factory=dict)
     """Subscription schedules by id (``_schedules.Schedule``)."""
+    invoices: dict[str, Any] = field(default_factory=dict)
+    """Invoices by id, oldest first (``_invoices.Invoice``)."""
     test_clocks: dict[str, TestClock] = field(default_factory=dict)
     advance_seconds: float = 0.0
     """How long (real seconds) a test clock takes to advance."""

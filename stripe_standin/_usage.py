@@ -12,7 +12,12 @@ from typing import Any
 
 from stripe_standin._calendar import usage_record_problem
 from stripe_standin._errors import invalid, no_such
-from stripe_standin._objects import paginate, render_usage_record, render_usage_summary
+from stripe_standin._objects import (
+    derived_id,
+    paginate,
+    render_usage_record,
+    render_usage_summary,
+)
 from stripe_standin._state import Call, Store, SubscriptionItem, UsageRecord, is_basil_or_later
 
 __all__ = ["create_usage_record", "item_total", "list_usage_summaries"]
@@ -98,10 +103,13 @@ def _quantities(records: list[UsageRecord]) -> dict[int, int]:
     return values
 
 
-def item_total(store: Store, item: SubscriptionItem, start: int, end: int) -> int:
-    """``total_usage`` of ``item`` for the period ``[start, end)``."""
+def item_total(
+    store: Store, item: SubscriptionItem, start: int, end: int, mode: str | None = None
+) -> int:
+    """``total_usage`` of ``item`` for the period ``[start, end)``, aggregated by ``mode`` (default:
+    its legacy price's ``aggregate_usage``)."""
     values = _quantities(store.usage.get(item.id, []))
-    mode = _aggregate_usage(store, item)
+    mode = mode or _aggregate_usage(store, item)
     if mode == "last_ever":
         earlier = [ts for ts in values if ts < end]
         return values[max(earlier)] if earlier else 0
@@ -129,7 +137,8 @@ def list_usage_summaries(store: Store, call: Call) -> dict[str, Any]:
     closed = False
     while len(summaries) < MAX_SUMMARY_PERIODS:
         total = item_total(store, item, start, end)
-        summaries.append(render_usage_summary(item_id, start, end, total, closed=closed))
+        invoice = derived_id("in", sub.id, start) if closed else None
+        summaries.append(render_usage_summary(item_id, start, end, total, invoice=invoice))
         if start <= first_start:
             break
         closed = True

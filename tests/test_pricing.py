@@ -1,14 +1,16 @@
 """Price math against a table of cases worked out by hand from Stripe's pricing documentation.
 
 Each case names the page its numbers come from. The prices are written as Stripe returns them
-(``price`` objects, ``tiers`` expanded): the table is meant to be shared with the stand-in's own
-price math (issue 16, phase 2), which must reach the same amounts independently.
+(``price`` objects, ``tiers`` expanded), in ``tests/pricing_cases.json``: the stand-in's own price
+math reaches the same amounts independently (tests/standin/test_standin_pricing.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,13 +25,7 @@ from dualwrite.pricing import (
     format_amount,
 )
 
-PRICING_MODELS = "docs.stripe.com/products-prices/pricing-models#tiered-pricing"
-TIERED_PRICING = "docs.stripe.com/subscriptions/pricing-models/tiered-pricing"
-TRANSFORM = (
-    "docs.stripe.com/billing/subscriptions/usage-based/manage-billing-setup#transform-quantities"
-)
 PAY_AS_YOU_GO = "docs.stripe.com/billing/subscriptions/usage-based/use-cases/pay-as-you-go"
-DECIMALS = "docs.stripe.com/billing/subscriptions/usage-based/manage-billing-setup#decimal-amounts"
 AGGREGATE = "docs.stripe.com/api/prices/object#price_object-recurring-aggregate_usage (acacia)"
 METERS = PAY_AS_YOU_GO + " (Create a meter: Sum, Count, Last)"
 
@@ -89,12 +85,14 @@ def per_unit(amount: int | str, **fields: Any) -> dict[str, Any]:
 
 # The fonts of both tiered-pricing pages: 1-5 at 7 USD, 6-10 at 6.50 USD, 11+ at 6 USD.
 FONTS = (tier(5, 700), tier(10, 650), tier(None, 600))
-# "Per-minute pricing": 1-5 at 5 USD, 6-10 at 4 USD, 11+ at 1 USD.
-PER_MINUTE = (tier(5, 500), tier(10, 400), tier(None, 100))
 # The flat-fee example: 5 USD + 10 USD flat, 4 USD + 20 USD flat, 3 USD + 30 USD flat.
 FLAT = (tier(5, 500, 1000), tier(10, 400, 2000), tier(None, 300, 3000))
 CAR_RENTAL = {"divide_by": 60, "round": "up"}
-HYPERNIAN = {"divide_by": 100, "round": "up"}
+
+
+#: The hand-worked table, shared with the stand-in's own price math
+#: (tests/standin/test_standin_pricing.py): each case names its page.
+CASES_FILE = Path(__file__).with_name("pricing_cases.json")
 
 
 @dataclass(frozen=True)
@@ -108,107 +106,21 @@ class Case:
     cents: int
 
 
-CASES = [
-    # Volume tiers: the whole quantity at the unit amount of the tier it falls in.
-    Case("volume 1 font", TIERED_PRICING, tiered("volume", *FONTS), 1, 700),
-    Case("volume 5 fonts: first tier's edge", TIERED_PRICING, tiered("volume", *FONTS), 5, 3500),
-    Case("volume 6 fonts: all at 6.50", TIERED_PRICING, tiered("volume", *FONTS), 6, 3900),
-    Case("volume 20 fonts", TIERED_PRICING, tiered("volume", *FONTS), 20, 12000),
-    Case("volume 25 fonts", TIERED_PRICING, tiered("volume", *FONTS), 25, 15000),
-    # Tier edges, by hand from the same tiers: up_to is inclusive.
-    Case("volume 10: second tier's edge", TIERED_PRICING, tiered("volume", *FONTS), 10, 6500),
-    Case("volume 11: third tier's first", TIERED_PRICING, tiered("volume", *FONTS), 11, 6600),
-    # Graduated tiers: each tier's units at that tier's amount.
-    Case("graduated 1 font", TIERED_PRICING, tiered("graduated", *FONTS), 1, 700),
-    Case("graduated 5 fonts", TIERED_PRICING, tiered("graduated", *FONTS), 5, 3500),
-    Case("graduated 6 fonts: 35 + 6.50", TIERED_PRICING, tiered("graduated", *FONTS), 6, 4150),
-    Case("graduated 20 fonts", TIERED_PRICING, tiered("graduated", *FONTS), 20, 12750),
-    Case("graduated 25 fonts", TIERED_PRICING, tiered("graduated", *FONTS), 25, 15750),
-    Case("graduated 10: 35 + 32.50", TIERED_PRICING, tiered("graduated", *FONTS), 10, 6750),
-    Case("graduated 11: + one at 6", TIERED_PRICING, tiered("graduated", *FONTS), 11, 7350),
-    Case("graduated per-minute, 6", PRICING_MODELS, tiered("graduated", *PER_MINUTE), 6, 2900),
-    # Flat amounts: volume adds the reached tier's; graduated adds every reached tier's.
-    Case("volume flat fee, 12", PRICING_MODELS, tiered("volume", *FLAT), 12, 6600),
-    Case("graduated flat fees, 12", PRICING_MODELS, tiered("graduated", *FLAT), 12, 11100),
-    Case("volume flat fee, 0: first tier", PRICING_MODELS, tiered("volume", *FLAT), 0, 1000),
-    Case("graduated flat fee, 0: first", PRICING_MODELS, tiered("graduated", *FLAT), 0, 1000),
-    # By hand: 5 reaches only the first tier; 6 reaches the second (its flat fee too).
-    Case("graduated flat fees, 5", PRICING_MODELS, tiered("graduated", *FLAT), 5, 3500),
-    Case("graduated flat fees, 6", PRICING_MODELS, tiered("graduated", *FLAT), 6, 5900),
-    Case("volume flat fee, 6", PRICING_MODELS, tiered("volume", *FLAT), 6, 4400),
-    # "To bill 0 when there's no usage, set up an up_to=1 tier with a unit_amount equal to the
-    # flat fee and omit the flat_amount."
-    Case(
-        "no usage bills 0 with an up_to=1 tier",
-        PRICING_MODELS,
-        tiered("volume", tier(1, 1000), tier(None, 300, 3000)),
-        0,
-        0,
-    ),
-    # transform_quantity: package pricing.
-    Case(
-        "car rental: 150 min, up",
-        TRANSFORM,
-        per_unit(1000, transform_quantity=CAR_RENTAL),
-        150,
-        3000,
-    ),
-    Case(
-        "car rental: 120 min", TRANSFORM, per_unit(1000, transform_quantity=CAR_RENTAL), 120, 2000
-    ),
-    Case(
-        "car rental: 121 min", TRANSFORM, per_unit(1000, transform_quantity=CAR_RENTAL), 121, 3000
-    ),
-    Case(
-        "car rental rounded down: 179 min",
-        TRANSFORM,
-        per_unit(1000, transform_quantity={"divide_by": 60, "round": "down"}),
-        179,
-        2000,
-    ),
-    Case("Hypernian: 0 tokens", PAY_AS_YOU_GO, per_unit(4, transform_quantity=HYPERNIAN), 0, 0),
-    Case("Hypernian: 1 token", PAY_AS_YOU_GO, per_unit(4, transform_quantity=HYPERNIAN), 1, 4),
-    Case("Hypernian: 100 tokens", PAY_AS_YOU_GO, per_unit(4, transform_quantity=HYPERNIAN), 100, 4),
-    Case("Hypernian: 101 tokens", PAY_AS_YOU_GO, per_unit(4, transform_quantity=HYPERNIAN), 101, 8),
-    Case(
-        "Hypernian: 3000 tokens",
-        PAY_AS_YOU_GO,
-        per_unit(4, transform_quantity=HYPERNIAN),
-        3000,
-        120,
-    ),
-    # Decimal amounts: 0.05 cents per MB, "rounded to the nearest whole cent" (a half up).
-    Case("0.05 c/MB: 1000 MB", DECIMALS, per_unit("0.05"), 1000, 50),
-    Case("0.05 c/MB: 30 MB is 1.5 c", DECIMALS, per_unit("0.05"), 30, 2),
-    Case("0.05 c/MB: 10 MB is 0.5 c", DECIMALS, per_unit("0.05"), 10, 1),
-    Case("0.05 c/MB: 9 MB is 0.45 c", DECIMALS, per_unit("0.05"), 9, 0),
-    Case("105.5 c (1.055 USD): 1", DECIMALS, per_unit("105.5"), 1, 106),
-    Case("105.5 c (1.055 USD): 2", DECIMALS, per_unit("105.5"), 2, 211),
-    Case("105.5 c (1.055 USD): 3", DECIMALS, per_unit("105.5"), 3, 317),
-    # Decimal tiers: rounded once, on the line's total, not per tier.
-    Case(
-        "graduated decimal tiers: 0.5 + 0.5",
-        DECIMALS,
-        tiered(
-            "graduated",
-            tier(1, None, None, unit_decimal="0.5"),
-            tier(None, None, None, unit_decimal="0.5"),
-        ),
-        2,
-        1,
-    ),
-    Case(
-        "volume decimal flat + unit: 0.25 + 3 x 0.75",
-        DECIMALS,
-        tiered("volume", tier(None, None, None, unit_decimal="0.75", flat_decimal="0.25")),
-        3,
-        3,
-    ),
-]
+def load_cases() -> list[Case]:
+    """The table's cases, from ``pricing_cases.json``."""
+    return [Case(**case) for case in json.loads(CASES_FILE.read_text())["cases"]]
+
+
+CASES = load_cases()
 
 
 class TestHandWorkedTable:
     """Every case of the table bills what Stripe's documentation says, to the cent."""
+
+    def test_every_case_names_its_page(self):
+        """The shared table is read whole, and each case cites Stripe's documentation."""
+        assert len(CASES) >= 40 and len({case.name for case in CASES}) == len(CASES)
+        assert all(case.page.startswith("docs.stripe.com/") for case in CASES)
 
     @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
     def test_amount(self, case: Case):

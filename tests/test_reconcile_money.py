@@ -3,8 +3,8 @@ engine (real Redis, the stand-in over HTTP, the SDK).
 
 The prices here bill half a cent a unit (``unit_amount_decimal=0.5``), so that every amount goes
 through Stripe's rounding (a half up: docs.stripe.com/billing/subscriptions/usage-based/
-manage-billing-setup#decimal-amounts). Tiered and transformed prices need the stand-in of issue 16,
-phase 2; their math is tests/test_pricing.py's table.
+manage-billing-setup#decimal-amounts). Tiered and transformed prices are tests/test_pricing.py's
+table (which the stand-in's own math passes too) and tests/test_money_scenario.py's customers.
 """
 
 from __future__ import annotations
@@ -375,20 +375,48 @@ class TestMoney:
             assert money.skipped == "stripe_error" and "403 secret_key_required" in money.detail
             assert record.legacy.compared and record.meter.compared
 
-    async def test_preview_refused_by_stripe_is_noted(self, shop: Shop):
-        """--preview on a running period asks Stripe for the invoice preview; a refusal (here the
-        stand-in, which does not preview yet) is noted on the record and changes nothing else."""
+    async def test_preview_agrees_with_stripe(self, shop: Shop):
+        """--preview on a running period asks Stripe (the stand-in, with its own price math) for
+        the invoice as it stands and with the item swapped to the meter-backed price: both bill
+        what dualwrite computed (a: 7 units, 4 cents on each leg), at the pinned legacy version;
+        b, with 11 units sent past dualwrite to its meter, previews the swap at 8 cents."""
         period = await shop.period()
+        await extra_meter_event(shop, "b", 11, timestamp=period.start + 120)
+        run = await shop.reconcile(period.id, preview=True)
+        records = by_customer(run)
+        a = money_of(records[shop.customer("a")])
+        assert a.skipped is None and a.preview_detail == ""
+        assert (a.preview_legacy_amount, a.preview_meter_amount) == (half_cents(7), half_cents(7))
+        assert a.preview_agrees is True
+        b = money_of(records[shop.customer("b")])
+        assert (b.preview_legacy_amount, b.preview_meter_amount) == (half_cents(5), half_cents(16))
+        # The ledger's meter leg holds 5 (the event past dualwrite is Stripe's only): the preview
+        # shows what dualwrite's running totals cannot see yet.
+        assert b.preview_agrees is False
+        previews = [r for r in shop.standin.requests if r.path == "/v1/invoices/create_preview"]
+        assert {(r.method, r.stripe_version) for r in previews} == {("POST", LEGACY_VERSION)}
+        swaps = [
+            r.flat_params for r in previews if "subscription_details[items][0][id]" in r.flat_params
+        ]
+        assert swaps and all(p["subscription_details[proration_behavior]"] == "none" for p in swaps)
+
+    async def test_preview_refused_by_stripe_is_noted(self, shop: Shop):
+        """A preview Stripe refuses (here by the stand-in's fault injection) is noted on the
+        record and changes nothing else."""
+        period = await shop.period()
+        shop.standin.faults.refuse(
+            path=r"/v1/invoices/create_preview",
+            status=400,
+            code="invoice_upcoming_none",
+            message="refused by the test",
+        )
         run = await shop.reconcile(period.id, preview=True)
         money = money_of(by_customer(run)[shop.customer("a")])
         assert money.skipped is None and money.legacy_amount == half_cents(7)
         assert money.preview_detail.startswith("Stripe refused the preview: POST")
         assert "/v1/invoices/create_preview" in money.preview_detail
+        assert "invoice_upcoming_none" in money.preview_detail
         assert money.preview_agrees is None
-        previews = [r for r in shop.standin.requests if r.path == "/v1/invoices/create_preview"]
-        assert previews and {(r.method, r.stripe_version) for r in previews} == {
-            ("POST", LEGACY_VERSION)
-        }
 
     async def test_preview_of_a_closed_period_is_not_asked(self, shop: Shop):
         """A closed period has no preview (Stripe previews the next invoice): none is asked for."""

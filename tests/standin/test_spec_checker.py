@@ -32,6 +32,8 @@ UNCOVERED_BY_THE_SPEC = {
     # Not in the vendored excerpts at all: the stand-in's shapes for these are checked only where
     # the objects they return have a schema (customer, price, subscription… before basil).
     "GET /v1/customers",
+    "GET /v1/invoices",
+    "GET /v1/invoices/{id}",
     "GET /v1/prices",
     "GET /v1/products",
     "GET /v1/products/{id}",
@@ -43,6 +45,7 @@ UNCOVERED_BY_THE_SPEC = {
     "POST /v1/billing/meters/{id}/deactivate",
     "POST /v1/billing/meters/{id}/reactivate",
     "POST /v1/customers",
+    "POST /v1/invoices/create_preview",
     "POST /v1/prices",
     "POST /v1/products",
     "POST /v1/subscription_schedules",
@@ -50,7 +53,8 @@ UNCOVERED_BY_THE_SPEC = {
     "POST /v1/subscription_schedules/{id}/release",
     "POST /v1/subscriptions",
 }
-"""The stand-in's endpoints no vendored operation describes, for any API version (the
+"""The stand-in's endpoints no vendored operation describes, for any API version (no invoice
+excerpt is vendored: invoice shapes are held to Stripe's fixtures, test_standin_pricing.py; the
 ``/_standin/*`` controls are the stand-in's own, not Stripe's, and never checked)."""
 
 PRE_BASIL_ONLY = {

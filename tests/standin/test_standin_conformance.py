@@ -167,6 +167,19 @@ def _steps(now: int) -> list[tuple[Key, Callable[[dict[str, str]], dict[str, str
         ),
         (("GET", "/v1/test_helpers/test_clocks/{id}"), fixed({}), None),
         (("DELETE", "/v1/test_helpers/test_clocks/{id}"), fixed({}), None),
+        (
+            ("POST", "/v1/invoices/create_preview"),
+            lambda ids: {
+                "subscription": ids["subscription"],
+                "subscription_details[items][0][id]": ids["item"],
+                "subscription_details[items][0][price]": ids["price"],
+                "subscription_details[proration_behavior]": "none",
+            },
+            None,
+        ),
+        # _collect moves the clock past the period's end first: one invoice to list.
+        (("GET", "/v1/invoices"), lambda ids: {"subscription": ids["subscription"]}, None),
+        (("GET", "/v1/invoices/{id}"), fixed({}), None),
     ]
 
 
@@ -179,7 +192,10 @@ _PATH_ID = {
     "/v1/subscription_schedules/": "schedule",
     "/v1/billing/meters/": "meter",
     "/v1/test_helpers/test_clocks/": "clock",
+    "/v1/invoices/": "invoice",
 }
+#: Seconds the clock moves before a step: past the subscription's first period and its draft hour.
+_ADVANCE_BEFORE: dict[Key, int] = {("GET", "/v1/invoices"): 40 * 86_400}
 
 
 async def _collect_v2(
@@ -226,6 +242,7 @@ async def _collect(checker: SpecChecker) -> dict[Key, list[Any]]:
     ) as http:
         for key, params_for, save_as in _steps(standin.clock.now()):
             method, template = key
+            standin.clock.advance(_ADVANCE_BEFORE.get(key, 0))
             prefix = template.split("{id}")[0]
             path = template.replace("{id}", ids.get(_PATH_ID.get(prefix, ""), ""))
             params = params_for(ids)
@@ -240,6 +257,8 @@ async def _collect(checker: SpecChecker) -> dict[Key, list[Any]]:
             found.setdefault(key, []).append(body)
             if save_as is not None:
                 ids[save_as] = body["id"]
+            if key == ("GET", "/v1/invoices"):
+                ids["invoice"] = body["data"][0]["id"]
             if save_as == "subscription":
                 ids["item"] = body["items"]["data"][0]["id"]
         await _collect_v2(http, standin, ids, found)
