@@ -340,6 +340,7 @@ def render_schedule(schedule: Schedule, now: int) -> dict[str, Any]:
                     {
                         "discounts": [],
                         "metadata": {},
+                        "plan": entry["price"],
                         "price": entry["price"],
                         "quantity": entry.get("quantity"),
                         "tax_rates": [],
