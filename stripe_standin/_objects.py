@@ -196,6 +196,7 @@ def render_item(item: SubscriptionItem, store: Store, now: int, version: str) ->
     price = store.prices[item.price]
     sub = store.subscriptions[item.subscription]
     start, end = sub.period(store.time_of(sub, now))
+    shown_price = render_price(price, version)
     rendered: dict[str, Any] = {
         "id": item.id,
         "object": "subscription_item",
@@ -205,13 +206,44 @@ def render_item(item: SubscriptionItem, store: Store, now: int, version: str) ->
         "current_period_start": start,
         "discounts": [],
         "metadata": dict(item.metadata),
-        "price": render_price(price, version),
+        "plan": render_plan(shown_price),
+        "price": shown_price,
         "subscription": item.subscription,
         "tax_rates": [],
     }
     if price.usage_type != "metered":
         rendered["quantity"] = item.quantity if item.quantity is not None else 1
     return rendered
+
+
+def render_plan(price: Mapping[str, Any]) -> dict[str, Any]:
+    """The legacy ``plan`` Stripe still shows on a subscription item: its recurring price, in a
+    plan's words (``amount`` for ``unit_amount``, ``transform_usage`` for ``transform_quantity``)."""
+    recurring: Mapping[str, Any] = price["recurring"] or {}
+    plan = {
+        "id": price["id"],
+        "object": "plan",
+        "active": price["active"],
+        "amount": price["unit_amount"],
+        "amount_decimal": price["unit_amount_decimal"],
+        "billing_scheme": price["billing_scheme"],
+        "created": price["created"],
+        "currency": price["currency"],
+        "interval": recurring.get("interval"),
+        "interval_count": recurring.get("interval_count"),
+        "livemode": price["livemode"],
+        "metadata": dict(price["metadata"]),
+        "meter": recurring.get("meter"),
+        "nickname": price["nickname"],
+        "product": price["product"],
+        "tiers_mode": price["tiers_mode"],
+        "transform_usage": price["transform_quantity"],
+        "trial_period_days": recurring.get("trial_period_days"),
+        "usage_type": recurring.get("usage_type"),
+    }
+    if "aggregate_usage" in recurring:
+        plan["aggregate_usage"] = recurring["aggregate_usage"]
+    return plan
 
 
 def render_subscription(sub: Subscription, store: Store, now: int, version: str) -> dict[str, Any]:
@@ -239,7 +271,9 @@ def render_subscription(sub: Subscription, store: Store, now: int, version: str)
         "default_payment_method": None,
         "description": None,
         "discount": None,
+        "discounts": [],
         "ended_at": None,
+        "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
         "items": list_object(f"/v1/subscription_items?subscription={sub.id}", items, False),
         "latest_invoice": None,
         "livemode": False,
@@ -594,6 +628,7 @@ OBJECT_RENDERERS: Mapping[str, Callable[..., dict[str, Any]]] = {
     "customer": render_customer,
     "invoice": render_invoice,
     "line_item": _render_line,
+    "plan": render_plan,
     "price": render_price,
     "product": render_product,
     "subscription": render_subscription,

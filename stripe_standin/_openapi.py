@@ -9,6 +9,12 @@ describes one API version. Which one judges a call depends on the call's ``Strip
 * a document of basil or later (meters and API v2, test clocks) judges every call: issue 15 has
   meters and v2 checked against the current version whatever the caller pins.
 
+Documents derived from stripe-python's typed params and resource classes (``derived_from``; made
+by the script's ``--from-sdk``) sit beside the published excerpts. Where several documents hold
+an operation or object, the one of the caller's era wins, then (for replies and objects only) a
+published one over a derived one (a published schema says which keys are always there; the SDK
+cannot), then the one whose version is nearest the caller's.
+
 Schemas are looked up per document (a ``$ref`` means what that document's version meant by it):
 under ``components.schemas`` and wherever the excerpt resolved one in place (``x-resolved-from``).
 """
@@ -20,6 +26,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,8 @@ class Document:
     api_version: str
     paths: Mapping[str, Mapping[str, Any]]
     schemas: Mapping[str, Mapping[str, Any]] = field(repr=False)
+    derived: bool = False
+    """Whether it was derived from stripe-python rather than cut from a published document."""
 
     @property
     def pre_basil(self) -> bool:
@@ -147,7 +156,8 @@ def _load(path: Path) -> Document | None:
         return None  # the fixtures: example objects, not schemas
     schemas: dict[str, Mapping[str, Any]] = dict(data.get("components", {}).get("schemas", {}))
     _collect(data["paths"], schemas)
-    return Document(path.name, data["api_version"], data["paths"], schemas)
+    derived = "derived_from" in data
+    return Document(path.name, data["api_version"], data["paths"], schemas, derived)
 
 
 @functools.cache
@@ -167,26 +177,48 @@ def _templates() -> tuple[tuple[re.Pattern[str], str, Document], ...]:
     return tuple(patterns)
 
 
+def _rank(doc: Document, version: str, *, reply: bool) -> tuple[bool, bool, int]:
+    """Sort key of the documents judging a call made with ``version``: the caller's era first,
+    then (replies) published before derived, then the nearest version."""
+    era = doc.pre_basil != (_date(version) < BASIL)
+    return era, reply and doc.derived, _distance(doc.api_version, version)
+
+
+def _distance(a: str, b: str) -> int:
+    try:
+        return abs((date.fromisoformat(_date(a)) - date.fromisoformat(_date(b))).days)
+    except ValueError:
+        return 1 << 30
+
+
 @functools.lru_cache(maxsize=4096)
-def find_operation(method: str, path: str, version: str) -> Operation | None:
-    """The operation that judges ``method path`` made with ``version``, or None if none does."""
+def find_operation(
+    method: str, path: str, version: str, *, reply: bool = False
+) -> Operation | None:
+    """The operation that judges ``method path`` made with ``version`` (its request, or with
+    ``reply`` its reply), or None if none does."""
     wanted = method.lower()
+    found: list[Operation] = []
     for pattern, template, doc in _templates():
         if not pattern.match(path) or not doc.judges(version):
             continue
         spec = doc.paths[template].get(wanted)
-        if isinstance(spec, Mapping):
-            return Operation(doc, method.upper(), template, spec)
-    return None
+        if not isinstance(spec, Mapping) or (reply and "200" not in spec.get("responses", {})):
+            continue
+        found.append(Operation(doc, method.upper(), template, spec))
+    if not found:
+        return None
+    return min(found, key=lambda op: _rank(op.document, version, reply=reply))
 
 
 @functools.lru_cache(maxsize=256)
 def object_schema(object_type: str, version: str) -> tuple[Document, Mapping[str, Any]] | None:
     """The schema of a Stripe object (by its ``object`` value) that judges ``version``."""
-    for doc in documents():
-        if doc.judges(version) and object_type in doc.schemas:
-            return doc, doc.schemas[object_type]
-    return None
+    holding = [doc for doc in documents() if doc.judges(version) and object_type in doc.schemas]
+    if not holding:
+        return None
+    doc = min(holding, key=lambda doc: _rank(doc, version, reply=True))
+    return doc, doc.schemas[object_type]
 
 
 def operations() -> Iterator[tuple[str, str, Document]]:

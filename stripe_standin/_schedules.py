@@ -131,13 +131,13 @@ def create_schedule(store: Store, call: Call) -> dict[str, Any]:
     )
     store.schedules[schedule.id] = schedule
     sub.schedule = schedule.id
-    return render_schedule(schedule, now)
+    return render_schedule(schedule, now, call.version)
 
 
 def retrieve_schedule(store: Store, call: Call) -> dict[str, Any]:
     """GET /v1/subscription_schedules/{id}."""
     schedule = _schedule(store, call)
-    return render_schedule(schedule, schedule.now(store, call.now))
+    return render_schedule(schedule, schedule.now(store, call.now), call.version)
 
 
 def _phase(
@@ -228,7 +228,7 @@ def update_schedule(store: Store, call: Call) -> dict[str, Any]:
         schedule.end_behavior = p["end_behavior"]
     if "metadata" in p:
         schedule.metadata.update(p["metadata"])
-    return render_schedule(schedule, now)
+    return render_schedule(schedule, now, call.version)
 
 
 def release_schedule(store: Store, call: Call) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def release_schedule(store: Store, call: Call) -> dict[str, Any]:
         raise invalid(msg)
     now = schedule.now(store, call.now)
     _release(store, schedule, now)
-    return render_schedule(schedule, now)
+    return render_schedule(schedule, now, call.version)
 
 
 def _release(store: Store, schedule: Schedule, now: int) -> None:
@@ -291,8 +291,14 @@ def apply_due_phases(store: Store, real_now: int) -> None:
                 sub.schedule = None
 
 
-def render_schedule(schedule: Schedule, now: int) -> dict[str, Any]:
-    """A ``subscription_schedule``."""
+_BILLING_MODE_SINCE = "2025-04"
+"""Versions from here on show a schedule's ``billing_mode`` and ``pause_schedules``: stripe-python
+16.1 (2026-10-28.endive) requires them, 12.0 (2025-03-31.basil) has neither; the exact version
+between the two that added them is not known here."""
+
+
+def render_schedule(schedule: Schedule, now: int, version: str = "") -> dict[str, Any]:
+    """A ``subscription_schedule`` (as Stripe shows it to a caller of ``version``)."""
     current = next(
         (
             {"start_date": ph.start, "end_date": ph.end}
@@ -301,7 +307,7 @@ def render_schedule(schedule: Schedule, now: int) -> dict[str, Any]:
         ),
         None,
     )
-    return {
+    rendered: dict[str, Any] = {
         "id": schedule.id,
         "object": "subscription_schedule",
         "application": None,
@@ -340,6 +346,7 @@ def render_schedule(schedule: Schedule, now: int) -> dict[str, Any]:
                     {
                         "discounts": [],
                         "metadata": {},
+                        "plan": entry["price"],
                         "price": entry["price"],
                         "quantity": entry.get("quantity"),
                         "tax_rates": [],
@@ -361,6 +368,10 @@ def render_schedule(schedule: Schedule, now: int) -> dict[str, Any]:
         "subscription": schedule.subscription if schedule.status == "active" else None,
         "test_clock": schedule.test_clock,
     }
+    if version[:7] >= _BILLING_MODE_SINCE:
+        rendered["billing_mode"] = {"flexible": None, "type": "classic", "updated_at": None}
+        rendered["pause_schedules"] = []
+    return rendered
 
 
 _PHASE: dict[str, Param] = {

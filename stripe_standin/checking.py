@@ -165,7 +165,8 @@ class SpecChecker:
             bad = problems(exchange.params, schema, where, operation.document.resolve, form=form)
             found += [("request", problem) for problem in bad]
             self._count_checked("request")
-        found += [("reply", problem) for problem in self._reply_problems(exchange, operation, era)]
+        answering = find_operation(exchange.method, exchange.path, exchange.version, reply=True)
+        found += [("reply", problem) for problem in self._reply_problems(exchange, answering, era)]
         if found:
             self._keep(call, found)
 

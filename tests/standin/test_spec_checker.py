@@ -15,10 +15,11 @@ import pytest
 
 import stripe_standin._catalog
 import stripe_standin._meters
+import stripe_standin._schedules
 import stripe_standin._usage
 from stripe_standin import SpecChecker, StandinError, StripeStandin
 from stripe_standin._endpoints import ENDPOINTS
-from stripe_standin._objects import render_item, render_usage_record
+from stripe_standin._objects import render_subscription, render_usage_record
 from stripe_standin._openapi import find_operation, normalise
 from stripe_standin.checking import active_checker
 from tests.standin.standin_support import ACACIA, BASIL, START
@@ -28,46 +29,24 @@ pytestmark = pytest.mark.anyio
 KEY = "sk_test_speccheck0000000000"
 REPO = Path(__file__).resolve().parents[2]
 
-UNCOVERED_BY_THE_SPEC = {
-    # Not in the vendored excerpts at all: the stand-in's shapes for these are checked only where
-    # the objects they return have a schema (customer, price, subscription… before basil).
-    "GET /v1/customers",
-    "GET /v1/invoices",
-    "GET /v1/invoices/{id}",
-    "GET /v1/prices",
-    "GET /v1/products",
-    "GET /v1/products/{id}",
-    "GET /v1/subscription_items",
-    "GET /v1/subscription_schedules/{id}",
-    "GET /v1/subscriptions",
-    "GET /v2/core/events/{id}",
-    "POST /v1/billing/meter_event_adjustments",
-    "POST /v1/billing/meters/{id}/deactivate",
-    "POST /v1/billing/meters/{id}/reactivate",
-    "POST /v1/customers",
-    "POST /v1/invoices/create_preview",
-    "POST /v1/prices",
-    "POST /v1/products",
-    "POST /v1/subscription_schedules",
-    "POST /v1/subscription_schedules/{id}",
-    "POST /v1/subscription_schedules/{id}/release",
-    "POST /v1/subscriptions",
-}
-"""The stand-in's endpoints no vendored operation describes, for any API version (no invoice
-excerpt is vendored: invoice shapes are held to Stripe's fixtures, test_standin_pricing.py; the
-``/_standin/*`` controls are the stand-in's own, not Stripe's, and never checked)."""
+UNCOVERED_BY_THE_SPEC: set[str] = set()
+"""The stand-in's endpoints no vendored operation describes, for any API version (the
+``/_standin/*`` controls are the stand-in's own, not Stripe's, and never checked). Empty: what no
+published excerpt holds is derived from stripe-python (``spec/sdk_*.json``)."""
 
 PRE_BASIL_ONLY = {
-    "GET /v1/customers/{id}",
-    "GET /v1/prices/{id}",
-    "GET /v1/subscription_items/{id}",
     "GET /v1/subscription_items/{id}/usage_record_summaries",
-    "GET /v1/subscriptions/{id}",
-    "POST /v1/subscription_items/{id}",
     "POST /v1/subscription_items/{id}/usage_records",
 }
-"""Endpoints described by a pre-basil document only (API 2023-08-16): on basil and later they are
-uncovered (and usage records are gone there anyway)."""
+"""Endpoints only pre-basil documents describe: basil removed usage records, so on basil and later
+no document has them (a call to them there is refused by the stand-in, as by Stripe)."""
+
+WITHOUT_A_REPLY_SCHEMA = {
+    "POST /v1/billing/meters/{id}/deactivate",
+    "POST /v1/billing/meters/{id}/reactivate",
+}
+"""Endpoints whose request is judged but whose reply has no operation schema: the reply is a
+``billing.meter``, judged as an object by the published meters excerpt."""
 
 
 @pytest.fixture
@@ -179,22 +158,80 @@ class TestPlantedFaults:
     async def test_replies_are_judged_by_their_version(
         self, own: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """The 2023-08-16 document judges pre-basil replies only: a subscription item without
-        ``created`` breaks it under acacia, and is not judged by it under basil."""
+        """The 2023-08-16 document judges pre-basil replies only: a subscription without
+        ``current_period_end`` breaks it under acacia, and not basil's (basil moved the period
+        to the items)."""
         checker, client, _ = own
         item = await _item(client)
-        real = render_item
+        sub = (await client.get(f"/v1/subscription_items/{item}")).json()["subscription"]
+        real = render_subscription
 
-        def without_created(*args: Any) -> dict[str, Any]:
+        def without_period(*args: Any) -> dict[str, Any]:
             body = real(*args)
-            del body["created"]
+            del body["current_period_end"]
             return body
 
-        monkeypatch.setattr(stripe_standin._catalog, "render_item", without_created)
-        await client.get(f"/v1/subscription_items/{item}", headers={"Stripe-Version": BASIL})
+        monkeypatch.setattr(stripe_standin._catalog, "render_subscription", without_period)
+        await client.get(f"/v1/subscriptions/{sub}", headers={"Stripe-Version": BASIL})
         assert checker.violations == []
-        await client.get(f"/v1/subscription_items/{item}")
-        assert any("lacks required 'created'" in str(v) for v in checker.violations)
+        await client.get(f"/v1/subscriptions/{sub}")
+        assert any("lacks required 'current_period_end'" in str(v) for v in checker.violations)
+
+    async def test_derived_reply_schema_catches_a_missing_field(
+        self, own: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A schedule (described by stripe-python's resource classes only) without ``phases``
+        breaks the derived schema, under acacia and basil alike."""
+        checker, client, _ = own
+        item = await _item(client)
+        sub = (await client.get(f"/v1/subscription_items/{item}")).json()["subscription"]
+        real = stripe_standin._schedules.render_schedule
+
+        def without_phases(*args: Any) -> dict[str, Any]:
+            body = real(*args)
+            del body["phases"]
+            return body
+
+        monkeypatch.setattr(stripe_standin._schedules, "render_schedule", without_phases)
+        made = await client.post("/v1/subscription_schedules", data={"from_subscription": sub})
+        assert made.status_code == 200, made.text
+        assert any("lacks required 'phases'" in str(v) for v in checker.violations)
+        checker.clear()
+        schedule = made.json()["id"]
+        headers = {"Stripe-Version": BASIL}
+        await client.get(f"/v1/subscription_schedules/{schedule}", headers=headers)
+        assert any("lacks required 'phases'" in str(v) for v in checker.violations)
+
+    @pytest.mark.parametrize(
+        ("data", "expected"),
+        [
+            (
+                {"currency": "usd", "unit_amount": "1", "tiers[0][up_to]": "later"},
+                "params.tiers[0].up_to = 'later' matches none of the spec's alternatives",
+            ),
+            (
+                {"currency": "usd", "transform_quantity[divide_by]": "10"},
+                "params.transform_quantity lacks required 'round'",
+            ),
+            (
+                {
+                    "currency": "usd",
+                    "transform_quantity[divide_by]": "1",
+                    "transform_quantity[round]": "near",
+                },
+                "params.transform_quantity.round = 'near' is not one of ['down', 'up']",
+            ),
+        ],
+    )
+    async def test_tiered_and_transformed_prices_are_judged(
+        self, own: Any, data: dict[str, str], expected: str
+    ) -> None:
+        """``POST /v1/prices`` with tiers and transform_quantity, judged by the derived schema
+        (the stand-in may or may not take them: the request is judged either way)."""
+        checker, client, _ = own
+        await client.post("/v1/prices", data=data)
+        problems = [str(v) for v in checker.violations if v.side == "request"]
+        assert any(expected in p for p in problems), problems
 
 
 class TestOptOuts:
@@ -238,12 +275,11 @@ class TestOptOuts:
 class TestCoverage:
     """What the vendored spec does not describe is explicit."""
 
-    def _uncovered(self, version: str) -> set[str]:
-        placeholder = {"{id}": "x_1"}
+    def _uncovered(self, version: str, *, reply: bool = False) -> set[str]:
         found = set()
         for method, template in ENDPOINTS:
-            path = template.replace("{id}", placeholder["{id}"])
-            if find_operation(method, path, version) is None:
+            path = template.replace("{id}", "x_1")
+            if find_operation(method, path, version, reply=reply) is None:
                 found.add(f"{method} {template}")
         return found
 
@@ -252,13 +288,38 @@ class TestCoverage:
         basil and later, ``PRE_BASIL_ONLY`` too): a new endpoint means a conscious entry here."""
         assert self._uncovered(ACACIA) == UNCOVERED_BY_THE_SPEC
         assert self._uncovered(BASIL) == UNCOVERED_BY_THE_SPEC | PRE_BASIL_ONLY
+        assert self._uncovered(ACACIA, reply=True) == WITHOUT_A_REPLY_SCHEMA
+
+    def test_each_version_is_judged_by_its_nearest_document(self) -> None:
+        """A request is judged by the document of its era nearest its version: acacia's usage
+        records by stripe-python 11's acacia params (not the 2023 excerpt), basil's prices by
+        12.0's, the current version's by 16's; replies by a published excerpt when one exists."""
+        usage = "/v1/subscription_items/si_1/usage_records"
+        found = find_operation("POST", usage, ACACIA)
+        assert found is not None and found.document.name == "sdk_2025-02-24.acacia.json"
+        reply = find_operation("POST", usage, ACACIA, reply=True)
+        assert reply is not None and reply.document.name == "usage_records_2023-08-16.json"
+        for version, name in [
+            (ACACIA, "sdk_2025-02-24.acacia.json"),
+            (BASIL, "sdk_2025-03-31.basil.json"),
+            ("2026-10-28.endive", "sdk_2026-10-28.endive.json"),
+        ]:
+            found = find_operation("POST", "/v1/prices", version)
+            assert found is not None and found.document.name == name, version
+        meters = find_operation("POST", "/v1/billing/meters", ACACIA)
+        assert meters is not None and meters.document.name == "meters_2026-07-29.dahlia.json"
 
     async def test_uncovered_calls_are_counted(self, own: Any) -> None:
         """A call the spec cannot judge is counted, by side, template and era."""
         checker, client, _ = own
-        await client.post("/v1/customers", data={"name": "Ada"})
-        assert checker.uncovered["request POST /v1/customers [pre-basil]"] == 1
-        assert checker.checked["reply"] == 1  # the customer object has a schema before basil
+        item = await _item(client)
+        await client.post(
+            f"/v1/subscription_items/{item}/usage_records",
+            data={"quantity": "1"},
+            headers={"Stripe-Version": BASIL},
+        )
+        key = "request POST /v1/subscription_items/{id}/usage_records [basil+]"
+        assert checker.uncovered[key] == 1
 
     def test_templates_match_despite_names(self) -> None:
         """``{id}`` in the stand-in matches ``{subscription_item}`` in the spec."""

@@ -124,9 +124,12 @@ class TestLists:
 class TestParameterErrors:
     """Stripe's error codes for bad parameters."""
 
-    async def test_unknown_parameter(self, http: httpx.AsyncClient) -> None:
+    async def test_unknown_parameter(
+        self, http: httpx.AsyncClient, stripe_spec: SpecChecker
+    ) -> None:
         """An unknown parameter is refused with ``parameter_unknown`` and its name."""
-        reply = await http.post("/v1/customers", data={"nmae": "x"})
+        with stripe_spec.expect_invalid_requests():
+            reply = await http.post("/v1/customers", data={"nmae": "x"})
         assert reply.status_code == 400
         assert reply.json() == {
             "error": {
@@ -138,12 +141,15 @@ class TestParameterErrors:
             }
         }
 
-    async def test_unknown_nested_parameter(self, http: httpx.AsyncClient) -> None:
+    async def test_unknown_nested_parameter(
+        self, http: httpx.AsyncClient, stripe_spec: SpecChecker
+    ) -> None:
         """Nested unknown parameters are named with Stripe's brackets."""
-        reply = await http.post(
-            "/v1/prices",
-            data={"currency": "usd", "unit_amount": "1", "recurring[color]": "blue"},
-        )
+        with stripe_spec.expect_invalid_requests():
+            reply = await http.post(
+                "/v1/prices",
+                data={"currency": "usd", "unit_amount": "1", "recurring[color]": "blue"},
+            )
         assert reply.json()["error"]["param"] == "recurring[color]"
 
     async def test_missing_parameter(
@@ -161,23 +167,45 @@ class TestParameterErrors:
         assert caught.value.param == "event_name"
 
     @pytest.mark.parametrize(
-        ("data", "code", "param"),
+        ("data", "code", "param", "breaks_spec"),
         [
-            ({"currency": "usd", "unit_amount": "abc"}, "parameter_invalid_integer", "unit_amount"),
-            ({"currency": "usd", "unit_amount": "-1"}, "parameter_invalid_integer", "unit_amount"),
-            ({"currency": "", "unit_amount": "1"}, "parameter_invalid_empty", "currency"),
+            (
+                {"currency": "usd", "unit_amount": "abc"},
+                "parameter_invalid_integer",
+                "unit_amount",
+                True,
+            ),
+            # The spec's schema has no minimum and no minLength: only Stripe's server refuses these.
+            (
+                {"currency": "usd", "unit_amount": "-1"},
+                "parameter_invalid_integer",
+                "unit_amount",
+                False,
+            ),
+            ({"currency": "", "unit_amount": "1"}, "parameter_invalid_empty", "currency", False),
             (
                 {"currency": "usd", "unit_amount": "1", "recurring[interval]": "fortnight"},
                 None,
                 "recurring[interval]",
+                True,
             ),
         ],
     )
     async def test_invalid_values(
-        self, http: httpx.AsyncClient, data: dict[str, str], code: str | None, param: str
+        self,
+        http: httpx.AsyncClient,
+        stripe_spec: SpecChecker,
+        data: dict[str, str],
+        code: str | None,
+        param: str,
+        breaks_spec: bool,
     ) -> None:
         """Bad integers, empty strings and bad enum values carry Stripe's codes and the param."""
-        error = (await http.post("/v1/prices", data=data)).json()["error"]
+        if breaks_spec:
+            with stripe_spec.expect_invalid_requests():
+                error = (await http.post("/v1/prices", data=data)).json()["error"]
+        else:
+            error = (await http.post("/v1/prices", data=data)).json()["error"]
         assert error.get("code") == code
         assert error["param"] == param
 
@@ -194,10 +222,14 @@ class TestPriceRules:
     """Which prices each API version allows."""
 
     async def test_aggregate_usage_unknown_on_basil(
-        self, client: stripe.StripeClient, scenario: Scenario
+        self, client: stripe.StripeClient, scenario: Scenario, stripe_spec: SpecChecker
     ) -> None:
-        """On basil, ``recurring[aggregate_usage]`` is an unknown parameter."""
-        with pytest.raises(stripe.InvalidRequestError) as caught:
+        """On basil, ``recurring[aggregate_usage]`` is an unknown parameter (Stripe's basil+
+        spec agrees: the request breaks it)."""
+        with (
+            stripe_spec.expect_invalid_requests(),
+            pytest.raises(stripe.InvalidRequestError) as caught,
+        ):
             await client.v1.prices.create_async(
                 legacy_price_params(scenario.product, "sum"),
                 {"stripe_version": BASIL},

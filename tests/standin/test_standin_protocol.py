@@ -9,7 +9,7 @@ import httpx
 import pytest
 import stripe
 
-from stripe_standin import RunningStandin, StripeStandin, serve_standin
+from stripe_standin import RunningStandin, SpecChecker, StripeStandin, serve_standin
 from tests.standin.standin_support import ACACIA, API_KEY, SDK_WARNING, Scenario
 
 pytestmark = [pytest.mark.anyio, SDK_WARNING]
@@ -136,11 +136,14 @@ class TestIdempotency:
         assert first.status_code == again.status_code == 404
         assert again.headers["Idempotent-Replayed"] == "true"
 
-    async def test_validation_failures_are_not_saved(self, http: httpx.AsyncClient) -> None:
+    async def test_validation_failures_are_not_saved(
+        self, http: httpx.AsyncClient, stripe_spec: SpecChecker
+    ) -> None:
         """A request refused before execution leaves its key free for a corrected retry."""
         headers = {"Idempotency-Key": "fixme"}
-        bad = await http.post("/v1/customers", data={"nmae": "A"}, headers=headers)
-        good = await http.post("/v1/customers", data={"nmae": "A"}, headers=headers)
+        with stripe_spec.expect_invalid_requests():
+            bad = await http.post("/v1/customers", data={"nmae": "A"}, headers=headers)
+            good = await http.post("/v1/customers", data={"nmae": "A"}, headers=headers)
         assert bad.status_code == good.status_code == 400
         assert "Idempotent-Replayed" not in good.headers
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, List, Literal, NotRequired, Union  # noqa: UP035 (as stripe-python writes them)
 
 import pytest
+import stripe
+from typing_extensions import TypedDict
 
 from stripe_standin._openapi import SPEC_DIR, documents
 
@@ -134,3 +137,59 @@ class TestCutting:
         (tmp_path / "anonymous.json").write_text(json.dumps({"paths": {}}))
         assert vendor.main(["--excerpts", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
         assert "anonymous.json: no `source` key" in capsys.readouterr().err
+
+
+class _Recurring(TypedDict):
+    interval: Union[Literal["day", "month"], str]  # noqa: UP007 (as stripe-python writes it)
+    usage_type: NotRequired[Literal["licensed", "metered"] | str]
+
+
+class _Tier(TypedDict):
+    up_to: Union[Literal["inf"], int]  # noqa: UP007
+    unit_amount_decimal: NotRequired[Decimal]
+
+
+class _PriceParams(TypedDict):
+    currency: str
+    metadata: NotRequired[Literal[""] | dict[str, str]]
+    recurring: NotRequired[_Recurring]
+    tiers: NotRequired[List[_Tier]]  # noqa: UP006
+    api_key: NotRequired[str]
+
+
+class TestFromSdk:
+    """``--from-sdk``: stripe-python's type hints turned into the checker's schemas."""
+
+    def test_params_become_a_closed_object_schema(self, vendor: ModuleType) -> None:
+        """Required vs NotRequired, Literal|str as an enum, emptyable, nested objects closed,
+        lists, anyOf, decimals; the SDK's RequestOptions keys left out."""
+        schema = vendor.SdkTranslator(stripe).params(_PriceParams)
+        assert schema["required"] == ["currency"] and schema["additionalProperties"] is False
+        props = schema["properties"]
+        assert set(props) == {"currency", "metadata", "recurring", "tiers"}
+        assert props["metadata"] == {
+            "anyOf": [
+                {"type": "object", "additionalProperties": {"type": "string"}},
+                {"type": "string", "enum": [""]},
+            ]
+        }
+        recurring = props["recurring"]
+        assert recurring["required"] == ["interval"]
+        assert recurring["additionalProperties"] is False
+        assert recurring["properties"]["interval"] == {"type": "string", "enum": ["day", "month"]}
+        tier = props["tiers"]["items"]["properties"]
+        assert tier["up_to"] == {
+            "anyOf": [{"type": "string", "enum": ["inf"]}, {"type": "integer"}]
+        }
+        assert tier["unit_amount_decimal"] == {"type": "string", "format": "decimal"}
+
+    def test_derived_documents_record_their_sdk(self) -> None:
+        """Each derived document names the stripe-python version and API version it came from,
+        in the manifest and in its own ``source``."""
+        derived = [e for e in _manifest()["documents"] if "derived_from" in e]
+        assert {e["derived_from"]["version"] for e in derived} == {"11.6.1", "12.0.0", "16.1.0"}
+        for entry in derived:
+            sdk = entry["derived_from"]
+            assert entry["api_versions"] == [sdk["api_version"]]
+            assert f"stripe-python {sdk['version']}" in entry["source"]
+            assert entry["file"] == f"sdk_{sdk['api_version']}.json"
