@@ -10,6 +10,7 @@ from __future__ import annotations
 from dualwrite.config import MeterMapping, Settings, UsageRoute
 from dualwrite.engine import DualWriteEngine, StageSource
 from dualwrite.exceptions import (
+    ClientDisconnectedError,
     ConfigError,
     ConflictError,
     DualwriteError,
@@ -38,6 +39,7 @@ from dualwrite.report import CustomerReport, LegTotals, Report, build_report, re
 
 __all__ = [
     "AuditEntry",
+    "ClientDisconnectedError",
     "ConfigError",
     "ConflictError",
     "CustomerReport",

@@ -19,6 +19,7 @@ Stripe's own refusals are not exceptions here: writers return them as ``WriteRes
 from __future__ import annotations
 
 __all__ = [
+    "ClientDisconnectedError",
     "ConfigError",
     "ConflictError",
     "DualwriteError",
@@ -62,6 +63,10 @@ class IdempotencyError(UsageInputError):
 
 class ConflictError(DualwriteError):
     """Another request with the same identifier is still being recorded; retry later."""
+
+
+class ClientDisconnectedError(DualwriteError):
+    """The caller disconnected before its request body was complete: nothing may be made of it."""
 
 
 class StoreUnavailableError(DualwriteError):

@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from dualwrite import metrics
-from dualwrite._http import read_body
+from dualwrite._http import read_body, stripe_error
 from dualwrite.config import Settings
-from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.exceptions import ClientDisconnectedError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields
 from dualwrite.models import Stage, UsageEvent
@@ -212,22 +212,25 @@ class LateRefusals:
         request = Request(scope, receive)
         response: Response
         if request.method != "POST":
-            response = JSONResponse({"error": {"message": "POST Stripe events here."}}, 405)
-        elif (body := await read_body(receive, MAX_EVENT_BYTES)) is None:
-            message = f"A Stripe event is at most {MAX_EVENT_BYTES} bytes."
-            error = {"type": "invalid_request_error", "message": message}
-            response = JSONResponse({"error": error}, 413)
+            response = stripe_error(405, "POST Stripe events here.")
         else:
             try:
-                result = await self.handle(body, request.headers.get("stripe-signature"))
-                response = JSONResponse(result.model_dump())
-            except EventSignatureError as exc:
-                response = JSONResponse(
-                    {"error": {"type": "invalid_request_error", "message": str(exc)}}, 400
-                )
-            except (EventFetchError, StoreUnavailableError) as exc:
-                log.warning("could not process a Stripe event: %s", type(exc).__name__)
-                response = JSONResponse(
-                    {"error": {"type": "api_error", "message": "try again later"}}, 502
-                )
+                body = await read_body(receive, MAX_EVENT_BYTES)
+            except ClientDisconnectedError:
+                return  # an incomplete event is no event, and nobody is left to answer
+            if body is None:
+                response = stripe_error(413, f"A Stripe event is at most {MAX_EVENT_BYTES} bytes.")
+            else:
+                response = await self._receive(body, request)
         await response(scope, receive, send)
+
+    async def _receive(self, body: bytes, request: Request) -> Response:
+        """The reply to a complete event: what was done with it, or why it was not taken."""
+        try:
+            result = await self.handle(body, request.headers.get("stripe-signature"))
+        except EventSignatureError as exc:
+            return stripe_error(400, str(exc))
+        except (EventFetchError, StoreUnavailableError) as exc:
+            log.warning("could not process a Stripe event: %s", type(exc).__name__)
+            return stripe_error(502, "try again later", error_type="api_error")
+        return JSONResponse(result.model_dump())

@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message
 
+from dualwrite._http import stripe_error, usage_error
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConflictError, UsageInputError
-from dualwrite.middleware import refusal, stripe_error, usage_error
+from dualwrite.middleware import refusal
 from dualwrite.models import RecordOutcome
 from dualwrite.recorder import SyncRecorder
 from dualwrite.routes import RouteMatch, RouteTable, build_event

@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dualwrite._http import stripe_error
 from dualwrite.exceptions import ConflictError, StoreUnavailableError
-from dualwrite.middleware import stripe_error
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis

@@ -220,7 +220,7 @@ class MetricsApp:
         token: str | None = None,
     ) -> None:
         # Imported here: dualwrite.admin imports the flags, whose resolver imports this module.
-        from dualwrite.admin._auth import BearerGate
+        from dualwrite._bearer import BearerGate
 
         self.sampler = OutboxSampler.of(settings, engine) if settings is not None else None
         self._registry = CollectorRegistry(auto_describe=False)
@@ -251,7 +251,7 @@ class MetricsApp:
             await send({"type": "websocket.close", "code": 1003})
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from dualwrite.middleware import stripe_error
+        from dualwrite._http import stripe_error
 
         if scope["method"] not in ("GET", "HEAD"):
             response = stripe_error(405, "/metrics answers GET only.")

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from dualwrite._http import stripe_error
 from dualwrite.admin import admin_app
 from dualwrite.config import Settings
 from dualwrite.durability import DurabilityGuard
@@ -26,7 +27,6 @@ from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.health import HEALTH_PATH, PATHS, HealthCheck
 from dualwrite.metrics import OutboxSampler, RequestObserver, metrics_app
-from dualwrite.middleware import stripe_error
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy._items import ItemResolver
 from dualwrite.proxy._upstream import Upstream, request_target
