@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite._http import read_body, stripe_error
 from dualwrite.config import Settings
 from dualwrite.exceptions import ClientDisconnectedError, StoreUnavailableError
@@ -202,7 +202,7 @@ class LateRefusals:
             done = as_int(await self._mark(keys=keys, args=args))
         if done != 1:
             return "repeated"
-        metrics.count_late_refusal()
+        instruments.count_late_refusal()
         return "marked"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -35,7 +35,7 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.config import LimitSettings
 from dualwrite.exceptions import DualwriteError, StoreUnavailableError
 from dualwrite.keys import KeySpace
@@ -155,7 +155,7 @@ class WriteLimits:
 
     async def _count(self, what: str, *, waited: float = 0.0, held_back: bool = False) -> None:
         """Count a wait (or a write held back) here and in Redis, where the report reads it."""
-        metrics.count_rate_limit(what, waited, held_back)
+        instruments.count_rate_limit(what, waited, held_back)
         if held_back:
             self.stats.refused += 1
         else:

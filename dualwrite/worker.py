@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dualwrite.config import Settings
+from dualwrite.cutover import CutoverOps
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
@@ -132,7 +133,5 @@ def _start_guard(settings: Settings, engine: DualWriteEngine) -> asyncio.Task[No
     """The guardrail check (``dualwrite.cutover.Guard``), every ``[guardrails] interval_seconds``."""
     if not settings.guardrails.enabled:
         return None
-    from dualwrite.cutover import CutoverOps
-
     ops = CutoverOps(engine.redis, engine.keys, settings)
     return asyncio.create_task(ops.guard().run(), name="dualwrite-guard")
