@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 
 from dualwrite import instruments
 from dualwrite.config import LimitSettings
-from dualwrite.exceptions import DualwriteError, StoreUnavailableError
+from dualwrite.exceptions import RateLimitedError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.redis_client import as_int, store_errors
 
@@ -74,14 +74,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class RateLimitedError(DualwriteError):
-    """A write did not get its turn within the allowed wait; retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, *, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(slots=True)

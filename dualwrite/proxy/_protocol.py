@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from dualwrite.config import ProxySettings
+from dualwrite.exceptions import DualwriteError
 from dualwrite.models import stripe_error_body
 
 __all__ = ["LINGER_SECONDS", "LimitedHttpToolsProtocol", "limited_protocol"]
@@ -39,8 +40,9 @@ __all__ = ["LINGER_SECONDS", "LimitedHttpToolsProtocol", "limited_protocol"]
 LINGER_SECONDS = 2.0
 
 
-class _RefusedError(Exception):
-    """Raised inside a parser callback to stop parsing a request over a limit."""
+class _RefusedError(DualwriteError):
+    """Raised inside a parser callback to stop parsing a request over a limit (a private signal:
+    the parser turns it into ``send_400_response``, where the refusal is answered)."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
