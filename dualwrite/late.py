@@ -114,7 +114,7 @@ class LateRefusals:
         self._settings = settings
         self._clock = clock
         self._mark = redis.register_script(_MARK)
-        secret = settings.webhook_secret()
+        secret = settings.stripe_webhook_secret_value()
         self.enabled = secret is not None and settings.webhooks.track_seconds > 0
 
     async def remember(
@@ -141,7 +141,10 @@ class LateRefusals:
             EventFetchError: the full event could not be fetched.
             StoreUnavailableError: Redis could not be reached.
         """
-        secret, api_key = self._settings.webhook_secret(), self._settings.api_key()
+        secret, api_key = (
+            self._settings.stripe_webhook_secret_value(),
+            self._settings.stripe_api_key_value(),
+        )
         if secret is None or api_key is None:
             msg = "set STRIPE_WEBHOOK_SECRET and STRIPE_API_KEY to receive Stripe's error reports"
             raise EventSignatureError(msg)

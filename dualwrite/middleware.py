@@ -73,8 +73,10 @@ class DualWriteMiddleware:
         self._clock = clock
         self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, self.settings.redis)
         # Stripe's error-report events are received here only once a signing secret is configured.
-        self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
-        self._keyless = self.engine.settings.api_key() is None
+        self._events_path = (
+            self.settings.webhooks.path if self.settings.stripe_webhook_secret_value() else None
+        )
+        self._keyless = self.engine.settings.stripe_api_key_value() is None
         self.stopping = False
         """Set when shutdown begins: readiness answers 503 from then on."""
         self.checks = HealthCheck(

@@ -109,7 +109,9 @@ class DualWriteMiddleware:
         self._owns_recorder = recorder is None
         self._gate = _UsageGate(self.settings, self.recorder, clock)
         # Stripe's error-report events are received here only once a signing secret is configured.
-        self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
+        self._events_path = (
+            self.settings.webhooks.path if self.settings.stripe_webhook_secret_value() else None
+        )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = _route_path(environ)

@@ -215,7 +215,7 @@ async def run_backfill(
         ConfigError: no Stripe key is set.
         StoreUnavailableError: Redis could not be reached.
     """
-    api_key = settings.api_key()
+    api_key = settings.stripe_api_key_value()
     if not api_key:
         msg = "backfill writes to Stripe: set STRIPE_API_KEY"
         raise BackfillInputError(msg)
