@@ -37,7 +37,7 @@ from dualwrite.idempotency import (
     claim_member,
 )
 from dualwrite.keys import ShardKeys
-from dualwrite.late import LateRefusals
+from dualwrite.late_refusals import LateRefusals
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, failure_code
 from dualwrite.models import (
     EventPlan,

@@ -27,7 +27,7 @@ The tree::
     └── RedisServerError          a test's private redis-server could not be found, started, stopped
 
 Each is re-exported where it is raised, under the name it always had there
-(``dualwrite.limits.RateLimitedError``, ``dualwrite.admin.ApiError``, ...), and from ``dualwrite``.
+(``dualwrite.rate_limits.RateLimitedError``, ``dualwrite.admin.ApiError``, ...), and from ``dualwrite``.
 Stripe's own refusals are not exceptions here: writers return them as ``WriteResult`` values
 (``dualwrite.models``), so that the engine can record them and hand them back to the caller. The
 Stripe stand-in (``stripe_standin``) is a package of its own, and so are its errors.

@@ -90,7 +90,7 @@ class TestTree:
         """An error keeps the public name it had where it is raised."""
         from dualwrite.admin import ApiError
         from dualwrite.cutover import CutoverInputError
-        from dualwrite.limits import RateLimitedError
+        from dualwrite.rate_limits import RateLimitedError
         from dualwrite.stripe_io import StripeCallError, StripeReadError
 
         assert ApiError is exceptions.ApiError and CutoverInputError is exceptions.CutoverInputError

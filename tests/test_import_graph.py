@@ -182,7 +182,7 @@ class TestImportGraph:
         """The reader sees the package's known edges (a guard against a test that reads nothing)."""
         edges, _, _ = read_graph()
         assert "dualwrite.engine" in edges["dualwrite.middleware"]
-        assert "dualwrite.instruments" in edges["dualwrite.limits"]
+        assert "dualwrite.instruments" in edges["dualwrite.rate_limits"]
         assert "dualwrite.cutover._context" in edges["dualwrite.cutover._guard"]  # type-only
 
     def test_no_circles(self):

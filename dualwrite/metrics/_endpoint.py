@@ -26,7 +26,7 @@ from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
 from dualwrite.outbox import Outbox, OutboxDepth
 from dualwrite.redis_client import open_redis, store_errors
-from dualwrite.threaded import serve_in_thread
+from dualwrite.server_thread import serve_in_thread
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis

@@ -23,12 +23,12 @@ from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.keys import ShardKeys
 from dualwrite.ledger import LedgerUpdate
-from dualwrite.limits import WriteLimits
 from dualwrite.migrate._audit import OpsAudit
 from dualwrite.migrate._export import BackfillInputError, read_export
 from dualwrite.migrate._sources import METER_PAST_WINDOW, BackfillSources, PlannedEvent
 from dualwrite.migrate._stripe import MigrationStripe
 from dualwrite.models import Leg, UsageEvent, WriteResult
+from dualwrite.rate_limits import WriteLimits
 from dualwrite.reconcile import read_throttle
 from dualwrite.redis_client import store_errors
 from dualwrite.rollups import ROLLUP_LUA

@@ -24,9 +24,9 @@ from dualwrite.ledger import (
     divergence_fields,
     failure_code,
 )
-from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
 from dualwrite.outbox._store import Outbox, OutboxEntry
+from dualwrite.rate_limits import MeterTurn
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
 
 __all__ = ["Disposition", "MeterAccepted", "OutboxWorker", "WorkerState"]

@@ -43,7 +43,7 @@ from dualwrite.stripe_io import (
 
 __all__ = ["MAX_EVENT_BYTES", "LateRefusalResult", "LateRefusals", "TrackedMeterEvent"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dualwrite.late")  # the name it logged under before the module was renamed
 
 #: The largest pushed event read: Stripe's thin events are a few hundred bytes (the full event is
 #: fetched from Stripe), so anything much larger is refused before it is read.

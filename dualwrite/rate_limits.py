@@ -43,7 +43,9 @@ from dualwrite.redis_client import as_int, store_errors
 
 __all__ = ["LimitPath", "LimitStats", "MeterTurn", "RateLimitedError", "WriteLimits"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(
+    "dualwrite.limits"
+)  # the name it logged under before the module was renamed
 
 LimitPath = Literal["legacy", "meter", "stream", "reads"]
 """The Stripe paths with their own limits: usage records, v1 meter events, v2 stream events, and
