@@ -53,13 +53,13 @@ from dualwrite.models import RecordOutcome, Stage, utc_day
 from dualwrite.reconcile import MoneyCheck, Reconciler
 from dualwrite.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES
 from dualwrite.report import build_report
+from dualwrite.stripe_io import retryable
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
 __all__ = ["DEMO_PREFIX", "DemoCustomer", "DemoOptions", "DemoResult", "run_demo"]
 
 EVENT_NAME = "api_requests"
 LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
-RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
 #: Usage requests the stand-in refuses on the authoritative (legacy) path, whatever happens.
 REFUSED_REQUESTS = 2
 REFUSED_QUANTITY = 999
@@ -255,7 +255,8 @@ async def _send(
         )
         if response.status_code == 200:
             return True, attempt
-        if response.status_code not in RETRYABLE_STATUSES:
+        should_retry = response.headers.get("stripe-should-retry")
+        if not retryable(response.status_code, should_retry=should_retry):
             return False, attempt
         await asyncio.sleep(0.02 * 2**attempt)
     return False, 7
