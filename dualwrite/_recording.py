@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.commit import Commit, CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConflictError, StoreUnavailableError
@@ -37,7 +37,7 @@ from dualwrite.idempotency import (
     claim_member,
 )
 from dualwrite.keys import ShardKeys
-from dualwrite.late import LateRefusals
+from dualwrite.late_refusals import LateRefusals
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, failure_code
 from dualwrite.models import (
     EventPlan,
@@ -235,7 +235,7 @@ async def apply_commit(
 
 def _translation(outcome: RecordOutcome, effective: int, now: float) -> dict[str, str]:
     """The divergence-log fields recording how a ``set`` was translated into a meter delta."""
-    metrics.count_translation()
+    instruments.count_translation()
     auth = LegView.of(outcome.authoritative)
     pending = LegView(status="pending") if outcome.shadow_leg else LegView(status="not_written")
     legacy, meter = (auth, pending) if outcome.authoritative.leg is Leg.LEGACY else (pending, auth)
@@ -313,7 +313,7 @@ class ClaimDriver:
             result = await legacy_write(event)
         else:
             result = await self._write_authoritative(plan, event, effective, api_key)
-        metrics.count_authoritative(result, plan.stage, started)
+        instruments.count_authoritative(result, plan.stage, started)
         shadow_status: ShadowStatus = "enqueued" if plan.shadow else "not_applicable"
         if not result.accepted:
             shadow_status = "skipped" if plan.shadow else "not_applicable"

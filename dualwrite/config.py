@@ -623,29 +623,41 @@ class Settings(BaseSettings):
                 return meter
         return MeterMapping(event_name=event_name)
 
-    def webhook_secret(self) -> str | None:
-        """The event destination's signing secret from ``STRIPE_WEBHOOK_SECRET``, if set."""
-        secret = self.stripe_webhook_secret
-        return secret.get_secret_value() if secret else None
+    # -- secrets: ``<field>_value()`` each, an empty variable read as unset --------------------
+
+    def stripe_api_key_value(self) -> str | None:
+        """The Stripe secret key from ``STRIPE_API_KEY``, if set (and not empty)."""
+        return _secret_value(self.stripe_api_key)
+
+    def stripe_webhook_secret_value(self) -> str | None:
+        """The event destination's signing secret from ``STRIPE_WEBHOOK_SECRET``, if set (and not
+        empty)."""
+        return _secret_value(self.stripe_webhook_secret)
 
     def report_token_value(self) -> str | None:
         """The report page's bearer token from ``DUALWRITE_REPORT_TOKEN``, if set (and not empty)."""
-        value = self.report_token.get_secret_value() if self.report_token else ""
-        return value or None
+        return _secret_value(self.report_token)
 
     def admin_token_value(self) -> str | None:
         """The admin API's bearer token from ``DUALWRITE_ADMIN_TOKEN``, if set (and not empty)."""
-        value = self.admin_token.get_secret_value() if self.admin_token else ""
-        return value or None
+        return _secret_value(self.admin_token)
 
     def metrics_token_value(self) -> str | None:
         """The ``/metrics`` bearer token from ``DUALWRITE_METRICS_TOKEN``, if set (and not empty)."""
-        value = self.metrics_token.get_secret_value() if self.metrics_token else ""
-        return value or None
+        return _secret_value(self.metrics_token)
 
     def api_key(self) -> str | None:
-        """The Stripe secret key from ``STRIPE_API_KEY``, if set."""
-        return self.stripe_api_key.get_secret_value() if self.stripe_api_key else None
+        """``stripe_api_key_value()`` under its former name (kept for compatibility)."""
+        return self.stripe_api_key_value()
+
+    def webhook_secret(self) -> str | None:
+        """``stripe_webhook_secret_value()`` under its former name (kept for compatibility)."""
+        return self.stripe_webhook_secret_value()
+
+
+def _secret_value(secret: SecretStr | None) -> str | None:
+    """A secret's value; ``None`` when unset or empty (``STRIPE_API_KEY=`` means no key)."""
+    return (secret.get_secret_value() or None) if secret is not None else None
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

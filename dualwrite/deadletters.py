@@ -19,7 +19,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import DeadLetterNotFoundError
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import LedgerUpdate
 from dualwrite.outbox import OutboxEntry
@@ -46,10 +46,6 @@ ledger_rollup(KEYS[3], ARGV[4 + 2 * n], ARGV[5 + 2 * n], KEYS[4], KEYS[5])
 return 1
 """
 )
-
-
-class DeadLetterNotFoundError(DualwriteError):
-    """No dead letter has that id (it was retried or dropped, or never existed)."""
 
 
 class DeadLetter(BaseModel):

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dualwrite.config import DEFAULT_LEGACY_API_VERSION, MeterMapping, Settings, UsageRoute
-from dualwrite.demo_summary import DEMO_PREFIX, print_summary
+from dualwrite.demo_summary import DEMO_PREFIX, DemoCustomer, DemoResult, print_summary
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
@@ -52,14 +52,14 @@ from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage, utc_day
 from dualwrite.reconcile import MoneyCheck, Reconciler
 from dualwrite.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES
-from dualwrite.report import Report, build_report
+from dualwrite.report import build_report
+from dualwrite.stripe_io import retryable
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
-__all__ = ["DEMO_PREFIX", "DemoOptions", "DemoResult", "run_demo"]
+__all__ = ["DEMO_PREFIX", "DemoCustomer", "DemoOptions", "DemoResult", "run_demo"]
 
 EVENT_NAME = "api_requests"
 LEGACY_VERSION = DEFAULT_LEGACY_API_VERSION
-RETRYABLE_STATUSES = {409, 429, 500, 502, 503, 504}
 #: Usage requests the stand-in refuses on the authoritative (legacy) path, whatever happens.
 REFUSED_REQUESTS = 2
 REFUSED_QUANTITY = 999
@@ -76,39 +76,6 @@ class DemoOptions:
     seed: int = 7
     fault_rate: float = 0.08
     concurrency: int = 16
-
-
-@dataclass(slots=True)
-class DemoCustomer:
-    """A demo customer: its Stripe ids and the stage it is put at."""
-
-    customer: str
-    subscription_item: str
-    stage: Stage
-
-
-@dataclass(slots=True)
-class DemoResult:
-    """What the demo did and found (used by the tests)."""
-
-    report: Report
-    customers: list[DemoCustomer]
-    stripe_legacy: dict[str, int] = field(default_factory=dict)
-    stripe_meter: dict[str, int] = field(default_factory=dict)
-    caller_errors: int = 0
-    requests: int = 0
-    """Usage requests sent (each counted once, however often the client retried it)."""
-    caller_retries: int = 0
-    """Retries the client made (same Idempotency-Key) after a retryable answer."""
-    faults: dict[str, int] = field(default_factory=dict)
-    """Faults the stand-in injected, by kind (``refused``: permanent refusals)."""
-    write_calls: int = 0
-    """Usage-record and meter-event calls Stripe (the stand-in) received, retries included."""
-    writes: int = 0
-    """Distinct writes among them (one per Idempotency-Key and path)."""
-    redis_url: str = ""
-    money: dict[str, MoneyCheck] = field(default_factory=dict)
-    """Each customer's invoices on the two paths (``reconcile --money``)."""
 
 
 @contextmanager
@@ -288,7 +255,8 @@ async def _send(
         )
         if response.status_code == 200:
             return True, attempt
-        if response.status_code not in RETRYABLE_STATUSES:
+        should_retry = response.headers.get("stripe-should-retry")
+        if not retryable(response.status_code, should_retry=should_retry):
             return False, attempt
         await asyncio.sleep(0.02 * 2**attempt)
     return False, 7

@@ -1,25 +1,59 @@
 """What ``dualwrite demo`` prints at the end, in 80 columns: the faults it injected and the retries
 that absorbed them, the requests it sent, each customer's ledger against Stripe's own totals with
-its invoice difference, and what to try next."""
+its invoice difference, and what to try next; and ``DemoResult``, what the demo did and found
+(the data printed; ``dualwrite.demo`` re-exports it)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from dualwrite.models import Stage
 from dualwrite.pricing import format_amount
 from dualwrite.reconcile import MoneyCheck
+from dualwrite.report import Report
 
-if TYPE_CHECKING:
-    from dualwrite.demo import DemoCustomer, DemoResult
-
-__all__ = ["DEMO_PREFIX", "print_summary"]
+__all__ = ["DEMO_PREFIX", "DemoCustomer", "DemoResult", "print_summary"]
 
 #: The key prefix the demo works under (``dualwrite.demo`` re-exports it).
 DEMO_PREFIX = "dualwrite-demo"
+
+
+@dataclass(slots=True)
+class DemoCustomer:
+    """A demo customer: its Stripe ids and the stage it is put at."""
+
+    customer: str
+    subscription_item: str
+    stage: Stage
+
+
+@dataclass(slots=True)
+class DemoResult:
+    """What the demo did and found (used by the tests)."""
+
+    report: Report
+    customers: list[DemoCustomer]
+    stripe_legacy: dict[str, int] = field(default_factory=dict)
+    stripe_meter: dict[str, int] = field(default_factory=dict)
+    caller_errors: int = 0
+    requests: int = 0
+    """Usage requests sent (each counted once, however often the client retried it)."""
+    caller_retries: int = 0
+    """Retries the client made (same Idempotency-Key) after a retryable answer."""
+    faults: dict[str, int] = field(default_factory=dict)
+    """Faults the stand-in injected, by kind (``refused``: permanent refusals)."""
+    write_calls: int = 0
+    """Usage-record and meter-event calls Stripe (the stand-in) received, retries included."""
+    writes: int = 0
+    """Distinct writes among them (one per Idempotency-Key and path)."""
+    redis_url: str = ""
+    money: dict[str, MoneyCheck] = field(default_factory=dict)
+    """Each customer's invoices on the two paths (``reconcile --money``)."""
 
 
 def _invoice_cell(money: MoneyCheck | None) -> str:

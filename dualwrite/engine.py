@@ -39,9 +39,8 @@ from dualwrite.flags import StageResolver
 from dualwrite.idempotency import Claim, IdempotencyStore, SetOrder
 from dualwrite.items import ItemReads
 from dualwrite.keys import KeySpace, ShardKeys
-from dualwrite.late import LateRefusals
+from dualwrite.late_refusals import LateRefusals
 from dualwrite.ledger import Ledger
-from dualwrite.limits import WriteLimits
 from dualwrite.models import (
     EventPlan,
     Leg,
@@ -53,6 +52,7 @@ from dualwrite.models import (
 )
 from dualwrite.outbox import Outbox, OutboxWorker
 from dualwrite.periods import PeriodResolver
+from dualwrite.rate_limits import WriteLimits
 from dualwrite.recovery import recover_due
 from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir

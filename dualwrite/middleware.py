@@ -22,11 +22,11 @@ from collections.abc import Callable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualwrite._http import read_body, stripe_error
+from dualwrite._http import failure_reply, read_body, stripe_error, unavailable, usage_error
 from dualwrite.config import Settings
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
-from dualwrite.exceptions import ConflictError, IdempotencyError, UsageInputError
+from dualwrite.exceptions import ClientDisconnectedError, ConflictError, UsageInputError
 from dualwrite.health import PATHS, HealthCheck
 from dualwrite.metrics import OutboxSampler
 from dualwrite.models import RecordOutcome
@@ -73,8 +73,10 @@ class DualWriteMiddleware:
         self._clock = clock
         self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, self.settings.redis)
         # Stripe's error-report events are received here only once a signing secret is configured.
-        self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
-        self._keyless = self.engine.settings.api_key() is None
+        self._events_path = (
+            self.settings.webhooks.path if self.settings.stripe_webhook_secret_value() else None
+        )
+        self._keyless = self.engine.settings.stripe_api_key_value() is None
         self.stopping = False
         """Set when shutdown begins: readiness answers 503 from then on."""
         self.checks = HealthCheck(
@@ -160,11 +162,14 @@ class DualWriteMiddleware:
         if self._keyless:
             # The caller learns nothing about the server's configuration; the log says what.
             log.error("usage request refused: STRIPE_API_KEY is not set")
-            await _unavailable()(scope, receive, send)
+            await unavailable()(scope, receive, send)
             return
         await self._ensure_started()
         limit = match.route.max_body_bytes
-        body = await read_body(receive, limit)
+        try:
+            body = await read_body(receive, limit)
+        except ClientDisconnectedError:
+            return  # an incomplete body records nothing, and nobody is left to answer
         if body is None:
             response = stripe_error(
                 413,
@@ -216,40 +221,15 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def usage_error(exc: UsageInputError | ConflictError) -> JSONResponse:
-    """The reply to usage the engine would not record (the WSGI middleware's too): 400 naming the
-    field, 400 ``idempotency_error`` for a reused identifier, 409 while it is being recorded."""
-    if isinstance(exc, IdempotencyError):
-        return stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)
-    if isinstance(exc, UsageInputError):
-        return stripe_error(400, exc.message, code=exc.code, param=exc.param)
-    return stripe_error(409, str(exc), code="idempotency_key_in_use")
-
-
-def _unavailable() -> JSONResponse:
-    """503: usage cannot be recorded now, for a reason of the server's own (its log says which)."""
-    return stripe_error(
-        503,
-        "Usage cannot be recorded right now; nothing was recorded. Retry later.",
-        error_type="api_error",
-    )
-
-
 def refusal(outcome: RecordOutcome) -> JSONResponse:
-    """Stripe's own status and error, for an authoritative write Stripe refused."""
+    """Stripe's own status and error, for an authoritative write Stripe refused (the WSGI
+    middleware's too); 503 when Stripe refused the server's own key."""
     failure = outcome.authoritative.failure
     if failure is None:  # pragma: no cover - a refused write always carries its failure
         return stripe_error(502, "Stripe refused the usage.", error_type="api_error")
-    headers = {}
-    if failure.request_id:
-        headers["Request-Id"] = failure.request_id
-    if failure.retry_after is not None:
-        headers["Retry-After"] = f"{failure.retry_after:g}"
-    headers["Stripe-Should-Retry"] = "true" if failure.retryable else "false"
     if failure.refused_key:
         # Stripe refused the server's own key: the caller's request is not at fault, and the
         # message (which names the key) is the server's business.
         log.error("Stripe refused the server's key: %s", failure.message)
-        return _unavailable()
-    status = failure.http_status or 502  # no status: the network failed on the way to Stripe
-    return JSONResponse(failure.error_body(), status_code=status, headers=headers)
+        return unavailable()
+    return failure_reply(failure)

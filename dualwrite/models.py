@@ -31,6 +31,7 @@ __all__ = [
     "WriteResult",
     "mint_identifier",
     "plan_for",
+    "stripe_error_body",
     "utc_day",
     "utc_time",
 ]
@@ -217,6 +218,19 @@ class UsageEvent(BaseModel):
         return _digest(json.dumps(self.model_dump(exclude=exclude), sort_keys=True))
 
 
+def stripe_error_body(
+    error_type: str, message: str, *, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """Stripe's error shape, ``{"error": {"type", "message", "code"?, "param"?}}``: the one place
+    it is built (every error reply of dualwrite's own, and Stripe's refusals handed back)."""
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if code:
+        error["code"] = code
+    if param:
+        error["param"] = param
+    return {"error": error}
+
+
 class StripeFailure(BaseModel):
     """Why Stripe (or the network on the way) refused a write, kept with Stripe's own code."""
 
@@ -238,12 +252,7 @@ class StripeFailure(BaseModel):
 
     def error_body(self) -> dict[str, Any]:
         """Stripe's error shape (``{"error": {...}}``), for handing the refusal back to a caller."""
-        error: dict[str, Any] = {"type": self.type, "message": self.message}
-        if self.code:
-            error["code"] = self.code
-        if self.param:
-            error["param"] = self.param
-        return {"error": error}
+        return stripe_error_body(self.type, self.message, code=self.code, param=self.param)
 
 
 class WriteResult(BaseModel):

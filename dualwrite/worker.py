@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dualwrite.config import Settings
+from dualwrite.cutover import CutoverOps
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
@@ -60,7 +61,7 @@ class _Endpoints:
             sampler=sampler,
             worker_expected=True,
             key_needed=True,
-            has_key=settings.api_key() is not None,
+            has_key=settings.stripe_api_key_value() is not None,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,7 +100,7 @@ async def run_worker(
         # Not possible outside the main thread (tests run workers in threads): stop is set instead.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    if not settings.api_key():
+    if not settings.stripe_api_key_value():
         log.warning("STRIPE_API_KEY is not set: every shadow write will be refused")
     status = status or WorkerStatus()
     engine = DualWriteEngine.from_settings(settings)
@@ -132,7 +133,5 @@ def _start_guard(settings: Settings, engine: DualWriteEngine) -> asyncio.Task[No
     """The guardrail check (``dualwrite.cutover.Guard``), every ``[guardrails] interval_seconds``."""
     if not settings.guardrails.enabled:
         return None
-    from dualwrite.cutover import CutoverOps
-
     ops = CutoverOps(engine.redis, engine.keys, settings)
     return asyncio.create_task(ops.guard().run(), name="dualwrite-guard")

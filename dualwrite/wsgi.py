@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Final
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message
 
+from dualwrite._http import stripe_error, usage_error
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConflictError, DualwriteError, UsageInputError
 from dualwrite.health import LIVE_PATH, PATHS, HealthCheck
 from dualwrite.metrics import OutboxSampler
-from dualwrite.middleware import refusal, stripe_error, usage_error
+from dualwrite.middleware import refusal
 from dualwrite.models import RecordOutcome
 from dualwrite.recorder import Recorder, SyncRecorder
 from dualwrite.routes import RouteMatch, RouteTable, build_event
@@ -120,10 +121,12 @@ class DualWriteMiddleware:
         self._owns_recorder = recorder is None
         self._gate = _UsageGate(self.settings, self.recorder, clock)
         # Stripe's error-report events are received here only once a signing secret is configured.
-        self._events_path = self.settings.webhooks.path if self.settings.webhook_secret() else None
+        self._events_path = (
+            self.settings.webhooks.path if self.settings.stripe_webhook_secret_value() else None
+        )
         self._probes = _Probes(self.recorder, key_needed=bool(self._gate.routes.routes))
         self._health_paths = PATHS if health else frozenset()
-        if self.settings.api_key() is None and self._gate.routes.routes:
+        if self.settings.stripe_api_key_value() is None and self._gate.routes.routes:
             log.warning(
                 "STRIPE_API_KEY is not set: usage requests on the %d configured route(s) will be "
                 "refused and nothing recorded until it is set in the app's environment",
@@ -240,7 +243,7 @@ class _Probes:
             sampler=OutboxSampler.of(settings, recorder.engine),
             worker_expected=settings.outbox.run_in_process,
             key_needed=self._key_needed,
-            has_key=settings.api_key() is not None,
+            has_key=settings.stripe_api_key_value() is not None,
             spool=recorder.engine.spool,
         )
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-import dualwrite.admin._auth
+import dualwrite._bearer
 import dualwrite.web._auth
 from dualwrite.config import Settings
 from dualwrite.proxy import RunningProxy, create_proxy_app, serve_proxy
@@ -92,7 +92,7 @@ class TestTokens:
 
     def test_comparisons_are_constant_time(self):
         """Both gates compare credentials with hmac.compare_digest, never ``==``."""
-        for module in (dualwrite.web._auth, dualwrite.admin._auth):
+        for module in (dualwrite.web._auth, dualwrite._bearer):
             source = inspect.getsource(module)
             assert "hmac.compare_digest(" in source, module.__name__
             assert "== self._token" not in source and "self._token ==" not in source

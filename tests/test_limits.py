@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from dualwrite.config import LimitSettings
 from dualwrite.keys import KeySpace
-from dualwrite.limits import RateLimitedError, WriteLimits
+from dualwrite.rate_limits import RateLimitedError, WriteLimits
 from dualwrite.report import read_backpressure
 
 pytestmark = pytest.mark.anyio

@@ -11,10 +11,10 @@ from redis.exceptions import ResponseError
 
 from dualwrite.engine import DualWriteEngine
 from dualwrite.ledger import LedgerUpdate
-from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.models import Leg, Stage
 from dualwrite.outbox import OUTBOX_GROUP, OutboxEntry, OutboxWorker
 from dualwrite.outbox._store import _Coalesced
+from dualwrite.rate_limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, set_stage, usage

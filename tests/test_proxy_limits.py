@@ -27,7 +27,7 @@ from pydantic import SecretStr
 
 from dualwrite.config import Settings
 from dualwrite.keys import KeySpace
-from dualwrite.late import MAX_EVENT_BYTES
+from dualwrite.late_refusals import MAX_EVENT_BYTES
 from dualwrite.proxy import HEALTH_PATH, RunningProxy, _items as items_module, serve_proxy
 from dualwrite.proxy._items import OTHER_ITEMS
 from tests.conftest import STRIPE_KEY, SettingsFactory

@@ -28,8 +28,8 @@ from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy import create_proxy_app
 from dualwrite.report import attention_rank, build_report
+from dualwrite.server_thread import serve_in_thread
 from dualwrite.testing import StripeStandin
-from dualwrite.threaded import serve_in_thread
 from dualwrite.web import COOKIE_NAME, report_app
 from dualwrite.web._chart import divergence_chart
 from tests.conftest import STRIPE_KEY

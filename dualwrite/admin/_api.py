@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dualwrite.exceptions import ConflictError, StoreUnavailableError
-from dualwrite.middleware import stripe_error
+from dualwrite._http import stripe_error
+from dualwrite.exceptions import ApiError, ConflictError, StoreUnavailableError
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -51,27 +51,6 @@ M = TypeVar("M", bound=BaseModel)
 #: The largest JSON body an admin request may carry.
 MAX_BODY_BYTES = 64 * 1024
 _REF = "#/components/schemas/{model}"
-
-
-class ApiError(Exception):
-    """Answer the request with Stripe's error shape: ``status``, ``message``, ``param`` (and the
-    error's ``type`` and ``code`` when not the default ``invalid_request_error``)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        error_type: str = "invalid_request_error",
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.error_type = error_type
-        self.code = code
 
 
 class ErrorDetail(BaseModel):

@@ -18,8 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from dualwrite._bearer import BearerGate
+from dualwrite._http import stripe_error
 from dualwrite.admin._api import AdminContext, Endpoint, openapi, routes
-from dualwrite.admin._auth import BearerGate
 from dualwrite.admin._cutover import CUTOVER_ENDPOINTS
 from dualwrite.admin._flags import FLAG_ENDPOINTS
 from dualwrite.admin._reconcile import RECONCILE_ENDPOINTS
@@ -27,7 +28,6 @@ from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore
 from dualwrite.keys import KeySpace
-from dualwrite.middleware import stripe_error
 from dualwrite.redis_client import open_redis
 
 __all__ = ["DEFAULT_ENDPOINTS", "OPENAPI_PATH", "AdminApp", "admin_app"]

@@ -49,6 +49,7 @@ def durability(
     Exit status: 0 durable, 1 a loss is recorded or Redis may evict keys, 2 bad configuration,
     or Redis unreachable (1, with a message).
     """
+    # deferred: start-up cost
     from dualwrite.durability import clear_loss as clear, read_durability, read_loss
     from dualwrite.keys import KeySpace
     from dualwrite.migrate import OpsAudit

@@ -73,6 +73,7 @@ def worker(
 
     Run as many as you like, on any machine: they share Redis and claim what dead workers left.
     """
+    # deferred: start-up cost
     from dualwrite.logging import configure_logging
     from dualwrite.metrics import serve_metrics
     from dualwrite.worker import WorkerStatus, run_worker, worker_endpoints

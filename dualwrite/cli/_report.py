@@ -133,6 +133,7 @@ def _period_days(period: str) -> tuple[str, str]:
 def _serve_page(settings: Settings, *, port: int) -> None:
     """The report page on 127.0.0.1 until Ctrl-C, behind DUALWRITE_REPORT_TOKEN or, without one,
     a token made for this run and printed in the address (it opens the page once)."""
+    # deferred: start-up cost
     import uvicorn
 
     from dualwrite.logging import log_config

@@ -23,6 +23,7 @@ def demo(
 ) -> None:
     """Run the whole dual write on an embedded default: Redis, a local Stripe stand-in, traffic for
     customers in every stage, injected refusals, then the report."""
+    # deferred: start-up cost
     from dualwrite.demo import DemoOptions, run_demo
 
     settings = load_settings(ctx)
@@ -62,6 +63,7 @@ def serve(
     """Serve the Stripe proxy: point any Stripe SDK's API base here; usage records are dual-written,
     everything else goes to Stripe untouched. The outbox worker runs inside; SIGTERM stops it
     gracefully."""
+    # deferred: start-up cost
     from dualwrite.proxy import run_proxy
 
     if config is not None:

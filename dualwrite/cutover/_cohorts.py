@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import CutoverInputError
 from dualwrite.flags._codec import CUSTOMER_RE
 from dualwrite.models import Stage
 
@@ -36,10 +36,6 @@ MAX_COHORT = 100_000
 
 At = Literal["period-end", "now"] | int
 """When a cutover applies: the customer's billing period end, now, or a Unix time."""
-
-
-class CutoverInputError(DualwriteError, ValueError):
-    """A cutover command's input is invalid; the message names it and the fix."""
 
 
 def parse_stage(value: str | Stage, *, what: str = "stage") -> Stage:

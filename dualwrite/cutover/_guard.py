@@ -41,8 +41,8 @@ from dualwrite.cutover._models import CustomerTrip, GuardResult, OperationResult
 from dualwrite.cutover._stripe import CutoverStripeError
 from dualwrite.engine import StageSource
 from dualwrite.exceptions import DualwriteError
+from dualwrite.instruments import count_guard_rollback
 from dualwrite.ledger import Ledger
-from dualwrite.metrics import count_guard_rollback
 from dualwrite.models import Stage, utc_day
 from dualwrite.redis_client import as_str, store_errors
 from dualwrite.report import CustomerReport, build_report
@@ -58,7 +58,8 @@ class _Baseline:
 
 
 if TYPE_CHECKING:
-    from dualwrite.cutover._ops import CutoverOps
+    # The protocol CutoverOps satisfies: importing _ops here would close an import circle.
+    from dualwrite.cutover._context import CutoverContext as CutoverOps
 
 __all__ = ["GUARD_ACTOR", "Guard"]
 

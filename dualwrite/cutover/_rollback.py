@@ -48,7 +48,8 @@ from dualwrite.flags import ROLLOUT_STAGES
 from dualwrite.models import Stage
 
 if TYPE_CHECKING:
-    from dualwrite.cutover._ops import CutoverOps
+    # The protocol CutoverOps satisfies: importing _ops here would close an import circle.
+    from dualwrite.cutover._context import CutoverContext as CutoverOps
 
 __all__ = ["cancel_pending", "kill", "rollback_all", "rollback_customers", "step_back_all"]
 

@@ -21,8 +21,9 @@ from typing import Any, cast
 
 from dualwrite.cutover._cohorts import CutoverInputError
 from dualwrite.cutover._models import StripeCall
+from dualwrite.exceptions import CutoverStripeError
 from dualwrite.periods import INTERVALS, Interval, add_interval, period_containing
-from dualwrite.stripe_io import AccountStripe, StripeCallError
+from dualwrite.stripe_io import AccountStripe
 
 __all__ = [
     "CUTOVER_METADATA",
@@ -42,11 +43,6 @@ CUTOVER_METADATA = "dualwrite_cutover"
 #: How a dry run names the schedule the first call would create.
 SCHEDULE_PLACEHOLDER = "{schedule created by the previous call}"
 _SCHEDULES = "/v1/subscription_schedules"
-
-
-class CutoverStripeError(StripeCallError):
-    """Stripe refused a cutover's read or write (or cannot be reached: ``failure`` says how), or
-    its answer leaves no period end to cut over at (``failure`` is None)."""
 
 
 @dataclass(frozen=True, slots=True)

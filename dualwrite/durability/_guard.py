@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.config import RedisSettings
 from dualwrite.durability._marker import (
     CHECK_SCRIPT,
@@ -215,7 +215,7 @@ class DurabilityGuard:
                 RECLEAR_HINT,
             )
         self.lost = recorded
-        metrics.set_redis_data_lost(recorded is not None)
+        instruments.set_redis_data_lost(recorded is not None)
         return recorded
 
     def _compare(
@@ -241,7 +241,7 @@ class DurabilityGuard:
 
     def _report(self, loss: DataLoss, keys: list[str]) -> None:
         self.detected += 1
-        metrics.count_redis_data_loss()
+        instruments.count_redis_data_loss()
         log.error(
             "REDIS LOST DATA: the data-loss marker(s) %s were gone, replaced or rolled back, "
             "after %s. Outbox entries, ledger rows, stages and idempotency records may be gone, "

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.exceptions import RedisEvictionError, StoreUnavailableError
 from dualwrite.redis_client import as_str, is_cluster, store_errors
 
@@ -140,7 +140,7 @@ def check_settings(
     Raises:
         RedisEvictionError: a master can evict keys, ``allow_eviction`` is off and ``refuse`` on.
     """
-    metrics.set_redis_persistence(_GAUGE[durability.persistence])
+    instruments.set_redis_persistence(_GAUGE[durability.persistence])
     if durability.refusal is not None:
         log.warning(
             "Redis refused CONFIG GET (%s): its persistence and eviction settings cannot be "

@@ -22,7 +22,7 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.config import FlagSettings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.flags._codec import Throttle
@@ -121,7 +121,7 @@ class StageResolver:
         )
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
-        metrics.track_resolver(self)
+        instruments.track_resolver(self)
 
     @property
     def stats(self) -> ResolverStats:

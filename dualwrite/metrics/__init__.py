@@ -37,22 +37,15 @@ Read at scrape time, costing the request path nothing:
 --metrics-port`` serves it, and any ASGI app can mount it (``metrics_app(settings)``). With
 ``DUALWRITE_METRICS_TOKEN`` set it asks for ``Authorization: Bearer <token>``.
 
-Modules: ``_hooks`` (the registry, the definitions, the hooks), ``_endpoint`` (the app, the
+The registry, the definitions and the hooks are ``dualwrite.instruments``, a leaf the low layers
+import (re-exported here); this package sits above the engine. Modules: ``_endpoint`` (the app, the
 sampler, the worker's server), ``_requests`` (``RequestObserver``: request metrics and the access
 log).
 """
 
 from __future__ import annotations
 
-from dualwrite.metrics._endpoint import (
-    SAMPLE_TIMEOUT,
-    MetricsApp,
-    OutboxReading,
-    OutboxSampler,
-    metrics_app,
-    serve_metrics,
-)
-from dualwrite.metrics._hooks import (
+from dualwrite.instruments import (
     REGISTRY,
     count_authoritative,
     count_dead,
@@ -67,6 +60,14 @@ from dualwrite.metrics._hooks import (
     set_redis_data_lost,
     set_redis_persistence,
     track_resolver,
+)
+from dualwrite.metrics._endpoint import (
+    SAMPLE_TIMEOUT,
+    MetricsApp,
+    OutboxReading,
+    OutboxSampler,
+    metrics_app,
+    serve_metrics,
 )
 from dualwrite.metrics._requests import RequestObserver, path_template
 

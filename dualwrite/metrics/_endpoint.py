@@ -18,17 +18,21 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.metrics._hooks import REGISTRY
-from dualwrite.redis_client import store_errors
+from dualwrite._bearer import BearerGate
+from dualwrite._http import stripe_error
+from dualwrite.exceptions import DualwriteError, StoreUnavailableError
+from dualwrite.instruments import REGISTRY
+from dualwrite.keys import KeySpace
+from dualwrite.ledger import Ledger
+from dualwrite.outbox import Outbox, OutboxDepth
+from dualwrite.redis_client import open_redis, store_errors
+from dualwrite.server_thread import serve_in_thread
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from dualwrite.config import Settings
     from dualwrite.engine import DualWriteEngine
-    from dualwrite.keys import KeySpace
-    from dualwrite.outbox import Outbox, OutboxDepth
 
 __all__ = [
     "SAMPLE_TIMEOUT",
@@ -89,11 +93,6 @@ class OutboxSampler:
         """A sampler over ``engine``'s Redis, or over a connection of its own (see ``aclose``)."""
         if engine is not None:
             return cls(engine.outbox, engine.redis, engine.keys)
-        from dualwrite.keys import KeySpace
-        from dualwrite.ledger import Ledger
-        from dualwrite.outbox import Outbox
-        from dualwrite.redis_client import open_redis
-
         redis = open_redis(settings.redis, max_connections=4)
         keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
         ledger = Ledger(redis, keys, divergence_maxlen=settings.ledger.divergence_maxlen)
@@ -219,9 +218,6 @@ class MetricsApp:
         engine: DualWriteEngine | None = None,
         token: str | None = None,
     ) -> None:
-        # Imported here: dualwrite.admin imports the flags, whose resolver imports this module.
-        from dualwrite.admin._auth import BearerGate
-
         self.sampler = OutboxSampler.of(settings, engine) if settings is not None else None
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Exposition(self.sampler))
@@ -251,8 +247,6 @@ class MetricsApp:
             await send({"type": "websocket.close", "code": 1003})
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from dualwrite.middleware import stripe_error
-
         if scope["method"] not in ("GET", "HEAD"):
             response = stripe_error(405, "/metrics answers GET only.")
             await response(scope, receive, send)
@@ -304,9 +298,6 @@ def serve_metrics(
         DualwriteError: the server did not start listening.
     """
     import uvicorn
-
-    from dualwrite.exceptions import DualwriteError
-    from dualwrite.threaded import serve_in_thread
 
     config = uvicorn.Config(
         app or MetricsApp(settings),

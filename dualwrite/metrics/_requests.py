@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualwrite.metrics._hooks import count_request
+from dualwrite.instruments import count_request
 
 __all__ = ["RequestObserver", "path_template"]
 

@@ -23,12 +23,12 @@ from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.keys import ShardKeys
 from dualwrite.ledger import LedgerUpdate
-from dualwrite.limits import WriteLimits
 from dualwrite.migrate._audit import OpsAudit
 from dualwrite.migrate._export import BackfillInputError, read_export
 from dualwrite.migrate._sources import METER_PAST_WINDOW, BackfillSources, PlannedEvent
 from dualwrite.migrate._stripe import MigrationStripe
 from dualwrite.models import Leg, UsageEvent, WriteResult
+from dualwrite.rate_limits import WriteLimits
 from dualwrite.reconcile import read_throttle
 from dualwrite.redis_client import store_errors
 from dualwrite.rollups import ROLLUP_LUA
@@ -215,7 +215,7 @@ async def run_backfill(
         ConfigError: no Stripe key is set.
         StoreUnavailableError: Redis could not be reached.
     """
-    api_key = settings.api_key()
+    api_key = settings.stripe_api_key_value()
     if not api_key:
         msg = "backfill writes to Stripe: set STRIPE_API_KEY"
         raise BackfillInputError(msg)

@@ -14,17 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import BackfillInputError
 from dualwrite.models import MAX_METER_VALUE
 
 __all__ = ["BackfillInputError", "ExportRow", "read_export"]
 
 _REQUIRED = ("customer", "quantity", "timestamp", "identifier")
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-
-class BackfillInputError(DualwriteError):
-    """Backfill input is unusable; the message names the option or the row and column."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,19 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualwrite.config import StripeSettings
-from dualwrite.exceptions import PriceError
+from dualwrite.exceptions import MigrationStripeError, PriceError
 from dualwrite.pricing import Price
-from dualwrite.stripe_io import AccountStripe, StripeCallError
+from dualwrite.stripe_io import AccountStripe
 
 __all__ = ["LegacyPrice", "MeterPrice", "MigrationStripe", "MigrationStripeError", "StripeMeter"]
 
 #: The metadata key naming, on a meter-backed price ``meters apply`` created, the legacy price it
 #: replaces.
 REPLACES = "dualwrite_replaces"
-
-
-class MigrationStripeError(StripeCallError):
-    """Stripe refused a call of a migration command (or the network failed); ``failure`` says how."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ from dualwrite.config import OutboxSettings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.ledger import Ledger, LedgerUpdate
-from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent
+from dualwrite.rate_limits import MeterTurn
 from dualwrite.redis_client import (
     as_int,
     is_cluster,

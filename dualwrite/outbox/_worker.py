@@ -14,7 +14,7 @@ from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, Protocol
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import ShardKeys
 from dualwrite.ledger import (
@@ -24,9 +24,9 @@ from dualwrite.ledger import (
     divergence_fields,
     failure_code,
 )
-from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
 from dualwrite.outbox._store import Outbox, OutboxEntry
+from dualwrite.rate_limits import MeterTurn
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
 
 __all__ = ["Disposition", "MeterAccepted", "OutboxWorker", "WorkerState"]
@@ -376,7 +376,7 @@ class OutboxWorker:
             now = self._clock()
             updates = []
             for (shard, entry_id, entry), result in accepted:
-                metrics.count_shadow(entry, result, now)
+                instruments.count_shadow(entry, result, now)
                 update = LedgerUpdate(shard, entry.event, entry.period)
                 updates.append((shard, entry_id, update.shadow_accepted(entry.leg, entry.value)))
             done = await self.outbox.settle_many(updates)
@@ -413,7 +413,7 @@ class OutboxWorker:
         ``turn`` (the write's meter turn) is released by the settle when it is accepted or dead;
         ``notify`` False leaves ``on_meter_accepted`` to the caller.
         """
-        metrics.count_shadow(entry, result, self._clock())
+        instruments.count_shadow(entry, result, self._clock())
         update = LedgerUpdate(shard, entry.event, entry.period)
         if result.accepted:
             update.shadow_accepted(entry.leg, entry.value)
@@ -496,7 +496,7 @@ class OutboxWorker:
             shard, entry_id, update, divergence=divergence, dead=dead, turn=turn
         )
         if done:  # once: only the settle that dead-letters the entry gets here
-            metrics.count_dead(entry.leg, dead["reason"])
+            instruments.count_dead(entry.leg, dead["reason"])
             log.log(
                 logging.INFO if retired else logging.WARNING,
                 "shadow %s write of %s for %s dead-lettered (%s, %s): %s",

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from dualwrite._http import stripe_error
 from dualwrite.admin import admin_app
 from dualwrite.config import Settings
 from dualwrite.durability import DurabilityGuard
@@ -26,7 +27,6 @@ from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
 from dualwrite.health import HEALTH_PATH, PATHS, HealthCheck
 from dualwrite.metrics import OutboxSampler, RequestObserver, metrics_app
-from dualwrite.middleware import stripe_error
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy._items import ItemResolver
 from dualwrite.proxy._upstream import Upstream, request_target
@@ -116,12 +116,14 @@ class ProxyApp:
             sampler=OutboxSampler.of(settings, self.engine),
             worker_expected=self._owns_engine and settings.outbox.run_in_process,
             key_needed=True,
-            has_key=settings.api_key() is not None,
+            has_key=settings.stripe_api_key_value() is not None,
             spool=self.engine.spool,
             prepare=self._ensure_started,
         )
         # Stripe's error-report events are received only once a signing secret is configured.
-        self._events_path = settings.webhooks.path if settings.webhook_secret() else None
+        self._events_path = (
+            settings.webhooks.path if settings.stripe_webhook_secret_value() else None
+        )
         self._observed = RequestObserver(
             self._http, route_of=self.route_of, log_requests=access_log
         )
@@ -231,7 +233,7 @@ class ProxyApp:
         Raises:
             RedisEvictionError: Redis may evict keys and ``[redis] allow_eviction`` is off.
         """
-        if self.settings.api_key() is None:
+        if self.settings.stripe_api_key_value() is None:
             log.warning(
                 "STRIPE_API_KEY is not set: callers' requests are forwarded with their own keys, "
                 "but shadow writes (written later by the outbox worker, which never sees a "

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from starlette.types import Scope
 
+from dualwrite.exceptions import UnsendableHeaderError
+
 __all__ = [
     "FORWARDED_REQUEST_HEADERS",
     "HOP_BY_HOP_HEADERS",
@@ -65,10 +67,6 @@ HOP_BY_HOP_HEADERS = frozenset(
 _FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 Headers = list[tuple[bytes, bytes]]
-
-
-class UnsendableHeaderError(ValueError):
-    """A caller's header value holds a character HTTP/1.1 cannot carry."""
 
 
 def request_headers(scope: Scope, *, identity: bool = False) -> list[tuple[str, str]]:

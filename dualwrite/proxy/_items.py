@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
+from dualwrite.instruments import count_unmapped
 from dualwrite.keys import KeySpace
-from dualwrite.metrics import count_unmapped
 from dualwrite.models import StripeFailure
 from dualwrite.redis_client import as_str, store_errors
 from dualwrite.stripe_io import ItemDetails

@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from dualwrite.config import ProxySettings
+from dualwrite.exceptions import DualwriteError
+from dualwrite.models import stripe_error_body
 
 __all__ = ["LINGER_SECONDS", "LimitedHttpToolsProtocol", "limited_protocol"]
 
@@ -38,8 +40,9 @@ __all__ = ["LINGER_SECONDS", "LimitedHttpToolsProtocol", "limited_protocol"]
 LINGER_SECONDS = 2.0
 
 
-class _RefusedError(Exception):
-    """Raised inside a parser callback to stop parsing a request over a limit."""
+class _RefusedError(DualwriteError):
+    """Raised inside a parser callback to stop parsing a request over a limit (a private signal:
+    the parser turns it into ``send_400_response``, where the refusal is answered)."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -213,8 +216,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _reply(self, status: int, message: str, *, retry: bool = False) -> None:
         """Answer ``status`` with Stripe's error shape, then close the connection."""
         self._cancel_timers()
-        error = {"type": "api_error" if status >= 500 else "invalid_request_error"}
-        body = json.dumps({"error": {**error, "message": message}}).encode()
+        error_type = "api_error" if status >= 500 else "invalid_request_error"
+        body = json.dumps(stripe_error_body(error_type, message)).encode()
         head = [
             STATUS_LINE[status],
             b"content-type: application/json\r\n",

@@ -33,7 +33,7 @@ from dualwrite.exceptions import DualwriteError
 from dualwrite.logging import LogFormat, log_config
 from dualwrite.proxy._app import DEFAULT_MAX_BODY_BYTES, ProxyApp
 from dualwrite.proxy._protocol import limited_protocol
-from dualwrite.threaded import serve_in_thread
+from dualwrite.server_thread import serve_in_thread
 
 try:
     import resource

@@ -27,9 +27,9 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
+from dualwrite._http import read_body, stripe_error
 from dualwrite.config import StripeSettings
-from dualwrite.exceptions import DualwriteError
-from dualwrite.middleware import stripe_error
+from dualwrite.exceptions import ClientDisconnectedError, DualwriteError
 from dualwrite.models import StripeFailure
 from dualwrite.proxy._headers import (
     Headers,
@@ -240,10 +240,13 @@ class Upstream:
         data: bytes | AsyncIterator[bytes] | None = None
         if length is not None and length <= SMALL_BODY_BYTES:
             if length > 0:
-                read = await _read_body(receive)
-                if read is None:
+                try:
+                    data = await read_body(receive, max_body)
+                except ClientDisconnectedError:
                     return  # the caller left
-                data = read
+                if data is None:  # more than its Content-Length said
+                    await too_large(max_body)(scope, receive, send)
+                    return
         elif length is not None or is_chunked(scope):
             data = _stream_body(receive, max_body, state)
         try:
@@ -319,18 +322,6 @@ async def _relay(response: aiohttp.ClientResponse, send: Send) -> None:
         await send({"type": "http.response.body", "body": chunk, "more_body": not last})
         if last:
             return
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """A small body, whole (``None``: the caller disconnected first)."""
-    chunks: list[bytes] = []
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks) if len(chunks) > 1 else chunks[0]
 
 
 async def _stream_body(receive: Receive, limit: int, state: _Body) -> AsyncIterator[bytes]:

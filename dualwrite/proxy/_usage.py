@@ -27,27 +27,21 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_plus, urlencode
 
 from starlette.responses import JSONResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from dualwrite._http import failure_reply, read_body, usage_error
 from dualwrite.config import ItemMapping, UsageRoute
 from dualwrite.engine import DualWriteEngine
-from dualwrite.exceptions import (
-    ConflictError,
-    DualwriteError,
-    IdempotencyError,
-    UsageInputError,
-)
-from dualwrite.middleware import stripe_error
+from dualwrite.exceptions import ClientDisconnectedError, ConflictError, UsageInputError
 from dualwrite.models import Leg, RecordOutcome, StripeFailure, UsageEvent, WriteResult
 from dualwrite.proxy._items import ItemResolver, LookupFailed, Unmapped
 from dualwrite.proxy._upstream import Upstream, UpstreamReply, send_reply, too_large
-from dualwrite.redaction import redact
 from dualwrite.routes import RouteMatch, build_event
+from dualwrite.stripe_io import failure_from_reply
 
 __all__ = ["USAGE_PATH_RE", "UsageInterceptor", "caller_key", "record_id"]
 
@@ -68,10 +62,6 @@ _ROUTE = UsageRoute.model_validate(
         "action": "form:action",
     }
 )
-
-
-class _CallerGoneError(DualwriteError):
-    """The caller disconnected before its body was complete."""
 
 
 def caller_key(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -111,31 +101,15 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def failure_from_reply(reply: UpstreamReply) -> StripeFailure:
-    """Classify Stripe's error reply as ``stripe_io`` classifies the SDK's exceptions."""
+def _failure(reply: UpstreamReply) -> StripeFailure:
+    """Stripe's error reply (or the network's failure), classified as ``stripe_io`` classifies
+    the SDK's exceptions."""
     if reply.failure is not None:
         return reply.failure
-    raw = _json_object(reply.body).get("error")
-    error: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
-    should_retry = reply.header(b"stripe-should-retry")
-    status = reply.status
-    if should_retry in ("true", "false"):
-        retryable = should_retry == "true"
-    else:
-        retryable = status in (409, 429) or status >= 500
-    retry_after = None
-    with contextlib.suppress(TypeError, ValueError):
-        retry_after = max(0.0, float(reply.header(b"retry-after")))  # type: ignore[arg-type]
-    return StripeFailure(
-        http_status=status,
-        type=str(error.get("type") or "api_error"),
-        code=str(error["code"]) if error.get("code") else None,
-        message=redact(str(error.get("message") or f"HTTP {status} from Stripe")),
-        param=str(error["param"]) if error.get("param") else None,
-        retryable=retryable,
-        retry_after=retry_after,
-        request_id=reply.header(b"request-id"),
-    )
+    headers: dict[str, str] = {}
+    for name, value in reply.headers:  # the first value of each, as ``reply.header`` reads it
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return failure_from_reply(reply.status, headers, _json_object(reply.body))
 
 
 def legacy_result(reply: UpstreamReply, event: UsageEvent) -> WriteResult:
@@ -150,7 +124,7 @@ def legacy_result(reply: UpstreamReply, event: UsageEvent) -> WriteResult:
             response=body,
             value=event.quantity,
         )
-    failure = failure_from_reply(reply)
+    failure = _failure(reply)
     return WriteResult(
         leg=Leg.LEGACY, accepted=False, http_status=failure.http_status, failure=failure
     )
@@ -187,9 +161,9 @@ class UsageInterceptor:
         self, scope: Scope, receive: Receive, send: Send, *, item: str, raw_target: bytes
     ) -> None:
         try:
-            body = await _read_body(receive, self._max_body)
-        except _CallerGoneError:
-            return
+            body = await read_body(receive, self._max_body)
+        except ClientDisconnectedError:
+            return  # an incomplete body records nothing, and nobody is left to answer
         if body is None:
             await too_large(self._max_body)(scope, receive, send)
             return
@@ -207,7 +181,7 @@ class UsageInterceptor:
         if isinstance(resolution, LookupFailed):
             failure = resolution.failure
             if failure.retryable:
-                await _refusal(failure)(scope, receive, send)
+                await failure_reply(failure)(scope, receive, send)
                 return
             # Stripe may accept the usage record with this key: it reaches legacy only.
             reason = f"the item could not be read ({failure.type}: {failure.message})"
@@ -230,9 +204,7 @@ class UsageInterceptor:
                 items={item: mapping},
             )
         except UsageInputError as exc:
-            await stripe_error(400, exc.message, code=exc.code, param=exc.param)(
-                scope, receive, send
-            )
+            await usage_error(exc)(scope, receive, send)
             return
         await self._record(scope, receive, send, event, api_key, raw_target, body)
 
@@ -264,17 +236,8 @@ class UsageInterceptor:
             outcome = await self._engine.record(
                 event, api_key=api_key, legacy_write=legacy_write, legacy_expand=expand
             )
-        except IdempotencyError as exc:
-            response = stripe_error(400, exc.message, error_type="idempotency_error", code=exc.code)
-        except UsageInputError as exc:
-            response = stripe_error(400, exc.message, code=exc.code, param=exc.param)
-        except ConflictError as exc:
-            response = stripe_error(
-                409,
-                str(exc),
-                code="idempotency_key_in_use",
-                headers={"Stripe-Should-Retry": "true"},
-            )
+        except (UsageInputError, ConflictError) as exc:
+            response = usage_error(exc)
         else:
             if stripe_replies:
                 await send_reply(stripe_replies[-1], send)  # Stripe's own reply, as it came
@@ -304,7 +267,7 @@ class UsageInterceptor:
         """The reply when Stripe's own is not at hand: a meter-authoritative write, or a replay."""
         result = outcome.authoritative
         if not result.accepted and result.failure is not None:
-            return _refusal(result.failure)
+            return failure_reply(result.failure)
         headers = {
             "Request-Id": f"req_dw_{secrets.token_hex(7)}",
             "Stripe-Version": _header(request_headers, b"stripe-version") or self._version,
@@ -330,20 +293,6 @@ class UsageInterceptor:
             "timestamp": event.timestamp,
         }
         return JSONResponse(record, headers=headers)
-
-
-def _refusal(failure: StripeFailure) -> JSONResponse:
-    """Stripe's status and error for a write (or item read) Stripe refused."""
-    headers = {"Stripe-Should-Retry": "true" if failure.retryable else "false"}
-    if failure.request_id:
-        headers["Request-Id"] = failure.request_id
-    if failure.retry_after is not None:
-        headers["Retry-After"] = f"{failure.retry_after:g}"
-    if failure.http_status is None:  # the network failed on the way to Stripe
-        return stripe_error(
-            502, "The proxy could not reach Stripe.", error_type="api_error", headers=headers
-        )
-    return JSONResponse(failure.error_body(), status_code=failure.http_status, headers=headers)
 
 
 def _expand(body: bytes) -> tuple[str, ...]:
@@ -396,20 +345,3 @@ def _check_params(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             raise UsageInputError(
                 f"Received unknown parameter: {name}", param=name, code="parameter_unknown"
             )
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None once it exceeds ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _CallerGoneError
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)

@@ -15,9 +15,9 @@ from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger, LedgerRow
-from dualwrite.limits import RateLimitedError, WriteLimits
 from dualwrite.models import StripeFailure
 from dualwrite.periods import Period
+from dualwrite.rate_limits import RateLimitedError, WriteLimits
 from dualwrite.reconcile._matching import (
     BOUND_SLACK,
     assign_items,

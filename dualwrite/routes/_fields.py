@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 from pydantic import ValidationError
@@ -18,9 +18,7 @@ from pydantic import ValidationError
 from dualwrite.config import FieldSource, ItemMapping, UsageRoute
 from dualwrite.exceptions import UsageInputError
 from dualwrite.models import MAX_METER_VALUE, Action, IdentifierSource, UsageEvent, mint_identifier
-
-if TYPE_CHECKING:
-    from dualwrite.routes._table import RouteMatch
+from dualwrite.routes._match import RouteMatch
 
 __all__ = [
     "EVENT_FIELDS",

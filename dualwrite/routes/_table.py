@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,18 +22,11 @@ from dualwrite.config import FieldSource, UsageRoute
 from dualwrite.exceptions import ConfigError, UsageInputError
 from dualwrite.models import UsageEvent
 from dualwrite.routes._fields import EVENT_FIELDS, FIELD_PARSERS, pydantic_message
+from dualwrite.routes._match import RouteMatch
 
 __all__ = ["RouteMatch", "RouteTable"]
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
-    """A request that matched a usage route, with its path parameters as raw (unconverted) text."""
-
-    route: UsageRoute
-    path_params: dict[str, str]
 
 
 _Entry = tuple[str, re.Pattern[str], UsageRoute]

@@ -1,7 +1,8 @@
 """The two writers, on the official ``stripe`` SDK: legacy usage records and meter events.
 
-This is the only package that imports ``stripe``. Stripe's exceptions are turned into
-``StripeFailure`` values here, once, classified as retryable or permanent:
+This is the only package that imports ``stripe``. Stripe's exceptions (and the replies the proxy
+forwards, ``failure_from_reply``) are turned into ``StripeFailure`` values here, once, classified
+as retryable or permanent (``retryable``):
 
 * retryable: network errors and timeouts, 409 (lock or idempotency conflicts), 429, 5xx, and anything
   carrying ``Stripe-Should-Retry: true``;
@@ -33,7 +34,7 @@ from dualwrite.stripe_io._events import (
     MeterErrorSample,
     fetch_error_report,
 )
-from dualwrite.stripe_io._failures import failure_from_exception
+from dualwrite.stripe_io._failures import failure_from_exception, failure_from_reply, retryable
 from dualwrite.stripe_io._invoices import InvoicePreview, PreviewLine, preview_from, swap_params
 from dualwrite.stripe_io._reads import (
     MeterInfo,
@@ -69,8 +70,10 @@ __all__ = [
     "SubscriptionItemInfo",
     "UsageSummary",
     "failure_from_exception",
+    "failure_from_reply",
     "fetch_error_report",
     "preview_from",
+    "retryable",
     "swap_params",
 ]
 

@@ -14,23 +14,13 @@ from typing import Any, ClassVar, Self, cast
 import stripe
 
 from dualwrite.config import StripeSettings
-from dualwrite.exceptions import DualwriteError
-from dualwrite.models import StripeFailure
+from dualwrite.exceptions import StripeCallError
 from dualwrite.stripe_io._failures import failure_from_exception
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
 
 __all__ = ["AccountStripe", "StripeCallError"]
 
 _PAGE = 100
-
-
-class StripeCallError(DualwriteError):
-    """A command's Stripe call failed: Stripe refused it or was unreachable (``failure`` says
-    how), or its answer cannot be used (``failure`` is None)."""
-
-    def __init__(self, message: str, *, failure: StripeFailure | None = None):
-        super().__init__(message)
-        self.failure = failure
 
 
 class AccountStripe:

@@ -8,7 +8,7 @@ from typing import Any
 import stripe
 from pydantic import BaseModel, ConfigDict
 
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import EventFetchError, EventSignatureError
 from dualwrite.redaction import redact
 
 __all__ = [
@@ -22,14 +22,6 @@ __all__ = [
 
 #: The thin event Stripe sends when meter events it had accepted fail validation.
 ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
-
-
-class EventSignatureError(DualwriteError):
-    """A pushed event's Stripe-Signature does not verify with the configured secret."""
-
-
-class EventFetchError(DualwriteError):
-    """The full event could not be read from Stripe (answer 5xx: Stripe delivers it again)."""
 
 
 class MeterErrorSample(BaseModel):

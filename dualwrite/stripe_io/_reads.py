@@ -26,8 +26,7 @@ from typing import Any
 import stripe
 
 from dualwrite.config import StripeSettings
-from dualwrite.exceptions import DualwriteError, PriceError
-from dualwrite.models import StripeFailure
+from dualwrite.exceptions import PriceError, StripeReadError
 from dualwrite.pricing import Price
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
@@ -46,14 +45,6 @@ ReadThrottle = Callable[[], Awaitable[None]]
 """Waits for one unit of the shared read rate (``WriteLimits.take("reads", ...)``)."""
 
 _PAGE_SIZE = 100
-
-
-class StripeReadError(DualwriteError):
-    """Stripe refused a read (or the network failed); ``failure`` says how."""
-
-    def __init__(self, message: str, *, failure: StripeFailure):
-        super().__init__(message)
-        self.failure = failure
 
 
 @dataclass(frozen=True, slots=True)

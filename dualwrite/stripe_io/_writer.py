@@ -14,8 +14,8 @@ import stripe
 
 from dualwrite.config import MeterMapping, StripeSettings
 from dualwrite.exceptions import StoreUnavailableError
-from dualwrite.limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.models import EventPlan, Leg, StripeFailure, UsageEvent, WriteResult
+from dualwrite.rate_limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.stripe_io._clock import StripeClock
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception, refused
 from dualwrite.stripe_io._http import PooledAIOHTTPClient

@@ -22,7 +22,7 @@ from typing import Literal
 
 import redis
 
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import RedisServerError
 
 __all__ = ["AppendFsync", "RedisServerError", "RedisServerProcess", "redis_binary"]
 
@@ -31,10 +31,6 @@ AppendFsync = Literal["always", "everysec"]
 
 POLL_SECONDS = 0.025
 """How often ``start`` pings the new server."""
-
-
-class RedisServerError(DualwriteError):
-    """A private redis-server could not be found, started or stopped."""
 
 
 def redis_binary(name: str = "redis-server") -> str:

@@ -11,6 +11,8 @@ The scheme:
   after 12 hours. Changing the token invalidates every cookie.
 * No token configured, or one shorter than 16 characters: every request is refused (403), never an
   open page. A missing or wrong credential: 401 with ``WWW-Authenticate: Bearer`` and no data.
+  These token rules are ``dualwrite._bearer``'s, shared with the admin API's and ``/metrics``'s
+  ``BearerGate``.
 
 Every response, refusals included, carries ``Cache-Control: no-store`` and a content security policy
 that allows no script at all.
@@ -26,17 +28,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dualwrite._bearer import MIN_TOKEN_LENGTH, bearer_matches, challenge, token_problem
 from dualwrite.web._render import page
 
 __all__ = ["COOKIE_MAX_AGE", "COOKIE_NAME", "LOGIN_PATH", "MIN_TOKEN_LENGTH", "TokenGate"]
 
 COOKIE_NAME = "dualwrite_report"
 COOKIE_MAX_AGE = 12 * 3600
-MIN_TOKEN_LENGTH = 16
 LOGIN_PATH = "/login"
 _MAX_FORM_BYTES = 4096
 _COOKIE_LABEL = b"dualwrite report cookie v1"
-_REALM = 'Bearer realm="dualwrite report"'
+_REALM = "dualwrite report"
 _SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
     (
@@ -48,10 +50,6 @@ _SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
-_TOKEN_HINT = (
-    f"a random value of at least {MIN_TOKEN_LENGTH} characters, e.g. "
-    "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-)
 
 
 class TokenGate:
@@ -64,11 +62,7 @@ class TokenGate:
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         self.app = app
-        self._problem: str | None = None
-        if token is None:
-            self._problem = f"DUALWRITE_REPORT_TOKEN is not set. Set it to {_TOKEN_HINT}."
-        elif len(token) < MIN_TOKEN_LENGTH:
-            self._problem = f"DUALWRITE_REPORT_TOKEN is too short. Set it to {_TOKEN_HINT}."
+        self._problem = token_problem(token, variable="DUALWRITE_REPORT_TOKEN", what="")
         self._token = (token or "").encode()
         self._cookie = hmac.new(self._token, _COOKIE_LABEL, hashlib.sha256).hexdigest()
 
@@ -101,8 +95,7 @@ class TokenGate:
             )
         header = request.headers.get("authorization")
         if header is not None:
-            scheme, _, credential = header.partition(" ")
-            if scheme.lower() == "bearer" and self._valid(credential.strip().encode("latin-1")):
+            if bearer_matches(header.encode("latin-1"), self._token):
                 return None
             return self._unauthorized(request, invalid=True)
         route = _route(request.scope)
@@ -152,12 +145,11 @@ class TokenGate:
         self, request: Request, *, invalid: bool, target: str | None = None
     ) -> Response:
         root = request.scope.get("root_path", "")
-        challenge = f'{_REALM}, error="invalid_token"' if invalid else _REALM
         return page(
             "login.html",
             root=root,
             status=401,
-            headers={"WWW-Authenticate": challenge},
+            headers={"WWW-Authenticate": challenge(_REALM, invalid=invalid)},
             invalid=invalid,
             target=target or _without_token(request),
         )

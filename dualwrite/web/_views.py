@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 from urllib.parse import urlencode
 
+from dualwrite.exceptions import BadQueryError
 from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage
 from dualwrite.report import CustomerReport, LegTotals, Report, attention_rank, legacy_held
@@ -35,10 +36,6 @@ _SORTS: tuple[SortOrder, ...] = get_args(SortOrder)
 _DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _COUNT_RE = re.compile(r"^[0-9]{1,9}$")
 _TRUE = {"1", "on", "true", "yes"}
-
-
-class BadQueryError(ValueError):
-    """A query parameter has a value the page cannot use (the message says which and why)."""
 
 
 def parse_count(text: str, *, name: str, low: int, high: int) -> int:

@@ -1,5 +1,13 @@
-"""The metric definitions, dualwrite's registry, and the hooks the engine, the outbox worker, the
-rate limits and the stage resolver call (see ``dualwrite.metrics``)."""
+"""The counters: dualwrite's metric registry, the metric definitions, and the hooks the low layers
+call (the engine, the outbox worker, the rate limits, the stage resolver, the durability checks,
+the guard, the proxy).
+
+A leaf, as stamina's instrumentation hooks are: it imports nothing of dualwrite's but its models,
+so any layer can count without importing what sits above it. What a hook is handed is typed by a
+small ``Protocol`` (``ShadowWrite``, ``CacheStatsSource``), not by the class that hands it. The
+``/metrics`` endpoint that reads ``REGISTRY`` is ``dualwrite.metrics``, above the engine; what each
+metric means is listed there.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import weakref
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from itertools import product
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -25,12 +33,11 @@ from prometheus_client.registry import Collector
 
 from dualwrite.models import Leg, Stage, WriteResult
 
-if TYPE_CHECKING:
-    from dualwrite.flags import StageResolver
-    from dualwrite.outbox import OutboxEntry
-
 __all__ = [
     "REGISTRY",
+    "CacheStats",
+    "CacheStatsSource",
+    "ShadowWrite",
     "count_authoritative",
     "count_dead",
     "count_guard_rollback",
@@ -47,7 +54,7 @@ __all__ = [
 ]
 
 
-#: dualwrite's registry (see the module docstring for why not the global one).
+#: dualwrite's registry (``dualwrite.metrics`` says why not the global one).
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _RESULTS = ("accepted", "refused", "failed")
@@ -193,6 +200,50 @@ for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
     REGISTRY.register(_collector)
 
 
+class ShadowWrite(Protocol):
+    """What ``count_shadow`` reads of a shadow write (an outbox entry)."""
+
+    @property
+    def leg(self) -> Leg:
+        """The leg written."""
+
+    @property
+    def stage(self) -> Stage:
+        """The customer's stage when the event was planned."""
+
+    @property
+    def enqueued_at(self) -> float:
+        """When the write was enqueued (epoch seconds)."""
+
+
+class CacheStats(Protocol):
+    """A stage cache's counters, as ``track_resolver`` reads them."""
+
+    @property
+    def hits(self) -> int:
+        """Resolutions answered from the local cache."""
+
+    @property
+    def misses(self) -> int:
+        """Lookups that went to Redis."""
+
+    @property
+    def safe_fallbacks(self) -> int:
+        """Resolutions answered with the safe stage."""
+
+    @property
+    def invalidations(self) -> int:
+        """Cache invalidations."""
+
+
+class CacheStatsSource(Protocol):
+    """Something with stage cache counters (a ``StageResolver``)."""
+
+    @property
+    def stats(self) -> CacheStats:
+        """The counters now."""
+
+
 def _result(result: WriteResult) -> str:
     if result.accepted:
         return "accepted"
@@ -209,7 +260,7 @@ def count_authoritative(result: WriteResult, stage: Stage, started: float) -> No
     _WRITE_SECONDS[result.leg].observe(time.perf_counter() - started)
 
 
-def count_shadow(entry: OutboxEntry, result: WriteResult, now: float) -> None:
+def count_shadow(entry: ShadowWrite, result: WriteResult, now: float) -> None:
     """Count a shadow write's answer, and its lag from enqueue (``now``: the worker's clock)."""
     _WRITES[entry.leg, entry.stage, "shadow", _result(result)].inc()
     if result.accepted:
@@ -287,10 +338,10 @@ def count_unmapped() -> None:
 
 # -- resolvers (read at scrape time) -------------------------------------------------------------
 
-_resolvers: weakref.WeakSet[StageResolver] = weakref.WeakSet()
+_resolvers: weakref.WeakSet[CacheStatsSource] = weakref.WeakSet()
 
 
-def track_resolver(resolver: StageResolver) -> None:
+def track_resolver(resolver: CacheStatsSource) -> None:
     """Report ``resolver``'s cache counters while it lives (its ``stats``, read at scrape time)."""
     _resolvers.add(resolver)
 

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from dualwrite import metrics
-from dualwrite._http import read_body
+from dualwrite import instruments
+from dualwrite._http import read_body, stripe_error
 from dualwrite.config import Settings
-from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.exceptions import ClientDisconnectedError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields
 from dualwrite.models import Stage, UsageEvent
@@ -43,7 +43,7 @@ from dualwrite.stripe_io import (
 
 __all__ = ["MAX_EVENT_BYTES", "LateRefusalResult", "LateRefusals", "TrackedMeterEvent"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dualwrite.late")  # the name it logged under before the module was renamed
 
 #: The largest pushed event read: Stripe's thin events are a few hundred bytes (the full event is
 #: fetched from Stripe), so anything much larger is refused before it is read.
@@ -114,7 +114,7 @@ class LateRefusals:
         self._settings = settings
         self._clock = clock
         self._mark = redis.register_script(_MARK)
-        secret = settings.webhook_secret()
+        secret = settings.stripe_webhook_secret_value()
         self.enabled = secret is not None and settings.webhooks.track_seconds > 0
 
     async def remember(
@@ -141,7 +141,10 @@ class LateRefusals:
             EventFetchError: the full event could not be fetched.
             StoreUnavailableError: Redis could not be reached.
         """
-        secret, api_key = self._settings.webhook_secret(), self._settings.api_key()
+        secret, api_key = (
+            self._settings.stripe_webhook_secret_value(),
+            self._settings.stripe_api_key_value(),
+        )
         if secret is None or api_key is None:
             msg = "set STRIPE_WEBHOOK_SECRET and STRIPE_API_KEY to receive Stripe's error reports"
             raise EventSignatureError(msg)
@@ -202,7 +205,7 @@ class LateRefusals:
             done = as_int(await self._mark(keys=keys, args=args))
         if done != 1:
             return "repeated"
-        metrics.count_late_refusal()
+        instruments.count_late_refusal()
         return "marked"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -212,22 +215,25 @@ class LateRefusals:
         request = Request(scope, receive)
         response: Response
         if request.method != "POST":
-            response = JSONResponse({"error": {"message": "POST Stripe events here."}}, 405)
-        elif (body := await read_body(receive, MAX_EVENT_BYTES)) is None:
-            message = f"A Stripe event is at most {MAX_EVENT_BYTES} bytes."
-            error = {"type": "invalid_request_error", "message": message}
-            response = JSONResponse({"error": error}, 413)
+            response = stripe_error(405, "POST Stripe events here.")
         else:
             try:
-                result = await self.handle(body, request.headers.get("stripe-signature"))
-                response = JSONResponse(result.model_dump())
-            except EventSignatureError as exc:
-                response = JSONResponse(
-                    {"error": {"type": "invalid_request_error", "message": str(exc)}}, 400
-                )
-            except (EventFetchError, StoreUnavailableError) as exc:
-                log.warning("could not process a Stripe event: %s", type(exc).__name__)
-                response = JSONResponse(
-                    {"error": {"type": "api_error", "message": "try again later"}}, 502
-                )
+                body = await read_body(receive, MAX_EVENT_BYTES)
+            except ClientDisconnectedError:
+                return  # an incomplete event is no event, and nobody is left to answer
+            if body is None:
+                response = stripe_error(413, f"A Stripe event is at most {MAX_EVENT_BYTES} bytes.")
+            else:
+                response = await self._receive(body, request)
         await response(scope, receive, send)
+
+    async def _receive(self, body: bytes, request: Request) -> Response:
+        """The reply to a complete event: what was done with it, or why it was not taken."""
+        try:
+            result = await self.handle(body, request.headers.get("stripe-signature"))
+        except EventSignatureError as exc:
+            return stripe_error(400, str(exc))
+        except (EventFetchError, StoreUnavailableError) as exc:
+            log.warning("could not process a Stripe event: %s", type(exc).__name__)
+            return stripe_error(502, "try again later", error_type="api_error")
+        return JSONResponse(result.model_dump())

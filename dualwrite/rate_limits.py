@@ -35,15 +35,17 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
-from dualwrite import metrics
+from dualwrite import instruments
 from dualwrite.config import LimitSettings
-from dualwrite.exceptions import DualwriteError, StoreUnavailableError
+from dualwrite.exceptions import RateLimitedError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.redis_client import as_int, store_errors
 
 __all__ = ["LimitPath", "LimitStats", "MeterTurn", "RateLimitedError", "WriteLimits"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(
+    "dualwrite.limits"
+)  # the name it logged under before the module was renamed
 
 LimitPath = Literal["legacy", "meter", "stream", "reads"]
 """The Stripe paths with their own limits: usage records, v1 meter events, v2 stream events, and
@@ -74,14 +76,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class RateLimitedError(DualwriteError):
-    """A write did not get its turn within the allowed wait; retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, *, retry_after: float):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(slots=True)
@@ -155,7 +149,7 @@ class WriteLimits:
 
     async def _count(self, what: str, *, waited: float = 0.0, held_back: bool = False) -> None:
         """Count a wait (or a write held back) here and in Redis, where the report reads it."""
-        metrics.count_rate_limit(what, waited, held_back)
+        instruments.count_rate_limit(what, waited, held_back)
         if held_back:
             self.stats.refused += 1
         else:
