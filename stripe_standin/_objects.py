@@ -14,7 +14,7 @@ from typing import Any
 from stripe_standin._clock import format_iso
 from stripe_standin._errors import no_such
 from stripe_standin._pricing import PriceTier
-from stripe_standin._schedules import render_schedule
+from stripe_standin._schedules import BILLING_MODE_SINCE, render_schedule
 from stripe_standin._state import (
     Customer,
     Invoice,
@@ -251,7 +251,7 @@ def render_subscription(sub: Subscription, store: Store, now: int, version: str)
     test clock's time if it has one)."""
     start, end = sub.period(store.time_of(sub, now))
     items = [render_item(store.items[item_id], store, now, version) for item_id in sub.items]
-    return {
+    rendered: dict[str, Any] = {
         "id": sub.id,
         "object": "subscription",
         "application": None,
@@ -286,6 +286,10 @@ def render_subscription(sub: Subscription, store: Store, now: int, version: str)
         "trial_end": None,
         "trial_start": None,
     }
+    if version[:7] >= BILLING_MODE_SINCE:  # as a schedule's (``_schedules.BILLING_MODE_SINCE``)
+        rendered["billing_mode"] = {"flexible": None, "type": "classic", "updated_at": None}
+        rendered["billing_schedules"] = []
+    return rendered
 
 
 def _render_line(line: InvoiceLine, invoice: Invoice, store: Store, version: str) -> dict[str, Any]:

@@ -291,8 +291,9 @@ def apply_due_phases(store: Store, real_now: int) -> None:
                 sub.schedule = None
 
 
-_BILLING_MODE_SINCE = "2025-04"
-"""Versions from here on show a schedule's ``billing_mode`` and ``pause_schedules``: stripe-python
+BILLING_MODE_SINCE = "2025-04"
+"""Versions from here on show a schedule's ``billing_mode`` and ``pause_schedules`` (and a
+subscription its ``billing_mode`` and ``billing_schedules``): stripe-python
 16.1 (2026-10-28.endive) requires them, 12.0 (2025-03-31.basil) has neither; the exact version
 between the two that added them is not known here."""
 
@@ -368,7 +369,7 @@ def render_schedule(schedule: Schedule, now: int, version: str = "") -> dict[str
         "subscription": schedule.subscription if schedule.status == "active" else None,
         "test_clock": schedule.test_clock,
     }
-    if version[:7] >= _BILLING_MODE_SINCE:
+    if version[:7] >= BILLING_MODE_SINCE:
         rendered["billing_mode"] = {"flexible": None, "type": "classic", "updated_at": None}
         rendered["pause_schedules"] = []
     return rendered
