@@ -57,6 +57,7 @@ from dualwrite.recovery import recover_due
 from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import ItemDetails, StripeWriter
+from dualwrite.test_clocks import stripe_test_clocks
 
 __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
@@ -137,7 +138,9 @@ class DualWriteEngine:
         """Open Redis, the stage resolver and the Stripe writer described by ``settings``."""
         redis = open_redis(settings.redis)
         keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-        resolver = StageResolver(redis, keys, settings.flags, clock=clock)
+        resolver = StageResolver(
+            redis, keys, settings.flags, clock=clock, test_clocks=stripe_test_clocks(settings)
+        )
         writer = StripeWriter(
             settings.stripe,
             api_key=settings.api_key(),

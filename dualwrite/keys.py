@@ -11,6 +11,7 @@ key                                     type               what
 ``P:{flags}:schedule``                  hash               customer → JSON list of ``[at, stage]``
 ``P:{flags}:audit``                     stream (capped)    every flag change: who, when, old, new, reason
 ``P:{flags}:guard``                     hash               customer → JSON: what the guard last rolled back
+``P:{flags}:billing``                   hash               customer → JSON: test clock, price move instant
 ``P:{flags}:guard-lease``               string (TTL)       the one worker running this interval's guard pass
 ``P:flags:changed``                     pub/sub channel    customer id or ``*`` after every change
 ``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
@@ -244,6 +245,12 @@ class KeySpace:
     def flags_schedule(self) -> str:
         """Per-customer scheduled stages."""
         return f"{self.prefix}:{{flags}}:schedule"
+
+    @property
+    def flags_billing(self) -> str:
+        """Per customer: the Stripe test clock its subscription lives on, and when its item moves
+        (moved) to the meter-backed price (``dualwrite.flags``)."""
+        return f"{self.prefix}:{{flags}}:billing"
 
     @property
     def flags_audit(self) -> str:

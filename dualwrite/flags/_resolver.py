@@ -26,12 +26,13 @@ from dualwrite import metrics
 from dualwrite.config import FlagSettings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.flags._codec import Throttle
-from dualwrite.flags._models import Resolution
+from dualwrite.flags._models import CustomerBilling, Resolution
 from dualwrite.flags._resolution import resolve_snapshot, stage_only
 from dualwrite.flags._store import GLOBAL, RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.redis_client import as_str, open_pubsub
+from dualwrite.test_clocks import FrozenTimes, customer_now
 
 __all__ = ["ResolverStats", "StageResolver"]
 
@@ -74,7 +75,10 @@ class StageResolver:
         redis: a client with ``decode_responses=True`` (``dualwrite.redis_client.open_redis``).
         keys: the key layout.
         settings: safe stage, cache TTL and rollout salt.
-        clock: Unix time; schedules and cache expiry follow it.
+        clock: Unix time; schedules and cache expiry follow it (a customer living on a Stripe
+            test clock: its schedule follows the clock's frozen time, read by ``test_clocks``).
+        test_clocks: tells test clocks' frozen times (``dualwrite.test_clocks``); without it a
+            customer on a test clock is judged by ``clock``.
         lookup_timeout: seconds a miss may wait for Redis before answering the safe stage.
         max_entries: cache size; beyond it expired entries, then the oldest, are dropped.
     """
@@ -88,6 +92,7 @@ class StageResolver:
         clock: Callable[[], float] = time.time,
         lookup_timeout: float = 1.0,
         max_entries: int = 100_000,
+        test_clocks: FrozenTimes | None = None,
     ) -> None:
         if lookup_timeout <= 0 or max_entries < 1:
             msg = (
@@ -100,6 +105,7 @@ class StageResolver:
         self._store = RedisFlagStore(redis, keys, clock=clock)
         self._settings = settings
         self._clock = clock
+        self._test_clocks = test_clocks
         self._ttl = settings.cache_ttl
         self._salt = settings.rollout_salt
         self._lookup_timeout = lookup_timeout
@@ -127,6 +133,11 @@ class StageResolver:
     def stats(self) -> ResolverStats:
         """The counters so far: hits, misses, safe_fallbacks, invalidations."""
         return ResolverStats(self._hits, self._misses, self._safe_fallbacks, self._invalidations)
+
+    @property
+    def test_clocks(self) -> FrozenTimes | None:
+        """What tells the Stripe test clocks' frozen times, if anything does."""
+        return self._test_clocks
 
     @property
     def subscribed(self) -> bool:
@@ -159,22 +170,26 @@ class StageResolver:
             rollout = await self._store.get_rollout()
             overrides = await self._store.overrides()
             schedules = await self._store.schedules()
+            billings = await self._store.billings()
         except StoreUnavailableError:
             return dict.fromkeys(wanted, self._settings.safe_stage)
         now, salt = self._clock(), self._salt
-        return {
-            customer: stage_only(
+        none = CustomerBilling()
+        stages: dict[str, Stage] = {}
+        for customer in wanted:
+            billing = billings.get(customer, none)
+            stages[customer] = stage_only(
                 customer,
                 kill=kill,
                 override=overrides.get(customer),
                 schedule=schedules.get(customer, ()),
                 rollout=rollout,
                 default=default,
-                now=now,
+                now=await customer_now(billing.test_clock, self._test_clocks, now),
                 salt=salt,
+                price_move_at=billing.price_move_at,
             )
-            for customer in wanted
-        }
+        return stages
 
     def invalidate(self, customer: str | None = None) -> None:
         """Drop ``customer``'s cached resolution, or every one when ``None``."""
@@ -199,11 +214,19 @@ class StageResolver:
         except Exception as exc:  # a bug must not fail a usage request: log it, answer safe
             return self._fall_back(exc, unexpected=True)
         now = self._clock()
-        resolution = resolve_snapshot(customer, snapshot, now=now, salt=self._salt)
+        clock = snapshot.billing.test_clock
+        try:
+            own = await customer_now(clock, self._test_clocks, now)
+        except Exception as exc:  # a bug must not fail a usage request: log it, answer safe
+            return self._fall_back(exc, unexpected=True)
+        resolution = resolve_snapshot(customer, snapshot, now=own, salt=self._salt)
         if self._ttl > 0 and epoch == self._epoch:
             expires_at = now + self._ttl
-            if resolution.valid_until is not None and resolution.valid_until < expires_at:
-                expires_at = resolution.valid_until
+            if resolution.valid_until is not None and clock is None:
+                expires_at = min(expires_at, resolution.valid_until)
+            elif resolution.valid_until is not None and resolution.valid_until <= own + self._ttl:
+                # On a test clock the entry falls due when someone advances it: not cached.
+                expires_at = now
             self._store_entry(customer, (expires_at, resolution.stage, resolution))
         return resolution
 
