@@ -17,6 +17,7 @@ key                                     type               what
 ``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
 ``P:{sN}:retry``                        sorted set         outbox entries waiting out a backoff (score = due)
 ``P:{sN}:dead``                         stream (capped)    entries refused for good or too old
+``P:{sN}:retired``                      stream (capped)    legacy writes refused as the item left the system
 ``P:{sN}:divergence``                   stream (capped)    events whose legs disagree
 ``P:{sN}:ledger:<period>:<cus>:<ev>``   hash               per customer, event name and period: counters
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
@@ -102,6 +103,12 @@ class ShardKeys:
     def dead(self) -> str:
         """The dead-letter stream."""
         return f"{self.tag}:dead"
+
+    @property
+    def retired(self) -> str:
+        """The retired writes' stream: dead letters that are not failures, kept apart so that
+        the dead stream's length counts failures only."""
+        return f"{self.tag}:retired"
 
     @property
     def divergence(self) -> str:

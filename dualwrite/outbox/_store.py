@@ -28,17 +28,20 @@ from dualwrite.redis_client import (
 )
 from dualwrite.rollups import ROLLUP_LUA
 
-__all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "Outbox", "OutboxDepth", "OutboxEntry"]
+__all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "RETIRED", "Outbox", "OutboxDepth", "OutboxEntry"]
 
 log = logging.getLogger(__name__)
 
 OUTBOX_GROUP = "dualwrite-workers"
 DEAD_MAXLEN = 1_000_000
+#: The reason of a retired write's dead letter (a legacy write Stripe refused because the item moved
+#: to its meter-backed price): not a failure, so it goes to the shard's retired stream.
+RETIRED = "retired"
 
 _T = TypeVar("_T")
 
-# KEYS: outbox, ledger hash, ledger index, divergence, dead letters, rollup, rollup index,
-#       [meter turn]
+# KEYS: outbox, ledger hash, ledger index, divergence, dead letters (the retired stream for a retired
+#       write), rollup, rollup index, [meter turn]
 # ARGV: group, entry id, index member, index score, divergence maxlen, dead maxlen, turn token ('':
 #       no turn to release), then three lists, each a count followed by name/value pairs:
 #       increments, divergence, dead letter
@@ -130,6 +133,8 @@ class OutboxDepth(BaseModel):
     scheduled: int
     """Entries waiting out a retry backoff."""
     dead: int
+    """Dead letters: writes refused for good or expired. Retired writes are not failures and are
+    not counted (they live in their own stream)."""
 
     @property
     def outstanding(self) -> int:
@@ -376,7 +381,7 @@ class Outbox:
             update.key,
             shard.ledger_index,
             shard.divergence,
-            shard.dead,
+            shard.retired if dead is not None and dead.get("reason") == RETIRED else shard.dead,
             *update.rollup_keys,
         ]
         if turn is not None:

@@ -26,7 +26,7 @@ from dualwrite.ledger import (
 )
 from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
-from dualwrite.outbox._store import Outbox, OutboxEntry
+from dualwrite.outbox._store import RETIRED, Outbox, OutboxEntry
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
 
 __all__ = ["Disposition", "MeterAccepted", "OutboxWorker", "WorkerState"]
@@ -487,7 +487,7 @@ class OutboxWorker:
             )
         dead = {
             "entry": entry.payload(),
-            "reason": "expired" if expired else ("retired" if retired else "refused"),
+            "reason": "expired" if expired else (RETIRED if retired else "refused"),
             "code": code,
             "error": describe_failure(failure) or "",
             "at": f"{self._clock():.3f}",
