@@ -234,7 +234,8 @@ class DualWriteEngine:
         """The instant a usage ``timestamp`` of ``now`` (or none) is fixed to at intercept:
         Stripe's clock as its replies tell it, never later than Stripe's own now
         (``StripeClock``); this host's clock until Stripe has answered once (``record`` then
-        looks at Stripe's clock first and fixes the instant again)."""
+        looks at Stripe's clock first and fixes the instant again). For a customer on a Stripe
+        test clock ``record`` fixes it to the clock's frozen time instead."""
         return self.writer.clock.now()
 
     async def record(
@@ -267,10 +268,9 @@ class DualWriteEngine:
             ConflictError: the identifier is being recorded by another request right now (or, for
                 a ``set``, another set at its item and timestamp is).
         """
-        if event.timestamp_source == "intercept" and not self.writer.clock.known:
-            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
-            event = event.model_copy(update={"timestamp": await self.writer.stripe_now()})
         stage = await self.resolver.resolve(event.customer)
+        if event.timestamp_source == "intercept":
+            event = await self._fix_now(event)
         plan = EventPlan.at(stage)
         if legacy_write is not None and plan.authoritative is Leg.LEGACY:
             caller_key = event.identifier_source == "idempotency_key"
@@ -314,6 +314,22 @@ class DualWriteEngine:
         return await self.driver.drive(
             shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write
         )
+
+    async def _fix_now(self, event: UsageEvent) -> UsageEvent:
+        """The event with its minted "now" fixed to the customer's time as Stripe sees it."""
+        clocked = (
+            await self.resolver.test_clock_now(event.customer)
+            if isinstance(self.resolver, StageResolver)
+            else None
+        )
+        if clocked is not None:
+            # A customer on a Stripe test clock: Stripe judges its usage by the clock's frozen
+            # time (a usage record outside the clock's current period is refused).
+            return event.model_copy(update={"timestamp": int(clocked)})
+        if not self.writer.clock.known:
+            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
+            return event.model_copy(update={"timestamp": await self.writer.stripe_now()})
+        return event
 
     async def redrive(self, shard: ShardKeys, claim: Claim) -> RecordOutcome | None:
         """Finish an event whose claim recovery took over (``dualwrite.recovery``): replay its

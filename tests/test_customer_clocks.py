@@ -6,12 +6,16 @@ subscriptions on them, and apply their schedules' phases, by the clock's frozen 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
+from typer.testing import CliRunner
 
+from dualwrite.cli import app
 from dualwrite.config import Settings
 from dualwrite.cutover import CutoverInputError, CutoverOps
 from dualwrite.cutover._flagops import schedule_stage
@@ -22,7 +26,15 @@ from dualwrite.models import Stage
 from dualwrite.test_clocks import StripeTestClocks
 from dualwrite.testing import StripeStandin
 from tests.conftest import SettingsFactory
-from tests.support import LEGACY_VERSION, Scenario, ScenarioBuilder, set_stage, usage
+from tests.support import (
+    EVENT_NAME,
+    LEGACY_VERSION,
+    Scenario,
+    ScenarioBuilder,
+    cli_environment,
+    set_stage,
+    usage,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -153,6 +165,82 @@ class TestTestClocks:
         assert (await ops.store.billing_of(scenario.customer)).test_clock is None
         assert (await ops.stage_of(scenario.customer))[0] is Stage.SHADOW
         assert ops.test_clocks.reads == 0
+
+
+class TestMintedNow:
+    """Usage sent without a timestamp ("now") for a customer on a test clock is fixed to the
+    clock's frozen time, which Stripe judges it by; ``flags get`` resolves by the clock too."""
+
+    async def test_now_is_the_clocks_frozen_time(
+        self,
+        ops: CutoverOps,
+        builder: ScenarioBuilder,
+        engine: DualWriteEngine,
+        standin: StripeStandin,
+    ) -> None:
+        """A clock 60 days behind: usage at "now" is written at the clock's time and accepted on
+        both legs (the process clock's now is past the clock's period: Stripe refuses it), with
+        one clock read for three requests."""
+        frozen = standin.clock.now() - 60 * DAY
+        scenario, _ = await clock_customer(builder, frozen)
+        await scheduled(ops, scenario)  # records the clock; the customer stays at shadow
+        resolver = engine.resolver
+        assert isinstance(resolver, StageResolver)
+        assert isinstance(resolver.test_clocks, StripeTestClocks)
+        for quantity in (2, 3, 4):
+            minted = usage(scenario, quantity).model_copy(
+                update={"timestamp": engine.now(), "timestamp_source": "intercept"}
+            )
+            outcome = await engine.record(minted)
+            assert outcome.accepted, (outcome.event, outcome.authoritative.failure)
+            assert outcome.event.timestamp == frozen and outcome.stage is Stage.SHADOW
+        assert resolver.test_clocks.reads == 1
+        with anyio.fail_after(20):
+            await engine.new_worker().drain()
+        assert standin.legacy_total(scenario.item) == 9
+        assert standin.meter_total(scenario.customer, EVENT_NAME) == 9
+
+    async def test_a_given_timestamp_is_kept(
+        self,
+        ops: CutoverOps,
+        builder: ScenarioBuilder,
+        engine: DualWriteEngine,
+        standin: StripeStandin,
+    ) -> None:
+        """A timestamp the caller gave is the caller's: never moved to the clock's time."""
+        frozen = standin.clock.now() - 60 * DAY
+        scenario, clock = await clock_customer(builder, frozen)
+        await scheduled(ops, scenario)
+        await advance(builder, clock, frozen + 3_600)
+        outcome = await engine.record(usage(scenario, 2, timestamp=frozen + 60))
+        assert outcome.accepted and outcome.event.timestamp == frozen + 60
+
+    async def test_flags_get_resolves_by_the_clock(
+        self,
+        ops: CutoverOps,
+        builder: ScenarioBuilder,
+        standin: StripeStandin,
+        redis_url: str,
+        key_prefix: str,
+        standin_url: str,
+        clean_environment: None,
+    ) -> None:
+        """A cutover due at a period end behind the process clock but ahead of the customer's
+        test clock: `flags get` shows shadow (the stage the engine uses), and says which clock
+        judged it."""
+        frozen = standin.clock.now() - 90 * DAY
+        scenario, clock = await clock_customer(builder, frozen)
+        end = await scheduled(ops, scenario)
+        assert end < standin.clock.now()
+        env = cli_environment(redis_url, key_prefix, standin_url)
+        runner = CliRunner()
+        shown = await anyio.to_thread.run_sync(
+            lambda: runner.invoke(app, ["flags", "get", scenario.customer, "--json"], env=env)
+        )
+        assert shown.exit_code == 0, shown.output
+        (row,) = json.loads(shown.output)
+        assert row["stage"] == "shadow", row
+        assert clock in row["detail"] and "test clock" in row["detail"]
 
 
 class TestKillSwitchHold:

@@ -112,6 +112,8 @@ class StageResolver:
         self._max_entries = max_entries
         # customer -> (expires_at, stage, resolution): the hit path reads a tuple, nothing else.
         self._cache: dict[str, tuple[float, Stage, Resolution]] = {}
+        # customer -> its Stripe test clock, as its last lookup read it (only customers on one)
+        self._clocks: dict[str, str] = {}
         self._epoch = 0
         self._hits = 0
         self._misses = 0
@@ -191,6 +193,20 @@ class StageResolver:
             )
         return stages
 
+    async def test_clock_now(self, customer: str) -> float | None:
+        """The frozen time of the Stripe test clock ``customer`` lives on, as its last lookup
+        (``resolve``) found it; None for a customer on no clock, or never looked up, or whose
+        clock was never read. The clock's reading is kept a few seconds (``test_clocks``), so
+        this reads neither Redis nor, mostly, Stripe."""
+        clock = self._clocks.get(customer)
+        if clock is None or self._test_clocks is None:
+            return None
+        try:
+            return await self._test_clocks.frozen_time(clock)
+        except Exception:  # a bug must not fail a usage request: log it, use the process clock
+            logger.exception("reading test clock %s failed: using the process clock", clock)
+            return None
+
     def invalidate(self, customer: str | None = None) -> None:
         """Drop ``customer``'s cached resolution, or every one when ``None``."""
         self._epoch += 1
@@ -215,6 +231,10 @@ class StageResolver:
             return self._fall_back(exc, unexpected=True)
         now = self._clock()
         clock = snapshot.billing.test_clock
+        if clock is not None:
+            self._clocks[customer] = clock
+        else:
+            self._clocks.pop(customer, None)
         try:
             own = await customer_now(clock, self._test_clocks, now)
         except Exception as exc:  # a bug must not fail a usage request: log it, answer safe
