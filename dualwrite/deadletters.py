@@ -10,7 +10,8 @@ Retired writes (legacy usage records Stripe refused because the item moved to it
 price) are dead letters too, with reason ``retired``, but not failures: they live in a stream of
 their own (so the dead stream's length, the ``dead`` gauge, counts failures only), listings leave
 them out unless asked for, and ``counts`` gives them their own count. Retired letters written to the
-dead stream before they had their own stream are still read, listed and counted as retired.
+dead stream before they had their own stream are still read, listed and counted as retired (the
+outbox moves them to the retired stream once, as it starts: ``Outbox.ensure_groups``).
 """
 
 from __future__ import annotations

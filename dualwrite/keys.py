@@ -17,7 +17,8 @@ key                                     type               what
 ``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
 ``P:{sN}:retry``                        sorted set         outbox entries waiting out a backoff (score = due)
 ``P:{sN}:dead``                         stream (capped)    entries refused for good or too old
-``P:{sN}:retired``                      stream (capped)    legacy writes refused as the item left the system
+``P:{sN}:retired``                      stream (capped)    legacy writes retired (the item left legacy)
+``P:{sN}:retired-moved``                string             ``done``: old retired letters left ``dead``
 ``P:{sN}:divergence``                   stream (capped)    events whose legs disagree
 ``P:{sN}:ledger:<period>:<cus>:<ev>``   hash               per customer, event name and period: counters
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
@@ -109,6 +110,13 @@ class ShardKeys:
         """The retired writes' stream: dead letters that are not failures, kept apart so that
         the dead stream's length counts failures only."""
         return f"{self.tag}:retired"
+
+    @property
+    def retired_moved(self) -> str:
+        """Set to ``done`` once the retired letters written to the dead stream (before they had a
+        stream of their own) were moved to it; ``moving`` (with a TTL) while a process moves
+        them."""
+        return f"{self.tag}:retired-moved"
 
     @property
     def divergence(self) -> str:

@@ -186,6 +186,7 @@ class TestKeyLayout:
             shard.retry,
             shard.dead,
             shard.retired,
+            shard.retired_moved,
             shard.divergence,
             shard.ledger_index,
             shard.ledger("2026-01", "cus_1", "ev"),

@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.typing import EncodableT, FieldT
 from typer.testing import CliRunner
 
 from dualwrite.cli import app
@@ -22,6 +23,7 @@ from dualwrite.engine import DualWriteEngine
 from dualwrite.health import HealthCheck
 from dualwrite.metrics import OutboxSampler, metrics_app
 from dualwrite.models import Stage
+from dualwrite.outbox import Outbox
 from dualwrite.report import CustomerReport, build_report
 from dualwrite.testing import StripeStandin
 from dualwrite.web._views import period_lines, summarise
@@ -328,6 +330,37 @@ class TestDeadLetters:
         await letters.retry([old.id])
         assert await engine.redis.xlen(shard.dead) == 0
         assert await letters.counts() == {"retired": 1}
+
+    async def test_old_retired_letters_move_to_their_stream(
+        self, engine: DualWriteEngine, builder: ScenarioBuilder, settings: Settings
+    ) -> None:
+        """On a store an older version wrote (retired letters in the dead stream, no marker), the
+        outbox's start moves them to the retired stream, once, leaving failures where they were:
+        the dead count is then right too."""
+        await cut_over(engine, builder, "moved")
+        letters = DeadLetters(engine.redis, engine.keys)
+        first, _ = await letters.find(reason="retired")
+        shard = engine.keys.shard(int(first.id.split(":")[0]))
+        await letters.drop([first.id])
+        old: dict[FieldT, EncodableT] = {
+            "entry": first.raw,
+            "reason": "retired",
+            "code": first.code,
+            "at": f"{first.at:.3f}",
+        }
+        await engine.redis.xadd(shard.dead, old)
+        await engine.redis.xadd(shard.dead, {"entry": "{}", "reason": "unreadable", "at": "1"})
+        await engine.redis.delete(shard.retired_moved)  # as an older version left the store
+        assert (await engine.outbox.depth()).dead == 2
+        await Outbox(engine.redis, engine.keys, settings.outbox, engine.ledger).ensure_groups()
+        assert await engine.redis.get(shard.retired_moved) == "done"
+        assert (await engine.outbox.depth()).dead == 1
+        assert await letters.counts() == {"retired": 2, "unreadable": 1}
+        moved = [letter for letter in await letters.find(reason="retired") if letter.at == first.at]
+        assert len(moved) == 1 and ":retired:" in moved[0].id and moved[0].entry == first.entry
+        await engine.redis.xadd(shard.dead, old)  # done once: not scanned again
+        await Outbox(engine.redis, engine.keys, settings.outbox, engine.ledger).ensure_groups()
+        assert (await engine.outbox.depth()).dead == 2
 
     async def test_dead_list_command(
         self,

@@ -20,6 +20,7 @@ from dualwrite.limits import MeterTurn
 from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.redis_client import (
     as_int,
+    as_str,
     is_cluster,
     read_groups,
     store_errors,
@@ -72,6 +73,15 @@ if #dead > 0 then redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpac
 return 1
 """
 )
+
+# KEYS: dead letters, retired stream; ARGV: entry id, retired maxlen, then its fields and values
+_MOVE_RETIRED = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
+"""
+_MOVE_PAGE = 1_000
+_MOVE_LEASE_SECONDS = 300
 
 # KEYS: outbox, retry set; ARGV: group, entry id, due time, payload
 _RESCHEDULE = """
@@ -215,6 +225,7 @@ class Outbox:
         self._settle_one = None if is_cluster(redis) else _Coalesced(redis, self._settle)
         self._reschedule = redis.register_script(_RESCHEDULE)
         self._promote = redis.register_script(_PROMOTE)
+        self._move_retired = redis.register_script(_MOVE_RETIRED)
         self._groups_ready = False
 
     async def ensure_groups(self) -> None:
@@ -230,7 +241,42 @@ class Outbox:
                 except ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+            await self._move_old_retired()
         self._groups_ready = True
+
+    async def _move_old_retired(self) -> None:
+        """Move the retired letters an older version wrote to the dead stream into the retired
+        stream, so the dead count is failures only. Once per shard: a marker says it is done (and,
+        with a lease, that a process is at it); each letter moves in one script, once."""
+        for shard in self.keys.all_shards():
+            if as_str(await self._redis.get(shard.retired_moved)) == "done":
+                continue
+            if not await self._redis.set(
+                shard.retired_moved, "moving", nx=True, ex=_MOVE_LEASE_SECONDS
+            ):
+                continue  # another process is moving them
+            start, moved = "-", 0
+            while True:
+                page = stream_entries(
+                    await self._redis.xrange(shard.dead, min=start, count=_MOVE_PAGE)
+                )
+                for entry_id, fields in page:
+                    if fields.get("reason") == RETIRED:
+                        pairs = [part for pair in fields.items() for part in pair]
+                        moved += as_int(
+                            await self._move_retired(
+                                keys=[shard.dead, shard.retired],
+                                args=[entry_id, DEAD_MAXLEN, *pairs],
+                            )
+                        )
+                if len(page) < _MOVE_PAGE:
+                    break
+                start = f"({page[-1][0]}"
+            await self._redis.set(shard.retired_moved, "done")
+            if moved:
+                log.info(
+                    "moved %d retired letter(s) of shard %d to their own stream", moved, shard.shard
+                )
 
     async def _mending_groups(self, action: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``action``; if Redis answers NOGROUP (a stream and its group are gone: Redis lost
