@@ -2,9 +2,9 @@
 replay or drop (``dualwrite dead list|show|retry|drop``).
 
 A dead letter's id is ``<shard>:<stream id>``, or ``<shard>:retired:<stream id>`` for a retired one.
-Retrying moves it back into its outbox stream as a
-fresh entry and takes its failure out of the ledger (the write is pending again), in one script;
-dropping deletes it and leaves the ledger saying the write failed.
+Retrying moves it back into its outbox stream as a fresh entry and takes its failure out of the
+ledger (the write is pending again), in one script; dropping deletes it and leaves the ledger saying
+the write failed.
 
 Retired writes (legacy usage records Stripe refused because the item moved to its meter-backed
 price) are dead letters too, with reason ``retired``, but not failures: they live in a stream of
