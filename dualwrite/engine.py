@@ -57,6 +57,7 @@ from dualwrite.recovery import recover_due
 from dualwrite.redis_client import open_redis
 from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import ItemDetails, StripeWriter
+from dualwrite.test_clocks import stripe_test_clocks
 
 __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
@@ -137,10 +138,12 @@ class DualWriteEngine:
         """Open Redis, the stage resolver and the Stripe writer described by ``settings``."""
         redis = open_redis(settings.redis)
         keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-        resolver = StageResolver(redis, keys, settings.flags, clock=clock)
+        resolver = StageResolver(
+            redis, keys, settings.flags, clock=clock, test_clocks=stripe_test_clocks(settings)
+        )
         writer = StripeWriter(
             settings.stripe,
-            api_key=settings.api_key(),
+            api_key=settings.stripe_api_key_value(),
             meters=settings.meter,
             limits=WriteLimits(redis, keys, settings.limits),
             clock=clock,
@@ -231,7 +234,8 @@ class DualWriteEngine:
         """The instant a usage ``timestamp`` of ``now`` (or none) is fixed to at intercept:
         Stripe's clock as its replies tell it, never later than Stripe's own now
         (``StripeClock``); this host's clock until Stripe has answered once (``record`` then
-        looks at Stripe's clock first and fixes the instant again)."""
+        looks at Stripe's clock first and fixes the instant again). For a customer on a Stripe
+        test clock ``record`` fixes it to the clock's frozen time instead."""
         return self.writer.clock.now()
 
     async def record(
@@ -264,10 +268,9 @@ class DualWriteEngine:
             ConflictError: the identifier is being recorded by another request right now (or, for
                 a ``set``, another set at its item and timestamp is).
         """
-        if event.timestamp_source == "intercept" and not self.writer.clock.known:
-            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
-            event = event.model_copy(update={"timestamp": await self.writer.stripe_now()})
         stage = await self.resolver.resolve(event.customer)
+        if event.timestamp_source == "intercept":
+            event = await self._fix_now(event)
         plan = EventPlan.at(stage)
         if legacy_write is not None and plan.authoritative is Leg.LEGACY:
             caller_key = event.identifier_source == "idempotency_key"
@@ -312,6 +315,22 @@ class DualWriteEngine:
             shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write
         )
 
+    async def _fix_now(self, event: UsageEvent) -> UsageEvent:
+        """The event with its minted "now" fixed to the customer's time as Stripe sees it."""
+        clocked = (
+            await self.resolver.test_clock_now(event.customer)
+            if isinstance(self.resolver, StageResolver)
+            else None
+        )
+        if clocked is not None:
+            # A customer on a Stripe test clock: Stripe judges its usage by the clock's frozen
+            # time (a usage record outside the clock's current period is refused).
+            return event.model_copy(update={"timestamp": int(clocked)})
+        if not self.writer.clock.known:
+            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
+            return event.model_copy(update={"timestamp": await self.writer.stripe_now()})
+        return event
+
     async def redrive(self, shard: ShardKeys, claim: Claim) -> RecordOutcome | None:
         """Finish an event whose claim recovery took over (``dualwrite.recovery``): replay its
         authoritative write under the same key (Stripe answers with the original result) and
@@ -326,7 +345,7 @@ class DualWriteEngine:
         Without ``STRIPE_API_KEY`` nothing is re-driven (every write would be refused, and a
         refusal must not resolve a claim whose first attempt may have been written).
         """
-        if self.settings.api_key() is None:
+        if self.settings.stripe_api_key_value() is None:
             return 0
         return await recover_due(
             self.idempotency, self.keys, self.redrive, now=self._clock(), limit=limit

@@ -84,7 +84,7 @@ class ItemReads:
 
     async def periods(self, item: str, api_key: str | None) -> ItemPeriods | None:
         """An item's billing periods read from Stripe (``PeriodResolver``'s lookup)."""
-        key = api_key or self._settings.api_key()
+        key = api_key or self._settings.stripe_api_key_value()
         if key is None:
             return None
         return periods_of(await self.read(item, api_key=key))
@@ -103,7 +103,7 @@ class ItemReads:
                 ``param`` is ``subscription_item``.
         """
         item = event.subscription_item
-        key = api_key or self._settings.api_key()
+        key = api_key or self._settings.stripe_api_key_value()
         if item is None or item in self._settings.items or key is None:
             return None
         known = None

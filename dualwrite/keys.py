@@ -11,11 +11,14 @@ key                                     type               what
 ``P:{flags}:schedule``                  hash               customer → JSON list of ``[at, stage]``
 ``P:{flags}:audit``                     stream (capped)    every flag change: who, when, old, new, reason
 ``P:{flags}:guard``                     hash               customer → JSON: what the guard last rolled back
+``P:{flags}:billing``                   hash               customer → JSON: test clock, price move instant
 ``P:{flags}:guard-lease``               string (TTL)       the one worker running this interval's guard pass
 ``P:flags:changed``                     pub/sub channel    customer id or ``*`` after every change
 ``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
 ``P:{sN}:retry``                        sorted set         outbox entries waiting out a backoff (score = due)
 ``P:{sN}:dead``                         stream (capped)    entries refused for good or too old
+``P:{sN}:retired``                      stream (capped)    legacy writes retired (the item left legacy)
+``P:{sN}:retired-moved``                string             ``done``: old retired letters left ``dead``
 ``P:{sN}:divergence``                   stream (capped)    events whose legs disagree
 ``P:{sN}:ledger:<period>:<cus>:<ev>``   hash               per customer, event name and period: counters
 ``P:{sN}:ledger-index``                 sorted set         ledger hashes by period (score = day number)
@@ -101,6 +104,19 @@ class ShardKeys:
     def dead(self) -> str:
         """The dead-letter stream."""
         return f"{self.tag}:dead"
+
+    @property
+    def retired(self) -> str:
+        """The retired writes' stream: dead letters that are not failures, kept apart so that
+        the dead stream's length counts failures only."""
+        return f"{self.tag}:retired"
+
+    @property
+    def retired_moved(self) -> str:
+        """Set to ``done`` once the retired letters written to the dead stream (before they had a
+        stream of their own) were moved to it; ``moving`` (with a TTL) while a process moves
+        them."""
+        return f"{self.tag}:retired-moved"
 
     @property
     def divergence(self) -> str:
@@ -244,6 +260,12 @@ class KeySpace:
     def flags_schedule(self) -> str:
         """Per-customer scheduled stages."""
         return f"{self.prefix}:{{flags}}:schedule"
+
+    @property
+    def flags_billing(self) -> str:
+        """Per customer: the Stripe test clock its subscription lives on, and when its item moves
+        (moved) to the meter-backed price (``dualwrite.flags``)."""
+        return f"{self.prefix}:{{flags}}:billing"
 
     @property
     def flags_audit(self) -> str:

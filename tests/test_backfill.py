@@ -20,10 +20,12 @@ from dualwrite.testing import StripeStandin
 from tests.conftest import STRIPE_KEY
 from tests.support import (
     EVENT_NAME,
+    LEGACY_VERSION,
     Scenario,
     ScenarioBuilder,
     audit_entries,
     cli_environment,
+    meter_summary as support_meter_summary,
 )
 
 DAY = 86_400
@@ -246,6 +248,57 @@ class TestFromSummaries:
         assert now - 36 * DAY < events[1]["timestamp"] < now - 5 * DAY
         assert meter_summary(standin_url, found) == 7
         assert ledger_backfilled(redis_url, key_prefix, found.customer)["meter_backfilled_qty"] == 7
+
+    def test_customer_on_a_test_clock(self, tmp_path, standin, standin_url, redis_url, key_prefix):
+        """A customer on a Stripe test clock frozen 60 days back: its open period and the meter's
+        35 days are the clock's, so its legacy usage is replayed at the clock's time (judged by
+        the process clock it was "too old" and nothing was sent)."""
+        frozen = int(time.time()) - 60 * DAY
+
+        async def on_a_clock() -> Scenario:
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
+                legacy, metered, meter = await builder._catalog()
+                client = builder.client
+                clock = await client.v1.test_helpers.test_clocks.create_async(
+                    {"frozen_time": frozen}
+                )
+                customer = await client.v1.customers.create_async(
+                    {"name": "Rehearsal", "test_clock": clock.id}
+                )
+                subscription = await client.v1.subscriptions.create_async(
+                    {"customer": customer.id, "items": [{"price": legacy}]},
+                    {"stripe_version": LEGACY_VERSION},
+                )
+                item = subscription["items"]["data"][0]["id"]
+                await builder.legacy_usage(item, 6)
+                await client.v1.test_helpers.test_clocks.advance_async(
+                    clock.id, {"frozen_time": frozen + DAY}
+                )
+                await client.v1.test_helpers.test_clocks.retrieve_async(clock.id)
+                return Scenario(customer.id, subscription.id, item, legacy, metered, meter)
+
+        found = asyncio.run(on_a_clock())
+        path = tmp_path / "clock.toml"
+        path.write_text(
+            f'[[meters]]\nevent_name = "{EVENT_NAME}"\nlegacy_prices = ["{found.legacy_price}"]\n'
+        )
+        result = CliRunner().invoke(
+            app,
+            ["--config", str(path), "backfill", "--customer", found.customer, "--json"],
+            env=cli_environment(redis_url, key_prefix, standin_url),
+        )
+        assert result.exit_code == 0, result.output
+        (event,) = json.loads(result.output)["events"]
+        assert (event["status"], event["quantity"], event["timestamp"]) == ("sent", 6, frozen + DAY)
+
+        async def meter_total() -> float:
+            async with ScenarioBuilder(standin_url, STRIPE_KEY) as builder:
+                return await support_meter_summary(
+                    builder.client, found.meter, found.customer, frozen, frozen + 2 * DAY
+                )
+
+        assert asyncio.run(meter_total()) == 6
+        assert ledger_backfilled(redis_url, key_prefix, found.customer)["meter_backfilled_qty"] == 6
 
     def test_dry_run_changes_nothing(self, cli, scenario, standin, redis_url, key_prefix):
         """--dry-run says what it would send; no meter event, no ledger, marker or audit key."""

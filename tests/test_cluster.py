@@ -185,6 +185,8 @@ class TestKeyLayout:
             shard.outbox,
             shard.retry,
             shard.dead,
+            shard.retired,
+            shard.retired_moved,
             shard.divergence,
             shard.ledger_index,
             shard.ledger("2026-01", "cus_1", "ev"),

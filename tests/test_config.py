@@ -45,7 +45,7 @@ class TestFile:
         assert settings.redis.url == "redis://127.0.0.1:6379/0"
         assert settings.stripe.legacy_api_version == DEFAULT_LEGACY_API_VERSION
         assert settings.meters == () and settings.routes == () and settings.items == {}
-        assert settings.api_key() is None
+        assert settings.stripe_api_key_value() is None
 
     def test_defaults_without_a_file(self):
         """No file and no variables: every setting has its default."""
@@ -130,7 +130,7 @@ class TestStripeKey:
         """STRIPE_API_KEY is read, kept as a secret, and absent from the repr."""
         monkeypatch.setenv("STRIPE_API_KEY", SECRET)
         settings = Settings.load()
-        assert settings.api_key() == SECRET
+        assert settings.stripe_api_key_value() == SECRET
         assert SECRET not in repr(settings) and SECRET not in str(settings)
         assert SECRET not in settings.model_dump_json()
 

@@ -196,6 +196,26 @@ class TestTotals:
         assert record.legacy.status == "accepted" and record.meter.status == "refused"
 
 
+class TestDifference:
+    """The legs' difference compares only the periods where both legs were expected."""
+
+    async def test_meter_periods_beside_primary_ones_are_no_difference(self, engine, builder):
+        """A customer at ``meter`` (no legacy write) whose earlier ``primary`` periods are in the
+        window: equal legs where both were written, so no difference (was -37.5 %)."""
+        started = int(time.time()) - 3 * DAY  # so the legacy leg takes usage two days old
+        scenario = await builder.customer("Moved", anchor=started)
+        await set_stage(engine, scenario.customer, Stage.PRIMARY)
+        assert (await engine.record(usage(scenario, 5, timestamp=started + DAY))).accepted
+        await drain(engine)
+        await set_stage(engine, scenario.customer, Stage.METER)
+        assert (await engine.record(usage(scenario, 3))).accepted
+        report = await build_report(engine.ledger, engine.resolver, customer=scenario.customer)
+        (line,) = report.customers
+        assert line.stage is Stage.METER and len(line.periods) == 2
+        assert (line.legacy.accepted_qty, line.meter.accepted_qty) == (5, 8)
+        assert line.difference_pct == 0
+
+
 class TestStatus:
     """parity, pending and diverged, before and after the outbox is drained."""
 

@@ -160,7 +160,7 @@ async def _redis(settings: Settings, report: CheckReport) -> None:
 
 
 async def _stripe(settings: Settings, report: CheckReport) -> None:
-    key = settings.api_key()
+    key = settings.stripe_api_key_value()
     base = settings.stripe.api_base
     if key is None:
         report.items.append(

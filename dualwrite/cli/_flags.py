@@ -49,6 +49,7 @@ from dualwrite.flags import (
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage, utc_time
 from dualwrite.redis_client import open_redis
+from dualwrite.test_clocks import customer_now, stripe_test_clocks
 
 flags_app = typer.Typer(help="Read and change customers' migration stages.", no_args_is_help=True)
 app.add_typer(flags_app, name="flags", rich_help_panel=MIGRATE)
@@ -98,16 +99,29 @@ def flags_get(
     async def run() -> list[Resolution]:
         redis = open_redis(settings.redis)
         keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+        clocks = stripe_test_clocks(settings)
         try:
             store = RedisFlagStore(redis, keys)
             found = []
             for customer in names:
                 snapshot = await store.snapshot(customer)  # raises when Redis is down
-                found.append(
-                    resolve_snapshot(
-                        customer, snapshot, now=time.time(), salt=settings.flags.rollout_salt
-                    )
+                clock = snapshot.billing.test_clock
+                now = await customer_now(clock, clocks, time.time())
+                resolution = resolve_snapshot(
+                    customer, snapshot, now=now, salt=settings.flags.rollout_salt
                 )
+                if clock is not None:
+                    # Judged by the customer's Stripe test clock, as the engine judges it.
+                    judged = (
+                        f"judged at its test clock {clock}'s {utc_time(int(now))}"
+                        if clocks is not None
+                        else f"on test clock {clock}, judged by this host's clock: set "
+                        "STRIPE_API_KEY to read the clock"
+                    )
+                    resolution = resolution.model_copy(
+                        update={"detail": f"{resolution.detail} ({judged})"}
+                    )
+                found.append(resolution)
             return found
         finally:
             await redis.aclose()

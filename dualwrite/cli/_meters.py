@@ -43,7 +43,7 @@ app.add_typer(meters_app, name="meters", rich_help_panel=MIGRATE)
 
 
 def _api_key(settings: Settings) -> str:
-    key = settings.api_key()
+    key = settings.stripe_api_key_value()
     if not key:
         msg = "meters reads the account's prices and meters: set STRIPE_API_KEY"
         raise ConfigError(msg)

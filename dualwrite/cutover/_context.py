@@ -7,7 +7,7 @@ import graph one-way (``_ops`` imports ``_guard`` and ``_rollback``, never the r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -44,6 +44,12 @@ class CutoverContext(Protocol):
 
     def now(self) -> int:
         """The operations' clock, in whole seconds."""
+
+    async def nows(self, customers: Iterable[str]) -> dict[str, int]:
+        """Each customer's "now": its Stripe test clock's frozen time, else the operations' clock."""
+
+    async def forget_price_move(self, customer: str, *, actor: str, reason: str) -> None:
+        """Record that ``customer``'s pending price move was released in Stripe."""
 
     def item_checks(self, operation: str) -> ItemChecks:
         """Stripe reads and releases for one rollback."""

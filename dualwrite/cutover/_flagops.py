@@ -69,7 +69,7 @@ async def clear_override(
     after = resolve_snapshot(
         customer,
         snapshot.model_copy(update={"override": None}),
-        now=ops.now(),
+        now=await ops.now_of(customer, snapshot.billing),
         salt=ops.settings.flags.rollout_salt,
     ).stage
     check_move(customer, current, after, force=force)
@@ -101,7 +101,8 @@ async def schedule_stage(
     ``None``, the CLI's ``--at now``, for that), or ``stage`` more than one stage forward (or back)
     from the stage the customer resolves to just before ``at``.
     """
-    now = ops.now()
+    # The customer's own now: on a Stripe test clock, the clock's frozen time.
+    now = await ops.now_of(customer)
     if at is None:
         # Read here, not by the caller: "now" read earlier is already past under load.
         at = int(now)

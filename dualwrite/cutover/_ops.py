@@ -22,7 +22,7 @@ report them) are in ``_apply``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -43,6 +43,7 @@ from dualwrite.cutover._rollback import kill, rollback_all, rollback_customers, 
 from dualwrite.cutover._stripe import CutoverStripe, check_schedulable, plan_schedule
 from dualwrite.flags import (
     ROLLOUT_STAGES,
+    CustomerBilling,
     FlagSnapshot,
     RedisFlagStore,
     StageResolver,
@@ -51,6 +52,7 @@ from dualwrite.flags import (
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger
 from dualwrite.models import Stage, utc_time
+from dualwrite.test_clocks import StripeTestClocks, customer_now
 
 __all__ = ["CutoverOps"]
 
@@ -83,6 +85,7 @@ class CutoverOps:
         self._clock = clock
         self._store = RedisFlagStore(redis, keys, clock=clock)
         self._stripe_factory = stripe
+        self._test_clocks = StripeTestClocks(self._stripe)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -107,17 +110,43 @@ class CutoverOps:
     def _stripe(self) -> CutoverStripe:
         if self._stripe_factory is not None:
             return self._stripe_factory()
-        api_key = self._settings.api_key()
+        api_key = self._settings.stripe_api_key_value()
         if not api_key:
             msg = "STRIPE_API_KEY is not set: reading the billing period needs the account's key"
             raise CutoverInputError(msg)
         return CutoverStripe(self._settings.stripe, api_key=api_key)
 
+    @property
+    def test_clocks(self) -> StripeTestClocks:
+        """Reads the Stripe test clocks customers live on (``dualwrite.test_clocks``)."""
+        return self._test_clocks
+
+    async def now_of(self, customer: str, billing: CustomerBilling | None = None) -> int:
+        """The customer's "now", whole seconds: its Stripe test clock's frozen time when it lives
+        on one, else the operations' clock. Schedules and period ends are judged against it."""
+        if billing is None:
+            billing = await self._store.billing_of(customer)
+        return int(await customer_now(billing.test_clock, self._test_clocks, self._clock()))
+
+    async def nows(self, customers: Iterable[str]) -> dict[str, int]:
+        """Each customer's "now" (``now_of``), the billing facts read once for all."""
+        billings = await self._store.billings()
+        return {c: await self.now_of(c, billings.get(c, CustomerBilling())) for c in customers}
+
+    async def forget_price_move(self, customer: str, *, actor: str, reason: str) -> None:
+        """Record that ``customer``'s pending price move was released in Stripe (the kill switch
+        no longer holds it at ``primary`` from that instant)."""
+        billing = await self._store.billing_of(customer)
+        if billing.price_move_at is not None:
+            update = billing.model_copy(update={"price_move_at": None})
+            await self._store.set_billing(customer, update, actor=actor, reason=reason)
+
     async def stage_of(self, customer: str) -> tuple[Stage, FlagSnapshot]:
-        """The customer's stage now, and the flags it was resolved from."""
+        """The customer's stage now (by its own clock), and the flags it was resolved from."""
         snapshot = await self._store.snapshot(customer)
+        now = await self.now_of(customer, snapshot.billing)
         resolution = resolve_snapshot(
-            customer, snapshot, now=self._clock(), salt=self._settings.flags.rollout_salt
+            customer, snapshot, now=now, salt=self._settings.flags.rollout_salt
         )
         return resolution.stage, snapshot
 
@@ -234,13 +263,18 @@ class CutoverOps:
                 "it needs --to primary, --at period-end and --price price_…"
             )
             raise CutoverInputError(msg)
-        now = int(self._clock())
+        billing = snapshot.billing
         calls: list[StripeCall] = []
         stripe = self._stripe() if at == "period-end" else None
         try:
             if stripe is not None:
                 period = await stripe.subscription_period(customer)
+                # A subscription on a test clock ends its period by the clock's time: the
+                # schedule entry is judged by it from now on.
+                billing = billing.model_copy(update={"test_clock": period.test_clock})
                 when = period.current_period_end
+                if with_schedule:
+                    billing = billing.model_copy(update={"price_move_at": when})
                 calls.append(
                     StripeCall(
                         method="GET",
@@ -255,9 +289,10 @@ class CutoverOps:
                     calls += plan_schedule(
                         period, price=price, at=when, stripe_version=stripe.stripe_version
                     )
-            elif at == "now":
+            now = await self.now_of(customer, billing)
+            if at == "now":
                 when = now
-            else:
+            elif stripe is None:
                 when = int(at)
                 if when < now:
                     msg = (
@@ -270,6 +305,8 @@ class CutoverOps:
             if not dry_run and stripe is not None and with_schedule and price is not None:
                 made = await stripe.schedule_price_move(period, price=price, at=when)
                 calls = calls[:1] + made
+            if not dry_run:
+                await self._store.set_billing(customer, billing, actor=actor, reason=why)
         finally:
             if stripe is not None:
                 await stripe.aclose()
@@ -355,7 +392,13 @@ class CutoverOps:
         ledger = Ledger(
             self._redis, self._keys, divergence_maxlen=self._settings.ledger.divergence_maxlen
         )
-        resolver = StageResolver(self._redis, self._keys, self._settings.flags, clock=self._clock)
+        resolver = StageResolver(
+            self._redis,
+            self._keys,
+            self._settings.flags,
+            clock=self._clock,
+            test_clocks=self._test_clocks,
+        )
         return Guard(
             self,
             ledger,

@@ -32,10 +32,13 @@ def plan_rollback_all(
     overrides: Mapping[str, Stage],
     schedules: Mapping[str, Sequence[tuple[int, Stage]]],
     now: float,
+    nows: Mapping[str, float] | None = None,
     floors: Mapping[str, Stage] | None = None,
 ) -> list[FlagChange]:
     """The changes that bring everyone back to ``to`` at most (``CutoverOps.rollback_all``);
-    a customer in ``floors`` goes no lower than its floor."""
+    a customer in ``floors`` goes no lower than its floor; ``nows`` gives customers on a Stripe
+    test clock their own now (others: ``now``)."""
+    nows = nows or {}
     floors = floors or {}
     changes: list[FlagChange] = []
     kept = max((rollout.get(s, 0.0) for s in ROLLOUT_STAGES if s.rank >= to.rank), default=0.0)
@@ -55,7 +58,7 @@ def plan_rollback_all(
         target = _floored(to, floors.get(customer))
         if not any(stage.rank > target.rank for _, stage in entries):
             continue
-        current = due_stage(entries, now)
+        current = due_stage(entries, nows.get(customer, now))
         if customer not in overrides and current is not None:
             pinned = current if current.rank <= target.rank else target
             changes.append(override_change(customer, None, pinned, current))

@@ -20,7 +20,7 @@ emergency lever) and a release Stripe refuses is reported in the notes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,20 +65,31 @@ class _Protection:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    async def release(self, checks: ItemChecks, *, dry_run: bool) -> list[StripeCall]:
-        """Release the pending cutovers' schedules (on a dry run: the calls it would make)."""
+    async def release(
+        self, checks: ItemChecks, ops: CutoverOps, *, dry_run: bool, actor: str, reason: str
+    ) -> list[StripeCall]:
+        """Release the pending cutovers' schedules (on a dry run: the calls it would make), and
+        forget their price moves."""
         if dry_run:
             return [call for _, call in self.releases]
-        return [await checks.release(customer, call) for customer, call in self.releases]
+        made: list[StripeCall] = []
+        for customer, call in self.releases:
+            made.append(await checks.release(customer, call))
+            await ops.forget_price_move(customer, actor=actor, reason=reason)
+        return made
 
 
 async def _protect(
-    checks: ItemChecks, moves: Sequence[tuple[str, Stage, Schedule, Stage]], *, now: float
+    checks: ItemChecks,
+    moves: Sequence[tuple[str, Stage, Schedule, Stage]],
+    *,
+    nows: Mapping[str, int],
 ) -> _Protection:
-    """Check each ``(customer, stage now, schedule, stage after)`` that crosses a price move."""
+    """Check each ``(customer, stage now, schedule, stage after)`` that crosses a price move
+    (``nows``: each customer's own now, its test clock's when it lives on one)."""
     found = _Protection()
     for customer, current, schedule, after in moves:
-        if not crosses_price_move(current, schedule, after, now):
+        if not crosses_price_move(current, schedule, after, nows[customer]):
             continue
         check = await checks.check(customer)
         if check.foreign is not None:
@@ -123,7 +134,7 @@ async def rollback_customers(
     """``CutoverOps.rollback``: each customer one stage back (or to ``to``), pinned by override,
     its schedule cleared; held at ``primary`` when its item left the legacy price."""
     why = reason_text(f"{operation} to {to.value if to else 'the previous stage'}", reason)
-    now = ops.now()
+    nows = await ops.nows(customers)
     states = {customer: await ops.stage_of(customer) for customer in customers}
     targets: dict[str, Stage] = {}
     problems: list[str] = []
@@ -139,9 +150,9 @@ async def rollback_customers(
     moves = [(c, states[c][0], states[c][1].schedule, target) for c, target in targets.items()]
     checks = ops.item_checks(operation)
     try:
-        found = await _protect(checks, moves, now=now)
+        found = await _protect(checks, moves, nows=nows)
         refuse(found.problems)
-        calls = await found.release(checks, dry_run=dry_run)
+        calls = await found.release(checks, ops, dry_run=dry_run, actor=actor, reason=why)
     finally:
         await checks.aclose()
     plans: list[FlagChange] = []
@@ -195,14 +206,15 @@ async def rollback_all(
     store = ops.store
     rollout, default = await store.get_rollout(), await store.get_default()
     overrides, schedules = await store.overrides(), await store.schedules()
+    nows = await ops.nows(sorted({*overrides, *schedules}))
     moves: list[tuple[str, Stage, Schedule, Stage]] = []
     for customer in sorted({*overrides, *schedules}):
         entries = schedules.get(customer, [])
-        current = overrides.get(customer) or due_stage(entries, now) or Stage.LEGACY
+        current = overrides.get(customer) or due_stage(entries, nows[customer]) or Stage.LEGACY
         moves.append((customer, current, entries, to))
     checks = ops.item_checks("rollback --all")
     try:
-        found = await _protect(checks, moves, now=now)
+        found = await _protect(checks, moves, nows=nows)
         refuse(found.problems)
         changes = plan_rollback_all(
             to,
@@ -211,6 +223,7 @@ async def rollback_all(
             overrides=overrides,
             schedules=schedules,
             now=now,
+            nows=nows,
             floors=found.floors,
         )
         moved = _multi_stage(changes, rollout, default, to)
@@ -224,7 +237,7 @@ async def rollback_all(
                 "(or the kill switch: `dualwrite flags kill on`)"
             )
             refuse([msg])
-        calls = await found.release(checks, dry_run=dry_run)
+        calls = await found.release(checks, ops, dry_run=dry_run, actor=actor, reason=why)
     finally:
         await checks.aclose()
     result = await finish(
@@ -241,22 +254,25 @@ async def rollback_all(
 
 
 async def cancel_pending(
-    ops: CutoverOps, *, kill_on: bool, dry_run: bool
+    ops: CutoverOps, *, kill_on: bool, dry_run: bool, actor: str, reason: str
 ) -> tuple[list[FlagChange], list[StripeCall], list[str]]:
     """Cancel every pending cutover: the flag changes to make, the Stripe releases made (planned on
     a dry run), and notes. A customer with due entries is pinned at its current scheduled stage,
     then its schedule is cleared. Stripe refusing (or no key) does not stop it: a customer whose
     schedule could not be released keeps its pending cutover (so stage and price still move
     together), and a note says so."""
-    now = ops.now()
     overrides, schedules = await ops.store.overrides(), await ops.store.schedules()
-    pending = {c: entries for c, entries in schedules.items() if any(at > now for at, _ in entries)}
+    nows = await ops.nows(schedules)  # a customer on a test clock: the clock's time
+    pending = {
+        c: entries for c, entries in schedules.items() if any(at > nows[c] for at, _ in entries)
+    }
     calls: list[StripeCall] = []
     notes: list[str] = []
     kept: set[str] = set()
     checks = ops.item_checks("cancelling a pending cutover")
     try:
         for customer, entries in sorted(pending.items()):
+            now = nows[customer]
             after = overrides.get(customer) or due_stage(entries, now) or Stage.LEGACY
             if kill_on:
                 after = Stage.LEGACY
@@ -268,6 +284,7 @@ async def cancel_pending(
                     made = check.release
                     if not dry_run:
                         made = await checks.release(customer, check.release)
+                        await ops.forget_price_move(customer, actor=actor, reason=reason)
                     calls.append(made)
                     notes.append(check.released_note())
                 elif check.foreign is not None:
@@ -285,7 +302,7 @@ async def cancel_pending(
     for customer, entries in sorted(pending.items()):
         if customer in kept:
             continue
-        due = due_stage(entries, now)
+        due = due_stage(entries, nows[customer])
         if customer not in overrides and due is not None:
             changes.append(override_change(customer, None, due, due))
         changes.append(clear_schedule_change(customer, entries))
@@ -313,7 +330,9 @@ async def step_back_all(
     if default is not Stage.LEGACY:
         back = previous_stage(default)
         changes.append(FlagChange(kind="default", customer="*", old=default.value, new=back.value))
-    cancelled, calls, notes = await cancel_pending(ops, kill_on=False, dry_run=dry_run)
+    cancelled, calls, notes = await cancel_pending(
+        ops, kill_on=False, dry_run=dry_run, actor=actor, reason=reason
+    )
     result = await finish(
         store,
         "rollback",
@@ -334,7 +353,9 @@ async def kill(ops: CutoverOps, *, actor: str, reason: str, dry_run: bool) -> Op
     change = FlagChange(kind="kill", customer="*", old="on" if on else "off", new="on")
     if not on and not dry_run:
         await apply_change(store, change, actor=actor, reason=reason)
-    cancelled, calls, notes = await cancel_pending(ops, kill_on=True, dry_run=dry_run)
+    cancelled, calls, notes = await cancel_pending(
+        ops, kill_on=True, dry_run=dry_run, actor=actor, reason=reason
+    )
     result = await finish(
         store,
         "rollback",

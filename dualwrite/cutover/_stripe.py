@@ -71,6 +71,8 @@ class SubscriptionPeriod:
     billing_cycle_anchor: int | None = None
     """Every billing period follows from it (a subscription anchored on the 31st bills on Feb 28,
     then on Mar 31)."""
+    test_clock: str | None = None
+    """The Stripe test clock the subscription lives on: its period end is in the clock's time."""
 
     @property
     def legacy_items(self) -> list[SubscriptionItemPrice]:
@@ -319,6 +321,7 @@ def _period(customer: str, sub: dict[str, Any]) -> SubscriptionPeriod:
         schedule=str(sub["schedule"]) if sub.get("schedule") else None,
         items=tuple(items),
         billing_cycle_anchor=anchor if isinstance(anchor, int) else None,
+        test_clock=str(sub["test_clock"]) if sub.get("test_clock") else None,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dualwrite.flags._models import (
     ROLLOUT_STAGES,
     AuditEntry,
+    CustomerBilling,
     FlagSnapshot,
     Resolution,
     ResolutionReason,
@@ -30,6 +31,7 @@ __all__ = [
     "BUCKETS",
     "ROLLOUT_STAGES",
     "AuditEntry",
+    "CustomerBilling",
     "FlagSnapshot",
     "RedisFlagStore",
     "Resolution",

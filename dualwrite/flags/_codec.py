@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 
-from dualwrite.flags._models import ROLLOUT_STAGES, AuditEntry
+from dualwrite.flags._models import ROLLOUT_STAGES, AuditEntry, CustomerBilling
 from dualwrite.models import Stage
 
 __all__ = [
@@ -22,9 +22,11 @@ __all__ = [
     "Throttle",
     "Warn",
     "check_customer",
+    "encode_billing",
     "encode_schedule",
     "format_percent",
     "parse_audit",
+    "parse_billing",
     "parse_kill",
     "parse_percent",
     "parse_rollout",
@@ -198,3 +200,21 @@ def parse_audit(entry_id: str, fields: Mapping[str, str]) -> AuditEntry:
         new=fields.get("new") or None,
         reason=fields.get("reason", ""),
     )
+
+
+def encode_billing(billing: CustomerBilling) -> str | None:
+    """A customer's billing facts as stored (None: nothing to store, the field is removed)."""
+    if billing.test_clock is None and billing.price_move_at is None:
+        return None
+    return billing.model_dump_json(exclude_none=True)
+
+
+def parse_billing(raw: str | None, customer: str, warn: Warn) -> CustomerBilling:
+    """A customer's stored billing facts; unreadable ones read as none."""
+    if raw is None:
+        return CustomerBilling()
+    try:
+        return CustomerBilling.model_validate_json(raw)
+    except ValueError:
+        warn(f"ignoring unreadable billing facts {raw[:100]!r} of {customer}")
+        return CustomerBilling()

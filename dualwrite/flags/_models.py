@@ -8,13 +8,36 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dualwrite.models import Stage
 
-__all__ = ["ROLLOUT_STAGES", "AuditEntry", "FlagSnapshot", "Resolution", "ResolutionReason"]
+__all__ = [
+    "ROLLOUT_STAGES",
+    "AuditEntry",
+    "CustomerBilling",
+    "FlagSnapshot",
+    "Resolution",
+    "ResolutionReason",
+]
 
 #: The stages a percentage rollout can move customers to, least advanced first.
 ROLLOUT_STAGES = (Stage.SHADOW, Stage.PRIMARY, Stage.METER)
 
 ResolutionReason = Literal["kill", "override", "schedule", "rollout", "default", "safe"]
 """Which rule decided a customer's stage (``safe``: Redis could not be read)."""
+
+
+class CustomerBilling(BaseModel):
+    """What stage resolution must know of a customer's Stripe subscription, recorded by cutovers.
+
+    ``test_clock``: the Stripe test clock the subscription lives on; its period ends (and so its
+    schedule entries) are judged by the clock's ``frozen_time``, not the process clock.
+    ``price_move_at``: when a cutover's Stripe schedule moves its legacy item to the meter-backed
+    price; from then on Stripe refuses its usage records, so the kill switch holds it at
+    ``primary`` instead of sending it to ``legacy``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    test_clock: str | None = None
+    price_move_at: int | None = None
 
 
 class FlagSnapshot(BaseModel):
@@ -33,6 +56,8 @@ class FlagSnapshot(BaseModel):
     override: Stage | None = None
     schedule: tuple[tuple[int, Stage], ...] = ()
     """``(at, stage)`` pairs, sorted by ``at``: the customer is at ``stage`` from time ``at``."""
+    billing: CustomerBilling = Field(default_factory=CustomerBilling)
+    """The customer's test clock and price move, if any (``CustomerBilling``)."""
 
 
 class Resolution(BaseModel):
@@ -59,7 +84,7 @@ class AuditEntry(BaseModel):
     actor: str
     action: str
     """``set_default``, ``set_override``, ``remove_override``, ``set_rollout:<stage>``,
-    ``schedule``, ``clear_schedule`` or ``set_kill``."""
+    ``schedule``, ``clear_schedule``, ``set_kill`` or ``set_billing``."""
     customer: str
     """The customer concerned, or ``*`` for a global change."""
     old: str | None

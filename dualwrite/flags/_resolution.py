@@ -10,6 +10,7 @@ from dualwrite.models import Stage
 
 __all__ = [
     "BUCKETS",
+    "KILL_HOLD_STAGE",
     "basis_points",
     "resolve_snapshot",
     "rollout_bucket",
@@ -21,6 +22,9 @@ __all__ = [
 BUCKETS = 10_000
 
 _MOST_ADVANCED_FIRST = tuple(reversed(ROLLOUT_STAGES))
+
+#: Where the kill switch holds a customer whose item is on its meter-backed price.
+KILL_HOLD_STAGE = Stage.PRIMARY
 
 
 def rollout_bucket(customer: str, salt: str) -> int:
@@ -56,13 +60,17 @@ def rollout_stage(bucket: int, rollout: Mapping[Stage, float]) -> Stage | None:
 def resolve_snapshot(customer: str, snapshot: FlagSnapshot, *, now: float, salt: str) -> Resolution:
     """Resolve one customer's stage; the first matching rule wins.
 
-    1. kill switch on: everyone is ``legacy``;
+    1. kill switch on: everyone is ``legacy``, except a customer whose item moved to its
+       meter-backed price (``billing.price_move_at <= now``): Stripe refuses its usage records, so
+       it is held at ``primary``, the last stage whose authoritative leg Stripe accepts;
     2. the customer's override;
     3. the customer's latest scheduled entry with ``at <= now``;
     4. the most advanced percentage rollout that includes the customer's bucket;
     5. the global default.
 
     ``valid_until`` is the time of the customer's next scheduled entry (``at > now``), if any.
+    ``now`` is the customer's own: its Stripe test clock's frozen time when it lives on one
+    (``StageResolver`` and ``CutoverOps`` read it), else the process clock.
     """
     current: tuple[int, Stage] | None = None
     valid_until: float | None = None
@@ -74,6 +82,20 @@ def resolve_snapshot(customer: str, snapshot: FlagSnapshot, *, now: float, salt:
             valid_until = float(at)
 
     if snapshot.kill:
+        moved = snapshot.billing.price_move_at
+        if moved is not None and moved <= now:
+            return Resolution(
+                stage=KILL_HOLD_STAGE,
+                reason="kill",
+                detail=(
+                    f"kill switch is on, but the item of {customer} moved to its meter-backed "
+                    f"price at {moved} (Stripe refuses its usage records): held at "
+                    f"{KILL_HOLD_STAGE.value}"
+                ),
+                valid_until=valid_until,
+            )
+        if moved is not None and moved > now and (valid_until is None or moved < valid_until):
+            valid_until = float(moved)
         return Resolution(
             stage=Stage.LEGACY,
             reason="kill",
@@ -125,11 +147,13 @@ def stage_only(
     default: Stage,
     now: float,
     salt: str,
+    price_move_at: int | None = None,
 ) -> Stage:
     """The stage ``resolve_snapshot`` gives, without building a ``Resolution``: the same rules in
     the same order, for resolving many customers at once (the report)."""
     if kill:
-        return Stage.LEGACY
+        moved = price_move_at is not None and price_move_at <= now
+        return KILL_HOLD_STAGE if moved else Stage.LEGACY
     if override is not None:
         return override
     current: tuple[int, Stage] | None = None

@@ -26,12 +26,13 @@ from dualwrite import instruments
 from dualwrite.config import FlagSettings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.flags._codec import Throttle
-from dualwrite.flags._models import Resolution
+from dualwrite.flags._models import CustomerBilling, Resolution
 from dualwrite.flags._resolution import resolve_snapshot, stage_only
 from dualwrite.flags._store import GLOBAL, RedisFlagStore
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.redis_client import as_str, open_pubsub
+from dualwrite.test_clocks import FrozenTimes, customer_now
 
 __all__ = ["ResolverStats", "StageResolver"]
 
@@ -74,7 +75,10 @@ class StageResolver:
         redis: a client with ``decode_responses=True`` (``dualwrite.redis_client.open_redis``).
         keys: the key layout.
         settings: safe stage, cache TTL and rollout salt.
-        clock: Unix time; schedules and cache expiry follow it.
+        clock: Unix time; schedules and cache expiry follow it (a customer living on a Stripe
+            test clock: its schedule follows the clock's frozen time, read by ``test_clocks``).
+        test_clocks: tells test clocks' frozen times (``dualwrite.test_clocks``); without it a
+            customer on a test clock is judged by ``clock``.
         lookup_timeout: seconds a miss may wait for Redis before answering the safe stage.
         max_entries: cache size; beyond it expired entries, then the oldest, are dropped.
     """
@@ -88,6 +92,7 @@ class StageResolver:
         clock: Callable[[], float] = time.time,
         lookup_timeout: float = 1.0,
         max_entries: int = 100_000,
+        test_clocks: FrozenTimes | None = None,
     ) -> None:
         if lookup_timeout <= 0 or max_entries < 1:
             msg = (
@@ -100,12 +105,15 @@ class StageResolver:
         self._store = RedisFlagStore(redis, keys, clock=clock)
         self._settings = settings
         self._clock = clock
+        self._test_clocks = test_clocks
         self._ttl = settings.cache_ttl
         self._salt = settings.rollout_salt
         self._lookup_timeout = lookup_timeout
         self._max_entries = max_entries
         # customer -> (expires_at, stage, resolution): the hit path reads a tuple, nothing else.
         self._cache: dict[str, tuple[float, Stage, Resolution]] = {}
+        # customer -> its Stripe test clock, as its last lookup read it (only customers on one)
+        self._clocks: dict[str, str] = {}
         self._epoch = 0
         self._hits = 0
         self._misses = 0
@@ -127,6 +135,11 @@ class StageResolver:
     def stats(self) -> ResolverStats:
         """The counters so far: hits, misses, safe_fallbacks, invalidations."""
         return ResolverStats(self._hits, self._misses, self._safe_fallbacks, self._invalidations)
+
+    @property
+    def test_clocks(self) -> FrozenTimes | None:
+        """What tells the Stripe test clocks' frozen times, if anything does."""
+        return self._test_clocks
 
     @property
     def subscribed(self) -> bool:
@@ -159,22 +172,40 @@ class StageResolver:
             rollout = await self._store.get_rollout()
             overrides = await self._store.overrides()
             schedules = await self._store.schedules()
+            billings = await self._store.billings()
         except StoreUnavailableError:
             return dict.fromkeys(wanted, self._settings.safe_stage)
         now, salt = self._clock(), self._salt
-        return {
-            customer: stage_only(
+        none = CustomerBilling()
+        stages: dict[str, Stage] = {}
+        for customer in wanted:
+            billing = billings.get(customer, none)
+            stages[customer] = stage_only(
                 customer,
                 kill=kill,
                 override=overrides.get(customer),
                 schedule=schedules.get(customer, ()),
                 rollout=rollout,
                 default=default,
-                now=now,
+                now=await customer_now(billing.test_clock, self._test_clocks, now),
                 salt=salt,
+                price_move_at=billing.price_move_at,
             )
-            for customer in wanted
-        }
+        return stages
+
+    async def test_clock_now(self, customer: str) -> float | None:
+        """The frozen time of the Stripe test clock ``customer`` lives on, as its last lookup
+        (``resolve``) found it; None for a customer on no clock, or never looked up, or whose
+        clock was never read. The clock's reading is kept a few seconds (``test_clocks``), so
+        this reads neither Redis nor, mostly, Stripe."""
+        clock = self._clocks.get(customer)
+        if clock is None or self._test_clocks is None:
+            return None
+        try:
+            return await self._test_clocks.frozen_time(clock)
+        except Exception:  # a bug must not fail a usage request: log it, use the process clock
+            logger.exception("reading test clock %s failed: using the process clock", clock)
+            return None
 
     def invalidate(self, customer: str | None = None) -> None:
         """Drop ``customer``'s cached resolution, or every one when ``None``."""
@@ -199,11 +230,23 @@ class StageResolver:
         except Exception as exc:  # a bug must not fail a usage request: log it, answer safe
             return self._fall_back(exc, unexpected=True)
         now = self._clock()
-        resolution = resolve_snapshot(customer, snapshot, now=now, salt=self._salt)
+        clock = snapshot.billing.test_clock
+        if clock is not None:
+            self._clocks[customer] = clock
+        else:
+            self._clocks.pop(customer, None)
+        try:
+            own = await customer_now(clock, self._test_clocks, now)
+        except Exception as exc:  # a bug must not fail a usage request: log it, answer safe
+            return self._fall_back(exc, unexpected=True)
+        resolution = resolve_snapshot(customer, snapshot, now=own, salt=self._salt)
         if self._ttl > 0 and epoch == self._epoch:
             expires_at = now + self._ttl
-            if resolution.valid_until is not None and resolution.valid_until < expires_at:
-                expires_at = resolution.valid_until
+            if resolution.valid_until is not None and clock is None:
+                expires_at = min(expires_at, resolution.valid_until)
+            elif resolution.valid_until is not None and resolution.valid_until <= own + self._ttl:
+                # On a test clock the entry falls due when someone advances it: not cached.
+                expires_at = now
             self._store_entry(customer, (expires_at, resolution.stage, resolution))
         return resolution
 

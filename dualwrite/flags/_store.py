@@ -20,16 +20,18 @@ from dualwrite.flags._codec import (
     KILL_FIELD,
     Throttle,
     check_customer,
+    encode_billing,
     encode_schedule,
     format_percent,
     parse_audit,
+    parse_billing,
     parse_kill,
     parse_rollout,
     parse_schedule,
     parse_stage,
     rollout_field,
 )
-from dualwrite.flags._models import AuditEntry, FlagSnapshot
+from dualwrite.flags._models import AuditEntry, CustomerBilling, FlagSnapshot
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 from dualwrite.redis_client import as_str, store_errors
@@ -171,6 +173,24 @@ class RedisFlagStore:
             self._keys.flags_config, KILL_FIELD, value, "set_kill", GLOBAL, actor, reason
         )
 
+    async def set_billing(
+        self, customer: str, billing: CustomerBilling, *, actor: str, reason: str = ""
+    ) -> None:
+        """Record ``customer``'s test clock and price move (``CustomerBilling``); both unset
+        removes the record."""
+        check_customer(customer)
+        if await self.billing_of(customer) == billing:
+            return
+        await self._change(
+            self._keys.flags_billing,
+            customer,
+            encode_billing(billing),
+            "set_billing",
+            customer,
+            actor,
+            reason,
+        )
+
     async def _change(
         self,
         key: str,
@@ -236,7 +256,8 @@ class RedisFlagStore:
             pipe.hgetall(self._keys.flags_config)
             pipe.hget(self._keys.flags_override, customer)
             pipe.hget(self._keys.flags_schedule, customer)
-            config, override, schedule = await pipe.execute()
+            pipe.hget(self._keys.flags_billing, customer)
+            config, override, schedule, billing = await pipe.execute()
         config = _str_dict(config)
         return FlagSnapshot(
             customer=customer,
@@ -246,7 +267,23 @@ class RedisFlagStore:
             rollout=parse_rollout(config, self._warn),
             override=parse_stage(as_str(override), f"the override of {customer}", self._warn),
             schedule=parse_schedule(as_str(schedule), customer, self._warn),
+            billing=parse_billing(as_str(billing), customer, self._warn),
         )
+
+    async def billing_of(self, customer: str) -> CustomerBilling:
+        """``customer``'s recorded test clock and price move (none recorded: both None)."""
+        async with store_errors("reading a customer's billing facts"):
+            raw = as_str(await self._redis.hget(self._keys.flags_billing, customer))
+        return parse_billing(raw, customer, self._warn)
+
+    async def billings(self) -> dict[str, CustomerBilling]:
+        """Every customer's recorded test clock and price move."""
+        result: dict[str, CustomerBilling] = {}
+        async with store_errors("listing billing facts"):
+            async for field, raw in self._redis.hscan_iter(self._keys.flags_billing, count=1000):
+                customer = str(as_str(field))
+                result[customer] = parse_billing(as_str(raw), customer, self._warn)
+        return result
 
     async def overrides(self) -> dict[str, Stage]:
         """Every customer override (invalid ones left out)."""

@@ -147,13 +147,27 @@ class MigrationStripe(AccountStripe):
 
     async def customer_exists(self, customer: str) -> bool:
         """Whether ``customer`` names a customer of the account (a deleted one does not)."""
+        return await self._customer(customer) is not None
+
+    async def customer_now(self, customer: str) -> int | None:
+        """The frozen time of the Stripe test clock ``customer`` lives on (Stripe judges its
+        usage by it), None when it lives on none; raises as ``customer_exists`` does."""
+        found = await self._customer(customer)
+        clock = (found or {}).get("test_clock")
+        if not clock:
+            return None
+        read = await self.request("GET", f"/v1/test_helpers/test_clocks/{clock}", pinned=False)
+        return int(read["frozen_time"])
+
+    async def _customer(self, customer: str) -> dict[str, Any] | None:
+        """The customer as Stripe returns it; None when there is none (or it was deleted)."""
         try:
             found = await self.request("GET", f"/v1/customers/{customer}", pinned=False)
         except MigrationStripeError as exc:
             if exc.failure is not None and exc.failure.http_status == 404:
-                return False
+                return None
             raise
-        return not found.get("deleted")
+        return None if found.get("deleted") else found
 
 
 def _parsed(body: dict[str, Any]) -> Price | PriceError:

@@ -11,18 +11,28 @@ Delivery is at-least-once; the effect is exactly-once because
 
 Retryable failures leave the stream for a sorted set scored by their due time (exponential backoff
 with jitter, at least ``Retry-After``) and come back when due. Permanent failures, and entries older
-than ``max_age_seconds``, go to the dead-letter stream and the divergence log. Entries left pending by
-a dead worker are claimed by the living after ``claim_idle_seconds``.
+than ``max_age_seconds``, go to the dead-letter stream and the divergence log; retired writes
+(legacy writes Stripe refused because the item moved to its meter-backed price) go to a retired
+stream of their own, as they are not failures. Entries left pending by a dead worker are claimed by
+the living after ``claim_idle_seconds``.
 """
 
 from __future__ import annotations
 
-from dualwrite.outbox._store import DEAD_MAXLEN, OUTBOX_GROUP, Outbox, OutboxDepth, OutboxEntry
+from dualwrite.outbox._store import (
+    DEAD_MAXLEN,
+    OUTBOX_GROUP,
+    RETIRED,
+    Outbox,
+    OutboxDepth,
+    OutboxEntry,
+)
 from dualwrite.outbox._worker import Disposition, OutboxWorker
 
 __all__ = [
     "DEAD_MAXLEN",
     "OUTBOX_GROUP",
+    "RETIRED",
     "Disposition",
     "Outbox",
     "OutboxDepth",

@@ -20,6 +20,7 @@ from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.rate_limits import MeterTurn
 from dualwrite.redis_client import (
     as_int,
+    as_str,
     is_cluster,
     read_groups,
     store_errors,
@@ -28,17 +29,20 @@ from dualwrite.redis_client import (
 )
 from dualwrite.rollups import ROLLUP_LUA
 
-__all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "Outbox", "OutboxDepth", "OutboxEntry"]
+__all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "RETIRED", "Outbox", "OutboxDepth", "OutboxEntry"]
 
 log = logging.getLogger(__name__)
 
 OUTBOX_GROUP = "dualwrite-workers"
 DEAD_MAXLEN = 1_000_000
+#: The reason of a retired write's dead letter (a legacy write Stripe refused because the item moved
+#: to its meter-backed price): not a failure, so it goes to the shard's retired stream.
+RETIRED = "retired"
 
 _T = TypeVar("_T")
 
-# KEYS: outbox, ledger hash, ledger index, divergence, dead letters, rollup, rollup index,
-#       [meter turn]
+# KEYS: outbox, ledger hash, ledger index, divergence, dead letters (the retired stream for a retired
+#       write), rollup, rollup index, [meter turn]
 # ARGV: group, entry id, index member, index score, divergence maxlen, dead maxlen, turn token ('':
 #       no turn to release), then three lists, each a count followed by name/value pairs:
 #       increments, divergence, dead letter
@@ -69,6 +73,15 @@ if #dead > 0 then redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpac
 return 1
 """
 )
+
+# KEYS: dead letters, retired stream; ARGV: entry id, retired maxlen, then its fields and values
+_MOVE_RETIRED = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return 1
+"""
+_MOVE_PAGE = 1_000
+_MOVE_LEASE_SECONDS = 300
 
 # KEYS: outbox, retry set; ARGV: group, entry id, due time, payload
 _RESCHEDULE = """
@@ -130,6 +143,8 @@ class OutboxDepth(BaseModel):
     scheduled: int
     """Entries waiting out a retry backoff."""
     dead: int
+    """Dead letters: writes refused for good or expired. Retired writes are not failures and are
+    not counted (they live in their own stream)."""
 
     @property
     def outstanding(self) -> int:
@@ -210,6 +225,7 @@ class Outbox:
         self._settle_one = None if is_cluster(redis) else _Coalesced(redis, self._settle)
         self._reschedule = redis.register_script(_RESCHEDULE)
         self._promote = redis.register_script(_PROMOTE)
+        self._move_retired = redis.register_script(_MOVE_RETIRED)
         self._groups_ready = False
 
     async def ensure_groups(self) -> None:
@@ -225,7 +241,42 @@ class Outbox:
                 except ResponseError as exc:
                     if "BUSYGROUP" not in str(exc):
                         raise
+            await self._move_old_retired()
         self._groups_ready = True
+
+    async def _move_old_retired(self) -> None:
+        """Move the retired letters an older version wrote to the dead stream into the retired
+        stream, so the dead count is failures only. Once per shard: a marker says it is done (and,
+        with a lease, that a process is at it); each letter moves in one script, once."""
+        for shard in self.keys.all_shards():
+            if as_str(await self._redis.get(shard.retired_moved)) == "done":
+                continue
+            if not await self._redis.set(
+                shard.retired_moved, "moving", nx=True, ex=_MOVE_LEASE_SECONDS
+            ):
+                continue  # another process is moving them
+            start, moved = "-", 0
+            while True:
+                page = stream_entries(
+                    await self._redis.xrange(shard.dead, min=start, count=_MOVE_PAGE)
+                )
+                for entry_id, fields in page:
+                    if fields.get("reason") == RETIRED:
+                        pairs = [part for pair in fields.items() for part in pair]
+                        moved += as_int(
+                            await self._move_retired(
+                                keys=[shard.dead, shard.retired],
+                                args=[entry_id, DEAD_MAXLEN, *pairs],
+                            )
+                        )
+                if len(page) < _MOVE_PAGE:
+                    break
+                start = f"({page[-1][0]}"
+            await self._redis.set(shard.retired_moved, "done")
+            if moved:
+                log.info(
+                    "moved %d retired letter(s) of shard %d to their own stream", moved, shard.shard
+                )
 
     async def _mending_groups(self, action: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``action``; if Redis answers NOGROUP (a stream and its group are gone: Redis lost
@@ -376,7 +427,7 @@ class Outbox:
             update.key,
             shard.ledger_index,
             shard.divergence,
-            shard.dead,
+            shard.retired if dead is not None and dead.get("reason") == RETIRED else shard.dead,
             *update.rollup_keys,
         ]
         if turn is not None:

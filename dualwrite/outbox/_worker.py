@@ -25,7 +25,7 @@ from dualwrite.ledger import (
     failure_code,
 )
 from dualwrite.models import Leg, Stage, UsageEvent, WriteResult
-from dualwrite.outbox._store import Outbox, OutboxEntry
+from dualwrite.outbox._store import RETIRED, Outbox, OutboxEntry
 from dualwrite.rate_limits import MeterTurn
 from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeWriter
 
@@ -487,7 +487,7 @@ class OutboxWorker:
             )
         dead = {
             "entry": entry.payload(),
-            "reason": "expired" if expired else ("retired" if retired else "refused"),
+            "reason": "expired" if expired else (RETIRED if retired else "refused"),
             "code": code,
             "error": describe_failure(failure) or "",
             "at": f"{self._clock():.3f}",

@@ -168,7 +168,7 @@ class Reconciler:
         Raises:
             ConfigError: no Stripe key is set.
         """
-        api_key = settings.api_key()
+        api_key = settings.stripe_api_key_value()
         if not api_key:
             msg = "reconcile reads Stripe: set STRIPE_API_KEY"
             raise ConfigError(msg)

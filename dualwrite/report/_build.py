@@ -159,6 +159,8 @@ _LINE_COUNTERS = (
 _ZEROS = dict.fromkeys(_LINE_COUNTERS, 0)
 _LINE_VALUES = operator.itemgetter(*_LINE_COUNTERS)
 _LEGS = len(_LEG_FIELDS)
+_LEGACY_EXPECTED = "legacy_expected_qty"
+_METER_EXPECTED = "meter_expected_qty"
 _BY_PERIOD_STAGES = (Stage.SHADOW, Stage.PRIMARY)
 
 
@@ -216,11 +218,22 @@ def _line(
             failures[key] = failures.get(key, 0) + value
     both = legacy["expected_qty"] and meter["expected_qty"]
     held = legacy_held(legacy["accepted_qty"], legacy["retired_qty"])
-    larger = max(held, meter["accepted_qty"])
+    meter_held = meter["accepted_qty"]
+    if both and len(rows) > 1:
+        # Only periods where both legs were written compare: a period at ``meter`` (no legacy
+        # write) beside earlier ``primary`` ones is no difference between the legs.
+        dual = [
+            r for r in rows if r.counters.get(_LEGACY_EXPECTED) and r.counters.get(_METER_EXPECTED)
+        ]
+        if len(dual) < len(rows):
+            dual_sums = _summed(dual) if dual else {}
+            held = legacy_held(
+                dual_sums.get("legacy_accepted_qty", 0), dual_sums.get("legacy_retired_qty", 0)
+            )
+            meter_held = dual_sums.get("meter_accepted_qty", 0)
+    larger = max(held, meter_held)
     difference_pct = (
-        round((held - meter["accepted_qty"]) * 100 / larger, 4)
-        if both and larger
-        else (0.0 if both else None)
+        round((held - meter_held) * 100 / larger, 4) if both and larger else (0.0 if both else None)
     )
     periods = _by_period(rows) if stage in _BY_PERIOD_STAGES else {}
     unfinished_total = sum((unfinished or {}).values())
