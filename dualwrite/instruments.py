@@ -339,6 +339,15 @@ def count_unmapped() -> None:
 # -- resolvers (read at scrape time) -------------------------------------------------------------
 
 _resolvers: weakref.WeakSet[CacheStatsSource] = weakref.WeakSet()
+_CACHE_FIELDS = (
+    ("hits", "Stage resolutions answered from the local cache."),
+    ("misses", "Stage lookups that went to Redis (failed ones included)."),
+    ("safe_fallbacks", "Stage resolutions answered with the safe stage (Redis failed)."),
+    ("invalidations", "Stage cache invalidations (flag changes, reconnects)."),
+)
+# What resolvers no longer alive counted, and the last totals reported: a counter never goes down.
+_retired: dict[str, int] = {name: 0 for name, _ in _CACHE_FIELDS}
+_reported: dict[str, int] = {name: 0 for name, _ in _CACHE_FIELDS}
 
 
 def track_resolver(resolver: CacheStatsSource) -> None:
@@ -346,21 +355,26 @@ def track_resolver(resolver: CacheStatsSource) -> None:
     _resolvers.add(resolver)
 
 
-class _ResolverCollector(Collector):
-    """The stage cache counters, summed over the process's live resolvers."""
+def untrack_resolver(resolver: CacheStatsSource) -> None:
+    """Keep what ``resolver`` counted in the totals once it is gone (called as it is collected)."""
+    stats = resolver.stats
+    # Out of the live set first: a scrape between the two lines reads a total too low, which
+    # ``_ResolverCollector`` holds at the last one reported, never one counted twice.
+    _resolvers.discard(resolver)
+    for name, _ in _CACHE_FIELDS:
+        _retired[name] += getattr(stats, name)
 
-    _FIELDS = (
-        ("hits", "Stage resolutions answered from the local cache."),
-        ("misses", "Stage lookups that went to Redis (failed ones included)."),
-        ("safe_fallbacks", "Stage resolutions answered with the safe stage (Redis failed)."),
-        ("invalidations", "Stage cache invalidations (flag changes, reconnects)."),
-    )
+
+class _ResolverCollector(Collector):
+    """The stage cache counters: the process's live resolvers' plus those of resolvers gone."""
 
     def collect(self) -> Iterable[Metric]:
         stats = [resolver.stats for resolver in list(_resolvers)]
-        for field, documentation in self._FIELDS:
-            family = CounterMetricFamily(f"dualwrite_stage_cache_{field}", documentation)
-            family.add_metric([], sum(getattr(item, field) for item in stats))
+        for name, documentation in _CACHE_FIELDS:
+            total = _retired[name] + sum(getattr(item, name) for item in stats)
+            _reported[name] = max(_reported[name], total)
+            family = CounterMetricFamily(f"dualwrite_stage_cache_{name}", documentation)
+            family.add_metric([], _reported[name])
             yield family
 
 

@@ -3,6 +3,8 @@ and the engine against the Stripe stand-in; ``/metrics`` is guarded by its optio
 
 from __future__ import annotations
 
+import gc
+
 import anyio
 import httpx
 import pytest
@@ -235,3 +237,29 @@ class TestEndpoint:
         assert response.status_code == 200
         assert METRICS_TOKEN not in response.text
         assert (await scrape(metrics_app())).status_code == 200
+
+
+class TestStageCacheCounters:
+    """The stage cache counters are Prometheus counters: they never go down."""
+
+    async def test_a_collected_resolvers_counts_are_kept(self, engine: DualWriteEngine) -> None:
+        """A resolver garbage-collected between two scrapes leaves its misses in the total (the
+        sum over live resolvers alone went down, and a rate() over it read a counter reset)."""
+        from dualwrite.flags import StageResolver
+        from dualwrite.instruments import REGISTRY
+
+        def misses() -> float:
+            return REGISTRY.get_sample_value("dualwrite_stage_cache_misses_total") or 0.0
+
+        before = misses()
+        resolver = StageResolver(engine.redis, engine.keys, engine.settings.flags)
+        for customer in ("cus_gc_a", "cus_gc_b", "cus_gc_c"):
+            await resolver.resolve(customer)
+        assert misses() == before + 3
+        del resolver
+        gc.collect()
+        assert misses() == before + 3
+        later = StageResolver(engine.redis, engine.keys, engine.settings.flags)
+        for customer in ("cus_gc_d", "cus_gc_e"):
+            await later.resolve(customer)
+        assert misses() == before + 5

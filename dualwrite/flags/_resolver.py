@@ -131,6 +131,11 @@ class StageResolver:
         self._subscribed = asyncio.Event()
         instruments.track_resolver(self)
 
+    def __del__(self) -> None:
+        # A resolver dropped without ceremony (an engine rebuilt, a test's) keeps its counts in
+        # the process's totals: Prometheus counters must never go down.
+        instruments.untrack_resolver(self)
+
     @property
     def stats(self) -> ResolverStats:
         """The counters so far: hits, misses, safe_fallbacks, invalidations."""
