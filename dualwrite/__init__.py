@@ -7,34 +7,37 @@ they pull in a server and test helpers that an application never needs at import
 
 from __future__ import annotations
 
-from dualwrite.config import MeterMapping, Settings, UsageRoute
-from dualwrite.engine import DualWriteEngine, StageSource
-from dualwrite.exceptions import (
-    ConfigError,
-    ConflictError,
-    DualwriteError,
-    IdempotencyError,
-    PriceError,
-    RedisEvictionError,
-    StoreUnavailableError,
-    UsageInputError,
-)
-from dualwrite.flags import AuditEntry, RedisFlagStore, Resolution, StageResolver
-from dualwrite.ledger import DivergenceRecord, Ledger
-from dualwrite.middleware import DualWriteMiddleware
-from dualwrite.models import (
-    Leg,
-    RecordOutcome,
-    Stage,
-    StagePlan,
-    StripeFailure,
-    UsageEvent,
-    WriteResult,
-    plan_for,
-)
-from dualwrite.outbox import Outbox, OutboxDepth, OutboxWorker
-from dualwrite.recorder import Recorder, SyncRecorder
-from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
+import typing
+
+if typing.TYPE_CHECKING:
+    from dualwrite.config import MeterMapping, Settings, UsageRoute
+    from dualwrite.engine import DualWriteEngine, StageSource
+    from dualwrite.exceptions import (
+        ConfigError,
+        ConflictError,
+        DualwriteError,
+        IdempotencyError,
+        PriceError,
+        RedisEvictionError,
+        StoreUnavailableError,
+        UsageInputError,
+    )
+    from dualwrite.flags import AuditEntry, RedisFlagStore, Resolution, StageResolver
+    from dualwrite.ledger import DivergenceRecord, Ledger
+    from dualwrite.middleware import DualWriteMiddleware
+    from dualwrite.models import (
+        Leg,
+        RecordOutcome,
+        Stage,
+        StagePlan,
+        StripeFailure,
+        UsageEvent,
+        WriteResult,
+        plan_for,
+    )
+    from dualwrite.outbox import Outbox, OutboxDepth, OutboxWorker
+    from dualwrite.recorder import Recorder, SyncRecorder
+    from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
 
 __all__ = [
     "AuditEntry",
@@ -77,8 +80,59 @@ __all__ = [
     "render_table",
 ]
 
+#: Where each public name lives. deferred: start-up cost. The names are imported on first use (PEP
+#: 562), so ``import dualwrite`` costs no more than the package itself, and an application pays for
+#: the engine, pydantic-settings and stripe only when it touches them.
+_EXPORTS: dict[str, str] = {
+    "AuditEntry": "dualwrite.flags",
+    "ConfigError": "dualwrite.exceptions",
+    "ConflictError": "dualwrite.exceptions",
+    "CustomerReport": "dualwrite.report",
+    "DivergenceRecord": "dualwrite.ledger",
+    "DualWriteEngine": "dualwrite.engine",
+    "DualWriteMiddleware": "dualwrite.middleware",
+    "DualwriteError": "dualwrite.exceptions",
+    "IdempotencyError": "dualwrite.exceptions",
+    "Ledger": "dualwrite.ledger",
+    "Leg": "dualwrite.models",
+    "LegTotals": "dualwrite.report",
+    "MeterMapping": "dualwrite.config",
+    "Outbox": "dualwrite.outbox",
+    "OutboxDepth": "dualwrite.outbox",
+    "OutboxWorker": "dualwrite.outbox",
+    "PriceError": "dualwrite.exceptions",
+    "RecordOutcome": "dualwrite.models",
+    "Recorder": "dualwrite.recorder",
+    "RedisEvictionError": "dualwrite.exceptions",
+    "RedisFlagStore": "dualwrite.flags",
+    "Report": "dualwrite.report",
+    "Resolution": "dualwrite.flags",
+    "Settings": "dualwrite.config",
+    "Stage": "dualwrite.models",
+    "StagePlan": "dualwrite.models",
+    "StageResolver": "dualwrite.flags",
+    "StageSource": "dualwrite.engine",
+    "StoreUnavailableError": "dualwrite.exceptions",
+    "StripeFailure": "dualwrite.models",
+    "SyncRecorder": "dualwrite.recorder",
+    "UsageEvent": "dualwrite.models",
+    "UsageInputError": "dualwrite.exceptions",
+    "UsageRoute": "dualwrite.config",
+    "WriteResult": "dualwrite.models",
+    "build_report": "dualwrite.report",
+    "plan_for": "dualwrite.models",
+    "render_table": "dualwrite.report",
+}
 
-def __getattr__(name: str) -> str:
+
+def __getattr__(name: str) -> object:
+    module_name = _EXPORTS.get(name)
+    if module_name is not None:
+        from importlib import import_module  # deferred: start-up cost
+
+        value = getattr(import_module(module_name), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     # The version is read from the installed metadata only when asked for (stamina's pattern), so
     # that importing dualwrite does not pay for importlib.metadata.
     if name != "__version__":
@@ -88,3 +142,7 @@ def __getattr__(name: str) -> str:
     from importlib.metadata import version
 
     return version("dualwrite")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
