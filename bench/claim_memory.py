@@ -70,35 +70,26 @@ async def _used_memory(redis: aioredis.Redis) -> int:
 
 
 async def _old_format_bytes(
-    engine: DualWriteEngine, redis: aioredis.Redis, prefix: str, *, limit: int
+    engine: DualWriteEngine, redis: aioredis.Redis, events: list[UsageEvent]
 ) -> float:
     """The baseline, measured in the same run: MEMORY USAGE per record of the format before
-    issue 20 (a hash: the full fingerprint, the state, the outcome as JSON), written beside the
-    records of ``limit`` caller-keyed events, then deleted."""
+    issue 20 (a hash: the full fingerprint, the state, the outcome as JSON) for ``events``'
+    outcomes, written beside their compact records, then deleted."""
     from dualwrite import _remembered as remembered
 
     total = 0
-    keys = []
-    async for raw in redis.scan_iter(match=f"{prefix}:*:idem:*", count=1000):
-        key = raw.decode() if isinstance(raw, bytes) else str(raw)
+    keys: list[str] = []
+    for event in events:
+        key = engine.keys.for_customer(event.customer).idempotency(event.identifier)
         record = await engine.redis.get(key)
-        identifier = f"old-{len(keys)}"
-        # The outcome is rebuilt for an event of the same usage; only its identifier differs.
-        shape = UsageEvent(
-            identifier=identifier,
-            identifier_source="idempotency_key",
-            customer="cus_0",
-            event_name=EVENT_NAME,
-            subscription_item="si_0",
-            quantity=1,
-            timestamp=int(time.time()),
-        )
-        outcome = remembered.decode(record, shape)
+        if not isinstance(record, str):
+            continue
+        outcome = remembered.decode(record, event)
         old_key = key.replace(":idem:", ":idem-old:")
         await engine.redis.hset(
             old_key,
             mapping={
-                "fp": shape.fingerprint(),
+                "fp": event.fingerprint(),
                 "state": "done",
                 "outcome": outcome.model_dump_json(),
             },
@@ -106,8 +97,6 @@ async def _old_format_bytes(
         await engine.redis.expire(old_key, 600)
         total += int(await redis.memory_usage(old_key, samples=0) or 0)
         keys.append(old_key)
-        if len(keys) >= limit:
-            break
     for start in range(0, len(keys), 500):
         await redis.unlink(*keys[start : start + 500])
     return total / max(len(keys), 1)
@@ -134,9 +123,9 @@ async def run(events: int, minted: int, redis_url: str = REDIS_URL) -> dict[str,
             await RedisFlagStore(engine.redis, engine.keys).set_default(Stage.SHADOW, actor="bench")
             limit = asyncio.Semaphore(32)
 
-            async def one(n: int, tracked: bool) -> None:
+            def event_of(n: int, tracked: bool) -> UsageEvent:
                 customer, item = customers[n % len(customers)]
-                event = UsageEvent(
+                return UsageEvent(
                     identifier=f"bench-{n}-{tracked}" if tracked else f"dwev_{uuid.uuid4().hex}",
                     identifier_source="idempotency_key" if tracked else "minted",
                     customer=customer,
@@ -145,6 +134,9 @@ async def run(events: int, minted: int, redis_url: str = REDIS_URL) -> dict[str,
                     quantity=1 + n % 5,
                     timestamp=int(time.time()),
                 )
+
+            async def one(n: int, tracked: bool) -> None:
+                event = event_of(n, tracked)
                 async with limit:
                     outcome = await engine.record(event)
                 assert outcome.accepted, outcome
@@ -158,7 +150,8 @@ async def run(events: int, minted: int, redis_url: str = REDIS_URL) -> dict[str,
             await asyncio.wait_for(worker.drain(), 600)
             used_tracked = await _used_memory(redis) - before_tracked
             after_tracked, _ = await _memory_by_kind(redis, prefix)
-            old_format = await _old_format_bytes(engine, redis, prefix, limit=min(events, 2000))
+            sample = [event_of(n, True) for n in range(min(events, 2000))]
+            old_format = await _old_format_bytes(engine, redis, sample)
             before_minted = await _used_memory(redis)
             await asyncio.gather(*(one(n, False) for n in range(minted)))
             await asyncio.wait_for(worker.drain(), 600)
