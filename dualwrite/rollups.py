@@ -4,9 +4,12 @@ A report over 100,000 customers would otherwise read 130,000 small hashes. So ev
 changes a ledger row (``P:{sN}:ledger:<period>:<cus>:<ev>``) also copies the whole row, in the same
 atomic step, into one field of a rollup hash ``P:{sN}:rollup:<first>:<last>`` (``first`` and ``last``:
 the UTC day numbers the row's period starts and ends in). The field is the row's ledger-index
-member ``<period>|<cus>|<ev>``; the value is the row's counters as a JSON object
-(``{"events":40,"quantity":1234}``) written from the very strings ``HGETALL`` returned, so nothing is
-rounded, and many rows parse in one ``json.loads``. The copy is made after the increments, in the
+member ``<period>|<cus>|<ev>``; the value is the row's counters packed as a JSON list by position
+(``[1,40,1234,…]``: the layout's version, then ``PACKED_FIELDS`` in order, trailing ones left
+out, any other counter in a final object), written from the very strings ``HGETALL`` returned, so
+nothing is rounded, and many rows parse in one ``json.loads``. Issue 20 packed them: a copy with
+its counters named (``{"events":40,"quantity":1234,…}``, still read) took about three times the
+bytes, as much as the row itself. The copy is made after the increments, in the
 script that made them: a rollup can never disagree with its row.
 
 A report reads the rollups whose days overlap its range (``P:{sN}:rollup-index``, scored by first
@@ -23,7 +26,7 @@ import gc
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -32,6 +35,8 @@ from dualwrite.periods import Period, period_of
 from dualwrite.redis_client import as_int, as_str_list, store_errors
 
 __all__ = [
+    "PACKED_FIELDS",
+    "PACKED_VERSION",
     "ROLLUP_LUA",
     "RolledRow",
     "backfill",
@@ -44,19 +49,72 @@ __all__ = [
 
 DAY = 86_400
 
-ROLLUP_LUA = """
+#: The counters a packed row copy holds by position (version 1 of the layout; never reorder:
+#: add a version instead). Any other counter (failure codes) rides in a trailing JSON object.
+PACKED_FIELDS: tuple[str, ...] = (
+    "events",
+    "quantity",
+    "legacy_expected_events",
+    "legacy_expected_qty",
+    "legacy_accepted_events",
+    "legacy_accepted_qty",
+    "meter_expected_events",
+    "meter_expected_qty",
+    "meter_accepted_events",
+    "meter_accepted_qty",
+    "legacy_failed_events",
+    "legacy_failed_qty",
+    "meter_failed_events",
+    "meter_failed_qty",
+    "legacy_retired_events",
+    "legacy_retired_qty",
+    "meter_late_refused_events",
+    "meter_late_refused_qty",
+    "legacy_refused_events",
+    "meter_refused_events",
+    "translated_events",
+    "delayed_events",
+    "meter_backfilled_events",
+    "meter_backfilled_qty",
+    "divergent_events",
+    "stage_legacy_events",
+    "stage_shadow_events",
+    "stage_primary_events",
+    "stage_meter_events",
+)
+PACKED_VERSION = 1
+
+ROLLUP_LUA = (
+    """
 -- dualwrite.rollups: copy ledger row `row` (index member `member`, first day `score`) into
--- rollup hash `rollup`, and list that rollup in `rollups`.
+-- rollup hash `rollup`, and list that rollup in `rollups`, packed: [1,<counters by position>,{others}].
 -- Counter names are letters, digits, '_', '-' and ':' (``safe_code``) and values are integers,
 -- so the JSON needs no escaping, and no value goes through a Lua number (a double).
+local ROLLUP_AT = {"""
+    + ", ".join(f"{name}={at}" for at, name in enumerate(PACKED_FIELDS, start=1))
+    + """}
 local function ledger_rollup(row, member, score, rollup, rollups)
   local h = redis.call('HGETALL', row)
-  local parts = {}
-  for j = 1, #h, 2 do parts[#parts + 1] = '"' .. h[j] .. '":' .. h[j + 1] end
-  redis.call('HSET', rollup, member, '{' .. table.concat(parts, ',') .. '}')
+  local values, others, last = {}, {}, 0
+  for j = 1, #h, 2 do
+    local at = ROLLUP_AT[h[j]]
+    if at then
+      values[at] = h[j + 1]
+      if at > last then last = at end
+    else
+      others[#others + 1] = '"' .. h[j] .. '":' .. h[j + 1]
+    end
+  end
+  local parts = {'"""
+    + str(PACKED_VERSION)
+    + """'}
+  for at = 1, last do parts[at + 1] = values[at] or '0' end
+  if #others > 0 then parts[#parts + 1] = '{' .. table.concat(others, ',') .. '}' end
+  redis.call('HSET', rollup, member, '[' .. table.concat(parts, ',') .. ']')
   redis.call('ZADD', rollups, score, rollup)
 end
 """
+)
 """A Lua function for the ledger's writers to prepend to their scripts and call after their
 increments: ``ledger_rollup(row, member, score, rollup, rollups)``."""
 
@@ -111,8 +169,23 @@ def collector_paused() -> Iterator[None]:
 
 
 def parse_counters(packed: Sequence[str]) -> list[dict[str, int]]:
-    """The counters of many row copies, parsed at once."""
-    counters: list[dict[str, int]] = json.loads("[" + ",".join(packed) + "]")
+    """The counters of many row copies, parsed at once (one ``json.loads``). A copy is a packed
+    list (``[1, events, quantity, …, {other counters}]``), or, written before issue 20, a JSON
+    object of every counter."""
+    rows: list[Any] = json.loads("[" + ",".join(packed) + "]")
+    counters: list[dict[str, int]] = []
+    fields = PACKED_FIELDS
+    for row in rows:
+        if type(row) is dict:
+            counters.append(row)
+            continue
+        last = row[-1]
+        if type(last) is dict:
+            found: dict[str, int] = dict(zip(fields, row[1:-1], strict=False))
+            found.update(last)
+        else:
+            found = dict(zip(fields, row[1:], strict=False))
+        counters.append(found)
     return counters
 
 
