@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -180,6 +178,8 @@ def _version(value: bool) -> None:
 
 
 def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # deferred: start-up cost
+
     try:
         return version("dualwrite")
     except PackageNotFoundError:  # a source tree that was never installed
@@ -247,6 +247,8 @@ def load_settings(ctx: typer.Context) -> Settings:
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a library coroutine, turning dualwrite errors into messages and exit codes."""
+    import asyncio  # deferred: start-up cost (asyncio imports ssl: ~40 ms)
+
     try:
         return asyncio.run(coroutine)
     except StoreUnavailableError as exc:
