@@ -4,9 +4,9 @@ A report over 100,000 customers would otherwise read 130,000 small hashes. So ev
 changes a ledger row (``P:{sN}:ledger:<period>:<cus>:<ev>``) also copies the whole row, in the same
 atomic step, into one field of a rollup hash ``P:{sN}:rollup:<first>:<last>`` (``first`` and ``last``:
 the UTC day numbers the row's period starts and ends in). The field is the row's ledger-index
-member ``<period>|<cus>|<ev>``; the value is the row's counters packed as a JSON list by position
-(``[1,40,1234,…]``: the layout's version, then ``PACKED_FIELDS`` in order, trailing ones left
-out, any other counter in a final object), written from the very strings ``HGETALL`` returned, so
+member ``<period>|<cus>|<ev>``; the value is the row's counters packed as a JSON list
+(``[1,0,40,1,1234,…]``: the layout's version, then each counter's position in ``PACKED_FIELDS``
+and its value, any other counter in a final object), written from the very strings ``HGETALL`` returned, so
 nothing is rounded, and many rows parse in one ``json.loads``. Issue 20 packed them: a copy with
 its counters named (``{"events":40,"quantity":1234,…}``, still read) took about three times the
 bytes, as much as the row itself. The copy is made after the increments, in the
@@ -49,8 +49,8 @@ __all__ = [
 
 DAY = 86_400
 
-#: The counters a packed row copy holds by position (version 1 of the layout; never reorder:
-#: add a version instead). Any other counter (failure codes) rides in a trailing JSON object.
+#: The counters a packed row copy names by their position here (version 1 of the layout; never
+#: reorder: add a version instead). Any other counter (failure codes) rides in a final JSON object.
 PACKED_FIELDS: tuple[str, ...] = (
     "events",
     "quantity",
@@ -87,28 +87,26 @@ PACKED_VERSION = 1
 ROLLUP_LUA = (
     """
 -- dualwrite.rollups: copy ledger row `row` (index member `member`, first day `score`) into
--- rollup hash `rollup`, and list that rollup in `rollups`, packed: [1,<counters by position>,{others}].
+-- rollup hash `rollup`, and list that rollup in `rollups`, packed: [1,<position>,<value>,…,{others}].
 -- Counter names are letters, digits, '_', '-' and ':' (``safe_code``) and values are integers,
 -- so the JSON needs no escaping, and no value goes through a Lua number (a double).
 local ROLLUP_AT = {"""
-    + ", ".join(f"{name}={at}" for at, name in enumerate(PACKED_FIELDS, start=1))
+    + ", ".join(f"{name}='{at}'" for at, name in enumerate(PACKED_FIELDS))
     + """}
 local function ledger_rollup(row, member, score, rollup, rollups)
   local h = redis.call('HGETALL', row)
-  local values, others, last = {}, {}, 0
+  local parts, others = {'"""
+    + str(PACKED_VERSION)
+    + """'}, {}
   for j = 1, #h, 2 do
     local at = ROLLUP_AT[h[j]]
     if at then
-      values[at] = h[j + 1]
-      if at > last then last = at end
+      parts[#parts + 1] = at
+      parts[#parts + 1] = h[j + 1]
     else
       others[#others + 1] = '"' .. h[j] .. '":' .. h[j + 1]
     end
   end
-  local parts = {'"""
-    + str(PACKED_VERSION)
-    + """'}
-  for at = 1, last do parts[at + 1] = values[at] or '0' end
   if #others > 0 then parts[#parts + 1] = '{' .. table.concat(others, ',') .. '}' end
   redis.call('HSET', rollup, member, '[' .. table.concat(parts, ',') .. ']')
   redis.call('ZADD', rollups, score, rollup)
@@ -170,21 +168,21 @@ def collector_paused() -> Iterator[None]:
 
 def parse_counters(packed: Sequence[str]) -> list[dict[str, int]]:
     """The counters of many row copies, parsed at once (one ``json.loads``). A copy is a packed
-    list (``[1, events, quantity, …, {other counters}]``), or, written before issue 20, a JSON
-    object of every counter."""
+    list (``[1, position, value, …, {other counters}]``), or, written before issue 20, a JSON
+    object of every counter; either way exactly the row's counters."""
     rows: list[Any] = json.loads("[" + ",".join(packed) + "]")
     counters: list[dict[str, int]] = []
-    fields = PACKED_FIELDS
+    name = PACKED_FIELDS.__getitem__
     for row in rows:
         if type(row) is dict:
             counters.append(row)
             continue
         last = row[-1]
         if type(last) is dict:
-            found: dict[str, int] = dict(zip(fields, row[1:-1], strict=False))
+            found: dict[str, int] = dict(zip(map(name, row[1:-1:2]), row[2:-1:2], strict=True))
             found.update(last)
         else:
-            found = dict(zip(fields, row[1:], strict=False))
+            found = dict(zip(map(name, row[1::2]), row[2::2], strict=True))
         counters.append(found)
     return counters
 
