@@ -200,6 +200,9 @@ async def main(customers: int, runs: int, *, reconciled: bool) -> None:
                 lambda: build_report(ledger, resolver, since=SINCE, until=UNTIL)
             )
             built_cpu = time.process_time() - cpu_started
+            if run == 0:
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"peak RSS after the first build_report: {rss:,.0f} MiB")
             started = time.perf_counter()
             text = report.model_dump_json()  # type: ignore[attr-defined]
             as_json = time.perf_counter() - started
