@@ -132,7 +132,7 @@ def load_commands(names: typing.Iterable[str] | None = None) -> None:
 
 def command_named(args: list[str]) -> str | None:
     """The command a command line runs (``None`` for ``dualwrite``, ``--help`` or ``--version``)."""
-    from dualwrite.cli._common import hoist_config
+    from dualwrite.cli._common import hoist_config  # deferred: start-up cost
 
     args = hoist_config(args)
     index = 0
@@ -152,9 +152,9 @@ def command_named(args: list[str]) -> str | None:
 def root_command(args: list[str]) -> TyperGroup:
     """The root click group for ``args``: the command it runs fully loaded, every other command
     listed by name, section and summary only."""
-    import typer.main
+    import typer.main  # deferred: start-up cost
 
-    from dualwrite.cli._common import UnloadedCommand, app as bare_app
+    from dualwrite.cli._common import UnloadedCommand, app as bare_app  # deferred: start-up cost
 
     load_commands([name] if (name := command_named(args)) is not None else [])
     group = typing.cast("TyperGroup", typer.main.get_command(bare_app))
@@ -175,6 +175,6 @@ def __getattr__(name: str) -> typer.Typer:
         msg = f"module {__name__!r} has no attribute {name!r}"
         raise AttributeError(msg)
     load_commands()
-    from dualwrite.cli._common import app
+    from dualwrite.cli._common import app  # deferred: start-up cost
 
     return app

@@ -272,7 +272,7 @@ def actor_name(actor: str | None) -> str:
 async def flag_store(settings: Settings) -> AsyncIterator[RedisFlagStore]:
     """A flag store on its own Redis connection, closed afterwards."""
     from dualwrite.flags import RedisFlagStore  # deferred: start-up cost
-    from dualwrite.keys import KeySpace
+    from dualwrite.keys import KeySpace  # deferred: start-up cost
     from dualwrite.redis_client import open_redis  # deferred: start-up cost (redis)
 
     redis = open_redis(settings.redis)

@@ -72,13 +72,13 @@ def report(
         msg = f"--since {since} is after --until {until}; give the earlier day first"
         raise typer.BadParameter(msg)
 
-    # deferred: start-up cost (redis, the report's readers), so that `report --help` stays quick.
-    from dualwrite.flags import StageResolver
-    from dualwrite.keys import KeySpace
-    from dualwrite.ledger import Ledger
-    from dualwrite.outbox import Outbox
-    from dualwrite.redis_client import open_redis
-    from dualwrite.report import build_report, render_csv, render_table
+    # Imported here so that `report --help` stays quick (redis, the report's readers).
+    from dualwrite.flags import StageResolver  # deferred: start-up cost
+    from dualwrite.keys import KeySpace  # deferred: start-up cost
+    from dualwrite.ledger import Ledger  # deferred: start-up cost
+    from dualwrite.outbox import Outbox  # deferred: start-up cost
+    from dualwrite.redis_client import open_redis  # deferred: start-up cost
+    from dualwrite.report import build_report, render_csv, render_table  # deferred: start-up cost
 
     async def run() -> None:
         redis = open_redis(settings.redis)
@@ -138,7 +138,7 @@ def _serve_page(settings: Settings, *, port: int) -> None:
     """The report page on 127.0.0.1 until Ctrl-C, behind DUALWRITE_REPORT_TOKEN or, without one,
     a token made for this run and printed in the address (it opens the page once)."""
     import uvicorn
-    from pydantic import SecretStr
+    from pydantic import SecretStr  # deferred: start-up cost
 
     from dualwrite.logging import log_config
     from dualwrite.web import report_app
