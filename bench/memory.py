@@ -16,7 +16,8 @@ in the rollup, its index entries, its period).
     python bench/memory.py --customers 2000 --events 10 --own-redis
 
 Needs Redis (``REDIS_URL``) unless ``--own-redis`` starts one for the run; keys are deleted at the
-end. The baseline printed beside each figure is the same run's total per customer or per event.
+end. Each figure is also printed as a ratio to the same run's baseline, the customer's ledger row
+(what the rollup copy, the index entries and one more event cost next to the row itself).
 """
 
 from __future__ import annotations
@@ -124,7 +125,12 @@ def _figures(
         if first[kind] / customers - per_event.get(kind, 0.0) >= 1
     }
     customer_bytes = sum(first.values()) / customers - event_bytes
+    row = per_customer.get("ledger", 0.0)
     return {
+        "ratios (baseline: the ledger row, same run)": {
+            kind: round(value / row, 2) for kind, value in per_customer.items() if row
+        }
+        | {"one event's growth": round(event_bytes / row, 2) if row else None},
         "customers": customers,
         "events_per_customer": 1 + events,
         "bytes_per_customer": round(customer_bytes, 1),
