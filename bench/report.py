@@ -8,8 +8,9 @@ under a fresh key prefix of the Redis on ``REDIS_URL``, then times, several runs
 * ``build_report`` over the 31 days (wall and this process's CPU time: the machine may be shared);
   its JSON; its CSV; the terminal table (top 50).
 
-Prints each figure, its median and spread, and the ratio to the baseline in the same run. The key
-prefix is deleted afterwards.
+Prints each figure, its median and spread, and the ratio to the baseline in the same run, the
+process's peak RSS, and the Redis bytes per customer of the ledger rows and of their rollup copies.
+The key prefix is deleted afterwards.
 
     python bench/report.py [--customers 100000] [--runs 3] [--reconciled]
 """
@@ -21,6 +22,7 @@ import asyncio
 import io
 import os
 import random
+import resource
 import statistics
 import time
 import uuid
@@ -117,6 +119,30 @@ async def raw_read(redis: aioredis.Redis, keys: KeySpace) -> int:
     return read
 
 
+async def redis_bytes(redis: aioredis.Redis, keys: KeySpace, customers: int) -> str:
+    """Redis bytes per customer of the ledger rows (MEMORY USAGE of 2,000 sampled) and of the
+    rollups holding their copies (every rollup hash, counted in full)."""
+    shard = keys.shard(0)
+    members = as_str_list(await redis.zrangebyscore(shard.ledger_index, "-inf", "+inf"))
+    sample = members[:: max(1, len(members) // 2000)]
+    pipe = redis.pipeline(transaction=False)
+    for member in sample:
+        period, customer, event_name = member.split("|", 2)
+        pipe.memory_usage(shard.ledger(period, customer, event_name), samples=0)
+    rows = sum(int(size or 0) for size in await pipe.execute()) / len(sample) * len(members)
+    rollups = as_str_list(await redis.zrange(shard.rollup_index, 0, -1))
+    pipe = redis.pipeline(transaction=False)
+    for rollup in rollups:
+        pipe.memory_usage(rollup, samples=0)
+    copies = sum(int(size or 0) for size in await pipe.execute())
+    index = int(await redis.memory_usage(shard.ledger_index, samples=0) or 0)
+    return (
+        f"Redis per customer: ledger rows {rows / customers:.0f} B, their rollup copies "
+        f"{copies / customers:.0f} B ({copies / rows:.2f}x the rows), ledger index "
+        f"{index / customers:.0f} B"
+    )
+
+
 async def timed(action: Callable[[], Awaitable[object]]) -> tuple[float, object]:
     started = time.perf_counter()
     result = await action()
@@ -163,6 +189,7 @@ async def main(customers: int, runs: int, *, reconciled: bool) -> None:
             f"wrote {rows:,} ledger hashes for {customers:,} customers "
             f"in {time.perf_counter() - started:.1f} s"
         )
+        print(await redis_bytes(redis, keys, customers))
         ledger = Ledger(redis, keys)
         resolver = StageResolver(redis, keys, FlagSettings())
         figures: dict[str, list[float]] = {}
@@ -173,6 +200,9 @@ async def main(customers: int, runs: int, *, reconciled: bool) -> None:
                 lambda: build_report(ledger, resolver, since=SINCE, until=UNTIL)
             )
             built_cpu = time.process_time() - cpu_started
+            if run == 0:
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                print(f"peak RSS after the first build_report: {rss:,.0f} MiB")
             started = time.perf_counter()
             text = report.model_dump_json()  # type: ignore[attr-defined]
             as_json = time.perf_counter() - started
@@ -199,6 +229,8 @@ async def main(customers: int, runs: int, *, reconciled: bool) -> None:
                 f"CSV {as_csv:.2f} s ({len(csv_text) / 1e6:.0f} MB), table {as_table:.2f} s, "
                 f"{len(report.customers):,} customers"  # type: ignore[attr-defined]
             )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(f"peak RSS of this process: {peak:,.0f} MiB")
         base = statistics.median(figures["raw read (baseline)"])
         for name, values in figures.items():
             print(

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from dualwrite import instruments
+from dualwrite import _remembered as remembered, instruments
 from dualwrite.commit import Commit, CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConflictError, StoreUnavailableError
@@ -179,7 +179,7 @@ def build_commit(
         outbox_payload=entry.payload() if entry else None,
         divergence=_translation(outcome, effective, now) if outcome.translated else None,
         idempotency_key=shard.idempotency(event.identifier) if tracked or claimed else None,
-        outcome_json=outcome.model_dump_json() if tracked else None,
+        outcome_json=remembered.encode(outcome) if tracked else None,
         idempotency_ttl=idempotency_ttl,
         set_key=shard.set_value(event.subscription_item or "", event.timestamp) if is_set else None,
         set_value=event.quantity if is_set and not claimed else None,

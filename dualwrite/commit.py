@@ -39,18 +39,20 @@ IN_DOUBT_MARKER_TTL = 600
 # KEYS: ledger hash, ledger index, outbox, divergence, claim record, set value, marker, rollup,
 #       rollup index, claims index
 # ARGV: marker ttl (0: none), index member, index score, divergence maxlen, idempotency ttl,
-#       set value ('' none), set ttl, outcome JSON ('' none), outbox payload ('' none),
+#       set value ('' none), set ttl, remembered record ('' none), outbox payload ('' none),
 #       claimed (1/0), claims index member, drop the claim (1/0), set position ('' none),
 #       then a count and name/amount pairs (ledger), then a count and name/value pairs (divergence)
 _APPLY = (
     ROLLUP_LUA
     + """
+-- A committed record is a string (the compact outcome), or a hash in state 'done' (older format).
+local kind = redis.call('TYPE', KEYS[5])['ok']
+local committed = kind == 'string' or (kind == 'hash' and redis.call('HGET', KEYS[5], 'state') == 'done')
 if ARGV[10] == '1' then
   -- The claim is held: the commit applies only while it is unresolved. A recovery or a caller's
   -- retry that committed first makes this one a no-op (a minted claim is gone once committed).
-  local state = redis.call('HGET', KEYS[5], 'state')
-  if not state or state == 'done' then return 0 end
-elseif ARGV[8] ~= '' and redis.call('HGET', KEYS[5], 'state') == 'done' then
+  if kind ~= 'hash' or committed then return 0 end
+elseif ARGV[8] ~= '' and committed then
   -- A caller's retry may have recorded this identifier while the commit waited in the spool (its
   -- first attempt found Redis down, so nothing claimed it): count it once.
   return 0
@@ -91,10 +93,9 @@ if ARGV[10] == '1' then
   end
 end
 if ARGV[8] ~= '' then
-  -- Kept for the caller's retries: the fingerprint and the outcome (which holds the event).
-  redis.call('HSET', KEYS[5], 'state', 'done', 'outcome', ARGV[8])
-  redis.call('HDEL', KEYS[5], 'event', 'plan', 'lease', 'owner', 'set_seq', 'set_prev')
-  redis.call('EXPIRE', KEYS[5], ARGV[5])
+  -- Kept for the caller's retries, in place of the claim: the usage's digest and the compact
+  -- outcome (dualwrite._remembered), one string.
+  redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[5])
 elseif ARGV[12] == '1' then
   redis.call('DEL', KEYS[5])
 end
@@ -119,6 +120,8 @@ class Commit(BaseModel):
     divergence: dict[str, str] | None = None
     idempotency_key: str | None = None
     outcome_json: str | None = None
+    """The record kept for the caller's retries (``dualwrite._remembered``; a commit spooled by an
+    older version holds the whole outcome as JSON, which reads too)."""
     idempotency_ttl: int = 0
     set_key: str | None = None
     set_value: int | None = None

@@ -267,8 +267,8 @@ class LedgerSettings(_Frozen):
     the UTC day for everything."""
     divergence_maxlen: int = Field(default=100_000, ge=100)
     """Approximate cap of the divergence stream per shard (older entries are trimmed; counts stay)."""
-    idempotency_ttl_seconds: int = Field(default=48 * 3600, ge=60)
-    """How long an Idempotency-Key is remembered (Stripe keeps its own for at least 24 hours)."""
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    """How long an Idempotency-Key is remembered (as long as Stripe keeps its own: 24 hours)."""
     inflight_lease_seconds: int = Field(default=60, ge=1)
     """A request that died mid-write lets a retry take over its identifier after this many
     seconds."""

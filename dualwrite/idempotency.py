@@ -34,6 +34,7 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 
+from dualwrite import _remembered as remembered
 from dualwrite.keys import ShardKeys, claim_digest
 from dualwrite.models import EventPlan, RecordOutcome, UsageEvent
 from dualwrite.redis_client import as_str, as_str_list, store_errors
@@ -66,7 +67,7 @@ local function set_turn()
   if holder == KEYS[1] then
     return {redis.call('HGET', KEYS[1], 'set_seq') or '', redis.call('HGET', KEYS[1], 'set_prev') or '0'}
   end
-  if holder then
+  if holder and redis.call('TYPE', holder)['ok'] == 'hash' then
     local state = redis.call('HGET', holder, 'state')
     if state == 'inflight' or state == 'open' then return nil end
   end
@@ -87,6 +88,8 @@ end
 _CLAIM = (
     _SET_TURN
     + """
+-- A committed record is a string (dualwrite._remembered): the caller's code compares its digest.
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then return {'done', redis.call('GET', KEYS[1])} end
 local rec = redis.call('HMGET', KEYS[1], 'fp', 'state', 'lease', 'outcome', 'event', 'owner', 'plan')
 local lease = tonumber(ARGV[2]) + tonumber(ARGV[3])
 local turn = {'', '0'}
@@ -126,6 +129,7 @@ return {'new', '', ARGV[8], turn[1], turn[2]}
 # open, holding the event, for its retry.
 # KEYS: record, set hash, claims index; ARGV: in doubt (1/0), due, member, minted (1/0), token
 _RELEASE = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
 local rec = redis.call('HMGET', KEYS[1], 'state', 'owner', 'set_prev')
 if rec[1] ~= 'inflight' or rec[2] ~= ARGV[5] then return 0 end
 if ARGV[1] == '1' then
@@ -154,6 +158,10 @@ return 1
 # Recovery takes over a claim that is due: an expired lease, or an answer that never came.
 # KEYS: record, claims index; ARGV: now, lease, token, member
 _TAKE = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then
+  redis.call('ZREM', KEYS[2], ARGV[4])
+  return {'gone'}
+end
 local rec = redis.call('HMGET', KEYS[1], 'state', 'lease', 'event', 'plan', 'set_seq', 'set_prev')
 if not rec[1] or rec[1] == 'done' or not rec[3] or not rec[4] then
   redis.call('ZREM', KEYS[2], ARGV[4])
@@ -177,6 +185,21 @@ return {'taken', rec[3], rec[4], rec[5] or '', rec[6] or '0'}
 # A set's legacy write: 'superseded' when a later set at the item and timestamp was committed;
 # 'busy' while another holder's legacy write there is in flight; else 'go', holding the turn.
 # KEYS: set hash; ARGV: the set's position, token, lease (ms)
+# An old-format committed record (a hash holding the JSON outcome) rewritten in the compact form,
+# its remaining time to live kept. KEYS: record; ARGV: the compact record, the full fingerprint.
+_UPGRADE = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
+local rec = redis.call('HMGET', KEYS[1], 'state', 'fp')
+if rec[1] ~= 'done' or rec[2] ~= ARGV[2] then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
 _SET_BEGIN = """
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 'go' end
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
@@ -239,6 +262,7 @@ class IdempotencyStore:
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
         self._take = redis.register_script(_TAKE)
+        self._upgrade = redis.register_script(_UPGRADE)
 
     async def claim(
         self, shard: ShardKeys, event: UsageEvent, plan: EventPlan, *, now: float
@@ -268,10 +292,24 @@ class IdempotencyStore:
             reply = as_str_list(await self._claim(keys=keys, args=args))
         state = reply[0]
         if state == "done":
-            return Claim("done", outcome=RecordOutcome.model_validate_json(reply[1]))
+            return await self._remembered(keys[0], event, reply[1])
         if state in ("busy", "mismatch", "set_busy"):
             return Claim(state)  # type: ignore[arg-type]  # one of the literals, checked here
         return _held(token, *reply[1:])
+
+    async def _remembered(self, key: str, event: UsageEvent, record: str) -> Claim:
+        """The claim of an event committed before: its outcome rebuilt for ``event`` (a retry),
+        or a mismatch when the identifier was first used for other usage. A record in the old
+        format (the whole outcome as JSON) is rewritten in the compact one."""
+        if not remembered.matches(record, event):
+            return Claim("mismatch")
+        outcome = remembered.decode(record, event)
+        if remembered.is_legacy_json(record):
+            async with store_errors("upgrading an idempotency record"):
+                await self._upgrade(
+                    keys=[key], args=[remembered.encode(outcome), event.fingerprint()]
+                )
+        return Claim("done", outcome=outcome)
 
     async def release(
         self, shard: ShardKeys, event: UsageEvent, claim: Claim, *, in_doubt: bool, now: float

@@ -30,7 +30,7 @@ key                                     type               what
 ``P:{sN}:recon-rollup:<first>:<last>``  hash               JSON copies of recon hashes spanning those days
 ``P:{sN}:recon-rollup-index``           sorted set         reconciliation rollups by first day (score)
 ``P:{sN}:recon-rollup-ready``           string             set once older reconciliation hashes are copied in
-``P:{sN}:idem:<digest>``                hash (TTL)         an event's claim: fingerprint, state, plan, outcome
+``P:{sN}:idem:<digest>``                hash/str (TTL)     claim: fp, state, plan; committed: compact outcome
 ``P:{sN}:claims``                       sorted set         claims not yet committed (score = due for recovery)
 ``P:{sN}:set:<item>:<ts>``              hash (TTL)         last quantity ``set`` at a timestamp, its order
 ``P:{items}:map:<item>``                string (TTL)       proxy: subscription item → customer, event name

@@ -4,9 +4,12 @@ A report over 100,000 customers would otherwise read 130,000 small hashes. So ev
 changes a ledger row (``P:{sN}:ledger:<period>:<cus>:<ev>``) also copies the whole row, in the same
 atomic step, into one field of a rollup hash ``P:{sN}:rollup:<first>:<last>`` (``first`` and ``last``:
 the UTC day numbers the row's period starts and ends in). The field is the row's ledger-index
-member ``<period>|<cus>|<ev>``; the value is the row's counters as a JSON object
-(``{"events":40,"quantity":1234}``) written from the very strings ``HGETALL`` returned, so nothing is
-rounded, and many rows parse in one ``json.loads``. The copy is made after the increments, in the
+member ``<period>|<cus>|<ev>``; the value is the row's counters packed as a JSON list
+(``[1,0,40,1,1234,…]``: the layout's version, then each counter's position in ``PACKED_FIELDS``
+and its value, any other counter in a final object), written from the very strings ``HGETALL`` returned, so
+nothing is rounded, and many rows parse in one ``json.loads``. Issue 20 packed them: a copy with
+its counters named (``{"events":40,"quantity":1234,…}``, still read) took about three times the
+bytes, as much as the row itself. The copy is made after the increments, in the
 script that made them: a rollup can never disagree with its row.
 
 A report reads the rollups whose days overlap its range (``P:{sN}:rollup-index``, scored by first
@@ -23,7 +26,7 @@ import gc
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -32,6 +35,8 @@ from dualwrite.periods import Period, period_of
 from dualwrite.redis_client import as_int, as_str_list, store_errors
 
 __all__ = [
+    "PACKED_FIELDS",
+    "PACKED_VERSION",
     "ROLLUP_LUA",
     "RolledRow",
     "backfill",
@@ -44,19 +49,70 @@ __all__ = [
 
 DAY = 86_400
 
-ROLLUP_LUA = """
+#: The counters a packed row copy names by their position here (version 1 of the layout; never
+#: reorder: add a version instead). Any other counter (failure codes) rides in a final JSON object.
+PACKED_FIELDS: tuple[str, ...] = (
+    "events",
+    "quantity",
+    "legacy_expected_events",
+    "legacy_expected_qty",
+    "legacy_accepted_events",
+    "legacy_accepted_qty",
+    "meter_expected_events",
+    "meter_expected_qty",
+    "meter_accepted_events",
+    "meter_accepted_qty",
+    "legacy_failed_events",
+    "legacy_failed_qty",
+    "meter_failed_events",
+    "meter_failed_qty",
+    "legacy_retired_events",
+    "legacy_retired_qty",
+    "meter_late_refused_events",
+    "meter_late_refused_qty",
+    "legacy_refused_events",
+    "meter_refused_events",
+    "translated_events",
+    "delayed_events",
+    "meter_backfilled_events",
+    "meter_backfilled_qty",
+    "divergent_events",
+    "stage_legacy_events",
+    "stage_shadow_events",
+    "stage_primary_events",
+    "stage_meter_events",
+)
+PACKED_VERSION = 1
+
+ROLLUP_LUA = (
+    """
 -- dualwrite.rollups: copy ledger row `row` (index member `member`, first day `score`) into
--- rollup hash `rollup`, and list that rollup in `rollups`.
+-- rollup hash `rollup`, and list that rollup in `rollups`, packed: [1,<position>,<value>,…,{others}].
 -- Counter names are letters, digits, '_', '-' and ':' (``safe_code``) and values are integers,
 -- so the JSON needs no escaping, and no value goes through a Lua number (a double).
+local ROLLUP_AT = {"""
+    + ", ".join(f"{name}='{at}'" for at, name in enumerate(PACKED_FIELDS))
+    + """}
 local function ledger_rollup(row, member, score, rollup, rollups)
   local h = redis.call('HGETALL', row)
-  local parts = {}
-  for j = 1, #h, 2 do parts[#parts + 1] = '"' .. h[j] .. '":' .. h[j + 1] end
-  redis.call('HSET', rollup, member, '{' .. table.concat(parts, ',') .. '}')
+  local parts, others = {'"""
+    + str(PACKED_VERSION)
+    + """'}, {}
+  for j = 1, #h, 2 do
+    local at = ROLLUP_AT[h[j]]
+    if at then
+      parts[#parts + 1] = at
+      parts[#parts + 1] = h[j + 1]
+    else
+      others[#others + 1] = '"' .. h[j] .. '":' .. h[j + 1]
+    end
+  end
+  if #others > 0 then parts[#parts + 1] = '{' .. table.concat(others, ',') .. '}' end
+  redis.call('HSET', rollup, member, '[' .. table.concat(parts, ',') .. ']')
   redis.call('ZADD', rollups, score, rollup)
 end
 """
+)
 """A Lua function for the ledger's writers to prepend to their scripts and call after their
 increments: ``ledger_rollup(row, member, score, rollup, rollups)``."""
 
@@ -111,8 +167,23 @@ def collector_paused() -> Iterator[None]:
 
 
 def parse_counters(packed: Sequence[str]) -> list[dict[str, int]]:
-    """The counters of many row copies, parsed at once."""
-    counters: list[dict[str, int]] = json.loads("[" + ",".join(packed) + "]")
+    """The counters of many row copies, parsed at once (one ``json.loads``). A copy is a packed
+    list (``[1, position, value, …, {other counters}]``), or, written before issue 20, a JSON
+    object of every counter; either way exactly the row's counters."""
+    rows: list[Any] = json.loads("[" + ",".join(packed) + "]")
+    counters: list[dict[str, int]] = []
+    name = PACKED_FIELDS.__getitem__
+    for row in rows:
+        if type(row) is dict:
+            counters.append(row)
+            continue
+        last = row[-1]
+        if type(last) is dict:
+            found: dict[str, int] = dict(zip(map(name, row[1:-1:2]), row[2:-1:2], strict=True))
+            found.update(last)
+        else:
+            found = dict(zip(map(name, row[1::2]), row[2::2], strict=True))
+        counters.append(found)
     return counters
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 import __future__
 
+import importlib
 import importlib.metadata
 import subprocess
 import sys
@@ -50,13 +51,15 @@ def isort_key(name: str) -> tuple[int, str]:
 
 
 def exported_members() -> list[str]:
-    """The public names bound in the package, not counting its submodules."""
-    return [
+    """The public names of the package, not counting its submodules: those bound already and those
+    its module ``__getattr__`` imports on first use (issue 20: the re-exports are lazy)."""
+    bound = {
         name
         for name, value in vars(dualwrite).items()
         if not name.startswith("_")
         and not isinstance(value, types.ModuleType | __future__._Feature)
-    ]
+    }
+    return sorted(bound | set(dualwrite._EXPORTS))
 
 
 class TestExports:
@@ -94,6 +97,12 @@ class TestExports:
         """A re-export is the very object of its module, not a copy."""
         assert dualwrite.DualWriteEngine is DualWriteEngine
         assert dualwrite.DualwriteError is DualwriteError
+
+    def test_every_lazy_export_resolves(self):
+        """Each name of ``__all__`` imports from the module the table names, and is that object."""
+        for name in dualwrite.__all__:
+            module = importlib.import_module(dualwrite._EXPORTS[name])
+            assert getattr(dualwrite, name) is getattr(module, name)
 
 
 class TestVersion:

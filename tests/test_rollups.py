@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import anyio
 import pytest
 from pydantic import SecretStr
@@ -150,7 +148,8 @@ async def test_large_rollup_is_read_in_chunks(redis_client, key_prefix):
     packed = await redis_client.hget(
         rollup_key(keys.shard(0), "2026-11-05"), "2026-11-05|cus_00000|api_requests"
     )
-    assert json.loads(packed)["quantity"] == big
+    assert packed.startswith("[1,")  # packed (issue 20)
+    assert parse_counters([packed])[0]["quantity"] == big
 
 
 WEBHOOK_SECRET = "whsec_dualwriteRollupTestsSecret001"
@@ -185,3 +184,18 @@ async def test_a_late_refusal_keeps_the_copy_equal(
         assert row["meter_late_refused_qty"] == 5 and row["meter_accepted_qty"] == 2
     finally:
         await engine.aclose()
+
+
+def test_parse_reads_packed_and_named_copies():
+    """A packed copy (by position, other counters in a final object) and a copy written before
+    packing (every counter named) parse to the same counters."""
+    named = '{"events":40,"quantity":1234,"meter_failed_code:expired":2}'
+    packed = '[1,0,40,1,1234,{"meter_failed_code:expired":2}]'
+    plain = "[1,1,1234,0,40]"
+    empty = "[1]"
+    assert parse_counters([named, packed, plain, empty]) == [
+        {"events": 40, "quantity": 1234, "meter_failed_code:expired": 2},
+        {"events": 40, "quantity": 1234, "meter_failed_code:expired": 2},
+        {"quantity": 1234, "events": 40},
+        {},
+    ]

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
+from importlib import import_module
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperArgument, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from dualwrite.config import Settings
-from dualwrite.cutover import CutoverInputError, parse_customers
 from dualwrite.exceptions import ConfigError, DualwriteError, StoreUnavailableError
-from dualwrite.flags import RedisFlagStore
-from dualwrite.keys import KeySpace
-from dualwrite.redis_client import open_redis
+
+if TYPE_CHECKING:
+    from dualwrite.config import Settings
+    from dualwrite.flags import RedisFlagStore
 
 T = TypeVar("T")
 
@@ -63,7 +61,7 @@ class DualwriteGroup(TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         """Hoist ``-c FILE`` / ``--config FILE`` given after a subcommand to the front."""
-        return super().parse_args(ctx, _hoist_config(args))
+        return super().parse_args(ctx, hoist_config(args))
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         """The commands in sections (migrate, operate, inspect, serve), each in its order."""
@@ -92,7 +90,7 @@ def _walk(command: Any) -> list[Any]:
     return found
 
 
-def _hoist_config(args: list[str]) -> list[str]:
+def hoist_config(args: list[str]) -> list[str]:
     """``args`` with every ``-c FILE``/``--config FILE``/``--config=FILE`` moved to the front
     (before ``--`` only), so that the root command reads it wherever it was typed."""
     front: list[str] = []
@@ -120,6 +118,32 @@ class _PlainArgument(TyperArgument):
 
     def get_error_hint(self, ctx: Any = None) -> str:
         return f"'{self.name}'"  # the name, not the choices shown as its metavar
+
+
+class UnloadedCommand(TyperCommand):
+    """A command ``dualwrite --help`` lists without importing its module (issue 20: start-up).
+
+    The command line imports the module of the command it runs, so this one runs only if that
+    guess missed: it imports the module then and hands its arguments to the real command.
+    """
+
+    def __init__(self, name: str, module: str, panel: str, summary: str) -> None:
+        super().__init__(
+            name,
+            help=summary,
+            rich_help_panel=panel,
+            add_help_option=False,
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        )
+        self.module = module
+
+    def invoke(self, ctx: Any) -> Any:
+        """Import the command's module and run the real command on the same arguments."""
+        import_module(f"dualwrite.cli.{self.module}")  # deferred: start-up cost
+        real = typer.main.get_command(app).commands[self.name or ""]  # type: ignore[attr-defined]
+        return real.main(
+            args=ctx.args, prog_name=ctx.command_path, obj=ctx.obj, standalone_mode=False
+        )
 
 
 def _plain_metavar(param: Any) -> None:
@@ -154,6 +178,8 @@ def _version(value: bool) -> None:
 
 
 def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # deferred: start-up cost
+
     try:
         return version("dualwrite")
     except PackageNotFoundError:  # a source tree that was never installed
@@ -209,6 +235,8 @@ def _root(
 
 def load_settings(ctx: typer.Context) -> Settings:
     """The settings for this invocation; a bad config exits 2 with the ConfigError message."""
+    from dualwrite.config import Settings  # deferred: start-up cost (pydantic-settings)
+
     try:
         return Settings.load(ctx.obj)
     except ConfigError as exc:
@@ -219,6 +247,8 @@ def load_settings(ctx: typer.Context) -> Settings:
 
 def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a library coroutine, turning dualwrite errors into messages and exit codes."""
+    import asyncio  # deferred: start-up cost (asyncio imports ssl: ~40 ms)
+
     try:
         return asyncio.run(coroutine)
     except StoreUnavailableError as exc:
@@ -241,6 +271,10 @@ def actor_name(actor: str | None) -> str:
 @asynccontextmanager
 async def flag_store(settings: Settings) -> AsyncIterator[RedisFlagStore]:
     """A flag store on its own Redis connection, closed afterwards."""
+    from dualwrite.flags import RedisFlagStore  # deferred: start-up cost
+    from dualwrite.keys import KeySpace  # deferred: start-up cost
+    from dualwrite.redis_client import open_redis  # deferred: start-up cost (redis)
+
     redis = open_redis(settings.redis)
     try:
         yield RedisFlagStore(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
@@ -266,6 +300,8 @@ def parse_when(value: str) -> int:
 
 def checked(parse: Callable[[], T]) -> T:
     """Parse command-line input; a ``CutoverInputError`` becomes a usage error (exit 2)."""
+    from dualwrite.cutover import CutoverInputError  # deferred: start-up cost
+
     try:
         return parse()
     except CutoverInputError as exc:
@@ -275,4 +311,6 @@ def checked(parse: Callable[[], T]) -> T:
 def customer_list(values: list[str] | None) -> list[str]:
     """Customer ids as every command takes them: separated by spaces (repeated arguments or
     options) or commas, duplicates dropped."""
+    from dualwrite.cutover import parse_customers  # deferred: start-up cost
+
     return checked(lambda: parse_customers(",".join(values or [])))

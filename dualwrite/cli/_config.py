@@ -11,19 +11,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import BaseModel, Field
 from rich.markup import escape
 
 from dualwrite.cli._common import OPERATE, AsJson, app, console, err_console, run_async
-from dualwrite.config import ENV_PREFIX, Settings, did_you_mean, keys_at
-from dualwrite.config_template import packaged_template
 from dualwrite.exceptions import ConfigError, DualwriteError
 from dualwrite.redaction import redact
-from dualwrite.redis_client import open_redis, store_errors
-from dualwrite.stripe_io import AccountStripe
+
+if TYPE_CHECKING:
+    from dualwrite.config import Settings
 
 config_app = typer.Typer(
     help="Write a config file with every key, or check a configuration.", no_args_is_help=True
@@ -48,6 +47,8 @@ def config_init(
 ) -> None:
     """Write a config file holding every key with its default and what it does (the
     sections that map meters, routes and items as commented-out examples)."""
+    from dualwrite.config_template import packaged_template  # deferred: start-up cost
+
     text = packaged_template()
     if path == "-":
         sys.stdout.write(text)
@@ -97,6 +98,8 @@ class CheckReport(BaseModel):
 
 def unknown_variables(environ: dict[str, str]) -> list[tuple[str, str | None]]:
     """``DUALWRITE_*`` variables that set nothing, each with the closest real one (or None)."""
+    from dualwrite.config import ENV_PREFIX, did_you_mean, keys_at  # deferred: start-up cost
+
     known = [ENV_PREFIX + name for name in _OTHER_VARIABLES]
     for section in keys_at(("",)):
         known.append(ENV_PREFIX + section.upper())
@@ -116,6 +119,8 @@ def _environment(report: CheckReport) -> None:
 
 
 async def _redis(settings: Settings, report: CheckReport) -> None:
+    from dualwrite.redis_client import open_redis, store_errors  # deferred: start-up cost
+
     redis = open_redis(settings.redis, max_connections=2)
     where = _mask(settings.redis.url)
     try:
@@ -160,6 +165,8 @@ async def _redis(settings: Settings, report: CheckReport) -> None:
 
 
 async def _stripe(settings: Settings, report: CheckReport) -> None:
+    from dualwrite.stripe_io import AccountStripe  # deferred: start-up cost (stripe)
+
     key = settings.stripe_api_key_value()
     base = settings.stripe.api_base
     if key is None:
@@ -231,6 +238,8 @@ def config_check(ctx: typer.Context, as_json: AsJson = False) -> None:
 
     Exit status: 0 everything usable, 1 a problem (each printed with its fix).
     """
+    from dualwrite.config import Settings  # deferred: start-up cost (pydantic-settings)
+
     path = ctx.obj
     report = CheckReport(config_file=str(path) if path else None)
     _environment(report)

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import SecretStr
 
 from dualwrite.cli._common import INSPECT, app, console, err_console, load_settings, run_async
-from dualwrite.config import Settings
-from dualwrite.flags import StageResolver
-from dualwrite.keys import KeySpace
-from dualwrite.ledger import Ledger
 from dualwrite.models import Stage, utc_day
-from dualwrite.outbox import Outbox
-from dualwrite.periods import Period
-from dualwrite.redis_client import open_redis
-from dualwrite.report import build_report, render_csv, render_table
+
+if TYPE_CHECKING:
+    from dualwrite.config import Settings
 
 #: Exit status: --customer names a customer the report holds nothing for.
 UNKNOWN_CUSTOMER = 1
@@ -78,6 +72,14 @@ def report(
         msg = f"--since {since} is after --until {until}; give the earlier day first"
         raise typer.BadParameter(msg)
 
+    # Imported here so that `report --help` stays quick (redis, the report's readers).
+    from dualwrite.flags import StageResolver  # deferred: start-up cost
+    from dualwrite.keys import KeySpace  # deferred: start-up cost
+    from dualwrite.ledger import Ledger  # deferred: start-up cost
+    from dualwrite.outbox import Outbox  # deferred: start-up cost
+    from dualwrite.redis_client import open_redis  # deferred: start-up cost
+    from dualwrite.report import build_report, render_csv, render_table  # deferred: start-up cost
+
     async def run() -> None:
         redis = open_redis(settings.redis)
         keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
@@ -118,6 +120,8 @@ def report(
 
 def _period_days(period: str) -> tuple[str, str]:
     """The first and last UTC day of a period id (a day is its own period)."""
+    from dualwrite.periods import Period  # deferred: start-up cost
+
     try:
         span = Period.parse(period)
     except ValueError:
@@ -135,6 +139,7 @@ def _serve_page(settings: Settings, *, port: int) -> None:
     a token made for this run and printed in the address (it opens the page once)."""
     # deferred: start-up cost
     import uvicorn
+    from pydantic import SecretStr  # deferred: start-up cost
 
     from dualwrite.logging import log_config
     from dualwrite.web import report_app
