@@ -10,8 +10,8 @@ as retryable or permanent (``retryable``):
 
 stripe-python 12+ has no usage-record methods, so the legacy writer calls the endpoint through
 ``raw_request_async`` with a pinned pre-basil ``Stripe-Version``. dualwrite runs on stripe-python
-11.x too (``MIN_STRIPE``): where the majors differ, ``_sdk`` alone asks (``v1_services`` for code
-outside this package).
+11.x too: where the majors differ, ``_sdk`` alone asks (``v1_services`` for code outside this
+package).
 
 ``StripeClock`` follows Stripe's clock from the ``Date`` of its replies: a usage timestamp of
 ``now`` is fixed to it, never to a host clock that may be ahead of Stripe's.
@@ -46,14 +46,13 @@ from dualwrite.stripe_io._reads import (
     SubscriptionItemInfo,
     UsageSummary,
 )
-from dualwrite.stripe_io._sdk import MIN_STRIPE, v1_services
+from dualwrite.stripe_io._sdk import v1_services
 from dualwrite.stripe_io._stream import MAX_STREAM_BATCH, MeterStream
 from dualwrite.stripe_io._writer import ItemDetails, StripeWriter
 
 __all__ = [
     "ERROR_REPORT_EVENT",
     "MAX_STREAM_BATCH",
-    "MIN_STRIPE",
     "RETIRED_LEGACY_MARKER",
     "AccountStripe",
     "EventFetchError",

@@ -14,7 +14,8 @@ differences:
   before (``parse_event_notification``).
 
 Where is which was read from each major's published wheel (``stripe/_stripe_client.py``,
-``stripe/_stripe_object.py``).
+``stripe/_stripe_object.py``). The oldest release dualwrite's tests pass on is 11.0.0, hence
+``stripe>=11`` in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -24,16 +25,12 @@ from typing import Any, Protocol, cast
 import stripe
 
 __all__ = [
-    "MIN_STRIPE",
     "STRIPE_MAJOR",
     "EventNotification",
     "parse_event_notification",
     "plain",
     "v1_services",
 ]
-
-#: The oldest stripe-python dualwrite runs on (``pyproject.toml`` declares the same).
-MIN_STRIPE = "11.0.0"
 
 #: The installed stripe-python's major version.
 STRIPE_MAJOR = int(stripe.VERSION.split(".")[0])
