@@ -53,7 +53,7 @@ from dualwrite.models import RecordOutcome, Stage, utc_day
 from dualwrite.reconcile import MoneyCheck, Reconciler
 from dualwrite.redis_url import CLUSTER_SCHEMES, SENTINEL_SCHEMES
 from dualwrite.report import build_report
-from dualwrite.stripe_io import retryable
+from dualwrite.stripe_io import retryable, v1_services
 from dualwrite.testing import StripeStandin, legacy_price_params, meter_params, serve_standin
 
 __all__ = ["DEMO_PREFIX", "DemoCustomer", "DemoOptions", "DemoResult", "run_demo"]
@@ -162,12 +162,13 @@ async def _set_up_stripe(
 ) -> tuple[list[DemoCustomer], str, str]:
     """A meter, a product with a legacy metered price and its meter-backed twin, and customers
     with subscriptions; returns the customers and both prices."""
-    meter = await client.v1.billing.meters.create_async(meter_params(EVENT_NAME))
-    product = await client.v1.products.create_async({"name": "API"})
-    legacy_price = await client.v1.prices.create_async(
+    services = v1_services(client)
+    meter = await services.billing.meters.create_async(meter_params(EVENT_NAME))
+    product = await services.products.create_async({"name": "API"})
+    legacy_price = await services.prices.create_async(
         legacy_price_params(product.id, unit_amount=UNIT_AMOUNT), {"stripe_version": LEGACY_VERSION}
     )
-    meter_price = await client.v1.prices.create_async(
+    meter_price = await services.prices.create_async(
         {
             "currency": "usd",
             "product": product.id,
@@ -178,10 +179,10 @@ async def _set_up_stripe(
     customers: list[DemoCustomer] = []
     for stage in Stage:
         for index in range(options.customers_per_stage):
-            customer = await client.v1.customers.create_async(
+            customer = await services.customers.create_async(
                 {"name": f"{stage.value.title()} customer {index + 1}"}
             )
-            subscription = await client.v1.subscriptions.create_async(
+            subscription = await services.subscriptions.create_async(
                 {"customer": customer.id, "items": [{"price": legacy_price.id}]},
                 {"stripe_version": LEGACY_VERSION},
             )

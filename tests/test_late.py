@@ -134,3 +134,12 @@ class TestErrorReports:
             response.status_code == 400 and "does not verify" in response.json()["error"]["message"]
         )
         assert (await meter_row(engine, shadow.customer))["divergent_events"] == 0
+
+    async def test_missing_signature_is_refused(self, receiver, engine, shadow):
+        """An event with no Stripe-Signature header at all gets 400 too."""
+        async with httpx.AsyncClient(base_url=receiver) as http:
+            response = await http.post(EVENTS_PATH, content=b'{"id": "evt_x"}')
+        assert (
+            response.status_code == 400 and "does not verify" in response.json()["error"]["message"]
+        )
+        assert (await meter_row(engine, shadow.customer))["divergent_events"] == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import importlib.metadata
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -250,60 +251,85 @@ class TestOtherRequests:
 
 # ------------------------------------------------------------------------ stripe-python 11.x
 
-#: Where the stripe-python 11.x virtualenv is kept between runs (rebuilt when its requirements change).
-STRIPE11_VENV = (
-    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    / "dualwrite-tests"
-    / "venv-stripe11"
+#: An app's own pin: stripe-python 11.x, the last with the usage-record methods.
+STRIPE11_PIN = "stripe>=11,<12"
+
+#: Where the stripe-python 11.x virtualenvs are kept between runs, one per checkout and set of
+#: dualwrite's requirements (rebuilt when they change).
+STRIPE11_VENVS = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualwrite-tests"
 )
 
 
-def stripe11_requirements() -> list[str]:
-    """stripe<12, and dualwrite's other requirements (dualwrite itself runs from this checkout)."""
-    required = importlib.metadata.requires("dualwrite") or []
-    others = [r for r in required if "extra ==" not in r and not r.startswith("stripe")]
-    return ["stripe>=11,<12", *sorted(others)]
+def stripe11_venv() -> Path:
+    """Where this checkout's 11.x virtualenv lives: named by the checkout and its declared
+    requirements (read from pyproject.toml, not from an installed copy's metadata)."""
+    from tests.apps_support import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    recipe = [STRIPE11_PIN, str(REPO), *project["project"]["dependencies"]]
+    digest = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:12]
+    return STRIPE11_VENVS / f"venv-stripe11-{digest}"
 
 
 def stripe11_python() -> Path:
-    """The Python of a virtualenv with stripe-python 11.x, made once (``python -m venv`` and
-    ``pip install``) and reused while dualwrite's requirements stay the same."""
-    requirements = stripe11_requirements()
-    marker = STRIPE11_VENV / "dualwrite-requirements.txt"
-    python = STRIPE11_VENV / "bin" / "python"
-    STRIPE11_VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(STRIPE11_VENV.parent / "venv-stripe11.lock", "w") as lock:
+    """The Python of a virtualenv made as an app pinned to stripe-python 11.x installs dualwrite:
+    the app's pin first, then ``pip install -e <this checkout>`` with nothing skipped (no
+    ``--no-deps``): pip must resolve dualwrite's requirements around the 11.x already there, and
+    ``pip check`` must find them all met. Editable, so the code run is this checkout's; made once
+    and reused while the checkout's requirements stay the same."""
+    from tests.apps_support import REPO
+
+    venv = stripe11_venv()
+    python = venv / "bin" / "python"
+    done = venv / "installed"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / "venv-stripe11.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one test run builds it; another waits, then reuses it
-        if marker.exists() and marker.read_text() == "\n".join(requirements) and python.exists():
+        if done.exists() and python.exists():
             return python
-        shutil.rmtree(STRIPE11_VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(STRIPE11_VENV)], check=True)
-        install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        result = subprocess.run(
-            [*install, *requirements], capture_output=True, text=True, timeout=900
-        )
-        assert result.returncode == 0, f"pip install into {STRIPE11_VENV} failed:\n{result.stderr}"
-        marker.write_text("\n".join(requirements))
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+        for step in ([*pip, "install", STRIPE11_PIN], [*pip, "install", "-e", str(REPO)]):
+            result = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, f"{' '.join(step[3:])} failed:\n{result.stderr}"
+        checked = subprocess.run([*pip, "check"], capture_output=True, text=True)
+        assert checked.returncode == 0, f"pip check in {venv}:\n{checked.stdout}"
+        done.touch()
     return python
 
 
 @pytest.mark.slow
 class TestStripe11:
-    """examples/sdk_hook.py with stripe-python 11.x: both of its usage-record methods."""
+    """An app pinned to stripe-python 11.x installs dualwrite normally, keeps its 11.x, and runs
+    examples/sdk_hook.py (both usage-record methods) and an operator command on it."""
 
-    def test_sdk_hook_example_on_stripe_11(self, redis_url, key_prefix, standin_url, standin):
+    def test_install_keeps_the_apps_stripe_11(self):
+        """``pip install dualwrite`` after the app's 11.x pin leaves stripe at 11.x, and the
+        installed dualwrite declares a stripe requirement 11.x meets."""
+        python = stripe11_python()
+        probe = (
+            "import importlib.metadata as m, stripe; "
+            "print(stripe.VERSION); "
+            "print(*[r for r in m.requires('dualwrite') if r.startswith('stripe')])"
+        )
+        found = subprocess.run(
+            [str(python), "-c", probe], capture_output=True, text=True, check=True
+        )
+        version, requirement = found.stdout.splitlines()
+        assert version.startswith("11."), version
+        assert requirement.startswith("stripe>=11"), requirement
+
+    def test_sdk_hook_example_on_stripe_11(
+        self, redis_url, key_prefix, standin_url, standin, tmp_path
+    ):
         """Module-level create_usage_record and the client's usage_records.create are
-        dual-written at every stage; a 500 the SDK retries records once."""
+        dual-written at every stage; a 500 the SDK retries records once; ``dualwrite meters
+        plan`` (the installed command) reads the account through 11.x."""
         from tests.apps_support import REPO, Shop, example_environment, wait_for_totals
 
         python = stripe11_python()
-        version = subprocess.run(
-            [str(python), "-c", "import stripe; print(stripe.VERSION)"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert version.startswith("11."), version
         settings = make_settings(
             redis_url=redis_url, prefix=key_prefix, api_base=standin_url, api_key=STRIPE_KEY
         )
@@ -313,6 +339,7 @@ class TestStripe11:
                 [{"event_name": EVENT_NAME, "legacy_prices": [shop.legacy_price]}]
             )
         }
+        del environment["PYTHONPATH"]  # dualwrite comes from the virtualenv's install
         arguments = []
         for customer in shop.customers:
             arguments += [f"{customer.scenario.item}=3", f"{customer.scenario.item}=4"]
@@ -338,3 +365,16 @@ class TestStripe11:
         assert standin.faults.injected.get("refused") == 1  # the SDK retried it
         totals = wait_for_totals(standin_url, shop)
         assert totals["held"] == totals["wanted"]
+
+        planned = subprocess.run(
+            [str(python.parent / "dualwrite"), "meters", "plan", "--json"],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert planned.returncode == 0, planned.stderr
+        plan = json.loads(planned.stdout)
+        [meter] = [m for m in plan["meters"] if shop.legacy_price in m["prices"]]
+        assert (meter["event_name"], meter["action"]) == (EVENT_NAME, "exists"), meter

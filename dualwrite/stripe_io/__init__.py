@@ -9,7 +9,9 @@ as retryable or permanent (``retryable``):
 * permanent: everything else, and anything carrying ``Stripe-Should-Retry: false``.
 
 stripe-python 12+ has no usage-record methods, so the legacy writer calls the endpoint through
-``raw_request_async`` with a pinned pre-basil ``Stripe-Version``.
+``raw_request_async`` with a pinned pre-basil ``Stripe-Version``. dualwrite runs on stripe-python
+11.x too: where the majors differ, ``_sdk`` alone asks (``v1_services`` for code outside this
+package).
 
 ``StripeClock`` follows Stripe's clock from the ``Date`` of its replies: a usage timestamp of
 ``now`` is fixed to it, never to a host clock that may be ahead of Stripe's.
@@ -44,6 +46,7 @@ from dualwrite.stripe_io._reads import (
     SubscriptionItemInfo,
     UsageSummary,
 )
+from dualwrite.stripe_io._sdk import v1_services
 from dualwrite.stripe_io._stream import MAX_STREAM_BATCH, MeterStream
 from dualwrite.stripe_io._writer import ItemDetails, StripeWriter
 
@@ -75,6 +78,7 @@ __all__ = [
     "preview_from",
     "retryable",
     "swap_params",
+    "v1_services",
 ]
 
 #: Stripe's wording when a usage record is sent for an item already moved to a meter-backed price.

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from dualwrite.exceptions import EventFetchError, EventSignatureError
 from dualwrite.redaction import redact
+from dualwrite.stripe_io._sdk import parse_event_notification, plain
 
 __all__ = [
     "ERROR_REPORT_EVENT",
@@ -55,7 +56,7 @@ async def fetch_error_report(
         EventFetchError: fetching the event failed (answer 5xx, so that Stripe delivers it again).
     """
     try:
-        notification = client.parse_event_notification(payload, signature, secret)
+        notification = parse_event_notification(client, payload, signature, secret)
     except (stripe.SignatureVerificationError, ValueError) as exc:
         msg = f"the event's Stripe-Signature does not verify: {redact(str(exc))}"
         raise EventSignatureError(msg) from None
@@ -65,7 +66,7 @@ async def fetch_error_report(
     event = await client.v2.core.events.retrieve_async(
         notification.id, options={"api_key": api_key}
     )
-    data = _as_mapping(event.to_dict().get("data"))
+    data = _as_mapping(plain(event).get("data"))
     reason = _as_mapping(data.get("reason"))
     samples: list[MeterErrorSample] = []
     for error_type in reason.get("error_types") or []:

@@ -19,6 +19,7 @@ from dualwrite.rate_limits import MeterTurn, RateLimitedError, WriteLimits
 from dualwrite.stripe_io._clock import StripeClock
 from dualwrite.stripe_io._failures import as_dict, failure_from_exception, refused
 from dualwrite.stripe_io._http import PooledAIOHTTPClient
+from dualwrite.stripe_io._sdk import plain, v1_services
 from dualwrite.stripe_io._stream import MeterStream, iso_timestamp
 
 __all__ = ["ItemDetails", "StripeWriter"]
@@ -355,22 +356,20 @@ class StripeWriter:
             "api_key": api_key,
             "stripe_version": self._settings.legacy_api_version,
         }
-        # stripe-python 11.x (an app using the SDK hook may run it) has these services on the
-        # client itself; 12+ under ``v1``.
-        services = getattr(self._client, "v1", self._client)
+        services = v1_services(self._client)  # an app using the SDK hook may run stripe-python 11.x
         try:
             found = await services.subscription_items.retrieve_async(
                 item,
-                options=options,  # type: ignore[arg-type]
+                options=options,
             )
             subscription_id = str(found["subscription"])
             subscription = await services.subscriptions.retrieve_async(
                 subscription_id,
-                options=options,  # type: ignore[arg-type]
+                options=options,
             )
         except stripe.StripeError as exc:
             return failure_from_exception(exc)
-        item_body, subscription_body = found.to_dict(), subscription.to_dict()
+        item_body, subscription_body = plain(found), plain(subscription)
         price = as_dict(item_body.get("price"))
         recurring = as_dict(price.get("recurring"))
         customer = subscription["customer"]
