@@ -500,7 +500,7 @@ class TestCrashRecovery:
         self, tmp_path, redis_url, key_prefix, standin_url, builder, standin: StripeStandin
     ):
         """30 customers (20 at shadow, 10 at primary), 240 usage requests in flight against a
-        Stripe answering in 1 s (half without an Idempotency-Key), the proxy SIGKILLed, callers
+        Stripe answering in 3 s (half without an Idempotency-Key), the proxy SIGKILLed, callers
         that never retry; then one worker. Per customer, through Stripe's summary endpoints: the
         legacy and meter totals are equal, no event is counted twice (quantities are distinct
         powers of four), every acknowledged event is there, and the report said pending, never
@@ -539,7 +539,9 @@ class TestCrashRecovery:
             ) as client:
                 # Stripe's clock, seen once through the proxy before Stripe slows down.
                 assert (await client.get(f"/v1/customers/{scenarios[0].customer}")).is_success
-                standin.latency_seconds = 1.0
+                # 3 s: on a loaded machine sending 240 requests can take over a second, and the
+                # first answered would leave fewer than 200 in flight to kill.
+                standin.latency_seconds = 3.0
 
                 async def one(scenario: Scenario, power: int, keyed: bool) -> None:
                     quantity = 4**power
