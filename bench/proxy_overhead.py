@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -204,6 +205,64 @@ def run_proxy_child(port: int, upstream: str, prefix: str) -> None:
     run_proxy(settings, host="127.0.0.1", port=port, access_log=False)
 
 
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding"}
+_UVICORN = {
+    "host": "127.0.0.1",
+    "http": "httptools",
+    "loop": "uvloop",
+    "lifespan": "off",
+    "access_log": False,
+    "log_level": "warning",
+    "server_header": False,
+    "date_header": False,
+}
+
+
+def run_asgi_only(port: int) -> None:
+    """Child (``--breakdown``): uvicorn as the proxy runs it, answering the upstream's reply
+    itself, with no upstream: what the ASGI server's framing costs a call."""
+    import uvicorn
+
+    reply = _Reply()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        head, _, body = reply.bytes().partition(b"\r\n\r\n")
+        headers = [tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    uvicorn.run(app, port=port, **_UVICORN)  # type: ignore[arg-type]
+
+
+def run_forwarder(port: int, upstream: str) -> None:
+    """Child (``--breakdown``): the least a forwarder on uvicorn and aiohttp does (every header
+    but Host up, every reply header but the hop-by-hop ones down, the body read whole), with
+    the proxy's session settings: the floor of the proxy's stack."""
+    import aiohttp
+    import uvicorn
+
+    session: aiohttp.ClientSession | None = None
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal session
+        if session is None:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, limit_per_host=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
+            )
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        url = upstream + scope["raw_path"].decode()
+        async with session.get(url, headers=[h for h in headers if h[0] != "host"]) as response:
+            body = await response.read()
+            down = [(k, v) for k, v in response.raw_headers if k.lower() not in _HOP_BY_HOP]
+            await send({"type": "http.response.start", "status": response.status, "headers": down})
+            await send({"type": "http.response.body", "body": body})
+
+    uvicorn.run(app, port=port, **_UVICORN)  # type: ignore[arg-type]
+
+
 NGINX_CONFIG = """\
 worker_processes 1;
 daemon off;
@@ -365,6 +424,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16", help="comma-separated levels")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="upstream delay per reply")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also measure uvicorn answering alone and a minimal uvicorn + aiohttp forwarder",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
     options = parser.parse_args()
     options.levels = [int(level) for level in options.concurrency.split(",")]
@@ -378,29 +442,40 @@ def main() -> None:
     delay = str(options.latency_ms / 1000)
     upstream = f"http://127.0.0.1:{upstream_port}"
     try:
-        with (
-            child(
-                [__file__, "_upstream", str(upstream_port), delay],
-                what="upstream",
-                port=upstream_port,
-            ),
-            child(
-                [__file__, "_proxy", str(proxy_port), upstream, prefix],
-                what="dualwrite serve",
-                env=env,
-                port=proxy_port,
-            ) as proxy_process,
-        ):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                child(
+                    [__file__, "_upstream", str(upstream_port), delay],
+                    what="upstream",
+                    port=upstream_port,
+                )
+            )
+            proxy = stack.enter_context(
+                child(
+                    [__file__, "_proxy", str(proxy_port), upstream, prefix],
+                    what="dualwrite serve",
+                    env=env,
+                    port=proxy_port,
+                )
+            )
             targets: dict[str, tuple[str, int | None]] = {
                 "direct": (upstream, None),
-                "dualwrite": (f"http://127.0.0.1:{proxy_port}", proxy_process.pid),
+                "dualwrite": (f"http://127.0.0.1:{proxy_port}", proxy.pid),
             }
             if with_nginx:
-                with nginx(nginx_port, upstream_port) as worker:
-                    targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", worker)
-                    results = _run(targets, options)
-            else:
-                results = _run(targets, options)
+                worker = stack.enter_context(nginx(nginx_port, upstream_port))
+                targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", worker)
+            if options.breakdown:
+                for name, command, extra in (
+                    ("uvicorn alone", "_asgi", []),
+                    ("uvicorn+aiohttp", "_forwarder", [upstream]),
+                ):
+                    port = free_port()
+                    process = stack.enter_context(
+                        child([__file__, command, str(port), *extra], what=name, port=port)
+                    )
+                    targets[name] = (f"http://127.0.0.1:{port}", process.pid)
+            results = _run(targets, options)
     finally:
         cleanup(prefix)
 
@@ -413,6 +488,10 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         run_upstream(int(sys.argv[2]), float(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_asgi":
+        run_asgi_only(int(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_forwarder":
+        run_forwarder(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_proxy":
         run_proxy_child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
