@@ -27,7 +27,6 @@ from typing import Protocol
 import redis.asyncio as aioredis
 
 from dualwrite._recording import ClaimDriver, LegacyWrite, held_back, refused_before_writing
-from dualwrite.commit import CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
     ConflictError,
@@ -40,7 +39,7 @@ from dualwrite.idempotency import Claim, IdempotencyStore, SetOrder
 from dualwrite.items import ItemReads
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late_refusals import LateRefusals
-from dualwrite.ledger import Ledger
+from dualwrite.ledger import CommitWriter, Ledger
 from dualwrite.models import (
     EventPlan,
     Leg,

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dualwrite.commit import Commit, CommitWriter
 from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.ledger import Commit, CommitWriter
 
 __all__ = ["DEFAULT_MAX_BYTES", "Spool", "default_spool_dir"]
 
