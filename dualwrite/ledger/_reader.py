@@ -62,7 +62,7 @@ def _period_end(period_id: str) -> int:
 
 
 class Ledger:
-    """Reads the ledger and the divergence log back (writes happen with their causes, see above)."""
+    """Reads the ledger and the divergence log back (writes happen with their causes: ``ledger_script``)."""
 
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, *, divergence_maxlen: int = 100_000):
         self._redis = redis
