@@ -187,10 +187,10 @@ class DeadLetters:
         fresh = entry.model_copy(
             update={"attempt": 0, "enqueued_at": self._clock(), "last_error": None}
         )
-        undo = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
+        failed = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
             entry.leg, entry.value, retired=letter.reason == RETIRED, code=letter.code or None
         )
-        keys, args = undo.undone().block()
+        keys, args = failed.undone().block()  # the write is pending again
         keys += [_stream(shard, retired), shard.outbox]
         args += [stream_id, fresh.payload()]
         async with store_errors("retrying a dead letter"):
