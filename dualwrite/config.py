@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -64,6 +65,8 @@ __all__ = [
     "StripeSettings",
     "UsageRoute",
     "WebhookSettings",
+    "default_spool_dir",
+    "unknown_variables",
 ]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -653,6 +656,32 @@ class Settings(BaseSettings):
     def webhook_secret(self) -> str | None:
         """``stripe_webhook_secret_value()`` under its former name (kept for compatibility)."""
         return self.stripe_webhook_secret_value()
+
+
+def default_spool_dir() -> Path:
+    """Where the spool lives when ``[outbox] spool_dir`` is not set: ``$XDG_STATE_HOME/dualwrite/spool``,
+    else ``~/.local/state/dualwrite/spool``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "dualwrite" / "spool"
+
+
+#: ``DUALWRITE_*`` variables read outside the settings' sections.
+_OTHER_VARIABLES = ("CONFIG", "REPORT_TOKEN", "ADMIN_TOKEN", "METRICS_TOKEN")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``DUALWRITE_*`` variables of ``environ`` (default: this process's environment) that set
+    nothing, each with the closest real one (or None)."""
+    names = os.environ if environ is None else environ
+    known = [ENV_PREFIX + name for name in _OTHER_VARIABLES]
+    for section in keys_at(("",)):
+        known.append(ENV_PREFIX + section.upper())
+        known += [f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for key in keys_at((section, ""))]
+    found = []
+    for name in sorted(names):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            found.append((name, did_you_mean(name.upper(), known)))
+    return found
 
 
 def _secret_value(secret: SecretStr | None) -> str | None:

@@ -25,27 +25,23 @@ from pydantic import BaseModel, ConfigDict
 
 from dualwrite.exceptions import DeadLetterNotFoundError
 from dualwrite.keys import KeySpace, ShardKeys
-from dualwrite.ledger import LedgerUpdate
+from dualwrite.ledger import LedgerUpdate, ledger_script
 from dualwrite.outbox import RETIRED, OutboxEntry
 from dualwrite.redis_client import as_int, store_errors, stream_entries
-from dualwrite.rollups import ROLLUP_LUA
 
 __all__ = ["RETIRED", "DeadLetter", "DeadLetterNotFoundError", "DeadLetters"]
 
 _RETIRED_ID = "retired:"
 
-# KEYS: dead stream, outbox stream, ledger hash, rollup, rollup index; ARGV: dead id, new payload, n,
-# name/amount pairs, then the ledger index member and score
-_RETRY = (
-    ROLLUP_LUA
-    + """
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], '*', 'entry', ARGV[2])
-local n = tonumber(ARGV[3])
-for i = 0, n - 1 do
-  redis.call('HINCRBY', KEYS[3], ARGV[4 + 2 * i], ARGV[5 + 2 * i])
-end
-ledger_rollup(KEYS[3], ARGV[4 + 2 * n], ARGV[5 + 2 * n], KEYS[4], KEYS[5])
+# KEYS and ARGV: the ledger block (``dualwrite.ledger``: the failure taken back out), then own KEYS:
+# dead stream, outbox stream; own ARGV: dead id, new payload
+_RETRY = ledger_script(
+    """
+local dead, outbox = unpack(KEYS, OWN_KEYS)
+local dead_id, payload = unpack(ARGV, OWN_ARGS)
+if redis.call('XDEL', dead, dead_id) == 0 then return 0 end
+redis.call('XADD', outbox, '*', 'entry', payload)
+ledger_update()
 return 1
 """
 )
@@ -191,14 +187,12 @@ class DeadLetters:
         fresh = entry.model_copy(
             update={"attempt": 0, "enqueued_at": self._clock(), "last_error": None}
         )
-        undo = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
+        failed = LedgerUpdate(shard, entry.event, entry.period).shadow_failed(
             entry.leg, entry.value, retired=letter.reason == RETIRED, code=letter.code or None
         )
-        args: list[str | int] = [stream_id, fresh.payload(), len(undo.increments)]
-        for name, amount in undo.increments.items():
-            args += [name, -amount]
-        args += [undo.index_member, undo.index_score]
-        keys = [_stream(shard, retired), shard.outbox, undo.key, *undo.rollup_keys]
+        keys, args = failed.undone().block()  # the write is pending again
+        keys += [_stream(shard, retired), shard.outbox]
+        args += [stream_id, fresh.payload()]
         async with store_errors("retrying a dead letter"):
             done = await self._retry(keys=keys, args=args)
         if as_int(done) != 1:

@@ -11,7 +11,7 @@ down after Stripe accepted the authoritative write, the caller still gets its su
 commit is spooled (or, with no spool, the loss is logged loudly).
 
 This module holds the claim and the engine's lifecycle; the write and what is persisted once it
-answered (the commit, refusal counting, back-pressure) are in ``dualwrite._recording``; item reads
+answered (the commit, refusal counting, back-pressure) are in ``dualwrite._claim_driver``; item reads
 (billing periods, ownership) in ``dualwrite.items``.
 """
 
@@ -26,8 +26,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from dualwrite._recording import ClaimDriver, LegacyWrite, held_back, refused_before_writing
-from dualwrite.commit import CommitWriter
+from dualwrite._claim_driver import ClaimDriver, LegacyWrite, held_back, refused_before_writing
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
     ConflictError,
@@ -40,7 +39,7 @@ from dualwrite.idempotency import Claim, IdempotencyStore, SetOrder
 from dualwrite.items import ItemReads
 from dualwrite.keys import KeySpace, ShardKeys
 from dualwrite.late_refusals import LateRefusals
-from dualwrite.ledger import Ledger
+from dualwrite.ledger import CommitWriter, Ledger
 from dualwrite.models import (
     EventPlan,
     Leg,

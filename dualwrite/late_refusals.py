@@ -29,10 +29,9 @@ from dualwrite._http import read_body, stripe_error
 from dualwrite.config import Settings
 from dualwrite.exceptions import ClientDisconnectedError, StoreUnavailableError
 from dualwrite.keys import KeySpace
-from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields
+from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, ledger_script
 from dualwrite.models import Stage, UsageEvent
 from dualwrite.redis_client import as_int, as_str, store_errors
-from dualwrite.rollups import ROLLUP_LUA
 from dualwrite.stripe_io import (
     EventFetchError,
     EventSignatureError,
@@ -49,22 +48,13 @@ log = logging.getLogger("dualwrite.late")  # the name it logged under before the
 #: fetched from Stripe), so anything much larger is refused before it is read.
 MAX_EVENT_BYTES = 64 * 1024
 
-# KEYS: marker, ledger hash, ledger index, divergence, rollup, rollup index; ARGV: marker ttl,
-# index member, index score, divergence maxlen, then a count and name/amount pairs, then a count and
-# name/value pairs
-_MARK = (
-    ROLLUP_LUA
-    + """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local i = 5
-local n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2 end
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-ledger_rollup(KEYS[2], ARGV[2], ARGV[3], KEYS[5], KEYS[6])
-local d = tonumber(ARGV[i]); i = i + 1
-local fields = {}
-for _ = 1, d do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1]; i = i + 2 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+# KEYS and ARGV: the ledger block (``dualwrite.ledger``: the increments and the divergence entry),
+# then the marker (own key) and its ttl (own argument). Counts only when the marker is new.
+_MARK = ledger_script(
+    """
+local marker = KEYS[OWN_KEYS]
+if not redis.call('SET', marker, '1', 'NX', 'EX', ARGV[OWN_ARGS]) then return 0 end
+ledger_update()
 return 1
 """
 )
@@ -184,23 +174,11 @@ class LateRefusals:
             note="refused by Stripe after it accepted the event",
             at=self._clock(),
         )
-        args: list[str | int] = [
-            self._settings.webhooks.track_seconds + 86400,
-            update.index_member,
-            update.index_score,
-            self._settings.ledger.divergence_maxlen,
-            *update.script_args(),
-            len(divergence),
-        ]
-        for name, value in divergence.items():
-            args += [name, value]
-        keys = [
-            shard.late_marker(sample.identifier),
-            update.key,
-            shard.ledger_index,
-            shard.divergence,
-            *update.rollup_keys,
-        ]
+        keys, args = update.block(
+            divergence=divergence, divergence_maxlen=self._settings.ledger.divergence_maxlen
+        )
+        keys.append(shard.late_marker(sample.identifier))
+        args.append(self._settings.webhooks.track_seconds + 86400)
         async with store_errors("marking a late refusal"):
             done = as_int(await self._mark(keys=keys, args=args))
         if done != 1:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dualwrite.commit import Commit, CommitWriter
+from dualwrite.config import default_spool_dir
 from dualwrite.exceptions import StoreUnavailableError
+from dualwrite.ledger import Commit, CommitWriter
 
 __all__ = ["DEFAULT_MAX_BYTES", "Spool", "default_spool_dir"]
 
@@ -45,12 +46,6 @@ def _size_of(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:  # replayed and removed meanwhile
         return 0
-
-
-def default_spool_dir() -> Path:
-    """``$XDG_STATE_HOME/dualwrite/spool``, else ``~/.local/state/dualwrite/spool``."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "dualwrite" / "spool"
 
 
 class Spool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from stripe_standin._errors import StripeApiError
 
-__all__ = ["IdempotencyStore", "SavedReply"]
+__all__ = ["SavedReplies", "SavedReply"]
 
 KEY_LIFETIME = 86_400
 """Seconds after which Stripe may prune a key (the stand-in prunes exactly then)."""
@@ -43,8 +43,9 @@ def fingerprint(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
-class IdempotencyStore:
-    """Idempotency keys and the replies saved under them."""
+class SavedReplies:
+    """Idempotency keys and the replies saved under them (Stripe's side of idempotency; dualwrite's
+    own claims are ``dualwrite.idempotency.IdempotencyStore``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -13,7 +13,7 @@ from stripe_standin._app import RequestLogEntry, Wakeup, build_app
 from stripe_standin._clock import StandinClock
 from stripe_standin._errors import StandinError, StripeApiError
 from stripe_standin._faults import FaultInjector
-from stripe_standin._idempotency import IdempotencyStore
+from stripe_standin._idempotency import SavedReplies
 from stripe_standin._invoices import refresh, settle_invoices
 from stripe_standin._meters import aggregate, find_meter
 from stripe_standin._notifications import (
@@ -75,7 +75,7 @@ class StripeStandin:
         self.faults = FaultInjector(seed=seed)
         self._store = Store(clock=self.clock, seed=seed)
         self.test_clock_advance_seconds = test_clock_advance_seconds
-        self._idempotency = IdempotencyStore()
+        self._idempotency = SavedReplies()
         self._wakeup = Wakeup()
         self._log: deque[RequestLogEntry] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._log_lock = threading.Lock()

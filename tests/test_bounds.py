@@ -32,7 +32,7 @@ PACKAGE = Path(dualwrite.__file__).parent
 #: Streams that hold work, not history: entries leave them when settled (XDEL), so a cap would
 #: drop undelivered usage. Their size is the outstanding work (``dualwrite health``, the report).
 WORK_STREAM_XADDS = {
-    "commit.py": 1,  # the shadow write joins the outbox
+    "ledger/_commit.py": 1,  # the shadow write joins the outbox
     "outbox/_store.py": 1,  # a retry whose backoff is over rejoins the outbox
     "deadletters.py": 1,  # `dualwrite dead retry` puts a dead letter back in the outbox
 }

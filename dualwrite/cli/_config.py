@@ -8,7 +8,6 @@ and Stripe with reads only, prints what it found, and exits 0 when nothing is wr
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -33,10 +32,9 @@ app.add_typer(config_app, name="config", rich_help_panel=OPERATE)
 CHECK_OK = 0
 #: Exit status of ``config check``: at least one problem (each printed with its fix).
 CHECK_FAILED = 1
+
+
 #: Variables that are not ``<SECTION>__<KEY>`` settings but mean something to dualwrite.
-_OTHER_VARIABLES = ("CONFIG", "REPORT_TOKEN", "ADMIN_TOKEN", "METRICS_TOKEN")
-
-
 @config_app.command("init")
 def config_init(
     path: Annotated[
@@ -96,24 +94,10 @@ class CheckReport(BaseModel):
         return all(item.ok for item in self.items)
 
 
-def unknown_variables(environ: dict[str, str]) -> list[tuple[str, str | None]]:
-    """``DUALWRITE_*`` variables that set nothing, each with the closest real one (or None)."""
-    from dualwrite.config import ENV_PREFIX, did_you_mean, keys_at  # deferred: start-up cost
-
-    known = [ENV_PREFIX + name for name in _OTHER_VARIABLES]
-    for section in keys_at(("",)):
-        known.append(ENV_PREFIX + section.upper())
-        known += [f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for key in keys_at((section, ""))]
-    found = []
-    for name in sorted(environ):
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
-            guess = did_you_mean(name.upper(), known)
-            found.append((name, guess))
-    return found
-
-
 def _environment(report: CheckReport) -> None:
-    for name, guess in unknown_variables(dict(os.environ)):
+    from dualwrite.config import unknown_variables  # deferred: start-up cost
+
+    for name, guess in unknown_variables():
         fix = f"did you mean {guess}?" if guess else "remove it (dualwrite reads no such variable)"
         report.items.append(CheckItem(name=name, ok=False, found="sets nothing", fix=fix))
 

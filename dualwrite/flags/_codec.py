@@ -28,10 +28,10 @@ __all__ = [
     "parse_audit",
     "parse_billing",
     "parse_kill",
-    "parse_percent",
     "parse_rollout",
     "parse_schedule",
-    "parse_stage",
+    "parse_stored_percent",
+    "parse_stored_stage",
     "rollout_field",
 ]
 
@@ -104,7 +104,7 @@ def format_percent(stage: Stage, percent: float) -> str:
     return format(points / 100, "g")
 
 
-def parse_stage(raw: str | None, what: str, warn: Warn) -> Stage | None:
+def parse_stored_stage(raw: str | None, what: str, warn: Warn) -> Stage | None:
     """A stored stage, or ``None`` when absent or not a valid stage."""
     if raw is None:
         return None
@@ -127,7 +127,7 @@ def parse_kill(raw: str | None, warn: Warn) -> bool:
     return False
 
 
-def parse_percent(raw: str | None, what: str, warn: Warn) -> float:
+def parse_stored_percent(raw: str | None, what: str, warn: Warn) -> float:
     """A stored rollout percentage; absent or invalid reads as 0."""
     if raw is None:
         return 0.0
@@ -144,7 +144,7 @@ def parse_percent(raw: str | None, what: str, warn: Warn) -> float:
 def parse_rollout(config: Mapping[str, str], warn: Warn) -> dict[Stage, float]:
     """Every rollout stage's percentage from the ``flags_config`` hash (missing ones are 0)."""
     return {
-        stage: parse_percent(config.get(rollout_field(stage)), rollout_field(stage), warn)
+        stage: parse_stored_percent(config.get(rollout_field(stage)), rollout_field(stage), warn)
         for stage in ROLLOUT_STAGES
     }
 
@@ -165,7 +165,7 @@ def parse_schedule(raw: str | None, customer: str, warn: Warn) -> tuple[tuple[in
         if not (isinstance(item, list) and len(item) == 2 and _is_time(item[0])):
             warn(f"ignoring invalid schedule entry {item!r} of {customer}")
             continue
-        stage = parse_stage(str(item[1]), f"schedule of {customer}", warn)
+        stage = parse_stored_stage(str(item[1]), f"schedule of {customer}", warn)
         if stage is not None:
             entries[int(item[0])] = stage
     return tuple(sorted(entries.items()))

@@ -28,7 +28,7 @@ from dualwrite.flags._codec import (
     parse_kill,
     parse_rollout,
     parse_schedule,
-    parse_stage,
+    parse_stored_stage,
     rollout_field,
 )
 from dualwrite.flags._models import AuditEntry, CustomerBilling, FlagSnapshot
@@ -235,7 +235,7 @@ class RedisFlagStore:
         """The global default stage (``legacy`` when unset or invalid)."""
         async with store_errors("reading the default stage"):
             raw = as_str(await self._redis.hget(self._keys.flags_config, DEFAULT_FIELD))
-        return parse_stage(raw, "the default stage", self._warn) or Stage.LEGACY
+        return parse_stored_stage(raw, "the default stage", self._warn) or Stage.LEGACY
 
     async def get_rollout(self) -> dict[Stage, float]:
         """Each rollout stage's percentage (0 when unset)."""
@@ -262,10 +262,12 @@ class RedisFlagStore:
         return FlagSnapshot(
             customer=customer,
             kill=parse_kill(config.get(KILL_FIELD), self._warn),
-            default=parse_stage(config.get(DEFAULT_FIELD), "the default stage", self._warn)
+            default=parse_stored_stage(config.get(DEFAULT_FIELD), "the default stage", self._warn)
             or Stage.LEGACY,
             rollout=parse_rollout(config, self._warn),
-            override=parse_stage(as_str(override), f"the override of {customer}", self._warn),
+            override=parse_stored_stage(
+                as_str(override), f"the override of {customer}", self._warn
+            ),
             schedule=parse_schedule(as_str(schedule), customer, self._warn),
             billing=parse_billing(as_str(billing), customer, self._warn),
         )
@@ -291,7 +293,7 @@ class RedisFlagStore:
         async with store_errors("listing overrides"):
             async for field, raw in self._redis.hscan_iter(self._keys.flags_override, count=1000):
                 customer = str(as_str(field))
-                stage = parse_stage(as_str(raw), f"the override of {customer}", self._warn)
+                stage = parse_stored_stage(as_str(raw), f"the override of {customer}", self._warn)
                 if stage is not None:
                     result[customer] = stage
         return result

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.keys import ShardKeys
-from dualwrite.ledger import LedgerUpdate
+from dualwrite.ledger import LedgerUpdate, ledger_script
 from dualwrite.migrate._audit import OpsAudit
 from dualwrite.migrate._export import BackfillInputError, read_export
 from dualwrite.migrate._sources import METER_PAST_WINDOW, BackfillSources, PlannedEvent
@@ -31,7 +31,6 @@ from dualwrite.models import Leg, UsageEvent, WriteResult
 from dualwrite.rate_limits import WriteLimits
 from dualwrite.reconcile import read_throttle
 from dualwrite.redis_client import store_errors
-from dualwrite.rollups import ROLLUP_LUA
 from dualwrite.stripe_io import StripeReader
 
 __all__ = [
@@ -47,17 +46,13 @@ DUPLICATE = "An event already exists with identifier"
 """Stripe's refusal of a meter event identifier it has seen: an earlier run sent it."""
 _RETRIES = 3
 
-# KEYS: marker, ledger row, ledger index, rollup, rollup index. ARGV: ttl, marker value, index
-# member, index score, then the ledger increments (count, name/amount pairs). Counts only when the
-# marker is new; the row's rollup copy is refreshed with it (``dualwrite.rollups``).
-_COUNT_ONCE = (
-    ROLLUP_LUA
-    + """
-if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then return 0 end
-local n = tonumber(ARGV[5])
-for i = 0, n - 1 do redis.call('HINCRBY', KEYS[2], ARGV[6 + 2 * i], ARGV[7 + 2 * i]) end
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-ledger_rollup(KEYS[2], ARGV[3], ARGV[4], KEYS[4], KEYS[5])
+# KEYS and ARGV: the ledger block (``dualwrite.ledger``), then the marker (own key), its ttl and value
+# (own arguments). Counts only when the marker is new.
+_COUNT_ONCE = ledger_script(
+    """
+local ttl, value = unpack(ARGV, OWN_ARGS)
+if not redis.call('SET', KEYS[OWN_KEYS], value, 'NX', 'EX', ttl) then return 0 end
+ledger_update()
 return 1
 """
 )
@@ -142,17 +137,10 @@ class _Backfill:
         for what in ("expected", "accepted", "backfilled"):
             update.add(f"meter_{what}_events").add(f"meter_{what}_qty", quantity)
         marker = shard.backfill_marker(event.meter_identifier)
+        keys, args = update.block()
+        own: list[str | int] = [MARKER_TTL, f"{self.now}:{quantity}"]
         async with store_errors("counting a backfilled event"):
-            done = await self._count_once(
-                keys=[marker, update.key, shard.ledger_index, *update.rollup_keys],
-                args=[
-                    MARKER_TTL,
-                    f"{self.now}:{quantity}",
-                    update.index_member,
-                    update.index_score,
-                    *update.script_args(),
-                ],
-            )
+            done = await self._count_once(keys=[*keys, marker], args=[*args, *own])
         return bool(done)
 
     async def send(self, planned: PlannedEvent, *, dry_run: bool) -> BackfillEvent:

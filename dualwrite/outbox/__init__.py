@@ -19,6 +19,7 @@ the living after ``claim_idle_seconds``.
 
 from __future__ import annotations
 
+from dualwrite.outbox._delivery import Disposition, OutboxWorker
 from dualwrite.outbox._store import (
     DEAD_MAXLEN,
     OUTBOX_GROUP,
@@ -27,7 +28,6 @@ from dualwrite.outbox._store import (
     OutboxDepth,
     OutboxEntry,
 )
-from dualwrite.outbox._worker import Disposition, OutboxWorker
 
 __all__ = [
     "DEAD_MAXLEN",

@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from dualwrite.config import OutboxSettings
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace, ShardKeys
-from dualwrite.ledger import Ledger, LedgerUpdate
+from dualwrite.ledger import Ledger, LedgerUpdate, ledger_script
 from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.rate_limits import MeterTurn
 from dualwrite.redis_client import (
@@ -27,7 +27,6 @@ from dualwrite.redis_client import (
     stream_entries,
     streams_reply,
 )
-from dualwrite.rollups import ROLLUP_LUA
 
 __all__ = ["DEAD_MAXLEN", "OUTBOX_GROUP", "RETIRED", "Outbox", "OutboxDepth", "OutboxEntry"]
 
@@ -41,35 +40,23 @@ RETIRED = "retired"
 
 _T = TypeVar("_T")
 
-# KEYS: outbox, ledger hash, ledger index, divergence, dead letters (the retired stream for a retired
-#       write), rollup, rollup index, [meter turn]
-# ARGV: group, entry id, index member, index score, divergence maxlen, dead maxlen, turn token ('':
-#       no turn to release), then three lists, each a count followed by name/value pairs:
-#       increments, divergence, dead letter
+# KEYS and ARGV: the ledger block (``dualwrite.ledger``: the increments and the divergence entry),
+# then own KEYS: outbox, dead letters (the retired stream for a retired write), [meter turn]; own
+# ARGV: group, entry id, dead maxlen, turn token ('': no turn to release), then the dead letter as a
+# count followed by name/value pairs.
 # The meter turn is released first: also when the entry was settled already, as its holder is done.
-_SETTLE = (
-    ROLLUP_LUA
-    + """
-if ARGV[7] ~= '' and redis.call('GET', KEYS[8]) == ARGV[7] then redis.call('DEL', KEYS[8]) end
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[2])
-local i = 8
-local function pairs_at()
-  local n = tonumber(ARGV[i]); i = i + 1
-  local out = {}
-  for _ = 1, n do out[#out + 1] = ARGV[i]; out[#out + 1] = ARGV[i + 1]; i = i + 2 end
-  return out
+_SETTLE = ledger_script(
+    """
+local outbox, dead, turn = unpack(KEYS, OWN_KEYS)
+local group, entry_id, dead_maxlen, token, dead_n = unpack(ARGV, OWN_ARGS)
+if token ~= '' and redis.call('GET', turn) == token then redis.call('DEL', turn) end
+if redis.call('XACK', outbox, group, entry_id) == 0 then return 0 end
+redis.call('XDEL', outbox, entry_id)
+ledger_update()
+if tonumber(dead_n) > 0 then
+  local letter = {unpack(ARGV, OWN_ARGS + 5, OWN_ARGS + 4 + 2 * tonumber(dead_n))}
+  redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(letter))
 end
-local incr = pairs_at()
-for j = 1, #incr, 2 do redis.call('HINCRBY', KEYS[2], incr[j], incr[j + 1]) end
-if #incr > 0 then
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-  ledger_rollup(KEYS[2], ARGV[3], ARGV[4], KEYS[6], KEYS[7])
-end
-local div = pairs_at()
-if #div > 0 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(div)) end
-local dead = pairs_at()
-if #dead > 0 then redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', unpack(dead)) end
 return 1
 """
 )
@@ -160,10 +147,10 @@ class _Coalesced:
     def __init__(self, redis: aioredis.Redis, script: AsyncScript):
         self._redis = redis
         self._script = script
-        self._queue: list[tuple[list[str], list[str | int | float], asyncio.Future[object]]] = []
+        self._queue: list[tuple[list[str], list[str | int], asyncio.Future[object]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, keys: list[str], args: list[str | int | float]) -> object:
+    async def __call__(self, keys: list[str], args: list[str | int]) -> object:
         """The script's reply (or its error) for these keys and arguments."""
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._queue.append((keys, args, future))
@@ -178,7 +165,7 @@ class _Coalesced:
         task.add_done_callback(self._sending.discard)
 
     async def _send(
-        self, batch: list[tuple[list[str], list[str | int | float], asyncio.Future[object]]]
+        self, batch: list[tuple[list[str], list[str | int], asyncio.Future[object]]]
     ) -> None:
         replies: list[object]
         try:
@@ -406,32 +393,27 @@ class Outbox:
         divergence: dict[str, str] | None,
         dead: dict[str, str] | None,
         turn: MeterTurn | None,
-    ) -> tuple[list[str], list[str | int | float]]:
+    ) -> tuple[list[str], list[str | int]]:
         """The settle script's keys and arguments."""
-        args: list[str | int | float] = [
-            OUTBOX_GROUP,
-            entry_id,
-            update.index_member,
-            update.index_score,
-            self.ledger.divergence_maxlen,
-            DEAD_MAXLEN,
-            turn.token if turn is not None else "",
-            *update.script_args(),
-        ]
-        for extra in (divergence or {}, dead or {}):
-            args.append(len(extra))
-            for name, value in extra.items():
-                args += [name, value]
-        keys = [
+        keys, args = update.block(
+            divergence=divergence, divergence_maxlen=self.ledger.divergence_maxlen
+        )
+        keys += [
             shard.outbox,
-            update.key,
-            shard.ledger_index,
-            shard.divergence,
             shard.retired if dead is not None and dead.get("reason") == RETIRED else shard.dead,
-            *update.rollup_keys,
         ]
         if turn is not None:
             keys.append(turn.key)
+        letter = dead or {}
+        args += [
+            OUTBOX_GROUP,
+            entry_id,
+            DEAD_MAXLEN,
+            turn.token if turn is not None else "",
+            len(letter),
+        ]
+        for name, value in letter.items():
+            args += [name, value]
         return keys, args
 
     async def reschedule(

@@ -42,8 +42,8 @@ __all__ = [
     "ItemLookup",
     "ItemResolver",
     "LookupFailed",
+    "LookupResult",
     "Mapped",
-    "Resolution",
     "Unmapped",
 ]
 
@@ -94,7 +94,7 @@ class LookupFailed:
     failure: StripeFailure
 
 
-Resolution = Mapped | Unmapped | LookupFailed
+LookupResult = Mapped | Unmapped | LookupFailed
 """What the resolver found out about an item."""
 
 
@@ -152,12 +152,12 @@ class ItemResolver:
         self._cache_ttl = cache_ttl
         self._unmapped_ttl = unmapped_ttl
         # One Stripe read per item (and caller key) at a time, however many requests wait for it.
-        self._inflight: dict[tuple[str, str], asyncio.Future[Resolution]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[LookupResult]] = {}
         self._count_unmapped = redis.register_script(_COUNT_UNMAPPED)
         self._logged_at = -UNMAPPED_LOG_SECONDS
         self._unlogged = 0
 
-    async def resolve(self, item: str, *, api_key: str) -> Resolution:
+    async def resolve(self, item: str, *, api_key: str) -> LookupResult:
         """The mapping of ``item``: from config, the cache, or Stripe (read with ``api_key``)."""
         known = self._items.get(item)
         if known is not None:
@@ -198,7 +198,7 @@ class ItemResolver:
         except StoreUnavailableError:
             log.warning("Redis unavailable: unmapped usage for %s not counted", item)
 
-    async def _cached(self, item: str) -> Resolution | None:
+    async def _cached(self, item: str) -> LookupResult | None:
         try:
             async with store_errors("reading an item mapping"):
                 raw = as_str(await self._redis.get(self._keys.item_mapping(item)))
@@ -216,7 +216,7 @@ class ItemResolver:
             return Unmapped(str(data["unmapped"]))
         return Mapped(str(data["customer"]), str(data["event_name"]), "cache")
 
-    async def _look_up(self, item: str, api_key: str) -> Resolution:
+    async def _look_up(self, item: str, api_key: str) -> LookupResult:
         details = await self._lookup.retrieve_item(item, api_key=api_key)
         if isinstance(details, StripeFailure):
             return LookupFailed(details)
@@ -224,7 +224,7 @@ class ItemResolver:
             details.lookup_key or ""
         )
         record: dict[str, str] = {"config": self._digest}
-        resolution: Resolution
+        resolution: LookupResult
         if event_name is None:
             key = f" (lookup key {details.lookup_key})" if details.lookup_key else ""
             reason = (

@@ -16,11 +16,10 @@ import redis.asyncio as aioredis
 from redis.typing import EncodableT
 
 from dualwrite.keys import KeySpace, ShardKeys
-from dualwrite.ledger import period_score
+from dualwrite.ledger import period_score, read_packed
 from dualwrite.periods import Period
 from dualwrite.reconcile._records import PeriodChoice, ReconciliationRecord
 from dualwrite.redis_client import as_str_list, store_errors
-from dualwrite.rollups import read_packed
 
 __all__ = [
     "ROLLUP_FIELDS",

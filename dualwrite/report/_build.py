@@ -19,7 +19,7 @@ from dualwrite.durability import RECLEAR_HINT, DataLoss, read_durability, read_l
 from dualwrite.engine import StageSource
 from dualwrite.idempotency import IdempotencyStore
 from dualwrite.keys import KeySpace
-from dualwrite.ledger import DivergenceRecord, Ledger, LedgerRow
+from dualwrite.ledger import DivergenceRecord, Ledger, LedgerRow, collector_paused
 from dualwrite.models import Stage
 from dualwrite.outbox import Outbox
 from dualwrite.reconcile import read_reconciliation, read_reconciliation_fields
@@ -37,7 +37,6 @@ from dualwrite.report._models import (
     trusted,
 )
 from dualwrite.report._readiness import ReadinessRule
-from dualwrite.rollups import collector_paused
 
 __all__ = ["build_report", "read_backpressure", "read_unfinished", "read_unmapped"]
 

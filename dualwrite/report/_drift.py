@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from dualwrite.ledger import collector_paused
 from dualwrite.report._models import CustomerDrift, CustomerMoney, LegDrift, trusted
-from dualwrite.rollups import collector_paused
 
 __all__ = ["customer_drifts"]
 

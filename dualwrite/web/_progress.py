@@ -21,7 +21,7 @@ from dualwrite.flags._codec import (
     parse_kill,
     parse_rollout,
     parse_schedule,
-    parse_stage,
+    parse_stored_stage,
     rollout_field,
 )
 from dualwrite.models import Stage, utc_day
@@ -90,9 +90,10 @@ class _Flags:
         return FlagSnapshot(
             customer=customer,
             kill=parse_kill(self.config.get(KILL_FIELD), quiet),
-            default=parse_stage(self.config.get(DEFAULT_FIELD), "default", quiet) or Stage.LEGACY,
+            default=parse_stored_stage(self.config.get(DEFAULT_FIELD), "default", quiet)
+            or Stage.LEGACY,
             rollout=parse_rollout(self.config, quiet),
-            override=parse_stage(self.overrides.get(customer), customer, quiet),
+            override=parse_stored_stage(self.overrides.get(customer), customer, quiet),
             schedule=parse_schedule(self.schedules.get(customer), customer, quiet),
         )
 

@@ -31,7 +31,7 @@ from dualwrite.stripe_io import MAX_STREAM_BATCH, RETIRED_LEGACY_MARKER, StripeW
 
 __all__ = ["Disposition", "MeterAccepted", "OutboxWorker", "WorkerState"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dualwrite.outbox._worker")  # its name before the module was renamed
 
 
 Disposition = Literal["accepted", "retry", "dead", "skipped"]

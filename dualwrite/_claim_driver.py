@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from dualwrite import _remembered as remembered, instruments
-from dualwrite.commit import Commit, CommitWriter
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConflictError, StoreUnavailableError
 from dualwrite.idempotency import (
@@ -38,7 +37,14 @@ from dualwrite.idempotency import (
 )
 from dualwrite.keys import ShardKeys
 from dualwrite.late_refusals import LateRefusals
-from dualwrite.ledger import LedgerUpdate, LegView, divergence_fields, failure_code
+from dualwrite.ledger import (
+    Commit,
+    CommitWriter,
+    LedgerUpdate,
+    LegView,
+    divergence_fields,
+    failure_code,
+)
 from dualwrite.models import (
     EventPlan,
     Leg,
