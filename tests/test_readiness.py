@@ -9,8 +9,9 @@ from collections.abc import Mapping
 import pytest
 
 from dualwrite.config import ReportSettings
+from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage, utc_day
-from dualwrite.report import ReadinessRule
+from dualwrite.report import CustomerDrift, CustomerMoney, LegDrift, ReadinessRule, Verdict
 
 DAY = 86_400
 NOW = 1_800_000_000 + DAY // 2  # noon UTC: "today" is open, "yesterday" closed
@@ -167,7 +168,7 @@ class TestDeadLetters:
         }
         clean = {period(days): counters() for days in range(1, 6)}
         periods = {**dead, **clean} if first else {**clean, **dead}
-        assert verdict_of(periods)[0] is False
+        assert verdict_of(periods) == (False, Stage.PRIMARY)
         assert verdict_of(clean)[0] is True
 
     def test_dead_letter_in_the_open_period_blocks(self) -> None:
@@ -177,3 +178,97 @@ class TestDeadLetters:
             period(0): counters(meter_failed_events=1, meter_failed_qty=10, meter_accepted_qty=0),
         }
         assert verdict_of(periods)[0] is False
+
+
+class TestLedgerRows:
+    """``verdict(stage, rows)``: the rows of one period (one per meter event name) are judged
+    together, as the report's sums per period are."""
+
+    def test_rows_of_one_period_are_summed(self) -> None:
+        """Two event names in one closed period: 10 against 10 and 0 against 5. Each row alone
+        could pass a 50 % limit; summed (10 against 15) they are 33 % apart."""
+        rule = ReadinessRule(ReportSettings(readiness_max_difference_pct=30.0), now=NOW)
+        rows = [
+            LedgerRow(period(1), "cus_a", "api", counters()),
+            LedgerRow(period(1), "cus_a", "seats", counters(legacy=0, meter=5)),
+        ]
+        assert rule.verdict(Stage.SHADOW, rows).ready is False
+        lenient = ReadinessRule(ReportSettings(readiness_max_difference_pct=34.0), now=NOW)
+        assert lenient.verdict(Stage.SHADOW, rows).ready is True
+        assert lenient.verdict(Stage.SHADOW, rows[:1]) == lenient.verdict_by_period(
+            Stage.SHADOW, {period(1): counters()}
+        )
+
+    def test_rows_of_two_periods_count_twice(self) -> None:
+        """Two closed periods are two periods (two required)."""
+        rule = ReadinessRule(ReportSettings(readiness_closed_periods=2), now=NOW)
+        one = [LedgerRow(period(1), "cus_a", "api", counters())]
+        two = [*one, LedgerRow(period(2), "cus_a", "api", counters())]
+        assert rule.verdict(Stage.SHADOW, one).ready is False
+        assert rule.verdict(Stage.SHADOW, two).ready is True
+
+
+def money(**fields: int | str | None) -> CustomerDrift:
+    """A reconciliation with ``--money`` whose invoices are as given (both legs compared)."""
+    return CustomerDrift(
+        checked_at=NOW,
+        records=3,
+        legacy=LegDrift(compared=3),
+        meter=LegDrift(compared=3),
+        money=CustomerMoney.model_validate({"priced": 3, "currency": "usd", **fields}),
+    )
+
+
+class TestMoney:
+    """``with_money``: invoices that differ beyond the tolerance keep a customer off primary and
+    meter; nothing else changes the verdict."""
+
+    READY = Verdict(ready=True, next_stage=Stage.PRIMARY, reason="1 closed period(s)")
+
+    def rule(self, tolerance: int = 0) -> ReadinessRule:
+        """A rule allowing invoices ``tolerance`` cents apart."""
+        return ReadinessRule(ReportSettings(readiness_max_money_difference=tolerance), now=NOW)
+
+    @pytest.mark.parametrize(
+        ("worst", "tolerance", "ready"),
+        [(0, 0, True), (50, 50, True), (51, 50, False), (-51, 50, False), (1, 0, False)],
+    )
+    def test_the_worst_period_against_the_tolerance(
+        self, worst: int, tolerance: int, ready: bool
+    ) -> None:
+        """The largest difference of any period (either sign) beyond the tolerance blocks."""
+        drift = money(largest_difference=worst, differing=1 if worst else 0)
+        verdict = self.rule(tolerance).with_money(self.READY, drift)
+        assert (verdict.ready, verdict.next_stage) == (ready, Stage.PRIMARY)
+
+    @pytest.mark.parametrize("field", ["currency_differs", "preview_disagrees"])
+    def test_another_currency_or_a_disagreeing_preview_blocks(self, field: str) -> None:
+        """However small the amounts, another currency or Stripe's preview disagreeing blocks."""
+        verdict = self.rule(1000).with_money(self.READY, money(**{field: 1}))
+        assert (verdict.ready, verdict.next_stage) == (False, Stage.PRIMARY)
+        assert "invoices differ" in verdict.reason
+
+    def test_the_reason_names_the_worst_difference_and_the_periods(self) -> None:
+        """What an operator needs: the worst period's amount, how many periods differ, of how
+        many priced, and the tolerance."""
+        drift = money(largest_difference=-1234, differing=2)
+        reason = self.rule(100).with_money(self.READY, drift).reason
+        assert "-12.34 USD" in reason and "2 of 3 priced" in reason and "tolerance 100" in reason
+
+    def test_no_money_changes_nothing(self) -> None:
+        """Never reconciled with ``--money``, or never reconciled at all: the verdict stands."""
+        never = money().model_copy(update={"money": None})
+        assert self.rule().with_money(self.READY, never) is self.READY
+        assert self.rule().with_money(self.READY, None) is self.READY
+
+    def test_only_primary_and_meter_are_guarded(self) -> None:
+        """Ready for shadow (nothing billable), not ready already, or done: money changes none."""
+        drift = money(largest_difference=500, differing=1)
+        for verdict in (
+            Verdict(ready=True, next_stage=Stage.SHADOW, reason="shadow writes nothing billable"),
+            Verdict(ready=False, next_stage=Stage.PRIMARY, reason="0 of 1"),
+            Verdict(ready=False, next_stage=None, reason="already on meter events only"),
+        ):
+            assert self.rule().with_money(verdict, drift) is verdict
+        to_meter = Verdict(ready=True, next_stage=Stage.METER, reason="1 closed period(s)")
+        assert self.rule().with_money(to_meter, drift).ready is False
