@@ -96,6 +96,12 @@ class TestPeriods:
         split = counters(stage_shadow_events=1, stage_legacy_events=1)
         assert verdict_of({period(1): split})[0] is False
 
+    def test_period_of_one_event_at_another_stage_does_not_count(self) -> None:
+        """One event, recorded at legacy (no shadow events at all), is no period at shadow."""
+        at_legacy = counters(events=1, stage_shadow_events=0, stage_legacy_events=1)
+        del at_legacy["stage_shadow_events"]
+        assert verdict_of({period(1): at_legacy})[0] is False
+
     def test_period_without_events_does_not_count(self) -> None:
         """An empty period proves nothing."""
         empty = counters(legacy=0, meter=0, events=0, stage_shadow_events=0)
@@ -110,6 +116,17 @@ class TestLegs:
         """A write still pending on either leg keeps the period out (the accepted totals agree)."""
         pending = counters(**{f"{leg}_expected_qty": 13, f"{leg}_expected_events": 3})
         assert verdict_of({period(1): pending})[0] is False
+
+    @pytest.mark.parametrize("leg", ["legacy", "meter"])
+    def test_leg_with_nothing_accepted_yet_does_not_count(self, leg: str) -> None:
+        """One unit expected on a leg, nothing accepted there yet (no accepted counters at all):
+        not settled, whatever the difference allowed."""
+        other = "meter" if leg == "legacy" else "legacy"
+        pending = counters(**{f"{leg}_expected_qty": 1, f"{other}_expected_qty": 1})
+        pending.update({f"{other}_accepted_qty": 1, "events": 1, "stage_shadow_events": 1})
+        for name in (f"{leg}_accepted_qty", f"{leg}_accepted_events"):
+            del pending[name]
+        assert verdict_of({period(1): pending}, max_difference_pct=100.0)[0] is False
 
     def test_late_refusal_does_not_count(self) -> None:
         """A period with a meter event Stripe refused after accepting it stays out, even when the
@@ -185,15 +202,15 @@ class TestLedgerRows:
     together, as the report's sums per period are."""
 
     def test_rows_of_one_period_are_summed(self) -> None:
-        """Two event names in one closed period: 10 against 10 and 0 against 5. Each row alone
-        could pass a 50 % limit; summed (10 against 15) they are 33 % apart."""
-        rule = ReadinessRule(ReportSettings(readiness_max_difference_pct=30.0), now=NOW)
+        """Two event names in one closed period, 10 against 10 and 0 against 1: summed, 10
+        against 11, they are 9.09 % apart (ready with a 9.1 % limit, not with 9 %)."""
+        rule = ReadinessRule(ReportSettings(readiness_max_difference_pct=9.0), now=NOW)
         rows = [
             LedgerRow(period(1), "cus_a", "api", counters()),
-            LedgerRow(period(1), "cus_a", "seats", counters(legacy=0, meter=5)),
+            LedgerRow(period(1), "cus_a", "seats", counters(legacy=0, meter=1)),
         ]
         assert rule.verdict(Stage.SHADOW, rows).ready is False
-        lenient = ReadinessRule(ReportSettings(readiness_max_difference_pct=34.0), now=NOW)
+        lenient = ReadinessRule(ReportSettings(readiness_max_difference_pct=9.1), now=NOW)
         assert lenient.verdict(Stage.SHADOW, rows).ready is True
         assert lenient.verdict(Stage.SHADOW, rows[:1]) == lenient.verdict_by_period(
             Stage.SHADOW, {period(1): counters()}
