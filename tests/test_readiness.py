@@ -142,6 +142,19 @@ class TestLegs:
         periods = {period(1): counters(legacy=100, meter=95)}
         assert verdict_of(periods, max_difference_pct=limit)[0] is ready
 
+    def test_one_unit_against_none_is_a_difference(self) -> None:
+        """Legs of 1 and 0 (a ``set`` translated to nothing on the meter): 100 % apart."""
+        assert verdict_of({period(1): counters(legacy=1, meter=0)})[0] is False
+        assert verdict_of({period(1): counters(legacy=0, meter=0)})[0] is True
+
+    def test_every_legacy_shadow_retired_counts_as_settled(self) -> None:
+        """No legacy write accepted at all (no accepted counter in the ledger), every one retired:
+        the legacy side holds the 10 retired units, as the meter does."""
+        periods = {period(1): retired()}
+        for name in ("legacy_accepted_qty", "legacy_accepted_events"):
+            del periods[period(1)][name]
+        assert verdict_of(periods, Stage.PRIMARY) == (True, Stage.METER)
+
     def test_retired_legacy_writes_count_as_settled(self) -> None:
         """A primary customer whose legacy shadows were retired (the item moved to the meter
         price) holds on the legacy side what the meter holds: ready for meter."""
@@ -187,6 +200,14 @@ class TestDeadLetters:
         periods = {**dead, **clean} if first else {**clean, **dead}
         assert verdict_of(periods) == (False, Stage.PRIMARY)
         assert verdict_of(clean)[0] is True
+
+    def test_dead_letters_on_both_legs_add_up(self) -> None:
+        """One dead letter on each leg: two, not none; the reason counts them."""
+        both = counters(legacy_failed_events=1, meter_failed_events=1)
+        rule = ReadinessRule(ReportSettings(), now=NOW)
+        verdict = rule.verdict_by_period(Stage.SHADOW, {period(1): both})
+        assert (verdict.ready, verdict.next_stage) == (False, Stage.PRIMARY)
+        assert verdict.reason.startswith("2 dead letter(s)")
 
     def test_dead_letter_in_the_open_period_blocks(self) -> None:
         """Even today's dead letter, in a period that does not count yet, blocks the verdict."""
@@ -258,12 +279,16 @@ class TestMoney:
         verdict = self.rule(tolerance).with_money(self.READY, drift)
         assert (verdict.ready, verdict.next_stage) == (ready, Stage.PRIMARY)
 
-    @pytest.mark.parametrize("field", ["currency_differs", "preview_disagrees"])
-    def test_another_currency_or_a_disagreeing_preview_blocks(self, field: str) -> None:
-        """However small the amounts, another currency or Stripe's preview disagreeing blocks."""
+    @pytest.mark.parametrize(
+        ("field", "why"),
+        [("currency_differs", "another currency"), ("preview_disagrees", "invoice preview")],
+    )
+    def test_another_currency_or_a_disagreeing_preview_blocks(self, field: str, why: str) -> None:
+        """However small the amounts, another currency or Stripe's preview disagreeing blocks,
+        and the reason says which."""
         verdict = self.rule(1000).with_money(self.READY, money(**{field: 1}))
         assert (verdict.ready, verdict.next_stage) == (False, Stage.PRIMARY)
-        assert "invoices differ" in verdict.reason
+        assert "invoices differ" in verdict.reason and why in verdict.reason
 
     def test_the_reason_names_the_worst_difference_and_the_periods(self) -> None:
         """What an operator needs: the worst period's amount, how many periods differ, of how
@@ -271,6 +296,8 @@ class TestMoney:
         drift = money(largest_difference=-1234, differing=2)
         reason = self.rule(100).with_money(self.READY, drift).reason
         assert "-12.34 USD" in reason and "2 of 3 priced" in reason and "tolerance 100" in reason
+        more = self.rule(100).with_money(self.READY, money(largest_difference=1234, differing=1))
+        assert "+12.34 USD" in more.reason  # the meter path bills more
 
     def test_no_money_changes_nothing(self) -> None:
         """Never reconciled with ``--money``, or never reconciled at all: the verdict stands."""
@@ -289,3 +316,24 @@ class TestMoney:
             assert self.rule().with_money(verdict, drift) is verdict
         to_meter = Verdict(ready=True, next_stage=Stage.METER, reason="1 closed period(s)")
         assert self.rule().with_money(to_meter, drift).ready is False
+
+
+class TestReasons:
+    """The reason names the stage, and explains retired writes only when there are some."""
+
+    def reason(self, periods: Mapping[str, Mapping[str, int]], stage: Stage) -> str:
+        """The verdict's reason at ``stage``."""
+        return ReadinessRule(ReportSettings(), now=NOW).verdict_by_period(stage, periods).reason
+
+    def test_the_stage_is_named(self) -> None:
+        """ "1 closed period(s) at shadow", not at another stage."""
+        assert "at shadow" in self.reason({period(1): counters()}, Stage.SHADOW)
+
+    def test_retired_writes_are_explained_only_when_there_are_some(self) -> None:
+        """No retired write: no word of them; one retired write (in any period): explained."""
+        assert "retired" not in self.reason({period(1): counters(Stage.PRIMARY)}, Stage.PRIMARY)
+        one = retired()
+        one.update(legacy_retired_events=1, legacy_retired_qty=5, legacy_accepted_qty=5)
+        one["legacy_accepted_events"] = 1
+        periods = {period(2): counters(Stage.PRIMARY), period(1): one}
+        assert "retired legacy writes are explained" in self.reason(periods, Stage.PRIMARY)
