@@ -144,6 +144,14 @@ class TestRefusals:
         )
         assert standin.usage_records() == []
 
+    async def test_summaries_of_an_unknown_item(self, client: stripe.StripeClient) -> None:
+        """Stripe's 404 naming the item and the parameter, not an empty list."""
+        with pytest.raises(stripe.InvalidRequestError) as caught:
+            await usage_summaries(client, "si_nope")
+        assert (caught.value.http_status, caught.value.code) == (404, "resource_missing")
+        assert caught.value.param == "subscription_item"
+        assert "No such subscription item: 'si_nope'" in str(caught.value.user_message)
+
     async def test_in_the_future(self, client: stripe.StripeClient, scenario: Scenario) -> None:
         """A future timestamp is refused."""
         with pytest.raises(stripe.InvalidRequestError) as caught:
