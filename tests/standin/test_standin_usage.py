@@ -8,6 +8,7 @@ import stripe
 
 from stripe_standin import StandinError, StripeStandin, serve_standin
 from tests.standin.standin_support import (
+    ACACIA,
     BASIL,
     MONTH_LATER,
     SDK_WARNING,
@@ -73,6 +74,28 @@ class TestRecording:
         standin.clock.advance(3600)
         record = await usage_record(client, scenario.item, 2)
         assert abs(record["timestamp"] - (START + 3600)) <= 2
+
+    async def test_no_timestamp_is_now(
+        self, client: stripe.StripeClient, scenario: Scenario, standin: StripeStandin
+    ) -> None:
+        """A usage record sent without ``timestamp`` at all is stamped with the clock too."""
+        standin.clock.advance(3600)
+        response = await client.raw_request_async(
+            "post",
+            f"/v1/subscription_items/{scenario.item}/usage_records",
+            quantity=2,
+            stripe_version=ACACIA,
+        )
+        record = client.deserialize(response, api_mode="V1")
+        assert abs(record["timestamp"] - (START + 3600)) <= 2
+
+    async def test_usage_record_on_an_unknown_item(self, client: stripe.StripeClient) -> None:
+        """Stripe's 404 naming the item and the parameter."""
+        with pytest.raises(stripe.InvalidRequestError) as caught:
+            await usage_record(client, "si_nope", 1)
+        assert (caught.value.http_status, caught.value.code) == (404, "resource_missing")
+        assert caught.value.param == "subscription_item"
+        assert "No such subscription item: 'si_nope'" in str(caught.value.user_message)
 
     async def test_summaries_per_period(
         self, client: stripe.StripeClient, hour_in: Scenario, standin: StripeStandin
