@@ -10,8 +10,12 @@ table, written out again here on purpose, which legs must hold the usage. It the
   endpoints (usage record summaries per billing period, meter event summaries per window), and
 * the ledger, row by row (each row's period holds exactly the usage told in it).
 
-Supported usage: ``increment`` on ``sum`` aggregations (what the fault tests send). Non-sum meters and
-``set`` come with the engine's plan-at-first-intercept (issue 13) and are not modelled yet.
+Usage the oracle models: ``increment`` and ``set`` on ``sum`` aggregations (a ``set`` replaces the
+value at its timestamp on the legacy leg; the meter, which only adds, gets the difference from the
+value last set there), and ``increment`` on ``last`` aggregations (a legacy ``last_during_period``
+price beside a meter whose formula is ``last``: each leg holds the latest value, by timestamp, of
+what it accepted; send one event per timestamp). The ledger counts the meter's difference for a
+``set`` on both legs, as DESIGN.md's ledger section says.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from typing import Literal
 import stripe
 
 from dualwrite.ledger import Ledger
-from dualwrite.models import Leg, Stage
+from dualwrite.models import Action, Leg, Stage
 from tests.support import LEGACY_VERSION, Scenario
 
-__all__ = ["LEGS_AT", "Oracle", "ShadowFate", "Told"]
+__all__ = ["LEGS_AT", "Aggregation", "Oracle", "ShadowFate", "Told"]
 
 #: Which legs hold accepted usage at each stage, authoritative first (DESIGN.md, "Stages"). Not
 #: ``dualwrite.models.plan_for``: the oracle must not share the engine's mistakes.
@@ -43,6 +47,10 @@ ShadowFate = Literal["accepted", "refused", "retired"]
 """What the test made Stripe do with the shadow write: take it, refuse it for good (a divergence),
 or refuse it because the item left the legacy system (retired, not a divergence)."""
 
+Aggregation = Literal["sum", "last"]
+"""How Stripe sums a customer's usage on both legs: ``sum`` (legacy ``aggregate_usage=sum``, meter
+formula ``sum``) or ``last`` (legacy ``last_during_period``, meter formula ``last``)."""
+
 _SUMMARY_LIMIT = 100
 
 
@@ -56,6 +64,17 @@ class Told:
     timestamp: int
     accepted: bool
     shadow: ShadowFate = "accepted"
+    action: Action = "increment"
+    effective: int = 0
+    """What the ledger counts: the quantity, or for a ``set`` its difference from the value last
+    set at that timestamp (worked out by the oracle from what it was told before)."""
+
+    def reached(self, leg: Leg) -> bool:
+        """Whether Stripe took this usage on ``leg`` (at this stage, as the test made it answer)."""
+        legs = LEGS_AT[self.stage]
+        if not self.accepted or leg not in legs:
+            return False
+        return leg is legs[0] or self.shadow == "accepted"
 
 
 @dataclass
@@ -65,10 +84,16 @@ class Oracle:
 
     stages: dict[str, Stage] = field(default_factory=dict)
     told: list[Told] = field(default_factory=list)
+    aggregations: dict[str, Aggregation] = field(default_factory=dict)
+    _last_set: dict[tuple[str, int], int] = field(default_factory=dict)
 
-    def set_stage(self, scenario: Scenario, stage: Stage) -> None:
-        """Remember the stage the test set for the scenario's customer (before its traffic)."""
+    def set_stage(
+        self, scenario: Scenario, stage: Stage, *, aggregation: Aggregation = "sum"
+    ) -> None:
+        """Remember the stage the test set for the scenario's customer (before its traffic), and
+        how Stripe aggregates its usage."""
         self.stages[scenario.customer] = stage
+        self.aggregations[scenario.customer] = aggregation
 
     def tell(
         self,
@@ -78,10 +103,21 @@ class Oracle:
         timestamp: int,
         accepted: bool,
         shadow: ShadowFate = "accepted",
+        action: Action = "increment",
     ) -> None:
-        """Record what a caller was told about ``quantity`` units sent at ``timestamp``."""
-        stage = self.stages[scenario.customer]
-        self.told.append(Told(scenario, stage, quantity, timestamp, accepted, shadow))
+        """Record what a caller was told about ``quantity`` units sent at ``timestamp`` (``set``:
+        the value at that timestamp)."""
+        customer = scenario.customer
+        stage = self.stages[customer]
+        if action == "set":
+            assert self.aggregations[customer] == "sum", "the oracle models set on sum only"
+            effective = quantity - self._last_set.get((customer, timestamp), 0)
+            if accepted:
+                self._last_set[(customer, timestamp)] = quantity
+        else:
+            effective = quantity
+        told = Told(scenario, stage, quantity, timestamp, accepted, shadow, action, effective)
+        self.told.append(told)
 
     # ------------------------------------------------------------------------------- expectations
 
@@ -103,14 +139,32 @@ class Oracle:
             outcome = {"accepted": "accepted", "refused": "failed", "retired": "retired"}[fate]
             for what in ("expected", outcome):
                 counts[f"{what}_events"] += 1
-                counts[f"{what}_qty"] += told.quantity
+                counts[f"{what}_qty"] += told.effective
         return counts
 
     def held(
         self, customer: str, leg: Leg, *, start: int | None = None, end: int | None = None
     ) -> int:
-        """The units Stripe must hold on ``leg`` for ``customer`` in ``[start, end)``."""
-        return self.expected(customer, leg, start=start, end=end)["accepted_qty"]
+        """What Stripe's summary of ``leg`` must read for ``customer`` over ``[start, end)``.
+
+        ``sum``: the legacy leg adds, per timestamp, increments and the last ``set``; the meter adds
+        every event's value (a ``set`` arrives as its difference), which comes to the same total
+        when every leg took every write. ``last``: the value of the latest event the leg took.
+        """
+        reached = [t for t in self._of(customer, start, end) if t.reached(leg)]
+        if self.aggregations.get(customer, "sum") == "last":
+            if not reached:
+                return 0
+            stamps = [t.timestamp for t in reached]
+            assert len(set(stamps)) == len(stamps), f"{customer}: two last-values at one timestamp"
+            return max(reached, key=lambda t: t.timestamp).quantity
+        if leg is Leg.METER:
+            return sum(t.effective for t in reached)
+        values: dict[int, int] = {}
+        for told in reached:
+            before = values.get(told.timestamp, 0)
+            values[told.timestamp] = told.quantity + (0 if told.action == "set" else before)
+        return sum(values.values())
 
     def customers(self) -> list[str]:
         """Every customer the test told the oracle about."""
@@ -154,7 +208,7 @@ class Oracle:
                 divergent = [t for t in accepted if LEGS_AT[t.stage][1:] and t.shadow == "refused"]
                 assert (row["events"], row["quantity"], row["divergent_events"]) == (
                     len(accepted),
-                    sum(t.quantity for t in accepted),
+                    sum(t.effective for t in accepted),
                     len(divergent),
                 ), f"ledger of {customer} in {row.period}: events, quantity, divergent"
                 covered += len(told)
@@ -167,10 +221,17 @@ class Oracle:
         the minutes the usage was sent in (meter)."""
         for customer in self.customers():
             scenario = self._scenario(customer)
-            for start, end, total in await legacy_summaries(client, scenario.item):
+            periods = await legacy_summaries(client, scenario.item)
+            for start, end, total in periods:
                 assert total == self.held(customer, Leg.LEGACY, start=start, end=end), (
                     f"legacy usage of {customer} ({scenario.item}) in [{start}, {end})"
                 )
+            outside = [
+                t.timestamp
+                for t in self._of(customer, None, None)
+                if t.reached(Leg.LEGACY) and not any(s <= t.timestamp < e for s, e, _ in periods)
+            ]
+            assert not outside, f"{customer}: legacy usage at {outside} in no period Stripe sums"
             stamps = [t.timestamp for t in self._of(customer, None, None)]
             start, end = min(stamps) // 60 * 60, (max(stamps) // 60 + 1) * 60
             value = await meter_summary(client, scenario.meter, customer, start, end)

@@ -112,6 +112,9 @@ async def test_a_resent_commit_counts_once(
     )
     client = open_redis(settings.redis)
     commit = untracked_commit(key_prefix, "lost_reply")
+    # Redis must know the script already: otherwise the reply dropped is EVALSHA's NOSCRIPT, the
+    # script never ran, and the resend applies it for the first time.
+    await redis_client.script_load(_APPLY)
     try:
         writer = CommitWriter(client, divergence_maxlen=1000)
         applied = await writer.apply(commit)

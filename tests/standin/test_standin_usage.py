@@ -8,6 +8,7 @@ import stripe
 
 from stripe_standin import StandinError, StripeStandin, serve_standin
 from tests.standin.standin_support import (
+    ACACIA,
     BASIL,
     MONTH_LATER,
     SDK_WARNING,
@@ -74,6 +75,28 @@ class TestRecording:
         record = await usage_record(client, scenario.item, 2)
         assert abs(record["timestamp"] - (START + 3600)) <= 2
 
+    async def test_no_timestamp_is_now(
+        self, client: stripe.StripeClient, scenario: Scenario, standin: StripeStandin
+    ) -> None:
+        """A usage record sent without ``timestamp`` at all is stamped with the clock too."""
+        standin.clock.advance(3600)
+        response = await client.raw_request_async(
+            "post",
+            f"/v1/subscription_items/{scenario.item}/usage_records",
+            quantity=2,
+            stripe_version=ACACIA,
+        )
+        record = client.deserialize(response, api_mode="V1")
+        assert abs(record["timestamp"] - (START + 3600)) <= 2
+
+    async def test_usage_record_on_an_unknown_item(self, client: stripe.StripeClient) -> None:
+        """Stripe's 404 naming the item and the parameter."""
+        with pytest.raises(stripe.InvalidRequestError) as caught:
+            await usage_record(client, "si_nope", 1)
+        assert (caught.value.http_status, caught.value.code) == (404, "resource_missing")
+        assert caught.value.param == "subscription_item"
+        assert "No such subscription item: 'si_nope'" in str(caught.value.user_message)
+
     async def test_summaries_per_period(
         self, client: stripe.StripeClient, hour_in: Scenario, standin: StripeStandin
     ) -> None:
@@ -113,6 +136,39 @@ class TestRecording:
             await usage_record(client, item, quantity, timestamp=START + offset)
         assert standin.legacy_total(item) == expected
 
+    @pytest.mark.parametrize("aggregate_usage", ["sum", "max", "last_during_period", "last_ever"])
+    async def test_a_record_at_a_period_s_start_is_in_that_period_only(
+        self,
+        client: stripe.StripeClient,
+        hour_in: Scenario,
+        standin: StripeStandin,
+        aggregate_usage: str,
+    ) -> None:
+        """Periods are ``[start, end)``: usage at the second period's first second (7) counts
+        there, never in the first period (4)."""
+        item = await _item(client, hour_in, aggregate_usage)
+        await usage_record(client, item, 4, timestamp=START + 5)
+        standin.clock.set(MONTH_LATER + 100)
+        await usage_record(client, item, 7, timestamp=MONTH_LATER)
+        totals = [s["total_usage"] for s in await usage_summaries(client, item)]
+        assert totals == [7, 4]
+
+    @pytest.mark.parametrize("aggregate_usage", ["last_ever", "max"])
+    async def test_a_period_before_any_usage_holds_nothing(
+        self,
+        client: stripe.StripeClient,
+        hour_in: Scenario,
+        standin: StripeStandin,
+        aggregate_usage: str,
+    ) -> None:
+        """The first period, with no record at or before its end, totals 0 (``last_ever`` has
+        nothing to carry over)."""
+        item = await _item(client, hour_in, aggregate_usage)
+        standin.clock.set(MONTH_LATER + 100)
+        await usage_record(client, item, 3, timestamp=MONTH_LATER + 50)
+        totals = [s["total_usage"] for s in await usage_summaries(client, item)]
+        assert totals == [3, 0]
+
     async def test_last_ever_carries_over(
         self, client: stripe.StripeClient, hour_in: Scenario, standin: StripeStandin
     ) -> None:
@@ -143,6 +199,14 @@ class TestRefusals:
             caught.value.user_message
         )
         assert standin.usage_records() == []
+
+    async def test_summaries_of_an_unknown_item(self, client: stripe.StripeClient) -> None:
+        """Stripe's 404 naming the item and the parameter, not an empty list."""
+        with pytest.raises(stripe.InvalidRequestError) as caught:
+            await usage_summaries(client, "si_nope")
+        assert (caught.value.http_status, caught.value.code) == (404, "resource_missing")
+        assert caught.value.param == "subscription_item"
+        assert "No such subscription item: 'si_nope'" in str(caught.value.user_message)
 
     async def test_in_the_future(self, client: stripe.StripeClient, scenario: Scenario) -> None:
         """A future timestamp is refused."""
@@ -196,6 +260,19 @@ class TestRefusals:
         assert standin.legacy_total(hour_in.item) == 6
         (summary,) = await usage_summaries(client, hour_in.item)
         assert summary["total_usage"] == 6
+
+    async def test_summaries_keep_the_old_price_s_aggregation(
+        self, client: stripe.StripeClient, hour_in: Scenario, standin: StripeStandin
+    ) -> None:
+        """A ``max`` item moved to the meter-backed price still summarises its records by
+        ``max`` (5), not by the meter price's (no ``aggregate_usage``: a sum would say 9)."""
+        item = await _item(client, hour_in, "max")
+        for offset, quantity in ((10, 3), (20, 5), (30, 1)):
+            await usage_record(client, item, quantity, timestamp=START + offset)
+        await client.v1.subscription_items.update_async(item, {"price": hour_in.meter_price})
+        (summary,) = await usage_summaries(client, item)
+        assert summary["total_usage"] == 5
+        assert standin.legacy_total(item) == 5
 
     async def test_negative_quantity(self, client: stripe.StripeClient, scenario: Scenario) -> None:
         """Quantities are whole numbers ≥ 0."""
