@@ -26,6 +26,7 @@ from dualwrite.config import (
     Settings,
     UsageRoute,
 )
+from dualwrite.cutover import CutoverOps
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConflictError
 from dualwrite.flags import RedisFlagStore
@@ -352,3 +353,21 @@ async def record_as_caller(
 def dualwrite_command(*args: str) -> list[str]:
     """``dualwrite ARGS`` as a process of its own (this interpreter, this checkout)."""
     return [sys.executable, "-c", "from dualwrite.cli import main; main()", *args]
+
+
+async def cut_over_at_period_end(ops: CutoverOps, scenario: Scenario) -> tuple[int, str]:
+    """Put a customer at shadow and cut it over to primary at its period end with the Stripe
+    schedule that moves its item to the meter-backed price; the period end and the schedule's id."""
+    await ops.store.set_override(scenario.customer, Stage.SHADOW, actor="ann")
+    result = await ops.cutover(
+        scenario.customer,
+        Stage.PRIMARY,
+        at="period-end",
+        with_schedule=True,
+        price=scenario.meter_price,
+        actor="ann",
+    )
+    (end,) = [change.at for change in result.changes if change.new == "primary"]
+    schedule = result.stripe_calls[1].result_id
+    assert end is not None and schedule is not None
+    return end, schedule

@@ -32,6 +32,7 @@ from tests.support import (
     Scenario,
     ScenarioBuilder,
     cli_environment,
+    cut_over_at_period_end,
     set_stage,
     usage,
 )
@@ -84,17 +85,7 @@ async def item_price(builder: ScenarioBuilder, scenario: Scenario) -> str:
 
 async def scheduled(ops: CutoverOps, scenario: Scenario) -> int:
     """Cut a shadow customer over to primary at its period end with the schedule; the end."""
-    await ops.store.set_override(scenario.customer, Stage.SHADOW, actor="ann")
-    result = await ops.cutover(
-        scenario.customer,
-        Stage.PRIMARY,
-        at="period-end",
-        with_schedule=True,
-        price=scenario.meter_price,
-        actor="ann",
-    )
-    (end,) = [change.at for change in result.changes if change.new == "primary"]
-    assert end is not None
+    end, _ = await cut_over_at_period_end(ops, scenario)
     return end
 
 

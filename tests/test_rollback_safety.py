@@ -30,6 +30,7 @@ from tests.support import (
     Scenario,
     ScenarioBuilder,
     cli_environment,
+    cut_over_at_period_end,
     set_stage,
     usage,
 )
@@ -82,18 +83,7 @@ async def scheduled_cutover(
     """A shadow customer cut over to primary at its period end with the Stripe schedule; returns
     it, the period end and the schedule's id."""
     scenario = await builder.customer(name)
-    await ops.store.set_override(scenario.customer, Stage.SHADOW, actor="ann")
-    result = await ops.cutover(
-        scenario.customer,
-        Stage.PRIMARY,
-        at="period-end",
-        with_schedule=True,
-        price=scenario.meter_price,
-        actor="ann",
-    )
-    (end,) = [change.at for change in result.changes if change.new == "primary"]
-    schedule = result.stripe_calls[1].result_id
-    assert end is not None and schedule is not None
+    end, schedule = await cut_over_at_period_end(ops, scenario)
     return scenario, end, schedule
 
 
