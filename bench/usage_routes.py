@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from _load import (
@@ -84,12 +86,15 @@ def build_app(mode: str, prefix: str, upstream: str) -> Any:
 
     # The naive app uses the same SDK and HTTP client as dualwrite's writer, so that only the
     # design differs.
+    http_client = PooledAIOHTTPClient(timeout=20, max_connections=200, verify_tls=False)
     client = stripe.StripeClient(
-        KEY,
-        base_addresses={"api": upstream},
-        http_client=PooledAIOHTTPClient(timeout=20, max_connections=200, verify_tls=False),
-        max_network_retries=0,
+        KEY, base_addresses={"api": upstream}, http_client=http_client, max_network_retries=0
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await http_client.close_async()
 
     async def usage(request: Request) -> JSONResponse:
         if mode in WRAPPED:
@@ -116,7 +121,7 @@ def build_app(mode: str, prefix: str, upstream: str) -> Any:
             )
         return JSONResponse({"recorded": record.code == 200})
 
-    app = Starlette(routes=[Route("/usage/{customer}", usage, methods=["POST"])])
+    app = Starlette(routes=[Route("/usage/{customer}", usage, methods=["POST"])], lifespan=lifespan)
     if mode in WRAPPED:
         settings = _settings(prefix, upstream, worker=mode != "shadow_ext")
         return DualWriteMiddleware(app, config=settings)
