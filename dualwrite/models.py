@@ -166,6 +166,10 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
 
 
+_FINGERPRINT_EXCLUDED = frozenset({"identifier", "identifier_source", "timestamp_source"})
+_FINGERPRINT_EXCLUDED_INTERCEPT = _FINGERPRINT_EXCLUDED | {"timestamp"}
+
+
 class UsageEvent(BaseModel):
     """One unit of reported usage, fixed at intercept and shared by both legs and every retry."""
 
@@ -212,10 +216,17 @@ class UsageEvent(BaseModel):
         A timestamp fixed at intercept ("now") is left out: a caller's retry arrives later, and must
         be recognised as the same usage (it is then written with the first attempt's instant).
         """
-        exclude = {"identifier", "identifier_source", "timestamp_source"}
-        if self.timestamp_source == "intercept":
-            exclude.add("timestamp")
-        return _digest(json.dumps(self.model_dump(exclude=exclude), sort_keys=True))
+        exclude = (
+            _FINGERPRINT_EXCLUDED_INTERCEPT
+            if self.timestamp_source == "intercept"
+            else (_FINGERPRINT_EXCLUDED)
+        )
+        # The fields' plain values, as model_dump gives them (str, int, None), without its cost on
+        # the request path.
+        usage = {
+            name: getattr(self, name) for name in type(self).model_fields if name not in exclude
+        }
+        return _digest(json.dumps(usage, sort_keys=True))
 
 
 def stripe_error_body(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -238,6 +241,24 @@ class TestFingerprint:
         """Built twice from the same values, the fingerprint is the same (no per-process salt)."""
         assert event().fingerprint() == event().fingerprint()
         assert len(event().fingerprint()) == 40
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {},
+            {"subscription_item": None, "identifier_source": "idempotency_key"},
+            {"action": "set", "timestamp_source": "intercept"},
+        ],
+    )
+    def test_matches_records_already_written(self, values):
+        """Records written before keep matching: the digest of the usage fields' JSON as
+        ``model_dump`` gives them (built from the fields directly on the request path)."""
+        usage = event(**values)
+        excluded = {"identifier", "identifier_source", "timestamp_source"}
+        if usage.timestamp_source == "intercept":
+            excluded.add("timestamp")
+        dumped = json.dumps(usage.model_dump(exclude=excluded), sort_keys=True)
+        assert usage.fingerprint() == hashlib.sha256(dumped.encode()).hexdigest()[:40]
 
 
 class TestOutcomes:
