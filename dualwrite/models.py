@@ -129,17 +129,29 @@ class EventPlan(BaseModel):
     @classmethod
     def at(cls, stage: Stage, **fields: Any) -> EventPlan:
         """The plan of an event first intercepted at ``stage``."""
+        if not fields and cls is EventPlan:
+            # Frozen: every event first intercepted at a stage shares its plan (not rebuilt, nor
+            # validated again, per request).
+            return _STAGE_EVENT_PLANS[stage]
         legs = plan_for(stage)
         return cls(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow, **fields)
 
     @property
     def legs(self) -> StagePlan:
         """The authoritative and shadow legs."""
-        return StagePlan(authoritative=self.authoritative, shadow=self.shadow)
+        known = _PLANS_BY_LEGS.get((self.authoritative, self.shadow))
+        return known or StagePlan(authoritative=self.authoritative, shadow=self.shadow)
 
     def legacy_idempotency_key(self, event: UsageEvent) -> str:
         """The key the event's legacy write goes under (the caller's, or the derived one)."""
         return self.legacy_key or event.idempotency_key(Leg.LEGACY)
+
+
+_PLANS_BY_LEGS = {(plan.authoritative, plan.shadow): plan for plan in _PLANS.values()}
+_STAGE_EVENT_PLANS = {
+    stage: EventPlan(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow)
+    for stage, legs in _PLANS.items()
+}
 
 
 def mint_identifier() -> str:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from dualwrite.models import (
     MAX_METER_VALUE,
+    EventPlan,
     Leg,
     RecordOutcome,
     Stage,
@@ -200,6 +201,25 @@ class TestKeys:
         """A minted identifier is new every time."""
         minted = {mint_identifier() for _ in range(100)}
         assert len(minted) == 100 and all(value.startswith("dwev_") for value in minted)
+
+
+class TestEventPlans:
+    """An event's plan, shared per stage on the request path."""
+
+    @pytest.mark.parametrize("stage", list(Stage))
+    def test_a_stage_plan_equals_one_built_afresh(self, stage):
+        """The shared plan of a stage is the one its legs give, and its legs are the stage's."""
+        legs = plan_for(stage)
+        fresh = EventPlan(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow)
+        assert EventPlan.at(stage) == fresh
+        assert EventPlan.at(stage).legs == legs
+        assert EventPlan.model_validate_json(fresh.model_dump_json()).legs == legs
+
+    def test_fields_give_a_plan_of_their_own(self):
+        """A plan with the proxy's key is a new value; the shared one is left as it was."""
+        keyed = EventPlan.at(Stage.LEGACY, legacy_key="caller-key")
+        assert keyed.legacy_key == "caller-key"
+        assert EventPlan.at(Stage.LEGACY).legacy_key is None
 
 
 class TestFingerprint:
