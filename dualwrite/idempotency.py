@@ -275,6 +275,7 @@ class IdempotencyStore:
         """
         wants_set = event.action == "set" and event.subscription_item is not None
         token = uuid.uuid4().hex
+        plan_json = plan.model_dump_json()
         args: list[str | float] = [
             event.fingerprint(),
             now,
@@ -283,7 +284,7 @@ class IdempotencyStore:
             str(event.quantity) if wants_set else "",
             event.model_dump_json(),
             token,
-            plan.model_dump_json(),
+            plan_json,
             claim_member(event),
             SET_VALUE_TTL_SECONDS,
         ]
@@ -295,7 +296,7 @@ class IdempotencyStore:
             return await self._remembered(keys[0], event, reply[1])
         if state in ("busy", "mismatch", "set_busy"):
             return Claim(state)  # type: ignore[arg-type]  # one of the literals, checked here
-        return _held(token, *reply[1:])
+        return _held(token, *reply[1:], sent=(plan_json, plan))
 
     async def _remembered(self, key: str, event: UsageEvent, record: str) -> Claim:
         """The claim of an event committed before: its outcome rebuilt for ``event`` (a retry),
@@ -359,10 +360,22 @@ class IdempotencyStore:
             return as_str_list(await self._redis.zrange(shard.claims, 0, -1))
 
 
-def _held(token: str, event: str, plan: str, seq: str, previous: str) -> Claim:
+def _held(
+    token: str,
+    event: str,
+    plan: str,
+    seq: str,
+    previous: str,
+    *,
+    sent: tuple[str, EventPlan] | None = None,
+) -> Claim:
+    """A claim now held; ``sent`` is the plan the claim was made with (JSON, object): when the
+    claim kept it (a first intercept), it is not parsed again."""
     return Claim(
         "new",
-        plan=EventPlan.model_validate_json(plan),
+        plan=sent[1]
+        if sent is not None and sent[0] == plan
+        else EventPlan.model_validate_json(plan),
         event=UsageEvent.model_validate_json(event) if event else None,
         token=token,
         set_seq=int(seq) if seq else None,

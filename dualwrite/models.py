@@ -129,17 +129,29 @@ class EventPlan(BaseModel):
     @classmethod
     def at(cls, stage: Stage, **fields: Any) -> EventPlan:
         """The plan of an event first intercepted at ``stage``."""
+        if not fields and cls is EventPlan:
+            # Frozen: every event first intercepted at a stage shares its plan (not rebuilt, nor
+            # validated again, per request).
+            return _STAGE_EVENT_PLANS[stage]
         legs = plan_for(stage)
         return cls(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow, **fields)
 
     @property
     def legs(self) -> StagePlan:
         """The authoritative and shadow legs."""
-        return StagePlan(authoritative=self.authoritative, shadow=self.shadow)
+        known = _PLANS_BY_LEGS.get((self.authoritative, self.shadow))
+        return known or StagePlan(authoritative=self.authoritative, shadow=self.shadow)
 
     def legacy_idempotency_key(self, event: UsageEvent) -> str:
         """The key the event's legacy write goes under (the caller's, or the derived one)."""
         return self.legacy_key or event.idempotency_key(Leg.LEGACY)
+
+
+_PLANS_BY_LEGS = {(plan.authoritative, plan.shadow): plan for plan in _PLANS.values()}
+_STAGE_EVENT_PLANS = {
+    stage: EventPlan(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow)
+    for stage, legs in _PLANS.items()
+}
 
 
 def mint_identifier() -> str:
@@ -164,6 +176,10 @@ def utc_time(timestamp: float) -> str:
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
+
+
+_FINGERPRINT_EXCLUDED = frozenset({"identifier", "identifier_source", "timestamp_source"})
+_FINGERPRINT_EXCLUDED_INTERCEPT = _FINGERPRINT_EXCLUDED | {"timestamp"}
 
 
 class UsageEvent(BaseModel):
@@ -212,10 +228,17 @@ class UsageEvent(BaseModel):
         A timestamp fixed at intercept ("now") is left out: a caller's retry arrives later, and must
         be recognised as the same usage (it is then written with the first attempt's instant).
         """
-        exclude = {"identifier", "identifier_source", "timestamp_source"}
-        if self.timestamp_source == "intercept":
-            exclude.add("timestamp")
-        return _digest(json.dumps(self.model_dump(exclude=exclude), sort_keys=True))
+        exclude = (
+            _FINGERPRINT_EXCLUDED_INTERCEPT
+            if self.timestamp_source == "intercept"
+            else (_FINGERPRINT_EXCLUDED)
+        )
+        # The fields' plain values, as model_dump gives them (str, int, None), without its cost on
+        # the request path.
+        usage = {
+            name: getattr(self, name) for name in type(self).model_fields if name not in exclude
+        }
+        return _digest(json.dumps(usage, sort_keys=True))
 
 
 def stripe_error_body(

@@ -132,6 +132,7 @@ def period_of(period_id: str) -> Period:
     return Period.parse(period_id)
 
 
+@functools.lru_cache(maxsize=4096)  # every event of a period formats the same two bounds
 def _stamp(ts: int) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime(_STAMP)
 

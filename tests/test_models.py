@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 from pydantic import ValidationError
 
 from dualwrite.models import (
     MAX_METER_VALUE,
+    EventPlan,
     Leg,
     RecordOutcome,
     Stage,
@@ -199,6 +203,25 @@ class TestKeys:
         assert len(minted) == 100 and all(value.startswith("dwev_") for value in minted)
 
 
+class TestEventPlans:
+    """An event's plan, shared per stage on the request path."""
+
+    @pytest.mark.parametrize("stage", list(Stage))
+    def test_a_stage_plan_equals_one_built_afresh(self, stage):
+        """The shared plan of a stage is the one its legs give, and its legs are the stage's."""
+        legs = plan_for(stage)
+        fresh = EventPlan(stage=stage, authoritative=legs.authoritative, shadow=legs.shadow)
+        assert EventPlan.at(stage) == fresh
+        assert EventPlan.at(stage).legs == legs
+        assert EventPlan.model_validate_json(fresh.model_dump_json()).legs == legs
+
+    def test_fields_give_a_plan_of_their_own(self):
+        """A plan with the proxy's key is a new value; the shared one is left as it was."""
+        keyed = EventPlan.at(Stage.LEGACY, legacy_key="caller-key")
+        assert keyed.legacy_key == "caller-key"
+        assert EventPlan.at(Stage.LEGACY).legacy_key is None
+
+
 class TestFingerprint:
     """The fingerprint says whether a reused identifier carries the same usage."""
 
@@ -238,6 +261,24 @@ class TestFingerprint:
         """Built twice from the same values, the fingerprint is the same (no per-process salt)."""
         assert event().fingerprint() == event().fingerprint()
         assert len(event().fingerprint()) == 40
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {},
+            {"subscription_item": None, "identifier_source": "idempotency_key"},
+            {"action": "set", "timestamp_source": "intercept"},
+        ],
+    )
+    def test_matches_records_already_written(self, values):
+        """Records written before keep matching: the digest of the usage fields' JSON as
+        ``model_dump`` gives them (built from the fields directly on the request path)."""
+        usage = event(**values)
+        excluded = {"identifier", "identifier_source", "timestamp_source"}
+        if usage.timestamp_source == "intercept":
+            excluded.add("timestamp")
+        dumped = json.dumps(usage.model_dump(exclude=excluded), sort_keys=True)
+        assert usage.fingerprint() == hashlib.sha256(dumped.encode()).hexdigest()[:40]
 
 
 class TestOutcomes:

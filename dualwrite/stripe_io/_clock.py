@@ -12,6 +12,7 @@ clock is used as it is; ``StripeWriter.stripe_now`` makes one unauthenticated re
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -24,6 +25,9 @@ __all__ = ["OFFSET_WINDOW_SECONDS", "StripeClock"]
 OFFSET_WINDOW_SECONDS = 10.0
 
 
+# Cached: every reply of a second carries the same value, and parsing it costs more than the rest
+# of the clock's bookkeeping per request.
+@functools.lru_cache(maxsize=64)
 def _http_date(value: str) -> int | None:
     """An HTTP ``Date`` header (RFC 9110 IMF-fixdate) as Unix seconds, else None."""
     try:
