@@ -49,7 +49,12 @@ async def test_markers_only_where_nothing_else_guards_and_only_as_long_as_needed
         assert applied is True
         return int(await redis_client.ttl(f"{commit.keys.tag}:spooled:{commit.id}"))
 
-    tracked = a_commit(key_prefix, outcome_json="{}", idempotency_key=f"{key_prefix}:idem:a")
+    tracked = a_commit(
+        key_prefix,
+        outcome_json="{}",
+        idempotency_key=f"{key_prefix}:idem:a",
+        idempotency_ttl=86_400,
+    )
     assert await marker_ttl(tracked) == -2  # no such key
     minted = a_commit(key_prefix, ledger_key=f"{key_prefix}:{{s0}}:ledger:2026-11-25:cus_m:api")
     assert 0 < await marker_ttl(minted) <= IN_DOUBT_MARKER_TTL
