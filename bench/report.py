@@ -279,6 +279,7 @@ async def main(customers: int, runs: int, *, reconciled: bool, guard: int | None
                 f"CSV {as_csv:.2f} s ({len(csv_text) / 1e6:.0f} MB), table {as_table:.2f} s, "
                 f"{len(report.customers):,} customers"  # type: ignore[attr-defined]
             )
+            del report, text, csv_text  # the next run's peak is its own, not two reports'
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(f"peak RSS of this process: {peak:,.0f} MiB")
         if guard is not None:

@@ -314,6 +314,7 @@ async def build_report(
     with collector_paused():
         for row in rows:
             by_customer.setdefault(row.customer, []).append(row)
+        del rows  # held by ``by_customer`` now, and let go there line by line
         names = sorted(by_customer)
     stages = await _stages(resolver, names)
     log = await ledger.divergences(limit=max(divergence_limit, DIVERGENCE_SCAN), customer=customer)
@@ -332,7 +333,7 @@ async def build_report(
             line = _line(
                 name,
                 current,
-                by_customer[name],
+                by_customer.pop(name),
                 rule,
                 recent.get(name, []),
                 drifts.get(name),
