@@ -142,10 +142,14 @@ async def redis_bytes(redis: aioredis.Redis, keys: KeySpace, customers: int) -> 
         pipe.memory_usage(rollup, samples=0)
     copies = sum(int(size or 0) for size in await pipe.execute())
     index = int(await redis.memory_usage(shard.ledger_index, samples=0) or 0)
+    listed = int(await redis.memory_usage(shard.customer_rows, samples=0) or 0)
+    changed = int(await redis.memory_usage(shard.guard_changed, samples=0) or 0)
     return (
         f"Redis per customer: ledger rows {rows / customers:.0f} B, their rollup copies "
         f"{copies / customers:.0f} B ({copies / rows:.2f}x the rows), ledger index "
-        f"{index / customers:.0f} B"
+        f"{index / customers:.0f} B, rows by customer (guard) {listed / customers:.0f} B "
+        f"({listed / rows:.2f}x the rows); the guard's changed set while every customer "
+        f"is in it {changed / customers:.0f} B"
     )
 
 
