@@ -10,9 +10,14 @@ under a fresh key prefix of the Redis on ``REDIS_URL``, then times, several runs
 
 Prints each figure, its median and spread, and the ratio to the baseline in the same run, the
 process's peak RSS, and the Redis bytes per customer of the ledger rows and of their rollup copies.
+
+With ``--guard``, also the guard's passes (thresholds no customer crosses, so only the reading
+and judging is timed): a full pass (every customer, what every pass cost before issue 20), then
+passes over the customers changed since (``--changed``, default 1 %, rewritten through the
+ledger's own script, and none), each as a ratio to the full pass of the same run.
 The key prefix is deleted afterwards.
 
-    python bench/report.py [--customers 100000] [--runs 3] [--reconciled]
+    python bench/report.py [--customers 100000] [--runs 3] [--reconciled] [--guard] [--changed N]
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 from rich.console import Console
 
-from dualwrite.config import FlagSettings
+from dualwrite.config import FlagSettings, Settings
+from dualwrite.cutover import CutoverOps, Guard
 from dualwrite.flags import RedisFlagStore, StageResolver
 from dualwrite.keys import KeySpace
-from dualwrite.ledger import Ledger
-from dualwrite.models import Stage
+from dualwrite.ledger import Ledger, LedgerUpdate
+from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.periods import Period
 from dualwrite.reconcile import (
     LegCheck,
@@ -136,10 +142,14 @@ async def redis_bytes(redis: aioredis.Redis, keys: KeySpace, customers: int) -> 
         pipe.memory_usage(rollup, samples=0)
     copies = sum(int(size or 0) for size in await pipe.execute())
     index = int(await redis.memory_usage(shard.ledger_index, samples=0) or 0)
+    listed = int(await redis.memory_usage(shard.customer_rows, samples=0) or 0)
+    changed = int(await redis.memory_usage(shard.guard_changed, samples=0) or 0)
     return (
         f"Redis per customer: ledger rows {rows / customers:.0f} B, their rollup copies "
         f"{copies / customers:.0f} B ({copies / rows:.2f}x the rows), ledger index "
-        f"{index / customers:.0f} B"
+        f"{index / customers:.0f} B, rows by customer (guard) {listed / customers:.0f} B "
+        f"({listed / rows:.2f}x the rows); the guard's changed set while every customer "
+        f"is in it {changed / customers:.0f} B"
     )
 
 
@@ -177,7 +187,51 @@ async def reconcile_all(redis: aioredis.Redis, keys: KeySpace, customers: int) -
     return len(records)
 
 
-async def main(customers: int, runs: int, *, reconciled: bool) -> None:
+async def guard_passes(redis: aioredis.Redis, keys: KeySpace, customers: int, changed: int) -> None:
+    """A full guard pass, then passes over ``changed`` customers and over none (see above)."""
+    settings = Settings.load(
+        redis={"url": URL, "key_prefix": keys.prefix},
+        guardrails={"max_divergent_events": 10**9, "max_difference_pct": 100},
+    )
+    ops = CutoverOps(redis, keys, settings)
+    ledger, resolver = Ledger(redis, keys), StageResolver(redis, keys, FlagSettings())
+
+    def guard(full_every: float) -> Guard:
+        return Guard(ops, ledger, resolver, settings.guardrails, full_every=full_every)
+
+    async def one(label: str, every: float, base: float | None) -> float:
+        cpu = time.process_time()
+        took, result = await timed(lambda: guard(every).check())
+        cpu = time.process_time() - cpu
+        ratio = f", {took / base:.3f}x the full pass" if base else ""
+        print(
+            f"guard {label}: {took:.3f} s (CPU {cpu:.3f} s), "
+            f"{result.checked:,} customers judged{ratio}"  # type: ignore[attr-defined]
+        )
+        return took
+
+    await guard(0).check()  # once per shard: the rows listed by customer (an upgrade does it once)
+    full = await one("full pass", 0, None)
+    pipe = redis.pipeline(transaction=False)
+    step = max(1, customers // max(changed, 1))
+    for index in range(0, customers, step)[:changed]:
+        name = f"cus_{index:08d}"
+        event = UsageEvent(
+            identifier=f"bench-{index}",
+            customer=name,
+            event_name="api_requests",
+            quantity=3,
+            timestamp=WINDOW_START + 5 * DAY,
+        )
+        update = LedgerUpdate(keys.for_customer(name), event)
+        update.recorded(Stage.SHADOW, Leg.LEGACY, Leg.METER, 3, translated=False)
+        update.shadow_accepted(Leg.METER, 3).queue(pipe)
+    await pipe.execute()
+    await one(f"pass over {changed:,} changed", 3_600, full)
+    await one("pass over none changed", 3_600, full)
+
+
+async def main(customers: int, runs: int, *, reconciled: bool, guard: int | None) -> None:
     redis = aioredis.Redis.from_url(URL, decode_responses=True)
     keys = KeySpace(f"dwbench-{uuid.uuid4().hex[:8]}")
     try:
@@ -229,8 +283,11 @@ async def main(customers: int, runs: int, *, reconciled: bool) -> None:
                 f"CSV {as_csv:.2f} s ({len(csv_text) / 1e6:.0f} MB), table {as_table:.2f} s, "
                 f"{len(report.customers):,} customers"  # type: ignore[attr-defined]
             )
+            del report, text, csv_text  # the next run's peak is its own, not two reports'
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(f"peak RSS of this process: {peak:,.0f} MiB")
+        if guard is not None:
+            await guard_passes(redis, keys, customers, guard)
         base = statistics.median(figures["raw read (baseline)"])
         for name, values in figures.items():
             print(
@@ -250,5 +307,17 @@ if __name__ == "__main__":
     parser.add_argument(
         "--reconciled", action="store_true", help="also a reconciliation record per ledger row"
     )
+    parser.add_argument("--guard", action="store_true", help="also time the guard's passes")
+    parser.add_argument(
+        "--changed", type=int, default=None, help="customers changed before a guard pass (1 %%)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.customers, args.runs, reconciled=args.reconciled))
+    changed = args.changed if args.changed is not None else max(1, args.customers // 100)
+    asyncio.run(
+        main(
+            args.customers,
+            args.runs,
+            reconciled=args.reconciled,
+            guard=changed if args.guard else None,
+        )
+    )

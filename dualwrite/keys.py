@@ -13,6 +13,7 @@ key                                     type               what
 ``P:{flags}:guard``                     hash               customer → JSON: what the guard last rolled back
 ``P:{flags}:billing``                   hash               customer → JSON: test clock, price move instant
 ``P:{flags}:guard-lease``               string (TTL)       the one worker running this interval's guard pass
+``P:{flags}:guard-sweep``               hash               the guard's last full pass: when, count, inputs
 ``P:flags:changed``                     pub/sub channel    customer id or ``*`` after every change
 ``P:{sN}:outbox``                       stream + group     shadow writes waiting for a worker
 ``P:{sN}:retry``                        sorted set         outbox entries waiting out a backoff (score = due)
@@ -25,6 +26,10 @@ key                                     type               what
 ``P:{sN}:rollup:<first>:<last>``        hash               copies of ledger rows spanning those days
 ``P:{sN}:rollup-index``                 sorted set         rollup hashes by first day (score)
 ``P:{sN}:rollup-ready``                 string             set once rows older than the rollups are copied in
+``P:{sN}:guard-changed``                set                customers whose ledger rows changed (guard)
+``P:{sN}:guard-taking``                 set                the changed customers the guard's pass is judging
+``P:{sN}:customer-rows``                hash               customer → its rows: ``<period>|<ev>`` lines
+``P:{sN}:customer-rows-ready``          string             set once older rows are in ``customer-rows``
 ``P:{sN}:recon:<period>:<cus>:<ev>``    hash               reconcile: Stripe's totals, drift from the ledger
 ``P:{sN}:recon-index``                  sorted set         reconciliation hashes by period (score = day)
 ``P:{sN}:recon-rollup:<first>:<last>``  hash               JSON copies of recon hashes spanning those days
@@ -146,6 +151,29 @@ class ShardKeys:
     def rollup_ready(self) -> str:
         """Set once the ledger rows written before rollups existed are copied into them."""
         return f"{self.tag}:rollup-ready"
+
+    @property
+    def guard_changed(self) -> str:
+        """The customers whose ledger rows changed since the guard last took them (written by
+        every ledger-writing script, in ``ledger_rollup``)."""
+        return f"{self.tag}:guard-changed"
+
+    @property
+    def guard_taking(self) -> str:
+        """The changed customers a guard pass took and is judging: cleared when the pass ends, so
+        a pass that fails leaves them for the next one."""
+        return f"{self.tag}:guard-taking"
+
+    @property
+    def customer_rows(self) -> str:
+        """Per customer, its ledger rows (``<period>|<event name>``, one a line), so the guard reads
+        one customer's rows without reading the whole ledger index."""
+        return f"{self.tag}:customer-rows"
+
+    @property
+    def customer_rows_ready(self) -> str:
+        """Set once the ledger rows written before ``customer_rows`` existed are listed in it."""
+        return f"{self.tag}:customer-rows-ready"
 
     @property
     def reconciliation_index(self) -> str:
@@ -286,6 +314,12 @@ class KeySpace:
     def guard_lease(self) -> str:
         """Held for one guard interval by the worker that runs that interval's pass."""
         return f"{self.prefix}:{{flags}}:guard-lease"
+
+    @property
+    def guard_sweep(self) -> str:
+        """The guard's last full pass: when (``at``), how many customers it checked
+        (``checked``), and the flags' configuration it saw (``flags``)."""
+        return f"{self.prefix}:{{flags}}:guard-sweep"
 
     @property
     def flags_marker(self) -> str:

@@ -42,6 +42,8 @@ PERSISTENT = re.compile(
     r":\{flags\}:|:(outbox|retry|dead|divergence)$|-index$"
     r"|:ledger:|:rollup:|:recon:|:recon-rollup:|-ready$|:\{ops\}:audit$"
     r"|:\{rl\}:backpressure$|:\{items\}:unmapped$"
+    # The guard's changed set (emptied every pass) and its row list (one field per customer).
+    r"|:guard-changed$|:customer-rows$"
 )
 
 

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 
 from dualwrite.config import Settings
 from dualwrite.cutover import GUARD_ACTOR, CutoverOps
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import ConfigError
-from dualwrite.models import Stage
+from dualwrite.ledger import LedgerUpdate
+from dualwrite.models import Leg, Stage, UsageEvent
 from dualwrite.outbox import OutboxWorker
 from dualwrite.testing import StripeStandin
 from dualwrite.worker import run_worker
 from tests.conftest import SettingsFactory
-from tests.support import Scenario, ScenarioBuilder, set_stage, usage
+from tests.support import EVENT_NAME, Scenario, ScenarioBuilder, set_stage, usage
 
 pytestmark = pytest.mark.anyio
 
@@ -96,8 +101,8 @@ async def test_planted_divergence_trips_the_guard(
     (record,) = [r for r in caplog.records if getattr(r, "event", "") == "dualwrite.guard.tripped"]
     assert record.__dict__["customer"] == bad.customer
     assert record.__dict__["to_stage"] == "legacy"
-    again = await ops.guard_once()
-    assert again.tripped == [] and again.checked == 1
+    again = await ops.guard_once()  # nothing was written since: no customer to judge
+    assert again.tripped == [] and again.checked == 0 and not again.full
 
 
 async def test_rolled_back_customer_is_not_stepped_back_again(
@@ -170,3 +175,106 @@ def test_guardrail_settings_are_validated(redis_url: str, key_prefix: str) -> No
             redis={"url": redis_url, "key_prefix": key_prefix},
             guardrails={"max_divergent_share_pct": 150},
         )
+
+
+class RecordingConnection(aioredis.Connection):
+    """A Redis connection keeping every command it sends (as the bytes on the wire)."""
+
+    sent: ClassVar[list[bytes]] = []
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """Keep, then send."""
+        parts = command if isinstance(command, list) else [command]
+        RecordingConnection.sent.append(b"".join(bytes(part) for part in parts))
+        await super().send_packed_command(command, check_health)
+
+
+@pytest.fixture
+async def recorded_ops(
+    redis_url: str, engine: DualWriteEngine, settings: Settings
+) -> AsyncIterator[CutoverOps]:
+    """Cutover operations on a Redis client of their own, whose commands are recorded."""
+    client = aioredis.Redis.from_url(
+        redis_url, decode_responses=True, connection_class=RecordingConnection
+    )
+    yield CutoverOps(client, engine.keys, settings)
+    await client.aclose()
+
+
+async def write_agreeing_rows(engine: DualWriteEngine, count: int) -> list[str]:
+    """``count`` customers at ``shadow`` whose legs agree, written by the ledger's own script."""
+    names = [f"cus_quiet{index:05d}" for index in range(count)]
+    pipe = engine.redis.pipeline(transaction=False)
+    for name in names:
+        event = UsageEvent(
+            identifier=f"quiet-{name}",
+            customer=name,
+            event_name=EVENT_NAME,
+            quantity=5,
+            timestamp=int(time.time()),
+        )
+        update = LedgerUpdate(engine.keys.for_customer(name), event)
+        update.recorded(Stage.SHADOW, Leg.LEGACY, Leg.METER, 5, translated=False)
+        update.shadow_accepted(Leg.METER, 5).queue(pipe)
+    await pipe.execute()
+    return names
+
+
+async def test_a_pass_reads_only_the_customers_that_changed(
+    engine: DualWriteEngine,
+    builder: ScenarioBuilder,
+    standin: StripeStandin,
+    recorded_ops: CutoverOps,
+) -> None:
+    """After a full pass over 300 quiet customers, the next pass judges only the two whose rows
+    changed: no command it sends names a quiet customer or reads a whole rollup or ledger index,
+    and the diverging one of the two is still rolled back."""
+    ops = recorded_ops
+    await ops.rollout(Stage.SHADOW, percent=100, actor="ann")
+    quiet = await write_agreeing_rows(engine, 300)
+    bad, good = await builder.customer("bad"), await builder.customer("good")
+    await record_and_deliver(engine, good)
+    first = await ops.guard_once()
+    assert first.full and first.checked == 301 and first.tripped == []
+
+    refuse_meter_events(standin, bad)
+    await record_and_deliver(engine, bad, good)
+    RecordingConnection.sent = []
+    result = await ops.guard_once()
+    assert not result.full and result.checked == 2
+    assert [trip.customer for trip in result.tripped] == [bad.customer]
+    assert (await ops.stage_of(bad.customer))[0] is Stage.LEGACY
+    sent = b"\n".join(RecordingConnection.sent)
+    assert bad.customer.encode() in sent and good.customer.encode() in sent
+    assert not [name for name in quiet if name.encode() in sent], [
+        c[:300] for c in RecordingConnection.sent if b"cus_quiet" in c
+    ]
+    for whole_read in (b"HGETALL", b"HSCAN", b"ZRANGE"):
+        assert not [
+            command
+            for command in RecordingConnection.sent
+            if whole_read in command and (b":rollup:" in command or b"ledger-index" in command)
+        ]
+    # Constant in the number of customers: a few commands per shard, a few per changed customer.
+    assert len(RecordingConnection.sent) < 3 * engine.keys.shards + 30
+
+    again = await ops.guard_once()
+    assert not again.full and again.checked == 0  # taken, judged and cleared
+
+
+async def test_a_failed_pass_leaves_its_customers_to_the_next(
+    engine: DualWriteEngine, builder: ScenarioBuilder, standin: StripeStandin, ops: CutoverOps
+) -> None:
+    """A dry pass (as a failed one) takes the changed customers without clearing them: the next
+    pass judges them again. A flags change makes the next pass a full one."""
+    bad = await builder.customer("bad")
+    await ops.rollout(Stage.SHADOW, percent=100, actor="ann")
+    assert (await ops.guard_once()).full  # the first pass
+    refuse_meter_events(standin, bad)
+    await record_and_deliver(engine, bad)
+    dry = await ops.guard_once(dry_run=True)
+    assert not dry.full and [trip.customer for trip in dry.tripped] == [bad.customer]
+    real = await ops.guard_once()
+    assert not real.full and [trip.customer for trip in real.tripped] == [bad.customer]
+    await ops.rollout(Stage.PRIMARY, percent=10, actor="ann")
+    assert (await ops.guard_once()).full

@@ -21,6 +21,7 @@ from dualwrite.report import (
     LegTotals,
     ReadinessRule,
     Report,
+    build_lines,
     build_report,
     render_csv,
     render_table,
@@ -353,6 +354,25 @@ class TestOutput:
                 assert type(getattr(line, name)) is type(value), name
             for leg in (line.legacy, line.meter):
                 assert LegTotals.model_validate(leg.model_dump()) == leg
+            assert line.model_fields_set == copy.model_fields_set
+        # Lines share one fields-set per model class: a copy with changes leaves the others' alone.
+        first, second = report.customers[:2]
+        changed = first.model_copy(update={"status": "unverified"})
+        assert changed.status == "unverified" and first.status != "unverified"
+        assert second.model_fields_set == set(CustomerReport.model_fields)
+
+    async def test_lines_of_a_few_customers_equal_the_reports(self, engine, traffic):
+        """``build_lines`` (the guard's read between full passes) gives a customer the report's
+        line, but for the divergence log's excerpt and the reconciliation drift."""
+        await drain(engine)
+        report = await build_report(engine.ledger, engine.resolver)
+        wanted = [line.customer for line in report.customers][1:4]
+        lines = await build_lines(engine.ledger, engine.resolver, [*wanted, "cus_without_rows"])
+        assert lines == [
+            line.model_copy(update={"recent_divergences": [], "drift": None})
+            for line in report.customers
+            if line.customer in wanted
+        ]
 
     async def test_empty_report(self, engine):
         """No traffic: no customers, no divergences, and no outbox line unless asked."""

@@ -10,12 +10,18 @@ from starlette.applications import Starlette
 from dualwrite.deadletters import DeadLetters
 from dualwrite.engine import DualWriteEngine
 from dualwrite.keys import KeySpace
-from dualwrite.ledger import Ledger, LedgerRow
+from dualwrite.ledger import Ledger, LedgerRow, period_score
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import Stage
 from dualwrite.outbox import OutboxWorker
 from dualwrite.redis_client import as_str, as_str_list
-from dualwrite.rollups import backfill, parse_counters, rollup_key
+from dualwrite.rollups import (
+    backfill,
+    list_customer_rows,
+    parse_counters,
+    read_customer_rows,
+    rollup_key,
+)
 from dualwrite.testing import StripeStandin, serve_app
 from tests.conftest import STRIPE_KEY
 from tests.support import (
@@ -47,6 +53,26 @@ async def rows_and_copies(
     return rows, copies
 
 
+async def listed_rows(engine: DualWriteEngine) -> set[str]:
+    """Every row listed under its customer (``customer-rows``), as index members."""
+    raw = await engine.redis.hgetall(engine.keys.shard(0).customer_rows)
+    found: set[str] = set()
+    for customer, lines in raw.items():
+        for line in str(as_str(lines)).split("\n"):
+            period, event_name = line.split("|", 1)
+            found.add(f"{period}|{as_str(customer)}|{event_name}")
+    return found
+
+
+async def assert_listed(
+    engine: DualWriteEngine, rows: dict[str, dict[str, int]], *changed: str
+) -> None:
+    """Every row is listed under its customer once, and ``changed`` are the changed customers."""
+    assert await listed_rows(engine) == set(rows)
+    found = await engine.redis.smembers(engine.keys.shard(0).guard_changed)
+    assert {str(as_str(name)) for name in found} == set(changed)
+
+
 async def test_every_writer_keeps_the_copy_equal(engine, builder, standin: StripeStandin):
     """Recording (commit script), an authoritative refusal (queued update), shadow deliveries and
     a dead letter (settle script), and a dead letter retried (retry script): after each, every
@@ -63,21 +89,26 @@ async def test_every_writer_keeps_the_copy_equal(engine, builder, standin: Strip
     assert (await engine.record(usage(legacy, 3))).accepted
     rows, copies = await rows_and_copies(engine)
     assert rows == copies and len(rows) == 2
+    await assert_listed(engine, rows, shadow.customer, legacy.customer)
     assert rows[next(m for m in rows if legacy.customer in m)]["legacy_refused_events"] == 1
 
+    await engine.redis.delete(engine.keys.shard(0).guard_changed)
     with anyio.fail_after(20):
         await OutboxWorker(engine.outbox, engine.writer).drain()
     rows, copies = await rows_and_copies(engine)
     assert rows == copies
+    await assert_listed(engine, rows, shadow.customer)
     shadow_row = rows[next(m for m in rows if shadow.customer in m)]
     assert shadow_row["meter_failed_events"] == 1 and shadow_row["meter_accepted_qty"] == 7
 
     letters = DeadLetters(engine.redis, engine.keys)
     [letter] = await letters.find(customer=shadow.customer)
     standin.faults.clear()
+    await engine.redis.delete(engine.keys.shard(0).guard_changed)
     await letters.retry([letter.id])
     rows, copies = await rows_and_copies(engine)
     assert rows == copies
+    await assert_listed(engine, rows, shadow.customer)
     assert rows[next(m for m in rows if shadow.customer in m)]["meter_failed_events"] == 0
 
     rolled = {(row.customer, row.period): row for row in await engine.ledger.rows()}
@@ -131,6 +162,48 @@ async def test_rows_older_than_rollups_are_copied_once(redis_client, key_prefix)
     assert (await ledger.rows(since="2026-11-16", until="2026-11-29")) == []
 
 
+async def test_rows_older_than_customer_rows_are_listed_once(redis_client, key_prefix):
+    """A customer's rows written before the writers listed them are listed on the first read (the
+    shard is then marked), and reading a few customers returns exactly their rows in the window,
+    the same as the rolled-up read filtered to them."""
+    keys = KeySpace(key_prefix)
+    shard = keys.shard(0)
+    days = ("2026-11-01", "2026-11-02", "2026-11-30", "2026-12-01")
+    rows = [LedgerRow(day, "cus_a", "api_requests", counters(n)) for n, day in enumerate(days)]
+    rows += [
+        LedgerRow("2026-11-02", "cus_a", "storage", counters(7)),
+        LedgerRow("20261015T120000Z/20261115T120000Z", "cus_b", "api_requests", counters(99)),
+        LedgerRow("2026-11-02", "cus_other", "api_requests", counters(5)),
+    ]
+    await write_rows(redis_client, keys, rows)
+    found = await read_customer_rows(
+        redis_client,
+        shard,
+        ["cus_a", "cus_b", "cus_none"],
+        low=period_score("2026-11-02"),
+        high=period_score("2026-11-30"),
+    )
+    assert await redis_client.get(shard.customer_rows_ready) == "1"
+    by_member = {member: parse_counters([packed])[0]["quantity"] for member, packed in found}
+    assert by_member == {
+        "2026-11-02|cus_a|api_requests": 1,
+        "2026-11-02|cus_a|storage": 7,
+        "2026-11-30|cus_a|api_requests": 2,
+        "20261015T120000Z/20261115T120000Z|cus_b|api_requests": 99,
+    }
+    rolled = await Ledger(redis_client, keys).rows(since="2026-11-02", until="2026-11-30")
+    assert {
+        f"{row.period}|{row.customer}|{row.event_name}"
+        for row in rolled
+        if row.customer != "cus_other"
+    } == set(by_member)
+    assert await list_customer_rows(redis_client, shard) == 3  # again: nothing listed twice
+    lines = await redis_client.hget(shard.customer_rows, "cus_a")
+    assert sorted(lines.split("\n")) == sorted(
+        f"{row.period}|{row.event_name}" for row in rows if row.customer == "cus_a"
+    )
+
+
 async def test_large_rollup_is_read_in_chunks(redis_client, key_prefix):
     """A rollup too large for one call is scanned in chunks, every row read once, exactly."""
     keys = KeySpace(key_prefix)
@@ -176,10 +249,12 @@ async def test_a_late_refusal_keeps_the_copy_equal(
             with anyio.fail_after(10):
                 await engine.new_worker().drain()
             refused = usage(scenario, 5, identifier="late-1").meter_identifier
+            await engine.redis.delete(engine.keys.shard(0).guard_changed)
             standin.refuse_later(refused)
             await anyio.to_thread.run_sync(standin.report_meter_errors)
         rows, copies = await rows_and_copies(engine)
         assert rows == copies
+        await assert_listed(engine, rows, scenario.customer)
         [row] = await engine.ledger.rows()
         assert row["meter_late_refused_qty"] == 5 and row["meter_accepted_qty"] == 2
     finally:

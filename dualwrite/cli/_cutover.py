@@ -318,7 +318,8 @@ def guard(
 
 def _print_guard(result: GuardResult) -> None:
     console.print(
-        f"checked {result.checked} customer(s) past legacy: {len(result.tripped)} over the "
+        ("full pass: " if result.full else "customers changed since the last pass: ")
+        + f"checked {result.checked} customer(s) past legacy: {len(result.tripped)} over the "
         f"guardrails ({result.divergent_share_pct:g}%)"
         + (" - the whole rollout goes back" if result.global_tripped else "")
     )

@@ -1,14 +1,22 @@
 """``Guard``: sends diverging customers (or the whole rollout) back to the previous safe stage.
 
-One pass builds the report (``dualwrite.report.build_report``: per-customer totals, status and
-difference, from the ledger and the divergence log) over the last ``lookback_days``, and checks
-every customer past ``legacy``:
+A pass judges the report's lines (per-customer totals, status and difference, from the ledger and
+the divergence log) over the last ``lookback_days``, of every customer past ``legacy``. A full pass
+(``dualwrite.report.build_report``) reads every customer; it runs first, then once an hour
+(``full_every``), and whenever the flags' configuration (rollouts, default stage, kill switch) or
+the guardrails changed since the last one. Every other pass reads only the customers whose ledger
+rows changed since the pass before (``dualwrite.report.build_lines``): every script writing a
+ledger row lists its customer in the shard's ``guard-changed`` set in the same atomic step, and a
+pass takes that set (into ``guard-taking``, cleared once the pass is done: a failed pass leaves it
+to the next). So a pass costs in proportion to the customers that changed, not to all of them.
+Each customer is judged:
 
 * more than ``max_divergent_events`` divergent events (dead-lettered shadow writes, late refusals),
   or a difference between the legs above ``max_difference_pct`` once nothing is pending: the
   customer is rolled back one stage (``CutoverOps.rollback``: an override, its schedule cleared);
-* more than ``max_divergent_share_pct`` of at least ``min_customers`` checked customers tripped:
-  the whole rollout goes back (``global_action``: ``rollback`` moves every percentage rollout and
+* more than ``max_divergent_share_pct`` of at least ``min_customers`` checked customers tripped
+  (between full passes: of the larger of the last full pass's count and this pass's): the whole
+  rollout goes back (``global_action``: ``rollback`` moves every percentage rollout and
   the default one stage back, ``kill`` turns the kill switch on; both cancel pending cutovers).
 
 Retired legacy writes (refused by Stripe because the item moved to its meter-backed price) are
@@ -42,10 +50,10 @@ from dualwrite.cutover._stripe import CutoverStripeError
 from dualwrite.engine import StageSource
 from dualwrite.exceptions import DualwriteError
 from dualwrite.instruments import count_guard_rollback
-from dualwrite.ledger import Ledger
+from dualwrite.ledger import Ledger, backfill, list_customer_rows
 from dualwrite.models import Stage, utc_day
-from dualwrite.redis_client import as_str, store_errors
-from dualwrite.report import CustomerReport, build_report
+from dualwrite.redis_client import as_str, as_str_list, store_errors
+from dualwrite.report import CustomerReport, build_lines, build_report
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,19 @@ logger = logging.getLogger("dualwrite.guard")
 #: The actor of every change the guard makes, in the flag audit log.
 GUARD_ACTOR = "dualwrite-guard"
 
+#: How often (seconds) a pass judges every customer, not only those that changed.
+FULL_PASS_SECONDS = 3_600.0
+
+# KEYS: guard-changed, guard-taking. Moves the changed customers into the set the pass judges
+# (which still holds a failed or dry pass's customers) and returns them.
+_TAKE_CHANGED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[1])
+  redis.call('DEL', KEYS[1])
+end
+return redis.call('SMEMBERS', KEYS[2])
+"""
+
 
 class Guard:
     """Checks divergence against the guardrails and rolls back what crossed them.
@@ -79,6 +100,7 @@ class Guard:
         settings: the thresholds.
         report: the report's readiness settings (passed through to ``build_report``).
         clock: Unix time.
+        full_every: seconds between full passes (the passes between read changed customers only).
     """
 
     def __init__(
@@ -90,6 +112,7 @@ class Guard:
         *,
         report: ReportSettings | None = None,
         clock: Callable[[], float] = time.time,
+        full_every: float = FULL_PASS_SECONDS,
     ) -> None:
         self._ops = ops
         self._ledger = ledger
@@ -97,6 +120,8 @@ class Guard:
         self._settings = settings
         self._report = report or ReportSettings()
         self._clock = clock
+        self._full_every = full_every
+        self._take = ops.redis.register_script(_TAKE_CHANGED)
 
     def _trip_reason(self, line: CustomerReport, base: _Baseline | None) -> str | None:
         """Why ``line`` crossed a guardrail, counting only divergence newer than the guard's last
@@ -120,11 +145,19 @@ class Guard:
             reasons.append(f"legs differ by {abs(pct):g}% > {limits.max_difference_pct:g}%")
         return "; ".join(reasons) or None
 
-    async def _baselines(self) -> dict[str, _Baseline]:
+    async def _baselines(self, customers: list[str] | None) -> dict[str, _Baseline]:
+        """The guard's state of ``customers`` (None: of every customer it ever rolled back)."""
+        redis, key = self._ops.redis, self._ops.keys.guard_state
         async with store_errors("reading the guard's state"):
-            raw = await self._ops.redis.hgetall(self._ops.keys.guard_state)
+            if customers is None:
+                raw = dict(await redis.hgetall(key) or {})
+            elif customers:
+                values = await redis.hmget(key, customers)
+                raw = {name: text for name, text in zip(customers, values, strict=True) if text}
+            else:
+                raw = {}
         found: dict[str, _Baseline] = {}
-        for customer, text in dict(raw or {}).items():
+        for customer, text in raw.items():
             try:
                 data = json.loads(str(as_str(text)))
                 found[str(as_str(customer))] = _Baseline(
@@ -154,11 +187,37 @@ class Guard:
         note = f" ({reason})" if reason else ""
         now = self._clock()
         since = utc_day(int(now) - self._settings.lookback_days * 86_400)
-        report = await build_report(
-            self._ledger, self._resolver, since=since, settings=self._report, now=now
+        inputs = await self._inputs()
+        async with store_errors("reading the guard's last full pass"):
+            last = {
+                str(as_str(name)): str(as_str(value))
+                for name, value in dict(
+                    await self._ops.redis.hgetall(self._ops.keys.guard_sweep) or {}
+                ).items()
+            }
+        full = (
+            last.get("inputs") != inputs
+            or not 0 <= now - float(last.get("at") or "-inf") < self._full_every
         )
-        baselines = await self._baselines()
-        checked = [line for line in report.customers if line.stage is not Stage.LEGACY]
+        if full:
+            await self._prepare()
+        changed = await self._take_changed()
+        if full:
+            report = await build_report(
+                self._ledger, self._resolver, since=since, settings=self._report, now=now
+            )
+            lines = report.customers
+        else:
+            lines = await build_lines(
+                self._ledger,
+                self._resolver,
+                [customer for names in changed.values() for customer in names],
+                since=since,
+                settings=self._report,
+                now=now,
+            )
+        checked = [line for line in lines if line.stage is not Stage.LEGACY]
+        baselines = await self._baselines(None if full else [line.customer for line in checked])
         trips: list[CustomerTrip] = []
         for line in checked:
             why = self._trip_reason(line, baselines.get(line.customer))
@@ -173,9 +232,12 @@ class Guard:
                         reason=why,
                     )
                 )
-        share = round(len(trips) * 100 / len(checked), 2) if checked else 0.0
+        # Between full passes the share is of the customers the last full pass checked (kept as a
+        # count), or of this pass's if more: a few changed customers are not the whole rollout.
+        population = len(checked) if full else max(int(last.get("checked") or 0), len(checked))
+        share = round(len(trips) * 100 / population, 2) if population else 0.0
         global_trip = (
-            len(checked) >= self._settings.min_customers
+            population >= self._settings.min_customers
             and share > self._settings.max_divergent_share_pct
         )
         actions: list[OperationResult] = []
@@ -247,14 +309,66 @@ class Guard:
                         "reason": trip.reason,
                     },
                 )
+        if not dry_run:
+            await self._done(changed, full=full, at=now, checked=len(checked), inputs=inputs)
         return GuardResult(
             checked=len(checked),
+            full=full,
             tripped=done,
             global_tripped=global_trip,
             divergent_share_pct=share,
             dry_run=dry_run,
             actions=actions,
         )
+
+    async def _inputs(self) -> str:
+        """What a full pass depends on besides the ledger: the flags' configuration (rollouts,
+        default stage, kill switch) and the guardrails. A change means a full pass."""
+        async with store_errors("reading the flags' configuration"):
+            config = dict(await self._ops.redis.hgetall(self._ops.keys.flags_config) or {})
+        flags = sorted((str(as_str(name)), str(as_str(value))) for name, value in config.items())
+        return json.dumps([flags, self._settings.model_dump(mode="json")], sort_keys=True)
+
+    async def _prepare(self) -> None:
+        """Once per shard, before a full pass takes the changed customers: copy the rows older
+        than the rollups (which marks their customers changed: this pass takes them) and list
+        every row under its customer, so the passes after it never pay for either."""
+        redis = self._ops.redis
+        for shard in self._ops.keys.all_shards():
+            async with store_errors("reading the rollups' state"):
+                ready, listed = (
+                    await redis.exists(shard.rollup_ready),
+                    await redis.exists(shard.customer_rows_ready),
+                )
+            if not ready:
+                await backfill(redis, shard)
+            if not listed:
+                await list_customer_rows(redis, shard)
+
+    async def _take_changed(self) -> dict[int, list[str]]:
+        """Per shard, the customers whose ledger rows changed since the last pass that finished."""
+        taken: dict[int, list[str]] = {}
+        async with store_errors("taking the customers that changed"):
+            for shard in self._ops.keys.all_shards():
+                names = as_str_list(
+                    await self._take(keys=[shard.guard_changed, shard.guard_taking])
+                )
+                if names:
+                    taken[shard.shard] = names
+        return taken
+
+    async def _done(
+        self, changed: dict[int, list[str]], *, full: bool, at: float, checked: int, inputs: str
+    ) -> None:
+        """The pass is over: forget the customers it judged, and remember a full pass."""
+        keys = self._ops.keys
+        async with store_errors("writing the guard's pass"):
+            for index in changed:
+                await self._ops.redis.delete(keys.shard(index).guard_taking)
+            if full:
+                await self._ops.redis.hset(
+                    keys.guard_sweep, mapping={"at": at, "checked": checked, "inputs": inputs}
+                )
 
     async def _global(
         self, share: float, tripped: int, checked: int, *, dry_run: bool, actor: str, note: str

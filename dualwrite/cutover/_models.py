@@ -124,7 +124,11 @@ class GuardResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     checked: int
-    """Customers past ``legacy`` with ledger rows in the window."""
+    """Customers past ``legacy`` judged: on a full pass every one with ledger rows in the window,
+    otherwise those whose rows changed since the previous pass."""
+    full: bool = True
+    """Whether this was a full pass (``Guard``: the first, then hourly and after a flags or
+    guardrails change) rather than one over the changed customers only."""
     tripped: list[CustomerTrip] = Field(default_factory=list)
     global_tripped: bool = False
     divergent_share_pct: float = 0.0

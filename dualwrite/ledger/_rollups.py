@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from dualwrite.keys import ShardKeys
 from dualwrite.periods import Period, period_of
-from dualwrite.redis_client import as_int, as_str_list, store_errors
+from dualwrite.redis_client import as_int, as_str, as_str_list, store_errors
 
 __all__ = [
     "PACKED_FIELDS",
@@ -41,7 +41,9 @@ __all__ = [
     "RolledRow",
     "backfill",
     "collector_paused",
+    "list_customer_rows",
     "parse_counters",
+    "read_customer_rows",
     "read_packed",
     "read_rollups",
     "rollup_key",
@@ -93,6 +95,19 @@ ROLLUP_LUA = (
 local ROLLUP_AT = {"""
     + ", ".join(f"{name}='{at}'" for at, name in enumerate(PACKED_FIELDS))
     + """}
+-- dualwrite.guard (issue 20): row `member` changed. List its customer in the shard's changed set
+-- (the guard judges only those, then clears it) and, for a row new to its rollup, among the
+-- customer's rows. Both keys are named from `rollups`: the same hash tag, so the same slot.
+local function guard_changed(rollups, member, new)
+  local tag = string.sub(rollups, 1, -#'rollup-index' - 1)
+  local period, customer, event = string.match(member, '^([^|]*)|([^|]*)|(.*)$')
+  redis.call('SADD', tag .. 'guard-changed', customer)
+  if new == 1 then
+    local rows, line = tag .. 'customer-rows', period .. '|' .. event
+    local had = redis.call('HGET', rows, customer)
+    redis.call('HSET', rows, customer, had and (had .. '\\n' .. line) or line)
+  end
+end
 local function ledger_rollup(row, member, score, rollup, rollups)
   local h = redis.call('HGETALL', row)
   local parts, others = {'"""
@@ -108,8 +123,9 @@ local function ledger_rollup(row, member, score, rollup, rollups)
     end
   end
   if #others > 0 then parts[#parts + 1] = '{' .. table.concat(others, ',') .. '}' end
-  redis.call('HSET', rollup, member, '[' .. table.concat(parts, ',') .. ']')
+  local new = redis.call('HSET', rollup, member, '[' .. table.concat(parts, ',') .. ']')
   redis.call('ZADD', rollups, score, rollup)
+  guard_changed(rollups, member, new)
 end
 """
 )
@@ -260,3 +276,94 @@ async def backfill(redis: aioredis.Redis, shard: ShardKeys) -> int:
             listed += len(keys) // 2
         await redis.set(shard.rollup_ready, "1")
     return listed
+
+
+# KEYS: customer-rows; ARGV: customer, lines (one a line), customer, lines, ...: adds the lines a
+# customer's entry lacks (a writer may have listed some of them meanwhile).
+_LIST_ROWS = """
+for i = 1, #ARGV, 2 do
+  local had = redis.call('HGET', KEYS[1], ARGV[i])
+  if not had then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  else
+    local seen, add = {}, {}
+    for line in string.gmatch(had, '[^\\n]+') do seen[line] = true end
+    for line in string.gmatch(ARGV[i + 1], '[^\\n]+') do
+      if not seen[line] then add[#add + 1] = line end
+    end
+    if #add > 0 then redis.call('HSET', KEYS[1], ARGV[i], had .. '\\n' .. table.concat(add, '\\n')) end
+  end
+end
+return 1
+"""
+#: Customers read (or listed) per call.
+_CUSTOMER_CHUNK = 1_000
+
+
+async def list_customer_rows(redis: aioredis.Redis, shard: ShardKeys) -> int:
+    """List every ledger row of ``shard`` under its customer (``ShardKeys.customer_rows``), then
+    mark the shard ready; returns how many customers were listed. The ledger's writers list the
+    rows they create themselves; this lists the rows written before they did. Safe to run again,
+    and while writers run."""
+    script = redis.register_script(_LIST_ROWS)
+    async with store_errors("listing ledger rows by customer"):
+        by_customer: dict[str, list[str]] = {}
+        for member in as_str_list(await redis.zrange(shard.ledger_index, 0, -1)):
+            period, customer, event_name = member.split("|", 2)
+            by_customer.setdefault(customer, []).append(f"{period}|{event_name}")
+        pairs = list(by_customer.items())
+        for start in range(0, len(pairs), _CUSTOMER_CHUNK):
+            args: list[str] = []
+            for customer, lines in pairs[start : start + _CUSTOMER_CHUNK]:
+                args += [customer, "\n".join(lines)]
+            await script(keys=[shard.customer_rows], args=args)
+        await redis.set(shard.customer_rows_ready, "1")
+    return len(pairs)
+
+
+async def read_customer_rows(
+    redis: aioredis.Redis,
+    shard: ShardKeys,
+    customers: Sequence[str],
+    *,
+    low: int | None,
+    high: int | None,
+) -> list[RolledRow]:
+    """The row copies of ``customers`` (all of ``shard``) whose period overlaps UTC day numbers
+    ``[low, high]``: what ``read_rollups`` would return for them, at a cost in proportion to their
+    rows rather than to the shard's."""
+    if not await redis.exists(shard.rollup_ready):
+        await backfill(redis, shard)
+    if not await redis.exists(shard.customer_rows_ready):
+        await list_customer_rows(redis, shard)
+    wanted: dict[str, list[str]] = {}  # rollup → members
+    for start in range(0, len(customers), _CUSTOMER_CHUNK):
+        chunk = customers[start : start + _CUSTOMER_CHUNK]
+        listed = await redis.hmget(shard.customer_rows, list(chunk))
+        for customer, lines in zip(chunk, listed, strict=True):
+            text = as_str(lines)
+            if not text:
+                continue  # no ledger rows in this shard
+            for line in text.split("\n"):
+                period, event_name = line.split("|", 1)
+                span = period_of(period)
+                first, last = span.start // DAY, (span.end - 1) // DAY
+                if (low is not None and last < low) or (high is not None and first > high):
+                    continue
+                member = f"{period}|{customer}|{event_name}"
+                wanted.setdefault(shard.rollup(first, last), []).append(member)
+    rows: list[RolledRow] = []
+    rollups = list(wanted.items())
+    for start in range(0, len(rollups), 8):
+        pipe = redis.pipeline(transaction=False)
+        for rollup, members in rollups[start : start + 8]:
+            pipe.hmget(rollup, members)
+        for (_, members), found in zip(
+            rollups[start : start + 8], await pipe.execute(), strict=True
+        ):
+            rows += [
+                (member, str(as_str(packed)))
+                for member, packed in zip(members, found, strict=True)
+                if packed is not None
+            ]
+    return rows

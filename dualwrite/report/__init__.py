@@ -19,7 +19,7 @@ to no customer line: ``Report.unmapped`` counts it, per item.
 
 from __future__ import annotations
 
-from dualwrite.report._build import build_report, read_backpressure, read_unmapped
+from dualwrite.report._build import build_lines, build_report, read_backpressure, read_unmapped
 from dualwrite.report._models import (
     CustomerDrift,
     CustomerMoney,
@@ -48,6 +48,7 @@ __all__ = [
     "UnmappedItems",
     "Verdict",
     "attention_rank",
+    "build_lines",
     "build_report",
     "legacy_held",
     "read_backpressure",

@@ -43,6 +43,9 @@ def legacy_held(accepted_qty: int, retired_qty: int) -> int:
     return accepted_qty + retired_qty
 
 
+_ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
+
+
 def trusted(cls: type[_Model], values: dict[str, Any]) -> _Model:
     """A model from values that already have its fields' types, as ``model_construct`` makes it
     but without its per-field Python loop: ``values`` must hold every field, and nothing else.
@@ -50,10 +53,16 @@ def trusted(cls: type[_Model], values: dict[str, Any]) -> _Model:
     For the report's hot loop only: validation was a third of a 100,000-customer report, and the
     values are ints and objects the report computed itself (tests/test_report.py checks the lines
     against validated copies).
+
+    Every model of a class shares one fields-set (all its fields: nothing can add to it, and
+    ``model_copy`` copies it before adding): a set per model was half of a large report's memory.
     """
     model = cls.__new__(cls)
     object.__setattr__(model, "__dict__", values)
-    object.__setattr__(model, "__pydantic_fields_set__", set(values))
+    fields = _ALL_FIELDS.get(cls)
+    if fields is None:
+        fields = _ALL_FIELDS[cls] = set(cls.model_fields)
+    object.__setattr__(model, "__pydantic_fields_set__", fields)
     object.__setattr__(model, "__pydantic_extra__", None)
     object.__setattr__(model, "__pydantic_private__", None)
     return model
