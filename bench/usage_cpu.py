@@ -3,7 +3,8 @@ request through ``DualWriteMiddleware`` at ``legacy``, in one run, with an optio
 
 The Stripe stand-in runs in its own process (``--latency-ms``, 0 by default: only this process's
 CPU is measured, and waiting costs none). This process builds the ``single`` and ``legacy`` apps of
-``bench/usage_routes.py`` (same route, same SDK and HTTP client) and calls each through ASGI
+``bench/usage_routes.py`` (same route, same SDK and HTTP client; ``legacy_rl`` is ``legacy`` with
+the legacy rate limit on, its token taken in the claim's round trip) and calls each through ASGI
 directly, no server or socket in front, ``--requests`` sequential requests a round, alternating,
 ``--runs`` rounds; it prints the CPU (``time.process_time``) per request of each, their ratio and
 difference. ``--profile`` then runs ``cProfile`` over ``--requests`` more ``legacy`` requests and
@@ -34,7 +35,7 @@ from _load import child, cleanup, free_port, summary
 from _scenario import KEY, Catalog, run_standin
 from usage_routes import _pin, build_app
 
-MODES = ("single", "legacy")
+MODES = ("single", "legacy", "legacy_rl")
 
 
 class Lifespan:
@@ -181,7 +182,8 @@ def main() -> None:
         ):
             catalog = Catalog(upstream)
             scenario = {mode: catalog.customer(mode) for mode in MODES}
-            asyncio.run(_pin(prefix, {scenario["legacy"][0]: "legacy"}))
+            pins = {scenario[mode][0]: "legacy" for mode in ("legacy", "legacy_rl")}
+            asyncio.run(_pin(prefix, pins))
             cpu, profile = asyncio.run(_measure(prefix, upstream, scenario, options))
     finally:
         cleanup(prefix)
@@ -193,12 +195,14 @@ def main() -> None:
     )
     for mode in MODES:
         print(f"  {mode:8} CPU {summary(cpu[mode], 0)} us/request")
-    ratios = [g / s for s, g in zip(cpu["single"], cpu["legacy"], strict=True)]
-    added = [g - s for s, g in zip(cpu["single"], cpu["legacy"], strict=True)]
-    print(
-        f"  legacy/single {summary(ratios)}; the middleware at legacy adds "
-        f"{statistics.median(added):.0f} us of CPU per request [{min(added):.0f}..{max(added):.0f}]"
-    )
+    for mode in ("legacy", "legacy_rl"):
+        ratios = [g / s for s, g in zip(cpu["single"], cpu[mode], strict=True)]
+        added = [g - s for s, g in zip(cpu["single"], cpu[mode], strict=True)]
+        print(
+            f"  {mode}/single {summary(ratios)}; the middleware at {mode} adds "
+            f"{statistics.median(added):.0f} us of CPU per request "
+            f"[{min(added):.0f}..{max(added):.0f}]"
+        )
     if profile is not None:
         print(profile)
 

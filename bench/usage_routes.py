@@ -13,7 +13,10 @@ route (JSON body ``{"item": "si_…", "quantity": 1}``):
 * ``shadow``: the same with the customer at ``shadow``: the meter event goes to the outbox in the
   same Redis transaction, and the in-process worker delivers it off the request path;
 * ``shadow_ext``: ``shadow`` with the in-process worker off (``[outbox] run_in_process = false``,
-  deliveries left to ``dualwrite worker`` processes elsewhere): the request path alone.
+  deliveries left to ``dualwrite worker`` processes elsewhere): the request path alone;
+* ``legacy_rl``: ``legacy`` with the legacy rate limit on, as it is by default (its token is one
+  GCRA script per usage record, sent in the claim's round trip; here 1,000/s with a 0.01 s burst,
+  so that the token costs what it does at Stripe's 100/s without throttling the benchmark).
 
 Targets: ``legacy`` answers within 1.02x the app's own call (p50), and ``shadow`` adds at most
 one Redis round trip to ``legacy`` (flags from the local cache).
@@ -22,7 +25,8 @@ alone), and compares the latency of ``shadow_ext`` (the request path; ``shadow``
 deliveries made in the same process and event loop) with a Redis PING measured in the same run.
 Requests carry no Idempotency-Key, so identifiers are minted; with one, both stages add the same
 claim round trip.
-Rate limits are off (``[limits]`` 0) so that Stripe's quotas do not shape a latency benchmark.
+Rate limits are off (``[limits]`` 0) so that Stripe's quotas do not shape a latency benchmark,
+except in ``legacy_rl``. ``--modes`` runs a subset (``single`` is always run: the baseline).
 
     python bench/usage_routes.py                   # 5 runs x 3 s, concurrency 1 and 8
     python bench/usage_routes.py --latency-ms 0 --concurrency 1
@@ -57,19 +61,25 @@ from _load import (
 )
 from _scenario import EVENT_NAME, KEY, LEGACY_VERSION, USAGE_ROUTE, Catalog, run_standin
 
-MODES = ("single", "naive", "legacy", "shadow", "shadow_ext")
-WRAPPED = ("legacy", "shadow", "shadow_ext")
+MODES = ("single", "naive", "legacy", "shadow", "shadow_ext", "legacy_rl")
+WRAPPED = ("legacy", "shadow", "shadow_ext", "legacy_rl")
 #: The issue's goal: a usage request at ``legacy`` costs at most this much the app's own call (p50).
 LEGACY_TARGET = 1.02
 
 
-def _settings(prefix: str, upstream: str, *, worker: bool) -> Any:
+def _settings(prefix: str, upstream: str, *, worker: bool, limited: bool = False) -> Any:
     from dualwrite import Settings
 
+    legacy_limit = {"legacy_per_second": 1000, "burst_seconds": 0.01} if limited else {}
     return Settings(
         redis={"url": REDIS_URL, "key_prefix": prefix},
         stripe={"api_base": upstream},
-        limits={"legacy_per_second": 0, "meter_per_second": 0, "stream_events_per_second": 0},
+        limits={
+            "legacy_per_second": 0,
+            "meter_per_second": 0,
+            "stream_events_per_second": 0,
+            **legacy_limit,
+        },
         outbox={"spool": False, "run_in_process": worker},
         routes=[USAGE_ROUTE],
         meters=[{"event_name": EVENT_NAME}],
@@ -126,7 +136,9 @@ def build_app(mode: str, prefix: str, upstream: str) -> Any:
 
     app = Starlette(routes=[Route("/usage/{customer}", usage, methods=["POST"])], lifespan=lifespan)
     if mode in WRAPPED:
-        settings = _settings(prefix, upstream, worker=mode != "shadow_ext")
+        settings = _settings(
+            prefix, upstream, worker=mode != "shadow_ext", limited=mode == "legacy_rl"
+        )
         return DualWriteMiddleware(app, config=settings)
     return app
 
@@ -174,15 +186,15 @@ async def _commands_per_record(
     from dualwrite.engine import DualWriteEngine
     from dualwrite.models import UsageEvent
 
-    settings = _settings(prefix, upstream, worker=False)
-    settings = settings.model_copy(update={"stripe_api_key": SecretStr(KEY)})
-    engine = DualWriteEngine.from_settings(settings)
-    await engine.start(worker=False)
     watcher = aioredis.Redis.from_url(REDIS_URL)
     counts: dict[str, float] = {}
     try:
-        for mode in ("legacy", "shadow_ext"):
+        for mode in ("legacy", "shadow_ext", "legacy_rl"):
             customer, item = scenario[mode]
+            settings = _settings(prefix, upstream, worker=False, limited=mode == "legacy_rl")
+            settings = settings.model_copy(update={"stripe_api_key": SecretStr(KEY)})
+            engine = DualWriteEngine.from_settings(settings)
+            await engine.start(worker=False)
 
             def event(customer: str = customer, item: str = item) -> UsageEvent:
                 return UsageEvent(
@@ -194,27 +206,29 @@ async def _commands_per_record(
                     timestamp=int(time.time()),
                 )
 
-            for _ in range(5):  # warm: cached stage, item period
-                if not (await engine.record(event())).accepted:
-                    raise SystemExit(f"{mode}: the stand-in refused a usage record")
-            seen = 0
-            async with watcher.monitor() as monitor:
-                marker = f"dwbench-marker-{uuid.uuid4().hex}"
-                records = 50
-                for _ in range(records):
-                    await engine.record(event())
-                await watcher.get(marker)
-                while True:
-                    command = await monitor.next_command()
-                    text = command["command"]
-                    if marker in text:
-                        break
-                    if prefix in text and command.get("client_type") != "lua":
-                        seen += 1
-            counts[mode] = seen / records
+            try:
+                for _ in range(5):  # warm: cached stage, item period
+                    if not (await engine.record(event())).accepted:
+                        raise SystemExit(f"{mode}: the stand-in refused a usage record")
+                seen = 0
+                async with watcher.monitor() as monitor:
+                    marker = f"dwbench-marker-{uuid.uuid4().hex}"
+                    records = 50
+                    for _ in range(records):
+                        await engine.record(event())
+                    await watcher.get(marker)
+                    while True:
+                        command = await monitor.next_command()
+                        text = command["command"]
+                        if marker in text:
+                            break
+                        if prefix in text and command.get("client_type") != "lua":
+                            seen += 1
+                counts[mode] = seen / records
+            finally:
+                await engine.aclose()
     finally:
         await watcher.aclose()
-        await engine.aclose()
     return counts
 
 
@@ -244,8 +258,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", default="1,8", help="comma-separated levels")
     parser.add_argument("--latency-ms", type=float, default=30.0, help="stand-in delay per reply")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
     options = parser.parse_args()
     levels = [int(level) for level in options.concurrency.split(",")]
+    modes = tuple(mode for mode in MODES if mode == "single" or mode in options.modes.split(","))
 
     env = dict(os.environ, STRIPE_API_KEY=KEY)
     prefix = f"dwbench-{uuid.uuid4().hex[:8]}"
@@ -263,7 +279,12 @@ def main() -> None:
         ):
             catalog = Catalog(upstream)
             scenario = {mode: catalog.customer(mode) for mode in MODES}
-            stages = {"legacy": "legacy", "shadow": "shadow", "shadow_ext": "shadow"}
+            stages = {
+                "legacy": "legacy",
+                "shadow": "shadow",
+                "shadow_ext": "shadow",
+                "legacy_rl": "legacy",
+            }
             asyncio.run(_pin(prefix, {scenario[m][0]: stage for m, stage in stages.items()}))
             commands = asyncio.run(_commands_per_record(prefix, upstream, scenario))
             servers = [
@@ -273,17 +294,17 @@ def main() -> None:
                     env=env,
                     port=ports[mode],
                 )
-                for mode in MODES
+                for mode in modes
             ]
             pids = {
-                mode: server.__enter__().pid for mode, server in zip(MODES, servers, strict=True)
+                mode: server.__enter__().pid for mode, server in zip(modes, servers, strict=True)
             }
             try:
                 for level in levels:
-                    results[level] = {mode: [] for mode in MODES}
+                    results[level] = {mode: [] for mode in modes}
                     for run in range(options.runs):
                         pings.append(redis_round_trip_ms())
-                        order = MODES if run % 2 == 0 else MODES[::-1]
+                        order = modes if run % 2 == 0 else modes[::-1]
                         for mode in order:
                             url = f"http://127.0.0.1:{ports[mode]}"
                             customer, item = scenario[mode]
@@ -320,14 +341,15 @@ def main() -> None:
         f"Redis commands per usage request (MONITOR, engine alone): legacy "
         f"{commands['legacy']:.2f}, shadow {commands['shadow_ext']:.2f}: shadow adds "
         f"{added_commands:+.2f} (target <= 1 round trip: "
-        f"{'meets' if added_commands <= 1 else 'MISSES'} it)"
+        f"{'meets' if added_commands <= 1 else 'MISSES'} it); legacy with its rate limit "
+        f"{commands['legacy_rl']:.2f} (the token's script is sent with the claim: one round trip)"
     )
     for level, by_mode in results.items():
         print(
             f"\nconcurrency {level:<4}  req/s            p50 ms               p99 ms"
             "               server CPU ms/request"
         )
-        for mode in MODES:
+        for mode in modes:
             runs = by_mode[mode]
             errors = sum(run["errors"] for run in runs)
             print(
@@ -343,27 +365,34 @@ def main() -> None:
             ]
             return f"{statistics.median(deltas):+.2f} ms [{min(deltas):+.2f}..{max(deltas):+.2f}]"
 
-        shadow_added = statistics.median(
-            s["p50_ms"] - g["p50_ms"]
-            for g, s in zip(by_mode["legacy"], by_mode["shadow_ext"], strict=True)
-        )
-        legacy_ratio = [
-            g["p50_ms"] / b["p50_ms"]
-            for b, g in zip(by_mode["single"], by_mode["legacy"], strict=True)
-        ]
-        print(
-            f"  p50 legacy/single {summary(legacy_ratio)} (target <= {LEGACY_TARGET}: "
-            f"{'meets' if statistics.median(legacy_ratio) <= LEGACY_TARGET else 'MISSES'} it)"
-        )
-        print(
-            f"  p50 added: shadow_ext vs legacy {added('shadow_ext', 'legacy')} = "
-            f"{shadow_added / ping:.1f} Redis round trips (target <= 1: "
-            f"{'meets' if shadow_added <= ping else 'MISSES'} it); shadow (worker in process) vs "
-            f"legacy {added('shadow', 'legacy')}\n"
-            f"             legacy vs single {added('legacy', 'single')}; "
-            f"shadow vs single {added('shadow', 'single')}; naive vs single "
-            f"{added('naive', 'single')}; shadow vs naive {added('shadow', 'naive')}"
-        )
+        for mode in ("legacy", "legacy_rl"):
+            if mode not in modes:
+                continue
+            ratio = [
+                g["p50_ms"] / b["p50_ms"]
+                for b, g in zip(by_mode["single"], by_mode[mode], strict=True)
+            ]
+            print(
+                f"  p50 {mode}/single {summary(ratio)} (target <= {LEGACY_TARGET}: "
+                f"{'meets' if statistics.median(ratio) <= LEGACY_TARGET else 'MISSES'} it); "
+                f"{mode} vs single {added(mode, 'single')}"
+            )
+        if {"legacy", "shadow_ext"} <= set(modes):
+            shadow_added = statistics.median(
+                s["p50_ms"] - g["p50_ms"]
+                for g, s in zip(by_mode["legacy"], by_mode["shadow_ext"], strict=True)
+            )
+            print(
+                f"  p50 added: shadow_ext vs legacy {added('shadow_ext', 'legacy')} = "
+                f"{shadow_added / ping:.1f} Redis round trips (target <= 1: "
+                f"{'meets' if shadow_added <= ping else 'MISSES'} it)"
+            )
+        if {"legacy", "shadow", "naive"} <= set(modes):
+            print(
+                f"  shadow (worker in process) vs legacy {added('shadow', 'legacy')}; "
+                f"shadow vs single {added('shadow', 'single')}; naive vs single "
+                f"{added('naive', 'single')}; shadow vs naive {added('shadow', 'naive')}"
+            )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from dualwrite.models import (
     WriteResult,
 )
 from dualwrite.outbox import OutboxEntry
+from dualwrite.rate_limits import TokenAsk
 from dualwrite.redis_client import store_errors
 from dualwrite.spool import Spool
 from dualwrite.stripe_io import StripeWriter
@@ -302,12 +303,18 @@ class ClaimDriver:
         *,
         api_key: str | None,
         legacy_write: LegacyWrite | None = None,
+        prepaid: TokenAsk | None = None,
     ) -> RecordOutcome:
-        """The authoritative write of a claimed event, then its commit (or its release)."""
+        """The authoritative write of a claimed event, then its commit (or its release).
+
+        ``prepaid``: the legacy rate's unit granted with the claim, spent by the first attempt of
+        the legacy write (given back if no write is made)."""
         effective = event.quantity - claim.set_previous if event.action == "set" else event.quantity
         translated = event.action == "set" and Leg.METER in (plan.authoritative, plan.shadow)
         started = time.perf_counter()
         if not await self._set_turn(shard, event, plan, claim):
+            if prepaid is not None and self._writer.limits is not None:
+                await self._writer.limits.refund(prepaid)
             # Nothing was written now; an earlier attempt (a retry's, a recovery's) may have been.
             with contextlib.suppress(StoreUnavailableError):
                 await self._idempotency.release(
@@ -318,7 +325,9 @@ class ClaimDriver:
         if legacy_write is not None and plan.authoritative is Leg.LEGACY:
             result = await legacy_write(event)
         else:
-            result = await self._write_authoritative(plan, event, effective, api_key)
+            result = await self._write_authoritative(
+                plan, event, effective, api_key, prepaid=prepaid is not None
+            )
         instruments.count_authoritative(result, plan.stage, started)
         shadow_status: ShadowStatus = "enqueued" if plan.shadow else "not_applicable"
         if not result.accepted:
@@ -378,12 +387,20 @@ class ClaimDriver:
         return True
 
     async def _write_authoritative(
-        self, plan: EventPlan, event: UsageEvent, value: int, api_key: str | None
+        self,
+        plan: EventPlan,
+        event: UsageEvent,
+        value: int,
+        api_key: str | None,
+        *,
+        prepaid: bool = False,
     ) -> WriteResult:
         """Write the authoritative leg, retrying retryable failures a few times within the request.
 
         Every attempt carries the same idempotency key, so an attempt that reached Stripe but whose
-        answer was lost (a timeout) is replayed by Stripe rather than counted again.
+        answer was lost (a timeout) is replayed by Stripe rather than counted again. ``prepaid``:
+        the first attempt's legacy rate unit was granted with the claim (later attempts take
+        their own).
         """
         retries, wait = (
             self._settings.stripe.request_retries,
@@ -391,7 +408,9 @@ class ClaimDriver:
         )
         leg = plan.authoritative
         for attempt in range(retries + 1):
-            result = await self._writer.write(leg, event, value=value, api_key=api_key, plan=plan)
+            result = await self._writer.write(
+                leg, event, value=value, api_key=api_key, plan=plan, prepaid=prepaid and not attempt
+            )
             failure = result.failure
             if result.accepted or failure is None or not failure.retryable or attempt == retries:
                 return result

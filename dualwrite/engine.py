@@ -51,9 +51,9 @@ from dualwrite.models import (
 )
 from dualwrite.outbox import Outbox, OutboxWorker
 from dualwrite.periods import PeriodResolver
-from dualwrite.rate_limits import WriteLimits
+from dualwrite.rate_limits import TokenAsk, WriteLimits
 from dualwrite.recovery import recover_due
-from dualwrite.redis_client import open_redis
+from dualwrite.redis_client import is_cluster, open_redis
 from dualwrite.spool import Spool, default_spool_dir
 from dualwrite.stripe_io import ItemDetails, StripeWriter
 from dualwrite.test_clocks import stripe_test_clocks
@@ -129,6 +129,7 @@ class DualWriteEngine:
         self._replayer: asyncio.Task[None] | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._cluster = is_cluster(redis)
 
     @classmethod
     def from_settings(
@@ -288,7 +289,7 @@ class DualWriteEngine:
             return held_back(
                 event, stage, plan.legs, retry_after=self.settings.outbox.spool_replay_seconds
             )
-        claim = await self._claim(shard, event, plan)
+        claim, prepaid = await self._claim(shard, event, plan, self._token_ask(plan, legacy_write))
         if claim.state == "done" and claim.outcome is not None:
             return claim.outcome.model_copy(update={"replayed": True})
         if claim.state in ("busy", "set_busy"):
@@ -311,7 +312,7 @@ class DualWriteEngine:
         if claim.plan is not None:
             plan = claim.plan  # ... and its legs, under its keys, whatever the stage is now
         return await self.driver.drive(
-            shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write
+            shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write, prepaid=prepaid
         )
 
     async def _fix_now(self, event: UsageEvent) -> UsageEvent:
@@ -369,15 +370,43 @@ class DualWriteEngine:
                 msg = "action=set needs subscription_item (the value is set per item and timestamp)"
                 raise UsageInputError(msg, param="subscription_item", code="parameter_missing")
 
-    async def _claim(self, shard: ShardKeys, event: UsageEvent, plan: EventPlan) -> Claim:
+    def _token_ask(self, plan: EventPlan, legacy_write: LegacyWrite | None) -> TokenAsk | None:
+        """The legacy rate's unit to take in the claim's round trip: when the engine's writer
+        makes the authoritative legacy write and that path takes its units one by one (not on a
+        Cluster, where the limit's key is in another slot than the claim's)."""
+        limits = self.writer.limits
+        if (
+            limits is None
+            or self._cluster
+            or legacy_write is not None
+            or plan.authoritative is not Leg.LEGACY
+        ):
+            return None
+        return limits.single_ask("legacy")
+
+    async def _claim(
+        self, shard: ShardKeys, event: UsageEvent, plan: EventPlan, ask: TokenAsk | None
+    ) -> tuple[Claim, TokenAsk | None]:
+        """The claim, and the legacy rate's unit when one was granted with it for the write
+        this claim now holds (given back at once when the claim holds none: a replay, a busy or
+        mismatched identifier, or a retry whose first plan writes the meter first)."""
         try:
-            return await self.idempotency.claim(shard, event, plan, now=self._clock())
+            claim, ridden = await self.idempotency.claim_riding(
+                shard, event, plan, now=self._clock(), ride=ask
+            )
         except StoreUnavailableError:
             # Stripe's own idempotency on the per-leg keys still stops a retried write counting twice.
             log.warning(
                 "Redis unavailable: recording %s without an idempotency record", event.identifier
             )
-            return Claim("untracked")
+            return Claim("untracked"), None
+        limits = self.writer.limits
+        if ask is None or limits is None or not limits.granted(ask, ridden):
+            return claim, None
+        if claim.held and claim.plan is not None and claim.plan.authoritative is Leg.LEGACY:
+            return claim, ask
+        await limits.refund(ask)
+        return claim, None
 
     async def _period(self, event: UsageEvent, api_key: str | None) -> str:
         """The ledger period of ``event``: its item's billing period, or its UTC day."""

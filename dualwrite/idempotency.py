@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from dualwrite import _remembered as remembered
 from dualwrite.keys import ShardKeys, claim_digest
 from dualwrite.models import EventPlan, RecordOutcome, UsageEvent
 from dualwrite.redis_client import as_str, as_str_list, store_errors
+
+if TYPE_CHECKING:
+    from dualwrite.rate_limits import TokenAsk
 
 __all__ = [
     "SET_VALUE_TTL_SECONDS",
@@ -273,6 +277,27 @@ class IdempotencyStore:
         Raises:
             StoreUnavailableError: Redis could not be reached.
         """
+        claim, _ = await self.claim_riding(shard, event, plan, now=now, ride=None)
+        return claim
+
+    async def claim_riding(
+        self,
+        shard: ShardKeys,
+        event: UsageEvent,
+        plan: EventPlan,
+        *,
+        now: float,
+        ride: TokenAsk | None,
+    ) -> tuple[Claim, object]:
+        """``claim``, with another script call (``ride``: the legacy rate-limit token, on a key
+        of its own) sent in the same round trip; returns the claim and the ride's reply (or the
+        error it raised; None without a ride). The two run one after the other in Redis, not
+        atomically: a ride whose claim turns out not to be new is the caller's to undo. Not for
+        a Redis Cluster client (the keys are in different slots).
+
+        Raises:
+            StoreUnavailableError: Redis could not be reached.
+        """
         wants_set = event.action == "set" and event.subscription_item is not None
         token = uuid.uuid4().hex
         plan_json = plan.model_dump_json()
@@ -289,14 +314,29 @@ class IdempotencyStore:
             SET_VALUE_TTL_SECONDS,
         ]
         keys = [shard.idempotency(event.identifier), _set_key(shard, event), shard.claims]
+        ridden: object = None
         async with store_errors("claiming an event"):
-            reply = as_str_list(await self._claim(keys=keys, args=args))
+            if ride is None:
+                reply = as_str_list(await self._claim(keys=keys, args=args))
+            else:
+                # EVALSHA by hand: a pipeline holding Script objects asks SCRIPT EXISTS each time.
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.execute_command("EVALSHA", self._claim.sha, len(keys), *keys, *args)
+                pipe.execute_command(
+                    "EVALSHA", ride.script.sha, len(ride.keys), *ride.keys, *ride.args
+                )
+                first, ridden = await pipe.execute(raise_on_error=False)
+                if isinstance(first, NoScriptError):  # not run: Redis restarted or was flushed
+                    first = await self._claim(keys=keys, args=args)
+                elif isinstance(first, Exception):
+                    raise first
+                reply = as_str_list(first)
         state = reply[0]
         if state == "done":
-            return await self._remembered(keys[0], event, reply[1])
+            return await self._remembered(keys[0], event, reply[1]), ridden
         if state in ("busy", "mismatch", "set_busy"):
-            return Claim(state)  # type: ignore[arg-type]  # one of the literals, checked here
-        return _held(token, *reply[1:], sent=(plan_json, plan))
+            return Claim(state), ridden  # type: ignore[arg-type]  # one of the literals, checked here
+        return _held(token, *reply[1:], sent=(plan_json, plan)), ridden
 
     async def _remembered(self, key: str, event: UsageEvent, record: str) -> Claim:
         """The claim of an event committed before: its outcome rebuilt for ``event`` (a retry),

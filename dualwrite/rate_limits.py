@@ -31,7 +31,7 @@ import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import redis.asyncio as aioredis
 
@@ -41,7 +41,10 @@ from dualwrite.exceptions import RateLimitedError, StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.redis_client import as_int, store_errors
 
-__all__ = ["LimitPath", "LimitStats", "MeterTurn", "RateLimitedError", "WriteLimits"]
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
+__all__ = ["LimitPath", "LimitStats", "MeterTurn", "RateLimitedError", "TokenAsk", "WriteLimits"]
 
 log = logging.getLogger(
     "dualwrite.limits"
@@ -77,6 +80,24 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Units granted to a write that was then not made (a token taken in the claim's round trip, for a
+# claim that turned out to be a replay): the theoretical arrival time moves back by their
+# emission intervals, as if they had never been taken; a time no later than now is as good as none.
+# KEYS: theoretical arrival time; ARGV: emission interval (µs), cost
+_REFUND = """
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local back = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
+if back <= now then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('SET', KEYS[1], back, 'PX', math.ceil((back - now) / 1000) + 1000)
+return 1
+"""
+
 
 @dataclass(slots=True)
 class LimitStats:
@@ -107,6 +128,17 @@ class MeterTurn:
     released: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class TokenAsk:
+    """One unit of a path's shared rate, asked for in another call's round trip (the legacy
+    token sent with the claim, ``IdempotencyStore.claim_riding``): the GCRA script's call."""
+
+    path: LimitPath
+    script: AsyncScript
+    keys: list[str]
+    args: list[float]
+
+
 @dataclass(slots=True)
 class _Bucket:
     """Units of one path granted to this process in a block, not yet spent."""
@@ -134,6 +166,7 @@ class WriteLimits:
         self.settings = settings
         self._gcra = redis.register_script(_GCRA)
         self._release = redis.register_script(_RELEASE)
+        self._refund = redis.register_script(_REFUND)
         self._rates: dict[LimitPath, float] = {
             "legacy": settings.legacy_per_second,
             "meter": settings.meter_per_second,
@@ -217,6 +250,37 @@ class WriteLimits:
             bucket.expires = asked + window_us / 1_000_000
         finally:
             bucket.lock.release()
+
+    def single_ask(self, path: LimitPath) -> TokenAsk | None:
+        """The call that takes one unit of ``path`` from the shared rate, to send in another
+        call's round trip; None when ``path`` is unlimited or takes its units in blocks (then a
+        write costs no round trip of its own to save). Read its reply with ``granted``."""
+        rate = self._rates[path]
+        if rate <= 0:
+            return None
+        interval_us = 1_000_000 / rate
+        burst_us = self.settings.burst_seconds * 1_000_000
+        if min(_MAX_BLOCK, int(burst_us * _BLOCK_SHARE_OF_BURST / interval_us)) >= _MIN_BLOCK:
+            return None
+        burst_us = max(burst_us, interval_us)
+        return TokenAsk(path, self._gcra, [self._keys.rate_limit(path)], [interval_us, burst_us, 1])
+
+    def granted(self, ask: TokenAsk, reply: object) -> bool:
+        """Whether ``reply`` (the ask's, or the error it raised) granted the unit; if not, the
+        write takes its unit itself, waiting as ``take`` does."""
+        if isinstance(reply, BaseException) or as_int(reply, default=1) > 0:
+            return False
+        self.stats.grants[ask.path] = self.stats.grants.get(ask.path, 0) + 1
+        return True
+
+    async def refund(self, ask: TokenAsk) -> None:
+        """Give back a unit granted by ``ask`` to a write that is not made (a replayed or busy
+        claim). Losing one to a Redis error only leaves the rate a unit under its limit."""
+        try:
+            async with store_errors("giving a rate-limit token back"):
+                await self._refund(keys=ask.keys, args=[ask.args[0], ask.args[2]])
+        except StoreUnavailableError:
+            log.warning("could not give a %s rate-limit token back (Redis)", ask.path)
 
     async def _take_shared(
         self, path: LimitPath, cost: int, burst_us: float, *, max_wait: float

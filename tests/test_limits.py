@@ -81,6 +81,43 @@ class TestRates:
             await limits.take("stream", cost=100, max_wait=0)
 
 
+class TestTokenAsks:
+    """A single unit asked for in another call's round trip (the legacy token with the claim)."""
+
+    async def test_only_paths_taken_one_unit_at_a_time_are_asked(self, clients, key_prefix):
+        """Legacy at 100/s is asked with the claim; an unlimited path or one taken in blocks is not."""
+        limits = limits_for(
+            clients[0], key_prefix, legacy_per_second=100, meter_per_second=1000, burst_seconds=0.1
+        )
+        assert limits.single_ask("legacy") is not None
+        assert limits.single_ask("meter") is None  # blocks: no round trip per write to save
+        assert limits_for(clients[0], key_prefix, legacy_per_second=0).single_ask("legacy") is None
+
+    async def test_a_granted_unit_given_back_leaves_the_rate_as_it_was(self, clients, key_prefix):
+        """Asked, granted and refunded: the next takes have the room they had before."""
+        limits = limits_for(clients[0], key_prefix, legacy_per_second=10, burst_seconds=0.2)
+        ask = limits.single_ask("legacy")
+        assert ask is not None
+        key = ask.keys[0]
+        await limits.take("legacy", max_wait=0)
+        before = int(await clients[1].get(key) or 0)
+        reply = await ask.script(keys=ask.keys, args=ask.args)
+        assert limits.granted(ask, reply)
+        assert int(await clients[1].get(key) or 0) > before
+        await limits.refund(ask)
+        assert int(await clients[1].get(key) or 0) <= before
+
+    async def test_a_unit_not_granted_at_once_is_not_counted(self, clients, key_prefix):
+        """A reply asking to wait (or an error) is no grant: the write then takes its own unit."""
+        limits = limits_for(clients[0], key_prefix, legacy_per_second=1, burst_seconds=0.1)
+        ask = limits.single_ask("legacy")
+        assert ask is not None
+        assert limits.granted(ask, await ask.script(keys=ask.keys, args=ask.args))
+        assert not limits.granted(ask, await ask.script(keys=ask.keys, args=ask.args))
+        assert not limits.granted(ask, ConnectionError("lost"))
+        assert limits.stats.grants["legacy"] == 1
+
+
 class TestBlocks:
     """Single units of a fast rate come from the shared GCRA in blocks, and stay within it."""
 

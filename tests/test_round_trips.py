@@ -2,9 +2,10 @@
 
 Each command (or pipeline) written to Redis is one round trip: the test counts the writes of the
 engine's connections (``send_packed_command``) while it records events. The stage is resolved
-from the flag cache (no round trip); what is left is the claim, the Stripe rate limit, the meter's
-per-customer turn (taken and given back) and the commit. A new round trip on the usage path makes
-this fail: add it to ``BUDGET`` only with a reason.
+from the flag cache (no round trip); what is left is the claim (with the legacy rate limit's
+token in the same round trip when the legacy leg is authoritative), the meter's per-customer turn
+(taken and given back) and its rate, and the commit. A new round trip on the usage path makes this
+fail: add it to ``BUDGET`` only with a reason.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from tests.test_proxy import proxy_settings
 
 pytestmark = pytest.mark.anyio
 
-#: Round trips per usage event: claim, rate limit, commit; the meter leg's turn adds two.
-BUDGET = {Stage.LEGACY: 3, Stage.SHADOW: 3, Stage.PRIMARY: 5, Stage.METER: 5}
+#: Round trips per usage event: claim (with the legacy rate limit's token) and commit; at the
+#: meter-first stages, the meter's rate and its turn (taken and given back) add up to three.
+BUDGET = {Stage.LEGACY: 2, Stage.SHADOW: 2, Stage.PRIMARY: 5, Stage.METER: 5}
 
 
 class CountingConnection(aioredis.Connection):
@@ -95,4 +97,37 @@ async def test_round_trips_per_usage_event(stage, keyed, counted, scenario):
     assert per_event <= BUDGET[stage], (
         f"{per_event:.2f} round trips per event at {stage.value}: {CountingConnection.commands}"
     )
-    assert per_event >= 3  # claim, rate limit and commit: the counter counts
+    assert per_event >= 2  # claim and commit at least: the counter counts
+
+
+class TestLegacyTokenWithClaim:
+    """The legacy rate limit's token is taken in the claim's round trip, and given back when the
+    claim holds no write."""
+
+    async def test_each_new_write_takes_one_unit(self, counted, scenario):
+        """Every legacy write is granted exactly one unit of the shared rate, with its claim."""
+        await set_stage(counted, scenario.customer, Stage.LEGACY)
+        limits = counted.writer.limits
+        assert limits is not None
+        before = limits.stats.grants.get("legacy", 0)
+        for _ in range(4):
+            assert (await counted.record(event(scenario, keyed=True))).accepted
+        assert limits.stats.grants.get("legacy", 0) - before == 4
+
+    async def test_replayed_claim_gives_its_token_back(self, counted, scenario, redis_url):
+        """A caller's retry answered from the record takes no unit of the legacy rate."""
+        await set_stage(counted, scenario.customer, Stage.LEGACY)
+        first = event(scenario, keyed=True)
+        assert (await counted.record(first)).accepted
+        key = counted.keys.rate_limit("legacy")
+        reader = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            before = int(await reader.get(key) or 0)
+            replay = await counted.record(first)
+            after = int(await reader.get(key) or 0)
+        finally:
+            await reader.aclose()
+        assert replay.replayed
+        # Taken and not given back, the arrival time would be at least one interval past ``before``
+        # (or past now, if ``before`` was already behind).
+        assert after <= before

@@ -140,16 +140,18 @@ class StripeWriter:
         api_key: str | None = None,
         max_wait: float | None = None,
         plan: EventPlan | None = None,
+        prepaid: bool = False,
     ) -> WriteResult:
         """Write ``event`` to ``leg`` within the shared rate limits.
 
         ``value`` overrides the meter value (a translated ``set``); ``max_wait`` bounds the wait for
         a rate-limit turn (default: the request path's), after which the write is refused with a
         retryable local 429; ``plan`` names the legacy write's key and ``expand`` when they are the
-        proxy's caller's.
+        proxy's caller's; ``prepaid``: the legacy rate's unit for this write was granted already
+        (taken in the claim's round trip).
         """
         delivery = self.delivery(
-            leg, event, value=value, api_key=api_key, max_wait=max_wait, plan=plan
+            leg, event, value=value, api_key=api_key, max_wait=max_wait, plan=plan, prepaid=prepaid
         )
         async with delivery as (result, _turn):
             return result
@@ -164,6 +166,7 @@ class StripeWriter:
         api_key: str | None = None,
         max_wait: float | None = None,
         plan: EventPlan | None = None,
+        prepaid: bool = False,
     ) -> AsyncIterator[tuple[WriteResult, MeterTurn | None]]:
         """``write``, still holding the v1 meter turn (if one was taken) inside the block.
 
@@ -174,7 +177,7 @@ class StripeWriter:
             held: WriteResult | None = None
             turn: MeterTurn | None = None
             try:
-                turn = await self._take_turn(stack, leg, event, max_wait)
+                turn = await self._take_turn(stack, leg, event, max_wait, prepaid=prepaid)
             except RateLimitedError as exc:
                 await stack.aclose()  # give a turn taken before the refusal back at once
                 held = _held_back(leg, exc)
@@ -188,11 +191,17 @@ class StripeWriter:
             yield result, turn
 
     async def _take_turn(
-        self, stack: AsyncExitStack, leg: Leg, event: UsageEvent, max_wait: float | None
+        self,
+        stack: AsyncExitStack,
+        leg: Leg,
+        event: UsageEvent,
+        max_wait: float | None,
+        *,
+        prepaid: bool = False,
     ) -> MeterTurn | None:
         """Wait for the limits ``leg`` goes through; the meter turn stays held in ``stack``."""
         limits = self.limits
-        if limits is None:
+        if limits is None or (prepaid and leg is Leg.LEGACY):
             return None
         wait = limits.settings.request_max_wait if max_wait is None else max_wait
         turn: MeterTurn | None = None
