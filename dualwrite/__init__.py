@@ -53,6 +53,7 @@ if typing.TYPE_CHECKING:
     from dualwrite.outbox import Outbox, OutboxDepth, OutboxWorker
     from dualwrite.recorder import Recorder, SyncRecorder
     from dualwrite.report import CustomerReport, LegTotals, Report, build_report, render_table
+    from dualwrite.stores import Stores
 
 __all__ = [
     "ApiError",
@@ -96,6 +97,7 @@ __all__ = [
     "StageResolver",
     "StageSource",
     "StoreUnavailableError",
+    "Stores",
     "StripeCallError",
     "StripeFailure",
     "StripeReadError",
@@ -155,6 +157,7 @@ _EXPORTS: dict[str, str] = {
     "StageResolver": "dualwrite.flags",
     "StageSource": "dualwrite.engine",
     "StoreUnavailableError": "dualwrite.exceptions",
+    "Stores": "dualwrite.stores",
     "StripeCallError": "dualwrite.exceptions",
     "StripeFailure": "dualwrite.models",
     "StripeReadError": "dualwrite.exceptions",

@@ -47,7 +47,6 @@ from dualwrite.demo_summary import DEMO_PREFIX, DemoCustomer, DemoResult, print_
 from dualwrite.durability import DurabilityGuard
 from dualwrite.engine import DualWriteEngine
 from dualwrite.exceptions import DualwriteError
-from dualwrite.flags import RedisFlagStore
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage, utc_day
 from dualwrite.reconcile import MoneyCheck, Reconciler
@@ -294,8 +293,9 @@ async def run_demo(
             )
             engine = DualWriteEngine.from_settings(config)
             await stack.enter_async_context(engine)
+            stores = engine.stores
             durability = DurabilityGuard(
-                engine.redis, engine.keys, config.redis, refuse_eviction=False
+                stores.redis, stores.keys, config.redis, refuse_eviction=False
             )
             await durability.start()
             stack.push_async_callback(durability.aclose)
@@ -306,7 +306,7 @@ async def run_demo(
                     "about it, and refuse an evicting maxmemory-policy)",
                     highlight=False,
                 )
-            store = RedisFlagStore(engine.redis, engine.keys)
+            store = stores.flags
             for demo_customer in customers:
                 if demo_customer.stage is not Stage.LEGACY:
                     await store.set_override(
@@ -321,7 +321,7 @@ async def run_demo(
             faults = dict(standin.faults.injected)
             standin.faults.clear()
             money = await _reconcile_money(config, engine, console)
-            report = await build_report(engine.ledger, engine.resolver, outbox=engine.outbox)
+            report = await build_report(stores.ledger, engine.resolver, outbox=stores.outbox)
         calls, writes = _write_calls(standin)
         result = DemoResult(
             report,
@@ -471,7 +471,7 @@ async def _reconcile_money(
     """``dualwrite reconcile --money`` over today: each customer's two invoices, to the cent (the
     periods are running, so the ledger's totals are priced)."""
     with console.status("pricing both paths (reconcile --money)..."):
-        reconciler = Reconciler.from_settings(config, redis=engine.redis, money=True)
+        reconciler = Reconciler.from_settings(config, stores=engine.stores, money=True)
         try:
             run = await reconciler.run(utc_day(int(time.time())))
         finally:

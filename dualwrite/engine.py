@@ -53,8 +53,9 @@ from dualwrite.outbox import Outbox, OutboxWorker
 from dualwrite.periods import PeriodResolver
 from dualwrite.rate_limits import TokenAsk, WriteLimits
 from dualwrite.recovery import recover_due
-from dualwrite.redis_client import is_cluster, open_redis
+from dualwrite.redis_client import is_cluster
 from dualwrite.spool import Spool, default_spool_dir
+from dualwrite.stores import Stores
 from dualwrite.stripe_io import ItemDetails, StripeWriter
 from dualwrite.test_clocks import stripe_test_clocks
 
@@ -82,18 +83,17 @@ class DualWriteEngine:
         self,
         settings: Settings,
         *,
-        redis: aioredis.Redis,
+        stores: Stores,
         resolver: StageSource,
         writer: StripeWriter,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
-        self.redis = redis
+        self.stores = stores
+        """Redis, the key space, the ledger and the outbox: what the front doors share with it."""
+        redis = stores.redis
         self.resolver = resolver
         self.writer = writer
-        self.keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-        self.ledger = Ledger(redis, self.keys, divergence_maxlen=settings.ledger.divergence_maxlen)
-        self.outbox = Outbox(redis, self.keys, settings.outbox, self.ledger)
         self.idempotency = IdempotencyStore(
             redis,
             ttl_seconds=settings.ledger.idempotency_ttl_seconds,
@@ -101,9 +101,9 @@ class DualWriteEngine:
         )
         self.set_order = SetOrder(redis, lease_seconds=settings.limits.turn_lease_seconds)
         self.commits = CommitWriter(redis, divergence_maxlen=settings.ledger.divergence_maxlen)
-        self.late = LateRefusals(redis, self.keys, writer, settings, clock=clock)
+        self.late = LateRefusals(redis, stores.keys, writer, settings, clock=clock)
         self.items = ItemReads(settings, writer)
-        self.periods = PeriodResolver(redis, self.keys, self.items.periods, clock=clock)
+        self.periods = PeriodResolver(redis, stores.keys, self.items.periods, clock=clock)
         self.items.attach(self.periods)
         self.spool: Spool | None = None
         if settings.outbox.spool:
@@ -135,9 +135,10 @@ class DualWriteEngine:
     def from_settings(
         cls, settings: Settings, *, clock: Callable[[], float] = time.time
     ) -> DualWriteEngine:
-        """Open Redis, the stage resolver and the Stripe writer described by ``settings``."""
-        redis = open_redis(settings.redis)
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+        """Open the stores (``Stores.open``), the stage resolver and the Stripe writer described by
+        ``settings``; ``aclose()`` closes them."""
+        stores = Stores.open(settings)
+        redis, keys = stores.redis, stores.keys
         resolver = StageResolver(
             redis, keys, settings.flags, clock=clock, test_clocks=stripe_test_clocks(settings)
         )
@@ -148,7 +149,7 @@ class DualWriteEngine:
             limits=WriteLimits(redis, keys, settings.limits),
             clock=clock,
         )
-        engine = cls(settings, redis=redis, resolver=resolver, writer=writer, clock=clock)
+        engine = cls(settings, stores=stores, resolver=resolver, writer=writer, clock=clock)
         engine._owns_resources = True
         return engine
 
@@ -182,7 +183,7 @@ class DualWriteEngine:
     def new_worker(self, *, consumer: str | None = None) -> OutboxWorker:
         """An outbox worker on this engine's outbox and writer (not started)."""
         return OutboxWorker(
-            self.outbox,
+            self.stores.outbox,
             self.writer,
             consumer=consumer,
             clock=self._clock,
@@ -216,7 +217,28 @@ class DualWriteEngine:
             await self.resolver.aclose()
         if self._owns_resources:
             await self.writer.aclose()
-            await self.redis.aclose()
+            await self.stores.aclose()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """``stores.redis`` (kept for callers outside dualwrite; dualwrite's own modules use
+        ``stores``)."""
+        return self.stores.redis
+
+    @property
+    def keys(self) -> KeySpace:
+        """``stores.keys`` (kept for compatibility, as ``redis``)."""
+        return self.stores.keys
+
+    @property
+    def ledger(self) -> Ledger:
+        """``stores.ledger`` (kept for compatibility, as ``redis``)."""
+        return self.stores.ledger
+
+    @property
+    def outbox(self) -> Outbox:
+        """``stores.outbox`` (kept for compatibility, as ``redis``)."""
+        return self.stores.outbox
 
     async def __aenter__(self) -> DualWriteEngine:
         await self.start()
@@ -284,7 +306,7 @@ class DualWriteEngine:
         unreadable = await self.items.check_owner(event, api_key=api_key)
         if unreadable is not None:  # the item's owner could not be read: retry, nothing written
             return refused_before_writing(event, stage, plan.legs, unreadable)
-        shard = self.keys.for_customer(event.customer)
+        shard = self.stores.keys.for_customer(event.customer)
         if self.spool is not None and self.spool.full():
             return held_back(
                 event, stage, plan.legs, retry_after=self.settings.outbox.spool_replay_seconds
@@ -348,7 +370,7 @@ class DualWriteEngine:
         if self.settings.stripe_api_key_value() is None:
             return 0
         return await recover_due(
-            self.idempotency, self.keys, self.redrive, now=self._clock(), limit=limit
+            self.idempotency, self.stores.keys, self.redrive, now=self._clock(), limit=limit
         )
 
     def _check_writable(self, event: UsageEvent, stage: Stage, plan: StagePlan) -> None:

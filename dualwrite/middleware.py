@@ -71,7 +71,8 @@ class DualWriteMiddleware:
         self.routes = RouteTable(self.settings.routes)
         self._owns_engine = engine is None
         self._clock = clock
-        self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, self.settings.redis)
+        stores = self.engine.stores
+        self.durability = DurabilityGuard(stores.redis, stores.keys, self.settings.redis)
         # Stripe's error-report events are received here only once a signing secret is configured.
         self._events_path = (
             self.settings.webhooks.path if self.settings.stripe_webhook_secret_value() else None

@@ -46,13 +46,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     msg = "dualwrite.openfeature needs the OpenFeature SDK: pip install 'dualwrite[openfeature]'"
     raise ImportError(msg) from exc
 
-import redis.asyncio as aioredis
 
 from dualwrite.config import Settings
 from dualwrite.flags import Resolution, ResolutionReason, StageResolver
 from dualwrite.flags._codec import CUSTOMER_RE
-from dualwrite.keys import KeySpace
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 
 __all__ = ["FLAG_KEY", "SYNC_TIMEOUT", "DualwriteProvider"]
 
@@ -96,11 +94,10 @@ class DualwriteProvider(AbstractProvider):
     ) -> None:
         super().__init__()
         self._settings = settings
-        self._keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
         self._shared = resolver
         self.flag_key = flag_key
         self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[aioredis.Redis, StageResolver]
+            asyncio.AbstractEventLoop, tuple[Stores, StageResolver]
         ] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,9 +185,9 @@ class DualwriteProvider(AbstractProvider):
         loop = asyncio.get_running_loop()
         held = self._per_loop.get(loop)
         if held is None:
-            redis = open_redis(self._settings.redis)
-            resolver = StageResolver(redis, self._keys, self._settings.flags)
-            held = self._per_loop[loop] = (redis, resolver)
+            stores = Stores.open(self._settings)
+            resolver = StageResolver(stores.redis, stores.keys, self._settings.flags)
+            held = self._per_loop[loop] = (stores, resolver)
             await resolver.start()
         return held[1]
 
@@ -282,6 +279,6 @@ class DualwriteProvider(AbstractProvider):
     async def _close_current(self) -> None:
         held = self._per_loop.pop(asyncio.get_running_loop(), None)
         if held is not None:
-            redis, resolver = held
+            stores, resolver = held
             await resolver.aclose()
-            await redis.aclose()
+            await stores.aclose()

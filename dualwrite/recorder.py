@@ -186,7 +186,8 @@ class Recorder(_EventMaker):
         if not self._owns_engine:
             return
         if self.durability is None:
-            guard = DurabilityGuard(self.engine.redis, self.engine.keys, self.settings.redis)
+            stores = self.engine.stores
+            guard = DurabilityGuard(stores.redis, stores.keys, self.settings.redis)
             await guard.start()
             self.durability = guard
         await self.engine.start_once()

@@ -219,10 +219,11 @@ class DualWriteHTTPClient(stripe.HTTPClient):
 def _interceptor(recorder: Recorder) -> UsageInterceptor:
     """The proxy's usage-record interception on ``recorder``'s engine (one per process)."""
     engine, settings = recorder.engine, recorder.settings
+    stores = engine.stores
     return UsageInterceptor(
         engine,
         _SDKUpstream(settings.stripe),
-        ItemResolver(settings, redis=engine.redis, keys=engine.keys, lookup=engine),
+        ItemResolver(settings, redis=stores.redis, keys=stores.keys, lookup=engine),
         max_body=DEFAULT_MAX_USAGE_BODY_BYTES,
         legacy_api_version=settings.stripe.legacy_api_version,
     )

@@ -104,7 +104,7 @@ async def run_worker(
         log.warning("STRIPE_API_KEY is not set: every shadow write will be refused")
     status = status or WorkerStatus()
     engine = DualWriteEngine.from_settings(settings)
-    durability = DurabilityGuard(engine.redis, engine.keys, settings.redis)
+    durability = DurabilityGuard(engine.stores.redis, engine.stores.keys, settings.redis)
     status.durability = durability
     try:
         await durability.start()
@@ -133,5 +133,5 @@ def _start_guard(settings: Settings, engine: DualWriteEngine) -> asyncio.Task[No
     """The guardrail check (``dualwrite.cutover.Guard``), every ``[guardrails] interval_seconds``."""
     if not settings.guardrails.enabled:
         return None
-    ops = CutoverOps(engine.redis, engine.keys, settings)
+    ops = CutoverOps(engine.stores.redis, engine.stores.keys, settings)
     return asyncio.create_task(ops.guard().run(), name="dualwrite-guard")

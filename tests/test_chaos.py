@@ -350,7 +350,9 @@ async def test_empty_restart_is_detected_reported_and_reconciled(rig: Rig, stand
         assert report.ledger_incomplete_since is not None
         assert report.customers and all(line.status != "parity" for line in report.customers)
         standin.clock.advance(period.end - standin.clock.now() + SETTLE + 60)
-        reconciler = Reconciler.from_settings(settings, redis=engine.redis, clock=standin.clock.now)
+        reconciler = Reconciler.from_settings(
+            settings, stores=engine.stores, clock=standin.clock.now
+        )
         try:
             run = await reconciler.run(period.id)
         finally:

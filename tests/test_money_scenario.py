@@ -158,7 +158,7 @@ class Month:
         """``reconcile --money`` (``--preview``) of ``period``, by customer name."""
         reconciler = Reconciler.from_settings(
             self.engine.settings,
-            redis=self.engine.redis,
+            stores=self.engine.stores,
             clock=self.standin.clock.now,
             money=True,
             preview=preview,

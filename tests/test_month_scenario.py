@@ -358,7 +358,7 @@ async def test_three_months_on_test_clocks(
 
         # Every closed period of every customer: Stripe's summaries, the report and reconcile.
         reconciler = Reconciler.from_settings(
-            settings, redis=control.redis, settle_seconds=0, clock=month.now
+            settings, stores=control.stores, settle_seconds=0, clock=month.now
         )
         checked = 0
         by_period: dict[str, list[Customer]] = {}

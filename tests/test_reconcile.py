@@ -207,7 +207,7 @@ class Shop:
     def reconciler(self, **options: Any) -> Reconciler:
         return Reconciler.from_settings(
             self.engine.settings,
-            redis=self.engine.redis,
+            stores=self.engine.stores,
             clock=self.standin.clock.now,
             **options,
         )
@@ -303,7 +303,7 @@ class TestReconcile:
         period's: the legacy leg waits (the open summary is unstable); the meter leg is read."""
         period = await shop.period()
         reconciler = Reconciler.from_settings(
-            shop.engine.settings, redis=shop.engine.redis, clock=lambda: period.end + SETTLE
+            shop.engine.settings, stores=shop.engine.stores, clock=lambda: period.end + SETTLE
         )
         try:
             run = await reconciler.run(period.id)
@@ -455,7 +455,7 @@ class TestReconcile:
             }
         )
         reconciler = Reconciler.from_settings(
-            settings, redis=shop.engine.redis, clock=shop.standin.clock.now
+            settings, stores=shop.engine.stores, clock=shop.standin.clock.now
         )
         started = time.monotonic()
         try:

@@ -106,7 +106,7 @@ class Shop:
     async def reconcile(self, period: str, *, settings: Settings | None = None, **options: Any):
         reconciler = Reconciler.from_settings(
             settings or self.engine.settings,
-            redis=self.engine.redis,
+            stores=self.engine.stores,
             clock=self.standin.clock.now,
             money=True,
             **options,

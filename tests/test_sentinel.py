@@ -169,7 +169,7 @@ class TestFailover:
             span = Period.parse(period)
             standin.clock.advance(span.end - standin.clock.now() + SETTLE + 60)
             reconciler = Reconciler.from_settings(
-                settings, redis=engine.redis, clock=standin.clock.now
+                settings, stores=engine.stores, clock=standin.clock.now
             )
             try:
                 run = await reconciler.run(

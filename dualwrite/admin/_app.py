@@ -27,8 +27,7 @@ from dualwrite.admin._reconcile import RECONCILE_ENDPOINTS
 from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine
 from dualwrite.flags import RedisFlagStore
-from dualwrite.keys import KeySpace
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 
 __all__ = ["DEFAULT_ENDPOINTS", "OPENAPI_PATH", "AdminApp", "admin_app"]
 
@@ -78,13 +77,12 @@ class AdminApp:
         token: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if engine is not None:
-            redis, keys, self._owned = engine.redis, engine.keys, False
-        else:
-            redis = open_redis(settings.redis, max_connections=16)
-            keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-            self._owned = True
-        self._redis = redis
+        # The engine's stores (closed by whoever built it), else stores of its own.
+        self._owned = engine is None
+        self._stores = (
+            engine.stores if engine is not None else Stores.open(settings, max_connections=16)
+        )
+        redis, keys = self._stores.redis, self._stores.keys
         self.endpoints = tuple(endpoints)
         context = AdminContext(
             settings=settings,
@@ -123,7 +121,7 @@ class AdminApp:
     async def aclose(self) -> None:
         """Close the Redis connection the app opened (none when it shares an engine's)."""
         if self._owned:
-            await self._redis.aclose()
+            await self._stores.aclose()
 
     async def __aenter__(self) -> AdminApp:
         return self

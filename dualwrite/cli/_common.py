@@ -271,15 +271,10 @@ def actor_name(actor: str | None) -> str:
 @asynccontextmanager
 async def flag_store(settings: Settings) -> AsyncIterator[RedisFlagStore]:
     """A flag store on its own Redis connection, closed afterwards."""
-    from dualwrite.flags import RedisFlagStore  # deferred: start-up cost
-    from dualwrite.keys import KeySpace  # deferred: start-up cost
-    from dualwrite.redis_client import open_redis  # deferred: start-up cost (redis)
+    from dualwrite.stores import Stores  # deferred: start-up cost (redis)
 
-    redis = open_redis(settings.redis)
-    try:
-        yield RedisFlagStore(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
-    finally:
-        await redis.aclose()
+    async with Stores.open(settings) as stores:
+        yield stores.flags
 
 
 def parse_when(value: str) -> int:

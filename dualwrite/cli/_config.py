@@ -103,9 +103,12 @@ def _environment(report: CheckReport) -> None:
 
 
 async def _redis(settings: Settings, report: CheckReport) -> None:
-    from dualwrite.redis_client import open_redis, store_errors  # deferred: start-up cost
+    # deferred: start-up cost
+    from dualwrite.redis_client import store_errors
+    from dualwrite.stores import Stores
 
-    redis = open_redis(settings.redis, max_connections=2)
+    stores = Stores.open(settings, max_connections=2)
+    redis = stores.redis
     where = _mask(settings.redis.url)
     try:
         async with store_errors("checking Redis"):
@@ -124,7 +127,7 @@ async def _redis(settings: Settings, report: CheckReport) -> None:
         )
         return
     finally:
-        await redis.aclose()
+        await stores.aclose()
     aof = str(persistence.get("aof_enabled", "?"))
     policy = str(memory.get("maxmemory_policy", "?"))
     report.items.append(

@@ -37,9 +37,8 @@ from dualwrite.cutover import (
     parse_stage,
     read_cohort_file,
 )
-from dualwrite.keys import KeySpace
 from dualwrite.models import Stage, utc_time
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -49,13 +48,8 @@ Force = Annotated[bool, typer.Option("--force", help="Allow moves other than one
 @asynccontextmanager
 async def cutover_ops(settings: Settings) -> AsyncIterator[CutoverOps]:
     """Cutover operations on their own Redis connection, closed afterwards."""
-    redis = open_redis(settings.redis)
-    try:
-        yield CutoverOps(
-            redis, KeySpace(settings.redis.key_prefix, settings.redis.shards), settings
-        )
-    finally:
-        await redis.aclose()
+    async with Stores.open(settings) as stores:
+        yield CutoverOps(stores.redis, stores.keys, settings)
 
 
 def _run(

@@ -51,16 +51,14 @@ def durability(
     """
     # deferred: start-up cost
     from dualwrite.durability import clear_loss as clear, read_durability, read_loss
-    from dualwrite.keys import KeySpace
     from dualwrite.migrate import OpsAudit
-    from dualwrite.redis_client import open_redis
+    from dualwrite.stores import Stores
 
     settings = load_settings(ctx)
-    keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
 
     async def run() -> dict[str, Any]:
-        redis = open_redis(settings.redis, max_connections=4)
-        try:
+        async with Stores.open(settings, max_connections=4) as stores:
+            redis, keys = stores.redis, stores.keys
             found = await read_durability(redis)
             loss = await read_loss(redis, keys)
             cleared = None
@@ -86,8 +84,6 @@ def durability(
                 "cleared": cleared.as_dict() if cleared else None,
                 "dry_run": dry_run,
             }
-        finally:
-            await redis.aclose()
 
     result = run_async(run())
     if as_json:

@@ -42,13 +42,11 @@ from dualwrite.cutover import (
 from dualwrite.flags import (
     ROLLOUT_STAGES,
     AuditEntry,
-    RedisFlagStore,
     Resolution,
     resolve_snapshot,
 )
-from dualwrite.keys import KeySpace
 from dualwrite.models import Stage, utc_time
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 from dualwrite.test_clocks import customer_now, stripe_test_clocks
 
 flags_app = typer.Typer(help="Read and change customers' migration stages.", no_args_is_help=True)
@@ -97,11 +95,9 @@ def flags_get(
     settings = load_settings(ctx)
 
     async def run() -> list[Resolution]:
-        redis = open_redis(settings.redis)
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
         clocks = stripe_test_clocks(settings)
-        try:
-            store = RedisFlagStore(redis, keys)
+        async with Stores.open(settings) as stores:
+            store = stores.flags
             found = []
             for customer in names:
                 snapshot = await store.snapshot(customer)  # raises when Redis is down
@@ -123,8 +119,6 @@ def flags_get(
                     )
                 found.append(resolution)
             return found
-        finally:
-            await redis.aclose()
 
     found = run_async(run())
     if as_json:

@@ -23,7 +23,6 @@ from dualwrite.cli._common import (
 )
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError
-from dualwrite.keys import KeySpace
 from dualwrite.migrate import (
     ApplyResult,
     MeterPlan,
@@ -33,7 +32,7 @@ from dualwrite.migrate import (
     apply_plan,
     build_plan,
 )
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 
 meters_app = typer.Typer(
     help="Billing meters for the legacy metered prices: plan what to create, then apply it.",
@@ -127,9 +126,7 @@ async def _apply(
         result = await apply_plan(found, stripe, config_path=path, dry_run=dry_run)
     if dry_run:
         return result
-    redis = open_redis(settings.redis)
-    try:
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+    async with Stores.open(settings) as stores:
         details = {
             "config": path.name,
             "created": result.created,
@@ -140,9 +137,9 @@ async def _apply(
             "refused": {",".join(m.prices): m.reason for m in result.refused},
             "reason": reason,
         }
-        await OpsAudit(redis, keys).record("meters.apply", actor=actor, details=details)
-    finally:
-        await redis.aclose()
+        await OpsAudit(stores.redis, stores.keys).record(
+            "meters.apply", actor=actor, details=details
+        )
     return result
 
 

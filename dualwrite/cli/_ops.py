@@ -24,10 +24,9 @@ from dualwrite.cli._common import (
 )
 from dualwrite.deadletters import RETIRED, DeadLetter, DeadLetters
 from dualwrite.exceptions import DualwriteError
-from dualwrite.keys import KeySpace
 from dualwrite.migrate import OpsAudit
 from dualwrite.models import utc_time
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 
 dead_app = typer.Typer(
     help="Shadow writes Stripe refused for good, or that expired: list, show, retry, drop.",
@@ -144,9 +143,8 @@ async def _run_on_letters(
     reason: str,
 ) -> list[DeadLetter]:
     settings = load_settings(ctx)
-    redis = open_redis(settings.redis)
-    try:
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
+    async with Stores.open(settings) as stores:
+        redis, keys = stores.redis, stores.keys
         letters = DeadLetters(redis, keys)
         if ids is None:
             ids = [
@@ -161,8 +159,6 @@ async def _run_on_letters(
             details = {"ids": [letter.id for letter in done], "reason": reason}
             await OpsAudit(redis, keys).record(f"dead.{action}", actor=actor, details=details)
         return done
-    finally:
-        await redis.aclose()
 
 
 @dead_app.command("list")
@@ -177,14 +173,11 @@ def dead_list(
     settings = load_settings(ctx)
 
     async def run() -> tuple[list[DeadLetter], int]:
-        redis = open_redis(settings.redis)
-        try:
-            letters = DeadLetters(redis, KeySpace(settings.redis.key_prefix, settings.redis.shards))
+        async with Stores.open(settings) as stores:
+            letters = DeadLetters(stores.redis, stores.keys)
             found = await letters.find(limit=limit, customer=customer, reason=kind)
             hidden = 0 if kind else (await letters.counts(customer=customer)).get(RETIRED, 0)
             return found, hidden
-        finally:
-            await redis.aclose()
 
     found, retired = run_async(run())
     if as_json:
@@ -208,12 +201,8 @@ def dead_show(
     settings = load_settings(ctx)
 
     async def run() -> DeadLetter:
-        redis = open_redis(settings.redis)
-        try:
-            keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-            return await DeadLetters(redis, keys).show(dead_id)
-        finally:
-            await redis.aclose()
+        async with Stores.open(settings) as stores:
+            return await DeadLetters(stores.redis, stores.keys).show(dead_id)
 
     letter = run_async(run())
     console.print_json(letter.model_dump_json(exclude={"raw"} if letter.entry else set()))

@@ -30,7 +30,7 @@ from dualwrite.reconcile import (
     ReconciliationRecord,
     ReconciliationRun,
 )
-from dualwrite.redis_client import open_redis
+from dualwrite.stores import Stores
 
 #: Exit status: no drift found (and, with --money, no invoice difference).
 NO_DRIFT = 0
@@ -115,11 +115,11 @@ def reconcile(
     settings = load_settings(ctx)
 
     async def run() -> ReconciliationRun | None:
-        redis = open_redis(settings.redis)
+        stores = Stores.open(settings)
         try:
             reconciler = Reconciler.from_settings(
                 settings,
-                redis=redis,
+                stores=stores,
                 settle_seconds=settle_seconds,
                 money=money or preview,
                 preview=preview,
@@ -150,7 +150,7 @@ def reconcile(
             )
             return None
         finally:
-            await redis.aclose()
+            await stores.aclose()
 
     result = run_async(run())
     if result is None:

@@ -74,23 +74,16 @@ def report(
 
     # Imported here so that `report --help` stays quick (redis, the report's readers).
     from dualwrite.flags import StageResolver  # deferred: start-up cost
-    from dualwrite.keys import KeySpace  # deferred: start-up cost
-    from dualwrite.ledger import Ledger  # deferred: start-up cost
-    from dualwrite.outbox import Outbox  # deferred: start-up cost
-    from dualwrite.redis_client import open_redis  # deferred: start-up cost
     from dualwrite.report import build_report, render_csv, render_table  # deferred: start-up cost
+    from dualwrite.stores import Stores  # deferred: start-up cost
 
     async def run() -> None:
-        redis = open_redis(settings.redis)
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-        try:
-            ledger = Ledger(redis, keys)
-            resolver = StageResolver(redis, keys, settings.flags)
-            outbox = Outbox(redis, keys, settings.outbox, ledger)
+        async with Stores.open(settings) as stores:
+            resolver = StageResolver(stores.redis, stores.keys, settings.flags)
             result = await build_report(
-                ledger,
+                stores.ledger,
                 resolver,
-                outbox=outbox,
+                outbox=stores.outbox,
                 since=since,
                 until=until,
                 customer=customer,
@@ -98,8 +91,6 @@ def report(
                 only_divergent=divergent,
                 settings=settings.report,
             )
-        finally:
-            await redis.aclose()
         if customer is not None and not result.customers:
             err_console.print(
                 f"[red]error:[/red] no such customer {customer!r}: dualwrite holds no usage for it"

@@ -23,10 +23,10 @@ from dualwrite._http import stripe_error
 from dualwrite.exceptions import DualwriteError, StoreUnavailableError
 from dualwrite.instruments import REGISTRY
 from dualwrite.keys import KeySpace
-from dualwrite.ledger import Ledger
 from dualwrite.outbox import Outbox, OutboxDepth
-from dualwrite.redis_client import open_redis, store_errors
+from dualwrite.redis_client import store_errors
 from dualwrite.server_thread import serve_in_thread
+from dualwrite.stores import Stores
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -92,12 +92,10 @@ class OutboxSampler:
     def of(cls, settings: Settings, engine: DualWriteEngine | None = None) -> OutboxSampler:
         """A sampler over ``engine``'s Redis, or over a connection of its own (see ``aclose``)."""
         if engine is not None:
-            return cls(engine.outbox, engine.redis, engine.keys)
-        redis = open_redis(settings.redis, max_connections=4)
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-        ledger = Ledger(redis, keys, divergence_maxlen=settings.ledger.divergence_maxlen)
-        outbox = Outbox(redis, keys, settings.outbox, ledger)
-        return cls(outbox, redis, keys, owned=True)
+            stores = engine.stores
+            return cls(stores.outbox, stores.redis, stores.keys)
+        stores = Stores.open(settings, max_connections=4)
+        return cls(stores.outbox, stores.redis, stores.keys, owned=True)
 
     async def refresh(self) -> None:
         """Read the outbox state from Redis now (never raises: a failure reads as Redis down)."""

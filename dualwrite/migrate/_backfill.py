@@ -109,7 +109,8 @@ class _Backfill:
         self.settings = settings
         self.engine = engine
         self.now = now
-        self._count_once = engine.redis.register_script(_COUNT_ONCE)
+        self.stores = engine.stores
+        self._count_once = self.stores.redis.register_script(_COUNT_ONCE)
 
     async def _period(self, event: UsageEvent) -> str:
         if self.settings.ledger.periods == "day" or event.subscription_item is None:
@@ -146,7 +147,7 @@ class _Backfill:
     async def send(self, planned: PlannedEvent, *, dry_run: bool) -> BackfillEvent:
         """Send (or, dry, check) one event and say what became of it."""
         event = planned.event
-        shard = self.engine.keys.for_customer(event.customer)
+        shard = self.stores.keys.for_customer(event.customer)
 
         def outcome(status: Status, note: str = planned.note) -> BackfillEvent:
             return BackfillEvent(
@@ -163,7 +164,7 @@ class _Backfill:
         if planned.too_old:
             return outcome("too_old", "older than the 35 days Stripe takes meter events for")
         async with store_errors("reading the backfill markers"):
-            seen = await self.engine.redis.exists(shard.backfill_marker(event.meter_identifier))
+            seen = await self.stores.redis.exists(shard.backfill_marker(event.meter_identifier))
         if seen:
             return outcome("already", "counted by an earlier run")
         if event.quantity == 0:
@@ -217,8 +218,8 @@ async def run_backfill(
         clock_now = await stripe.customer_now(customer)
     engine = DualWriteEngine.from_settings(settings)
     limits = WriteLimits(
-        engine.redis,
-        engine.keys,
+        engine.stores.redis,
+        engine.stores.keys,
         settings.limits,
         reads_per_second=settings.reconcile.reads_per_second,
     )
@@ -257,7 +258,7 @@ async def run_backfill(
                 "too_old_qty": result.quantity("too_old"),
                 "reason": reason,
             }
-            audit_id = await OpsAudit(engine.redis, engine.keys).record(
+            audit_id = await OpsAudit(engine.stores.redis, engine.stores.keys).record(
                 "backfill", actor=actor, details=details
             )
             result = result.model_copy(update={"audit_id": audit_id})

@@ -89,11 +89,12 @@ class ProxyApp:
         self.max_body_bytes = max_body_bytes
         # Every reply's Date keeps the engine's view of Stripe's clock current.
         self.upstream = Upstream(settings.stripe, on_date=self.engine.writer.clock.observe)
+        stores = self.engine.stores
         self.items = ItemResolver(
             # The engine's read also keeps the item's billing period for the ledger.
             settings,
-            redis=self.engine.redis,
-            keys=self.engine.keys,
+            redis=stores.redis,
+            keys=stores.keys,
             lookup=self.engine,
         )
         self.usage = UsageInterceptor(
@@ -106,7 +107,7 @@ class ProxyApp:
         self.report = report_app(settings, engine=self.engine)
         self.admin = admin_app(settings, engine=self.engine)
         self.metrics = metrics_app(settings, engine=self.engine)
-        self.durability = DurabilityGuard(self.engine.redis, self.engine.keys, settings.redis)
+        self.durability = DurabilityGuard(stores.redis, stores.keys, settings.redis)
         self._owns_engine = engine is None
         self.stopping = False
         """Set when shutdown begins: readiness answers 503 from then on."""

@@ -8,12 +8,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
 from dualwrite.config import Settings
 from dualwrite.exceptions import ConfigError, StoreUnavailableError
-from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger, LedgerRow
 from dualwrite.models import StripeFailure
 from dualwrite.periods import Period
@@ -28,6 +26,7 @@ from dualwrite.reconcile._money import MoneyCheck
 from dualwrite.reconcile._pricer import MoneyPricer
 from dualwrite.reconcile._records import LegCheck, PeriodChoice, ReconciliationRecord, SkipReason
 from dualwrite.reconcile._store import save_records
+from dualwrite.stores import Stores
 from dualwrite.stripe_io import (
     MeterInfo,
     ReadThrottle,
@@ -156,7 +155,7 @@ class Reconciler:
         cls,
         settings: Settings,
         *,
-        redis: aioredis.Redis,
+        stores: Stores,
         settle_seconds: int | None = None,
         clock: Callable[[], float] = time.time,
         money: bool = False,
@@ -172,14 +171,15 @@ class Reconciler:
         if not api_key:
             msg = "reconcile reads Stripe: set STRIPE_API_KEY"
             raise ConfigError(msg)
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
         limits = WriteLimits(
-            redis, keys, settings.limits, reads_per_second=settings.reconcile.reads_per_second
+            stores.redis,
+            stores.keys,
+            settings.limits,
+            reads_per_second=settings.reconcile.reads_per_second,
         )
         reader = StripeReader(settings.stripe, api_key=api_key, throttle=read_throttle(limits))
-        ledger = Ledger(redis, keys)
         return cls(
-            ledger,
+            stores.ledger,
             reader,
             settings,
             settle_seconds=settle_seconds,

@@ -32,14 +32,13 @@ from dualwrite.config import Settings
 from dualwrite.engine import DualWriteEngine, StageSource
 from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.flags import RedisFlagStore, Resolution, StageResolver
-from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger, period_score
 from dualwrite.models import Stage
 from dualwrite.outbox import Outbox
 from dualwrite.reconcile import read_reconciliation
 from dualwrite.redaction import redact
-from dualwrite.redis_client import open_redis
 from dualwrite.report import build_report
+from dualwrite.stores import Stores
 from dualwrite.web._auth import TokenGate
 from dualwrite.web._chart import divergence_chart
 from dualwrite.web._progress import migration_progress
@@ -85,24 +84,23 @@ class _Source:
     @classmethod
     def of(cls, settings: Settings, engine: DualWriteEngine | None) -> _Source:
         if engine is not None:
+            stores = engine.stores
             return cls(
-                redis=engine.redis,
-                ledger=engine.ledger,
+                redis=stores.redis,
+                ledger=stores.ledger,
                 resolver=engine.resolver,
-                outbox=engine.outbox,
-                flags=RedisFlagStore(engine.redis, engine.keys),
+                outbox=stores.outbox,
+                flags=stores.flags,
                 owned=False,
             )
-        redis = open_redis(settings.redis, max_connections=32)
-        keys = KeySpace(settings.redis.key_prefix, settings.redis.shards)
-        ledger = Ledger(redis, keys, divergence_maxlen=settings.ledger.divergence_maxlen)
+        stores = Stores.open(settings, max_connections=32)
         return cls(
-            redis=redis,
-            ledger=ledger,
+            redis=stores.redis,
+            ledger=stores.ledger,
             # Not subscribed to flag changes: resolutions are cached for flags.cache_ttl at most.
-            resolver=StageResolver(redis, keys, settings.flags),
-            outbox=Outbox(redis, keys, settings.outbox, ledger),
-            flags=RedisFlagStore(redis, keys),
+            resolver=StageResolver(stores.redis, stores.keys, settings.flags),
+            outbox=stores.outbox,
+            flags=stores.flags,
             owned=True,
         )
 
