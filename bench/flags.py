@@ -166,7 +166,7 @@ async def main(resolutions: int, changes: int, runs: int) -> None:
                 f"(p99): {verdict}"
             )
     finally:
-        async for key in writer.scan_iter(match=f"{prefix}:*"):
+        async for key in writer.scan_iter(match=f"{prefix}:*", count=10_000):
             await writer.unlink(key)
         await writer.aclose()
         await reader.aclose()

@@ -116,13 +116,16 @@ class TestRedisCaps:
             await engine.record(usage(scenario, 2, action="set", identifier=f"set-{stage.value}"))
         await builder.aclose()
         unbounded = []
-        async for key in engine.redis.scan_iter(match=f"{key_prefix}:*"):
+        async for key in engine.redis.scan_iter(match=f"{key_prefix}:*", count=10_000):
             if PERSISTENT.search(key):
                 continue
             if await engine.redis.ttl(key) <= 0:
                 unbounded.append(key)
         assert unbounded == []
-        kinds = {key.split(":")[2] async for key in engine.redis.scan_iter(match=f"{key_prefix}:*")}
+        kinds = {
+            key.split(":")[2]
+            async for key in engine.redis.scan_iter(match=f"{key_prefix}:*", count=10_000)
+        }
         assert {"idem", "set"} <= kinds  # the expiring kinds were exercised
 
 

@@ -95,7 +95,9 @@ async def send_then_disconnect(app: ASGIApp, scope: dict[str, Any], first: bytes
 
 async def stored_keys(engine: DualWriteEngine) -> set[str]:
     """Every Redis key under the engine's prefix."""
-    return {key async for key in engine.redis.scan_iter(match=f"{engine.keys.prefix}:*")}
+    return {
+        key async for key in engine.redis.scan_iter(match=f"{engine.keys.prefix}:*", count=10_000)
+    }
 
 
 def nothing_written(standin: StripeStandin, scenario: Scenario) -> bool:

@@ -208,7 +208,9 @@ class TestCelery:
                     )
                     customer.sent += quantity
             assert [result.get(timeout=60) for result in results] == [True] * len(results)
-            assert any(redis_client.scan_iter(f"{key_prefix}:celery:*celery-task-meta-*"))
+            assert any(
+                redis_client.scan_iter(f"{key_prefix}:celery:*celery-task-meta-*", count=10_000)
+            )
             assert_totals(standin_url, shop)
         finally:
             worker.terminate()

@@ -104,7 +104,9 @@ async def client(engine: DualWriteEngine) -> AsyncIterator[tuple[httpx.AsyncClie
 
 async def prefix_keys(engine: DualWriteEngine) -> list[str]:
     """Every Redis key under the engine's prefix."""
-    return [key async for key in engine.redis.scan_iter(match=f"{engine.keys.prefix}:*")]
+    return [
+        key async for key in engine.redis.scan_iter(match=f"{engine.keys.prefix}:*", count=10_000)
+    ]
 
 
 class TestUsageRoutes:

@@ -168,7 +168,10 @@ class TestMeterTurnRelease:
             await worker.drain()
         assert worker.counts["accepted"] == 5
         assert standin.meter_total(shadow_customer.customer, EVENT_NAME) == 15
-        turns = [key async for key in engine.redis.scan_iter(f"{engine.keys.prefix}:*:turn:*")]
+        turns = [
+            key
+            async for key in engine.redis.scan_iter(f"{engine.keys.prefix}:*:turn:*", count=10_000)
+        ]
         assert turns == []
 
 

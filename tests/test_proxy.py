@@ -103,7 +103,7 @@ async def prefix_values(redis_url: str, prefix: str) -> list[str]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     values: list[str] = []
     try:
-        async for key in client.scan_iter(match=f"{prefix}:*"):
+        async for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
             kind = await client.type(key)
             if kind == "string":
                 values.append(str(await client.get(key)))
