@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dualwrite.pricing import format_amount
+from dualwrite.report._lines import CustomerLines, RawLine, line_difference, line_model
 from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerReport, Report
 
 __all__ = ["CSV_COLUMNS", "attention_rank", "render_csv", "render_table"]
@@ -69,18 +70,45 @@ def attention_rank(line: CustomerReport) -> tuple[int, bool, int, str]:
     """The order of customers that need a look first (the table's, and the report page's
     default): diverged, then pending; within each, drift from Stripe first, then the largest
     differences, then the customer id."""
-    money = line.drift.money if line.drift is not None else None
+    return _rank(line.status, line.drift, line.difference, line.customer)
+
+
+def _rank(
+    status: str, drift: CustomerDrift | None, difference: int, customer: str
+) -> tuple[int, bool, int, str]:
+    money = drift.money if drift is not None else None
     differs = money is not None and bool(money.differing or money.currency_differs)
-    drifted = line.drift is not None and (line.drift.drifted or differs)
-    return (_STATUS_ORDER[line.status], not drifted, -abs(line.difference), line.customer)
+    drifted = drift is not None and (drift.drifted or differs)
+    return (_STATUS_ORDER[status], not drifted, -abs(difference), customer)
+
+
+def _raw_rank(raw: RawLine) -> tuple[int, bool, int, str]:
+    return _rank(raw[6], raw[11], line_difference(raw[4]), raw[0])
 
 
 def _ranked(report: Report, limit: int | None) -> list[CustomerReport]:
     """Diverged first, then pending; within each, drift from Stripe first, then the largest
-    differences."""
+    differences (from the lines' plain values when the report was built here: only the lines
+    shown get their models)."""
+    lines = report.customers
+    if isinstance(lines, CustomerLines):
+        raw = lines.raw
+        chosen = (
+            sorted(raw, key=_raw_rank)
+            if limit is None
+            else heapq.nsmallest(limit, raw, key=_raw_rank)
+        )
+        return [line_model(line) for line in chosen]
     if limit is None:
-        return sorted(report.customers, key=attention_rank)
-    return heapq.nsmallest(limit, report.customers, key=attention_rank)
+        return sorted(lines, key=attention_rank)
+    return heapq.nsmallest(limit, lines, key=attention_rank)
+
+
+def _statuses(report: Report) -> list[str]:
+    lines = report.customers
+    if isinstance(lines, CustomerLines):
+        return [raw[6] for raw in lines.raw]
+    return [line.status for line in lines]
 
 
 def _drift_cell(line: CustomerReport) -> Text:
@@ -157,8 +185,8 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
     ]
     parts.append(table)
     counts = {status: 0 for status in _STATUS_ORDER}
-    for line in report.customers:
-        counts[line.status] += 1
+    for status in _statuses(report):
+        counts[status] += 1
     summary = f"{len(report.customers):,} customers: " + ", ".join(
         f"{count:,} {status}" for status, count in counts.items()
     )
