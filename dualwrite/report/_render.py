@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import heapq
 import io
+from typing import TextIO
 
 from rich.console import Group
 from rich.table import Table
@@ -14,7 +15,14 @@ from dualwrite.pricing import format_amount
 from dualwrite.report._lines import CustomerLines, RawLine, line_difference, line_model
 from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerReport, Report
 
-__all__ = ["CSV_COLUMNS", "attention_rank", "render_csv", "render_table"]
+__all__ = [
+    "CSV_COLUMNS",
+    "attention_rank",
+    "render_csv",
+    "render_table",
+    "write_csv",
+    "write_json",
+]
 
 _STATUS_STYLE = {
     "parity": "green",
@@ -274,8 +282,15 @@ def render_csv(report: Report) -> str:
     """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``; the seven
     columns from ``reconciled_at`` on are empty for a customer never reconciled in the range, the
     last five, the money in the currency's smallest unit, for one never reconciled with
-    ``--money``)."""
+    ``--money``). ``write_csv`` writes the same to a file, line by line."""
     out = io.StringIO()
+    write_csv(report, out)
+    return out.getvalue()
+
+
+def write_csv(report: Report, out: TextIO) -> None:
+    """``render_csv``'s text written to ``out`` a line at a time (a million customers' CSV is
+    never one string)."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for line in report.customers:
@@ -312,4 +327,30 @@ def render_csv(report: Report) -> str:
                 *_money_columns(line.drift.money if line.drift is not None else None),
             )
         )
-    return out.getvalue()
+
+
+def write_json(report: Report, out: TextIO, *, indent: int | None = None) -> None:
+    """``report.model_dump_json(indent=indent)`` written to ``out``, the same text, one customer's
+    line at a time (a million customers' JSON is about a gigabyte: never one string here)."""
+    empty = report.model_copy(update={"customers": []}).model_dump_json(indent=indent)
+    marker = '"customers":[]' if indent is None else '"customers": []'
+    before, after = empty.split(marker, 1)  # the first: the only unescaped one at that depth
+    out.write(before)
+    if not report.customers:
+        out.write(marker)
+    elif indent is None:
+        out.write('"customers":[')
+        for index, line in enumerate(report.customers):
+            if index:
+                out.write(",")
+            out.write(line.model_dump_json())
+        out.write("]")
+    else:
+        pad = "\n" + " " * (2 * indent)  # the lines sit two levels deep
+        out.write('"customers": [')
+        for index, line in enumerate(report.customers):
+            if index:
+                out.write(",")
+            out.write(pad + line.model_dump_json(indent=indent).replace("\n", pad))
+        out.write("\n" + " " * indent + "]")
+    out.write(after)
