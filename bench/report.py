@@ -6,7 +6,8 @@ under a fresh key prefix of the Redis on ``REDIS_URL``, then times, several runs
 
 * the baseline: reading the same ledger hashes raw (pipelined HGETALL, no processing);
 * ``build_report`` over the 31 days (wall and this process's CPU time: the machine may be shared);
-  its JSON; its CSV; the terminal table (top 50).
+  its JSON and its CSV, each streamed (``write_json``, ``write_csv``) to a sink that only counts
+  characters; the terminal table (top 50).
 
 Prints each figure, its median and spread, and the ratio to the baseline in the same run, the
 process's peak RSS, and the Redis bytes per customer of the ledger rows and of their rollup copies.
@@ -15,9 +16,12 @@ With ``--guard``, also the guard's passes (thresholds no customer crosses, so on
 and judging is timed): a full pass (every customer, what every pass cost before issue 20), then
 passes over the customers changed since (``--changed``, default 1 %, rewritten through the
 ledger's own script, and none), each as a ratio to the full pass of the same run.
-The key prefix is deleted afterwards.
+The key prefix is deleted afterwards, unless ``--keep``: then the next run given the same
+``--prefix`` (a ``dwbench-`` name) reuses the seeded data instead of writing it again (at a
+million customers, the seeding takes longer than the runs).
 
     python bench/report.py [--customers 100000] [--runs 3] [--reconciled] [--guard] [--changed N]
+                           [--prefix dwbench-NAME --keep]
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ from dualwrite.reconcile import (
     read_reconciliation_fields,
     save_records,
 )
-from dualwrite.redis_client import as_str_list
-from dualwrite.report import build_report, render_csv, render_table
+from dualwrite.redis_client import as_str, as_str_list
+from dualwrite.report import build_report, render_table, write_csv, write_json
 from dualwrite.rollups import backfill
 
 URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -153,6 +157,16 @@ async def redis_bytes(redis: aioredis.Redis, keys: KeySpace, customers: int) -> 
     )
 
 
+class Counted(io.StringIO):
+    """A text sink that keeps only how many characters were written to it."""
+
+    size = 0
+
+    def write(self, text: str) -> int:
+        self.size += len(text)
+        return len(text)
+
+
 async def timed(action: Callable[[], Awaitable[object]]) -> tuple[float, object]:
     started = time.perf_counter()
     result = await action()
@@ -231,19 +245,39 @@ async def guard_passes(redis: aioredis.Redis, keys: KeySpace, customers: int, ch
     await one("pass over none changed", 3_600, full)
 
 
-async def main(customers: int, runs: int, *, reconciled: bool, guard: int | None) -> None:
+async def main(
+    customers: int,
+    runs: int,
+    *,
+    reconciled: bool,
+    guard: int | None,
+    prefix: str | None = None,
+    keep: bool = False,
+) -> None:
     redis = aioredis.Redis.from_url(URL, decode_responses=True)
-    keys = KeySpace(f"dwbench-{uuid.uuid4().hex[:8]}")
+    keys = KeySpace(prefix or f"dwbench-{uuid.uuid4().hex[:8]}")
+    seeded = as_str(await redis.get(f"{keys.prefix}:bench-seeded"))
     try:
-        started = time.perf_counter()
-        rows = await populate(redis, keys, customers)
-        if reconciled:
-            print(f"saved {await reconcile_all(redis, keys, customers):,} reconciliation records")
-        print(
-            f"wrote {rows:,} ledger hashes for {customers:,} customers "
-            f"in {time.perf_counter() - started:.1f} s"
-        )
+        if seeded is not None:
+            if seeded != f"{customers}:{int(reconciled)}":
+                msg = f"{keys.prefix} holds another seeding ({seeded}): use another --prefix"
+                raise SystemExit(msg)
+            print(f"reusing the {customers:,} customers seeded under {keys.prefix}")
+        else:
+            started = time.perf_counter()
+            rows = await populate(redis, keys, customers)
+            if reconciled:
+                saved = await reconcile_all(redis, keys, customers)
+                print(f"saved {saved:,} reconciliation records")
+            print(
+                f"wrote {rows:,} ledger hashes for {customers:,} customers "
+                f"in {time.perf_counter() - started:.1f} s"
+            )
+            if keep:
+                await redis.set(f"{keys.prefix}:bench-seeded", f"{customers}:{int(reconciled)}")
         print(await redis_bytes(redis, keys, customers))
+        if runs == 0:
+            return  # --runs 0 --keep: seed only
         ledger = Ledger(redis, keys)
         resolver = StageResolver(redis, keys, FlagSettings())
         figures: dict[str, list[float]] = {}
@@ -258,10 +292,12 @@ async def main(customers: int, runs: int, *, reconciled: bool, guard: int | None
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 print(f"peak RSS after the first build_report: {rss:,.0f} MiB")
             started = time.perf_counter()
-            text = report.model_dump_json()  # type: ignore[attr-defined]
+            text = Counted()
+            write_json(report, text)  # type: ignore[arg-type]
             as_json = time.perf_counter() - started
             started = time.perf_counter()
-            csv_text = render_csv(report)  # type: ignore[arg-type]
+            csv_text = Counted()
+            write_csv(report, csv_text)  # type: ignore[arg-type]
             as_csv = time.perf_counter() - started
             started = time.perf_counter()
             Console(file=io.StringIO(), width=200).print(render_table(report, limit=50))  # type: ignore[arg-type]
@@ -279,8 +315,8 @@ async def main(customers: int, runs: int, *, reconciled: bool, guard: int | None
             print(
                 f"run {run + 1}: baseline {base:.2f} s, report {built:.2f} s "
                 f"({built / base:.2f}x, CPU {built_cpu:.2f} s), "
-                f"JSON {as_json:.2f} s ({len(text) / 1e6:.0f} MB), "
-                f"CSV {as_csv:.2f} s ({len(csv_text) / 1e6:.0f} MB), table {as_table:.2f} s, "
+                f"JSON {as_json:.2f} s ({text.size / 1e6:.0f} MB), "
+                f"CSV {as_csv:.2f} s ({csv_text.size / 1e6:.0f} MB), table {as_table:.2f} s, "
                 f"{len(report.customers):,} customers"  # type: ignore[attr-defined]
             )
             del report, text, csv_text  # the next run's peak is its own, not two reports'
@@ -295,8 +331,9 @@ async def main(customers: int, runs: int, *, reconciled: bool, guard: int | None
                 f"[{min(values):.2f}..{max(values):.2f}], {statistics.median(values) / base:.2f}x baseline"
             )
     finally:
-        async for key in redis.scan_iter(match=f"{keys.prefix}:*", count=10_000):
-            await redis.unlink(key)
+        if not keep:
+            async for key in redis.scan_iter(match=f"{keys.prefix}:*", count=10_000):
+                await redis.unlink(key)
         await redis.aclose()
 
 
@@ -311,7 +348,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "--changed", type=int, default=None, help="customers changed before a guard pass (1 %%)"
     )
+    parser.add_argument(
+        "--prefix", default=None, help="key prefix (dwbench-…): reuse what --keep left there"
+    )
+    parser.add_argument("--keep", action="store_true", help="leave the seeded keys for a next run")
     args = parser.parse_args()
+    if args.prefix is not None and not args.prefix.startswith("dwbench-"):
+        parser.error("--prefix must start with dwbench-")
     changed = args.changed if args.changed is not None else max(1, args.customers // 100)
     asyncio.run(
         main(
@@ -319,5 +362,7 @@ if __name__ == "__main__":
             args.runs,
             reconciled=args.reconciled,
             guard=changed if args.guard else None,
+            prefix=args.prefix,
+            keep=args.keep,
         )
     )

@@ -33,7 +33,14 @@ from dualwrite.report._models import (
     legacy_held,
 )
 from dualwrite.report._readiness import ReadinessRule
-from dualwrite.report._render import CSV_COLUMNS, attention_rank, render_csv, render_table
+from dualwrite.report._render import (
+    CSV_COLUMNS,
+    attention_rank,
+    render_csv,
+    render_table,
+    write_csv,
+    write_json,
+)
 
 __all__ = [
     "CSV_COLUMNS",
@@ -55,4 +62,6 @@ __all__ = [
     "read_unmapped",
     "render_csv",
     "render_table",
+    "write_csv",
+    "write_json",
 ]

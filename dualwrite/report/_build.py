@@ -7,6 +7,7 @@ resolved from one read of the flags, and the divergence log is read once.
 from __future__ import annotations
 
 import operator
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,9 +23,8 @@ from dualwrite.keys import KeySpace
 from dualwrite.ledger import (
     DivergenceRecord,
     Ledger,
-    LedgerRow,
+    RolledRow,
     collector_paused,
-    parse_counters,
     period_score,
     read_customer_rows,
 )
@@ -33,11 +33,20 @@ from dualwrite.outbox import Outbox
 from dualwrite.reconcile import read_reconciliation, read_reconciliation_fields
 from dualwrite.redis_client import as_int, as_str, store_errors
 from dualwrite.report._drift import customer_drifts
+from dualwrite.report._lines import (
+    AT,
+    COUNTERS,
+    CustomerLines,
+    RawLine,
+    counters_of,
+    line_model,
+    parse_packed,
+    sum_counters,
+)
 from dualwrite.report._models import (
     CustomerDrift,
     CustomerReport,
     CustomerStatus,
-    LegTotals,
     Report,
     UnmappedItems,
     Verdict,
@@ -95,18 +104,45 @@ async def read_unmapped(redis: aioredis.Redis, keys: KeySpace) -> UnmappedItems:
     return UnmappedItems(items=len(counts), requests=sum(counts.values()), top=top)
 
 
-def _unverified(line: CustomerReport, loss: DataLoss) -> CustomerReport:
+def _unverified(line: RawLine, loss: DataLoss) -> RawLine:
     """A line once Redis lost data: ``parity`` becomes ``unverified`` and nobody is ready."""
-    if line.status != "parity" and not line.verdict.ready:
+    (
+        name,
+        stage,
+        events,
+        periods,
+        values,
+        unfinished,
+        status,
+        pct,
+        failed,
+        recent,
+        verdict,
+        drift,
+    ) = line
+    if status != "parity" and not verdict.ready:
         return line
     since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(loss.since))
     verdict = Verdict(
         ready=False,
-        next_stage=line.verdict.next_stage,
+        next_stage=verdict.next_stage,
         reason=f"ledger incomplete since {since} (Redis data lost): {RECLEAR_HINT}",
     )
-    status = "unverified" if line.status == "parity" else line.status
-    return line.model_copy(update={"status": status, "verdict": verdict})
+    status = "unverified" if status == "parity" else status
+    return (
+        name,
+        stage,
+        events,
+        periods,
+        values,
+        unfinished,
+        status,
+        pct,
+        failed,
+        recent,
+        verdict,
+        drift,
+    )
 
 
 async def _stages(resolver: StageSource, customers: Sequence[str]) -> dict[str, Stage]:
@@ -117,24 +153,18 @@ async def _stages(resolver: StageSource, customers: Sequence[str]) -> dict[str, 
     return {customer: await resolver.resolve(customer) for customer in customers}
 
 
-def _pending(leg: Mapping[str, int]) -> bool:
-    settled = (
-        leg["accepted_events"]
-        + leg["failed_events"]
-        + leg["retired_events"]
-        + leg["late_refused_events"]
-    )
-    return leg["expected_events"] != settled
-
-
-def _status(
-    legacy: Mapping[str, int], meter: Mapping[str, int], divergent: int, unfinished: int
-) -> CustomerStatus:
-    """A line's status from its legs' counters (``LegTotals`` fields) and its events claimed
-    and not yet committed (never ``parity`` while one may hold units that no leg shows yet)."""
-    if divergent or legacy["failed_events"] or meter["failed_events"]:
+def _status(values: tuple[int, ...], unfinished: int) -> CustomerStatus:
+    """A line's status from its counters (``COUNTERS``) and its events claimed and not yet
+    committed (never ``parity`` while one may hold units that no leg shows yet)."""
+    if values[_DIVERGENT] or values[_LEGACY_FAILED] or values[_METER_FAILED]:
         return "diverged"
-    if unfinished or _pending(legacy) or _pending(meter):
+    # A leg is pending while its expected events are not all settled (accepted, failed for good,
+    # retired or refused late).
+    if (
+        unfinished
+        or values[_LE] != values[_LA] + values[_LF] + values[_LR] + values[_LL]
+        or values[_ME] != values[_MA] + values[_MF] + values[_MR] + values[_ML]
+    ):
         return "pending"
     return "parity"
 
@@ -157,24 +187,30 @@ async def read_unfinished(
     return found
 
 
-_LEG_FIELDS = tuple(LegTotals.model_fields)
-_LINE_COUNTERS = (
-    *(f"legacy_{field}" for field in _LEG_FIELDS),
-    *(f"meter_{field}" for field in _LEG_FIELDS),
-    "events",
-    "quantity",
-    "translated_events",
-    "divergent_events",
-    "delayed_events",
+_LEGACY_EXPECTED, _METER_EXPECTED = AT["legacy_expected_qty"], AT["meter_expected_qty"]
+_LEGACY_ACCEPTED, _LEGACY_RETIRED = AT["legacy_accepted_qty"], AT["legacy_retired_qty"]
+_METER_ACCEPTED = AT["meter_accepted_qty"]
+_DIVERGENT = AT["divergent_events"]
+_LEGACY_FAILED, _METER_FAILED = AT["legacy_failed_events"], AT["meter_failed_events"]
+_LE, _LA, _LF, _LR, _LL = (
+    AT[f"legacy_{name}_events"]
+    for name in ("expected", "accepted", "failed", "retired", "late_refused")
 )
-# Every counter a line reads, zero unless the rows hold it, and one C-level getter for all of them:
-# a Python-level ``.get`` per counter and customer was a tenth of the report's time.
-_ZEROS = dict.fromkeys(_LINE_COUNTERS, 0)
-_LINE_VALUES = operator.itemgetter(*_LINE_COUNTERS)
-_LEGS = len(_LEG_FIELDS)
-_LEGACY_EXPECTED = "legacy_expected_qty"
-_METER_EXPECTED = "meter_expected_qty"
+_ME, _MA, _MF, _MR, _ML = (
+    AT[f"meter_{name}_events"]
+    for name in ("expected", "accepted", "failed", "retired", "late_refused")
+)
 _BY_PERIOD_STAGES = (Stage.SHADOW, Stage.PRIMARY)
+_ZERO = (0,) * len(COUNTERS)
+# Positions in a ``RawLine``.
+_STATUS = 6
+
+Row = tuple[str, str, tuple[int, ...], dict[str, int] | None]
+"""A ledger row as the report holds it: period, meter event name, counters (``COUNTERS``), any
+other counters by name (failure codes)."""
+#: Row copies parsed per ``json.loads``: the raw replies are let go chunk by chunk.
+_PARSE_CHUNK = 20_000
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _failure_key(name: str) -> str | None:
@@ -184,97 +220,127 @@ def _failure_key(name: str) -> str | None:
     return None
 
 
-def _summed(rows: Sequence[LedgerRow]) -> Mapping[str, int]:
-    if len(rows) == 1:
-        return rows[0].counters  # most customers: one event name, one period
-    first, *others = (row.counters for row in rows)
-    sums = dict(first)
-    for counters in others:
-        sums.update({name: sums.get(name, 0) + value for name, value in counters.items()})
-    return sums
+def _failures(rows: Sequence[Row]) -> dict[str, int] | None:
+    """Failures by leg and Stripe code, from the rows' other counters (None: none)."""
+    sums: dict[str, int] = {}
+    for *_, others in rows:
+        for name, value in (others or {}).items():
+            sums[name] = sums.get(name, 0) + value
+    failures: dict[str, int] = {}
+    for name, value in sums.items():
+        key = _failure_key(name) if "_code:" in name else None
+        if value and key is not None:
+            failures[key] = failures.get(key, 0) + value
+    return dict(sorted(failures.items())) or None
 
 
-def _by_period(rows: Sequence[LedgerRow]) -> dict[str, Mapping[str, int]]:
-    periods: dict[str, Mapping[str, int]] = {}
-    for row in rows:
-        seen = periods.get(row.period)
-        if seen is None:
-            periods[row.period] = row.counters
-        else:
-            merged = dict(seen)
-            for name, value in row.counters.items():
-                merged[name] = merged.get(name, 0) + value
-            periods[row.period] = merged
-    return periods
+def _by_period(rows: Sequence[Row]) -> dict[str, tuple[int, ...]]:
+    periods: dict[str, list[tuple[int, ...]]] = {}
+    for period, _, values, _ in rows:
+        periods.setdefault(period, []).append(values)
+    return {period: sum_counters(values) for period, values in periods.items()}
+
+
+def _group(found: list[RolledRow], into: dict[str, list[Row]]) -> None:
+    """The rollup row copies ``found`` parsed and listed by customer in ``into``; ``found`` is
+    emptied on the way (from its end, a chunk at a time), so its strings go as their rows come."""
+    with collector_paused():
+        while found:
+            chunk = found[-_PARSE_CHUNK:]
+            del found[-_PARSE_CHUNK:]
+            members = list(map(_FIRST, chunk))
+            parsed = parse_packed(list(map(_SECOND, chunk)))
+            del chunk
+            parts = "|".join(members).split("|")
+            if len(parts) != 3 * len(members):  # a meter event name holding "|"
+                parts = [part for member in members for part in member.split("|", 2)]
+            # Periods and event names repeat across customers: one string each.
+            periods = map(sys.intern, parts[0::3])
+            event_names = map(sys.intern, parts[2::3])
+            rows = zip(periods, event_names, map(_FIRST, parsed), map(_SECOND, parsed), strict=True)
+            for customer, row in zip(parts[1::3], rows, strict=True):
+                listed = into.get(customer)
+                if listed is None:
+                    into[customer] = [row]
+                else:
+                    listed.append(row)
 
 
 def _line(
     name: str,
     stage: Stage,
-    rows: Sequence[LedgerRow],
+    rows: Sequence[Row],
     rule: ReadinessRule,
-    recent: list[DivergenceRecord],
+    recent: list[DivergenceRecord] | None,
     drift: CustomerDrift | None,
     unfinished: Counter[str] | None = None,
-) -> CustomerReport:
-    # This runs for each of 100,000 customers: one sum per counter, and models built from values
-    # computed here (ints from the ledger), without validating them again.
-    sums = _summed(rows) if rows else {}
-    values = _LINE_VALUES({**_ZEROS, **sums})
-    legacy = dict(zip(_LEG_FIELDS, values[:_LEGS], strict=True))
-    meter = dict(zip(_LEG_FIELDS, values[_LEGS : 2 * _LEGS], strict=True))
-    events, quantity, translated, divergent, delayed = values[2 * _LEGS :]
-    failures: dict[str, int] = {}
-    for counter in [counter for counter in sums if "_code:" in counter]:
-        value, key = sums[counter], _failure_key(counter)
-        if value and key is not None:
-            failures[key] = failures.get(key, 0) + value
-    both = legacy["expected_qty"] and meter["expected_qty"]
-    held = legacy_held(legacy["accepted_qty"], legacy["retired_qty"])
-    meter_held = meter["accepted_qty"]
-    if both and len(rows) > 1:
+) -> RawLine:
+    # This runs for each of a million customers: counters stay tuples, summed position by
+    # position, and the line is a tuple too (``CustomerLines`` makes its models when read).
+    if len(rows) == 1 and not unfinished:  # most customers: one event name, one period
+        period, event_name, values, others = rows[0]
+        periods: tuple[str, ...] = _ONE.get(period) or _one(period)
+        event_names: tuple[str, ...] = _ONE.get(event_name) or _one(event_name)
+        failures = _failures(rows) if others else None
+        by_period: Mapping[str, tuple[int, ...]] = {period: values}
+        dual = None
+    else:
+        values = sum_counters([row[2] for row in rows]) if rows else _ZERO
+        periods = tuple(sorted({row[0] for row in rows}))
+        event_names = tuple(sorted({row[1] for row in rows} | set(unfinished or ())))
+        failures = _failures(rows) if any(row[3] for row in rows) else None
+        by_period = (
+            {row[0]: row[2] for row in rows} if len(periods) == len(rows) else _by_period(rows)
+        )
         # Only periods where both legs were written compare: a period at ``meter`` (no legacy
         # write) beside earlier ``primary`` ones is no difference between the legs.
-        dual = [
-            r for r in rows if r.counters.get(_LEGACY_EXPECTED) and r.counters.get(_METER_EXPECTED)
-        ]
-        if len(dual) < len(rows):
-            dual_sums = _summed(dual) if dual else {}
-            held = legacy_held(
-                dual_sums.get("legacy_accepted_qty", 0), dual_sums.get("legacy_retired_qty", 0)
-            )
-            meter_held = dual_sums.get("meter_accepted_qty", 0)
-    larger = max(held, meter_held)
-    difference_pct = (
-        round((held - meter_held) * 100 / larger, 4) if both and larger else (0.0 if both else None)
+        dual = [row[2] for row in rows if row[2][_LEGACY_EXPECTED] and row[2][_METER_EXPECTED]]
+    both = values[_LEGACY_EXPECTED] and values[_METER_EXPECTED]
+    if both and dual is not None and len(dual) < len(rows):
+        dual_sums = sum_counters(dual) if dual else _ZERO
+        held = legacy_held(dual_sums[_LEGACY_ACCEPTED], dual_sums[_LEGACY_RETIRED])
+        meter_held = dual_sums[_METER_ACCEPTED]
+    else:
+        held = legacy_held(values[_LEGACY_ACCEPTED], values[_LEGACY_RETIRED])
+        meter_held = values[_METER_ACCEPTED]
+    if both:
+        larger = held if held > meter_held else meter_held
+        difference_pct: float | None = (
+            round((held - meter_held) * 100 / larger, 4) if larger else 0.0
+        )
+    else:
+        difference_pct = None
+    verdict = rule.verdict_of_counters(stage, by_period)
+    if drift is not None:
+        verdict = rule.with_money(verdict, drift)
+    unfinished_total = sum(unfinished.values()) if unfinished else 0
+    return (
+        name,
+        stage,
+        event_names,
+        periods,
+        values,
+        unfinished_total,
+        _status(values, unfinished_total),
+        difference_pct,
+        failures,
+        recent or None,
+        verdict,
+        drift,
     )
-    periods = _by_period(rows) if stage in _BY_PERIOD_STAGES else {}
-    unfinished_total = sum((unfinished or {}).values())
-    return trusted(
-        CustomerReport,
-        {
-            "customer": name,
-            "stage": stage,
-            "event_names": [rows[0].event_name]
-            if len(rows) == 1 and not unfinished
-            else sorted({row.event_name for row in rows} | set(unfinished or ())),
-            "periods": [rows[0].period] if len(rows) == 1 else sorted({row.period for row in rows}),
-            "events": events,
-            "quantity": quantity,
-            "legacy": trusted(LegTotals, legacy),
-            "meter": trusted(LegTotals, meter),
-            "translated_events": translated,
-            "divergent_events": divergent,
-            "delayed_events": delayed,
-            "unfinished_events": unfinished_total,
-            "status": _status(legacy, meter, divergent, unfinished_total),
-            "difference_pct": difference_pct,
-            "failures": dict(sorted(failures.items())),
-            "recent_divergences": recent,
-            "verdict": rule.with_money(rule.verdict_by_period(stage, periods), drift),
-            "drift": drift,
-        },
-    )
+
+
+_ONE: dict[str, tuple[str]] = {}
+
+
+def _one(text: str) -> tuple[str]:
+    """``(text,)``, one tuple for all the lines naming the same single period or event name."""
+    one = _ONE.get(text)
+    if one is None:
+        if len(_ONE) > 100_000:
+            _ONE.clear()
+        one = _ONE[text] = (text,)
+    return one
 
 
 async def build_report(
@@ -303,12 +369,17 @@ async def build_report(
             ``pending``, never ``parity``); default: the ledger's Redis.
     """
     rule = ReadinessRule(settings or ReportSettings(), now=time.time() if now is None else now)
-    rows = await ledger.rows(since=since, until=until, customer=customer)
+    by_customer: dict[str, list[Row]] = {}
     if customer is None:
+        _group(await ledger.rolled(since=since, until=until), by_customer)
         recon = await read_reconciliation_fields(
             ledger.redis, ledger.keys, since=since, until=until
         )
     else:
+        for row in await ledger.rows(since=since, until=until, customer=customer):
+            by_customer.setdefault(row.customer, []).append(
+                (row.period, row.event_name, *counters_of(row.counters))
+            )
         records = await read_reconciliation(
             ledger.redis, ledger.keys, since=since, until=until, customer=customer
         )
@@ -317,11 +388,9 @@ async def build_report(
     if claims is None:
         claims = IdempotencyStore(ledger.redis, ttl_seconds=1, lease_seconds=1)
     unfinished = await read_unfinished(ledger, claims, customer)
-    by_customer: dict[str, list[LedgerRow]] = {name: [] for name in unfinished}
+    for name in unfinished:
+        by_customer.setdefault(name, [])
     with collector_paused():
-        for row in rows:
-            by_customer.setdefault(row.customer, []).append(row)
-        del rows  # held by ``by_customer`` now, and let go there line by line
         names = sorted(by_customer)
     stages = await _stages(resolver, names)
     log = await ledger.divergences(limit=max(divergence_limit, DIVERGENCE_SCAN), customer=customer)
@@ -331,7 +400,7 @@ async def build_report(
         if len(mine) < RECENT_DIVERGENCES:
             mine.append(record)
     loss = await read_loss(ledger.redis, ledger.keys)
-    customers: list[CustomerReport] = []
+    customers: list[RawLine] = []
     with collector_paused():
         for name in names:
             current = stages[name]
@@ -342,29 +411,35 @@ async def build_report(
                 current,
                 by_customer.pop(name),
                 rule,
-                recent.get(name, []),
+                recent.get(name),
                 drifts.get(name),
                 unfinished.get(name),
             )
-            if only_divergent and line.status != "diverged":
+            if only_divergent and line[_STATUS] != "diverged":
                 continue
             customers.append(line if loss is None else _unverified(line, loss))
+    del by_customer, stages, names
     divergences = log[: max(divergence_limit, 0)]
     if stage is not None or only_divergent:
-        shown = {line.customer for line in customers}
+        shown = {line[0] for line in customers}
         divergences = [record for record in divergences if record.customer in shown]
-    return Report(
-        generated_at=time.time(),
-        since=since,
-        until=until,
-        customers=customers,
-        divergences=divergences,
-        outbox=await outbox.depth() if outbox is not None else None,
-        unmapped=await read_unmapped(ledger.redis, ledger.keys),
-        backpressure=await read_backpressure(ledger.redis, ledger.keys),
-        readiness_rule=rule.describe(),
-        redis_persistence=(await read_durability(ledger.redis)).persistence,
-        ledger_incomplete_since=loss.since if loss is not None else None,
+    # Every value below is one the report computed or read through its own models: built
+    # without validation (``trusted``), which would otherwise make every line's models at once.
+    return trusted(
+        Report,
+        {
+            "generated_at": time.time(),
+            "since": since,
+            "until": until,
+            "customers": CustomerLines(customers),
+            "divergences": divergences,
+            "outbox": await outbox.depth() if outbox is not None else None,
+            "unmapped": await read_unmapped(ledger.redis, ledger.keys),
+            "backpressure": await read_backpressure(ledger.redis, ledger.keys),
+            "readiness_rule": rule.describe(),
+            "redis_persistence": (await read_durability(ledger.redis)).persistence,
+            "ledger_incomplete_since": loss.since if loss is not None else None,
+        },
     )
 
 
@@ -394,18 +469,13 @@ async def build_lines(
     by_shard: dict[int, list[str]] = {}
     for customer in sorted(set(customers)):
         by_shard.setdefault(ledger.keys.shard_of(customer), []).append(customer)
-    by_customer: dict[str, list[LedgerRow]] = {}
+    by_customer: dict[str, list[Row]] = {}
     async with store_errors("reading the ledger"):
         for index, names in sorted(by_shard.items()):
             found = await read_customer_rows(
                 ledger.redis, ledger.keys.shard(index), names, low=low, high=high
             )
-            counters = parse_counters([packed for _, packed in found])
-            for (member, _), row in zip(found, counters, strict=True):
-                period, customer, event_name = member.split("|", 2)
-                by_customer.setdefault(customer, []).append(
-                    LedgerRow(period, customer, event_name, row)
-                )
+            _group(found, by_customer)
     if claims is None:
         claims = IdempotencyStore(ledger.redis, ttl_seconds=1, lease_seconds=1)
     wanted = {customer for names in by_shard.values() for customer in names}
@@ -422,6 +492,6 @@ async def build_lines(
     loss = await read_loss(ledger.redis, ledger.keys)
     lines: list[CustomerReport] = []
     for name in names:
-        line = _line(name, stages[name], by_customer[name], rule, [], None, unfinished.get(name))
-        lines.append(line if loss is None else _unverified(line, loss))
+        line = _line(name, stages[name], by_customer[name], rule, None, None, unfinished.get(name))
+        lines.append(line_model(line if loss is None else _unverified(line, loss)))
     return lines

@@ -10,6 +10,7 @@ from dualwrite.ledger import LedgerRow
 from dualwrite.models import Stage
 from dualwrite.periods import period_of
 from dualwrite.pricing import format_amount
+from dualwrite.report._lines import AT, counters_of
 from dualwrite.report._models import CustomerDrift, Verdict, legacy_held
 
 __all__ = ["ReadinessRule"]
@@ -52,6 +53,13 @@ class ReadinessRule:
 
     def verdict_by_period(self, stage: Stage, periods: Mapping[str, Mapping[str, int]]) -> Verdict:
         """The verdict from the customer's counters summed per period (all event names)."""
+        return self.verdict_of_counters(
+            stage, {period: counters_of(sums)[0] for period, sums in periods.items()}
+        )
+
+    def verdict_of_counters(self, stage: Stage, periods: Mapping[str, tuple[int, ...]]) -> Verdict:
+        """``verdict_by_period``, the counters of each period as a row tuple (``COUNTERS``): the
+        report judges a million customers this way, without naming their counters."""
         next_stage = _NEXT.get(stage)
         if next_stage is None:
             return _DONE
@@ -60,13 +68,16 @@ class ReadinessRule:
         dead = good = 0
         retired = False
         for period, sums in periods.items():
-            dead += sums.get("legacy_failed_events", 0) + sums.get("meter_failed_events", 0)
-            retired = retired or sums.get("legacy_retired_events", 0) > 0
+            dead += sums[_LEGACY_FAILED_EVENTS] + sums[_METER_FAILED_EVENTS]
+            retired = retired or sums[_LEGACY_RETIRED_EVENTS] > 0
             if not dead and self._qualifies(stage, period, sums):
                 good += 1
         if dead:
-            return self._verdict(stage, next_stage, dead=dead, good=0, retired=retired)
-        return self._verdict(stage, next_stage, dead=0, good=good, retired=retired)
+            good = 0
+        verdict = self._verdicts.get((stage, dead, good, retired))  # most lines: one seen before
+        if verdict is not None:
+            return verdict
+        return self._verdict(stage, next_stage, dead=dead, good=good, retired=retired)
 
     def _verdict(
         self, stage: Stage, next_stage: Stage, *, dead: int, good: int, retired: bool
@@ -91,23 +102,27 @@ class ReadinessRule:
         self._verdicts[key] = verdict
         return verdict
 
-    def _qualifies(self, stage: Stage, period: str, sums: Mapping[str, int]) -> bool:
+    def _qualifies(self, stage: Stage, period: str, sums: tuple[int, ...]) -> bool:
         closed = self._closed.get(period)
         if closed is None:
             closed = self._closed[period] = period_of(period).closed(self.now)
         if not closed:
             return False
-        events = sums.get("events", 0)
-        if events == 0 or sums.get(_STAGE_EVENTS[stage], 0) != events:
+        events = sums[_EVENTS]
+        if events == 0 or sums[_STAGE_EVENTS[stage]] != events:
             return False
-        for leg in ("legacy", "meter"):
-            settled = sums.get(f"{leg}_accepted_qty", 0) + sums.get(f"{leg}_retired_qty", 0)
-            if sums.get(f"{leg}_expected_qty", 0) != settled:
-                return False
-            if sums.get(f"{leg}_failed_events", 0) or sums.get(f"{leg}_late_refused_events", 0):
-                return False
-        legacy = legacy_held(sums.get("legacy_accepted_qty", 0), sums.get("legacy_retired_qty", 0))
-        meter = sums.get("meter_accepted_qty", 0)
+        # Both legs settled: expected = accepted + retired, nothing failed or refused late.
+        if (
+            sums[_LE_QTY] != sums[_LA_QTY] + sums[_LR_QTY]
+            or sums[_ME_QTY] != sums[_MA_QTY] + sums[_MR_QTY]
+            or sums[_LF]
+            or sums[_LL]
+            or sums[_MF]
+            or sums[_ML]
+        ):
+            return False
+        legacy = legacy_held(sums[_LA_QTY], sums[_LR_QTY])
+        meter = sums[_MA_QTY]
         larger = max(legacy, meter)
         return larger == 0 or abs(legacy - meter) * 100 <= self.max_difference_pct * larger
 
@@ -141,7 +156,20 @@ _RETIRED_NOTE = (
     " (its retired legacy writes are explained: the item bills through its meter-backed price)"
 )
 _MONEY_STAGES = (Stage.PRIMARY, Stage.METER)
-_STAGE_EVENTS = {stage: f"stage_{stage.value}_events" for stage in Stage}
+_STAGE_EVENTS = {stage: AT[f"stage_{stage.value}_events"] for stage in Stage}
+_EVENTS = AT["events"]
+_LEGACY_FAILED_EVENTS, _METER_FAILED_EVENTS = AT["legacy_failed_events"], AT["meter_failed_events"]
+_LEGACY_RETIRED_EVENTS = AT["legacy_retired_events"]
+(_LE_QTY, _LA_QTY, _LR_QTY, _LF, _LL), (_ME_QTY, _MA_QTY, _MR_QTY, _MF, _ML) = (
+    (
+        AT[f"{leg}_expected_qty"],
+        AT[f"{leg}_accepted_qty"],
+        AT[f"{leg}_retired_qty"],
+        AT[f"{leg}_failed_events"],
+        AT[f"{leg}_late_refused_events"],
+    )
+    for leg in ("legacy", "meter")
+)
 _DONE = Verdict(ready=False, next_stage=None, reason="already on meter events only")
 _LEGACY_READY = Verdict(
     ready=True, next_stage=Stage.SHADOW, reason="shadow writes nothing billable"

@@ -5,15 +5,24 @@ from __future__ import annotations
 import csv
 import heapq
 import io
+from typing import TextIO
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from dualwrite.pricing import format_amount
+from dualwrite.report._lines import CustomerLines, RawLine, line_difference, line_model
 from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerReport, Report
 
-__all__ = ["CSV_COLUMNS", "attention_rank", "render_csv", "render_table"]
+__all__ = [
+    "CSV_COLUMNS",
+    "attention_rank",
+    "render_csv",
+    "render_table",
+    "write_csv",
+    "write_json",
+]
 
 _STATUS_STYLE = {
     "parity": "green",
@@ -69,18 +78,45 @@ def attention_rank(line: CustomerReport) -> tuple[int, bool, int, str]:
     """The order of customers that need a look first (the table's, and the report page's
     default): diverged, then pending; within each, drift from Stripe first, then the largest
     differences, then the customer id."""
-    money = line.drift.money if line.drift is not None else None
+    return _rank(line.status, line.drift, line.difference, line.customer)
+
+
+def _rank(
+    status: str, drift: CustomerDrift | None, difference: int, customer: str
+) -> tuple[int, bool, int, str]:
+    money = drift.money if drift is not None else None
     differs = money is not None and bool(money.differing or money.currency_differs)
-    drifted = line.drift is not None and (line.drift.drifted or differs)
-    return (_STATUS_ORDER[line.status], not drifted, -abs(line.difference), line.customer)
+    drifted = drift is not None and (drift.drifted or differs)
+    return (_STATUS_ORDER[status], not drifted, -abs(difference), customer)
+
+
+def _raw_rank(raw: RawLine) -> tuple[int, bool, int, str]:
+    return _rank(raw[6], raw[11], line_difference(raw[4]), raw[0])
 
 
 def _ranked(report: Report, limit: int | None) -> list[CustomerReport]:
     """Diverged first, then pending; within each, drift from Stripe first, then the largest
-    differences."""
+    differences (from the lines' plain values when the report was built here: only the lines
+    shown get their models)."""
+    lines = report.customers
+    if isinstance(lines, CustomerLines):
+        raw = lines.raw
+        chosen = (
+            sorted(raw, key=_raw_rank)
+            if limit is None
+            else heapq.nsmallest(limit, raw, key=_raw_rank)
+        )
+        return [line_model(line) for line in chosen]
     if limit is None:
-        return sorted(report.customers, key=attention_rank)
-    return heapq.nsmallest(limit, report.customers, key=attention_rank)
+        return sorted(lines, key=attention_rank)
+    return heapq.nsmallest(limit, lines, key=attention_rank)
+
+
+def _statuses(report: Report) -> list[str]:
+    lines = report.customers
+    if isinstance(lines, CustomerLines):
+        return [raw[6] for raw in lines.raw]
+    return [line.status for line in lines]
 
 
 def _drift_cell(line: CustomerReport) -> Text:
@@ -157,8 +193,8 @@ def render_table(report: Report, *, limit: int | None = 50) -> Group:
     ]
     parts.append(table)
     counts = {status: 0 for status in _STATUS_ORDER}
-    for line in report.customers:
-        counts[line.status] += 1
+    for status in _statuses(report):
+        counts[status] += 1
     summary = f"{len(report.customers):,} customers: " + ", ".join(
         f"{count:,} {status}" for status, count in counts.items()
     )
@@ -246,8 +282,15 @@ def render_csv(report: Report) -> str:
     """One line per customer, with ``CSV_COLUMNS`` (failures as ``code=count;…``; the seven
     columns from ``reconciled_at`` on are empty for a customer never reconciled in the range, the
     last five, the money in the currency's smallest unit, for one never reconciled with
-    ``--money``)."""
+    ``--money``). ``write_csv`` writes the same to a file, line by line."""
     out = io.StringIO()
+    write_csv(report, out)
+    return out.getvalue()
+
+
+def write_csv(report: Report, out: TextIO) -> None:
+    """``render_csv``'s text written to ``out`` a line at a time (a million customers' CSV is
+    never one string)."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for line in report.customers:
@@ -284,4 +327,30 @@ def render_csv(report: Report) -> str:
                 *_money_columns(line.drift.money if line.drift is not None else None),
             )
         )
-    return out.getvalue()
+
+
+def write_json(report: Report, out: TextIO, *, indent: int | None = None) -> None:
+    """``report.model_dump_json(indent=indent)`` written to ``out``, the same text, one customer's
+    line at a time (a million customers' JSON is about a gigabyte: never one string here)."""
+    empty = report.model_copy(update={"customers": []}).model_dump_json(indent=indent)
+    marker = '"customers":[]' if indent is None else '"customers": []'
+    before, after = empty.split(marker, 1)  # the first: the only unescaped one at that depth
+    out.write(before)
+    if not report.customers:
+        out.write(marker)
+    elif indent is None:
+        out.write('"customers":[')
+        for index, line in enumerate(report.customers):
+            if index:
+                out.write(",")
+            out.write(line.model_dump_json())
+        out.write("]")
+    else:
+        pad = "\n" + " " * (2 * indent)  # the lines sit two levels deep
+        out.write('"customers": [')
+        for index, line in enumerate(report.customers):
+            if index:
+                out.write(",")
+            out.write(pad + line.model_dump_json(indent=indent).replace("\n", pad))
+        out.write("\n" + " " * indent + "]")
+    out.write(after)
