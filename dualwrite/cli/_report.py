@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
@@ -74,7 +75,12 @@ def report(
 
     # Imported here so that `report --help` stays quick (redis, the report's readers).
     from dualwrite.flags import StageResolver  # deferred: start-up cost
-    from dualwrite.report import build_report, render_csv, render_table  # deferred: start-up cost
+    from dualwrite.report import (
+        build_report,
+        render_table,
+        write_csv,
+        write_json,
+    )  # deferred: start-up cost
     from dualwrite.stores import Stores  # deferred: start-up cost
 
     async def run() -> None:
@@ -99,10 +105,12 @@ def report(
                 highlight=False,
             )
             raise typer.Exit(UNKNOWN_CUSTOMER)
+        # Streamed a line at a time: a million customers' JSON is about a gigabyte.
         if as_json:
-            typer.echo(result.model_dump_json(indent=2))
+            write_json(result, sys.stdout, indent=2)
+            sys.stdout.write("\n")
         elif as_csv:
-            typer.echo(render_csv(result), nl=False)
+            write_csv(result, sys.stdout)
         else:
             console.print(render_table(result, limit=limit))
 
