@@ -44,6 +44,7 @@ from dualwrite.proxy._headers import (
     _STRIPE_PREFIXES,
     FORWARDED_REQUEST_HEADERS,
     HOP_BY_HOP_HEADERS,
+    reply_headers,
 )
 from dualwrite.proxy._pool import UpstreamConnection
 from dualwrite.proxy._protocol import LimitedHttpToolsProtocol
@@ -84,7 +85,6 @@ class ForwardCycle:
         "_pending",
         "_pending_bytes",
         "_reply_head",
-        "_reply_headers",
         "_started",
         "_status",
         "_timer",
@@ -132,7 +132,6 @@ class ForwardCycle:
         self._started = time.perf_counter()
         self._status = 500
         self._reply_head: bytes | None = None
-        self._reply_headers: list[tuple[bytes, bytes]] = []
         self._chunked = False
         self._close_delimited = False
         self._upstream_keep_alive = False
@@ -219,37 +218,36 @@ class ForwardCycle:
         else:
             self.flow.resume_reading()
 
-    def reply_header(self, name: bytes, value: bytes) -> None:
-        """Collect the reply's headers."""
-        self._reply_headers.append((name, value))
-
-    def reply_head(self, status: int, keep_alive: bool) -> None:
+    def reply_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, keep_alive: bool
+    ) -> None:
         """Build the reply's head for the caller (written with the first body bytes)."""
-        raw, self._reply_headers = self._reply_headers, []
         if status < 200:  # an interim reply (100 Continue): not the caller's business
             self._interim = True
             return
         self._last_read = self.protocol.loop.time()
         self._status = status
         self._upstream_keep_alive = keep_alive
-        named: tuple[bytes, ...] = ()
         has_length = has_encoding = False
+        named: list[bytes] | None = None
         date: bytes | None = None
-        lowered = []
-        for key, value in raw:
+        parts = [STATUS_LINE[status]]
+        for key, value in headers:
             lower = key.lower()
-            lowered.append(lower)
-            if lower == b"connection":
-                named += tuple(token.strip().lower() for token in value.split(b","))
-            elif lower == b"content-length":
+            if lower in HOP_BY_HOP_HEADERS:
+                if lower == b"connection":
+                    named = [token.strip().lower() for token in value.split(b",")]
+                elif lower == b"transfer-encoding":
+                    has_encoding = True
+                continue
+            if lower == b"content-length":
                 has_length = True
-            elif lower == b"transfer-encoding":
-                has_encoding = True
             elif lower == b"date":
                 date = value
-        parts = [STATUS_LINE[status]]
-        for (key, value), lower in zip(raw, lowered, strict=True):
-            if lower not in HOP_BY_HOP_HEADERS and lower not in named:
+            parts += (key, b": ", value, b"\r\n")
+        if named and not HOP_BY_HOP_HEADERS.issuperset(named):  # it names others (rare)
+            parts = [STATUS_LINE[status]]
+            for key, value in reply_headers(headers):
                 parts += (key, b": ", value, b"\r\n")
         if status not in _NO_BODY_STATUS and not has_length:
             self._chunked = True

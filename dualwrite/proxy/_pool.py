@@ -41,11 +41,10 @@ class Exchange(Protocol):
     def failed(self, exc: BaseException) -> None:
         """No connection could be made (refused, timed out, TLS refused)."""
 
-    def reply_header(self, name: bytes, value: bytes) -> None:
-        """A header of the upstream's reply."""
-
-    def reply_head(self, status: int, keep_alive: bool) -> None:
-        """The reply's headers are all in."""
+    def reply_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, keep_alive: bool
+    ) -> None:
+        """The reply's status and headers are all in."""
 
     def reply_body(self, chunk: bytes) -> None:
         """A piece of the reply's body (decoded from chunked framing if it was)."""
@@ -63,13 +62,15 @@ class Exchange(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream, carrying one exchange at a time."""
 
-    __slots__ = ("exchange", "idle_since", "parser", "pool", "transport")
+    __slots__ = ("exchange", "headers", "idle_since", "parser", "pool", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.idle_since = 0.0
+        self.headers: list[tuple[bytes, bytes]] = []
+        """The headers of the reply being parsed."""
         self.parser = httptools.HttpResponseParser(self)
 
     # -- transport ----------------------------------------------------------------------------
@@ -109,12 +110,15 @@ class UpstreamConnection(asyncio.Protocol):
     # -- the reply parser's callbacks ----------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.reply_header(name, value)
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        headers, self.headers = self.headers, []
         if self.exchange is not None:
-            self.exchange.reply_head(self.parser.get_status_code(), self.parser.should_keep_alive())
+            parser = self.parser
+            self.exchange.reply_head(
+                parser.get_status_code(), headers, keep_alive=parser.should_keep_alive()
+            )
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:
