@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -63,6 +64,24 @@ _BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 _NOT_FAST = (b"HEAD", b"CONNECT")
 _NO_BODY_STATUS = (204, 304)
 _LAST_CHUNK = b"0\r\n\r\n"
+
+
+#: A header field that describes the connection (its name after a CRLF: a whole field name).
+_HOP_BY_HOP = re.compile(
+    rb"\r\n(?:" + b"|".join(sorted(HOP_BY_HOP_HEADERS)) + rb")[ \t]*:", re.IGNORECASE
+)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:", re.IGNORECASE)
+_DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
+
+
+def _without_hop_by_hop(fields: bytes) -> bytes:
+    """``fields`` (each after a CRLF) without the hop-by-hop ones (``_headers.reply_headers``)."""
+    pairs = []
+    for line in fields.split(b"\r\n")[1:-1]:
+        name, _, value = line.partition(b":")
+        pairs.append((name.rstrip(b" \t"), value.strip(b" \t")))
+    return b"".join(b"\r\n%b: %b" % pair for pair in reply_headers(pairs)) + b"\r\n"
 
 
 class _ClosedByPeerError(ConnectionError):
@@ -218,37 +237,22 @@ class ForwardCycle:
         else:
             self.flow.resume_reading()
 
-    def reply_head(
-        self, status: int, headers: list[tuple[bytes, bytes]], *, keep_alive: bool
-    ) -> None:
-        """Build the reply's head for the caller (written with the first body bytes)."""
+    def reply_head(self, status: int, fields: bytes, *, keep_alive: bool) -> None:
+        """Build the reply's head for the caller (written with the first body bytes): the
+        upstream's header fields as received, but the hop-by-hop ones."""
         if status < 200:  # an interim reply (100 Continue): not the caller's business
             self._interim = True
             return
         self._last_read = self.protocol.loop.time()
         self._status = status
         self._upstream_keep_alive = keep_alive
-        has_length = has_encoding = False
-        named: list[bytes] | None = None
-        date: bytes | None = None
-        parts = [STATUS_LINE[status]]
-        for key, value in headers:
-            lower = key.lower()
-            if lower in HOP_BY_HOP_HEADERS:
-                if lower == b"connection":
-                    named = [token.strip().lower() for token in value.split(b",")]
-                elif lower == b"transfer-encoding":
-                    has_encoding = True
-                continue
-            if lower == b"content-length":
-                has_length = True
-            elif lower == b"date":
-                date = value
-            parts += (key, b": ", value, b"\r\n")
-        if named and not HOP_BY_HOP_HEADERS.issuperset(named):  # it names others (rare)
-            parts = [STATUS_LINE[status]]
-            for key, value in reply_headers(headers):
-                parts += (key, b": ", value, b"\r\n")
+        has_length = _CONTENT_LENGTH.search(fields) is not None
+        if _HOP_BY_HOP.search(fields) is not None:
+            has_encoding = _TRANSFER_ENCODING.search(fields) is not None
+            fields = _without_hop_by_hop(fields)
+        else:
+            has_encoding = False
+        parts = [STATUS_LINE[status], fields[2:]]
         if status not in _NO_BODY_STATUS and not has_length:
             self._chunked = True
             self._close_delimited = not has_encoding
@@ -258,8 +262,9 @@ class ForwardCycle:
         parts.append(b"\r\n")
         self._reply_head = b"".join(parts)
         self.response_started = True
+        date = _DATE.search(fields)
         if date is not None:
-            self.app.upstream.saw_date(date.decode("latin-1"))
+            self.app.upstream.saw_date(date[1].decode("latin-1"))
 
     def reply_body(self, chunk: bytes) -> None:
         """Relay a piece of the reply's body (with the held head, the first time)."""

@@ -26,10 +26,12 @@ from yarl import URL
 
 from dualwrite.config import StripeSettings
 
-__all__ = ["IDLE_SECONDS", "Exchange", "UpstreamConnection", "UpstreamPool"]
+__all__ = ["IDLE_SECONDS", "MAX_HEAD_BYTES", "Exchange", "UpstreamConnection", "UpstreamPool"]
 
 #: An idle upstream connection older than this is closed instead of reused (aiohttp keeps 15 s).
 IDLE_SECONDS = 15.0
+#: The largest reply head (status line and headers) read from the upstream.
+MAX_HEAD_BYTES = 256 * 1024
 
 
 class Exchange(Protocol):
@@ -41,10 +43,8 @@ class Exchange(Protocol):
     def failed(self, exc: BaseException) -> None:
         """No connection could be made (refused, timed out, TLS refused)."""
 
-    def reply_head(
-        self, status: int, headers: list[tuple[bytes, bytes]], *, keep_alive: bool
-    ) -> None:
-        """The reply's status and headers are all in."""
+    def reply_head(self, status: int, fields: bytes, *, keep_alive: bool) -> None:
+        """The reply's status and its header fields as received (each after a CRLF)."""
 
     def reply_body(self, chunk: bytes) -> None:
         """A piece of the reply's body (decoded from chunked framing if it was)."""
@@ -62,15 +62,28 @@ class Exchange(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream, carrying one exchange at a time."""
 
-    __slots__ = ("exchange", "headers", "idle_since", "parser", "pool", "transport")
+    __slots__ = (
+        "exchange",
+        "idle_since",
+        "in_head",
+        "interim",
+        "offset",
+        "parser",
+        "pool",
+        "received",
+        "transport",
+    )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.idle_since = 0.0
-        self.headers: list[tuple[bytes, bytes]] = []
-        """The headers of the reply being parsed."""
+        self.in_head = True
+        self.interim = False
+        self.received = b""
+        """The bytes of the reply whose head is being parsed (``offset``: where it begins)."""
+        self.offset = 0
         self.parser = httptools.HttpResponseParser(self)
 
     # -- transport ----------------------------------------------------------------------------
@@ -82,6 +95,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is None:  # bytes nobody asked for: the connection is out of step
             self.close()
             return
+        if self.in_head:
+            self.received = self.received + data if self.received else data
+            if len(self.received) > MAX_HEAD_BYTES:
+                exchange = self.exchange  # no more is parsed: a broken reply
+                self.close()
+                exchange.upstream_lost(None)
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -109,24 +129,37 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the reply parser's callbacks ----------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    # No ``on_header``: a reply's head is taken whole from the bytes (``head``), not one Python
+    # call per header field.
 
     def on_headers_complete(self) -> None:
-        headers, self.headers = self.headers, []
+        received, offset = self.received, self.offset
+        end = received.find(b"\r\n\r\n", offset)
+        # The status line's end: the fields follow, each after a CRLF, as the exchange reads them.
+        head = received[received.find(b"\r\n", offset) : end + 2]
+        self.offset = end + 4  # an interim reply's head may be followed by the final one
         if self.exchange is not None:
             parser = self.parser
-            self.exchange.reply_head(
-                parser.get_status_code(), headers, keep_alive=parser.should_keep_alive()
-            )
+            status = parser.get_status_code()
+            self.interim = status < 200
+            if not self.interim:
+                self.in_head = False
+                self.received = b""
+            self.exchange.reply_head(status, head, keep_alive=parser.should_keep_alive())
+
+    def on_message_complete(self) -> None:
+        if self.interim:  # the final reply's head may be in the bytes already received
+            self.interim = False
+        else:
+            self.in_head = True
+            self.received = b""
+            self.offset = 0
+        if self.exchange is not None:
+            self.exchange.reply_done()
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:
             self.exchange.reply_body(body)
-
-    def on_message_complete(self) -> None:
-        if self.exchange is not None:
-            self.exchange.reply_done()
 
     # -- use -----------------------------------------------------------------------------------
 
