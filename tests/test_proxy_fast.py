@@ -108,10 +108,12 @@ class TestReplyFraming:
     """Replies relayed with their framing, or cut off the way the caller can see."""
 
     async def test_chunked_reply(self, settings_for):
-        """A chunked reply arrives whole and chunked, its Transfer-Encoding not doubled."""
+        """A chunked reply arrives whole and chunked, its Transfer-Encoding not doubled, without
+        the hop-by-hop fields (and those its Connection header names)."""
         chunked = (
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-            b'Request-Id: req_1\r\n\r\n5\r\n{"a":\r\n3\r\n 1}\r\n0\r\n\r\n'
+            b"Request-Id: req_1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+            b'Keep-Alive: timeout=5\r\n\r\n5\r\n{"a":\r\n3\r\n 1}\r\n0\r\n\r\n'
         )
         async with upstream({"/v1/chunked": chunked}) as (_, url):
             with serve_proxy(settings_for(url)) as proxy:
@@ -123,6 +125,7 @@ class TestReplyFraming:
                 )
         assert reply.json() == {"a": 1} and again.json() == {"a": 1}
         assert reply.headers["request-id"] == "req_1"
+        assert not {"x-hop", "keep-alive", "connection"} & set(reply.headers)
         assert raw.lower().count(b"transfer-encoding: chunked") == 1
         assert raw.endswith(b"0\r\n\r\n")
 

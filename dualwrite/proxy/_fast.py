@@ -70,6 +70,8 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _HOP_BY_HOP = re.compile(
     rb"\r\n(?:" + b"|".join(sorted(HOP_BY_HOP_HEADERS)) + rb")[ \t]*:", re.IGNORECASE
 )
+#: Connection tokens that name no end-to-end field.
+_NOT_HEADERS = HOP_BY_HOP_HEADERS | {b"close", b""}
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
 _TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding[ \t]*:", re.IGNORECASE)
 _DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
@@ -77,6 +79,22 @@ _DATE = re.compile(rb"\r\ndate[ \t]*:[ \t]*([^\r]*?)[ \t]*\r", re.IGNORECASE)
 
 def _without_hop_by_hop(fields: bytes) -> bytes:
     """``fields`` (each after a CRLF) without the hop-by-hop ones (``_headers.reply_headers``)."""
+    kept = []
+    start = 0
+    for match in _HOP_BY_HOP.finditer(fields):
+        end = fields.index(b"\r\n", match.end())
+        if match[0][2:].lower().startswith(b"connection"):
+            named = fields[match.end() : end].lower().split(b",")
+            if not all(token.strip() in _NOT_HEADERS for token in named):
+                return _filtered(fields)  # it names other fields: those go too
+        kept.append(fields[start : match.start()])
+        start = end
+    kept.append(fields[start:])
+    return b"".join(kept)
+
+
+def _filtered(fields: bytes) -> bytes:
+    """``_without_hop_by_hop`` field by field, for a Connection header that names fields."""
     pairs = []
     for line in fields.split(b"\r\n")[1:-1]:
         name, _, value = line.partition(b":")
@@ -247,11 +265,10 @@ class ForwardCycle:
         self._status = status
         self._upstream_keep_alive = keep_alive
         has_length = _CONTENT_LENGTH.search(fields) is not None
+        has_encoding = False
         if _HOP_BY_HOP.search(fields) is not None:
             has_encoding = _TRANSFER_ENCODING.search(fields) is not None
             fields = _without_hop_by_hop(fields)
-        else:
-            has_encoding = False
         parts = [STATUS_LINE[status], fields[2:]]
         if status not in _NO_BODY_STATUS and not has_length:
             self._chunked = True
