@@ -32,7 +32,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
@@ -53,9 +53,15 @@ from dualwrite.proxy._upstream import UpstreamReply, _gateway_error, _unsendable
 
 if TYPE_CHECKING:
     from dualwrite.proxy._app import ProxyApp
-    from dualwrite.proxy._server import RunningProxy
 
-__all__ = ["FastHttpToolsProtocol", "ForwardCycle", "fast_protocol"]
+
+class RunningApp(Protocol):
+    """Where the app is, once uvicorn has built it (``_server.RunningProxy``)."""
+
+    app: ProxyApp | None
+
+
+__all__ = ["FastHttpToolsProtocol", "ForwardCycle", "RunningApp", "fast_protocol"]
 
 log = logging.getLogger("dualwrite.proxy")
 access_log = logging.getLogger("dualwrite.access")
@@ -418,7 +424,7 @@ class ForwardCycle:
 class FastHttpToolsProtocol(LimitedHttpToolsProtocol):
     """``LimitedHttpToolsProtocol`` that relays forwarded requests itself (module docstring)."""
 
-    running: ClassVar[RunningProxy | None] = None
+    running: ClassVar[RunningApp | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -535,7 +541,7 @@ def _utf8(value: bytes) -> bytes:
     return value
 
 
-def fast_protocol(limits: ProxySettings, running: RunningProxy) -> type[FastHttpToolsProtocol]:
+def fast_protocol(limits: ProxySettings, running: RunningApp) -> type[FastHttpToolsProtocol]:
     """The protocol class uvicorn builds per connection: ``limits``, and the app ``running``
     holds once uvicorn has built it."""
     attributes = {"limits": limits, "waiting": {}, "running": running}
