@@ -191,8 +191,9 @@ def run_upstream(port: int, delay: float) -> None:
 # ---------------------------------------------------------------------------------------- proxies
 
 
-def run_proxy_child(port: int, upstream: str, prefix: str) -> None:
-    """Child: the proxy, as ``dualwrite serve --no-access-log`` runs it."""
+def run_proxy_child(port: int, upstream: str, prefix: str, fast_path: bool = True) -> None:
+    """Child: the proxy, as ``dualwrite serve --no-access-log`` runs it (``fast_path=False``:
+    ``[proxy] fast_path = false``, every request through ASGI and aiohttp, as before issue 20)."""
     from dualwrite.config import Settings
     from dualwrite.proxy import run_proxy
 
@@ -202,6 +203,7 @@ def run_proxy_child(port: int, upstream: str, prefix: str) -> None:
             "key_prefix": prefix,
         },
         stripe={"api_base": upstream},
+        proxy={"fast_path": fast_path},
     )
     run_proxy(settings, host="127.0.0.1", port=port, access_log=False)
 
@@ -383,7 +385,7 @@ def _print(
         for name, runs in by_target.items():
             errors = sum(run["errors"] for run in runs)
             line = (
-                f"  {name:10}{summary([r['rps'] for r in runs], 0):>20}   "
+                f"  {name:16}{summary([r['rps'] for r in runs], 0):>20}   "
                 f"{summary([r['p50_ms'] for r in runs])}   {summary([r['p99_ms'] for r in runs])}"
             )
             if name != "direct":
@@ -473,17 +475,19 @@ def main() -> None:
                 targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", worker)
             if options.breakdown:
                 for name, command, extra in (
+                    ("ASGI path", "_proxy", [upstream, f"{prefix}-asgi", "asgi"]),
                     ("uvicorn alone", "_asgi", []),
                     ("uvicorn+aiohttp", "_forwarder", [upstream]),
                 ):
                     port = free_port()
                     process = stack.enter_context(
-                        child([__file__, command, str(port), *extra], what=name, port=port)
+                        child([__file__, command, str(port), *extra], what=name, port=port, env=env)
                     )
                     targets[name] = (f"http://127.0.0.1:{port}", process.pid)
             results = _run(targets, options)
     finally:
         cleanup(prefix)
+        cleanup(f"{prefix}-asgi")
 
     if options.json:
         print(json.dumps(results, indent=2))
@@ -499,6 +503,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "_forwarder":
         run_forwarder(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_proxy":
-        run_proxy_child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        fast = len(sys.argv) < 6 or sys.argv[5] != "asgi"
+        run_proxy_child(int(sys.argv[2]), sys.argv[3], sys.argv[4], fast_path=fast)
     else:
         main()

@@ -163,6 +163,10 @@ class ProxySettings(_Frozen):
     the process's open-file limit to fit, or lowers this (with a warning) when it cannot."""
     keep_alive_timeout: int = Field(default=5, ge=1, le=3600)
     """Seconds an idle keep-alive connection is kept open after a response."""
+    fast_path: bool = True
+    """Relay forwarded requests as bytes over the proxy's own keep-alive connections to the
+    upstream, without ASGI (``dualwrite.proxy._fast``); off: every request goes through the ASGI
+    app and aiohttp."""
 
 
 class StripeSettings(_Frozen):

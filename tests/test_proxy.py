@@ -891,8 +891,8 @@ class TestPool:
                     for _ in range(3):
                         assert (await client.get("/v1/customers")).status_code == 200
                 assert proxy.app is not None
-                connector = proxy.app.upstream.connector
-                assert connector is not None and connector.limit == 2
+                # Forwarded calls take the fast path's pool (``_fast``), capped like aiohttp's.
+                assert proxy.app.pool.limit == 2 and proxy.app.pool.open_connections == 2
         assert recorder.requests == 9
         assert len(concurrent) == 2
         assert set(recorder.clients) == concurrent

@@ -16,7 +16,9 @@ or ``dualwrite serve --config dualwrite.toml``, or
 
 Modules: ``_app`` (routing, lifespan, health), ``_upstream`` (forwarding, on aiohttp),
 ``_headers`` (which headers cross), ``_usage`` (interception and replies), ``_items``
-(subscription item → customer and meter), ``_server`` (uvicorn on httptools and uvloop).
+(subscription item → customer and meter), ``_server`` (uvicorn on httptools and uvloop),
+``_protocol`` (the HTTP limits), ``_fast`` (forwarded requests relayed as bytes, without ASGI, on
+``_pool``'s keep-alive connections; ``[proxy] fast_path``).
 """
 
 from __future__ import annotations

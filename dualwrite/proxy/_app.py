@@ -29,6 +29,7 @@ from dualwrite.health import HEALTH_PATH, PATHS, HealthCheck
 from dualwrite.metrics import OutboxSampler, RequestObserver, metrics_app
 from dualwrite.outbox import OutboxWorker
 from dualwrite.proxy._items import ItemResolver
+from dualwrite.proxy._pool import UpstreamPool
 from dualwrite.proxy._upstream import Upstream, request_target
 from dualwrite.proxy._usage import USAGE_PATH_RE, UsageInterceptor
 from dualwrite.web import report_app
@@ -89,6 +90,9 @@ class ProxyApp:
         self.max_body_bytes = max_body_bytes
         # Every reply's Date keeps the engine's view of Stripe's clock current.
         self.upstream = Upstream(settings.stripe, on_date=self.engine.writer.clock.observe)
+        # The fast path's connections to the same upstream (``_fast``: forwarded requests as bytes).
+        self.pool = UpstreamPool(settings.stripe)
+        self.access_log = access_log
         stores = self.engine.stores
         self.items = ItemResolver(
             # The engine's read also keeps the item's billing period for the ledger.
@@ -149,6 +153,15 @@ class ProxyApp:
         if path.startswith(RESERVED_PREFIX) or path == REPORT_ROOT:
             return "report"
         return "stripe"
+
+    def forwards(self, method: str, path: str) -> bool:
+        """Whether a request is streamed to the upstream untouched (``_http``'s routing, which
+        the fast path asks before taking a request)."""
+        if method == "POST" and path.endswith(_USAGE_SUFFIX) and USAGE_PATH_RE.fullmatch(path):
+            return False
+        if path in (self._events_path, self.settings.webhooks.path, METRICS_PATH):
+            return False
+        return not (path.startswith(RESERVED_PREFIX) or path == REPORT_ROOT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -255,6 +268,7 @@ class ProxyApp:
         if self._owns_engine:
             await self.engine.aclose()
         await self.upstream.aclose()
+        await self.pool.aclose()
 
 
 def create_proxy_app(

@@ -200,15 +200,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self.start_request()
+        self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_too_slow)
+
+    def start_request(self) -> None:
+        """Start the request whose headers are in: an ASGI cycle of uvicorn's (a subclass may
+        take the request another way, ``dualwrite.proxy._fast``)."""
         before = self.cycle
         super().on_headers_complete()
         if self.cycle is not None and self.cycle is not before:
             # Before its task first runs (now, or after the pipelined requests ahead of it).
             self.cycle.transport = cast(asyncio.Transport, HeadThenBody(self.transport, self.loop))
-        self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_too_slow)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self.message_done()
+
+    def message_done(self) -> None:
+        """The request's body is all in: its time limit ends; the next request's head begins."""
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None

@@ -32,6 +32,7 @@ from dualwrite.config import ProxySettings, Settings
 from dualwrite.exceptions import DualwriteError
 from dualwrite.logging import LogFormat, log_config
 from dualwrite.proxy._app import DEFAULT_MAX_BODY_BYTES, ProxyApp
+from dualwrite.proxy._fast import fast_protocol
 from dualwrite.proxy._protocol import limited_protocol
 from dualwrite.server_thread import serve_in_thread
 
@@ -100,6 +101,9 @@ def _config(
         running.app = ProxyApp(settings, **app_options)
         return running.app
 
+    limits = fit_connections(settings)
+    # The fast path relays forwarded requests itself; the rest goes to the app as before.
+    protocol = fast_protocol(limits, running) if limits.fast_path else limited_protocol(limits)
     return uvicorn.Config(
         factory,
         factory=True,
@@ -109,7 +113,7 @@ def _config(
         lifespan="on",
         ws="none",
         # httptools, with the [proxy] limits (uvicorn's own has none on headers or slow callers).
-        http=limited_protocol(fit_connections(settings)),
+        http=protocol,
         timeout_keep_alive=settings.proxy.keep_alive_timeout,
         loop=LOOP_IMPLEMENTATION,
         # The app writes its own access lines (path templates, durations: ``dualwrite.access``).

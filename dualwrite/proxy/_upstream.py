@@ -299,14 +299,16 @@ class Upstream:
         return UpstreamReply(response.status, reply_headers(response.raw_headers), content)
 
     def _saw_reply(self, response: aiohttp.ClientResponse) -> None:
-        if self._on_date is not None:
-            date = response.headers.get("Date")
-            # Date has whole seconds: the first reply with a given one bounds Stripe's clock
-            # most tightly, and later ones with the same text add nothing (parsing it was 2 %
-            # of a forwarded call's CPU).
-            if date != self._last_date:
-                self._last_date = date
-                self._on_date(date)
+        self.saw_date(response.headers.get("Date"))
+
+    def saw_date(self, date: str | None) -> None:
+        """Tell ``on_date`` a reply's ``Date`` header (the fast path's replies too)."""
+        # Date has whole seconds: the first reply with a given one bounds Stripe's clock most
+        # tightly, and later ones with the same text add nothing (parsing it was 2 % of a
+        # forwarded call's CPU).
+        if self._on_date is not None and date != self._last_date:
+            self._last_date = date
+            self._on_date(date)
 
 
 async def _relay(response: aiohttp.ClientResponse, send: Send) -> None:
