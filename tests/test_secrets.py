@@ -257,7 +257,9 @@ class TestCallerErrorsHideInternals:
             msg = f"internal failure at {redis_url} in /work/main/dualwrite/ledger.py"
             raise RuntimeError(msg)
 
+        # The report reads the rollup copies (rolled); other pages read rows.
         monkeypatch.setattr("dualwrite.ledger.Ledger.rows", broken)
+        monkeypatch.setattr("dualwrite.ledger.Ledger.rolled", broken)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=proxy, raise_app_exceptions=False),
             base_url="http://p",
