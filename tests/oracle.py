@@ -215,10 +215,15 @@ class Oracle:
             count = len(list(self._of(customer, None, None)))
             assert covered == count, f"{customer}: ledger periods hold {covered} of {count} events"
 
-    async def assert_stripe(self, client: stripe.StripeClient) -> None:
+    async def assert_stripe(self, client: stripe.StripeClient, *, slack: int = 0) -> None:
         """Stripe's summaries hold, per customer and leg, exactly the usage callers were told was
         accepted: usage record summaries per billing period (legacy), meter event summaries over
-        the minutes the usage was sent in (meter)."""
+        the minutes the usage was sent in (meter).
+
+        ``slack``: seconds the meter window is widened by on each side, for usage the test sent
+        without a timestamp (the proxy stamps it a moment after the test noted the time). Each
+        customer's usage must then be the only meter usage within ``slack`` of it.
+        """
         for customer in self.customers():
             scenario = self._scenario(customer)
             periods = await legacy_summaries(client, scenario.item)
@@ -233,7 +238,8 @@ class Oracle:
             ]
             assert not outside, f"{customer}: legacy usage at {outside} in no period Stripe sums"
             stamps = [t.timestamp for t in self._of(customer, None, None)]
-            start, end = min(stamps) // 60 * 60, (max(stamps) // 60 + 1) * 60
+            start = (min(stamps) - slack) // 60 * 60
+            end = (max(stamps) + slack) // 60 * 60 + 60
             value = await meter_summary(client, scenario.meter, customer, start, end)
             assert value == self.held(customer, Leg.METER, start=start, end=end), (
                 f"meter usage of {customer} in [{start}, {end})"

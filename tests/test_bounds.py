@@ -198,6 +198,9 @@ class TestInProcessBounds:
         response = await post_usage(down_settings, scenario, 4)
         assert response.status_code == 503
         assert response.headers["Stripe-Should-Retry"] == "true"
+        # When to retry: once the spool has had a replay to drain.
+        replay = down_settings.outbox.spool_replay_seconds
+        assert response.headers["Retry-After"] == f"{replay:g}"
         assert response.json()["error"]["type"] == "api_error"
         assert [r for r in standin.requests if r.method == "POST"] == []
         assert spool_files(spool_dir) == before

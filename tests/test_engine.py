@@ -211,6 +211,43 @@ class TestIdempotency:
             assert len(standin.meter_events(scenario.customer)) == 1
 
 
+class TestItemOwnerUnreadable:
+    """Usage naming an item Stripe could not read (a 5xx, so its owner is unknown) is refused,
+    retryable, before anything is written; the caller's retry writes it once."""
+
+    @pytest.mark.parametrize("stage", [Stage.LEGACY, Stage.SHADOW, Stage.PRIMARY])
+    async def test_refused_retryably_and_nothing_written(self, engine, builder, standin, stage):
+        """The refusal names the stage's authoritative leg and, if it has one, its shadow (not
+        written); nothing reaches Stripe until the caller retries."""
+        scenario = await builder.customer()
+        await set_stage(engine, scenario.customer, stage)
+        standin.faults.refuse(
+            path=rf"/v1/subscription_items/{scenario.item}", status=500, message="down"
+        )
+        event = usage(scenario, 6, identifier="owner-unreadable")
+        outcome = await engine.record(event)
+        first, shadow = {
+            Stage.LEGACY: (Leg.LEGACY, None),
+            Stage.SHADOW: (Leg.LEGACY, Leg.METER),
+            Stage.PRIMARY: (Leg.METER, Leg.LEGACY),
+        }[stage]
+        refused = outcome.authoritative
+        assert not outcome.accepted and not refused.accepted and refused.leg is first
+        assert refused.failure is not None and refused.failure.retryable
+        assert refused.http_status == refused.failure.http_status == 500
+        assert (outcome.stage, outcome.shadow_leg) == (stage, shadow)
+        assert outcome.shadow_status == ("skipped" if shadow else "not_applicable")
+        await drain(engine)
+        assert standin.legacy_total(scenario.item) == 0
+        assert standin.meter_total(scenario.customer, EVENT_NAME) == 0
+        standin.faults.clear()
+        retry = await engine.record(event)
+        await drain(engine)
+        assert retry.accepted and not retry.replayed
+        assert standin.legacy_total(scenario.item) == 6
+        assert standin.meter_total(scenario.customer, EVENT_NAME) == (0 if shadow is None else 6)
+
+
 class TestShadowFailures:
     """The shadow is written only after the authoritative write, and its failures are divergence."""
 

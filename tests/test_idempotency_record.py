@@ -135,6 +135,18 @@ OUTCOMES = {
     "an id with a pipe": legacy_outcome(
         authoritative=legacy_outcome().authoritative.model_copy(update={"stripe_id": "a|b"})
     ),
+    "replayed": legacy_outcome(replayed=True),
+    "refused without an HTTP status": RecordOutcome(
+        event=EVENT,
+        stage=Stage.LEGACY,
+        authoritative=WriteResult(
+            leg=Leg.LEGACY,
+            accepted=False,
+            failure=StripeFailure(message="Stripe could not be reached"),
+        ),
+        shadow_leg=None,
+        shadow_status="not_applicable",
+    ),
     "refused": RecordOutcome(
         event=EVENT,
         stage=Stage.PRIMARY,

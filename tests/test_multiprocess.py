@@ -1,6 +1,8 @@
 """Many processes on one Redis: two ``dualwrite serve`` proxies and three ``dualwrite worker``
 processes, the Stripe stand-in in a process of its own (``dualwrite stripe-standin``), traffic for
-1,000 customers through both proxies, a flag change every proxy must see, and exact totals."""
+1,000 customers through both proxies, a flag change every proxy must see, and exact totals judged
+by the oracle (``tests/oracle.py``): Stripe's summaries, read over HTTP from the stand-in's
+process, and the ledger hold what each caller was told at the stage the test had set."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from dualwrite.models import Stage
 from dualwrite.proxy import HEALTH_PATH
 from tests.cluster_support import free_port_pair
 from tests.conftest import STRIPE_KEY
+from tests.oracle import Oracle
 from tests.support import EVENT_NAME, Scenario, ScenarioBuilder
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -174,15 +177,17 @@ async def send_usage(
     phase: str,
     quantity_of: dict[str, int],
     retries: list[int],
+    oracle: Oracle,
 ) -> None:
     """One usage record per customer, alternating proxies; every reply must end as 200 (the
-    statuses that were retried are appended to ``retries``)."""
+    statuses that were retried are appended to ``retries``), and the oracle is told so."""
     limit = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
 
         async def one(n: int, scenario: Scenario) -> None:
             proxy = proxies[(n + (phase == "b")) % len(proxies)]
             quantity = quantity_of[scenario.customer]
+            sent_at = int(time.time())  # the proxy stamps the usage: no timestamp is sent
             for attempt in range(5):
                 # As Stripe's SDKs do: retry 409 / 429 / 5xx with the same key (a proxy that
                 # lost its upstream connection says so with a 502); the key makes it exactly once.
@@ -197,6 +202,7 @@ async def send_usage(
                 retries.append(response.status_code)
                 await anyio.sleep(0.1 * 2**attempt)
             assert response.status_code == 200, response.text
+            oracle.tell(scenario, quantity, timestamp=sent_at, accepted=True)
 
         await asyncio.gather(*(one(n, scenario) for n, scenario in enumerate(scenarios)))
 
@@ -205,8 +211,9 @@ async def test_two_proxies_three_workers_exact_totals(
     processes, standin_process, redis_url, key_prefix, tmp_path
 ):
     """1,000 customers through two proxy processes, delivered by three worker processes:
-    a change of the default stage reaches both proxies at once, and ledger == stand-in ==
-    intended for every customer."""
+    a change of the default stage reaches both proxies at once, and Stripe's summaries and the
+    ledger hold, per customer and leg, what the oracle was told (the first usage at ``legacy``,
+    the default stage, the second at ``shadow``)."""
     scenarios, price = await make_customers(standin_process)
     config = tmp_path / "dualwrite.toml"
     write_config(
@@ -225,17 +232,24 @@ async def test_two_proxies_three_workers_exact_totals(
     first = {s.customer: 1 + n % 7 for n, s in enumerate(scenarios)}
     second = {s.customer: 10 + n % 5 for n, s in enumerate(scenarios)}
     retried: list[int] = []
+    oracle = Oracle()
+    for scenario in scenarios:
+        oracle.set_stage(scenario, Stage.LEGACY)  # the default stage, cached by both proxies
     started = time.monotonic()
     await send_usage(
-        proxies, scenarios, phase="a", quantity_of=first, retries=retried
-    )  # legacy, cached by both
+        proxies, scenarios, phase="a", quantity_of=first, retries=retried, oracle=oracle
+    )
 
     settings = Settings.load(config)
     engine = DualWriteEngine.from_settings(settings)
     await engine.start(worker=False)
     try:
         await RedisFlagStore(engine.redis, engine.keys).set_default(Stage.SHADOW, actor="tests")
-        await send_usage(proxies, scenarios, phase="b", quantity_of=second, retries=retried)
+        for scenario in scenarios:
+            oracle.set_stage(scenario, Stage.SHADOW)
+        await send_usage(
+            proxies, scenarios, phase="b", quantity_of=second, retries=retried, oracle=oracle
+        )
         async with httpx.AsyncClient(timeout=10) as client:
             with anyio.fail_after(120):
                 while True:  # polls: three other processes deliver the shadow writes
@@ -246,6 +260,13 @@ async def test_two_proxies_three_workers_exact_totals(
             state = (await client.get(f"{standin_process}/_standin/state")).json()
         elapsed = time.monotonic() - started
         rows = await engine.ledger.rows()
+        # A proxy that missed the change would have written no meter event for its customers.
+        await oracle.assert_ledger(engine.ledger)
+        builder = ScenarioBuilder(standin_process, STRIPE_KEY)
+        try:
+            await oracle.assert_stripe(builder.client, slack=60)
+        finally:
+            await builder.aclose()
     finally:
         await engine.aclose()
 
