@@ -5,7 +5,7 @@ line every few seconds, never finishing; a connection the server closes is opene
 
 Runs for SECONDS, then prints one JSON line: connections opened, closed by the server, the status
 of each reply the server sent before closing (408, 431, 503…), and connect errors. The soak runs it
-beside its load (``bench/soak.py --slowloris``), and ``tests/test_proxy_limits.py`` against a proxy
+beside its load (``bench/soak.py --slowloris``), and ``tests/proxy/test_proxy_limits.py`` against a proxy
 whose open-file limit is tight. It raises its own open-file limit to fit its connections.
 """
 

@@ -66,7 +66,7 @@ one for the whole account. Meter event records spread over 16 tags ``{m0}`` … 
 channel has no tag: classic ``PUBLISH`` reaches every node of a cluster.
 
 A new key takes the tag of whatever it is changed together with; a script or ``MULTI`` never spans
-two tags (``tests/test_cluster.py`` checks every name here).
+two tags (``tests/durability/test_cluster.py`` checks every name here).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The stores, opened once from settings and passed to whoever needs them (uvicorn's ``Config.load()``).
 
 ``Stores.open(settings)`` is the one place in dualwrite that opens Redis and lays out its key space
-(``tests/test_stores.py`` holds every other module to it): the engine, the front doors, the
+(``tests/engine/test_stores.py`` holds every other module to it): the engine, the front doors, the
 worker, the CLI commands and the report, admin and metrics apps take a ``Stores`` (or the store
 they need from it) instead of opening their own. ``Stores.on(redis, settings)`` wraps a client
 someone else opened and closes.

@@ -51,7 +51,7 @@ def trusted(cls: type[_Model], values: dict[str, Any]) -> _Model:
     but without its per-field Python loop: ``values`` must hold every field, and nothing else.
 
     For the report's hot loop only: validation was a third of a 100,000-customer report, and the
-    values are ints and objects the report computed itself (tests/test_report.py checks the lines
+    values are ints and objects the report computed itself (tests/report/test_report.py checks the lines
     against validated copies).
 
     Every model of a class shares one fields-set (all its fields: nothing can add to it, and

@@ -1,5 +1,5 @@
 """The stand-in prices and invoices: tiered, transformed and decimal prices, the hand-worked table
-(shared with dualwrite's price math, through ``tests/pricing_cases.json``) billed by the stand-in's
+(shared with dualwrite's price math, through ``tests/pricing/pricing_cases.json``) billed by the stand-in's
 own math, its period-end invoices, ``GET /v1/invoices`` and invoice previews of a price swap."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.standin.standin_support import ACACIA, BASIL, MONTH_LATER, START
 pytestmark = pytest.mark.anyio
 
 CASES: list[dict[str, Any]] = json.loads(
-    (Path(__file__).parents[1] / "pricing_cases.json").read_text()
+    (Path(__file__).parents[1] / "pricing" / "pricing_cases.json").read_text()
 )["cases"]
 DAY = 86_400
 HOUR = 3_600
