@@ -38,6 +38,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from dualwrite.config import ProxySettings
+from dualwrite.exceptions import DualwriteError
 from dualwrite.instruments import count_request
 from dualwrite.metrics import path_template
 from dualwrite.proxy._headers import (
@@ -108,7 +109,7 @@ def _filtered(fields: bytes) -> bytes:
     return b"".join(b"\r\n%b: %b" % pair for pair in reply_headers(pairs)) + b"\r\n"
 
 
-class _ClosedByPeerError(ConnectionError):
+class _ClosedByPeerError(DualwriteError, ConnectionError):
     """The upstream closed the connection before its reply's head."""
 
 
