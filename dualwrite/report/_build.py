@@ -106,20 +106,7 @@ async def read_unmapped(redis: aioredis.Redis, keys: KeySpace) -> UnmappedItems:
 
 def _unverified(line: RawLine, loss: DataLoss) -> RawLine:
     """A line once Redis lost data: ``parity`` becomes ``unverified`` and nobody is ready."""
-    (
-        name,
-        stage,
-        events,
-        periods,
-        values,
-        unfinished,
-        status,
-        pct,
-        failed,
-        recent,
-        verdict,
-        drift,
-    ) = line
+    status, verdict = line[6], line[10]
     if status != "parity" and not verdict.ready:
         return line
     since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(loss.since))
@@ -129,20 +116,7 @@ def _unverified(line: RawLine, loss: DataLoss) -> RawLine:
         reason=f"ledger incomplete since {since} (Redis data lost): {RECLEAR_HINT}",
     )
     status = "unverified" if status == "parity" else status
-    return (
-        name,
-        stage,
-        events,
-        periods,
-        values,
-        unfinished,
-        status,
-        pct,
-        failed,
-        recent,
-        verdict,
-        drift,
-    )
+    return (*line[:6], status, *line[7:10], verdict, line[11])
 
 
 async def _stages(resolver: StageSource, customers: Sequence[str]) -> dict[str, Stage]:
