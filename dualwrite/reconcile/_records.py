@@ -240,6 +240,10 @@ class PeriodChoice:
         if span.end <= span.start:
             msg = f"{text!r} is not a period: it ends before it starts"
             raise ValueError(msg)
+        if span.start < 0:
+            # Stripe has no usage before 1970, and a year below 1000 has no 4-digit id to read back.
+            msg = f"{text!r} is not a period: it starts before 1970-01-01"
+            raise ValueError(msg)
         return cls(text=span.id, span=span, exact=span.kind == "billing")
 
     @property
