@@ -209,10 +209,7 @@ class WriteLimits:
         rate = self._rates[path]
         if rate <= 0:
             return
-        interval_us = 1_000_000 / rate
-        burst_us = self.settings.burst_seconds * 1_000_000
-        window_us = burst_us * _BLOCK_SHARE_OF_BURST
-        largest = min(_MAX_BLOCK, int(window_us / interval_us))
+        interval_us, burst_us, window_us, largest = self._shape(path)
         if largest < _MIN_BLOCK:
             await self._take_shared(path, cost, burst_us, max_wait=max_wait)
             return
@@ -255,15 +252,26 @@ class WriteLimits:
         """The call that takes one unit of ``path`` from the shared rate, to send in another
         call's round trip; None when ``path`` is unlimited or takes its units in blocks (then a
         write costs no round trip of its own to save). Read its reply with ``granted``."""
-        rate = self._rates[path]
-        if rate <= 0:
+        if self._rates[path] <= 0:
             return None
-        interval_us = 1_000_000 / rate
+        _, burst_us, _, largest = self._shape(path)
+        if largest >= _MIN_BLOCK:
+            return None
+        args = self._gcra_args(path, burst_us, 1)
+        return TokenAsk(path, self._gcra, [self._keys.rate_limit(path)], args)
+
+    def _shape(self, path: LimitPath) -> tuple[float, float, float, int]:
+        """A limited path's emission interval and burst (µs), the window a block's units may be
+        spent in (µs), and the largest block (below ``_MIN_BLOCK``: units are taken one by one)."""
+        interval_us = 1_000_000 / self._rates[path]
         burst_us = self.settings.burst_seconds * 1_000_000
-        if min(_MAX_BLOCK, int(burst_us * _BLOCK_SHARE_OF_BURST / interval_us)) >= _MIN_BLOCK:
-            return None
-        burst_us = max(burst_us, interval_us)
-        return TokenAsk(path, self._gcra, [self._keys.rate_limit(path)], [interval_us, burst_us, 1])
+        window_us = burst_us * _BLOCK_SHARE_OF_BURST
+        return interval_us, burst_us, window_us, min(_MAX_BLOCK, int(window_us / interval_us))
+
+    def _gcra_args(self, path: LimitPath, burst_us: float, cost: int) -> list[float]:
+        """The GCRA script's arguments for ``cost`` units (the burst holds at least those)."""
+        interval_us = 1_000_000 / self._rates[path]
+        return [interval_us, max(burst_us, interval_us * cost), cost]
 
     def granted(self, ask: TokenAsk, reply: object) -> bool:
         """Whether ``reply`` (the ask's, or the error it raised) granted the unit; if not, the
@@ -288,14 +296,13 @@ class WriteLimits:
         """Take ``cost`` units from the shared GCRA; returns when (monotonic) the granting call
         was sent, which is no later than Redis granted them."""
         rate = self._rates[path]
-        interval_us = 1_000_000 / rate
-        burst_us = max(burst_us, interval_us * cost)
+        args = self._gcra_args(path, burst_us, cost)
         key = self._keys.rate_limit(path)
         waited = 0.0
         while True:
             asked = time.monotonic()
             async with store_errors("taking a rate-limit token"):
-                wait_us = as_int(await self._gcra(keys=[key], args=[interval_us, burst_us, cost]))
+                wait_us = as_int(await self._gcra(keys=[key], args=args))
             if wait_us <= 0:
                 self.stats.grants[path] = self.stats.grants.get(path, 0) + 1
                 if waited:
