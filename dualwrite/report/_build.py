@@ -36,6 +36,11 @@ from dualwrite.report._drift import customer_drifts
 from dualwrite.report._lines import (
     AT,
     COUNTERS,
+    CUSTOMER,
+    DIFFERENCE_PCT,
+    DRIFT,
+    STATUS,
+    VERDICT,
     CustomerLines,
     RawLine,
     counters_of,
@@ -106,7 +111,7 @@ async def read_unmapped(redis: aioredis.Redis, keys: KeySpace) -> UnmappedItems:
 
 def _unverified(line: RawLine, loss: DataLoss) -> RawLine:
     """A line once Redis lost data: ``parity`` becomes ``unverified`` and nobody is ready."""
-    status, verdict = line[6], line[10]
+    status, verdict = line[STATUS], line[VERDICT]
     if status != "parity" and not verdict.ready:
         return line
     since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(loss.since))
@@ -116,7 +121,7 @@ def _unverified(line: RawLine, loss: DataLoss) -> RawLine:
         reason=f"ledger incomplete since {since} (Redis data lost): {RECLEAR_HINT}",
     )
     status = "unverified" if status == "parity" else status
-    return (*line[:6], status, *line[7:10], verdict, line[11])
+    return (*line[:STATUS], status, *line[DIFFERENCE_PCT:VERDICT], verdict, line[DRIFT])
 
 
 async def _stages(resolver: StageSource, customers: Sequence[str]) -> dict[str, Stage]:
@@ -176,9 +181,6 @@ _ME, _MA, _MF, _MR, _ML = (
 )
 _BY_PERIOD_STAGES = (Stage.SHADOW, Stage.PRIMARY)
 _ZERO = (0,) * len(COUNTERS)
-# Positions in a ``RawLine``.
-_STATUS = 6
-
 Row = tuple[str, str, tuple[int, ...], dict[str, int] | None]
 """A ledger row as the report holds it: period, meter event name, counters (``COUNTERS``), any
 other counters by name (failure codes)."""
@@ -389,13 +391,13 @@ async def build_report(
                 drifts.get(name),
                 unfinished.get(name),
             )
-            if only_divergent and line[_STATUS] != "diverged":
+            if only_divergent and line[STATUS] != "diverged":
                 continue
             customers.append(line if loss is None else _unverified(line, loss))
     del by_customer, stages, names
     divergences = log[: max(divergence_limit, 0)]
     if stage is not None or only_divergent:
-        shown = {line[0] for line in customers}
+        shown = {line[CUSTOMER] for line in customers}
         divergences = [record for record in divergences if record.customer in shown]
     # Every value below is one the report computed or read through its own models: built
     # without validation (``trusted``), which would otherwise make every line's models at once.

@@ -17,7 +17,7 @@ import json
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import repeat
-from typing import Any, overload
+from typing import Any, Final, overload
 
 from dualwrite.ledger import PACKED_FIELDS, DivergenceRecord
 from dualwrite.models import Stage
@@ -154,6 +154,14 @@ RawLine = tuple[
     CustomerDrift | None,
 ]
 """One customer's line as plain values (``CustomerLines`` builds its models from them)."""
+
+# Positions in a ``RawLine`` read outside ``line_model`` (filters, ranking, the data-loss rewrite).
+CUSTOMER: Final = 0
+VALUES: Final = 4
+STATUS: Final = 6
+DIFFERENCE_PCT: Final = 7
+VERDICT: Final = 10
+DRIFT: Final = 11
 
 _LEGACY = operator.itemgetter(*(AT[f"legacy_{field}"] for field in _LEG_FIELDS))
 _METER = operator.itemgetter(*(AT[f"meter_{field}"] for field in _LEG_FIELDS))

@@ -12,7 +12,16 @@ from rich.table import Table
 from rich.text import Text
 
 from dualwrite.pricing import format_amount
-from dualwrite.report._lines import CustomerLines, RawLine, line_difference, line_model
+from dualwrite.report._lines import (
+    CUSTOMER,
+    DRIFT,
+    STATUS,
+    VALUES,
+    CustomerLines,
+    RawLine,
+    line_difference,
+    line_model,
+)
 from dualwrite.report._models import CustomerDrift, CustomerMoney, CustomerReport, Report
 
 __all__ = [
@@ -91,7 +100,7 @@ def _rank(
 
 
 def _raw_rank(raw: RawLine) -> tuple[int, bool, int, str]:
-    return _rank(raw[6], raw[11], line_difference(raw[4]), raw[0])
+    return _rank(raw[STATUS], raw[DRIFT], line_difference(raw[VALUES]), raw[CUSTOMER])
 
 
 def _ranked(report: Report, limit: int | None) -> list[CustomerReport]:
@@ -115,7 +124,7 @@ def _ranked(report: Report, limit: int | None) -> list[CustomerReport]:
 def _statuses(report: Report) -> list[str]:
     lines = report.customers
     if isinstance(lines, CustomerLines):
-        return [raw[6] for raw in lines.raw]
+        return [raw[STATUS] for raw in lines.raw]
     return [line.status for line in lines]
 
 
