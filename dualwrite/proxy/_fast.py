@@ -38,16 +38,10 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from dualwrite.config import ProxySettings
-from dualwrite.exceptions import DualwriteError
+from dualwrite.exceptions import DualwriteError, UnsendableHeaderError
 from dualwrite.instruments import count_request
 from dualwrite.metrics import path_template
-from dualwrite.proxy._headers import (
-    _FORBIDDEN_IN_VALUE,
-    _STRIPE_PREFIXES,
-    FORWARDED_REQUEST_HEADERS,
-    HOP_BY_HOP_HEADERS,
-    reply_headers,
-)
+from dualwrite.proxy._headers import HOP_BY_HOP_HEADERS, forwarded_value, reply_headers
 from dualwrite.proxy._pool import UpstreamConnection
 from dualwrite.proxy._protocol import LimitedHttpToolsProtocol
 from dualwrite.proxy._upstream import UpstreamReply, _gateway_error, _unsendable_header
@@ -473,13 +467,13 @@ class FastHttpToolsProtocol(LimitedHttpToolsProtocol):
                 return None
             if name == b"content-length":
                 length = value
-            if name in FORWARDED_REQUEST_HEADERS or name.startswith(_STRIPE_PREFIXES):
-                value = value.strip(b" \t")
-                if _FORBIDDEN_IN_VALUE.search(value):
-                    unsendable = True
-                elif not value.isascii():
-                    value = _utf8(value)
-                parts += (name, b": ", value, b"\r\n")
+            try:
+                sent = forwarded_value(name, value)
+            except UnsendableHeaderError:
+                unsendable = True
+                continue
+            if sent is not None:
+                parts += (name, b": ", sent, b"\r\n")
         if length is not None and (not length.isdigit() or int(length) > app.max_body_bytes):
             return None  # the ASGI app answers (400, or 413 without reading the body)
         if length is None and method in _BODY_METHODS:
@@ -531,15 +525,6 @@ class FastHttpToolsProtocol(LimitedHttpToolsProtocol):
         super().resume_writing()
         if self.active is not None:
             self.active.client_paused(False)
-
-
-def _utf8(value: bytes) -> bytes:
-    """A header value as the ASGI path sends it: UTF-8 as is, anything else read as Latin-1."""
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1").encode("utf-8")
-    return value
 
 
 def fast_protocol(limits: ProxySettings, running: RunningApp) -> type[FastHttpToolsProtocol]:

@@ -22,6 +22,7 @@ __all__ = [
     "Headers",
     "UnsendableHeaderError",
     "content_length",
+    "forwarded_value",
     "is_chunked",
     "reply_headers",
     "request_headers",
@@ -77,18 +78,38 @@ def request_headers(scope: Scope, *, identity: bool = False) -> list[tuple[str, 
     """
     headers: list[tuple[str, str]] = []
     for key, value in scope["headers"]:
-        name = key.lower()
-        if identity and name in (b"accept-encoding", b"content-length"):
+        if identity and key.lower() in (b"accept-encoding", b"content-length"):
             continue
-        if name in FORWARDED_REQUEST_HEADERS or name.startswith(_STRIPE_PREFIXES):
-            # Surrounding whitespace is not part of a field value (RFC 9110 5.5).
-            value = value.strip(b" \t")
-            if _FORBIDDEN_IN_VALUE.search(value):
-                raise UnsendableHeaderError(key.decode("latin-1"))
-            headers.append((key.decode("latin-1"), _text(value)))
+        sent = forwarded_value(key, value)
+        if sent is not None:
+            headers.append((key.decode("latin-1"), sent.decode("utf-8")))
     if identity:
         headers.append(("Accept-Encoding", "identity"))
     return headers
+
+
+def forwarded_value(key: bytes, value: bytes) -> bytes | None:
+    """A caller's header value as it goes to Stripe, or None when Stripe does not read ``key``:
+    trimmed, and as UTF-8 (a value that is not UTF-8 read as Latin-1, as aiohttp sends it). The
+    one rule for both of the proxy's paths (``request_headers``, the fast path's request head).
+
+    Raises:
+        UnsendableHeaderError: the value holds a character HTTP/1.1 cannot carry.
+    """
+    name = key.lower()
+    if name not in FORWARDED_REQUEST_HEADERS and not name.startswith(_STRIPE_PREFIXES):
+        return None
+    # Surrounding whitespace is not part of a field value (RFC 9110 5.5).
+    value = value.strip(b" \t")
+    if _FORBIDDEN_IN_VALUE.search(value):
+        raise UnsendableHeaderError(key.decode("latin-1"))
+    if value.isascii():
+        return value
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1").encode("utf-8")
+    return value
 
 
 def reply_headers(raw: Sequence[tuple[bytes, bytes]]) -> Headers:
@@ -102,14 +123,6 @@ def reply_headers(raw: Sequence[tuple[bytes, bytes]]) -> Headers:
         for key, value in raw
         if (lower := key.lower()) not in HOP_BY_HOP_HEADERS and lower not in named
     ]
-
-
-def _text(value: bytes) -> str:
-    """A header value as the ``str`` aiohttp writes back as UTF-8 (byte for byte when it is)."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 def is_chunked(scope: Scope) -> bool:
