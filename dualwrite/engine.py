@@ -63,6 +63,19 @@ __all__ = ["DualWriteEngine", "LegacyWrite", "StageSource"]
 
 log = logging.getLogger(__name__)
 
+CLOCK_UNREAD = StripeFailure(
+    http_status=503,
+    type="api_connection_error",
+    code="stripe_clock_unread",
+    message=(
+        "Stripe could not be reached to read its clock, which timestamps usage sent without a "
+        "timestamp; nothing was written: retry"
+    ),
+    retryable=True,
+    retry_after=1.0,
+)
+"""The answer to usage without a timestamp while Stripe's clock is unknown (nothing written)."""
+
 
 class StageSource(Protocol):
     """Anything that tells a customer's stage (``StageResolver`` in production)."""
@@ -253,11 +266,11 @@ class DualWriteEngine:
         await self.aclose()
 
     def now(self) -> int:
-        """The instant a usage ``timestamp`` of ``now`` (or none) is fixed to at intercept:
+        """The instant a usage ``timestamp`` of ``now`` (or none) is minted with at intercept:
         Stripe's clock as its replies tell it, never later than Stripe's own now
-        (``StripeClock``); this host's clock until Stripe has answered once (``record`` then
-        looks at Stripe's clock first and fixes the instant again). For a customer on a Stripe
-        test clock ``record`` fixes it to the clock's frozen time instead."""
+        (``StripeClock``); this host's clock until Stripe has answered once. ``record`` fixes
+        the instant again from Stripe's clock (reading it first if no reply was seen yet), or
+        for a customer on a Stripe test clock to the clock's frozen time."""
         return self.writer.clock.now()
 
     async def record(
@@ -291,9 +304,12 @@ class DualWriteEngine:
                 a ``set``, another set at its item and timestamp is).
         """
         stage = await self.resolver.resolve(event.customer)
-        if event.timestamp_source == "intercept":
-            event = await self._fix_now(event)
         plan = EventPlan.at(stage)
+        if event.timestamp_source == "intercept":
+            fixed = await self._fix_now(event)
+            if isinstance(fixed, StripeFailure):  # no instant to write at: retry, nothing written
+                return refused_before_writing(event, stage, plan.legs, fixed)
+            event = fixed
         if legacy_write is not None and plan.authoritative is Leg.LEGACY:
             caller_key = event.identifier_source == "idempotency_key"
             plan = plan.model_copy(
@@ -337,8 +353,12 @@ class DualWriteEngine:
             shard, event, plan, claim, api_key=api_key, legacy_write=legacy_write, prepaid=prepaid
         )
 
-    async def _fix_now(self, event: UsageEvent) -> UsageEvent:
-        """The event with its minted "now" fixed to the customer's time as Stripe sees it."""
+    async def _fix_now(self, event: UsageEvent) -> UsageEvent | StripeFailure:
+        """The event with its minted "now" fixed to the customer's time as Stripe sees it, or
+        the retryable failure to answer when Stripe's clock could not be read yet.
+
+        Fixed here, not only at intercept: usage minted before this process had read Stripe's
+        clock carries this host's time, and may reach here after another request has read it."""
         clocked = (
             await self.resolver.test_clock_now(event.customer)
             if isinstance(self.resolver, StageResolver)
@@ -348,10 +368,12 @@ class DualWriteEngine:
             # A customer on a Stripe test clock: Stripe judges its usage by the clock's frozen
             # time (a usage record outside the clock's current period is refused).
             return event.model_copy(update={"timestamp": int(clocked)})
-        if not self.writer.clock.known:
-            # The first usage of this process: fix "now" to Stripe's clock, not this host's.
-            return event.model_copy(update={"timestamp": await self.writer.stripe_now()})
-        return event
+        stripe_now = await self.writer.stripe_now()
+        if stripe_now is None:
+            return CLOCK_UNREAD
+        if stripe_now == event.timestamp:
+            return event
+        return event.model_copy(update={"timestamp": stripe_now})
 
     async def redrive(self, shard: ShardKeys, claim: Claim) -> RecordOutcome | None:
         """Finish an event whose claim recovery took over (``dualwrite.recovery``): replay its

@@ -27,9 +27,8 @@ __all__ = ["ItemDetails", "StripeWriter"]
 log = logging.getLogger(__name__)
 
 _NO_KEY = "sk_unset_dualwrite"
-#: How long the first look at Stripe's clock may take, and how soon a failed one is tried again.
-_PROBE_TIMEOUT = 2.0
-_PROBE_RETRY_SECONDS = 5.0
+#: How soon a failed look at Stripe's clock is tried again (usage meanwhile is refused, retryable).
+_PROBE_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,25 +110,28 @@ class StripeWriter:
         """Close the connection pool."""
         await self._http.close_async()
 
-    async def stripe_now(self) -> int:
+    async def stripe_now(self) -> int | None:
         """Stripe's now (never later than its clock): the instant a ``timestamp`` of ``now`` is
         fixed to. Before any reply was seen, one unauthenticated request (no key is sent; Stripe
-        answers 401 with its ``Date``) reads the clock; if Stripe cannot be reached, the local
-        clock stands in."""
+        answers 401 with its ``Date``) reads the clock, waiting at most the configured Stripe
+        ``timeout``. None when Stripe's clock could not be read: this host's clock is not
+        guessed from, since a few seconds off near a period's start or end puts usage in
+        another billing period, or has it refused."""
         if not self.clock.known:
             await self._probe_clock()
-        return self.clock.now()
+        return self.clock.now() if self.clock.known else None
 
     async def _probe_clock(self) -> None:
         async with self._probe_lock:
             if self.clock.known or time.monotonic() - self._probed_at < _PROBE_RETRY_SECONDS:
                 return
-            self._probed_at = time.monotonic()
             try:
-                async with asyncio.timeout(_PROBE_TIMEOUT):
+                async with asyncio.timeout(self._settings.timeout):
                     await self._http.request_async("get", f"{self._settings.api_base}/v1", {})
             except (stripe.StripeError, TimeoutError):
-                log.warning("Stripe's clock could not be read; using this host's clock meanwhile")
+                log.warning("Stripe's clock could not be read; usage without a timestamp waits")
+            finally:
+                self._probed_at = time.monotonic()
 
     async def write(
         self,

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dualwrite.config import Settings
-from dualwrite.engine import DualWriteEngine
+from dualwrite.engine import DualWriteEngine, StageSource
 from dualwrite.middleware import DualWriteMiddleware
 from dualwrite.models import RecordOutcome, Stage
 from dualwrite.proxy import HEALTH_PATH, serve_proxy
@@ -150,6 +150,64 @@ class TestStripeClock:
             meter_at = sorted(e["timestamp"] for e in standin.meter_events(scenario.customer))
             assert legacy_at == meter_at
 
+    async def test_usage_is_refused_retryable_while_stripes_clock_cannot_be_read(
+        self, settings: Settings, builder: ScenarioBuilder
+    ):
+        """Before this process has read Stripe's clock, and while Stripe cannot be reached, usage
+        without a timestamp is refused as retryable (503), nothing written: this host's clock
+        may be seconds off Stripe's, which near a period's start or end bills the wrong period."""
+        scenario = await builder.customer()
+        unreachable = f"http://127.0.0.1:{free_port_pair()}"
+        stripe = settings.stripe.model_copy(update={"api_base": unreachable, "timeout": 1.0})
+        engine = DualWriteEngine.from_settings(settings.model_copy(update={"stripe": stripe}))
+        app = App(engine)
+        try:
+            await engine.start(worker=False)
+            await set_stage(engine, scenario.customer, Stage.SHADOW)
+            for _ in range(2):  # the second within a second of the first look: not waited for
+                response = await app.usage(scenario, 7)
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["type"] == "api_connection_error"
+                assert float(response.headers["Retry-After"]) >= 1
+            assert await unfinished_claims(engine) == 0
+            depth = await engine.outbox.depth()
+            assert depth.pending == depth.outstanding == depth.dead == 0
+        finally:
+            await app.client.aclose()
+            await engine.aclose()
+
+    async def test_usage_minted_before_stripes_clock_was_read_is_written_at_stripes_now(
+        self, settings: Settings, builder: ScenarioBuilder, standin: StripeStandin
+    ):
+        """A fresh process whose host clock is 5 minutes behind Stripe's, 20 concurrent usage
+        requests: all of them minted "now" from the host clock, one read Stripe's clock first,
+        the rest reached the engine after it (their stage reads were slow). Each is written at
+        Stripe's now, in the period that has just begun, not 5 minutes before it (refused)."""
+        scenario = await builder.customer()  # its period starts at Stripe's now
+        behind = skewed(-300.0)
+        engine = DualWriteEngine.from_settings(settings, clock=behind)
+        await engine.start(worker=False)
+        await set_stage(engine, scenario.customer, Stage.SHADOW)
+        slow = engine.resolver = SlowAfterFirst(engine.resolver)
+        app = App(engine, behind)
+        try:
+            async with anyio.create_task_group() as group:
+                replies: list[httpx.Response] = []
+
+                async def one() -> None:
+                    replies.append(await app.usage(scenario, 1))
+
+                for _ in range(20):
+                    group.start_soon(one)
+            assert [r.status_code for r in replies] == [200] * 20, replies[0].text
+            assert min(r.json()["timestamp"] for r in replies) >= standin.clock.now() - 10
+            await app.deliver()
+            assert await summary_totals(builder.client, scenario) == (20, 20)
+        finally:
+            engine.resolver = slow.inner  # closed with the engine
+            await app.client.aclose()
+            await engine.aclose()
+
     async def test_clock_estimate_never_ahead_and_follows_a_step_back(self):
         """The estimate is the largest lower bound of recent replies: Stripe's Date, plus the
         local time since; a clock stepped back is followed once the window has passed."""
@@ -167,6 +225,21 @@ class TestStripeClock:
         assert clock.now() == 994  # within the window the larger bound holds
         await anyio.sleep(0.1)
         assert clock.now() == 983
+
+
+class SlowAfterFirst:
+    """A stage source whose every read but the first takes 0.3 s (a Redis answering slowly)."""
+
+    def __init__(self, inner: StageSource):
+        self.inner = inner
+        self.reads = 0
+
+    async def resolve(self, customer: str) -> Stage:
+        """The inner source's stage, late after the first read."""
+        self.reads += 1
+        if self.reads > 1:
+            await anyio.sleep(0.3)
+        return await self.inner.resolve(customer)
 
 
 def usage_path(scenario: Scenario) -> str:
