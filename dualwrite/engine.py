@@ -30,6 +30,7 @@ from dualwrite._claim_driver import ClaimDriver, LegacyWrite, held_back, refused
 from dualwrite.config import Settings
 from dualwrite.exceptions import (
     ConflictError,
+    FutureTimestampError,
     IdempotencyError,
     StoreUnavailableError,
     UsageInputError,
@@ -272,6 +273,23 @@ class DualWriteEngine:
         the instant again from Stripe's clock (reading it first if no reply was seen yet), or
         for a customer on a Stripe test clock to the clock's frozen time."""
         return self.writer.clock.now()
+
+    async def event_at_now(self, build: Callable[[int], UsageEvent]) -> UsageEvent:
+        """``build(now)``: the usage event a request makes at this instant (``now()``).
+
+        Before this process has seen a reply from Stripe, ``now()`` is this host's clock, which
+        may be behind Stripe's: a timestamp it finds too far in the future is judged again by
+        Stripe's clock, read first, as Stripe would judge it.
+
+        Raises:
+            UsageInputError: the request cannot become a usage event (from ``build``).
+        """
+        try:
+            return build(self.now())
+        except FutureTimestampError:
+            if self.writer.clock.known or await self.writer.stripe_now() is None:
+                raise
+            return build(self.now())
 
     async def record(
         self,

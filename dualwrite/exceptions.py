@@ -6,7 +6,8 @@ The tree::
     ├── ConfigError               a setting or config file is wrong (names the key, the value, the fix)
     │   └── RedisEvictionError    Redis may evict dualwrite's keys (names maxmemory-policy and the fix)
     ├── UsageInputError           a usage request cannot become a UsageEvent (names the field)
-    │   └── IdempotencyError      an identifier was reused with different parameters
+    │   ├── IdempotencyError      an identifier was reused with different parameters
+    │   └── FutureTimestampError  a usage timestamp is more than 5 minutes ahead of now
     ├── ConflictError             the same identifier is being recorded right now by another request
     ├── ClientDisconnectedError   the caller left before its request body was complete
     ├── RateLimitedError          a write did not get its turn in time (``retry_after``)
@@ -53,6 +54,7 @@ __all__ = [
     "DualwriteError",
     "EventFetchError",
     "EventSignatureError",
+    "FutureTimestampError",
     "IdempotencyError",
     "MigrationStripeError",
     "PriceError",
@@ -95,6 +97,10 @@ class IdempotencyError(UsageInputError):
 
     def __init__(self, message: str):
         super().__init__(message, param=None, code="idempotency_key_reused")
+
+
+class FutureTimestampError(UsageInputError):
+    """A usage ``timestamp`` is further ahead of now than Stripe accepts (``param`` names it)."""
 
 
 class ConflictError(DualwriteError):

@@ -180,13 +180,15 @@ class DualWriteMiddleware:
             await response(scope, receive, send)
             return
         try:
-            event = build_event(
-                match,
-                query_string=scope.get("query_string", b""),
-                headers=scope.get("headers", []),
-                body=body,
-                now=self.engine.now(),
-                items=self.settings.items,
+            event = await self.engine.event_at_now(
+                lambda now: build_event(
+                    match,
+                    query_string=scope.get("query_string", b""),
+                    headers=scope.get("headers", []),
+                    body=body,
+                    now=now,
+                    items=self.settings.items,
+                )
             )
             outcome = await self.engine.record(event)
         except (UsageInputError, ConflictError) as exc:

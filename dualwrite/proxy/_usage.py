@@ -2,7 +2,7 @@
 
 The form (``quantity``, ``timestamp`` as an integer or ``now``, ``action``, ``expand[]``) becomes a
 ``UsageEvent`` whose identifier is the caller's ``Idempotency-Key`` (minted when absent) and whose
-``now`` is fixed here, once, to Stripe's clock. The engine then writes it at the customer's stage
+``now`` is fixed, once, to Stripe's clock. The engine then writes it at the customer's stage
 (or, for a retry, with the plan of its first intercept), with the caller's own key:
 
 * legacy authoritative (``legacy``, ``shadow``): the caller's request goes to Stripe with the
@@ -195,13 +195,15 @@ class UsageInterceptor:
         )
         try:
             _check_params(headers, body)
-            event = build_event(
-                RouteMatch(self._route, {"subscription_item": item}),
-                query_string=b"",
-                headers=headers,
-                body=body,
-                now=self._engine.now(),
-                items={item: mapping},
+            event = await self._engine.event_at_now(
+                lambda now: build_event(
+                    RouteMatch(self._route, {"subscription_item": item}),
+                    query_string=b"",
+                    headers=headers,
+                    body=body,
+                    now=now,
+                    items={item: mapping},
+                )
             )
         except UsageInputError as exc:
             await usage_error(exc)(scope, receive, send)

@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 from pydantic import ValidationError
 
 from dualwrite.config import FieldSource, ItemMapping, UsageRoute
-from dualwrite.exceptions import UsageInputError
+from dualwrite.exceptions import FutureTimestampError, UsageInputError
 from dualwrite.models import MAX_METER_VALUE, Action, IdentifierSource, UsageEvent, mint_identifier
 from dualwrite.routes._match import RouteMatch
 
@@ -324,7 +324,7 @@ def _timestamp(value: int | str, param: str, now: int) -> int:
         raise UsageInputError(msg, param=param, code=_INTEGER)
     if value > now + MAX_FUTURE_SECONDS:
         msg = f"{param} is more than {MAX_FUTURE_SECONDS} seconds in the future ({_show(value)})"
-        raise UsageInputError(msg, param=param, code=_INVALID)
+        raise FutureTimestampError(msg, param=param, code=_INVALID)
     return value
 
 

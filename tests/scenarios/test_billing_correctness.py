@@ -208,6 +208,25 @@ class TestStripeClock:
             await app.client.aclose()
             await engine.aclose()
 
+    async def test_a_timestamp_is_judged_by_stripes_clock_before_any_reply_was_seen(
+        self, app_with_clock, builder: ScenarioBuilder, standin: StripeStandin
+    ):
+        """A fresh process whose host clock is 10 minutes behind Stripe's: usage stamped with
+        Stripe's now is 10 minutes "in the future" by the host's clock, over the 5 minutes
+        allowed. Stripe's clock is read first and judges it, as Stripe would: written."""
+        standin.clock.advance(600)
+        scenario = await builder.customer()
+        app = app_with_clock(time.time)
+        await app.engine.start(worker=False)
+        await set_stage(app.engine, scenario.customer, Stage.SHADOW)
+        assert not app.engine.writer.clock.known
+        stamped = standin.clock.now()
+        response = await app.usage(scenario, 4, timestamp=stamped)
+        assert response.status_code == 200, response.text
+        assert response.json()["timestamp"] == stamped
+        await app.deliver()
+        assert await summary_totals(builder.client, scenario) == (4, 4)
+
     async def test_clock_estimate_never_ahead_and_follows_a_step_back(self):
         """The estimate is the largest lower bound of recent replies: Stripe's Date, plus the
         local time since; a clock stepped back is followed once the window has passed."""
