@@ -85,6 +85,8 @@ class Callers:
         self.apps = apps
         self.oracle = oracle
         self.proxy: httpx.AsyncClient | None = None
+        self.engines: list[DualWriteEngine] = []
+        """The apps' engines (their stage resolvers' counters say why a stage was safe)."""
         self.sent = 0
         self.acked = 0
         self._set_locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -116,7 +118,15 @@ class Callers:
                 reply = response.json()
                 # The middleware says at which stage it recorded: legacy only (the safe stage, a
                 # stage read that timed out) is not what this test's oracle counts on.
-                assert reply.get("stage", "shadow") != "legacy", ("safe stage", key)
+                assert reply.get("stage", "shadow") != "legacy", (
+                    "safe stage",
+                    key,
+                    [
+                        e.resolver.stats()
+                        for e in self.engines
+                        if isinstance(e.resolver, StageResolver)
+                    ],
+                )
                 return int(reply["timestamp"])
             assert response.status_code in RETRYABLE, (response.status_code, response.text)
             await anyio.sleep(min(0.02 * 2**attempt, 1.0))
@@ -211,6 +221,7 @@ async def test_cases_1_to_4_at_volume_intended_equals_legacy_equals_meter(
     processes = Processes(tmp_path, env)
     oracle = Oracle()
     callers = Callers(scenarios, apps, oracle)
+    callers.engines = engines
     flags = RedisFlagStore(control.redis, control.keys)
     rng = random.Random(21)
     stages = {s.customer: Stage.SHADOW for s in scenarios}
