@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import subprocess
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,19 @@ __all__ = ["STRIPE_KEY", "SettingsFactory"]
 #: ``standin_settings``: this test's settings with the given sections (``make_settings``).
 SettingsFactory = Callable[..., Settings]
 
-REDIS_URL = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+
+def _worker_database(url: str) -> str:
+    """Under pytest-xdist (``-n``), each worker on a database of its own, numbered after the
+    configured one: tests that run the demo share its one key prefix, and must not meet."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if not worker.startswith("gw"):
+        return url
+    parsed = urllib.parse.urlsplit(url)
+    database = int(parsed.path.strip("/") or 0) + 1 + int(worker[2:])
+    return urllib.parse.urlunsplit(parsed._replace(path=f"/{database}"))
+
+
+REDIS_URL = _worker_database(os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
 START_REDIS_HINT = (
     "these tests need a real Redis server on {url} (set REDIS_URL to use another). Start one with:\n"
     "  redis-server --daemonize yes --port 6379 --save '' --appendonly no\n"

@@ -122,7 +122,7 @@ class Callers:
                     "safe stage",
                     key,
                     [
-                        e.resolver.stats()
+                        e.resolver.stats
                         for e in self.engines
                         if isinstance(e.resolver, StageResolver)
                     ],
