@@ -189,6 +189,9 @@ class DurabilityGuard:
         async with store_errors("checking the data-loss markers"):
             for key in keys:
                 replies.append(await self._check(keys=[key], args=[uuid.uuid4().hex, now]))
+        # A loss is detected when the replies arrive, not when the check began: a command sent
+        # before a restart may be answered (redis-py resends it) by the emptied server.
+        answered = self._clock()
         recorded: DataLoss | None = None
         detected: DataLoss | None = None
         gone: list[str] = []
@@ -199,7 +202,7 @@ class DurabilityGuard:
             loss_since = self._compare(key, marker_id, beat, created, now)
             if loss_since is not None:
                 gone.append(key)
-                detected = earliest(detected, DataLoss(since=loss_since, detected_at=now))
+                detected = earliest(detected, DataLoss(since=loss_since, detected_at=answered))
         if detected is not None:
             # What this process knew before the loss is carried into the new markers.
             recorded = earliest(recorded, self.lost, detected) or detected
