@@ -14,7 +14,7 @@ import pytest
 
 from dualwrite.config import RedisSettings, Settings
 from dualwrite.engine import DualWriteEngine
-from dualwrite.exceptions import ConfigError
+from dualwrite.exceptions import ConfigError, StoreUnavailableError
 from dualwrite.models import Stage
 from dualwrite.periods import Period
 from dualwrite.reconcile import Reconciler
@@ -144,7 +144,7 @@ class TestFailover:
                 await eventually(
                     lambda: spool is None or not spool.pending(), within=60, what="the spool"
                 )
-                await engine.new_worker().drain()
+                await drained(engine)
             assert sentinel.master_port() == sentinel.replica.port
             # Nothing doubled: Stripe holds exactly what callers were told, never more.
             held = {
@@ -201,3 +201,16 @@ async def test_engine_reaches_the_master_through_sentinel(sentinel: LocalSentine
     finally:
         await client.aclose()
     assert SERVICE in sentinel.url
+
+
+async def drained(engine: DualWriteEngine) -> None:
+    """Deliver what the outbox holds, as a worker would: a pooled connection may still point at
+    the old master for a moment after a failover (ReadOnlyError, then redis-py reconnects), and a
+    worker tries again."""
+    for _ in range(20):
+        try:
+            await engine.new_worker().drain()
+            return
+        except StoreUnavailableError:
+            await anyio.sleep(0.5)
+    await engine.new_worker().drain()

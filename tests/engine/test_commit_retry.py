@@ -29,8 +29,9 @@ COMMIT_SHA = hashlib.sha1(_APPLY.encode()).hexdigest().encode()
 class ReplyDroppingRelay:
     """A TCP relay to Redis that swallows the reply to the first ``drops`` commit scripts."""
 
-    def __init__(self, upstream: tuple[str, int], drops: int) -> None:
+    def __init__(self, upstream: tuple[str, int], drops: int, database: str = "0") -> None:
         self.upstream = upstream
+        self.database = database
         self.drops = drops
         self.dropped = 0
         self.server: asyncio.Server | None = None
@@ -39,7 +40,7 @@ class ReplyDroppingRelay:
     def url(self) -> str:
         assert self.server is not None
         port = self.server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
+        return f"redis://127.0.0.1:{port}/{self.database}"
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -84,7 +85,8 @@ class ReplyDroppingRelay:
 @pytest.fixture
 async def relay(redis_url: str) -> AsyncIterator[ReplyDroppingRelay]:
     parsed = urlparse(redis_url)
-    relay = ReplyDroppingRelay((parsed.hostname or "127.0.0.1", parsed.port or 6379), drops=1)
+    upstream = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
+    relay = ReplyDroppingRelay(upstream, drops=1, database=parsed.path.strip("/") or "0")
     await relay.start()
     yield relay
     await relay.aclose()
