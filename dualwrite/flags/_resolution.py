@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
+from typing import cast
 
 from dualwrite.flags._models import ROLLOUT_STAGES, FlagSnapshot, Resolution
 from dualwrite.models import Stage
@@ -62,8 +62,7 @@ def rollout_stage(bucket: int, rollout: Mapping[Stage, float]) -> Stage | None:
 
 
 _DIGEST = operator.methodcaller("digest")
-_FIRST_WORD = struct.Struct(">Q").unpack_from  # the digest's first 8 bytes, big-endian
-_ONLY = operator.itemgetter(0)
+_FROM_BYTES = cast("Callable[[bytes, str], int]", int.from_bytes)
 
 
 def rollout_stages(
@@ -81,7 +80,8 @@ def rollout_stages(
         return [default] * len(customers)
     texts = map(f"{salt}:".__add__, customers)
     digests = map(_DIGEST, map(hashlib.sha256, map(str.encode, texts)))
-    words = map(_ONLY, map(_FIRST_WORD, digests))
+    # The digest's first 8 bytes as a big-endian number: the whole digest's, shifted.
+    words = map(operator.rshift, map(_FROM_BYTES, digests, repeat("big")), repeat(192))
     return list(map(table.__getitem__, map(operator.mod, words, repeat(BUCKETS))))
 
 

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import filterfalse
 from types import TracebackType
 from typing import Any, Self
 
@@ -187,9 +188,9 @@ class StageResolver:
         stages: dict[str, Stage] = {}
         if not kill:
             decided = overrides.keys() | schedules.keys() | billings.keys()
-            plain = [customer for customer in wanted if customer not in decided]
+            plain = list(filterfalse(decided.__contains__, wanted)) if decided else wanted
             stages = dict(zip(plain, rollout_stages(plain, rollout, default, salt), strict=True))
-            wanted = [customer for customer in wanted if customer in decided]
+            wanted = list(filter(decided.__contains__, wanted)) if decided else []
         none = CustomerBilling()
         for customer in wanted:
             billing = billings.get(customer, none)
