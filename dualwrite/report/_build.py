@@ -175,6 +175,7 @@ for each of a million), or a list."""
 #: Row copies parsed per ``json.loads``: the raw replies are let go chunk by chunk.
 _PARSE_CHUNK = 20_000
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_THIRD, _FOURTH = operator.itemgetter(2), operator.itemgetter(3)
 _BY_CUSTOMER = operator.itemgetter(CUSTOMER)
 
 
@@ -264,23 +265,29 @@ def _line(
     else:
         if one is not None:
             rows = [one]  # one row, and unfinished events
-        values = sum_counters([row[2] for row in rows]) if rows else _ZERO
-        periods = tuple(sorted({row[0] for row in rows}))
-        event_names = tuple(sorted({row[1] for row in rows} | set(unfinished or ())))
-        failures = _failures(rows) if any(row[3] for row in rows) else None
+        counters = list(map(_THIRD, rows))
+        values = sum_counters(counters) if rows else _ZERO
+        periods = tuple(sorted(set(map(_FIRST, rows))))
+        names = set(map(_SECOND, rows))
+        if unfinished:
+            names.update(unfinished)
+        event_names = tuple(sorted(names))
+        failures = _failures(rows) if any(map(_FOURTH, rows)) else None
         by_period = (
-            {row[0]: row[2] for row in rows} if len(periods) == len(rows) else _by_period(rows)
+            dict(zip(map(_FIRST, rows), counters, strict=True))
+            if len(periods) == len(rows)
+            else _by_period(rows)
         )
-        # Only periods where both legs were written compare: a period at ``meter`` (no legacy
-        # write) beside earlier ``primary`` ones is no difference between the legs.
-        dual = [row[2] for row in rows if row[2][_LEGACY_EXPECTED] and row[2][_METER_EXPECTED]]
-        if len(dual) < len(rows) and values[_LEGACY_EXPECTED] and values[_METER_EXPECTED]:
-            dual_sums = sum_counters(dual) if dual else _ZERO
-            held = legacy_held(dual_sums[_LEGACY_ACCEPTED], dual_sums[_LEGACY_RETIRED])
-            meter_held = dual_sums[_METER_ACCEPTED]
-        else:
-            held = legacy_held(values[_LEGACY_ACCEPTED], values[_LEGACY_RETIRED])
-            meter_held = values[_METER_ACCEPTED]
+        held = legacy_held(values[_LEGACY_ACCEPTED], values[_LEGACY_RETIRED])
+        meter_held = values[_METER_ACCEPTED]
+        if values[_LEGACY_EXPECTED] and values[_METER_EXPECTED]:
+            # Only periods where both legs were written compare: a period at ``meter`` (no
+            # legacy write) beside earlier ``primary`` ones is no difference between the legs.
+            dual = [one for one in counters if one[_LEGACY_EXPECTED] and one[_METER_EXPECTED]]
+            if len(dual) < len(rows):
+                dual_sums = sum_counters(dual) if dual else _ZERO
+                held = legacy_held(dual_sums[_LEGACY_ACCEPTED], dual_sums[_LEGACY_RETIRED])
+                meter_held = dual_sums[_METER_ACCEPTED]
         verdict = rule.verdict_of_counters(stage, by_period)
         unfinished_total = sum(unfinished.values()) if unfinished else 0
     difference_pct: float | None = None
