@@ -14,11 +14,11 @@ from dualwrite.report import (
     LegTotals,
     Report,
     Verdict,
+    _build,
     render_csv,
     write_csv,
     write_json,
 )
-from dualwrite.report import _build
 from dualwrite.report._lines import (
     AT,
     COUNTERS,
