@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
+from typing import cast
 
 from dualwrite.flags._models import ROLLOUT_STAGES, FlagSnapshot, Resolution
 from dualwrite.models import Stage
@@ -15,6 +18,7 @@ __all__ = [
     "resolve_snapshot",
     "rollout_bucket",
     "rollout_stage",
+    "rollout_stages",
     "stage_only",
 ]
 
@@ -55,6 +59,30 @@ def rollout_stage(bucket: int, rollout: Mapping[Stage, float]) -> Stage | None:
         if bucket < basis_points(rollout.get(stage, 0.0)):
             return stage
     return None
+
+
+_DIGEST = operator.methodcaller("digest")
+_FROM_BYTES = cast("Callable[[bytes, str], int]", int.from_bytes)
+
+
+def rollout_stages(
+    customers: Sequence[str], rollout: Mapping[Stage, float], default: Stage, salt: str
+) -> list[Stage]:
+    """``rollout_stage(rollout_bucket(customer, salt), rollout) or default`` for each customer, in
+    order: the stage of customers that no kill switch, override or schedule decides.
+
+    The report resolves a million customers: each stage is read from a table of the 10,000
+    buckets, and the buckets are computed by the same formula as ``rollout_bucket``, chained in C
+    (no Python step per customer). No rollout at all: no hashing.
+    """
+    table = [rollout_stage(bucket, rollout) or default for bucket in range(BUCKETS)]
+    if all(stage is default for stage in table):
+        return [default] * len(customers)
+    texts = map(f"{salt}:".__add__, customers)
+    digests = map(_DIGEST, map(hashlib.sha256, map(str.encode, texts)))
+    # The digest's first 8 bytes as a big-endian number: the whole digest's, shifted.
+    words = map(operator.rshift, map(_FROM_BYTES, digests, repeat("big")), repeat(192))
+    return list(map(table.__getitem__, map(operator.mod, words, repeat(BUCKETS))))
 
 
 def resolve_snapshot(customer: str, snapshot: FlagSnapshot, *, now: float, salt: str) -> Resolution:

@@ -10,7 +10,8 @@ import operator
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
+from itertools import compress, count
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -45,7 +46,7 @@ from dualwrite.report._lines import (
     RawLine,
     counters_of,
     line_model,
-    parse_packed,
+    parse_columns,
     sum_counters,
 )
 from dualwrite.report._models import (
@@ -132,22 +133,6 @@ async def _stages(resolver: StageSource, customers: Sequence[str]) -> dict[str, 
     return {customer: await resolver.resolve(customer) for customer in customers}
 
 
-def _status(values: tuple[int, ...], unfinished: int) -> CustomerStatus:
-    """A line's status from its counters (``COUNTERS``) and its events claimed and not yet
-    committed (never ``parity`` while one may hold units that no leg shows yet)."""
-    if values[_DIVERGENT] or values[_LEGACY_FAILED] or values[_METER_FAILED]:
-        return "diverged"
-    # A leg is pending while its expected events are not all settled (accepted, failed for good,
-    # retired or refused late).
-    if (
-        unfinished
-        or values[_LE] != values[_LA] + values[_LF] + values[_LR] + values[_LL]
-        or values[_ME] != values[_MA] + values[_MF] + values[_MR] + values[_ML]
-    ):
-        return "pending"
-    return "parity"
-
-
 async def read_unfinished(
     ledger: Ledger, store: IdempotencyStore | None, customer: str | None
 ) -> dict[str, Counter[str]]:
@@ -184,9 +169,14 @@ _ZERO = (0,) * len(COUNTERS)
 Row = tuple[str, str, tuple[int, ...], dict[str, int] | None]
 """A ledger row as the report holds it: period, meter event name, counters (``COUNTERS``), any
 other counters by name (failure codes)."""
+Held = Row | list[Row]
+"""A customer's rows as the report holds them: its only row as itself (most customers: no list
+for each of a million), or a list."""
 #: Row copies parsed per ``json.loads``: the raw replies are let go chunk by chunk.
 _PARSE_CHUNK = 20_000
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_THIRD, _FOURTH = operator.itemgetter(2), operator.itemgetter(3)
+_BY_CUSTOMER = operator.itemgetter(CUSTOMER)
 
 
 def _failure_key(name: str) -> str | None:
@@ -217,15 +207,16 @@ def _by_period(rows: Sequence[Row]) -> dict[str, tuple[int, ...]]:
     return {period: sum_counters(values) for period, values in periods.items()}
 
 
-def _group(found: list[RolledRow], into: dict[str, list[Row]]) -> None:
-    """The rollup row copies ``found`` parsed and listed by customer in ``into``; ``found`` is
-    emptied on the way (from its end, a chunk at a time), so its strings go as their rows come."""
+def _group(found: list[RolledRow], into: dict[str, Held]) -> None:
+    """The rollup row copies ``found`` parsed and held by customer in ``into`` (``Held``);
+    ``found`` is emptied on the way (from its end, a chunk at a time), so its strings go as their
+    rows come."""
     with collector_paused():
         while found:
             chunk = found[-_PARSE_CHUNK:]
             del found[-_PARSE_CHUNK:]
             members = list(map(_FIRST, chunk))
-            parsed = parse_packed(list(map(_SECOND, chunk)))
+            values, others = parse_columns(list(map(_SECOND, chunk)))
             del chunk
             parts = "|".join(members).split("|")
             if len(parts) != 3 * len(members):  # a meter event name holding "|"
@@ -233,19 +224,23 @@ def _group(found: list[RolledRow], into: dict[str, list[Row]]) -> None:
             # Periods and event names repeat across customers: one string each.
             periods = map(sys.intern, parts[0::3])
             event_names = map(sys.intern, parts[2::3])
-            rows = zip(periods, event_names, map(_FIRST, parsed), map(_SECOND, parsed), strict=True)
-            for customer, row in zip(parts[1::3], rows, strict=True):
-                listed = into.get(customer)
-                if listed is None:
-                    into[customer] = [row]
+            rows = list(zip(periods, event_names, values, others, strict=True))
+            customers = parts[1::3]
+            # Each customer's first row is held as itself, in one C loop; the few rows whose
+            # customer already held one (``setdefault`` gave back another) join it in a list.
+            held = list(map(into.setdefault, customers, rows))
+            for at in compress(count(), map(operator.is_not, held, rows)):
+                before = into[customers[at]]
+                if isinstance(before, list):
+                    before.append(rows[at])
                 else:
-                    listed.append(row)
+                    into[customers[at]] = [before, rows[at]]
 
 
 def _line(
     name: str,
     stage: Stage,
-    rows: Sequence[Row],
+    kept: Held,
     rule: ReadinessRule,
     recent: list[DivergenceRecord] | None,
     drift: CustomerDrift | None,
@@ -253,43 +248,71 @@ def _line(
 ) -> RawLine:
     # This runs for each of a million customers: counters stay tuples, summed position by
     # position, and the line is a tuple too (``CustomerLines`` makes its models when read).
-    if len(rows) == 1 and not unfinished:  # most customers: one event name, one period
-        period, event_name, values, others = rows[0]
+    if isinstance(kept, list):
+        rows = kept
+        one = rows[0] if len(rows) == 1 else None
+    else:
+        rows, one = [], kept
+    if one is not None and not unfinished:  # most customers: one event name, one period
+        period, event_name, values, others = one
         periods: tuple[str, ...] = _ONE.get(period) or _one(period)
         event_names: tuple[str, ...] = _ONE.get(event_name) or _one(event_name)
-        failures = _failures(rows) if others else None
-        by_period: Mapping[str, tuple[int, ...]] = {period: values}
-        dual = None
+        failures = _failures((one,)) if others else None
+        held = values[_LEGACY_ACCEPTED] + values[_LEGACY_RETIRED]  # legacy_held
+        meter_held = values[_METER_ACCEPTED]
+        verdict = rule.verdict_of_row(stage, period, values)
+        unfinished_total = 0
     else:
-        values = sum_counters([row[2] for row in rows]) if rows else _ZERO
-        periods = tuple(sorted({row[0] for row in rows}))
-        event_names = tuple(sorted({row[1] for row in rows} | set(unfinished or ())))
-        failures = _failures(rows) if any(row[3] for row in rows) else None
+        if one is not None:
+            rows = [one]  # one row, and unfinished events
+        counters = list(map(_THIRD, rows))
+        values = sum_counters(counters) if rows else _ZERO
+        periods = tuple(sorted(set(map(_FIRST, rows))))
+        names = set(map(_SECOND, rows))
+        if unfinished:
+            names.update(unfinished)
+        event_names = tuple(sorted(names))
+        failures = _failures(rows) if any(map(_FOURTH, rows)) else None
         by_period = (
-            {row[0]: row[2] for row in rows} if len(periods) == len(rows) else _by_period(rows)
+            dict(zip(map(_FIRST, rows), counters, strict=True))
+            if len(periods) == len(rows)
+            else _by_period(rows)
         )
-        # Only periods where both legs were written compare: a period at ``meter`` (no legacy
-        # write) beside earlier ``primary`` ones is no difference between the legs.
-        dual = [row[2] for row in rows if row[2][_LEGACY_EXPECTED] and row[2][_METER_EXPECTED]]
-    both = values[_LEGACY_EXPECTED] and values[_METER_EXPECTED]
-    if both and dual is not None and len(dual) < len(rows):
-        dual_sums = sum_counters(dual) if dual else _ZERO
-        held = legacy_held(dual_sums[_LEGACY_ACCEPTED], dual_sums[_LEGACY_RETIRED])
-        meter_held = dual_sums[_METER_ACCEPTED]
-    else:
         held = legacy_held(values[_LEGACY_ACCEPTED], values[_LEGACY_RETIRED])
         meter_held = values[_METER_ACCEPTED]
-    if both:
-        larger = held if held > meter_held else meter_held
-        difference_pct: float | None = (
-            round((held - meter_held) * 100 / larger, 4) if larger else 0.0
-        )
-    else:
-        difference_pct = None
-    verdict = rule.verdict_of_counters(stage, by_period)
+        if values[_LEGACY_EXPECTED] and values[_METER_EXPECTED]:
+            # Only periods where both legs were written compare: a period at ``meter`` (no
+            # legacy write) beside earlier ``primary`` ones is no difference between the legs.
+            dual = [one for one in counters if one[_LEGACY_EXPECTED] and one[_METER_EXPECTED]]
+            if len(dual) < len(rows):
+                dual_sums = sum_counters(dual) if dual else _ZERO
+                held = legacy_held(dual_sums[_LEGACY_ACCEPTED], dual_sums[_LEGACY_RETIRED])
+                meter_held = dual_sums[_METER_ACCEPTED]
+        verdict = rule.verdict_of_counters(stage, by_period)
+        unfinished_total = sum(unfinished.values()) if unfinished else 0
+    difference_pct: float | None = None
+    if values[_LEGACY_EXPECTED] and values[_METER_EXPECTED]:
+        if held == meter_held and held >= 0:  # what the division gives, without it
+            difference_pct = 0.0
+        else:
+            larger = held if held > meter_held else meter_held
+            difference_pct = round((held - meter_held) * 100 / larger, 4)
     if drift is not None:
         verdict = rule.with_money(verdict, drift)
-    unfinished_total = sum(unfinished.values()) if unfinished else 0
+    # The status: ``diverged`` on any divergent or failed event; ``pending`` while an event is
+    # unfinished or a leg's expected events are not all settled (accepted, failed for good,
+    # retired or refused late); else ``parity``.
+    status: CustomerStatus
+    if values[_DIVERGENT] or values[_LEGACY_FAILED] or values[_METER_FAILED]:
+        status = "diverged"
+    elif (
+        unfinished_total
+        or values[_LE] != values[_LA] + values[_LF] + values[_LR] + values[_LL]
+        or values[_ME] != values[_MA] + values[_MF] + values[_MR] + values[_ML]
+    ):
+        status = "pending"
+    else:
+        status = "parity"
     return (
         name,
         stage,
@@ -297,7 +320,7 @@ def _line(
         periods,
         values,
         unfinished_total,
-        _status(values, unfinished_total),
+        status,
         difference_pct,
         failures,
         recent or None,
@@ -345,17 +368,19 @@ async def build_report(
             ``pending``, never ``parity``); default: the ledger's Redis.
     """
     rule = ReadinessRule(settings or ReportSettings(), now=time.time() if now is None else now)
-    by_customer: dict[str, list[Row]] = {}
+    by_customer: dict[str, Held] = {}
     if customer is None:
         _group(await ledger.rolled(since=since, until=until), by_customer)
         recon = await read_reconciliation_fields(
             ledger.redis, ledger.keys, since=since, until=until
         )
     else:
+        listed: dict[str, list[Row]] = {}
         for row in await ledger.rows(since=since, until=until, customer=customer):
-            by_customer.setdefault(row.customer, []).append(
+            listed.setdefault(row.customer, []).append(
                 (row.period, row.event_name, *counters_of(row.counters))
             )
+        by_customer.update(listed)
         records = await read_reconciliation(
             ledger.redis, ledger.keys, since=since, until=until, customer=customer
         )
@@ -366,9 +391,7 @@ async def build_report(
     unfinished = await read_unfinished(ledger, claims, customer)
     for name in unfinished:
         by_customer.setdefault(name, [])
-    with collector_paused():
-        names = sorted(by_customer)
-    stages = await _stages(resolver, names)
+    stages = await _stages(resolver, list(by_customer))
     log = await ledger.divergences(limit=max(divergence_limit, DIVERGENCE_SCAN), customer=customer)
     recent: dict[str, list[DivergenceRecord]] = {}
     for record in log:
@@ -378,23 +401,28 @@ async def build_report(
     loss = await read_loss(ledger.redis, ledger.keys)
     customers: list[RawLine] = []
     with collector_paused():
-        for name in names:
+        # The lines are made in the order the rows were read, and so laid out in memory (from the
+        # last, each customer's rows let go as its line is made), then sorted by customer: over a
+        # million customers, visiting them in name order cost a cache miss at every step.
+        while by_customer:
+            name, rows = by_customer.popitem()
             current = stages[name]
             if stage is not None and current is not stage:
                 continue
             line = _line(
                 name,
                 current,
-                by_customer.pop(name),
+                rows,
                 rule,
-                recent.get(name),
-                drifts.get(name),
-                unfinished.get(name),
+                recent.get(name) if recent else None,
+                drifts.get(name) if drifts else None,
+                unfinished.get(name) if unfinished else None,
             )
             if only_divergent and line[STATUS] != "diverged":
                 continue
             customers.append(line if loss is None else _unverified(line, loss))
-    del by_customer, stages, names
+        del stages
+        customers.sort(key=_BY_CUSTOMER)
     divergences = log[: max(divergence_limit, 0)]
     if stage is not None or only_divergent:
         shown = {line[CUSTOMER] for line in customers}
@@ -445,7 +473,7 @@ async def build_lines(
     by_shard: dict[int, list[str]] = {}
     for customer in sorted(set(customers)):
         by_shard.setdefault(ledger.keys.shard_of(customer), []).append(customer)
-    by_customer: dict[str, list[Row]] = {}
+    by_customer: dict[str, Held] = {}
     async with store_errors("reading the ledger"):
         for index, names in sorted(by_shard.items()):
             found = await read_customer_rows(

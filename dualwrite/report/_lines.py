@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import repeat
 from typing import Any, Final, overload
 
 from dualwrite.ledger import PACKED_FIELDS, DivergenceRecord
@@ -40,6 +39,7 @@ __all__ = [
     "counters_of",
     "line_difference",
     "line_model",
+    "parse_columns",
     "parse_packed",
     "sum_counters",
 ]
@@ -102,6 +102,15 @@ _CALL: Any = operator.call  # getter(row), in C
 def parse_packed(packed: Sequence[str]) -> list[RowCounters]:
     """The counters of many rollup row copies (``dualwrite.ledger.parse_counters``' input), parsed
     at once into row tuples: exactly the counters ``parse_counters`` would name."""
+    values, others = parse_columns(packed)
+    return list(zip(values, others, strict=True))
+
+
+def parse_columns(
+    packed: Sequence[str],
+) -> tuple[list[tuple[int, ...]], list[dict[str, int] | None]]:
+    """``parse_packed`` as two lists, the rows' tuples and their other counters (no pair made per
+    row: the report parses a million)."""
     text = "[" + ",".join(packed) + "]"
     rows: list[Any] = json.loads(text)
     if "{" not in text:
@@ -113,7 +122,7 @@ def parse_packed(packed: Sequence[str]) -> list[RowCounters]:
         for row in rows:
             row.append(0)
         getters = map(_SHAPES.get, shapes)
-        return list(zip(map(_CALL, getters, rows), repeat(None)))
+        return list(map(_CALL, getters, rows)), [None] * len(rows)
     parsed: list[RowCounters] = []
     for row in rows:
         if type(row) is dict:  # a copy written before issue 20: named counters
@@ -127,7 +136,7 @@ def parse_packed(packed: Sequence[str]) -> list[RowCounters]:
             parsed.append(
                 ((_SHAPES.get(tuple(row[1:-1:2])) or _getter(tuple(row[1:-1:2])))(row), None)
             )
-    return parsed
+    return [values for values, _ in parsed], [others for _, others in parsed]
 
 
 def sum_counters(values: Sequence[tuple[int, ...]]) -> tuple[int, ...]:

@@ -23,7 +23,9 @@ from dualwrite.flags import (
     StageResolver,
     resolve_snapshot,
     rollout_bucket,
+    rollout_stage,
 )
+from dualwrite.flags._resolution import rollout_stages
 from dualwrite.keys import KeySpace
 from dualwrite.models import Stage
 
@@ -102,6 +104,22 @@ class TestRolloutBucket:
             for i in range(10_000)
         )
         assert 2300 <= inside <= 2700
+
+    @given(
+        customers=st.lists(st.text(max_size=40), max_size=50),
+        salt=st.text(min_size=1, max_size=20),
+        percents=st.lists(st.floats(0, 100), min_size=3, max_size=3),
+        default=st.sampled_from(list(Stage)),
+    )
+    def test_many_at_once_as_one_by_one(self, customers, salt, percents, default):
+        """rollout_stages (the report's batch) gives each customer rollout_stage of its bucket."""
+        rollout = dict(zip(ROLLOUT_STAGES, percents, strict=True))
+        expected = [
+            rollout_stage(rollout_bucket(customer, salt), rollout) or default
+            for customer in customers
+        ]
+        assert rollout_stages(customers, rollout, default, salt) == expected
+        assert rollout_stages(customers, {}, default, salt) == [default] * len(customers)
 
     @given(
         customer=st.text(min_size=1, max_size=40),

@@ -14,6 +14,7 @@ from dualwrite.report import (
     LegTotals,
     Report,
     Verdict,
+    _build,
     render_csv,
     write_csv,
     write_json,
@@ -58,6 +59,43 @@ def test_packed_rows_parse_to_the_counters_parse_counters_names():
     assert [_named(*row) for row in parse_packed(PACKED)] == expected
     assert [_named(*parse_packed([one])[0]) for one in PACKED] == expected
     assert parse_packed([PACKED[1]])[0][0][AT["quantity"]] == 2**60 + 1
+
+
+def test_rows_grouped_by_customer_in_read_order(monkeypatch):
+    """``_group`` holds a customer's only row as itself and several rows (across chunks too) in a
+    list, in the order they were read; ``found`` is emptied on the way."""
+    monkeypatch.setattr(_build, "_PARSE_CHUNK", 2)
+    period_a, period_b = "20261101T000000Z/20261201T000000Z", "20261201T000000Z/20270101T000000Z"
+    found = [
+        (f"{period_a}|cus_one|api", "[1,0,1]"),
+        (f"{period_a}|cus_many|api", "[1,0,2]"),
+        (f"{period_b}|cus_many|api", "[1,0,3]"),
+        (f"{period_b}|cus_many|other|name", "[1,0,4]"),
+        (f"{period_a}|cus_two|api", '[1,0,5,{"meter_failed_code:x":1}]'),
+        (f"{period_b}|cus_two|api", "[1,0,6]"),
+    ]
+    into: dict[str, _build.Held] = {}
+    _build._group(found, into)
+    assert found == []
+
+    def events(held: _build.Held) -> object:
+        if isinstance(held, list):
+            return [(row[0], row[1], row[2][AT["events"]], row[3]) for row in held]
+        return (held[0], held[1], held[2][AT["events"]], held[3])
+
+    # Read from the end, a chunk at a time: the last chunk first, each chunk in order.
+    assert {name: events(held) for name, held in into.items()} == {
+        "cus_two": [
+            (period_a, "api", 5, {"meter_failed_code:x": 1}),
+            (period_b, "api", 6, None),
+        ],
+        "cus_many": [
+            (period_b, "api", 3, None),
+            (period_b, "other|name", 4, None),
+            (period_a, "api", 2, None),
+        ],
+        "cus_one": (period_a, "api", 1, None),
+    }
 
 
 def test_counters_keep_the_packed_layout_first():
