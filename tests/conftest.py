@@ -165,6 +165,21 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     return result
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its spec-check totals to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["stripe_spec"] = {name: dict(counts) for name, counts in _SPEC_TOTALS.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The controller adds up what each pytest-xdist worker checked (``pytest_sessionfinish``)."""
+    totals = getattr(node, "workeroutput", {}).get("stripe_spec", {})
+    for name, counts in totals.items():
+        _SPEC_TOTALS[name].update(counts)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say how many calls were checked against Stripe's spec, and which the spec does not cover."""
     checked, uncovered = _SPEC_TOTALS["checked"], _SPEC_TOTALS["uncovered"]
