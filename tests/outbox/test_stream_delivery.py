@@ -60,7 +60,8 @@ async def test_batches_of_shadow_events_are_settled_once_each(engine, standin_ur
         assert standin.meter_total(scenario.customer, EVENT_NAME) == sent
         assert await meter_qty(engine, scenario.customer) == (sent, sent)
     calls = [r for r in standin.requests if r.path == "/v2/billing/meter_event_stream"]
-    assert sum(r.event_count or 0 for r in calls) == 250
+    # A call answered later than the timeout is sent again (Stripe, above, counted each event once).
+    assert sum(r.event_count or 0 for r in calls) >= 250
     assert all((r.event_count or 0) <= 100 for r in calls)
     shard = engine.keys.shard(0)
     assert await engine.redis.xlen(shard.outbox) == 0
