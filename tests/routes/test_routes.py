@@ -301,10 +301,19 @@ class TestQuantity:
 
     @pytest.mark.parametrize(
         ("value", "expected"),
-        [(0, 0), (7, 7), (MAX_METER_VALUE, MAX_METER_VALUE), (3.0, 3), ("42", 42), ("007", 7)],
+        [
+            (0, 0),
+            (7, 7),
+            (MAX_METER_VALUE, MAX_METER_VALUE),
+            (3.0, 3),
+            ("42", 42),
+            ("007", 7),
+            (str(MAX_METER_VALUE), MAX_METER_VALUE),
+            ("0" * 20 + "5", 5),
+        ],
     )
     def test_accepted_json_values(self, value: Any, expected: int) -> None:
-        """JSON integers, integral floats and digit strings are whole numbers."""
+        """JSON integers, integral floats and digit strings (15 digits after any zeros) count."""
         body = json.dumps({"quantity": value}).encode()
         assert event(make_route(), body=body).quantity == expected
 
@@ -351,7 +360,12 @@ class TestTimestamp:
 
     @pytest.mark.parametrize(
         ("value", "expected"),
-        [(NOW - 86_400, NOW - 86_400), (str(NOW), NOW), (NOW + MAX_FUTURE_SECONDS, NOW + 300)],
+        [
+            (NOW - 86_400, NOW - 86_400),
+            (str(NOW), NOW),
+            (NOW + MAX_FUTURE_SECONDS, NOW + 300),
+            (1, 1),
+        ],
     )
     def test_accepted(self, value: Any, expected: int) -> None:
         """Past instants, digit strings and up to 300 s ahead are accepted."""
@@ -481,6 +495,12 @@ class TestIdentifier:
         for route in (make_route(), make_route(identifier="json:id")):
             got = event(route, headers=[self.key], body=b'{"quantity": 1}')
             assert (got.identifier, got.identifier_source) == ("key_123", "idempotency_key")
+
+    def test_other_configured_header_is_a_field(self) -> None:
+        """Any other header named as the identifier's source is a field, not an Idempotency-Key."""
+        route = make_route(identifier="header:X-Request-Id")
+        got = event(route, headers=[(b"x-request-id", b"req_1")], body=b'{"quantity": 1}')
+        assert (got.identifier, got.identifier_source) == ("req_1", "field")
 
     def test_configured_idempotency_header_counts_as_key(self) -> None:
         """A route that names the Idempotency-Key header as its source reports it as such."""
@@ -830,6 +850,11 @@ class TestRefusalMessages:
              ("Idempotency-Key", "parameter_invalid",
               "Idempotency-Key is invalid: identifier must contain printable characters only "
               r"(got 'bad\x01key')")),
+            ({"customer": "json:c"}, {},
+             ("c", "parameter_missing", "c is required")),
+            ({"customer": "json:c", "subscription_item": "json:si"},
+             {"body": b'{"quantity": 1, "si": ""}'},
+             ("c", "parameter_missing", "c is required")),
             (SI_ROUTE, {"body": b'{"quantity": 1, "si": "si_9"}'},
              ("m", "parameter_missing",
               "m is required (subscription item 'si_9' has no [items] mapping)")),
@@ -842,7 +867,8 @@ class TestRefusalMessages:
             "form-content-type", "body-too-large", "action-text", "action-number",
             "value-40-chars-whole", "value-41-chars-cut", "quantity-empty", "quantity-array",
             "quantity-negative", "quantity-16-digits", "timestamp-zero", "timestamp-future",
-            "customer-pattern", "identifier-unprintable", "item-unmapped",
+            "customer-pattern", "identifier-unprintable", "customer-absent",
+            "customer-absent-empty-item", "item-unmapped",
         ],
     )  # fmt: skip
     def test_message(
@@ -893,10 +919,27 @@ class TestEncodings:
         form_route = make_route(quantity="form:page size")
         assert event(form_route, headers=[FORM], body=b"page+size=5").quantity == 5
 
-    def test_unencodable_name_is_only_missing(self) -> None:
-        """A source name no request can spell (a lone surrogate) is absent, never a crash."""
-        error = refused(lambda: event(make_route(quantity="query:q\ud800"), query=b"q=1"))
-        assert (error.param, error.code) == ("q\ud800", "parameter_missing")
+    @pytest.mark.parametrize("source", ["query:q\ud800", "header:X-Q\u20ac"])
+    def test_unencodable_name_is_only_missing(self, source: str) -> None:
+        """A source name no request can spell (a lone surrogate, a euro sign in a header name)
+        is absent, never a crash."""
+        route = make_route(quantity=source)
+        error = refused(lambda: event(route, query=b"q=1", headers=[(b"x-q", b"1")]))
+        assert (error.param, error.code) == (source.partition(":")[2], "parameter_missing")
+
+    def test_header_values_lose_only_spaces_and_tabs(self) -> None:
+        """A header value is trimmed of spaces and tabs (RFC 9110's OWS), nothing else."""
+        route = make_route(customer="header:X-Customer")
+        headers = [(b"x-customer", b" \tcus_X\t ")]
+        assert event(route, headers=headers, body=b'{"quantity": 1}').customer == "cus_X"
+        headers = [(b"x-customer", b"cus_3\x0c")]
+        error = refused(lambda: event(route, headers=headers, body=b'{"quantity": 1}'))
+        assert (error.param, error.code) == ("X-Customer", "parameter_invalid")
+
+    def test_body_of_exactly_the_limit_is_read(self) -> None:
+        """max_body_bytes is the largest body read, not the first one refused."""
+        body = b'{"quantity": 12}'
+        assert event(make_route(max_body_bytes=len(body)), body=body).quantity == 12
 
 
 class TestTimestampSource:
