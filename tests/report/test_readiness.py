@@ -135,6 +135,20 @@ class TestLegs:
         assert verdict_of({period(1): late})[0] is False
 
     @pytest.mark.parametrize(
+        "counter",
+        [
+            "legacy_failed_events",
+            "legacy_late_refused_events",
+            "meter_failed_events",
+            "meter_late_refused_events",
+        ],
+    )
+    def test_any_failed_or_late_refused_write_does_not_count(self, counter: str) -> None:
+        """A failed or late-refused write of no units on either leg keeps the period out: each
+        counter is its own rule, even when the quantities add up."""
+        assert verdict_of({period(1): counters(**{counter: 1})})[0] is False
+
+    @pytest.mark.parametrize(
         ("limit", "ready"), [(0.0, False), (4.99, False), (5.0, True), (20.0, True)]
     )
     def test_difference_limit(self, limit: float, ready: bool) -> None:

@@ -301,10 +301,19 @@ class TestQuantity:
 
     @pytest.mark.parametrize(
         ("value", "expected"),
-        [(0, 0), (7, 7), (MAX_METER_VALUE, MAX_METER_VALUE), (3.0, 3), ("42", 42), ("007", 7)],
+        [
+            (0, 0),
+            (7, 7),
+            (MAX_METER_VALUE, MAX_METER_VALUE),
+            (3.0, 3),
+            ("42", 42),
+            ("007", 7),
+            (str(MAX_METER_VALUE), MAX_METER_VALUE),
+            ("0" * 20 + "5", 5),
+        ],
     )
     def test_accepted_json_values(self, value: Any, expected: int) -> None:
-        """JSON integers, integral floats and digit strings are whole numbers."""
+        """JSON integers, integral floats and digit strings (15 digits after any zeros) count."""
         body = json.dumps({"quantity": value}).encode()
         assert event(make_route(), body=body).quantity == expected
 
@@ -351,7 +360,12 @@ class TestTimestamp:
 
     @pytest.mark.parametrize(
         ("value", "expected"),
-        [(NOW - 86_400, NOW - 86_400), (str(NOW), NOW), (NOW + MAX_FUTURE_SECONDS, NOW + 300)],
+        [
+            (NOW - 86_400, NOW - 86_400),
+            (str(NOW), NOW),
+            (NOW + MAX_FUTURE_SECONDS, NOW + 300),
+            (1, 1),
+        ],
     )
     def test_accepted(self, value: Any, expected: int) -> None:
         """Past instants, digit strings and up to 300 s ahead are accepted."""
@@ -481,6 +495,12 @@ class TestIdentifier:
         for route in (make_route(), make_route(identifier="json:id")):
             got = event(route, headers=[self.key], body=b'{"quantity": 1}')
             assert (got.identifier, got.identifier_source) == ("key_123", "idempotency_key")
+
+    def test_other_configured_header_is_a_field(self) -> None:
+        """Any other header named as the identifier's source is a field, not an Idempotency-Key."""
+        route = make_route(identifier="header:X-Request-Id")
+        got = event(route, headers=[(b"x-request-id", b"req_1")], body=b'{"quantity": 1}')
+        assert (got.identifier, got.identifier_source) == ("req_1", "field")
 
     def test_configured_idempotency_header_counts_as_key(self) -> None:
         """A route that names the Idempotency-Key header as its source reports it as such."""
@@ -737,3 +757,205 @@ class TestFuzz:
         if isinstance(result, UsageEvent):
             assert result.quantity == int(quantity)
             assert result.customer == customer
+
+
+class TestRefusalMessages:
+    """The exact refusal a caller reads: the field, Stripe's code and the message, one per rule.
+
+    The messages are the only explanation a caller gets of a 400, so each rule's text is pinned
+    here, with the kinds of value it names and the cut of a long value.
+    """
+
+    SI_ROUTE: ClassVar[dict[str, Any]] = {"event_name": "json:m", "subscription_item": "json:si"}
+
+    @pytest.mark.parametrize(
+        ("route_fields", "request_parts", "expected"),
+        [
+            ({"quantity": "json:u.quantity"}, {"body": b'{"u": true}'},
+             ("u.quantity", "parameter_invalid",
+              "u must be a JSON object to hold u.quantity, not a boolean")),
+            ({"quantity": "json:u.quantity"}, {"body": b'{"u": 1.5}'},
+             ("u.quantity", "parameter_invalid",
+              "u must be a JSON object to hold u.quantity, not a number")),
+            ({"quantity": "json:u.quantity"}, {"body": b'{"u": "x"}'},
+             ("u.quantity", "parameter_invalid",
+              "u must be a JSON object to hold u.quantity, not a string")),
+            ({"quantity": "json:u.quantity"}, {"body": b'{"u": [1]}'},
+             ("u.quantity", "parameter_invalid",
+              "u must be a JSON object to hold u.quantity, not an array")),
+            ({"customer": "json:c"}, {"body": b'{"quantity": 1, "c": {"id": 1}}'},
+             ("c", "parameter_invalid", "c must be a string, not an object")),
+            ({}, {"body": b"null"},
+             ("quantity", "parameter_invalid",
+              "the request body must be a JSON object (needed for quantity), not null")),
+            ({}, {"body": b"[1]"},
+             ("quantity", "parameter_invalid",
+              "the request body must be a JSON object (needed for quantity), not an array")),
+            ({}, {"body": b'{"quantity": NaN}'},
+             ("quantity", "parameter_invalid",
+              "the request body is not valid JSON (needed for quantity)")),
+            ({"quantity": "json:a.b"}, {"body": b'{"a": {"b": 1, "b": 2}}'},
+             ("a.b", "parameter_invalid", "a.b appears more than once in the JSON body")),
+            ({"quantity": "json:a.b.c"}, {"body": b'{"a": {"b": 7}}'},
+             ("a.b.c", "parameter_invalid",
+              "a.b must be a JSON object to hold a.b.c, not a number")),
+            ({"quantity": "json:a.b.c"}, {"body": b'{"a": {"b": {"c": 1}, "b": {"c": 2}}}'},
+             ("a.b.c", "parameter_invalid", "a.b appears more than once in the JSON body")),
+            ({"quantity": "query:q"}, {"query": b"q=1&q=2&q=3"},
+             ("q", "parameter_invalid", "q appears 3 times in the query string; send it once")),
+            ({"quantity": "form:q"}, {"body": b"q=1&q=2", "headers": [FORM]},
+             ("q", "parameter_invalid", "q appears 2 times in the form body; send it once")),
+            ({"quantity": "header:X-Q"}, {"headers": [(b"x-q", b"1"), (b"X-Q", b"1")]},
+             ("X-Q", "parameter_invalid", "X-Q appears 2 times in the headers; send it once")),
+            ({"quantity": "query:q"}, {"query": b"q=%FF"},
+             ("q", "parameter_invalid",
+              "q in the query string is not valid percent-encoded UTF-8")),
+            ({"quantity": "form:q"}, {"body": b"q=%FF", "headers": [FORM]},
+             ("q", "parameter_invalid", "q in the form body is not valid percent-encoded UTF-8")),
+            ({"quantity": "form:q"}, {"body": b"q=1", "headers": [(b"content-type", b"text/plain")]},
+             ("q", "parameter_invalid",
+              "q is read from the form body, which must be application/x-www-form-urlencoded")),
+            ({"max_body_bytes": 16}, {"body": b'{"quantity": 1, "pad": "xxxxxxxx"}'},
+             ("quantity", "parameter_invalid",
+              "the request body is larger than 16 bytes (needed for quantity)")),
+            ({"action": "json:a"}, {"body": b'{"quantity": 1, "a": "SET"}'},
+             ("a", "parameter_invalid", "a must be 'increment' or 'set', got 'SET'")),
+            ({"action": "json:a"}, {"body": b'{"quantity": 1, "a": 1}'},
+             ("a", "parameter_invalid", "a must be 'increment' or 'set', got 1")),
+            ({"action": "json:a"}, {"body": b'{"quantity": 1, "a": "' + b"x" * 38 + b'"}'},
+             ("a", "parameter_invalid", "a must be 'increment' or 'set', got '" + "x" * 38 + "'")),
+            ({"action": "json:a"}, {"body": b'{"quantity": 1, "a": "' + b"x" * 39 + b'"}'},
+             ("a", "parameter_invalid", "a must be 'increment' or 'set', got '" + "x" * 36 + "...")),
+            ({}, {"body": b'{"quantity": ""}'},
+             ("quantity", "parameter_invalid_integer",
+              "quantity must be a whole number, got an empty string")),
+            ({}, {"body": b'{"quantity": [1]}'},
+             ("quantity", "parameter_invalid_integer",
+              "quantity must be a whole number, got an array")),
+            ({}, {"body": b'{"quantity": -1}'},
+             ("quantity", "parameter_invalid_integer", "quantity must not be negative, got -1")),
+            ({}, {"body": b'{"quantity": 1000000000000000}'},
+             ("quantity", "parameter_invalid_integer",
+              "quantity must be at most 999999999999999 (15 digits), got 1000000000000000")),
+            ({"timestamp": "json:ts"}, {"body": b'{"quantity": 1, "ts": 0}'},
+             ("ts", "parameter_invalid_integer",
+              "ts must be a positive Unix timestamp in seconds or 'now', got 0")),
+            ({"timestamp": "json:ts"}, {"body": f'{{"quantity": 1, "ts": {NOW + 301}}}'.encode()},
+             ("ts", "parameter_invalid",
+              f"ts is more than 300 seconds in the future ({NOW + 301})")),
+            ({"customer": "query:account"}, {"query": b"account=cus+1"},
+             ("account", "parameter_invalid",
+              r"account is invalid: String should match pattern '^[A-Za-z0-9_\-]+$' (got 'cus 1')")),
+            ({}, {"headers": [(b"Idempotency-Key", b"bad\x01key")]},
+             ("Idempotency-Key", "parameter_invalid",
+              "Idempotency-Key is invalid: identifier must contain printable characters only "
+              r"(got 'bad\x01key')")),
+            ({"customer": "json:c"}, {},
+             ("c", "parameter_missing", "c is required")),
+            ({"customer": "json:c", "subscription_item": "json:si"},
+             {"body": b'{"quantity": 1, "si": ""}'},
+             ("c", "parameter_missing", "c is required")),
+            (SI_ROUTE, {"body": b'{"quantity": 1, "si": "si_9"}'},
+             ("m", "parameter_missing",
+              "m is required (subscription item 'si_9' has no [items] mapping)")),
+        ],
+        ids=[
+            "not-object-boolean", "not-object-number", "not-object-string", "not-object-array",
+            "string-not-object", "body-null", "body-array", "body-nan", "json-duplicate",
+            "not-object-inner", "json-duplicate-inner",
+            "query-3-times", "form-2-times", "header-2-times", "query-not-utf8", "form-not-utf8",
+            "form-content-type", "body-too-large", "action-text", "action-number",
+            "value-40-chars-whole", "value-41-chars-cut", "quantity-empty", "quantity-array",
+            "quantity-negative", "quantity-16-digits", "timestamp-zero", "timestamp-future",
+            "customer-pattern", "identifier-unprintable", "customer-absent",
+            "customer-absent-empty-item", "item-unmapped",
+        ],
+    )  # fmt: skip
+    def test_message(
+        self,
+        route_fields: dict[str, Any],
+        request_parts: dict[str, Any],
+        expected: tuple[str, str, str],
+    ) -> None:
+        """Each refusal names the request-side field, Stripe's code and what is wrong, exactly."""
+        request_parts.setdefault("body", b'{"quantity": 1}')
+        error = refused(lambda: event(make_route(**route_fields), **request_parts))
+        assert (error.param, error.code, error.message) == expected
+
+    def test_contradiction_names_both_sides(self) -> None:
+        """A customer contradicting its item's owner names the value, the item and the owner."""
+        items = {"si_1": ItemMapping(customer="cus_si", event_name="meter_si")}
+        route = make_route("/u", customer="json:c", subscription_item="json:si")
+        body = b'{"quantity": 1, "c": "cus_x", "si": "si_1"}'
+        error = refused(lambda: event(route, params={}, body=body, items=items))
+        assert (error.param, error.code, error.message) == (
+            "c",
+            "parameter_invalid",
+            "c 'cus_x' contradicts subscription item 'si_1', which belongs to customer 'cus_si'",
+        )
+
+    def test_invalid_configured_identifier_is_named_as_sent(self) -> None:
+        """An over-long identifier from a configured field is refused under that field's name."""
+        body = json.dumps({"quantity": 1, "id": "k" * 256}).encode()
+        error = refused(lambda: event(make_route(identifier="json:id"), body=body))
+        assert (error.param, error.code) == ("id", "parameter_invalid")
+        assert error.message.startswith("id is invalid: String should have at most 255 characters")
+
+
+class TestEncodings:
+    """What a query string or form body means: plus signs, equals signs, odd names."""
+
+    def test_plus_and_equals_in_a_value(self) -> None:
+        """``+`` in a value is a space, and ``=`` after the first belongs to the value."""
+        route = make_route(identifier="query:id")
+        got = event(route, query=b"id=order+42==", body=b'{"quantity": 1}')
+        assert (got.identifier, got.identifier_source) == ("order 42==", "field")
+
+    def test_names_are_decoded_like_values(self) -> None:
+        """A name with a space may be sent as ``+`` or ``%20``, in the query or a form body."""
+        route = make_route(quantity="query:page size")
+        assert event(route, query=b"page+size=3").quantity == 3
+        assert event(route, query=b"page%20size=4").quantity == 4
+        form_route = make_route(quantity="form:page size")
+        assert event(form_route, headers=[FORM], body=b"page+size=5").quantity == 5
+
+    @pytest.mark.parametrize("source", ["query:q\ud800", "header:X-Q\u20ac"])
+    def test_unencodable_name_is_only_missing(self, source: str) -> None:
+        """A source name no request can spell (a lone surrogate, a euro sign in a header name)
+        is absent, never a crash."""
+        route = make_route(quantity=source)
+        error = refused(lambda: event(route, query=b"q=1", headers=[(b"x-q", b"1")]))
+        assert (error.param, error.code) == (source.partition(":")[2], "parameter_missing")
+
+    def test_header_values_lose_only_spaces_and_tabs(self) -> None:
+        """A header value is trimmed of spaces and tabs (RFC 9110's OWS), nothing else."""
+        route = make_route(customer="header:X-Customer")
+        headers = [(b"x-customer", b" \tcus_X\t ")]
+        assert event(route, headers=headers, body=b'{"quantity": 1}').customer == "cus_X"
+        headers = [(b"x-customer", b"cus_3\x0c")]
+        error = refused(lambda: event(route, headers=headers, body=b'{"quantity": 1}'))
+        assert (error.param, error.code) == ("X-Customer", "parameter_invalid")
+
+    def test_body_of_exactly_the_limit_is_read(self) -> None:
+        """max_body_bytes is the largest body read, not the first one refused."""
+        body = b'{"quantity": 12}'
+        assert event(make_route(max_body_bytes=len(body)), body=body).quantity == 12
+
+
+class TestTimestampSource:
+    """Whether the timestamp came from the request or was fixed at intercept."""
+
+    route = make_route(timestamp="json:ts")
+
+    @pytest.mark.parametrize(
+        ("body", "source"),
+        [
+            (b'{"quantity": 1}', "intercept"),
+            (b'{"quantity": 1, "ts": "now"}', "intercept"),
+            (b'{"quantity": 1, "ts": 1699999000}', "request"),
+        ],
+        ids=["absent", "now", "sent"],
+    )
+    def test_source(self, body: bytes, source: str) -> None:
+        """``"now"`` and an absent timestamp are the intercept instant; a number is the caller's."""
+        assert event(self.route, body=body).timestamp_source == source
