@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
+from dualwrite.exceptions import StoreUnavailableError
 from dualwrite.keys import KeySpace
 from dualwrite.ledger import Ledger, LedgerRow
 from dualwrite.ledger._divergence import (
@@ -314,10 +315,10 @@ async def test_one_customer_s_rows_are_those_whose_period_overlaps_the_days_aske
     assert every[0]["no_such_counter"] == 0
     # The rollups give every customer's rows, the same counts.
     rolled = await ledger.rows(since="2026-11-25", until="2026-11-25")
-    assert {(row.customer, row.period): row["quantity"] for row in rolled} == {
-        ("cus_a", overlapping): 1,
-        ("cus_a", "2026-11-25"): 3,
-        ("cus_b", "2026-11-25"): 1,
+    assert {(row.customer, row.period, row.event_name): row["quantity"] for row in rolled} == {
+        ("cus_a", overlapping, "api"): 1,
+        ("cus_a", "2026-11-25", "api"): 3,
+        ("cus_b", "2026-11-25", "api"): 1,
     }
 
 
@@ -349,3 +350,28 @@ async def test_divergences_are_the_newest_first_up_to_the_limit_and_counted(
     assert [r.customer for r in await ledger.divergences(customer="cus_b")] == ["cus_b"]
     assert await ledger.divergences(limit=0) == []
     assert await ledger.divergence_count() == 4
+
+
+@pytest.mark.anyio
+async def test_a_redis_error_names_what_was_being_read(
+    redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """A key of the wrong type (Redis refuses the command) surfaces as ``StoreUnavailableError``
+    naming the read: the ledger's rows (one customer's, or every one's from the rollups), or the
+    divergence log."""
+    keys = KeySpace(key_prefix)
+    shard = keys.shard(0)
+    ledger = Ledger(redis_client, keys)
+    await redis_client.set(shard.ledger_index, "not a sorted set")
+    await redis_client.set(shard.rollup_ready, "1")  # the rollups are read, not built
+    await redis_client.set(shard.rollup_index, "not a sorted set")
+    await redis_client.set(shard.divergence, "not a stream")
+    refused = "Redis refused a command while reading the"
+    with pytest.raises(StoreUnavailableError, match=f"^{refused} ledger: WRONGTYPE"):
+        await ledger.rows(customer="cus_a")
+    with pytest.raises(StoreUnavailableError, match=f"^{refused} ledger: WRONGTYPE"):
+        await ledger.rows()
+    with pytest.raises(StoreUnavailableError, match=f"^{refused} divergence log: WRONGTYPE"):
+        await ledger.divergence_count()
+    with pytest.raises(StoreUnavailableError, match=f"^{refused} divergence log: WRONGTYPE"):
+        await ledger.divergences()
