@@ -320,6 +320,10 @@ async def test_one_customer_s_rows_are_those_whose_period_overlaps_the_days_aske
         ("cus_a", "2026-11-25", "api"): 3,
         ("cus_b", "2026-11-25", "api"): 1,
     }
+    # The same rows as read, unparsed: their index members.
+    members = {member for member, _ in await ledger.rolled(since="2026-11-25", until="2026-11-25")}
+    assert members == {f"{overlapping}|cus_a|api", "2026-11-25|cus_a|api", "2026-11-25|cus_b|api"}
+    assert len(await ledger.rolled()) == 5
 
 
 @pytest.mark.anyio
@@ -350,6 +354,7 @@ async def test_divergences_are_the_newest_first_up_to_the_limit_and_counted(
     assert [r.customer for r in await ledger.divergences(customer="cus_b")] == ["cus_b"]
     assert await ledger.divergences(limit=0) == []
     assert await ledger.divergence_count() == 4
+    assert len(await ledger.rolled()) == 4  # every shard's rows
 
 
 @pytest.mark.anyio
@@ -371,6 +376,8 @@ async def test_a_redis_error_names_what_was_being_read(
         await ledger.rows(customer="cus_a")
     with pytest.raises(StoreUnavailableError, match=f"^{refused} ledger: WRONGTYPE"):
         await ledger.rows()
+    with pytest.raises(StoreUnavailableError, match=f"^{refused} ledger: WRONGTYPE"):
+        await ledger.rolled()
     with pytest.raises(StoreUnavailableError, match=f"^{refused} divergence log: WRONGTYPE"):
         await ledger.divergence_count()
     with pytest.raises(StoreUnavailableError, match=f"^{refused} divergence log: WRONGTYPE"):
