@@ -48,6 +48,8 @@ _POLL = 1.0
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 
+#: How long closing the flag-change subscription may take before shutdown goes on without it.
+_CLOSE_SECONDS = 5.0
 _LOOKUP_ERRORS = (StoreUnavailableError, RedisError, OSError, TimeoutError)
 
 
@@ -311,7 +313,10 @@ class StageResolver:
             return
         task.cancel()
         try:
-            await task
+            async with asyncio.timeout(2 * _CLOSE_SECONDS):
+                await task
+        except TimeoutError:
+            logger.warning("the flag-change listener did not stop in time; leaving it behind")
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -361,8 +366,10 @@ class StageResolver:
                 if connection is not None:
                     connection.deregister_connect_callback(self._on_reconnect)
                 if pubsub is not None:
-                    with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()
+                    # Bounded: a close that never returns would hang the process's shutdown.
+                    with contextlib.suppress(RedisError, OSError, TimeoutError):
+                        async with asyncio.timeout(_CLOSE_SECONDS):
+                            await pubsub.aclose()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, _BACKOFF_MAX)
 
